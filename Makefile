@@ -1,0 +1,61 @@
+# One entry point for every task; CI runs `make test` through .ci/run.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed-$(shell sha256sum requirements.txt | cut -c1-12)
+TRAINED := artifacts/weights/.trained
+NAME ?= shapes
+
+.PHONY: setup demo build serve stop test register unregister rebuild evaluate clean
+
+$(INSTALLED): requirements.txt
+	@command -v java >/dev/null 2>&1 || { echo "installing a Java runtime for TorchServe"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless; }
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "$(PYTHON) not found: Python 3.11 is required"; exit 1; }
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	@rm -f $(VENV)/.installed-* && touch $@
+
+setup: $(INSTALLED)
+
+$(TRAINED): $(INSTALLED) ensembles.yaml archive_scripts/demo_data.py archive_scripts/demo_models.py archive_scripts/train_demo.py
+	$(PY) -m archive_scripts.train_demo
+	$(PY) -m archive_scripts.demo_data artifacts/samples
+	@touch $@
+
+demo: $(TRAINED)
+
+build: $(TRAINED)
+	$(PY) -m archive_scripts.build_archives
+
+serve: build
+	$(PY) -m archive_scripts.torchserve_ctl stop
+	$(PY) -m archive_scripts.torchserve_ctl start
+	$(PY) -m archive_scripts.torchserve_ctl register
+	@echo "Try it:"
+	@$(PY) -m archive_scripts.torchserve_ctl curl
+
+stop: $(INSTALLED)
+	$(PY) -m archive_scripts.torchserve_ctl stop
+
+test: $(INSTALLED)
+	$(PY) -m pytest
+
+register: $(INSTALLED)
+	$(PY) -m archive_scripts.torchserve_ctl register $(NAME)
+
+unregister: $(INSTALLED)
+	$(PY) -m archive_scripts.torchserve_ctl unregister $(NAME)
+
+rebuild: $(TRAINED)
+	$(PY) -m archive_scripts.build_archives $(NAME)
+	-$(PY) -m archive_scripts.torchserve_ctl unregister $(NAME)
+	$(PY) -m archive_scripts.torchserve_ctl register $(NAME)
+
+evaluate: $(TRAINED)
+	$(PY) -m archive_scripts.evaluate_demo
+
+clean:
+	rm -rf artifacts logs model_store/*.mar key_file.json

@@ -1,0 +1,1 @@
+"""Build, train and evaluate ensemble archives from ensembles.yaml."""

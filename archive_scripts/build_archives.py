@@ -1,0 +1,154 @@
+"""Build ensembles declared in ensembles.yaml into model_store/<name>.mar.
+
+Usage: python -m archive_scripts.build_archives [--config ensembles.yaml] [--store model_store] [NAME ...]
+
+For each member the weights are loaded (weights_only=True, strict=True) to prove they fit, and
+hashed (a declared sha256 must match). The archive holds the handler package, every member's
+weights and model file, `ensemble.json` (the resolved ensemble, file digests and build versions)
+and `model-config.yaml` (batching, workers, timeout). It is built in a staging folder, loaded back
+the way TorchServe will load it, and only then renamed into place: a failure leaves no `.mar`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import tempfile
+import zipfile
+from dataclasses import replace
+from datetime import datetime, timezone
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+import yaml
+from model_archiver.model_archiver_config import ModelArchiverConfig
+from model_archiver.model_packaging import generate_model_archive
+
+from handlers.ensemble import Ensemble
+from handlers.errors import ConfigError, EnsembleError
+from handlers.manifest import MANIFEST_FORMAT, MANIFEST_NAME, EnsembleSpec, MemberSpec, load_ensembles
+from handlers.members import sha256_of
+
+HANDLERS_DIR = Path(__file__).resolve().parent.parent / "handlers"
+HANDLER_FILE = "ensemble_handler.py"
+
+
+def build_archive(spec: EnsembleSpec, store: Path) -> Path:
+    """Build, verify and atomically place `store/<name>.mar`; raise EnsembleError saying what is wrong."""
+    Ensemble.from_spec(spec, torch.device("cpu"))
+    store.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".staging-{spec.name}-", dir=store))
+    try:
+        payload = staging / "payload"
+        shutil.copytree(HANDLERS_DIR, payload / "handlers", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        members, digests = _stage_members(spec, payload)
+        packed = replace(spec, members=members)
+        digests.update({f"handlers/{p.name}": sha256_of(p) for p in sorted((payload / "handlers").glob("*.py"))})
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "name": spec.name,
+            "ensemble": packed.to_dict(),
+            "digests": digests,
+            "build": _build_info(),
+        }
+        (payload / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+        (staging / "model-config.yaml").write_text(yaml.safe_dump(_model_config(spec), sort_keys=False))
+        out = staging / "out"
+        out.mkdir()
+        generate_model_archive(
+            ModelArchiverConfig(
+                model_name=spec.name,
+                handler=str(payload / "handlers" / HANDLER_FILE),
+                version=spec.version,
+                extra_files=str(payload),
+                export_path=str(out),
+                config_file=str(staging / "model-config.yaml"),
+                force=True,
+            )
+        )
+        archive = out / f"{spec.name}.mar"
+        _load_back(archive, staging / "check")
+        target = store / archive.name
+        os.replace(archive, target)
+        return target
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _stage_members(spec: EnsembleSpec, payload: Path) -> tuple[tuple[MemberSpec, ...], dict[str, str]]:
+    """Copy weights and model files into the payload; return members with archive paths, and digests."""
+    (payload / "members").mkdir()
+    (payload / "code").mkdir()
+    digests: dict[str, str] = {}
+    code_sources: dict[str, Path] = {}
+    members = []
+    for member in spec.members:
+        weights = f"members/{member.name}.pt"
+        shutil.copyfile(spec.base_dir / member.weights, payload / weights)
+        digests[weights] = sha256_of(payload / weights)
+        arch = member.arch
+        if member.arch_file is not None:
+            source = (spec.base_dir / member.arch_file).resolve()
+            packed = f"code/{source.name}"
+            if code_sources.setdefault(packed, source) != source:
+                raise ConfigError(f"members {member.name!r}: two different model files are named {source.name}")
+            shutil.copyfile(source, payload / packed)
+            digests[packed] = sha256_of(payload / packed)
+            arch = f"{packed}:{member.arch.rsplit(':', 1)[1]}"
+        members.append(replace(member, arch=arch, weights=weights, sha256=digests[weights]))
+    return tuple(members), digests
+
+
+def _load_back(archive: Path, where: Path) -> None:
+    """Extract the archive and load it exactly as the handler will, so a bad archive never ships."""
+    with zipfile.ZipFile(archive) as zipped:
+        zipped.extractall(where)
+    Ensemble.from_model_dir(where, torch.device("cpu"))
+
+
+def _model_config(spec: EnsembleSpec) -> dict[str, int]:
+    batching = spec.batching
+    return {
+        "minWorkers": batching.workers,
+        "maxWorkers": batching.workers,
+        "batchSize": batching.batch_size,
+        "maxBatchDelay": batching.max_batch_delay_ms,
+        "responseTimeout": batching.response_timeout_s,
+    }
+
+
+def _build_info() -> dict[str, str]:
+    return {
+        "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": version("torchvision"),
+        "torchserve": version("torchserve"),
+        "torch_model_archiver": version("torch-model-archiver"),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=Path("ensembles.yaml"))
+    parser.add_argument("--store", type=Path, default=Path("model_store"))
+    parser.add_argument("names", nargs="*", help="ensembles to build (default: all)")
+    args = parser.parse_args()
+    try:
+        specs = load_ensembles(args.config)
+        unknown = sorted(set(args.names) - set(specs))
+        if unknown:
+            raise ConfigError(f"{args.config.name}: no ensemble named {unknown}; declared: {sorted(specs)}")
+        for name in args.names or list(specs):
+            target = build_archive(specs[name], args.store)
+            print(f"built {target} ({target.stat().st_size / 1e6:.1f} MB, {len(specs[name].members)} members)")
+    except EnsembleError as e:
+        raise SystemExit(f"build failed: {e}") from e
+
+
+if __name__ == "__main__":
+    main()

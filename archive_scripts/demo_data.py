@@ -1,0 +1,112 @@
+"""Synthetic "is a triangle present?" images, drawn with Pillow from a fixed seed.
+
+In the spirit of the FlexServe paper's sensitivity example: each 64x64 image has a noisy gradient
+background and clutter (discs and bars); half the images also hold one triangle of random
+size, colour, rotation and contrast. Small or faint triangles are hard, so members
+miss different ones and the OR policy matters.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFilter
+
+SIZE = 64
+LABELS = ("absent", "present")
+POSITIVE = "present"
+
+
+@dataclass(frozen=True)
+class Sample:
+    image: Image.Image
+    label: int
+
+
+def make_split(count: int, seed: int) -> list[Sample]:
+    """`count` samples, half with a triangle, reproducible from `seed`."""
+    rng = random.Random(seed)
+    return [make_sample(rng, present=i % 2 == 1) for i in range(count)]
+
+
+def make_sample(rng: random.Random, *, present: bool) -> Sample:
+    image = _background(rng)
+    draw = ImageDraw.Draw(image)
+    for _ in range(rng.randint(2, 5)):
+        rng.choice((_disc, _disc, _bar))(draw, rng)
+    if present:
+        _triangle(draw, rng)
+    image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.0, 0.5)))
+    return Sample(_noise(image, rng), 1 if present else 0)
+
+
+def _colour(rng: random.Random, base: tuple[int, int, int] | None = None, contrast: int = 255) -> tuple[int, int, int]:
+    if base is None:
+        return tuple(rng.randint(0, 255) for _ in range(3))  # type: ignore[return-value]
+    return tuple(max(0, min(255, c + rng.choice((-1, 1)) * rng.randint(contrast // 2, contrast))) for c in base)  # type: ignore[return-value]
+
+
+def _background(rng: random.Random) -> Image.Image:
+    top, bottom = _colour(rng), _colour(rng)
+    image = Image.new("RGB", (SIZE, SIZE))
+    draw = ImageDraw.Draw(image)
+    for y in range(SIZE):
+        t = y / (SIZE - 1)
+        draw.line([(0, y), (SIZE, y)], fill=tuple(int(a + (b - a) * t) for a, b in zip(top, bottom)))
+    return image
+
+
+def _centre(rng: random.Random, radius: float) -> tuple[float, float]:
+    return rng.uniform(radius * 0.5, SIZE - radius * 0.5), rng.uniform(radius * 0.5, SIZE - radius * 0.5)
+
+
+def _polygon(centre: tuple[float, float], radius: float, angles: list[float]) -> list[tuple[float, float]]:
+    return [(centre[0] + radius * math.cos(a), centre[1] + radius * math.sin(a)) for a in angles]
+
+
+def _triangle(draw: ImageDraw.ImageDraw, rng: random.Random) -> None:
+    radius = rng.uniform(8, 18)
+    turn = rng.uniform(0, 2 * math.pi)
+    angles = [turn + k * 2 * math.pi / 3 + rng.uniform(-0.2, 0.2) for k in range(3)]
+    fill = _colour(rng, base=(128, 128, 128), contrast=rng.choice((70, 140, 255)))
+    draw.polygon(_polygon(_centre(rng, radius), radius, angles), fill=fill)
+
+
+def _disc(draw: ImageDraw.ImageDraw, rng: random.Random) -> None:
+    radius = rng.uniform(4, 14)
+    x, y = _centre(rng, radius)
+    draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=_colour(rng))
+
+
+def _bar(draw: ImageDraw.ImageDraw, rng: random.Random) -> None:
+    x0, y0 = rng.uniform(0, SIZE), rng.uniform(0, SIZE)
+    length, turn = rng.uniform(10, 40), rng.uniform(0, math.pi)
+    end = (x0 + length * math.cos(turn), y0 + length * math.sin(turn))
+    draw.line([(x0, y0), end], fill=_colour(rng), width=rng.randint(1, 4))
+
+
+def _noise(image: Image.Image, rng: random.Random) -> Image.Image:
+    """Blend in uniform pixel noise of a random strength, drawn from the seeded generator."""
+    noise = Image.frombytes("L", (SIZE, SIZE), rng.randbytes(SIZE * SIZE)).convert("RGB")
+    return Image.blend(image, noise, rng.uniform(0.0, 0.2))
+
+
+def write_samples(folder: Path) -> list[Path]:
+    """Write a few example images (PNG and JPEG, with and without a triangle) for curl and the README."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(424242)
+    written = []
+    for name, present, fmt in (("present", True, "PNG"), ("absent", False, "PNG"), ("present", True, "JPEG")):
+        path = folder / f"{name}.{fmt.lower().replace('jpeg', 'jpg')}"
+        make_sample(rng, present=present).image.save(path, format=fmt)
+        written.append(path)
+    return written
+
+
+if __name__ == "__main__":
+    for written_path in write_samples(Path(sys.argv[1] if len(sys.argv) > 1 else "artifacts/samples")):
+        print(f"wrote {written_path}")

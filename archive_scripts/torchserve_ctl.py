@@ -1,0 +1,141 @@
+"""Start and stop TorchServe, and register ensembles through its management API with the real token.
+
+Usage: python -m archive_scripts.torchserve_ctl {start,stop,register,unregister,curl} [NAME ...]
+
+`start` runs `torchserve --start` with config.properties and waits for /ping; `register` posts each
+archive of model_store to the management API (token from key_file.json, written by TorchServe in
+the folder it was started from) and waits until its workers are up; `curl` prints a ready-to-paste
+request. Every address is read from config.properties, all of them loopback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+from handlers.manifest import load_ensembles
+
+READY_TIMEOUT_S = 120
+
+
+@dataclass(frozen=True)
+class Server:
+    """Where one TorchServe instance listens and keeps its key file, read from its config.properties."""
+
+    config: Path
+    workdir: Path
+
+    def setting(self, key: str) -> str:
+        for line in self.config.read_text().splitlines():
+            name, sep, value = line.partition("=")
+            if sep and name.strip() == key:
+                return value.strip()
+        raise KeyError(f"{self.config}: no {key}")
+
+    @property
+    def inference(self) -> str:
+        return self.setting("inference_address")
+
+    @property
+    def management(self) -> str:
+        return self.setting("management_address")
+
+    def key(self, api: str) -> str:
+        """The current key for `api` (inference, management or API) from TorchServe's key file."""
+        return json.loads((self.workdir / "key_file.json").read_text())[api]["key"]
+
+    def headers(self, api: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key(api)}"}
+
+
+def start(server: Server, model_store: Path) -> None:
+    """Start TorchServe in the background and wait until /ping answers."""
+    binary = shutil.which("torchserve", path=str(Path(sys.executable).parent)) or "torchserve"
+    env = {**os.environ, "LOG_LOCATION": str(server.workdir / "logs"), "METRICS_LOCATION": str(server.workdir / "logs")}
+    (server.workdir / "key_file.json").unlink(missing_ok=True)
+    subprocess.run(
+        [binary, "--start", "--ts-config", str(server.config.resolve()), "--model-store", str(model_store.resolve()), "--ncs"],
+        cwd=server.workdir,
+        env=env,
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        try:
+            if (server.workdir / "key_file.json").exists() and requests.get(f"{server.inference}/ping", timeout=2).ok:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"TorchServe did not answer /ping within {READY_TIMEOUT_S}s; see {server.workdir / 'logs'}")
+
+
+def stop(server: Server) -> None:
+    binary = shutil.which("torchserve", path=str(Path(sys.executable).parent)) or "torchserve"
+    subprocess.run([binary, "--stop"], cwd=server.workdir, check=False, stdout=subprocess.DEVNULL)
+
+
+def register(server: Server, name: str, workers: int) -> dict:
+    """Register model_store/<name>.mar and wait for its workers; raise with TorchServe's message on failure."""
+    response = requests.post(
+        f"{server.management}/models",
+        params={"url": f"{name}.mar", "initial_workers": workers, "synchronous": "true"},
+        headers=server.headers("management"),
+        timeout=READY_TIMEOUT_S,
+    )
+    if not response.ok:
+        raise SystemExit(f"registering {name} failed ({response.status_code}): {response.text.strip()}")
+    return response.json()
+
+
+def unregister(server: Server, name: str) -> None:
+    response = requests.delete(f"{server.management}/models/{name}", headers=server.headers("management"), timeout=60)
+    if not response.ok:
+        raise SystemExit(f"unregistering {name} failed ({response.status_code}): {response.text.strip()}")
+
+
+def curl_example(server: Server, name: str) -> str:
+    return (
+        f"curl -s -H \"Authorization: Bearer $(python3 -c \"import json;print(json.load(open('key_file.json'))['inference']['key'])\")\" "
+        f"-H 'Content-Type: image/png' --data-binary @artifacts/samples/present.png {server.inference}/predictions/{name}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("action", choices=["start", "stop", "register", "unregister", "curl"])
+    parser.add_argument("names", nargs="*", help="ensembles (default: every ensemble in ensembles.yaml)")
+    parser.add_argument("--config", type=Path, default=Path("config.properties"))
+    parser.add_argument("--ensembles", type=Path, default=Path("ensembles.yaml"))
+    parser.add_argument("--store", type=Path, default=Path("model_store"))
+    args = parser.parse_args()
+    server = Server(config=args.config, workdir=Path.cwd())
+    if args.action == "start":
+        start(server, args.store)
+        print(f"TorchServe is up: inference {server.inference}, management {server.management}")
+    elif args.action == "stop":
+        stop(server)
+    else:
+        specs = load_ensembles(args.ensembles, check_files=False)
+        for name in args.names or list(specs):
+            if args.action == "register":
+                print(register(server, name, specs[name].batching.workers)["status"])
+            elif args.action == "unregister":
+                unregister(server, name)
+                print(f"unregistered {name}")
+            else:
+                print(curl_example(server, name))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Ensemble plugin for TorchServe: manifest, members, preprocessing, policies, errors and the handler."""

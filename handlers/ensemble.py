@@ -1,0 +1,213 @@
+"""A loaded ensemble: members on one device, answering a whole TorchServe batch in one pass.
+
+All images of all good requests in a batch are flattened, turned into one tensor per distinct input
+spec, run through every member in micro-batches, then split back per request, combined by each
+request's policy and rendered. A request that failed to parse gets its own error reply.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+
+from handlers.errors import EnsembleError, IntegrityError, MemberLoadError
+from handlers.manifest import EnsembleSpec, read_archive_manifest
+from handlers.members import load_member, sha256_of, verify_digests
+from handlers.policies import PolicySpec, Votes, combine, member_votes, policy_names, resolve_policy
+from handlers.preprocess import batch_tensors, decode_image
+from handlers.request_inputs import parse_request
+
+SCORE_DIGITS = 6
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    """A request whose images decoded and whose policy resolved: ready to run."""
+
+    images: tuple[Image.Image, ...]
+    policy: PolicySpec
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What one request gets back: an HTTP status, a JSON body, and how many images it carried."""
+
+    status: int
+    body: dict[str, Any]
+    images: int = 0
+
+
+def pick_device(gpu_id: int | None) -> torch.device:
+    """The GPU TorchServe assigned when CUDA is available, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", gpu_id or 0)
+    return torch.device("cpu")
+
+
+def threads_per_worker(workers: int) -> int:
+    """Intra-op threads for one worker, so that all workers together use each core once."""
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
+class Ensemble:
+    """Members of one ensemble, loaded and checked, plus the code that answers requests with them."""
+
+    def __init__(
+        self, spec: EnsembleSpec, modules: Sequence[nn.Module], device: torch.device, build: Mapping[str, Any]
+    ) -> None:
+        self.spec = spec
+        self.device = device
+        self.build = dict(build)
+        self._modules = [module.to(device).eval() for module in modules]
+        self._weights = torch.tensor([member.weight for member in spec.members], dtype=torch.float64)
+        self._digests = {member.name: member.sha256 for member in spec.members}
+        self._check_outputs()
+
+    @classmethod
+    def from_model_dir(cls, model_dir: Path, device: torch.device) -> Ensemble:
+        """Load from an extracted archive: every file's digest is verified before anything is loaded."""
+        manifest = read_archive_manifest(model_dir)
+        spec = manifest.ensemble
+        for member in spec.members:
+            pinned = {member.weights, *([member.arch_file] if member.arch_file else [])}
+            unpinned = sorted(pinned - set(manifest.digests))
+            if unpinned or manifest.digests[member.weights] != member.sha256:
+                raise IntegrityError(f"member {member.name!r}: manifest does not pin {unpinned or member.weights}")
+        verify_digests(model_dir, manifest.digests)
+        return cls(spec, [load_member(m, model_dir) for m in spec.members], device, manifest.build)
+
+    @classmethod
+    def from_spec(cls, spec: EnsembleSpec, device: torch.device) -> Ensemble:
+        """Load straight from ensembles.yaml paths (evaluation, in-process reference); checks pinned digests."""
+        digested = tuple(replace(m, sha256=sha256_of(spec.base_dir / m.weights)) for m in spec.members)
+        for declared, actual in zip(spec.members, digested):
+            if declared.sha256 is not None and declared.sha256 != actual.sha256:
+                raise IntegrityError(
+                    f"member {declared.name!r}: {declared.weights}: sha256 {actual.sha256} != pinned {declared.sha256}"
+                )
+        modules = [load_member(member, spec.base_dir) for member in spec.members]
+        return cls(replace(spec, members=digested), modules, device, {})
+
+    def prepare(self, row: Mapping[str, Any], headers: Mapping[str, Any]) -> PreparedRequest:
+        """Parse, validate and decode one request; raises a RequestError naming what is wrong."""
+        request = parse_request(row, headers, self.spec.limits)
+        policy = resolve_policy(
+            request.policy_params, default=self.spec.policy, task=self.spec.task, n_members=len(self._modules)
+        )
+        return PreparedRequest(tuple(decode_image(data, self.spec.limits) for data in request.images), policy)
+
+    def probabilities(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """probs[member, image, label] as float64 on the CPU; each image is transformed once per input spec."""
+        specs = [self.spec.member_input(member) for member in self.spec.members]
+        batches = batch_tensors(images, specs)
+        out = torch.empty(len(self._modules), len(images), len(self.spec.labels), dtype=torch.float64)
+        micro = self.spec.batching.micro_batch_size
+        with torch.inference_mode():
+            on_device = {spec: self._to_device(batch) for spec, batch in batches.items()}
+            for index, (module, spec) in enumerate(zip(self._modules, specs)):
+                chunks = [self._activation(module(chunk)) for chunk in on_device[spec].split(micro)]
+                out[index] = torch.cat(chunks).to("cpu", torch.float64)
+        return out
+
+    def answer_batch(self, prepared: Sequence[PreparedRequest | EnsembleError]) -> list[Reply]:
+        """One reply per request, in order; the good requests' images run together as one batch."""
+        images = [image for p in prepared if isinstance(p, PreparedRequest) for image in p.images]
+        probs = self.probabilities(images) if images else None
+        replies, offset = [], 0
+        for item in prepared:
+            if isinstance(item, EnsembleError):
+                replies.append(Reply(item.status, item.to_json()))
+                continue
+            assert probs is not None, "a prepared request always carries images"
+            own = probs[:, offset : offset + len(item.images)]
+            offset += len(item.images)
+            replies.append(Reply(200, self.render(own, item.policy), len(item.images)))
+        return replies
+
+    def render(self, probs: torch.Tensor, policy: PolicySpec) -> dict[str, Any]:
+        """The response body for one request's probabilities under `policy`."""
+        votes = Votes(task=self.spec.task, weights=self._weights, positive=self.spec.positive_index, policy=policy)
+        decision = combine(probs, votes)
+        own = member_votes(probs, votes)
+        names = [member.name for member in self.spec.members]
+        predictions = []
+        for i in range(probs.shape[1]):
+            entry = self._view(decision.chosen[i], decision.score[i])
+            entry["members"] = {name: self._view(own[m, i], probs[m, i]) for m, name in enumerate(names)}
+            predictions.append(entry)
+        key = "labels" if self.spec.task == "multilabel" else "label"
+        per_member = {name: [p["members"][name][key] for p in predictions] for name in names}
+        return {
+            "ensemble": self.spec.name,
+            "version": self.spec.version,
+            "policy": {"name": policy.name, "params": policy.params()},
+            "predictions": predictions,
+            "members": per_member,
+            "provenance": {
+                "ensemble_version": self.spec.version,
+                "built_at": self.build.get("built_at"),
+                "member_sha256": self._digests,
+            },
+        }
+
+    def describe(self) -> dict[str, Any]:
+        """What `GET /models/<name>?customized=true` shows: members, digests, labels and policies."""
+        spec = self.spec.to_dict()
+        return {
+            "ensemble": self.spec.name,
+            "version": self.spec.version,
+            "task": self.spec.task,
+            "labels": list(self.spec.labels),
+            "positive_label": self.spec.positive_label,
+            "default_policy": {"name": self.spec.policy.name, "params": self.spec.policy.params()},
+            "policies": policy_names(),
+            "members": [
+                {"name": m.name, "arch": m.arch, "sha256": m.sha256, "weight": m.weight, "input": raw.get("input", spec["input"])}
+                for m, raw in zip(self.spec.members, spec["members"])
+            ],
+            "input": spec["input"],
+            "limits": spec["limits"],
+            "batching": spec["batching"],
+            "device": str(self.device),
+            "build": self.build,
+        }
+
+    def _view(self, chosen: torch.Tensor, scores: torch.Tensor) -> dict[str, Any]:
+        picked = [i for i, on in enumerate(chosen.tolist()) if on]
+        values = [round(v, SCORE_DIGITS) for v in scores.tolist()]
+        if self.spec.task == "multilabel":
+            return {"labels": [self.spec.labels[i] for i in picked], "scores": dict(zip(self.spec.labels, values))}
+        if not picked:
+            return {"label": None, "score": None}
+        return {"label": self.spec.labels[picked[0]], "score": values[picked[0]]}
+
+    def _activation(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.spec.task == "multilabel":
+            return torch.sigmoid(logits.float())
+        return torch.softmax(logits.float(), dim=-1)
+
+    def _to_device(self, batch: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":
+            return batch.pin_memory().to(self.device, non_blocking=True)
+        return batch
+
+    def _check_outputs(self) -> None:
+        """Run one blank image through every member: each must return one score per label."""
+        for module, member in zip(self._modules, self.spec.members):
+            spec = self.spec.member_input(member)
+            blank = torch.zeros(1, spec.channels, *spec.size, device=self.device)
+            with torch.inference_mode():
+                shape = tuple(module(blank).shape)
+            if shape != (1, len(self.spec.labels)):
+                raise MemberLoadError(
+                    f"member {member.name!r}: outputs shape {shape} for one image; "
+                    f"expected (1, {len(self.spec.labels)}) for labels {list(self.spec.labels)}"
+                )
+

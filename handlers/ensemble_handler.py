@@ -1,0 +1,67 @@
+"""TorchServe entry point: a thin adapter from TorchServe's handler hooks to `handlers.ensemble`.
+
+TorchServe loads exactly one class from this file and builds it without arguments; everything the
+handler needs comes from `initialize(context)`. Every request is parsed inside its own try/except
+and answered with its own status, so one bad input never fails the rest of its batch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from http import HTTPStatus
+from pathlib import Path
+from typing import Any
+
+import torch
+from ts.context import Context
+from ts.torch_handler.base_handler import BaseHandler
+
+from handlers.ensemble import Ensemble, PreparedRequest, Reply, pick_device, threads_per_worker
+from handlers.errors import EnsembleError, RequestError
+
+logger = logging.getLogger(__name__)
+
+
+class EnsembleHandler(BaseHandler):
+    """Serves one ensemble archive: decode once, run every member, combine by policy, per request."""
+
+    def initialize(self, context: Context) -> None:
+        properties = context.system_properties
+        device = pick_device(properties.get("gpu_id"))
+        self.ensemble = Ensemble.from_model_dir(Path(properties["model_dir"]), device)
+        if device.type == "cpu":
+            torch.set_num_threads(threads_per_worker(self.ensemble.spec.batching.workers))
+        self.initialized = True
+        logger.info("ensemble %s %s ready on %s", self.ensemble.spec.name, self.ensemble.spec.version, device)
+
+    def preprocess(self, data: list[dict[str, Any]]) -> list[PreparedRequest | EnsembleError]:
+        return [self._prepare(idx, row) for idx, row in enumerate(data)]
+
+    def inference(self, data: list[PreparedRequest | EnsembleError], *args: Any, **kwargs: Any) -> list[Reply]:
+        return self.ensemble.answer_batch(data)
+
+    def postprocess(self, data: list[Reply]) -> list[str]:
+        images = sum(reply.images for reply in data)
+        for idx, reply in enumerate(data):
+            self.context.set_response_status(reply.status, HTTPStatus(reply.status).phrase, idx)
+            self.context.set_response_content_type(idx, "application/json")
+            self.context.set_response_header(idx, "X-Ensemble-Batch-Requests", str(len(data)))
+            self.context.set_response_header(idx, "X-Ensemble-Batch-Images", str(images))
+        return [json.dumps(reply.body) for reply in data]
+
+    def explain_handle(self, data_preprocess: list[PreparedRequest | EnsembleError], raw_data: Any) -> list[str]:
+        """TorchServe routes a whole batch here when its first request came to /explanations: answer it as predictions."""
+        return self.postprocess(self.inference(data_preprocess))
+
+    def describe_handle(self) -> str:
+        return json.dumps(self.ensemble.describe())
+
+    def _prepare(self, idx: int, row: dict[str, Any]) -> PreparedRequest | EnsembleError:
+        try:
+            return self.ensemble.prepare(row, self.context.get_all_request_header(idx))
+        except RequestError as e:
+            return e
+        except Exception:  # A bug must fail only this request, never the batch or the worker.
+            logger.exception("unexpected error while reading request %d", idx)
+            return EnsembleError("internal error while reading this request; see the worker log")

@@ -1,0 +1,422 @@
+"""Parse and validate ensembles.yaml and the archive manifest into frozen dataclasses, once.
+
+Both files share one schema: `ensembles.yaml` holds `ensembles: {<name>: <ensemble>}`; the manifest
+inside a `.mar` (`ensemble.json`) holds one resolved `<ensemble>` plus build provenance. Every error
+names the file and the key path, e.g.
+`ensembles.yaml: ensembles.shapes.members[2].arch: unknown torchvision model 'resnet19'`.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from handlers.errors import ConfigError, InvalidPolicy
+from handlers.policies import TASKS, PolicySpec, resolve_policy
+
+MANIFEST_NAME = "ensemble.json"
+MANIFEST_FORMAT = 1
+RESIZE_MODES = ("stretch", "center_crop")
+CHANNELS = {"RGB": 3, "L": 1}
+DEFAULT_NORM = {"RGB": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), "L": ((0.5,), (0.5,))}
+DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
+KNOWN_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """How an image becomes a member's input tensor; members with equal specs share one tensor."""
+
+    size: tuple[int, int]
+    resize: str = "stretch"
+    color_mode: str = "RGB"
+    mean: tuple[float, ...] = DEFAULT_NORM["RGB"][0]
+    std: tuple[float, ...] = DEFAULT_NORM["RGB"][1]
+
+    @property
+    def channels(self) -> int:
+        return CHANNELS[self.color_mode]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may carry: images per request, pixels per image, accepted image formats."""
+
+    max_images_per_request: int = 64
+    max_image_pixels: int = 16_000_000
+    formats: tuple[str, ...] = DEFAULT_FORMATS
+
+
+@dataclass(frozen=True)
+class Batching:
+    """TorchServe batching and workers, plus how many images one member forward call takes."""
+
+    batch_size: int = 4
+    max_batch_delay_ms: int = 5
+    micro_batch_size: int = 32
+    workers: int = 2
+    response_timeout_s: int = 60
+
+
+@dataclass(frozen=True)
+class MemberSpec:
+    """One member: architecture, constructor kwargs, weights file and its pinned digest."""
+
+    name: str
+    arch: str
+    weights: str
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    sha256: str | None = None
+    weight: float = 1.0
+    input: InputSpec | None = None
+
+    @property
+    def arch_file(self) -> str | None:
+        """The model file of a `<path.py>:<Class>` architecture, None for torchvision builders."""
+        return None if self.arch.startswith("torchvision:") else self.arch.rsplit(":", 1)[0]
+
+
+@dataclass(frozen=True)
+class EnsembleSpec:
+    """A validated ensemble. Relative paths are resolved against `base_dir`."""
+
+    name: str
+    version: str
+    task: str
+    labels: tuple[str, ...]
+    policy: PolicySpec
+    input: InputSpec
+    members: tuple[MemberSpec, ...]
+    base_dir: Path
+    positive_label: str | None = None
+    limits: Limits = Limits()
+    batching: Batching = Batching()
+
+    @property
+    def positive_index(self) -> int | None:
+        return None if self.positive_label is None else self.labels.index(self.positive_label)
+
+    def member_input(self, member: MemberSpec) -> InputSpec:
+        return member.input or self.input
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved ensemble as plain data, in the same schema the parser reads."""
+        data = asdict(self)
+        del data["name"], data["base_dir"]
+        data["policy"] = {"name": self.policy.name, **self.policy.params()}
+        for member in data["members"]:
+            for key in ("input", "sha256"):
+                if member[key] is None:
+                    del member[key]
+        if self.positive_label is None:
+            del data["positive_label"]
+        return _lists(data)
+
+
+@dataclass(frozen=True)
+class ArchiveManifest:
+    """What `ensemble.json` in a model archive says: the ensemble, file digests and build provenance."""
+
+    ensemble: EnsembleSpec
+    digests: Mapping[str, str]
+    build: Mapping[str, Any]
+
+
+def load_ensembles(path: Path, *, check_files: bool = True) -> dict[str, EnsembleSpec]:
+    """Read ensembles.yaml. `check_files=False` skips weight-file existence (training writes them)."""
+    source = path.name
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{source}: cannot read: {e}") from e
+    top = _Node(raw, "", source)
+    top.keys(required={"ensembles"})
+    ensembles = top["ensembles"]
+    if not isinstance(ensembles.value, dict) or not ensembles.value:
+        ensembles.fail("expected a mapping of ensemble names to ensembles")
+    return {
+        name: parse_ensemble(name, ensembles[name], base_dir=path.parent, check_files=check_files)
+        for name in ensembles.value
+    }
+
+
+def read_archive_manifest(model_dir: Path) -> ArchiveManifest:
+    """Read and validate the manifest a TorchServe model directory carries."""
+    path = model_dir / MANIFEST_NAME
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{MANIFEST_NAME}: cannot read: {e}") from e
+    top = _Node(raw, "", MANIFEST_NAME)
+    top.keys(required={"format", "name", "ensemble", "digests", "build"})
+    if top["format"].value != MANIFEST_FORMAT:
+        top["format"].fail(f"unsupported manifest format {top['format'].value!r}; expected {MANIFEST_FORMAT}")
+    name = top["name"].string()
+    digests = top["digests"]
+    if not isinstance(digests.value, dict):
+        digests.fail("expected a mapping of archive paths to sha256 digests")
+    for rel in digests.value:
+        digests[rel].string(pattern=_SHA256, what="a lowercase hex sha256")
+    if not isinstance(top["build"].value, dict):
+        top["build"].fail("expected a mapping")
+    ensemble = parse_ensemble(name, top["ensemble"], base_dir=model_dir, check_files=True)
+    return ArchiveManifest(ensemble=ensemble, digests=dict(digests.value), build=dict(top["build"].value))
+
+
+def parse_ensemble(name: str, node: _Node, *, base_dir: Path, check_files: bool) -> EnsembleSpec:
+    """Validate one ensemble mapping; `node` carries the file name and key path for messages."""
+    if not _NAME.fullmatch(name):
+        node.fail(f"ensemble name {name!r} must match {_NAME.pattern} (it is the TorchServe model name)")
+    node.keys(
+        required={"version", "task", "labels", "input", "members"},
+        optional={"positive_label", "policy", "limits", "batching"},
+    )
+    version = node["version"].string(pattern=re.compile(r"[0-9A-Za-z][0-9A-Za-z._-]*"), what="a quoted version string like '1.0'")
+    task = node["task"].choice(TASKS)
+    labels = tuple(node["labels"].string_list(min_len=2 if task != "multilabel" else 1))
+    if len(set(labels)) != len(labels):
+        node["labels"].fail(f"duplicate labels in {list(labels)}")
+    positive = None
+    if task == "binary":
+        if len(labels) != 2:
+            node["labels"].fail(f"a binary ensemble has exactly 2 labels, got {len(labels)}")
+        if "positive_label" not in node:
+            node.fail("missing key 'positive_label' (required for task binary)")
+        positive = node["positive_label"].choice(labels)
+    elif "positive_label" in node:
+        node["positive_label"].fail(f"only binary ensembles take a positive_label; this one is {task}")
+
+    members_node = node["members"]
+    if not isinstance(members_node.value, list) or not members_node.value:
+        members_node.fail("expected a non-empty list of members")
+    ensemble_input = _parse_input(node["input"], None)
+    members = tuple(
+        _parse_member(members_node[i], ensemble_input, base_dir, check_files)
+        for i in range(len(members_node.value))
+    )
+    seen: set[str] = set()
+    for i, member in enumerate(members):
+        if member.name in seen:
+            members_node[i]["name"].fail(f"duplicate member name {member.name!r}")
+        seen.add(member.name)
+
+    policy = _parse_policy(node["policy"] if "policy" in node else None, task, len(members))
+    return EnsembleSpec(
+        name=name,
+        version=version,
+        task=task,
+        labels=labels,
+        positive_label=positive,
+        policy=policy,
+        input=ensemble_input,
+        members=members,
+        base_dir=base_dir,
+        limits=_parse_limits(node["limits"]) if "limits" in node else Limits(),
+        batching=_parse_batching(node["batching"]) if "batching" in node else Batching(),
+    )
+
+
+def _parse_policy(node: _Node | None, task: str, n_members: int) -> PolicySpec:
+    if node is None:
+        return resolve_policy({"policy": "mean"}, default=None, task=task, n_members=n_members)
+    node.keys(required={"name"}, optional={"k", "threshold"})
+    requested = {("policy" if key == "name" else key): value for key, value in node.value.items()}
+    try:
+        return resolve_policy(requested, default=None, task=task, n_members=n_members)
+    except InvalidPolicy as e:
+        node.fail(str(e))
+
+
+def _parse_input(node: _Node, base: InputSpec | None) -> InputSpec:
+    """An input spec; with `base`, a member override where every key is optional."""
+    node.keys(required=set() if base else {"size"}, optional={"size", "resize", "color_mode", "mean", "std"})
+    spec = base or InputSpec(size=(1, 1))
+    if "size" in node:
+        size = node["size"].int_list(length=2, low=8, high=4096)
+        spec = replace(spec, size=(size[0], size[1]))
+    if "resize" in node:
+        spec = replace(spec, resize=node["resize"].choice(RESIZE_MODES))
+    if "color_mode" in node:
+        mode = node["color_mode"].choice(tuple(CHANNELS))
+        if mode != spec.color_mode:
+            spec = replace(spec, color_mode=mode, mean=DEFAULT_NORM[mode][0], std=DEFAULT_NORM[mode][1])
+    if "mean" in node:
+        spec = replace(spec, mean=tuple(node["mean"].float_list(length=spec.channels, low=-10.0, high=10.0)))
+    if "std" in node:
+        std = node["std"].float_list(length=spec.channels, low=1e-6, high=10.0)
+        spec = replace(spec, std=tuple(std))
+    for key in ("mean", "std"):
+        if len(getattr(spec, key)) != spec.channels:
+            node.fail(f"{key} needs {spec.channels} values for color_mode {spec.color_mode}")
+    return spec
+
+
+def _parse_member(node: _Node, ensemble_input: InputSpec, base_dir: Path, check_files: bool) -> MemberSpec:
+    node.keys(required={"name", "arch", "weights"}, optional={"kwargs", "sha256", "weight", "input"})
+    name = node["name"].string(pattern=_NAME, what=f"a name matching {_NAME.pattern}")
+    arch = _parse_arch(node["arch"], base_dir)
+    kwargs: dict[str, Any] = {}
+    if "kwargs" in node:
+        if not isinstance(node["kwargs"].value, dict) or not all(isinstance(k, str) for k in node["kwargs"].value):
+            node["kwargs"].fail("expected a mapping of keyword argument names to values")
+        kwargs = dict(node["kwargs"].value)
+    weights = node["weights"].string()
+    if check_files and not (base_dir / weights).is_file():
+        node["weights"].fail(f"file not found: {base_dir / weights}")
+    sha256 = node["sha256"].string(pattern=_SHA256, what="a lowercase hex sha256") if "sha256" in node else None
+    weight = node["weight"].number(low=0.0, high=1e6, low_open=True) if "weight" in node else 1.0
+    member_input = None
+    if "input" in node:
+        member_input = _parse_input(node["input"], ensemble_input)
+        if member_input == ensemble_input:
+            member_input = None
+    return MemberSpec(
+        name=name, arch=arch, weights=weights, kwargs=kwargs, sha256=sha256, weight=weight, input=member_input
+    )
+
+
+def _parse_arch(node: _Node, base_dir: Path) -> str:
+    arch = node.string()
+    if arch.startswith("torchvision:"):
+        import torchvision.models
+
+        builder = arch.split(":", 1)[1]
+        if builder not in torchvision.models.list_models():
+            node.fail(f"unknown torchvision model {builder!r}")
+        return arch
+    file_name, sep, class_name = arch.rpartition(":")
+    if not sep or not file_name.endswith(".py") or not class_name.isidentifier():
+        node.fail(f"expected 'torchvision:<builder>' or '<path/to/file.py>:<Class>', got {arch!r}")
+    path = base_dir / file_name
+    try:
+        tree = ast.parse(path.read_text(), filename=str(path))
+    except (OSError, SyntaxError) as e:
+        node.fail(f"cannot read model file {path}: {e}")
+    if not any(isinstance(n, ast.ClassDef) and n.name == class_name for n in tree.body):
+        node.fail(f"model file {file_name} defines no top-level class {class_name!r}")
+    return arch
+
+
+def _parse_limits(node: _Node) -> Limits:
+    node.keys(optional={"max_images_per_request", "max_image_pixels", "formats"})
+    limits = Limits()
+    if "max_images_per_request" in node:
+        limits = replace(limits, max_images_per_request=node["max_images_per_request"].integer(1, 4096))
+    if "max_image_pixels" in node:
+        limits = replace(limits, max_image_pixels=node["max_image_pixels"].integer(64, 200_000_000))
+    if "formats" in node:
+        formats = node["formats"].string_list(min_len=1)
+        for i, fmt in enumerate(formats):
+            if fmt not in KNOWN_FORMATS:
+                node["formats"][i].fail(f"unknown image format {fmt!r}; known: {', '.join(KNOWN_FORMATS)}")
+        limits = replace(limits, formats=tuple(formats))
+    return limits
+
+
+def _parse_batching(node: _Node) -> Batching:
+    bounds = {
+        "batch_size": (1, 1024),
+        "max_batch_delay_ms": (0, 10_000),
+        "micro_batch_size": (1, 4096),
+        "workers": (1, 64),
+        "response_timeout_s": (1, 3600),
+    }
+    node.keys(optional=set(bounds))
+    values = {key: node[key].integer(*bounds[key]) for key in bounds if key in node}
+    return replace(Batching(), **values)
+
+
+class _Node:
+    """A value from a config file with its key path, so every check can say where it failed."""
+
+    def __init__(self, value: Any, path: str, source: str) -> None:
+        self.value = value
+        self.path = path
+        self.source = source
+
+    def fail(self, message: str) -> Any:
+        where = f"{self.path}: " if self.path else ""
+        raise ConfigError(f"{self.source}: {where}{message}")
+
+    def __contains__(self, key: str) -> bool:
+        return isinstance(self.value, dict) and key in self.value
+
+    def __getitem__(self, key: str | int) -> _Node:
+        if isinstance(key, int):
+            return _Node(self.value[key], f"{self.path}[{key}]", self.source)
+        if key not in self:
+            self.fail(f"missing key {key!r}")
+        return _Node(self.value[key], f"{self.path}.{key}" if self.path else str(key), self.source)
+
+    def keys(self, *, required: set[str] = frozenset(), optional: set[str] = frozenset()) -> None:
+        """Insist on a mapping with every required key and no key outside required | optional."""
+        if not isinstance(self.value, dict):
+            self.fail(f"expected a mapping, got {type(self.value).__name__}")
+        for key in self.value:
+            if key not in required | optional:
+                valid = ", ".join(sorted(required | optional))
+                _Node(None, f"{self.path}.{key}" if self.path else str(key), self.source).fail(
+                    f"unknown key; valid keys here: {valid}"
+                )
+        for key in sorted(required):
+            if key not in self.value:
+                self.fail(f"missing key {key!r}")
+
+    def string(self, *, pattern: re.Pattern[str] | None = None, what: str = "a string") -> str:
+        if not isinstance(self.value, str) or not self.value:
+            self.fail(f"expected {what}, got {self.value!r}")
+        if pattern is not None and not pattern.fullmatch(self.value):
+            self.fail(f"expected {what}, got {self.value!r}")
+        return self.value
+
+    def choice(self, options: tuple[str, ...]) -> str:
+        if self.value not in options:
+            self.fail(f"expected one of {', '.join(options)}, got {self.value!r}")
+        return str(self.value)
+
+    def integer(self, low: int, high: int) -> int:
+        if isinstance(self.value, bool) or not isinstance(self.value, int) or not low <= self.value <= high:
+            self.fail(f"expected an integer from {low} to {high}, got {self.value!r}")
+        return int(self.value)
+
+    def number(self, *, low: float, high: float, low_open: bool = False) -> float:
+        value = self.value
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if not ok or value > high or value < low or (low_open and value == low):
+            bound = "(" if low_open else "["
+            self.fail(f"expected a number in {bound}{low}, {high}], got {value!r}")
+        return float(value)
+
+    def string_list(self, *, min_len: int) -> list[str]:
+        if not isinstance(self.value, list) or len(self.value) < min_len:
+            self.fail(f"expected a list of at least {min_len} string(s), got {self.value!r}")
+        return [self[i].string() for i in range(len(self.value))]
+
+    def int_list(self, *, length: int, low: int, high: int) -> list[int]:
+        if not isinstance(self.value, list) or len(self.value) != length:
+            self.fail(f"expected a list of {length} integers, got {self.value!r}")
+        return [self[i].integer(low, high) for i in range(length)]
+
+    def float_list(self, *, length: int, low: float, high: float) -> list[float]:
+        if not isinstance(self.value, list) or len(self.value) != length:
+            self.fail(f"expected a list of {length} numbers, got {self.value!r}")
+        return [self[i].number(low=low, high=high) for i in range(length)]
+
+
+def _lists(value: Any) -> Any:
+    """Tuples to lists, so the manifest round-trips through JSON unchanged."""
+    if isinstance(value, dict):
+        return {key: _lists(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_lists(item) for item in value]
+    return value

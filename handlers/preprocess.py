@@ -1,0 +1,68 @@
+"""Decode each image once, then build one tensor per distinct input spec for all the members sharing it."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Iterable, Sequence
+
+import torch
+from PIL import Image, ImageOps
+from torchvision.transforms.functional import pil_to_tensor
+
+from handlers.errors import InvalidImage, PayloadTooLarge
+from handlers.manifest import InputSpec, Limits
+
+
+def decode_image(data: bytes, limits: Limits) -> Image.Image:
+    """Decode untrusted bytes into an upright image, or raise InvalidImage / PayloadTooLarge.
+
+    The pixel limit is checked from the header, before any pixel is decoded; EXIF orientation is
+    applied so a rotated photo predicts as the upright one; animated images give their first frame.
+    """
+    if not data:
+        raise InvalidImage("empty image: the request carried no bytes")
+    accepted = ", ".join(limits.formats)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(io.BytesIO(data), formats=limits.formats)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise PayloadTooLarge(f"image exceeds the pixel limit: {e}") from e
+        except Exception as e:  # Pillow raises many types on hostile bytes; all mean "not an image".
+            raise InvalidImage(f"not a decodable image of an accepted format ({accepted})") from e
+    width, height = image.size
+    if width * height > limits.max_image_pixels:
+        raise PayloadTooLarge(
+            f"image of {width}x{height} = {width * height} pixels exceeds the limit of {limits.max_image_pixels}"
+        )
+    try:
+        image.load()
+        return ImageOps.exif_transpose(image)
+    except Exception as e:  # Truncated or corrupt data surfaces only when pixels are decoded.
+        raise InvalidImage(f"{image.format} image is truncated or corrupt: {e}") from e
+
+
+def to_tensor(image: Image.Image, spec: InputSpec) -> torch.Tensor:
+    """One image, already in `spec.color_mode`, as a normalised float tensor [C, H, W]."""
+    height, width = spec.size
+    if spec.resize == "center_crop":
+        scale = max(height / image.height, width / image.width)
+        cover = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
+        image = image.resize(cover, Image.Resampling.BILINEAR)
+        left, top = (cover[0] - width) // 2, (cover[1] - height) // 2
+        image = image.crop((left, top, left + width, top + height))
+    elif image.size != (width, height):
+        image = image.resize((width, height), Image.Resampling.BILINEAR)
+    pixels = pil_to_tensor(image).to(torch.float32).div_(255.0)
+    mean = torch.tensor(spec.mean, dtype=torch.float32).view(-1, 1, 1)
+    std = torch.tensor(spec.std, dtype=torch.float32).view(-1, 1, 1)
+    return pixels.sub_(mean).div_(std)
+
+
+def batch_tensors(images: Sequence[Image.Image], specs: Iterable[InputSpec]) -> dict[InputSpec, torch.Tensor]:
+    """For each distinct spec, the stacked batch [N, C, H, W]; each colour conversion is done once."""
+    distinct = list(dict.fromkeys(specs))
+    modes = {spec.color_mode for spec in distinct}
+    converted = {mode: [image if image.mode == mode else image.convert(mode) for image in images] for mode in modes}
+    return {spec: torch.stack([to_tensor(image, spec) for image in converted[spec.color_mode]]) for spec in distinct}

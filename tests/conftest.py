@@ -1,0 +1,107 @@
+"""Shared fixtures: small real ensembles (random but fixed weights) written to a temporary folder."""
+
+from __future__ import annotations
+
+import io
+import random
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torchvision
+import yaml
+from PIL import Image
+
+from archive_scripts.build_archives import build_archive
+from handlers.manifest import EnsembleSpec, load_ensembles
+
+from tests.fixture_models import PoolNet
+
+HERE = Path(__file__).parent
+LABELS = {"multiclass": ["cat", "dog", "fox"], "binary": ["absent", "present"], "multilabel": ["red", "round"]}
+
+
+def write_ensemble(folder: Path, name: str = "trio", *, task: str = "multiclass", **overrides: Any) -> Path:
+    """Write three members' weights and an ensembles.yaml for them; return the yaml path.
+
+    Members: a torchvision mobilenet_v3_small, and two PoolNets from a model file (one RGB, one
+    greyscale at another size), so the ensemble has two distinct input specs.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(HERE / "fixture_models.py", folder / "fixture_models.py")
+    labels = LABELS[task]
+    torch.manual_seed(7)
+    modules = {
+        "mobile": torchvision.models.mobilenet_v3_small(num_classes=len(labels)),
+        "pool_rgb": PoolNet(num_classes=len(labels)),
+        "pool_gray": PoolNet(num_classes=len(labels), in_channels=1),
+    }
+    for member, module in modules.items():
+        torch.save(module.state_dict(), folder / f"{member}.pt")
+    ensemble: dict[str, Any] = {
+        "version": "2.1",
+        "task": task,
+        "labels": labels,
+        "input": {"size": [32, 32]},
+        "batching": {"batch_size": 8, "max_batch_delay_ms": 300, "workers": 1, "micro_batch_size": 4},
+        "members": [
+            {"name": "mobile", "arch": "torchvision:mobilenet_v3_small", "kwargs": {"num_classes": len(labels)}, "weights": "mobile.pt"},
+            {"name": "pool_rgb", "arch": "fixture_models.py:PoolNet", "kwargs": {"num_classes": len(labels)}, "weights": "pool_rgb.pt", "weight": 2.0},
+            {
+                "name": "pool_gray",
+                "arch": "fixture_models.py:PoolNet",
+                "kwargs": {"num_classes": len(labels), "in_channels": 1},
+                "weights": "pool_gray.pt",
+                "input": {"size": [24, 24], "color_mode": "L"},
+            },
+        ],
+    }
+    if task == "binary":
+        ensemble["positive_label"] = "present"
+    ensemble.update(overrides)
+    path = folder / "ensembles.yaml"
+    path.write_text(yaml.safe_dump({"ensembles": {name: ensemble}}, sort_keys=False))
+    return path
+
+
+def image_bytes(seed: int, *, size: tuple[int, int] = (40, 30), fmt: str = "PNG", mode: str = "RGB") -> bytes:
+    """A reproducible random image, encoded."""
+    rng = random.Random(seed)
+    image = Image.frombytes("RGB", size, rng.randbytes(size[0] * size[1] * 3)).convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def ensemble_yaml(tmp_path: Path) -> Callable[..., Path]:
+    """Factory: write a test ensemble into tmp_path and return its ensembles.yaml."""
+    return lambda **kw: write_ensemble(tmp_path / "ensemble", **kw)
+
+
+TEST_ENSEMBLES = {
+    "trio": {"task": "multiclass"},
+    "pair": {"task": "binary", "policy": {"name": "majority"}},
+    "tags": {"task": "multilabel", "policy": {"name": "any", "threshold": 0.5}},
+}
+
+
+@pytest.fixture(scope="session")
+def test_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model store holding trio.mar (multiclass), pair.mar (binary) and tags.mar (multilabel).
+
+    Built once per session with the real build script and torch-model-archiver.
+    """
+    root = tmp_path_factory.mktemp("store")
+    for name, overrides in TEST_ENSEMBLES.items():
+        spec = load_ensembles(write_ensemble(root / "src" / name, name, **overrides))[name]
+        build_archive(spec, root / "model_store")
+    return root / "model_store"
+
+
+def source_spec(store: Path, name: str) -> EnsembleSpec:
+    """The EnsembleSpec a test archive was built from (with its weights on disk)."""
+    return load_ensembles(store.parent / "src" / name / "ensembles.yaml")[name]

@@ -1,0 +1,165 @@
+"""The handler driven through TorchServe's real Context, on a real archive, with mixed good and bad requests."""
+
+from __future__ import annotations
+
+import base64
+import json
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from ts.context import Context, RequestProcessor
+from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
+
+import ts
+from handlers.ensemble import Ensemble
+from handlers.ensemble_handler import EnsembleHandler
+from handlers.errors import IntegrityError
+from handlers.members import sha256_of
+from handlers.preprocess import decode_image
+from tests.conftest import image_bytes, source_spec
+
+PNG = "image/png"
+
+
+def extract(store: Path, name: str, into: Path) -> Path:
+    with zipfile.ZipFile(store / f"{name}.mar") as archive:
+        archive.extractall(into)
+    return into
+
+
+def make_context(model_dir: Path, name: str) -> Context:
+    metrics = MetricsCacheYamlImpl(config_file_path=str(Path(ts.__file__).parent / "configs" / "metrics.yaml"))
+    metrics.initialize_cache()
+    return Context(name, str(model_dir), {}, 8, None, "0.12.0", metrics=metrics)
+
+
+def serve(handler: EnsembleHandler, context: Context, requests: list[tuple[dict[str, Any], dict[str, Any]]]) -> list:
+    """Run one TorchServe batch through handle(); return (status, body, headers) per request."""
+    context.request_processor = [RequestProcessor(headers) for _, headers in requests]
+    bodies = handler.handle([row for row, _ in requests], context)
+    return [
+        (context.get_response_status(i)[0], json.loads(body), context.get_response_headers(i))
+        for i, body in enumerate(bodies)
+    ]
+
+
+@pytest.fixture(scope="module")
+def trio(test_store: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[EnsembleHandler, Context]:
+    model_dir = extract(test_store, "trio", tmp_path_factory.mktemp("trio"))
+    context = make_context(model_dir, "trio")
+    handler = EnsembleHandler()
+    handler.initialize(context)
+    return handler, context
+
+
+def raw(data: bytes, **headers: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    return {"body": data}, {"Content-Type": PNG, **headers}
+
+
+def reference(store: Path, name: str, images: list[bytes], **policy: str) -> list[dict[str, Any]]:
+    """In-process predictions of the same members on the same images, through no HTTP and no archive."""
+    spec = source_spec(store, name)
+    ensemble = Ensemble.from_spec(spec, torch.device("cpu"))
+    chosen = ensemble.prepare({"body": images[0], **{k: v.encode() for k, v in policy.items()}}, {}).policy
+    probs = ensemble.probabilities([decode_image(data, spec.limits) for data in images])
+    return ensemble.render(probs, chosen)["predictions"]
+
+
+def assert_same_predictions(served: list[dict[str, Any]], expected: list[dict[str, Any]]) -> None:
+    """Labels equal exactly; scores equal to 1e-5 (batched and unbatched forwards may round differently)."""
+    assert len(served) == len(expected)
+    for got, want in zip(served, expected):
+        assert got["label"] == want["label"]
+        assert got["score"] == pytest.approx(want["score"], abs=1e-5)
+        assert {m: v["label"] for m, v in got["members"].items()} == {m: v["label"] for m, v in want["members"].items()}
+
+
+def test_mixed_batch_isolates_bad_requests(trio: tuple[EnsembleHandler, Context], test_store: Path) -> None:
+    handler, context = trio
+    one, two, three = image_bytes(1), image_bytes(2, fmt="JPEG"), image_bytes(3, size=(20, 50))
+    json_body = json.dumps({"instances": [{"b64": base64.b64encode(d).decode()} for d in (three, one)]})
+    replies = serve(
+        handler,
+        context,
+        [
+            raw(one),
+            raw(b"this is not an image"),
+            ({"first": two, "second": three}, {"Content-Type": "multipart/form-data; boundary=x"}),
+            raw(one, **{"X-Ensemble-Policy": "vote"}),
+            ({"body": json_body.encode()}, {"Content-Type": "application/json"}),
+            raw(b""),
+        ],
+    )
+    assert [status for status, _, _ in replies] == [200, 400, 200, 400, 200, 400]
+    assert replies[1][1] == {
+        "code": 400,
+        "type": "InvalidImage",
+        "message": "not a decodable image of an accepted format (JPEG, PNG, WEBP, BMP)",
+    }
+    assert replies[3][1] == {
+        "code": 400,
+        "type": "InvalidPolicy",
+        "message": "unknown policy 'vote'; valid policies: all, any, k_of_n, majority, max, mean",
+    }
+    assert replies[5][1]["type"] == "RequestError"
+    assert [len(body["predictions"]) for status, body, _ in replies if status == 200] == [1, 2, 2]
+    assert {tuple(sorted(h.items())) for _, _, h in replies} == {
+        (("X-Ensemble-Batch-Images", "5"), ("X-Ensemble-Batch-Requests", "6"), ("content-type", "application/json"))
+    }
+    assert_same_predictions(replies[0][1]["predictions"], reference(test_store, "trio", [one]))
+    assert_same_predictions(replies[2][1]["predictions"], reference(test_store, "trio", [two, three]))
+    assert_same_predictions(replies[4][1]["predictions"], reference(test_store, "trio", [three, one]))
+
+
+def test_response_shape_and_provenance(trio: tuple[EnsembleHandler, Context], test_store: Path) -> None:
+    handler, context = trio
+    [(status, body, _)] = serve(handler, context, [raw(image_bytes(4), **{"X-Ensemble-Policy": "k_of_n", "X-Ensemble-K": "2"})])
+    spec = source_spec(test_store, "trio")
+    digests = {m.name: sha256_of(spec.base_dir / m.weights) for m in spec.members}
+    assert status == 200
+    assert (body["ensemble"], body["version"], body["policy"]) == ("trio", "2.1", {"name": "k_of_n", "params": {"k": 2}})
+    assert body["provenance"]["member_sha256"] == digests
+    assert body["provenance"]["ensemble_version"] == "2.1"
+    prediction = body["predictions"][0]
+    assert set(prediction) == {"label", "score", "members"}
+    assert list(prediction["members"]) == ["mobile", "pool_rgb", "pool_gray"]
+    assert body["members"] == {name: [view["label"]] for name, view in prediction["members"].items()}
+
+
+def test_describe_lists_members_digests_and_policies(trio: tuple[EnsembleHandler, Context], test_store: Path) -> None:
+    handler, context = trio
+    context.request_processor = [RequestProcessor({"describe": "True"})]
+    described = json.loads(handler.handle([{"body": b""}], context)[0])
+    spec = source_spec(test_store, "trio")
+    assert described["policies"] == ["all", "any", "k_of_n", "majority", "max", "mean"]
+    assert described["default_policy"] == {"name": "mean", "params": {}}
+    assert described["labels"] == ["cat", "dog", "fox"]
+    assert [(m["name"], m["arch"], m["sha256"]) for m in described["members"]] == [
+        ("mobile", "torchvision:mobilenet_v3_small", sha256_of(spec.base_dir / "mobile.pt")),
+        ("pool_rgb", "code/fixture_models.py:PoolNet", sha256_of(spec.base_dir / "pool_rgb.pt")),
+        ("pool_gray", "code/fixture_models.py:PoolNet", sha256_of(spec.base_dir / "pool_gray.pt")),
+    ]
+    assert described["members"][2]["input"]["color_mode"] == "L"
+    assert described["device"] == "cpu"
+
+
+def test_explanations_are_answered_as_predictions(trio: tuple[EnsembleHandler, Context]) -> None:
+    handler, context = trio
+    replies = serve(handler, context, [raw(image_bytes(5), explain="True"), raw(b"junk")])
+    assert [status for status, _, _ in replies] == [200, 400]
+    assert len(replies[0][1]["predictions"]) == 1
+
+
+def test_tampered_weights_are_refused_before_loading(test_store: Path, tmp_path: Path) -> None:
+    model_dir = extract(test_store, "trio", tmp_path)
+    weights = model_dir / "members" / "pool_rgb.pt"
+    pinned = sha256_of(weights)
+    weights.write_bytes(weights.read_bytes() + b"\0")
+    with pytest.raises(IntegrityError) as caught:
+        EnsembleHandler().initialize(make_context(model_dir, "trio"))
+    assert str(caught.value) == (
+        f"members/pool_rgb.pt: sha256 mismatch: manifest pins {pinned}, file has {sha256_of(weights)}"
+    )

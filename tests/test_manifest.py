@@ -1,0 +1,110 @@
+"""ensembles.yaml validation: every error names the file and the key path; good files parse fully."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from handlers.errors import ConfigError
+from handlers.manifest import InputSpec, load_ensembles
+from handlers.policies import PolicySpec
+
+
+def edit(path: Path, change: Callable[[dict[str, Any]], None]) -> Path:
+    doc = yaml.safe_load(path.read_text())
+    change(doc["ensembles"]["trio"])
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def test_valid_ensemble_parses_into_frozen_specs(ensemble_yaml: Callable[..., Path]) -> None:
+    spec = load_ensembles(ensemble_yaml())["trio"]
+    assert (spec.name, spec.version, spec.task, spec.labels) == ("trio", "2.1", "multiclass", ("cat", "dog", "fox"))
+    assert spec.policy == PolicySpec("mean")
+    assert [m.name for m in spec.members] == ["mobile", "pool_rgb", "pool_gray"]
+    assert [m.weight for m in spec.members] == [1.0, 2.0, 1.0]
+    assert spec.member_input(spec.members[0]) == InputSpec(size=(32, 32))
+    assert spec.member_input(spec.members[2]) == InputSpec(size=(24, 24), color_mode="L", mean=(0.5,), std=(0.5,))
+    with pytest.raises(AttributeError):
+        spec.version = "3"  # type: ignore[misc]
+
+
+def test_shipped_ensembles_yaml_is_valid() -> None:
+    specs = load_ensembles(Path("ensembles.yaml"), check_files=False)
+    assert sorted(specs) == ["shapes"]
+    assert specs["shapes"].task == "binary" and specs["shapes"].positive_label == "present"
+
+
+PREFIX = "ensembles.yaml: ensembles.trio"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        pytest.param(lambda e: e.update(colour="red"), f"{PREFIX}.colour: unknown key; valid keys here: batching, input, labels, limits, members, policy, positive_label, task, version", id="unknown-key"),
+        pytest.param(lambda e: e.pop("labels"), f"{PREFIX}: missing key 'labels'", id="missing-key"),
+        pytest.param(lambda e: e.update(version=2.1), f"{PREFIX}.version: expected a quoted version string like '1.0', got 2.1", id="version-not-string"),
+        pytest.param(lambda e: e.update(task="regression"), f"{PREFIX}.task: expected one of multiclass, binary, multilabel, got 'regression'", id="bad-task"),
+        pytest.param(lambda e: e.update(labels=["cat", "cat"]), f"{PREFIX}.labels: duplicate labels in ['cat', 'cat']", id="duplicate-labels"),
+        pytest.param(lambda e: e.update(task="binary", labels=["no", "yes"]), f"{PREFIX}: missing key 'positive_label' (required for task binary)", id="binary-no-positive"),
+        pytest.param(lambda e: e.update(positive_label="cat"), f"{PREFIX}.positive_label: only binary ensembles take a positive_label; this one is multiclass", id="positive-on-multiclass"),
+        pytest.param(lambda e: e["members"][2].update(arch="torchvision:resnet19"), f"{PREFIX}.members[2].arch: unknown torchvision model 'resnet19'", id="unknown-torchvision"),
+        pytest.param(lambda e: e["members"][1].update(arch="fixture_models.py:Missing"), f"{PREFIX}.members[1].arch: model file fixture_models.py defines no top-level class 'Missing'", id="unknown-class"),
+        pytest.param(lambda e: e["members"][1].update(arch="resnet18"), f"{PREFIX}.members[1].arch: expected 'torchvision:<builder>' or '<path/to/file.py>:<Class>', got 'resnet18'", id="arch-form"),
+        pytest.param(lambda e: e["members"][0].update(weights="gone.pt"), "gone.pt", id="missing-weights"),
+        pytest.param(lambda e: e["members"][1].update(name="mobile"), f"{PREFIX}.members[1].name: duplicate member name 'mobile'", id="duplicate-member"),
+        pytest.param(lambda e: e["members"][0].update(weight=0), f"{PREFIX}.members[0].weight: expected a number in (0.0, 1000000.0], got 0", id="zero-weight"),
+        pytest.param(lambda e: e["members"][0].update(sha256="abc"), f"{PREFIX}.members[0].sha256: expected a lowercase hex sha256, got 'abc'", id="bad-sha"),
+        pytest.param(lambda e: e["members"][0].update(kwargs=[1]), f"{PREFIX}.members[0].kwargs: expected a mapping of keyword argument names to values", id="kwargs-list"),
+        pytest.param(lambda e: e.update(members=[]), f"{PREFIX}.members: expected a non-empty list of members", id="no-members"),
+        pytest.param(lambda e: e["input"].update(size=[32]), f"{PREFIX}.input.size: expected a list of 2 integers, got [32]", id="size-shape"),
+        pytest.param(lambda e: e["input"].update(size=[32, 4]), f"{PREFIX}.input.size[1]: expected an integer from 8 to 4096, got 4", id="size-range"),
+        pytest.param(lambda e: e["input"].update(resize="squash"), f"{PREFIX}.input.resize: expected one of stretch, center_crop, got 'squash'", id="resize-mode"),
+        pytest.param(lambda e: e["input"].update(mean=[0.5]), f"{PREFIX}.input.mean: expected a list of 3 numbers, got [0.5]", id="mean-channels"),
+        pytest.param(lambda e: e["input"].update(std=[0.2, 0.2, 0]), f"{PREFIX}.input.std[2]: expected a number in [1e-06, 10.0], got 0", id="std-zero"),
+        pytest.param(lambda e: e.update(policy={"name": "vote"}), f"{PREFIX}.policy: unknown policy 'vote'; valid policies: all, any, k_of_n, majority, max, mean", id="bad-policy"),
+        pytest.param(lambda e: e.update(policy={"name": "k_of_n", "k": 5}), f"{PREFIX}.policy: k must be an integer from 1 to 3, got 5", id="k-out-of-range"),
+        pytest.param(lambda e: e.update(batching={"batch_size": 0}), f"{PREFIX}.batching.batch_size: expected an integer from 1 to 1024, got 0", id="batch-size"),
+        pytest.param(lambda e: e.update(batching={"workers": True}), f"{PREFIX}.batching.workers: expected an integer from 1 to 64, got True", id="bool-not-int"),
+        pytest.param(lambda e: e.update(limits={"formats": ["JPEG", "XCF"]}), f"{PREFIX}.limits.formats[1]: unknown image format 'XCF'; known: JPEG, PNG, WEBP, BMP, GIF, TIFF", id="format"),
+    ],
+)
+def test_invalid_ensemble_is_rejected_with_key_path(
+    ensemble_yaml: Callable[..., Path], change: Callable[[dict[str, Any]], None], message: str
+) -> None:
+    path = edit(ensemble_yaml(), change)
+    with pytest.raises(ConfigError) as caught:
+        load_ensembles(path)
+    if message.startswith(PREFIX):
+        assert str(caught.value) == message
+    else:
+        assert str(caught.value) == f"{PREFIX}.members[0].weights: file not found: {path.parent / message}"
+
+
+def test_ensemble_name_must_be_a_model_name(ensemble_yaml: Callable[..., Path]) -> None:
+    path = ensemble_yaml(name="bad name")
+    with pytest.raises(ConfigError, match=r"^ensembles.yaml: ensembles.bad name: ensemble name 'bad name' must match"):
+        load_ensembles(path)
+
+
+def test_unreadable_yaml_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "ensembles.yaml"
+    path.write_text("ensembles: [unclosed")
+    with pytest.raises(ConfigError, match=r"^ensembles.yaml: cannot read: "):
+        load_ensembles(path)
+
+
+def test_missing_weights_are_allowed_before_training(ensemble_yaml: Callable[..., Path]) -> None:
+    path = edit(ensemble_yaml(), lambda e: e["members"][0].update(weights="later.pt"))
+    assert load_ensembles(path, check_files=False)["trio"].members[0].weights == "later.pt"
+
+
+def test_to_dict_round_trips(ensemble_yaml: Callable[..., Path], tmp_path: Path) -> None:
+    spec = load_ensembles(ensemble_yaml())["trio"]
+    again = tmp_path / "ensemble" / "again.yaml"
+    again.write_text(yaml.safe_dump({"ensembles": {"trio": spec.to_dict()}}))
+    assert load_ensembles(again)["trio"] == spec

@@ -1,0 +1,120 @@
+"""Reading one TorchServe request: body kinds, policy parameter sources, and every refusal."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+
+from handlers.errors import InvalidImage, PayloadTooLarge, RequestError
+from handlers.manifest import Limits
+from handlers.request_inputs import RequestInput, parse_request
+
+A, B, C = b"A" * 3000, b"B" * 5000, b"C" * 4000
+BOUNDARY = "----b0undary"
+MULTIPART = f"multipart/form-data; boundary={BOUNDARY}"
+
+
+def multipart_length(parts: dict[str, bytes]) -> str:
+    """Content-Length of a multipart body carrying `parts`, laid out as curl does."""
+    size = 0
+    for name, data in parts.items():
+        head = (
+            f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"{name}\"; filename=\"{name}.png\"\r\n"
+            "Content-Type: application/octet-stream\r\n\r\n"
+        )
+        size += len(head) + len(data) + 2
+    return str(size + len(f"--{BOUNDARY}--\r\n"))
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+@pytest.mark.parametrize(
+    ("row", "headers", "expected"),
+    [
+        pytest.param({"body": A}, {"Content-Type": "image/png"}, RequestInput((A,), {}), id="raw"),
+        pytest.param({"body": bytearray(A)}, {}, RequestInput((A,), {}), id="raw-no-content-type"),
+        pytest.param(
+            {"policy": b"k_of_n", "k": b"2", "body": A}, {"Content-Type": "application/octet-stream"},
+            RequestInput((A,), {"policy": "k_of_n", "k": "2"}), id="raw-invoke-query",
+        ),
+        pytest.param(
+            {"body": A}, {"X-Ensemble-Policy": "any", "x-ensemble-threshold": " 0.3 "},
+            RequestInput((A,), {"policy": "any", "threshold": "0.3"}), id="raw-headers",
+        ),
+        pytest.param(
+            {"first": A, "second": B, "third": C},
+            {"Content-Type": MULTIPART, "Content-Length": multipart_length({"first": A, "second": B, "third": C})},
+            RequestInput((A, B, C), {}), id="multipart-in-part-order",
+        ),
+        pytest.param(
+            {"policy": b"all", "img": B},
+            {"Content-Type": MULTIPART, "Content-Length": multipart_length({"policy": b"all", "img": B})},
+            RequestInput((B,), {"policy": "all"}), id="multipart-policy-field",
+        ),
+        pytest.param(
+            {"body": json.dumps({"instances": [{"b64": b64(A)}, {"b64": "data:image/png;base64," + b64(B)}]}).encode()},
+            {"Content-Type": "application/json; charset=utf-8"},
+            RequestInput((A, B), {}), id="json-instances",
+        ),
+        pytest.param(
+            {"body": {"instances": [{"b64": b64(C)}]}}, {"Content-Type": "application/json"},
+            RequestInput((C,), {}), id="json-already-decoded",
+        ),
+    ],
+)
+def test_parse_request(row: dict, headers: dict, expected: RequestInput) -> None:
+    assert parse_request(row, headers, Limits(max_images_per_request=3)) == expected
+
+
+@pytest.mark.parametrize(
+    ("row", "headers", "error", "message"),
+    [
+        pytest.param({"body": b""}, {}, RequestError, "empty request body: send an image, multipart/form-data parts, or JSON instances", id="empty"),
+        pytest.param({"body": b"{"}, {"Content-Type": "application/json"}, RequestError, "malformed JSON body: Expecting property name enclosed in double quotes: line 1 column 2 (char 1)", id="malformed-json"),
+        pytest.param(
+            {"body": b'{"images": []}'}, {"Content-Type": "application/json"}, RequestError,
+            'wrong JSON shape: expected {"instances": [{"b64": "<base64 image>"}, ...]}', id="json-wrong-shape",
+        ),
+        pytest.param(
+            {"body": b'{"instances": [{"b64": 5}]}'}, {"Content-Type": "application/json"}, RequestError,
+            'instances[0]: expected {"instances": [{"b64": "<base64 image>"}, ...]}', id="json-instance-shape",
+        ),
+        pytest.param(
+            {"body": b'{"instances": [{"b64": "QUJD"}, {"b64": "QU*D"}]}'}, {"Content-Type": "application/json"}, InvalidImage,
+            "instances[1].b64: invalid base64 (Only base64 data is allowed)", id="bad-base64",
+        ),
+        pytest.param(
+            {"body": b'{"instances": [{"b64": "QUJDRA"}]}'}, {"Content-Type": "application/json"}, InvalidImage,
+            "instances[0].b64: invalid base64 (Incorrect padding)", id="base64-missing-padding",
+        ),
+        pytest.param({"body": b'{"instances": []}'}, {"Content-Type": "application/json"}, RequestError, "the request carried no image", id="json-no-instances"),
+        pytest.param(
+            {"body": json.dumps({"instances": [{"b64": b64(A)}] * 4}).encode()}, {"Content-Type": "application/json"},
+            PayloadTooLarge, "4 images in one request; this ensemble accepts at most 3", id="too-many-images",
+        ),
+        pytest.param(
+            {"polcy": b"any", "body": A}, {}, RequestError, "unknown query parameter(s) ['polcy']; valid: policy, k, threshold", id="unknown-query",
+        ),
+        pytest.param(
+            {"policy": b"any", "body": A}, {"X-Ensemble-Policy": "all"}, RequestError,
+            "policy given twice with different values: 'any' and 'all'", id="conflicting-sources",
+        ),
+        pytest.param({"policy": b"\xff", "body": A}, {}, RequestError, "policy: expected UTF-8 text", id="policy-not-utf8"),
+        pytest.param(
+            {"img": B, "other": C},
+            {"Content-Type": MULTIPART, "Content-Length": multipart_length({"img": A, "img2": B, "other": C})},
+            RequestError,
+            "multipart body is larger than its parts: part names must be distinct, because TorchServe keeps "
+            "only the last part of a repeated name and the others would be silently dropped",
+            id="repeated-part-name",
+        ),
+    ],
+)
+def test_parse_request_rejects(row: dict, headers: dict, error: type[Exception], message: str) -> None:
+    with pytest.raises(error) as caught:
+        parse_request(row, headers, Limits(max_images_per_request=3))
+    assert str(caught.value) == message
