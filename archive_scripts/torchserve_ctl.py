@@ -2,7 +2,8 @@
 
 Usage: python -m archive_scripts.torchserve_ctl {start,stop,register,unregister,curl} [NAME ...]
 
-`start` runs `torchserve --start` with config.properties and waits for /ping; `register` posts each
+`start` runs `torchserve --start` with config.properties and waits for /ping (which needs the
+inference token too); `register` posts each
 archive of model_store to the management API (token from key_file.json, written by TorchServe in
 the folder it was started from) and waits until its workers are up; `curl` prints a ready-to-paste
 request. Every address is read from config.properties, all of them loopback.
@@ -29,10 +30,15 @@ READY_TIMEOUT_S = 120
 
 @dataclass(frozen=True)
 class Server:
-    """Where one TorchServe instance listens and keeps its key file, read from its config.properties."""
+    """Where one TorchServe instance listens and keeps its key file, read from its config.properties.
+
+    `tmpdir`, when set, gives the instance its own temp folder: TorchServe keeps its PID file there,
+    so a second instance (the tests') never collides with one started by `make serve`.
+    """
 
     config: Path
     workdir: Path
+    tmpdir: Path | None = None
 
     def setting(self, key: str) -> str:
         for line in self.config.read_text().splitlines():
@@ -49,6 +55,14 @@ class Server:
     def management(self) -> str:
         return self.setting("management_address")
 
+    def env(self) -> dict[str, str]:
+        logs = str(self.workdir / "logs")
+        env = {**os.environ, "LOG_LOCATION": logs, "METRICS_LOCATION": logs}
+        if self.tmpdir is not None:
+            self.tmpdir.mkdir(parents=True, exist_ok=True)
+            env["TMPDIR"] = str(self.tmpdir)
+        return env
+
     def key(self, api: str) -> str:
         """The current key for `api` (inference, management or API) from TorchServe's key file."""
         return json.loads((self.workdir / "key_file.json").read_text())[api]["key"]
@@ -59,30 +73,34 @@ class Server:
 
 def start(server: Server, model_store: Path) -> None:
     """Start TorchServe in the background and wait until /ping answers."""
-    binary = shutil.which("torchserve", path=str(Path(sys.executable).parent)) or "torchserve"
-    env = {**os.environ, "LOG_LOCATION": str(server.workdir / "logs"), "METRICS_LOCATION": str(server.workdir / "logs")}
     (server.workdir / "key_file.json").unlink(missing_ok=True)
     subprocess.run(
-        [binary, "--start", "--ts-config", str(server.config.resolve()), "--model-store", str(model_store.resolve()), "--ncs"],
+        [_binary(), "--start", "--ts-config", str(server.config.resolve()), "--model-store", str(model_store.resolve()), "--ncs"],
         cwd=server.workdir,
-        env=env,
+        env=server.env(),
         check=True,
         stdout=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
         try:
-            if (server.workdir / "key_file.json").exists() and requests.get(f"{server.inference}/ping", timeout=2).ok:
-                return
-        except requests.ConnectionError:
+            if (server.workdir / "key_file.json").exists():
+                ping = requests.get(f"{server.inference}/ping", headers=server.headers("inference"), timeout=2)
+                if ping.ok:
+                    return
+        except (requests.ConnectionError, ValueError, KeyError):
             pass
         time.sleep(0.5)
     raise SystemExit(f"TorchServe did not answer /ping within {READY_TIMEOUT_S}s; see {server.workdir / 'logs'}")
 
 
 def stop(server: Server) -> None:
-    binary = shutil.which("torchserve", path=str(Path(sys.executable).parent)) or "torchserve"
-    subprocess.run([binary, "--stop"], cwd=server.workdir, check=False, stdout=subprocess.DEVNULL)
+    subprocess.run([_binary(), "--stop"], cwd=server.workdir, env=server.env(), check=False, stdout=subprocess.DEVNULL)
+
+
+def _binary() -> str:
+    """The torchserve launcher of the interpreter running this script (the project's venv)."""
+    return shutil.which("torchserve", path=str(Path(sys.executable).parent)) or "torchserve"
 
 
 def register(server: Server, name: str, workers: int) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import random
 import shutil
@@ -16,7 +17,9 @@ import yaml
 from PIL import Image
 
 from archive_scripts.build_archives import build_archive
+from handlers.ensemble import Ensemble
 from handlers.manifest import EnsembleSpec, load_ensembles
+from handlers.preprocess import decode_image
 
 from tests.fixture_models import PoolNet
 
@@ -105,3 +108,39 @@ def test_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def source_spec(store: Path, name: str) -> EnsembleSpec:
     """The EnsembleSpec a test archive was built from (with its weights on disk)."""
     return load_ensembles(store.parent / "src" / name / "ensembles.yaml")[name]
+
+
+@functools.cache
+def reference_ensemble(store: Path, name: str) -> Ensemble:
+    """The test ensemble loaded in-process from its source files, once per session."""
+    return Ensemble.from_spec(source_spec(store, name), torch.device("cpu"))
+
+
+def reference(store: Path, name: str, images: list[bytes], **policy: str) -> list[dict[str, Any]]:
+    """In-process predictions of the same members on the same images, through no HTTP and no archive."""
+    ensemble = reference_ensemble(store, name)
+    chosen = ensemble.prepare({"body": images[0], **{k: v.encode() for k, v in policy.items()}}, {}).policy
+    probs = ensemble.probabilities([decode_image(data, ensemble.spec.limits) for data in images])
+    return ensemble.render(probs, chosen)["predictions"]
+
+
+def _labels_and_scores(view: dict[str, Any]) -> tuple[Any, list[float | None]]:
+    if "labels" in view:
+        return view["labels"], list(view["scores"].values())
+    return view["label"], [view["score"]]
+
+
+def assert_same_predictions(served: list[dict[str, Any]], expected: list[dict[str, Any]]) -> None:
+    """Labels equal exactly; scores equal to 1e-5 (batched and unbatched forwards may round differently)."""
+    assert len(served) == len(expected)
+    for got, want in zip(served, expected):
+        views = [(got, want)] + [(got["members"][m], want["members"][m]) for m in want["members"]]
+        assert list(got["members"]) == list(want["members"])
+        for got_view, want_view in views:
+            got_labels, got_scores = _labels_and_scores(got_view)
+            want_labels, want_scores = _labels_and_scores(want_view)
+            assert got_labels == want_labels
+            assert [s is None for s in got_scores] == [s is None for s in want_scores]
+            assert [s for s in got_scores if s is not None] == pytest.approx(
+                [s for s in want_scores if s is not None], abs=1e-5
+            )

@@ -9,17 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from ts.context import Context, RequestProcessor
 from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 
 import ts
-from handlers.ensemble import Ensemble
 from handlers.ensemble_handler import EnsembleHandler
 from handlers.errors import IntegrityError
 from handlers.members import sha256_of
-from handlers.preprocess import decode_image
-from tests.conftest import image_bytes, source_spec
+from tests.conftest import assert_same_predictions, image_bytes, reference, source_spec
 
 PNG = "image/png"
 
@@ -57,24 +54,6 @@ def trio(test_store: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[En
 
 def raw(data: bytes, **headers: str) -> tuple[dict[str, Any], dict[str, Any]]:
     return {"body": data}, {"Content-Type": PNG, **headers}
-
-
-def reference(store: Path, name: str, images: list[bytes], **policy: str) -> list[dict[str, Any]]:
-    """In-process predictions of the same members on the same images, through no HTTP and no archive."""
-    spec = source_spec(store, name)
-    ensemble = Ensemble.from_spec(spec, torch.device("cpu"))
-    chosen = ensemble.prepare({"body": images[0], **{k: v.encode() for k, v in policy.items()}}, {}).policy
-    probs = ensemble.probabilities([decode_image(data, spec.limits) for data in images])
-    return ensemble.render(probs, chosen)["predictions"]
-
-
-def assert_same_predictions(served: list[dict[str, Any]], expected: list[dict[str, Any]]) -> None:
-    """Labels equal exactly; scores equal to 1e-5 (batched and unbatched forwards may round differently)."""
-    assert len(served) == len(expected)
-    for got, want in zip(served, expected):
-        assert got["label"] == want["label"]
-        assert got["score"] == pytest.approx(want["score"], abs=1e-5)
-        assert {m: v["label"] for m, v in got["members"].items()} == {m: v["label"] for m, v in want["members"].items()}
 
 
 def test_mixed_batch_isolates_bad_requests(trio: tuple[EnsembleHandler, Context], test_store: Path) -> None:

@@ -1,0 +1,89 @@
+"""Building archives: what goes into a .mar, and that a failed build leaves nothing behind."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from archive_scripts.build_archives import build_archive
+from handlers.errors import IntegrityError, MemberLoadError
+from handlers.manifest import load_ensembles
+from handlers.members import sha256_of
+from tests.conftest import source_spec
+from tests.fixture_models import PoolNet
+
+
+def test_archive_contents(test_store: Path) -> None:
+    with zipfile.ZipFile(test_store / "trio.mar") as archive:
+        names = set(archive.namelist())
+        manifest = json.loads(archive.read("ensemble.json"))
+        model_config = yaml.safe_load(archive.read("model-config.yaml"))
+        mar_manifest = json.loads(archive.read("MAR-INF/MANIFEST.json"))
+        digests_ok = {rel: hashlib.sha256(archive.read(rel)).hexdigest() == digest for rel, digest in manifest["digests"].items()}
+    assert {"ensemble_handler.py", "ensemble.json", "model-config.yaml", "code/fixture_models.py"} <= names
+    assert {"members/mobile.pt", "members/pool_rgb.pt", "members/pool_gray.pt", "handlers/policies.py"} <= names
+    assert not any("__pycache__" in name for name in names)
+    assert mar_manifest["model"]["handler"] == "ensemble_handler.py"
+    assert (mar_manifest["model"]["modelName"], mar_manifest["model"]["modelVersion"]) == ("trio", "2.1")
+    assert model_config == {"minWorkers": 1, "maxWorkers": 1, "batchSize": 8, "maxBatchDelay": 300, "responseTimeout": 60}
+    assert set(digests_ok.values()) == {True}
+    spec = source_spec(test_store, "trio")
+    assert [m["sha256"] for m in manifest["ensemble"]["members"]] == [sha256_of(spec.base_dir / m.weights) for m in spec.members]
+    assert [m["weights"] for m in manifest["ensemble"]["members"]] == ["members/mobile.pt", "members/pool_rgb.pt", "members/pool_gray.pt"]
+    assert set(manifest["build"]) == {"built_at", "python", "torch", "torchvision", "torchserve", "torch_model_archiver"}
+    assert (manifest["build"]["torch"], manifest["build"]["torchserve"]) == (torch.__version__, "0.12.0")
+
+
+def failing_build(ensemble_yaml: Callable[..., Path], tmp_path: Path, change: Callable[[dict, Path], None]) -> tuple[Exception, Path]:
+    """Build a good archive, break the source, rebuild; return the error and the store."""
+    path = ensemble_yaml()
+    store = tmp_path / "store"
+    build_archive(load_ensembles(path)["trio"], store)
+    good = (store / "trio.mar").read_bytes()
+    doc = yaml.safe_load(path.read_text())
+    change(doc["ensembles"]["trio"], path.parent)
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises((IntegrityError, MemberLoadError)) as caught:
+        build_archive(load_ensembles(path)["trio"], store)
+    assert (store / "trio.mar").read_bytes() == good, "a failed rebuild must leave the previous archive intact"
+    assert sorted(p.name for p in store.iterdir()) == ["trio.mar"], "no staging folder or partial archive is left"
+    return caught.value, store
+
+
+def test_declared_digest_mismatch_is_refused(ensemble_yaml: Callable[..., Path], tmp_path: Path) -> None:
+    error, _ = failing_build(ensemble_yaml, tmp_path, lambda e, _: e["members"][1].update(sha256="0" * 64))
+    assert str(error).startswith("member 'pool_rgb': pool_rgb.pt: sha256 ")
+    assert str(error).endswith(f" != pinned {'0' * 64}")
+
+
+def test_state_dict_that_does_not_fit_is_refused(ensemble_yaml: Callable[..., Path], tmp_path: Path) -> None:
+    error, _ = failing_build(ensemble_yaml, tmp_path, lambda e, _: e["members"][1]["kwargs"].update(num_classes=4))
+    assert str(error).startswith("member 'pool_rgb': state_dict does not fit fixture_models.py:PoolNet: ")
+    assert "size mismatch for head.weight" in str(error)
+
+
+def test_pickled_whole_model_is_refused(ensemble_yaml: Callable[..., Path], tmp_path: Path) -> None:
+    def pickle_whole_model(ensemble: dict, folder: Path) -> None:
+        torch.save(torch.nn.Linear(2, 2), folder / "whole.pt")
+        ensemble["members"][0]["weights"] = "whole.pt"
+
+    error, _ = failing_build(ensemble_yaml, tmp_path, pickle_whole_model)
+    assert str(error).startswith("member 'mobile': cannot load whole.pt as a state_dict: Weights only load failed.")
+
+
+def test_wrong_output_size_is_refused(ensemble_yaml: Callable[..., Path], tmp_path: Path) -> None:
+    def four_outputs(ensemble: dict, folder: Path) -> None:
+        torch.save(PoolNet(num_classes=4).state_dict(), folder / "pool_rgb.pt")
+        ensemble["members"][1]["kwargs"]["num_classes"] = 4
+
+    error, _ = failing_build(ensemble_yaml, tmp_path, four_outputs)
+    assert str(error) == (
+        "member 'pool_rgb': outputs shape (1, 4) for one image; expected (1, 3) for labels ['cat', 'dog', 'fox']"
+    )

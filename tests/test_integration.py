@@ -1,0 +1,201 @@
+"""Against a real TorchServe on 127.0.0.1: register with the real token, infer over REST, describe, unregister.
+
+The server runs the shipped config.properties with only its ports and model store changed, in its
+own folder and temp dir, so it never collides with one started by `make serve`. Every request loop
+is bounded (a fixed number of requests, each with a timeout).
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+
+from archive_scripts.torchserve_ctl import Server, register, start, stop, unregister
+from tests.conftest import assert_same_predictions, image_bytes, reference
+
+pytestmark = pytest.mark.integration
+TIMEOUT = 60
+PORTS = {"8080": "18180", "8081": "18181", "8082": "18182", "7070": "17170", "7071": "17171"}
+
+
+@pytest.fixture(scope="module")
+def server(test_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    workdir = tmp_path_factory.mktemp("torchserve")
+    config = Path("config.properties").read_text()
+    config = re.sub(r"(?m)^model_store=.*$", f"model_store={test_store}", config)
+    for shipped, ours in PORTS.items():
+        config = re.sub(rf"(?m)^(\w+)=(.*[:=])?{shipped}$", rf"\g<1>=\g<2>{ours}", config)
+    (workdir / "config.properties").write_text(config)
+    instance = Server(config=workdir / "config.properties", workdir=workdir, tmpdir=workdir / "tmp")
+    try:
+        start(instance, test_store)
+        for name in ("trio", "pair", "tags"):
+            register(instance, name, workers=1)
+        yield instance
+    finally:
+        stop(instance)
+
+
+def predict(server: Server, name: str, *, path: str = "predictions", params: dict | None = None, **kwargs) -> requests.Response:
+    url = f"{server.inference}/{path}/{name}" if path == "predictions" else f"{server.inference}/models/{name}/invoke"
+    headers = {**server.headers("inference"), **kwargs.pop("headers", {})}
+    return requests.post(url, params=params, headers=headers, timeout=TIMEOUT, **kwargs)
+
+
+def png(data: bytes) -> dict:
+    return {"data": data, "headers": {"Content-Type": "image/png"}}
+
+
+def test_server_binds_loopback_and_uses_shipped_settings(server: Server) -> None:
+    for address in (server.inference, server.management, server.setting("metrics_address")):
+        assert address.startswith("http://127.0.0.1:")
+    assert server.setting("allowed_urls") == "(?!)"
+
+
+def test_registered_ensemble_describes_itself(server: Server) -> None:
+    response = requests.get(
+        f"{server.management}/models/trio", params={"customized": "true"}, headers=server.headers("management"), timeout=TIMEOUT
+    )
+    assert response.status_code == 200
+    [model] = response.json()
+    assert (model["modelVersion"], model["batchSize"], model["maxBatchDelay"]) == ("2.1", 8, 300)
+    assert [w["status"] for w in model["workers"]] == ["READY"]
+    custom = model["customizedMetadata"]
+    assert isinstance(custom, dict), custom
+    assert [m["name"] for m in custom["members"]] == ["mobile", "pool_rgb", "pool_gray"]
+    assert all(re.fullmatch(r"[0-9a-f]{64}", m["sha256"]) for m in custom["members"])
+    assert custom["policies"] == ["all", "any", "k_of_n", "majority", "max", "mean"]
+
+
+@pytest.mark.parametrize("api", ["inference", "management"])
+def test_requests_without_token_are_refused(server: Server, api: str) -> None:
+    if api == "inference":
+        response = requests.post(f"{server.inference}/predictions/trio", data=image_bytes(1), timeout=TIMEOUT)
+    else:
+        response = requests.get(f"{server.management}/models", timeout=TIMEOUT)
+    assert response.status_code == 400
+    assert response.json()["type"] == "InvalidKeyException"
+
+
+def test_raw_image(server: Server, test_store: Path) -> None:
+    response = predict(server, "trio", **png(image_bytes(11)))
+    assert response.status_code == 200
+    assert response.json()["policy"] == {"name": "mean", "params": {}}
+    assert_same_predictions(response.json()["predictions"], reference(test_store, "trio", [image_bytes(11)]))
+
+
+def test_multipart_images_keep_part_order(server: Server, test_store: Path) -> None:
+    images = [image_bytes(seed) for seed in (21, 22, 23)]
+    files = [(f"image{i}", (f"{i}.png", data, "image/png")) for i, data in enumerate(images)]
+    response = predict(server, "trio", files=files)
+    assert response.status_code == 200
+    assert_same_predictions(response.json()["predictions"], reference(test_store, "trio", images))
+    assert list(response.json()["members"]) == ["mobile", "pool_rgb", "pool_gray"]
+    assert [len(labels) for labels in response.json()["members"].values()] == [3, 3, 3]
+
+
+def test_multipart_repeated_name_is_refused(server: Server) -> None:
+    files = [("image", ("a.png", image_bytes(31), "image/png")), ("image", ("b.png", image_bytes(32), "image/png"))]
+    response = predict(server, "trio", files=files)
+    assert response.status_code == 400
+    assert response.json()["message"].startswith("multipart body is larger than its parts: part names must be distinct")
+
+
+def test_json_instances(server: Server, test_store: Path) -> None:
+    images = [image_bytes(41), image_bytes(42, fmt="JPEG")]
+    body = {"instances": [{"b64": base64.b64encode(data).decode()} for data in images]}
+    response = predict(server, "tags", json=body)
+    assert response.status_code == 200
+    assert_same_predictions(response.json()["predictions"], reference(test_store, "tags", images))
+
+
+@pytest.mark.parametrize(
+    ("how", "policy"),
+    [
+        pytest.param("query", {"policy": "k_of_n", "k": "3", "threshold": "0.4"}, id="invoke-query"),
+        pytest.param("headers", {"policy": "any", "threshold": "0.25"}, id="predictions-headers"),
+        pytest.param("form", {"policy": "all"}, id="multipart-fields"),
+    ],
+)
+def test_per_request_policy(server: Server, test_store: Path, how: str, policy: dict[str, str]) -> None:
+    images = [image_bytes(51), image_bytes(52)]
+    if how == "query":
+        response = predict(server, "pair", path="invoke", params=policy, files=[("a", images[0]), ("b", images[1])])
+    elif how == "headers":
+        headers = {f"X-Ensemble-{key.title()}": value for key, value in policy.items()}
+        response = predict(server, "pair", files=[("a", images[0]), ("b", images[1])], headers=headers)
+    else:
+        response = predict(server, "pair", files=[("a", images[0]), ("b", images[1])], data=policy)
+    assert response.status_code == 200, response.text
+    expected_params = {k: (int(v) if k == "k" else float(v)) for k, v in policy.items() if k != "policy"}
+    assert response.json()["policy"] == {"name": policy["policy"], "params": {"threshold": 0.5, **expected_params}}
+    assert_same_predictions(response.json()["predictions"], reference(test_store, "pair", images, **policy))
+
+
+def test_unknown_policy_lists_valid_names(server: Server) -> None:
+    response = predict(server, "pair", path="invoke", params={"policy": "vote"}, **png(image_bytes(61)))
+    assert response.status_code == 400
+    assert response.json() == {
+        "code": 400,
+        "type": "InvalidPolicy",
+        "message": "unknown policy 'vote'; valid policies: all, any, k_of_n, majority, max, mean",
+    }
+
+
+def test_concurrent_requests_are_batched_and_split_back(server: Server, test_store: Path) -> None:
+    """8 requests carrying 1..4 images each, sent at once: TorchServe batches them; each gets its own results."""
+    payloads = [[image_bytes(100 * r + i) for i in range(1 + r % 4)] for r in range(8)]
+
+    def send(images: list[bytes]) -> requests.Response:
+        return predict(server, "trio", files=[(f"p{i}", data) for i, data in enumerate(images)])
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        responses = list(pool.map(send, payloads))
+    assert [r.status_code for r in responses] == [200] * 8
+    for response, images in zip(responses, payloads):
+        assert_same_predictions(response.json()["predictions"], reference(test_store, "trio", images))
+    batch_sizes = [int(r.headers["X-Ensemble-Batch-Requests"]) for r in responses]
+    assert max(batch_sizes) >= 2, f"TorchServe did not batch any requests together: {batch_sizes}"
+
+
+def test_bad_input_fails_alone_inside_a_batch(server: Server, test_store: Path) -> None:
+    """Good and bad requests that TorchServe batched together: only the bad ones fail; the worker stays."""
+    pid = worker_pid(server, "trio")
+    good = [image_bytes(200 + i) for i in range(4)]
+    bad = [
+        ({"data": b"GIF89a-not-really", "headers": {"Content-Type": "image/gif"}}, 400, "InvalidImage"),
+        ({"json": {"instances": [{"b64": "%%%"}]}}, 400, "InvalidImage"),
+        ({"json": {"instances": [{"b64": base64.b64encode(good[0]).decode()}] * 65}}, 413, "PayloadTooLarge"),
+        ({"data": good[0], "headers": {"Content-Type": "image/png", "X-Ensemble-K": "2"}}, 400, "InvalidPolicy"),
+    ]
+    jobs = [png(data) for data in good] + [kwargs for kwargs, _, _ in bad]
+    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        responses = list(pool.map(lambda kwargs: predict(server, "trio", **kwargs), jobs))
+    for response, data in zip(responses[: len(good)], good):
+        assert response.status_code == 200
+        assert_same_predictions(response.json()["predictions"], reference(test_store, "trio", [data]))
+    assert [(r.status_code, r.json()["type"]) for r in responses[len(good) :]] == [(s, t) for _, s, t in bad]
+    assert max(int(r.headers["X-Ensemble-Batch-Requests"]) for r in responses[len(good) :]) >= 2
+    assert worker_pid(server, "trio") == pid
+    assert predict(server, "trio", **png(good[1])).status_code == 200
+
+
+def test_unregister(server: Server) -> None:
+    assert predict(server, "tags", **png(image_bytes(71))).status_code == 200
+    unregister(server, "tags")
+    response = predict(server, "tags", **png(image_bytes(71)))
+    assert response.status_code == 404
+    register(server, "tags", workers=1)
+    assert predict(server, "tags", **png(image_bytes(71))).status_code == 200
+
+
+def worker_pid(server: Server, name: str) -> int:
+    response = requests.get(f"{server.management}/models/{name}", headers=server.headers("management"), timeout=TIMEOUT)
+    [worker] = response.json()[0]["workers"]
+    return int(worker["pid"])
