@@ -74,13 +74,19 @@ class Server:
 def start(server: Server, model_store: Path) -> None:
     """Start TorchServe in the background and wait until /ping answers."""
     (server.workdir / "key_file.json").unlink(missing_ok=True)
-    subprocess.run(
-        [_binary(), "--start", "--ts-config", str(server.config.resolve()), "--model-store", str(model_store.resolve()), "--ncs"],
-        cwd=server.workdir,
-        env=server.env(),
-        check=True,
-        stdout=subprocess.DEVNULL,
-    )
+    (server.workdir / "logs").mkdir(exist_ok=True)
+    # The Java frontend inherits the launcher's output streams and outlives it: give it a file, never
+    # our stdout, or a caller reading our output through a pipe would wait for TorchServe to exit.
+    with (server.workdir / "logs" / "torchserve.out").open("ab") as out:
+        subprocess.run(
+            [_binary(), "--start", "--ts-config", str(server.config.resolve()), "--model-store", str(model_store.resolve()), "--ncs"],
+            cwd=server.workdir,
+            env=server.env(),
+            check=True,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
         try:

@@ -35,7 +35,7 @@ class Recipe:
     batch_size: int = 64
 
 
-RECIPES = {"resnet18": Recipe(epochs=5), "squeezenet": Recipe(epochs=5, lr=1e-3), "tinycnn_gray": Recipe(epochs=8)}
+RECIPES = {"resnet18": Recipe(epochs=5), "strided": Recipe(epochs=10), "tinycnn_gray": Recipe(epochs=8)}
 
 
 def train(spec: EnsembleSpec, *, threads: int) -> dict[str, float]:
