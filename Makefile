@@ -7,7 +7,7 @@ INSTALLED := $(VENV)/.installed-$(shell sha256sum requirements.txt | cut -c1-12)
 TRAINED := artifacts/weights/.trained
 NAME ?= shapes
 
-.PHONY: setup demo build serve stop test register unregister rebuild evaluate clean
+.PHONY: setup demo build serve stop test register unregister rebuild evaluate bench-batching clean
 
 $(INSTALLED): requirements.txt
 	@command -v java >/dev/null 2>&1 || { echo "installing a Java runtime for TorchServe"; \
@@ -56,6 +56,9 @@ rebuild: $(TRAINED)
 
 evaluate: $(TRAINED)
 	$(PY) -m archive_scripts.evaluate_demo
+
+bench-batching: build
+	$(PY) -m bench.batching_defaults
 
 clean:
 	rm -rf artifacts logs model_store/*.mar key_file.json

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -26,6 +27,7 @@ import requests
 from handlers.manifest import load_ensembles
 
 READY_TIMEOUT_S = 120
+SHIPPED_CONFIG = Path(__file__).resolve().parent.parent / "config.properties"
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,23 @@ class Server:
         return {"Authorization": f"Bearer {self.key(api)}"}
 
 
+def private_server(workdir: Path, model_store: Path, *, port_offset: int) -> Server:
+    """A Server running the shipped config.properties with shifted ports, its own store, folder and temp dir.
+
+    Tests and benchmarks use it so that they never touch an instance started by `make serve`.
+    """
+    config = SHIPPED_CONFIG.read_text()
+    config = re.sub(r"(?m)^model_store=.*$", f"model_store={model_store.resolve()}", config)
+
+    def shifted(port: re.Match[str]) -> str:
+        return f"{port.group(1)}{int(port.group(2)) + port_offset}"
+
+    config = re.sub(r"(?m)^(\w+(?:_address|_port)=(?:.*:)?)(\d+)$", shifted, config)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.properties").write_text(config)
+    return Server(config=workdir / "config.properties", workdir=workdir, tmpdir=workdir / "tmp")
+
+
 def start(server: Server, model_store: Path) -> None:
     """Start TorchServe in the background and wait until /ping answers."""
     (server.workdir / "key_file.json").unlink(missing_ok=True)
@@ -109,11 +128,14 @@ def _binary() -> str:
     return shutil.which("torchserve", path=str(Path(sys.executable).parent)) or "torchserve"
 
 
-def register(server: Server, name: str, workers: int) -> dict:
-    """Register model_store/<name>.mar and wait for its workers; raise with TorchServe's message on failure."""
+def register(server: Server, name: str, workers: int, **batching: int) -> dict:
+    """Register model_store/<name>.mar and wait for its workers; raise with TorchServe's message on failure.
+
+    `batching` (batch_size, max_batch_delay) overrides the archive's model-config.yaml.
+    """
     response = requests.post(
         f"{server.management}/models",
-        params={"url": f"{name}.mar", "initial_workers": workers, "synchronous": "true"},
+        params={"url": f"{name}.mar", "initial_workers": workers, "synchronous": "true", **batching},
         headers=server.headers("management"),
         timeout=READY_TIMEOUT_S,
     )

@@ -16,23 +16,16 @@ from pathlib import Path
 import pytest
 import requests
 
-from archive_scripts.torchserve_ctl import Server, register, start, stop, unregister
+from archive_scripts.torchserve_ctl import Server, private_server, register, start, stop, unregister
 from tests.conftest import assert_same_predictions, image_bytes, reference
 
 pytestmark = pytest.mark.integration
 TIMEOUT = 60
-PORTS = {"8080": "18180", "8081": "18181", "8082": "18182", "7070": "17170", "7071": "17171"}
 
 
 @pytest.fixture(scope="module")
 def server(test_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    workdir = tmp_path_factory.mktemp("torchserve")
-    config = Path("config.properties").read_text()
-    config = re.sub(r"(?m)^model_store=.*$", f"model_store={test_store}", config)
-    for shipped, ours in PORTS.items():
-        config = re.sub(rf"(?m)^(\w+)=(.*[:=])?{shipped}$", rf"\g<1>=\g<2>{ours}", config)
-    (workdir / "config.properties").write_text(config)
-    instance = Server(config=workdir / "config.properties", workdir=workdir, tmpdir=workdir / "tmp")
+    instance = private_server(tmp_path_factory.mktemp("torchserve"), test_store, port_offset=10100)
     try:
         start(instance, test_store)
         for name in ("trio", "pair", "tags"):
