@@ -19,7 +19,7 @@ import shutil
 import tempfile
 import zipfile
 from dataclasses import replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
 
@@ -123,7 +123,7 @@ def _model_config(spec: EnsembleSpec) -> dict[str, int]:
 
 def _build_info() -> dict[str, str]:
     return {
-        "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "built_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torchvision": version("torchvision"),

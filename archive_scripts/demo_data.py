@@ -56,7 +56,7 @@ def _background(rng: random.Random) -> Image.Image:
     draw = ImageDraw.Draw(image)
     for y in range(SIZE):
         t = y / (SIZE - 1)
-        draw.line([(0, y), (SIZE, y)], fill=tuple(int(a + (b - a) * t) for a, b in zip(top, bottom)))
+        draw.line([(0, y), (SIZE, y)], fill=tuple(int(a + (b - a) * t) for a, b in zip(top, bottom, strict=True)))
     return image
 
 

@@ -48,7 +48,7 @@ def train(spec: EnsembleSpec, *, threads: int) -> dict[str, float]:
     specs = [spec.member_input(m) for m in spec.members]
     inputs = batch_tensors([s.image for s in samples], specs)
     seconds = {}
-    for index, (member, member_input) in enumerate(zip(spec.members, specs)):
+    for index, (member, member_input) in enumerate(zip(spec.members, specs, strict=True)):
         start = time.perf_counter()
         torch.manual_seed(TRAIN_SEED + index)
         module = build_member(member, spec.base_dir)

@@ -76,7 +76,7 @@ def main() -> None:
         base = baseline[row["concurrency"]]
         row["throughput_vs_unbatched"] = row["images_per_s"] / base["images_per_s"]
         row["p50_vs_unbatched"] = row["p50_ms"] / base["p50_ms"]
-    print(f"| batch size | max delay | concurrency | images/s | p50 ms | p99 ms | requests per batch | images/s vs unbatched | p50 vs unbatched |")
+    print("| batch size | max delay | concurrency | images/s | p50 ms | p99 ms | requests per batch | images/s vs unbatched | p50 vs unbatched |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(

@@ -78,8 +78,10 @@ class Ensemble:
         for member in spec.members:
             pinned = {member.weights, *([member.arch_file] if member.arch_file else [])}
             unpinned = sorted(pinned - set(manifest.digests))
-            if unpinned or manifest.digests[member.weights] != member.sha256:
-                raise IntegrityError(f"member {member.name!r}: manifest does not pin {unpinned or member.weights}")
+            if unpinned:
+                raise IntegrityError(f"member {member.name!r}: the manifest pins no digest for {unpinned}")
+            if manifest.digests[member.weights] != member.sha256:
+                raise IntegrityError(f"member {member.name!r}: the manifest gives two digests for {member.weights}")
         verify_digests(model_dir, manifest.digests)
         return cls(spec, [load_member(m, model_dir) for m in spec.members], device, manifest.build)
 
@@ -87,7 +89,7 @@ class Ensemble:
     def from_spec(cls, spec: EnsembleSpec, device: torch.device) -> Ensemble:
         """Load straight from ensembles.yaml paths (evaluation, in-process reference); checks pinned digests."""
         digested = tuple(replace(m, sha256=sha256_of(spec.base_dir / m.weights)) for m in spec.members)
-        for declared, actual in zip(spec.members, digested):
+        for declared, actual in zip(spec.members, digested, strict=True):
             if declared.sha256 is not None and declared.sha256 != actual.sha256:
                 raise IntegrityError(
                     f"member {declared.name!r}: {declared.weights}: sha256 {actual.sha256} != pinned {declared.sha256}"
@@ -111,7 +113,7 @@ class Ensemble:
         micro = self.spec.batching.micro_batch_size
         with torch.inference_mode():
             on_device = {spec: self._to_device(batch) for spec, batch in batches.items()}
-            for index, (module, spec) in enumerate(zip(self._modules, specs)):
+            for index, (module, spec) in enumerate(zip(self._modules, specs, strict=True)):
                 chunks = [self._activation(module(chunk)) for chunk in on_device[spec].split(micro)]
                 out[index] = torch.cat(chunks).to("cpu", torch.float64)
         return out
@@ -170,7 +172,7 @@ class Ensemble:
             "policies": policy_names(),
             "members": [
                 {"name": m.name, "arch": m.arch, "sha256": m.sha256, "weight": m.weight, "input": raw.get("input", spec["input"])}
-                for m, raw in zip(self.spec.members, spec["members"])
+                for m, raw in zip(self.spec.members, spec["members"], strict=True)
             ],
             "input": spec["input"],
             "limits": spec["limits"],
@@ -183,7 +185,7 @@ class Ensemble:
         picked = [i for i, on in enumerate(chosen.tolist()) if on]
         values = [round(v, SCORE_DIGITS) for v in scores.tolist()]
         if self.spec.task == "multilabel":
-            return {"labels": [self.spec.labels[i] for i in picked], "scores": dict(zip(self.spec.labels, values))}
+            return {"labels": [self.spec.labels[i] for i in picked], "scores": dict(zip(self.spec.labels, values, strict=True))}
         if not picked:
             return {"label": None, "score": None}
         return {"label": self.spec.labels[picked[0]], "score": values[picked[0]]}
@@ -200,7 +202,7 @@ class Ensemble:
 
     def _check_outputs(self) -> None:
         """Run one blank image through every member: each must return one score per label."""
-        for module, member in zip(self._modules, self.spec.members):
+        for module, member in zip(self._modules, self.spec.members, strict=True):
             spec = self.spec.member_input(member)
             blank = torch.zeros(1, spec.channels, *spec.size, device=self.device)
             with torch.inference_mode():

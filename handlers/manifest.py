@@ -13,6 +13,7 @@ import json
 import math
 import re
 from collections.abc import Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -358,7 +359,7 @@ class _Node:
             self.fail(f"missing key {key!r}")
         return _Node(self.value[key], f"{self.path}.{key}" if self.path else str(key), self.source)
 
-    def keys(self, *, required: set[str] = frozenset(), optional: set[str] = frozenset()) -> None:
+    def keys(self, *, required: AbstractSet[str] = frozenset(), optional: AbstractSet[str] = frozenset()) -> None:
         """Insist on a mapping with every required key and no key outside required | optional."""
         if not isinstance(self.value, dict):
             self.fail(f"expected a mapping, got {type(self.value).__name__}")

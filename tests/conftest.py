@@ -20,7 +20,6 @@ from archive_scripts.build_archives import build_archive
 from handlers.ensemble import Ensemble
 from handlers.manifest import EnsembleSpec, load_ensembles
 from handlers.preprocess import decode_image
-
 from tests.fixture_models import PoolNet
 
 HERE = Path(__file__).parent
@@ -133,7 +132,7 @@ def _labels_and_scores(view: dict[str, Any]) -> tuple[Any, list[float | None]]:
 def assert_same_predictions(served: list[dict[str, Any]], expected: list[dict[str, Any]]) -> None:
     """Labels equal exactly; scores equal to 1e-5 (batched and unbatched forwards may round differently)."""
     assert len(served) == len(expected)
-    for got, want in zip(served, expected):
+    for got, want in zip(served, expected, strict=True):
         views = [(got, want)] + [(got["members"][m], want["members"][m]) for m in want["members"]]
         assert list(got["members"]) == list(want["members"])
         for got_view, want_view in views:

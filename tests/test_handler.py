@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import ts
 from ts.context import Context, RequestProcessor
 from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 
-import ts
 from handlers.ensemble_handler import EnsembleHandler
 from handlers.errors import IntegrityError
 from handlers.members import sha256_of
@@ -142,3 +142,13 @@ def test_tampered_weights_are_refused_before_loading(test_store: Path, tmp_path:
     assert str(caught.value) == (
         f"members/pool_rgb.pt: sha256 mismatch: manifest pins {pinned}, file has {sha256_of(weights)}"
     )
+
+
+def test_weights_missing_from_the_manifest_digests_are_refused(test_store: Path, tmp_path: Path) -> None:
+    model_dir = extract(test_store, "trio", tmp_path)
+    manifest = json.loads((model_dir / "ensemble.json").read_text())
+    del manifest["digests"]["members/pool_gray.pt"]
+    (model_dir / "ensemble.json").write_text(json.dumps(manifest))
+    with pytest.raises(IntegrityError) as caught:
+        EnsembleHandler().initialize(make_context(model_dir, "trio"))
+    assert str(caught.value) == "member 'pool_gray': the manifest pins no digest for ['members/pool_gray.pt']"

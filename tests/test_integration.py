@@ -151,7 +151,7 @@ def test_concurrent_requests_are_batched_and_split_back(server: Server, test_sto
     with ThreadPoolExecutor(max_workers=8) as pool:
         responses = list(pool.map(send, payloads))
     assert [r.status_code for r in responses] == [200] * 8
-    for response, images in zip(responses, payloads):
+    for response, images in zip(responses, payloads, strict=True):
         assert_same_predictions(response.json()["predictions"], reference(test_store, "trio", images))
     batch_sizes = [int(r.headers["X-Ensemble-Batch-Requests"]) for r in responses]
     assert max(batch_sizes) >= 2, f"TorchServe did not batch any requests together: {batch_sizes}"
@@ -170,7 +170,7 @@ def test_bad_input_fails_alone_inside_a_batch(server: Server, test_store: Path) 
     jobs = [png(data) for data in good] + [kwargs for kwargs, _, _ in bad]
     with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
         responses = list(pool.map(lambda kwargs: predict(server, "trio", **kwargs), jobs))
-    for response, data in zip(responses[: len(good)], good):
+    for response, data in zip(responses[: len(good)], good, strict=True):
         assert response.status_code == 200
         assert_same_predictions(response.json()["predictions"], reference(test_store, "trio", [data]))
     assert [(r.status_code, r.json()["type"]) for r in responses[len(good) :]] == [(s, t) for _, s, t in bad]

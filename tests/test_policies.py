@@ -51,7 +51,7 @@ def run(task: str, name: str, *, k: int | None = None, threshold: float | None =
     policy = PolicySpec(name=name, k=k, threshold=None if task == "multiclass" else threshold)
     decision = combine(probs, Votes(task, torch.tensor(weights, dtype=torch.float64), positive, policy))
     chosen = [[i for i, on in enumerate(row) if on] for row in decision.chosen.tolist()]
-    scores = [[row[i] for i in picks] for row, picks in zip(decision.score.tolist(), chosen)]
+    scores = [[row[i] for i in picks] for row, picks in zip(decision.score.tolist(), chosen, strict=True)]
     return chosen, scores
 
 
