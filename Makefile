@@ -7,7 +7,7 @@ INSTALLED := $(VENV)/.installed-$(shell sha256sum requirements.txt | cut -c1-12)
 TRAINED := artifacts/weights/.trained
 NAME ?= shapes
 
-.PHONY: setup demo build serve stop test register unregister rebuild evaluate bench-batching clean
+.PHONY: setup demo build serve stop test register unregister rebuild evaluate bench-batching bench-fused clean
 
 $(INSTALLED): requirements.txt
 	@command -v java >/dev/null 2>&1 || { echo "installing a Java runtime for TorchServe"; \
@@ -59,6 +59,9 @@ evaluate: $(TRAINED)
 
 bench-batching: build
 	$(PY) -m bench.batching_defaults
+
+bench-fused: $(INSTALLED)
+	$(PY) -m bench.fused_members
 
 clean:
 	rm -rf artifacts logs model_store/*.mar key_file.json

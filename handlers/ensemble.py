@@ -18,6 +18,7 @@ from PIL import Image
 from torch import nn
 
 from handlers.errors import EnsembleError, IntegrityError, MemberLoadError
+from handlers.execution import plan_groups
 from handlers.manifest import EnsembleSpec, read_archive_manifest
 from handlers.members import load_member, sha256_of, verify_digests
 from handlers.policies import PolicySpec, Votes, combine, member_votes, policy_names, resolve_policy
@@ -65,9 +66,15 @@ class Ensemble:
         self.spec = spec
         self.device = device
         self.build = dict(build)
-        self._modules = [module.to(device).eval() for module in modules]
         self._weights = torch.tensor([member.weight for member in spec.members], dtype=torch.float64)
         self._digests = {member.name: member.sha256 for member in spec.members}
+        self._groups = plan_groups(
+            spec.members,
+            [module.to(device).eval() for module in modules],
+            [spec.member_input(member) for member in spec.members],
+            fuse=spec.batching.fuse_members,
+            device=device,
+        )
         self._check_outputs()
 
     @classmethod
@@ -101,21 +108,20 @@ class Ensemble:
         """Parse, validate and decode one request; raises a RequestError naming what is wrong."""
         request = parse_request(row, headers, self.spec.limits)
         policy = resolve_policy(
-            request.policy_params, default=self.spec.policy, task=self.spec.task, n_members=len(self._modules)
+            request.policy_params, default=self.spec.policy, task=self.spec.task, n_members=len(self.spec.members)
         )
         return PreparedRequest(tuple(decode_image(data, self.spec.limits) for data in request.images), policy)
 
     def probabilities(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """probs[member, image, label] as float64 on the CPU; each image is transformed once per input spec."""
-        specs = [self.spec.member_input(member) for member in self.spec.members]
-        batches = batch_tensors(images, specs)
-        out = torch.empty(len(self._modules), len(images), len(self.spec.labels), dtype=torch.float64)
+        batches = batch_tensors(images, [group.spec for group in self._groups])
+        out = torch.empty(len(self.spec.members), len(images), len(self.spec.labels), dtype=torch.float64)
         micro = self.spec.batching.micro_batch_size
         with torch.inference_mode():
             on_device = {spec: self._to_device(batch) for spec, batch in batches.items()}
-            for index, (module, spec) in enumerate(zip(self._modules, specs, strict=True)):
-                chunks = [self._activation(module(chunk)) for chunk in on_device[spec].split(micro)]
-                out[index] = torch.cat(chunks).to("cpu", torch.float64)
+            for group in self._groups:
+                chunks = [self._activation(group.run(chunk)) for chunk in on_device[group.spec].split(micro)]
+                out[list(group.indices)] = torch.cat(chunks, dim=1).to("cpu", torch.float64)
         return out
 
     def answer_batch(self, prepared: Sequence[PreparedRequest | EnsembleError]) -> list[Reply]:
@@ -178,6 +184,10 @@ class Ensemble:
             "limits": spec["limits"],
             "batching": spec["batching"],
             "device": str(self.device),
+            "execution": [
+                {"members": [self.spec.members[i].name for i in group.indices], "fused": group.fused}
+                for group in self._groups
+            ],
             "build": self.build,
         }
 
@@ -202,12 +212,12 @@ class Ensemble:
 
     def _check_outputs(self) -> None:
         """Run one blank image through every member: each must return one score per label."""
-        for module, member in zip(self._modules, self.spec.members, strict=True):
-            spec = self.spec.member_input(member)
-            blank = torch.zeros(1, spec.channels, *spec.size, device=self.device)
+        for group in self._groups:
+            blank = torch.zeros(1, group.spec.channels, *group.spec.size, device=self.device)
             with torch.inference_mode():
-                shape = tuple(module(blank).shape)
+                shape = tuple(group.run(blank).shape[1:])
             if shape != (1, len(self.spec.labels)):
+                member = self.spec.members[group.indices[0]]
                 raise MemberLoadError(
                     f"member {member.name!r}: outputs shape {shape} for one image; "
                     f"expected (1, {len(self.spec.labels)}) for labels {list(self.spec.labels)}"

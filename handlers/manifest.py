@@ -67,6 +67,7 @@ class Batching:
     micro_batch_size: int = 32
     workers: int = 2
     response_timeout_s: int = 60
+    fuse_members: bool = False
 
 
 @dataclass(frozen=True)
@@ -332,8 +333,10 @@ def _parse_batching(node: _Node) -> Batching:
         "workers": (1, 64),
         "response_timeout_s": (1, 3600),
     }
-    node.keys(optional=set(bounds))
-    values = {key: node[key].integer(*bounds[key]) for key in bounds if key in node}
+    node.keys(optional={*bounds, "fuse_members"})
+    values: dict[str, Any] = {key: node[key].integer(*bounds[key]) for key in bounds if key in node}
+    if "fuse_members" in node:
+        values["fuse_members"] = node["fuse_members"].boolean()
     return replace(Batching(), **values)
 
 
@@ -384,6 +387,11 @@ class _Node:
         if self.value not in options:
             self.fail(f"expected one of {', '.join(options)}, got {self.value!r}")
         return str(self.value)
+
+    def boolean(self) -> bool:
+        if not isinstance(self.value, bool):
+            self.fail(f"expected true or false, got {self.value!r}")
+        return self.value
 
     def integer(self, low: int, high: int) -> int:
         if isinstance(self.value, bool) or not isinstance(self.value, int) or not low <= self.value <= high:

@@ -16,3 +16,11 @@ class PoolNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(torch.relu(self.conv(x)).amax(dim=(2, 3)))
+
+
+class BranchyNet(PoolNet):
+    """PoolNet with a data-dependent branch, which torch.vmap cannot run: it must not be fused."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        return out if bool(out.sum() > -1e9) else -out

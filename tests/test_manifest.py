@@ -69,6 +69,7 @@ PREFIX = "ensembles.yaml: ensembles.trio"
         pytest.param(lambda e: e.update(policy={"name": "vote"}), f"{PREFIX}.policy: unknown policy 'vote'; valid policies: all, any, k_of_n, majority, max, mean", id="bad-policy"),
         pytest.param(lambda e: e.update(policy={"name": "k_of_n", "k": 5}), f"{PREFIX}.policy: k must be an integer from 1 to 3, got 5", id="k-out-of-range"),
         pytest.param(lambda e: e.update(batching={"batch_size": 0}), f"{PREFIX}.batching.batch_size: expected an integer from 1 to 1024, got 0", id="batch-size"),
+        pytest.param(lambda e: e.update(batching={"fuse_members": "yes"}), f"{PREFIX}.batching.fuse_members: expected true or false, got 'yes'", id="fuse-not-bool"),
         pytest.param(lambda e: e.update(batching={"workers": True}), f"{PREFIX}.batching.workers: expected an integer from 1 to 64, got True", id="bool-not-int"),
         pytest.param(lambda e: e.update(limits={"formats": ["JPEG", "XCF"]}), f"{PREFIX}.limits.formats[1]: unknown image format 'XCF'; known: JPEG, PNG, WEBP, BMP, GIF, TIFF", id="format"),
     ],

@@ -1,0 +1,88 @@
+"""How members run: one module per call, or members of one architecture and input spec fused into one call.
+
+Fusing stacks the members' parameters (`torch.func.stack_module_state`) and runs one `vmap` of
+`functional_call` over them. It is only used when it reproduces the one-at-a-time outputs within
+`FUSE_TOLERANCE` on a probe batch; otherwise those members run one at a time.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.func import functional_call, stack_module_state
+
+from handlers.manifest import InputSpec, MemberSpec
+
+FUSE_TOLERANCE = 1e-5
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Group:
+    """Members (by position) that share one input spec and run in one call: [n, C, H, W] -> [g, n, labels]."""
+
+    spec: InputSpec
+    indices: tuple[int, ...]
+    run: Callable[[torch.Tensor], torch.Tensor]
+    fused: bool
+
+
+def plan_groups(
+    members: Sequence[MemberSpec],
+    modules: Sequence[nn.Module],
+    specs: Sequence[InputSpec],
+    *,
+    fuse: bool,
+    device: torch.device,
+) -> list[Group]:
+    """One group per member, or with `fuse`, one per (architecture, kwargs, input spec) that passes the probe."""
+    if not fuse:
+        return [_single(i, module, spec) for i, (module, spec) in enumerate(zip(modules, specs, strict=True))]
+    by_kind: dict[tuple[str, str, InputSpec], list[int]] = {}
+    for i, (member, spec) in enumerate(zip(members, specs, strict=True)):
+        by_kind.setdefault((member.arch, json.dumps(member.kwargs, sort_keys=True), spec), []).append(i)
+    groups = []
+    for (_, _, spec), indices in by_kind.items():
+        if len(indices) == 1:
+            groups.append(_single(indices[0], modules[indices[0]], spec))
+            continue
+        fused = _fused(indices, [modules[i] for i in indices], spec)
+        if _matches_sequential(fused, [modules[i] for i in indices], spec, device):
+            groups.append(fused)
+        else:
+            logger.warning("members %s do not fuse within %g; running them one at a time", indices, FUSE_TOLERANCE)
+            groups.extend(_single(i, modules[i], spec) for i in indices)
+    return sorted(groups, key=lambda group: group.indices[0])
+
+
+def _single(index: int, module: nn.Module, spec: InputSpec) -> Group:
+    return Group(spec=spec, indices=(index,), run=lambda batch: module(batch).unsqueeze(0), fused=False)
+
+
+def _fused(indices: list[int], modules: list[nn.Module], spec: InputSpec) -> Group:
+    params, buffers = stack_module_state(modules)
+    template = copy.deepcopy(modules[0]).to("meta")
+
+    def one(weights: dict[str, torch.Tensor], state: dict[str, torch.Tensor], batch: torch.Tensor) -> torch.Tensor:
+        return functional_call(template, (weights, state), (batch,))
+
+    batched = torch.vmap(one, in_dims=(0, 0, None))
+    return Group(spec=spec, indices=tuple(indices), run=lambda batch: batched(params, buffers, batch), fused=True)
+
+
+def _matches_sequential(group: Group, modules: list[nn.Module], spec: InputSpec, device: torch.device) -> bool:
+    probe = torch.randn(2, spec.channels, *spec.size, generator=torch.Generator().manual_seed(0)).to(device)
+    with torch.inference_mode():
+        sequential = torch.stack([module(probe) for module in modules])
+        try:
+            fused = group.run(probe)
+        except Exception:  # vmap refuses some modules (data-dependent control flow, .item()): do not fuse them.
+            logger.warning("vmap cannot run members %s", group.indices, exc_info=True)
+            return False
+    return fused.shape == sequential.shape and bool((fused - sequential).abs().max() <= FUSE_TOLERANCE)

@@ -1,0 +1,63 @@
+"""Fused execution: same-architecture members in one vmap call give the one-at-a-time outputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+import yaml
+
+from handlers.ensemble import Ensemble
+from handlers.manifest import load_ensembles
+from handlers.preprocess import decode_image
+from tests.conftest import image_bytes, write_ensemble
+from tests.fixture_models import BranchyNet, PoolNet
+
+
+def ensemble_with(folder: Path, members: dict[str, tuple[str, torch.nn.Module, dict]], *, fuse: bool) -> Ensemble:
+    """An ensemble of the given (arch, module, extra member keys), weights saved from the modules."""
+    path = write_ensemble(folder)
+    doc = yaml.safe_load(path.read_text())
+    entries = []
+    for name, (arch, module, extra) in members.items():
+        torch.save(module.state_dict(), folder / f"{name}.pt")
+        entries.append({"name": name, "arch": arch, "weights": f"{name}.pt", "kwargs": {"num_classes": 3}, **extra})
+    doc["ensembles"]["trio"]["members"] = entries
+    doc["ensembles"]["trio"]["batching"] = {"micro_batch_size": 2, "fuse_members": fuse}
+    path.write_text(yaml.safe_dump(doc))
+    return Ensemble.from_spec(load_ensembles(path)["trio"], torch.device("cpu"))
+
+
+def members_of_one_kind(seed: int) -> dict[str, tuple[str, torch.nn.Module, dict]]:
+    torch.manual_seed(seed)
+    pools = {f"pool{i}": ("fixture_models.py:PoolNet", PoolNet(num_classes=3), {}) for i in range(4)}
+    gray = {"gray": ("fixture_models.py:PoolNet", PoolNet(num_classes=3, in_channels=1), {"kwargs": {"num_classes": 3, "in_channels": 1}, "input": {"color_mode": "L"}})}
+    mobiles = {f"mobile{i}": ("torchvision:mobilenet_v3_small", torchvision.models.mobilenet_v3_small(num_classes=3), {}) for i in range(2)}
+    return {**pools, **gray, **mobiles}
+
+
+def test_fused_members_match_sequential(tmp_path: Path) -> None:
+    fused = ensemble_with(tmp_path / "fused", members_of_one_kind(3), fuse=True)
+    sequential = ensemble_with(tmp_path / "sequential", members_of_one_kind(3), fuse=False)
+    assert fused.describe()["execution"] == [
+        {"members": ["pool0", "pool1", "pool2", "pool3"], "fused": True},
+        {"members": ["gray"], "fused": False},
+        {"members": ["mobile0", "mobile1"], "fused": True},
+    ]
+    assert [group["fused"] for group in sequential.describe()["execution"]] == [False] * 7
+    images = [decode_image(image_bytes(seed), fused.spec.limits) for seed in range(5)]
+    torch.testing.assert_close(fused.probabilities(images), sequential.probabilities(images), atol=1e-5, rtol=0)
+
+
+def test_members_vmap_cannot_run_are_not_fused(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    torch.manual_seed(5)
+    members = {f"branchy{i}": ("fixture_models.py:BranchyNet", BranchyNet(num_classes=3), {}) for i in range(2)}
+    ensemble = ensemble_with(tmp_path, members, fuse=True)
+    assert ensemble.describe()["execution"] == [
+        {"members": ["branchy0"], "fused": False},
+        {"members": ["branchy1"], "fused": False},
+    ]
+    assert "vmap cannot run members (0, 1)" in caplog.text
+    assert ensemble.probabilities([decode_image(image_bytes(1), ensemble.spec.limits)]).shape == (2, 1, 3)
