@@ -7,7 +7,7 @@ INSTALLED := $(VENV)/.installed-$(shell sha256sum requirements.txt | cut -c1-12)
 TRAINED := artifacts/weights/.trained
 NAME ?= shapes
 
-.PHONY: setup demo build serve stop test register unregister rebuild evaluate bench-batching bench-fused clean
+.PHONY: setup demo build serve stop test register unregister rebuild evaluate bench bench-quick bench-batching bench-fused clean
 
 $(INSTALLED): requirements.txt
 	@command -v java >/dev/null 2>&1 || { echo "installing a Java runtime for TorchServe"; \
@@ -57,7 +57,19 @@ rebuild: $(TRAINED)
 evaluate: $(TRAINED)
 	$(PY) -m archive_scripts.evaluate_demo
 
-bench-batching: build
+BENCH_INSTALLED := $(VENV)/.bench-$(shell sha256sum bench/requirements.txt | cut -c1-12)
+
+$(BENCH_INSTALLED): $(INSTALLED) bench/requirements.txt
+	$(PY) -m pip install -q -r bench/requirements.txt
+	@rm -f $(VENV)/.bench-* && touch $@
+
+bench: build $(BENCH_INSTALLED)
+	$(PY) -m bench.run
+
+bench-quick: build $(BENCH_INSTALLED)
+	$(PY) -m bench.run --quick
+
+bench-batching: demo
 	$(PY) -m bench.batching_defaults
 
 bench-fused: $(INSTALLED)

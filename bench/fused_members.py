@@ -12,6 +12,7 @@ import argparse
 import json
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -26,6 +27,11 @@ WORKLOADS: dict[str, tuple[Callable[[], torch.nn.Module], int]] = {
     "resnet18 (10 classes, 224x224)": (lambda: torchvision.models.resnet18(num_classes=10), 224),
     "TinyConvNet (2 classes, 48x48)": (lambda: TinyConvNet(num_classes=2, width=16), 48),
 }
+
+
+def run_each(modules: list[torch.nn.Module], batch: torch.Tensor) -> torch.Tensor:
+    """The one-at-a-time path: every member's own forward call, stacked."""
+    return torch.stack([module(batch) for module in modules])
 
 
 def seconds_per_call(run: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor, repeats: int) -> float:
@@ -51,9 +57,7 @@ def main() -> None:
         [fused] = plan_groups(members, modules, [spec] * 4, fuse=True, device=device)
         assert fused.fused, f"{name}: fused outputs differ from sequential by more than {FUSE_TOLERANCE}"
 
-        def sequential(batch: torch.Tensor) -> torch.Tensor:
-            return torch.stack([module(batch) for module in modules])
-
+        sequential = partial(run_each, modules)
         for batch_size in (1, 8):
             batch = torch.randn(batch_size, 3, size, size)
             with torch.inference_mode():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from PIL import Image
 from torch import nn
 
 from handlers.errors import EnsembleError, IntegrityError, MemberLoadError
-from handlers.execution import plan_groups
+from handlers.execution import Group, plan_groups
 from handlers.manifest import EnsembleSpec, read_archive_manifest
 from handlers.members import load_member, sha256_of, verify_digests
 from handlers.policies import PolicySpec, Votes, combine, member_votes, policy_names, resolve_policy
@@ -52,8 +53,8 @@ def pick_device(gpu_id: int | None) -> torch.device:
     return torch.device("cpu")
 
 
-def threads_per_worker(workers: int) -> int:
-    """Intra-op threads for one worker, so that all workers together use each core once."""
+def cores_per_worker(workers: int) -> int:
+    """Cores one worker may keep busy, so that all workers together use each core once."""
     return max(1, (os.cpu_count() or 1) // workers)
 
 
@@ -61,11 +62,25 @@ class Ensemble:
     """Members of one ensemble, loaded and checked, plus the code that answers requests with them."""
 
     def __init__(
-        self, spec: EnsembleSpec, modules: Sequence[nn.Module], device: torch.device, build: Mapping[str, Any]
+        self,
+        spec: EnsembleSpec,
+        modules: Sequence[nn.Module],
+        device: torch.device,
+        build: Mapping[str, Any],
+        *,
+        parallelism: int = 1,
     ) -> None:
+        """`parallelism` > 1 runs (member group, micro-batch) tasks on that many threads at once.
+
+        PyTorch releases the GIL inside its kernels, so with one intra-op thread per task the members
+        of one batch spread over the cores: a single image's members run side by side, and a large
+        batch is cut into one slice per thread.
+        """
         self.spec = spec
         self.device = device
         self.build = dict(build)
+        self._pool = ThreadPoolExecutor(parallelism, thread_name_prefix="member") if parallelism > 1 else None
+        self._parallelism = parallelism
         self._weights = torch.tensor([member.weight for member in spec.members], dtype=torch.float64)
         self._digests = {member.name: member.sha256 for member in spec.members}
         self._groups = plan_groups(
@@ -79,9 +94,14 @@ class Ensemble:
 
     @classmethod
     def from_model_dir(cls, model_dir: Path, device: torch.device) -> Ensemble:
-        """Load from an extracted archive: every file's digest is verified before anything is loaded."""
+        """Load from an extracted archive: every file's digest is verified before anything is loaded.
+
+        On the CPU the members run side by side on this worker's share of the cores; on a GPU they
+        run one after another, since each kernel already uses the whole device.
+        """
         manifest = read_archive_manifest(model_dir)
         spec = manifest.ensemble
+        parallelism = cores_per_worker(spec.batching.workers) if device.type == "cpu" else 1
         for member in spec.members:
             pinned = {member.weights, *([member.arch_file] if member.arch_file else [])}
             unpinned = sorted(pinned - set(manifest.digests))
@@ -90,10 +110,11 @@ class Ensemble:
             if manifest.digests[member.weights] != member.sha256:
                 raise IntegrityError(f"member {member.name!r}: the manifest gives two digests for {member.weights}")
         verify_digests(model_dir, manifest.digests)
-        return cls(spec, [load_member(m, model_dir) for m in spec.members], device, manifest.build)
+        modules = [load_member(m, model_dir) for m in spec.members]
+        return cls(spec, modules, device, manifest.build, parallelism=parallelism)
 
     @classmethod
-    def from_spec(cls, spec: EnsembleSpec, device: torch.device) -> Ensemble:
+    def from_spec(cls, spec: EnsembleSpec, device: torch.device, *, parallelism: int = 1) -> Ensemble:
         """Load straight from ensembles.yaml paths (evaluation, in-process reference); checks pinned digests."""
         digested = tuple(replace(m, sha256=sha256_of(spec.base_dir / m.weights)) for m in spec.members)
         for declared, actual in zip(spec.members, digested, strict=True):
@@ -102,7 +123,7 @@ class Ensemble:
                     f"member {declared.name!r}: {declared.weights}: sha256 {actual.sha256} != pinned {declared.sha256}"
                 )
         modules = [load_member(member, spec.base_dir) for member in spec.members]
-        return cls(replace(spec, members=digested), modules, device, {})
+        return cls(replace(spec, members=digested), modules, device, {}, parallelism=parallelism)
 
     def prepare(self, row: Mapping[str, Any], headers: Mapping[str, Any]) -> PreparedRequest:
         """Parse, validate and decode one request; raises a RequestError naming what is wrong."""
@@ -116,13 +137,23 @@ class Ensemble:
         """probs[member, image, label] as float64 on the CPU; each image is transformed once per input spec."""
         batches = batch_tensors(images, [group.spec for group in self._groups])
         out = torch.empty(len(self.spec.members), len(images), len(self.spec.labels), dtype=torch.float64)
-        micro = self.spec.batching.micro_batch_size
+        slice_size = min(self.spec.batching.micro_batch_size, -(-len(images) // self._parallelism))
         with torch.inference_mode():
             on_device = {spec: self._to_device(batch) for spec, batch in batches.items()}
+            tasks = [(group, chunk) for group in self._groups for chunk in on_device[group.spec].split(slice_size)]
+            results = self._pool.map(self._run, tasks) if self._pool else map(self._run, tasks)
+            by_group: dict[int, list[torch.Tensor]] = {}
+            for (group, _), probs in zip(tasks, results, strict=True):
+                by_group.setdefault(id(group), []).append(probs)
             for group in self._groups:
-                chunks = [self._activation(group.run(chunk)) for chunk in on_device[group.spec].split(micro)]
-                out[list(group.indices)] = torch.cat(chunks, dim=1).to("cpu", torch.float64)
+                out[list(group.indices)] = torch.cat(by_group[id(group)], dim=1).to("cpu", torch.float64)
         return out
+
+    def _run(self, task: tuple[Group, torch.Tensor]) -> torch.Tensor:
+        """One group on one slice; inference mode is per thread, so each task enters it itself."""
+        group, chunk = task
+        with torch.inference_mode():
+            return self._activation(group.run(chunk))
 
     def answer_batch(self, prepared: Sequence[PreparedRequest | EnsembleError]) -> list[Reply]:
         """One reply per request, in order; the good requests' images run together as one batch."""
@@ -184,6 +215,7 @@ class Ensemble:
             "limits": spec["limits"],
             "batching": spec["batching"],
             "device": str(self.device),
+            "member_threads": self._parallelism,
             "execution": [
                 {"members": [self.spec.members[i].name for i in group.indices], "fused": group.fused}
                 for group in self._groups

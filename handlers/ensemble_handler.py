@@ -17,7 +17,7 @@ import torch
 from ts.context import Context
 from ts.torch_handler.base_handler import BaseHandler
 
-from handlers.ensemble import Ensemble, PreparedRequest, Reply, pick_device, threads_per_worker
+from handlers.ensemble import Ensemble, PreparedRequest, Reply, pick_device
 from handlers.errors import EnsembleError, RequestError
 
 logger = logging.getLogger(__name__)
@@ -29,9 +29,9 @@ class EnsembleHandler(BaseHandler):
     def initialize(self, context: Context) -> None:
         properties = context.system_properties
         device = pick_device(properties.get("gpu_id"))
-        self.ensemble = Ensemble.from_model_dir(Path(properties["model_dir"]), device)
         if device.type == "cpu":
-            torch.set_num_threads(threads_per_worker(self.ensemble.spec.batching.workers))
+            torch.set_num_threads(1)  # One intra-op thread per task: the ensemble runs members side by side.
+        self.ensemble = Ensemble.from_model_dir(Path(properties["model_dir"]), device)
         self.initialized = True
         logger.info("ensemble %s %s ready on %s", self.ensemble.spec.name, self.ensemble.spec.version, device)
 

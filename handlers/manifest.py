@@ -62,10 +62,10 @@ class Limits:
 class Batching:
     """TorchServe batching and workers, plus how many images one member forward call takes."""
 
-    batch_size: int = 4
-    max_batch_delay_ms: int = 5
+    batch_size: int = 8
+    max_batch_delay_ms: int = 2
     micro_batch_size: int = 32
-    workers: int = 2
+    workers: int = 1
     response_timeout_s: int = 60
     fuse_members: bool = False
 

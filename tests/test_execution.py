@@ -61,3 +61,14 @@ def test_members_vmap_cannot_run_are_not_fused(tmp_path: Path, caplog: pytest.Lo
     ]
     assert "vmap cannot run members (0, 1)" in caplog.text
     assert ensemble.probabilities([decode_image(image_bytes(1), ensemble.spec.limits)]).shape == (2, 1, 3)
+
+
+@pytest.mark.parametrize("parallelism", [2, 3], ids=["two-threads", "three-threads"])
+def test_members_in_parallel_match_one_at_a_time(tmp_path: Path, parallelism: int) -> None:
+    """5 images, so the slices are uneven (3+2, or 2+2+1): every image must keep its own answer."""
+    spec = load_ensembles(write_ensemble(tmp_path))["trio"]
+    sequential = Ensemble.from_spec(spec, torch.device("cpu"))
+    parallel = Ensemble.from_spec(spec, torch.device("cpu"), parallelism=parallelism)
+    assert (sequential.describe()["member_threads"], parallel.describe()["member_threads"]) == (1, parallelism)
+    images = [decode_image(image_bytes(seed), spec.limits) for seed in range(5)]
+    torch.testing.assert_close(parallel.probabilities(images), sequential.probabilities(images), atol=1e-5, rtol=0)

@@ -1,0 +1,36 @@
+"""The FlexServe-style baseline: one Flask app with every member in its process, served by gunicorn.
+
+Run by bench/contenders.py as `gunicorn -w 2 'bench.flask_server:create_app()'`. It uses the same
+decode, transform and member code as our handler, so the comparison isolates the serving stack.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from flask import Flask, Response, jsonify, request
+
+from handlers.ensemble import Ensemble
+from handlers.manifest import load_ensembles
+from handlers.preprocess import decode_image
+
+
+def create_app() -> Flask:
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
+    spec = load_ensembles(Path(os.environ["BENCH_ENSEMBLES"]))[os.environ["BENCH_ENSEMBLE"]]
+    ensemble = Ensemble.from_spec(spec, torch.device("cpu"))
+    app = Flask(__name__)
+
+    @app.get("/health")
+    def health() -> str:
+        return "ok"
+
+    @app.post("/predict")
+    def predict() -> Response:
+        parts = [part.read() for _, part in request.files.items(multi=True)] or [request.get_data()]
+        probs = ensemble.probabilities([decode_image(data, spec.limits) for data in parts])
+        return jsonify(ensemble.render(probs, spec.policy))
+
+    return app

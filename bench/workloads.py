@@ -1,0 +1,91 @@
+"""The ensembles the benchmark serves, the images it sends, and the labels every answer must carry."""
+
+from __future__ import annotations
+
+import io
+import random
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torchvision
+import yaml
+
+from archive_scripts.demo_data import make_split
+from handlers.ensemble import Ensemble
+from handlers.manifest import EnsembleSpec, load_ensembles
+from handlers.policies import Votes, member_votes, resolve_policy
+from handlers.preprocess import decode_image
+
+TORCHVISION_TRIO = {"resnet18": "resnet18", "mobilenet": "mobilenet_v3_small", "squeezenet": "squeezenet1_1"}
+
+
+@dataclass(frozen=True)
+class Workload:
+    """An ensemble (weights on disk), the encoded images to send, and each member's label per image."""
+
+    name: str
+    config: Path
+    spec: EnsembleSpec
+    images: tuple[bytes, ...]
+    expected: tuple[dict[str, str], ...]
+
+    def member_specs(self) -> list[EnsembleSpec]:
+        """One single-member ensemble per member: what TorchServe fan-out serves, one .mar each."""
+        single = resolve_policy({"policy": "mean"}, default=None, task=self.spec.task, n_members=1)
+        return [
+            replace(self.spec, name=f"{self.spec.name}-{member.name}", members=(member,), policy=single)
+            for member in self.spec.members
+        ]
+
+
+def torchvision_trio(folder: Path, count: int) -> Workload:
+    """resnet18 + mobilenet_v3_small + squeezenet1_1, 10 classes, fixed random weights; 256x256 JPEGs in."""
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    members = []
+    for name, builder in TORCHVISION_TRIO.items():
+        torch.save(torchvision.models.get_model(builder, weights=None, num_classes=10).state_dict(), folder / f"{name}.pt")
+        members.append({"name": name, "arch": f"torchvision:{builder}", "kwargs": {"num_classes": 10}, "weights": f"{name}.pt"})
+    ensemble = {
+        "version": "1.0",
+        "task": "multiclass",
+        "labels": [f"class{i}" for i in range(10)],
+        "input": {"size": [224, 224]},
+        "members": members,
+    }
+    (folder / "ensembles.yaml").write_text(yaml.safe_dump({"ensembles": {"tvtrio": ensemble}}))
+    spec = load_ensembles(folder / "ensembles.yaml")["tvtrio"]
+    rng = random.Random(1)
+    images = tuple(_jpeg(sample.image.resize((256, 256)), rng) for sample in make_split(count, 31337))
+    return _with_expected("torchvision-trio", folder / "ensembles.yaml", spec, images)
+
+
+def demo(count: int) -> Workload:
+    """The trained demo ensemble of ensembles.yaml, on held-out PNGs (run `make demo` first)."""
+    config = Path("ensembles.yaml").resolve()
+    spec = load_ensembles(config)["shapes"]
+    images = []
+    for sample in make_split(count, 4242):
+        buffer = io.BytesIO()
+        sample.image.save(buffer, format="PNG")
+        images.append(buffer.getvalue())
+    return _with_expected("demo-shapes", config, spec, tuple(images))
+
+
+def _jpeg(image: object, rng: random.Random) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=rng.choice((85, 90, 95)))  # type: ignore[attr-defined]
+    return buffer.getvalue()
+
+
+def _with_expected(name: str, config: Path, spec: EnsembleSpec, images: tuple[bytes, ...]) -> Workload:
+    """Each member's label per image, computed in-process one image at a time."""
+    ensemble = Ensemble.from_spec(spec, torch.device("cpu"))
+    policy = resolve_policy({}, default=spec.policy, task=spec.task, n_members=len(spec.members))
+    expected = []
+    for data in images:
+        probs = ensemble.probabilities([decode_image(data, spec.limits)])
+        votes = member_votes(probs, Votes(spec.task, torch.ones(len(spec.members)), spec.positive_index, policy))
+        expected.append({m.name: spec.labels[int(votes[i, 0].nonzero()[0])] for i, m in enumerate(spec.members)})
+    return Workload(name=name, config=config, spec=spec, images=images, expected=tuple(expected))
