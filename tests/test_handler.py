@@ -152,3 +152,14 @@ def test_weights_missing_from_the_manifest_digests_are_refused(test_store: Path,
     with pytest.raises(IntegrityError) as caught:
         EnsembleHandler().initialize(make_context(model_dir, "trio"))
     assert str(caught.value) == "member 'pool_gray': the manifest pins no digest for ['members/pool_gray.pt']"
+
+
+def test_one_bad_image_fails_its_whole_request_only(trio: tuple[EnsembleHandler, Context], test_store: Path) -> None:
+    handler, context = trio
+    good = image_bytes(8)
+    multipart = {"Content-Type": "multipart/form-data; boundary=x"}
+    replies = serve(handler, context, [({"a": good, "b": good[:100]}, multipart), raw(good)])
+    assert [(status, body.get("type")) for status, body, _ in replies] == [(400, "InvalidImage"), (200, None)]
+    assert replies[0][1]["message"] == "PNG image is truncated or corrupt: image file is truncated"
+    assert_same_predictions(replies[1][1]["predictions"], reference(test_store, "trio", [good]))
+    assert replies[1][2]["X-Ensemble-Batch-Images"] == "1"
