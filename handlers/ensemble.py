@@ -1,8 +1,9 @@
 """A loaded ensemble: members on one device, answering a whole TorchServe batch in one pass.
 
 All images of all good requests in a batch are flattened, turned into one tensor per distinct input
-spec, run through every member in micro-batches, then split back per request, combined by each
-request's policy and rendered. A request that failed to parse gets its own error reply.
+spec, run through every member in slices (on the CPU, side by side on the member threads), then
+split back per request, combined by each request's policy and rendered. A request that failed to
+parse gets its own error reply.
 """
 
 from __future__ import annotations
