@@ -25,6 +25,7 @@ import torch
 
 from archive_scripts.build_archives import build_archive
 from archive_scripts.torchserve_ctl import Server, private_server, register, start, stop, unregister
+from bench.loadgen import p50_p99_ms
 from handlers.manifest import load_ensembles
 
 # (workers, batch size, max batch delay ms); the first is the baseline.
@@ -60,11 +61,11 @@ def measure(server: Server, name: str, image: bytes, concurrency: int, count: in
     with ThreadPoolExecutor(concurrency) as pool:
         results = list(pool.map(one, range(count)))
     wall = time.perf_counter() - begin
-    latencies = sorted(seconds for seconds, _ in results)
+    p50, p99 = p50_p99_ms([seconds for seconds, _ in results])
     return {
         "images_per_s": count / wall,
-        "p50_ms": 1000 * latencies[len(latencies) // 2],
-        "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
+        "p50_ms": p50,
+        "p99_ms": p99,
         "mean_batch_requests": sum(batch for _, batch in results) / count,
     }
 

@@ -26,7 +26,7 @@ import torch
 
 from archive_scripts.build_archives import build_archive
 from archive_scripts.torchserve_ctl import Server, private_server, register, start, stop
-from bench.loadgen import Labels, LoadPoint, Send
+from bench.loadgen import Labels, LoadPoint, Send, p50_p99_ms
 from bench.workloads import Workload
 
 TIMEOUT_S = 60
@@ -68,12 +68,13 @@ def ceiling(workload: Workload, batch: int, processes: int, threads: int, total_
         worker.join()
     begin = min(o["begin"] for o in outcomes)
     end = max(o["end"] for o in outcomes)
-    latencies = sorted(latency for o in outcomes for latency in o["latencies"])
+    latencies = [latency for o in outcomes for latency in o["latencies"]]
+    p50, p99 = p50_p99_ms(latencies)
     return LoadPoint(
         images_per_s=total_images / (end - begin),
         requests_per_s=len(latencies) / (end - begin),
-        p50_ms=1000 * latencies[len(latencies) // 2],
-        p99_ms=1000 * latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
+        p50_ms=p50,
+        p99_ms=p99,
         errors=0,
         mismatches=sum(o["mismatches"] for o in outcomes),
         requests=len(latencies),
@@ -109,16 +110,18 @@ def torchserve(workload: Workload, *, fan_out: bool) -> Iterator[Send]:
         for spec in specs:
             build_archive(spec, store)
         server = private_server(Path(folder) / "server", store, port_offset=30100)
+        pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="fan-out")
         try:
             start(server, store)
             for spec in specs:
                 register(server, spec.name, spec.batching.workers)
             names = [spec.name for spec in specs]
             if fan_out:
-                yield _fan_out_sender(server, names, workload.images)
+                yield _fan_out_sender(server, names, workload.images, pool)
             else:
                 yield _ensemble_sender(server, workload.spec.name, workload.images)
         finally:
+            pool.shutdown(wait=True)
             stop(server)
 
 
@@ -128,10 +131,9 @@ def _ensemble_sender(server: Server, name: str, images: tuple[bytes, ...]) -> Se
     return lambda indices: members_view(_post(_session(), url, [images[i] for i in indices], headers))
 
 
-def _fan_out_sender(server: Server, names: list[str], images: tuple[bytes, ...]) -> Send:
-    """Every request goes to every member's .mar at once; their answers are merged per image."""
+def _fan_out_sender(server: Server, names: list[str], images: tuple[bytes, ...], pool: ThreadPoolExecutor) -> Send:
+    """Every request goes to every member's .mar at once (on `pool`); their answers are merged per image."""
     headers = server.headers("inference")
-    pool = ThreadPoolExecutor(max_workers=64)
 
     def send(indices: list[int]) -> Labels:
         chosen = [images[i] for i in indices]

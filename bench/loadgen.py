@@ -32,6 +32,14 @@ class LoadPoint:
         return asdict(self)
 
 
+def p50_p99_ms(latencies_s: Sequence[float]) -> tuple[float, float]:
+    """Median and 99th-percentile latency in milliseconds (NaN when nothing completed)."""
+    ordered = sorted(latencies_s)
+    if not ordered:
+        return float("nan"), float("nan")
+    return 1000 * ordered[len(ordered) // 2], 1000 * ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+
+
 def requests_for(count: int, images_per_request: int, total_images: int) -> list[list[int]]:
     """`count` requests of consecutive image indices, wrapping around the workload's images."""
     return [
@@ -69,13 +77,13 @@ def run_load(
     with ThreadPoolExecutor(clients) as pool:
         list(pool.map(one, requests))
     wall = time.perf_counter() - begin
-    latencies.sort()
     done = len(latencies)
+    p50, p99 = p50_p99_ms(latencies)
     return LoadPoint(
         images_per_s=images / wall,
         requests_per_s=done / wall,
-        p50_ms=1000 * latencies[done // 2] if done else float("nan"),
-        p99_ms=1000 * latencies[min(done - 1, int(done * 0.99))] if done else float("nan"),
+        p50_ms=p50,
+        p99_ms=p99,
         errors=errors,
         mismatches=mismatches,
         requests=done + errors,

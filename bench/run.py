@@ -16,7 +16,7 @@ import platform
 import tempfile
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timezone, UTC
 from importlib.metadata import version
 from pathlib import Path
 
@@ -118,7 +118,7 @@ def main() -> None:
     RESULTS.write_text(
         json.dumps(
             {
-                "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "when": datetime.now(UTC).isoformat(timespec="seconds"),
                 "quick": args.quick,
                 "seconds": round(time.perf_counter() - began, 1),
                 "machine": {"cores": torch.get_num_threads(), "processor": platform.processor() or platform.machine()},

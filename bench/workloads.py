@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 import torchvision
 import yaml
+from PIL import Image
 
 from archive_scripts.demo_data import make_split
 from handlers.ensemble import Ensemble
@@ -73,9 +74,9 @@ def demo(count: int) -> Workload:
     return _with_expected("demo-shapes", config, spec, tuple(images))
 
 
-def _jpeg(image: object, rng: random.Random) -> bytes:
+def _jpeg(image: Image.Image, rng: random.Random) -> bytes:
     buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=rng.choice((85, 90, 95)))  # type: ignore[attr-defined]
+    image.save(buffer, format="JPEG", quality=rng.choice((85, 90, 95)))
     return buffer.getvalue()
 
 

@@ -143,11 +143,11 @@ class Ensemble:
             on_device = {spec: self._to_device(batch) for spec, batch in batches.items()}
             tasks = [(group, chunk) for group in self._groups for chunk in on_device[group.spec].split(slice_size)]
             results = self._pool.map(self._run, tasks) if self._pool else map(self._run, tasks)
-            by_group: dict[int, list[torch.Tensor]] = {}
+            by_group: dict[Group, list[torch.Tensor]] = {}
             for (group, _), probs in zip(tasks, results, strict=True):
-                by_group.setdefault(id(group), []).append(probs)
-            for group in self._groups:
-                out[list(group.indices)] = torch.cat(by_group[id(group)], dim=1).to("cpu", torch.float64)
+                by_group.setdefault(group, []).append(probs)
+            for group, slices in by_group.items():
+                out[list(group.indices)] = torch.cat(slices, dim=1).to("cpu", torch.float64)
         return out
 
     def _run(self, task: tuple[Group, torch.Tensor]) -> torch.Tensor:
