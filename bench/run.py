@@ -16,7 +16,7 @@ import platform
 import tempfile
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone, UTC
+from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
 

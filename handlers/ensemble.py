@@ -1,7 +1,7 @@
 """A loaded ensemble: members on one device, answering a whole TorchServe batch in one pass.
 
-All images of all good requests in a batch are flattened, turned into one tensor per distinct input
-spec, run through every member in slices (on the CPU, side by side on the member threads), then
+All images (or tensor instances) of all good requests in a batch are flattened, turned into one
+tensor per distinct input spec, run through every member in slices (on the CPU, side by side on the member threads), then
 split back per request, combined by each request's policy and rendered. A request that failed to
 parse gets its own error reply.
 """
@@ -21,26 +21,29 @@ from torch import nn
 
 from handlers.errors import EnsembleError, IntegrityError, MemberLoadError
 from handlers.execution import Group, plan_groups
-from handlers.manifest import EnsembleSpec, read_archive_manifest
+from handlers.manifest import EnsembleSpec, TensorSpec, read_archive_manifest
 from handlers.members import load_member, sha256_of, verify_digests
 from handlers.policies import PolicySpec, Votes, combine, member_votes, policy_names, resolve_policy
 from handlers.preprocess import batch_tensors, decode_image
-from handlers.request_inputs import parse_request
+from handlers.request_inputs import parse_request, parse_tensor_request
 
 SCORE_DIGITS = 6
 
 
+Inputs = Sequence[Image.Image] | torch.Tensor
+
+
 @dataclass(frozen=True)
 class PreparedRequest:
-    """A request whose images decoded and whose policy resolved: ready to run."""
+    """A request whose images decoded (or tensor instances parsed) and whose policy resolved: ready to run."""
 
-    images: tuple[Image.Image, ...]
+    inputs: tuple[Image.Image, ...] | torch.Tensor
     policy: PolicySpec
 
 
 @dataclass(frozen=True)
 class Reply:
-    """What one request gets back: an HTTP status, a JSON body, and how many images it carried."""
+    """What one request gets back: an HTTP status, a JSON body, and how many images or instances it carried."""
 
     status: int
     body: dict[str, Any]
@@ -128,17 +131,26 @@ class Ensemble:
 
     def prepare(self, row: Mapping[str, Any], headers: Mapping[str, Any]) -> PreparedRequest:
         """Parse, validate and decode one request; raises a RequestError naming what is wrong."""
-        request = parse_request(row, headers, self.spec.limits)
-        policy = resolve_policy(
-            request.policy_params, default=self.spec.policy, task=self.spec.task, n_members=len(self.spec.members)
-        )
-        return PreparedRequest(tuple(decode_image(data, self.spec.limits) for data in request.images), policy)
+        limits = self.spec.limits
+        if isinstance(self.spec.input, TensorSpec):
+            tensors = parse_tensor_request(row, headers, limits, self.spec.input)
+            return PreparedRequest(tensors.instances, self._policy(tensors.policy_params))
+        request = parse_request(row, headers, limits)
+        images = tuple(decode_image(data, limits) for data in request.images)
+        return PreparedRequest(images, self._policy(request.policy_params))
 
-    def probabilities(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """probs[member, image, label] as float64 on the CPU; each image is transformed once per input spec."""
-        batches = batch_tensors(images, [group.spec for group in self._groups])
-        out = torch.empty(len(self.spec.members), len(images), len(self.spec.labels), dtype=torch.float64)
-        slice_size = min(self.spec.batching.micro_batch_size, -(-len(images) // self._parallelism))
+    def probabilities(self, inputs: Inputs) -> torch.Tensor:
+        """probs[member, input, label] as float64 on the CPU; each image is transformed once per input spec.
+
+        `inputs` are decoded images, or for a tensor-input ensemble one tensor [N, *shape].
+        """
+        if isinstance(inputs, torch.Tensor):
+            batches = {self.spec.input: inputs}
+        else:
+            batches = batch_tensors(inputs, [group.spec for group in self._groups])
+        count = len(inputs)
+        out = torch.empty(len(self.spec.members), count, len(self.spec.labels), dtype=torch.float64)
+        slice_size = min(self.spec.batching.micro_batch_size, -(-count // self._parallelism))
         with torch.inference_mode():
             on_device = {spec: self._to_device(batch) for spec, batch in batches.items()}
             tasks = [(group, chunk) for group in self._groups for chunk in on_device[group.spec].split(slice_size)]
@@ -157,18 +169,18 @@ class Ensemble:
             return self._activation(group.run(chunk))
 
     def answer_batch(self, prepared: Sequence[PreparedRequest | EnsembleError]) -> list[Reply]:
-        """One reply per request, in order; the good requests' images run together as one batch."""
-        images = [image for p in prepared if isinstance(p, PreparedRequest) for image in p.images]
-        probs = self.probabilities(images) if images else None
+        """One reply per request, in order; the good requests' inputs run together as one batch."""
+        good = [p.inputs for p in prepared if isinstance(p, PreparedRequest)]
+        probs = self.probabilities(self._flatten(good)) if good else None
         replies, offset = [], 0
         for item in prepared:
             if isinstance(item, EnsembleError):
                 replies.append(Reply(item.status, item.to_json()))
                 continue
-            assert probs is not None, "a prepared request always carries images"
-            own = probs[:, offset : offset + len(item.images)]
-            offset += len(item.images)
-            replies.append(Reply(200, self.render(own, item.policy), len(item.images)))
+            assert probs is not None, "a prepared request always carries inputs"
+            count = len(item.inputs)
+            replies.append(Reply(200, self.render(probs[:, offset : offset + count], item.policy), count))
+            offset += count
         return replies
 
     def render(self, probs: torch.Tensor, policy: PolicySpec) -> dict[str, Any]:
@@ -224,6 +236,14 @@ class Ensemble:
             "build": self.build,
         }
 
+    def _policy(self, params: Mapping[str, str]) -> PolicySpec:
+        return resolve_policy(params, default=self.spec.policy, task=self.spec.task, n_members=len(self.spec.members))
+
+    def _flatten(self, inputs: Sequence[tuple[Image.Image, ...] | torch.Tensor]) -> Inputs:
+        if isinstance(self.spec.input, TensorSpec):
+            return torch.cat([instances for instances in inputs if isinstance(instances, torch.Tensor)])
+        return [image for images in inputs for image in images]
+
     def _view(self, chosen: torch.Tensor, scores: torch.Tensor) -> dict[str, Any]:
         picked = [i for i, on in enumerate(chosen.tolist()) if on]
         values = [round(v, SCORE_DIGITS) for v in scores.tolist()]
@@ -246,7 +266,7 @@ class Ensemble:
     def _check_outputs(self) -> None:
         """Run one blank image through every member: each must return one score per label."""
         for group in self._groups:
-            blank = torch.zeros(1, group.spec.channels, *group.spec.size, device=self.device)
+            blank = torch.zeros(1, *group.spec.instance_shape, device=self.device)
             with torch.inference_mode():
                 shape = tuple(group.run(blank).shape[1:])
             if shape != (1, len(self.spec.labels)):

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state
 
-from handlers.manifest import InputSpec, MemberSpec
+from handlers.manifest import MemberInput, MemberSpec
 
 FUSE_TOLERANCE = 1e-5
 logger = logging.getLogger(__name__)
@@ -25,9 +25,9 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Group:
-    """Members (by position) that share one input spec and run in one call: [n, C, H, W] -> [g, n, labels]."""
+    """Members (by position) that share one input spec and run in one call: [n, *input] -> [g, n, labels]."""
 
-    spec: InputSpec
+    spec: MemberInput
     indices: tuple[int, ...]
     run: Callable[[torch.Tensor], torch.Tensor]
     fused: bool
@@ -36,7 +36,7 @@ class Group:
 def plan_groups(
     members: Sequence[MemberSpec],
     modules: Sequence[nn.Module],
-    specs: Sequence[InputSpec],
+    specs: Sequence[MemberInput],
     *,
     fuse: bool,
     device: torch.device,
@@ -44,7 +44,7 @@ def plan_groups(
     """One group per member, or with `fuse`, one per (architecture, kwargs, input spec) that passes the probe."""
     if not fuse:
         return [_single(i, module, spec) for i, (module, spec) in enumerate(zip(modules, specs, strict=True))]
-    by_kind: dict[tuple[str, str, InputSpec], list[int]] = {}
+    by_kind: dict[tuple[str, str, MemberInput], list[int]] = {}
     for i, (member, spec) in enumerate(zip(members, specs, strict=True)):
         by_kind.setdefault((member.arch, json.dumps(member.kwargs, sort_keys=True), spec), []).append(i)
     groups = []
@@ -61,11 +61,11 @@ def plan_groups(
     return sorted(groups, key=lambda group: group.indices[0])
 
 
-def _single(index: int, module: nn.Module, spec: InputSpec) -> Group:
+def _single(index: int, module: nn.Module, spec: MemberInput) -> Group:
     return Group(spec=spec, indices=(index,), run=lambda batch: module(batch).unsqueeze(0), fused=False)
 
 
-def _fused(indices: list[int], modules: list[nn.Module], spec: InputSpec) -> Group:
+def _fused(indices: list[int], modules: list[nn.Module], spec: MemberInput) -> Group:
     params, buffers = stack_module_state(modules)
     template = copy.deepcopy(modules[0]).to("meta")
 
@@ -76,8 +76,8 @@ def _fused(indices: list[int], modules: list[nn.Module], spec: InputSpec) -> Gro
     return Group(spec=spec, indices=tuple(indices), run=lambda batch: batched(params, buffers, batch), fused=True)
 
 
-def _matches_sequential(group: Group, modules: list[nn.Module], spec: InputSpec, device: torch.device) -> bool:
-    probe = torch.randn(2, spec.channels, *spec.size, generator=torch.Generator().manual_seed(0)).to(device)
+def _matches_sequential(group: Group, modules: list[nn.Module], spec: MemberInput, device: torch.device) -> bool:
+    probe = torch.randn(2, *spec.instance_shape, generator=torch.Generator().manual_seed(0)).to(device)
     with torch.inference_mode():
         sequential = torch.stack([module(probe) for module in modules])
         try:

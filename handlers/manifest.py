@@ -25,11 +25,14 @@ from handlers.policies import TASKS, PolicySpec, resolve_policy
 
 MANIFEST_NAME = "ensemble.json"
 MANIFEST_FORMAT = 1
+INPUT_TYPES = ("image", "tensor")
 RESIZE_MODES = ("stretch", "center_crop")
 CHANNELS = {"RGB": 3, "L": 1}
 DEFAULT_NORM = {"RGB": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), "L": ((0.5,), (0.5,))}
 DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
 KNOWN_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+MAX_TENSOR_DIMS = 4
+MAX_TENSOR_ELEMENTS = 16_000_000
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -43,10 +46,31 @@ class InputSpec:
     color_mode: str = "RGB"
     mean: tuple[float, ...] = DEFAULT_NORM["RGB"][0]
     std: tuple[float, ...] = DEFAULT_NORM["RGB"][1]
+    type: str = "image"
 
     @property
     def channels(self) -> int:
         return CHANNELS[self.color_mode]
+
+    @property
+    def instance_shape(self) -> tuple[int, ...]:
+        """The shape of one member input: [C, H, W]."""
+        return (self.channels, *self.size)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Members that take numbers, not images: each instance arrives as a float32 tensor of `shape`."""
+
+    shape: tuple[int, ...]
+    type: str = "tensor"
+
+    @property
+    def instance_shape(self) -> tuple[int, ...]:
+        return self.shape
+
+
+MemberInput = InputSpec | TensorSpec
 
 
 @dataclass(frozen=True)
@@ -80,7 +104,7 @@ class MemberSpec:
     kwargs: Mapping[str, Any] = field(default_factory=dict)
     sha256: str | None = None
     weight: float = 1.0
-    input: InputSpec | None = None
+    input: MemberInput | None = None
 
     @property
     def arch_file(self) -> str | None:
@@ -97,7 +121,7 @@ class EnsembleSpec:
     task: str
     labels: tuple[str, ...]
     policy: PolicySpec
-    input: InputSpec
+    input: MemberInput
     members: tuple[MemberSpec, ...]
     base_dir: Path
     positive_label: str | None = None
@@ -108,8 +132,13 @@ class EnsembleSpec:
     def positive_index(self) -> int | None:
         return None if self.positive_label is None else self.labels.index(self.positive_label)
 
-    def member_input(self, member: MemberSpec) -> InputSpec:
+    def member_input(self, member: MemberSpec) -> MemberInput:
         return member.input or self.input
+
+    @property
+    def takes_tensors(self) -> bool:
+        """Whether requests carry tensors (npy or JSON numbers) instead of images."""
+        return isinstance(self.input, TensorSpec)
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved ensemble as plain data, in the same schema the parser reads."""
@@ -239,9 +268,16 @@ def _parse_policy(node: _Node | None, task: str, n_members: int) -> PolicySpec:
         node.fail(str(e))
 
 
-def _parse_input(node: _Node, base: InputSpec | None) -> InputSpec:
+def _parse_input(node: _Node, base: MemberInput | None) -> MemberInput:
     """An input spec; with `base`, a member override where every key is optional."""
-    node.keys(required=set() if base else {"size"}, optional={"size", "resize", "color_mode", "mean", "std"})
+    kind = node["type"].choice(INPUT_TYPES) if "type" in node else "image"
+    if isinstance(base, TensorSpec):
+        node.fail("members of a tensor-input ensemble share its input; remove this member's input")
+    if kind == "tensor":
+        if base is not None:
+            node.fail("only a whole ensemble takes tensor input; members of an image ensemble take images")
+        return _parse_tensor_input(node)
+    node.keys(required=set() if base else {"size"}, optional={"type", "size", "resize", "color_mode", "mean", "std"})
     spec = base or InputSpec(size=(1, 1))
     if "size" in node:
         size = node["size"].int_list(length=2, low=8, high=4096)
@@ -263,7 +299,19 @@ def _parse_input(node: _Node, base: InputSpec | None) -> InputSpec:
     return spec
 
 
-def _parse_member(node: _Node, ensemble_input: InputSpec, base_dir: Path, check_files: bool) -> MemberSpec:
+def _parse_tensor_input(node: _Node) -> TensorSpec:
+    """`{type: tensor, shape: [784]}`: one instance's shape, at most 4 dimensions and 16M elements."""
+    node.keys(required={"type", "shape"})
+    shape_node = node["shape"]
+    if not isinstance(shape_node.value, list) or not 1 <= len(shape_node.value) <= MAX_TENSOR_DIMS:
+        shape_node.fail(f"expected a list of 1 to {MAX_TENSOR_DIMS} integers, got {shape_node.value!r}")
+    shape = tuple(shape_node[i].integer(1, MAX_TENSOR_ELEMENTS) for i in range(len(shape_node.value)))
+    if math.prod(shape) > MAX_TENSOR_ELEMENTS:
+        shape_node.fail(f"{math.prod(shape)} elements per instance; at most {MAX_TENSOR_ELEMENTS}")
+    return TensorSpec(shape=shape)
+
+
+def _parse_member(node: _Node, ensemble_input: MemberInput, base_dir: Path, check_files: bool) -> MemberSpec:
     node.keys(required={"name", "arch", "weights"}, optional={"kwargs", "sha256", "weight", "input"})
     name = node["name"].string(pattern=_NAME, what=f"a name matching {_NAME.pattern}")
     arch = _parse_arch(node["arch"], base_dir)

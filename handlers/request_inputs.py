@@ -1,4 +1,4 @@
-"""Turn one TorchServe request (its parameter dict and headers) into image bytes and policy parameters.
+"""Turn one TorchServe request (its parameter dict and headers) into images or tensors, and policy parameters.
 
 TorchServe hands the handler a dict per request: `body` for a plain body, one key per multipart
 part, and, on `/models/<name>/invoke` only, one key per query parameter (`/predictions/<name>` drops
@@ -17,8 +17,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from handlers.errors import InvalidImage, PayloadTooLarge, RequestError, UnsupportedMediaType
-from handlers.manifest import Limits
+from handlers.manifest import Limits, TensorSpec
+from handlers.tensor_inputs import read_json_instances, read_npy
 
 POLICY_KEYS = ("policy", "k", "threshold")
 POLICY_HEADERS = {f"x-ensemble-{key}": key for key in POLICY_KEYS}
@@ -26,6 +29,7 @@ POLICY_HEADERS = {f"x-ensemble-{key}": key for key in POLICY_KEYS}
 # for exactly (file name, extra headers). A part dropped for a repeated name shows up as more body
 # bytes than the received parts explain; parts smaller than this slack cannot be told from headers.
 PART_HEADER_SLACK = 1024
+TENSOR_CONTENT_TYPES = ("application/x-npy", "application/json")
 _DATA_URI = re.compile(r"data:image/[A-Za-z0-9.+-]+;base64,")
 
 
@@ -61,6 +65,37 @@ def parse_request(row: Mapping[str, Any], headers: Mapping[str, Any], limits: Li
             f"{len(images)} images in one request; this ensemble accepts at most {limits.max_images_per_request}"
         )
     return RequestInput(images=images, policy_params=params)
+
+
+@dataclass(frozen=True)
+class TensorRequestInput:
+    """The instances of one request to a tensor-input ensemble, [N, *shape], and its policy parameters."""
+
+    instances: torch.Tensor
+    policy_params: Mapping[str, str]
+
+
+def parse_tensor_request(
+    row: Mapping[str, Any], headers: Mapping[str, Any], limits: Limits, spec: TensorSpec
+) -> TensorRequestInput:
+    """Read one request to a tensor-input ensemble: an `application/x-npy` or JSON body."""
+    lowered = {key.lower(): value for key, value in headers.items() if isinstance(value, str)}
+    content_type = lowered.get("content-type", "").split(";", 1)[0].strip().lower()
+    params = _policy_params(row, lowered)
+    unexpected = sorted(set(row) - {"body", *POLICY_KEYS})
+    if unexpected:
+        raise RequestError(f"unknown query parameter(s) {unexpected}; valid: {', '.join(POLICY_KEYS)}")
+    body = row.get("body", b"")
+    if content_type not in TENSOR_CONTENT_TYPES:
+        raise UnsupportedMediaType(
+            f"content type {content_type or 'none'!r}: this ensemble takes tensors as application/x-npy "
+            'or application/json {"instances": [[...], ...]}'
+        )
+    if not body:
+        raise RequestError("empty request body: send an application/x-npy array or JSON instances")
+    if content_type == "application/json":
+        return TensorRequestInput(read_json_instances(body, spec, limits), params)
+    return TensorRequestInput(read_npy(_as_bytes(body, "body"), spec, limits), params)
 
 
 def _policy_params(row: Mapping[str, Any], headers: Mapping[str, str]) -> dict[str, str]:

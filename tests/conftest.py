@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy
 import pytest
 import torch
 import torchvision
@@ -20,9 +21,10 @@ from archive_scripts.build_archives import build_archive
 from handlers.ensemble import Ensemble
 from handlers.manifest import EnsembleSpec, load_ensembles
 from handlers.preprocess import decode_image
-from tests.fixture_models import PoolNet
+from tests.fixture_models import PoolNet, TinyMLP
 
 HERE = Path(__file__).parent
+NPY = {"Content-Type": "application/x-npy"}
 LABELS = {"multiclass": ["cat", "dog", "fox"], "binary": ["absent", "present"], "multilabel": ["red", "round"]}
 
 
@@ -69,6 +71,41 @@ def write_ensemble(folder: Path, name: str = "trio", *, task: str = "multiclass"
     return path
 
 
+def write_tensor_ensemble(folder: Path, name: str = "vectors") -> Path:
+    """Two TinyMLP members over [3, 4] float instances, three labels; return the ensembles.yaml path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(HERE / "fixture_models.py", folder / "fixture_models.py")
+    torch.manual_seed(11)
+    members = []
+    for member, hidden in (("narrow", 8), ("wide", 32)):
+        torch.save(TinyMLP(in_features=12, num_classes=3, hidden=hidden).state_dict(), folder / f"{member}.pt")
+        kwargs = {"in_features": 12, "num_classes": 3, "hidden": hidden}
+        members.append({"name": member, "arch": "fixture_models.py:TinyMLP", "kwargs": kwargs, "weights": f"{member}.pt"})
+    ensemble = {
+        "version": "1.0",
+        "task": "multiclass",
+        "labels": LABELS["multiclass"],
+        "input": {"type": "tensor", "shape": [3, 4]},
+        "limits": {"max_images_per_request": 16},
+        "members": members,
+    }
+    path = folder / "ensembles.yaml"
+    path.write_text(yaml.safe_dump({"ensembles": {name: ensemble}}, sort_keys=False))
+    return path
+
+
+def npy_bytes(values: Any) -> bytes:
+    """An array (anything numpy.asarray takes) saved as a .npy file."""
+    buffer = io.BytesIO()
+    numpy.save(buffer, numpy.asarray(values), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def instances(seed: int, count: int) -> numpy.ndarray:
+    """`count` reproducible float32 instances of shape [3, 4]."""
+    return numpy.random.default_rng(seed).standard_normal((count, 3, 4)).astype(numpy.float32)
+
+
 def image_bytes(seed: int, *, size: tuple[int, int] = (40, 30), fmt: str = "PNG", mode: str = "RGB") -> bytes:
     """A reproducible random image, encoded."""
     rng = random.Random(seed)
@@ -93,7 +130,7 @@ TEST_ENSEMBLES = {
 
 @pytest.fixture(scope="session")
 def test_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A model store holding trio.mar (multiclass), pair.mar (binary) and tags.mar (multilabel).
+    """A model store holding trio.mar (multiclass), pair.mar (binary), tags.mar (multilabel) and vectors.mar (tensors).
 
     Built once per session with the real build script and torch-model-archiver.
     """
@@ -101,6 +138,7 @@ def test_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name, overrides in TEST_ENSEMBLES.items():
         spec = load_ensembles(write_ensemble(root / "src" / name, name, **overrides))[name]
         build_archive(spec, root / "model_store")
+    build_archive(load_ensembles(write_tensor_ensemble(root / "src" / "vectors"))["vectors"], root / "model_store")
     return root / "model_store"
 
 
@@ -121,6 +159,13 @@ def reference(store: Path, name: str, images: list[bytes], **policy: str) -> lis
     chosen = ensemble.prepare({"body": images[0], **{k: v.encode() for k, v in policy.items()}}, {}).policy
     probs = ensemble.probabilities([decode_image(data, ensemble.spec.limits) for data in images])
     return ensemble.render(probs, chosen)["predictions"]
+
+
+def tensor_reference(store: Path, name: str, values: numpy.ndarray, **policy: str) -> list[dict[str, Any]]:
+    """In-process predictions of a tensor-input test ensemble on `values` [N, *shape]."""
+    ensemble = reference_ensemble(store, name)
+    chosen = ensemble.prepare({"body": npy_bytes(values), **{k: v.encode() for k, v in policy.items()}}, NPY).policy
+    return ensemble.render(ensemble.probabilities(torch.from_numpy(values)), chosen)["predictions"]
 
 
 def _labels_and_scores(view: dict[str, Any]) -> tuple[Any, list[float | None]]:

@@ -24,3 +24,14 @@ class BranchyNet(PoolNet):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = super().forward(x)
         return out if bool(out.sum() > -1e9) else -out
+
+
+class TinyMLP(nn.Module):
+    """Flatten, one hidden layer: a member of a tensor-input ensemble."""
+
+    def __init__(self, *, in_features: int, num_classes: int, hidden: int = 16) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)

@@ -16,7 +16,7 @@ from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 from handlers.ensemble_handler import EnsembleHandler
 from handlers.errors import IntegrityError
 from handlers.members import sha256_of
-from tests.conftest import assert_same_predictions, image_bytes, reference, source_spec
+from tests.conftest import NPY, assert_same_predictions, image_bytes, instances, npy_bytes, reference, source_spec, tensor_reference
 
 PNG = "image/png"
 
@@ -163,3 +163,30 @@ def test_one_bad_image_fails_its_whole_request_only(trio: tuple[EnsembleHandler,
     assert replies[0][1]["message"] == "PNG image is truncated or corrupt: image file is truncated"
     assert_same_predictions(replies[1][1]["predictions"], reference(test_store, "trio", [good]))
     assert replies[1][2]["X-Ensemble-Batch-Images"] == "1"
+
+
+def test_tensor_ensemble_answers_npy_and_json_in_one_batch(test_store: Path, tmp_path: Path) -> None:
+    model_dir = extract(test_store, "vectors", tmp_path)
+    context = make_context(model_dir, "vectors")
+    handler = EnsembleHandler()
+    handler.initialize(context)
+    three, two = instances(21, 3), instances(22, 2)
+    replies = serve(
+        handler,
+        context,
+        [
+            ({"body": npy_bytes(three)}, NPY),
+            ({"body": image_bytes(1)}, {"Content-Type": PNG}),
+            ({"body": json.dumps({"instances": two.tolist()}).encode()}, {"Content-Type": "application/json", "X-Ensemble-Policy": "max"}),
+            ({"body": npy_bytes(three[:, :2])}, NPY),
+        ],
+    )
+    assert [(status, body.get("type")) for status, body, _ in replies] == [
+        (200, None), (415, "UnsupportedMediaType"), (200, None), (400, "RequestError")
+    ]
+    assert replies[3][1]["message"] == "array of shape [3, 2, 4]; expected [N, 3, 4]"
+    assert replies[0][2]["X-Ensemble-Batch-Images"] == "5"
+    assert replies[2][1]["policy"] == {"name": "max", "params": {}}
+    assert_same_predictions(replies[0][1]["predictions"], tensor_reference(test_store, "vectors", three))
+    assert_same_predictions(replies[2][1]["predictions"], tensor_reference(test_store, "vectors", two, policy="max"))
+    assert handler.ensemble.describe()["input"] == {"shape": [3, 4], "type": "tensor"}

@@ -8,16 +8,18 @@ is bounded (a fixed number of requests, each with a timeout).
 from __future__ import annotations
 
 import base64
+import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy
 import pytest
 import requests
 
 from archive_scripts.torchserve_ctl import Server, private_server, register, start, stop, unregister
-from tests.conftest import assert_same_predictions, image_bytes, reference
+from tests.conftest import assert_same_predictions, image_bytes, instances, npy_bytes, reference, tensor_reference
 
 pytestmark = pytest.mark.integration
 TIMEOUT = 60
@@ -28,7 +30,7 @@ def server(test_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     instance = private_server(tmp_path_factory.mktemp("torchserve"), test_store, port_offset=10100)
     try:
         start(instance, test_store)
-        for name in ("trio", "pair", "tags"):
+        for name in ("trio", "pair", "tags", "vectors"):
             register(instance, name, workers=1)
         yield instance
     finally:
@@ -106,6 +108,26 @@ def test_json_instances(server: Server, test_store: Path) -> None:
     response = predict(server, "tags", json=body)
     assert response.status_code == 200
     assert_same_predictions(response.json()["predictions"], reference(test_store, "tags", images))
+
+
+@pytest.mark.parametrize(
+    ("content_type", "encode"),
+    [
+        pytest.param("application/x-npy", npy_bytes, id="npy"),
+        pytest.param("application/json", lambda values: json.dumps({"instances": values.tolist()}).encode(), id="json"),
+    ],
+)
+def test_tensor_instances(server: Server, test_store: Path, content_type: str, encode: Callable[[numpy.ndarray], bytes]) -> None:
+    values = instances(81, 4)
+    response = predict(server, "vectors", data=encode(values), headers={"Content-Type": content_type})
+    assert response.status_code == 200, response.text
+    assert_same_predictions(response.json()["predictions"], tensor_reference(test_store, "vectors", values))
+
+
+def test_image_sent_to_a_tensor_ensemble_is_415(server: Server) -> None:
+    response = predict(server, "vectors", **png(image_bytes(82)))
+    assert response.status_code == 415
+    assert response.json()["type"] == "UnsupportedMediaType"
 
 
 @pytest.mark.parametrize(

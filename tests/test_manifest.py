@@ -10,8 +10,9 @@ import pytest
 import yaml
 
 from handlers.errors import ConfigError
-from handlers.manifest import InputSpec, load_ensembles
+from handlers.manifest import InputSpec, TensorSpec, load_ensembles
 from handlers.policies import PolicySpec
+from tests.conftest import write_tensor_ensemble
 
 
 def edit(path: Path, change: Callable[[dict[str, Any]], None]) -> Path:
@@ -66,6 +67,8 @@ PREFIX = "ensembles.yaml: ensembles.trio"
         pytest.param(lambda e: e["input"].update(resize="squash"), f"{PREFIX}.input.resize: expected one of stretch, center_crop, got 'squash'", id="resize-mode"),
         pytest.param(lambda e: e["input"].update(mean=[0.5]), f"{PREFIX}.input.mean: expected a list of 3 numbers, got [0.5]", id="mean-channels"),
         pytest.param(lambda e: e["input"].update(std=[0.2, 0.2, 0]), f"{PREFIX}.input.std[2]: expected a number in [1e-06, 10.0], got 0", id="std-zero"),
+        pytest.param(lambda e: e["input"].update(type="audio"), f"{PREFIX}.input.type: expected one of image, tensor, got 'audio'", id="input-type"),
+        pytest.param(lambda e: e["members"][1].update(input={"type": "tensor", "shape": [8]}), f"{PREFIX}.members[1].input: only a whole ensemble takes tensor input; members of an image ensemble take images", id="member-tensor"),
         pytest.param(lambda e: e.update(policy={"name": "vote"}), f"{PREFIX}.policy: unknown policy 'vote'; valid policies: all, any, k_of_n, majority, max, mean", id="bad-policy"),
         pytest.param(lambda e: e.update(policy={"name": "k_of_n", "k": 5}), f"{PREFIX}.policy: k must be an integer from 1 to 3, got 5", id="k-out-of-range"),
         pytest.param(lambda e: e.update(batching={"batch_size": 0}), f"{PREFIX}.batching.batch_size: expected an integer from 1 to 1024, got 0", id="batch-size"),
@@ -84,6 +87,43 @@ def test_invalid_ensemble_is_rejected_with_key_path(
         assert str(caught.value) == message
     else:
         assert str(caught.value) == f"{PREFIX}.members[0].weights: file not found: {path.parent / message}"
+
+
+VECTORS = "ensembles.yaml: ensembles.vectors"
+
+
+def edit_vectors(path: Path, change: Callable[[dict[str, Any]], None]) -> Path:
+    doc = yaml.safe_load(path.read_text())
+    change(doc["ensembles"]["vectors"])
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def test_tensor_input_ensemble_parses_and_round_trips(tmp_path: Path) -> None:
+    spec = load_ensembles(write_tensor_ensemble(tmp_path / "src"))["vectors"]
+    assert spec.input == TensorSpec(shape=(3, 4))
+    assert [spec.member_input(m) for m in spec.members] == [TensorSpec(shape=(3, 4))] * 2
+    again = tmp_path / "src" / "again.yaml"
+    again.write_text(yaml.safe_dump({"ensembles": {"vectors": spec.to_dict()}}))
+    assert load_ensembles(again)["vectors"] == spec
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        pytest.param(lambda e: e["input"].update(size=[8, 8]), f"{VECTORS}.input.size: unknown key; valid keys here: shape, type", id="image-key"),
+        pytest.param(lambda e: e["input"].pop("shape"), f"{VECTORS}.input: missing key 'shape'", id="no-shape"),
+        pytest.param(lambda e: e["input"].update(shape=[]), f"{VECTORS}.input.shape: expected a list of 1 to 4 integers, got []", id="empty-shape"),
+        pytest.param(lambda e: e["input"].update(shape=[3, 0]), f"{VECTORS}.input.shape[1]: expected an integer from 1 to 16000000, got 0", id="zero-dim"),
+        pytest.param(lambda e: e["input"].update(shape=[4000, 4001]), f"{VECTORS}.input.shape: 16004000 elements per instance; at most 16000000", id="too-big"),
+        pytest.param(lambda e: e["members"][0].update(input={"type": "tensor", "shape": [12]}), f"{VECTORS}.members[0].input: members of a tensor-input ensemble share its input; remove this member's input", id="member-override"),
+    ],
+)
+def test_invalid_tensor_input_is_rejected(tmp_path: Path, change: Callable[[dict[str, Any]], None], message: str) -> None:
+    path = edit_vectors(write_tensor_ensemble(tmp_path / "src"), change)
+    with pytest.raises(ConfigError) as caught:
+        load_ensembles(path)
+    assert str(caught.value) == message
 
 
 def test_ensemble_name_must_be_a_model_name(ensemble_yaml: Callable[..., Path]) -> None:
