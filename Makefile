@@ -7,7 +7,7 @@ INSTALLED := $(VENV)/.installed-$(shell sha256sum requirements.txt | cut -c1-12)
 TRAINED := artifacts/weights/.trained
 NAME ?= shapes
 
-.PHONY: setup demo build serve stop test register unregister rebuild evaluate bench bench-quick bench-batching bench-fused clean
+.PHONY: setup demo build serve stop test register unregister rebuild evaluate bench bench-quick bench-mlp bench-batching bench-fused clean
 
 $(INSTALLED): requirements.txt
 	@command -v java >/dev/null 2>&1 || { echo "installing a Java runtime for TorchServe"; \
@@ -68,6 +68,9 @@ bench: build $(BENCH_INSTALLED)
 
 bench-quick: build $(BENCH_INSTALLED)
 	$(PY) -m bench.run --quick
+
+bench-mlp: $(BENCH_INSTALLED)
+	$(PY) -m bench.mlp_table
 
 bench-batching: demo
 	$(PY) -m bench.batching_defaults

@@ -28,6 +28,7 @@ from archive_scripts.build_archives import build_archive
 from archive_scripts.torchserve_ctl import Server, private_server, register, start, stop
 from bench.loadgen import Labels, LoadPoint, Send, p50_p99_ms
 from bench.workloads import Workload
+from handlers.manifest import EnsembleSpec
 
 TIMEOUT_S = 60
 FLASK_PORT = 38180
@@ -105,23 +106,27 @@ def _ceiling_worker(workload: Workload, share: list[int], batch: int, threads: i
 def torchserve(workload: Workload, *, fan_out: bool) -> Iterator[Send]:
     """Ours (one ensemble .mar) or fan-out (one .mar per member) on a private TorchServe."""
     specs = workload.member_specs() if fan_out else [workload.spec]
+    with serving(specs) as server, ThreadPoolExecutor(max_workers=64, thread_name_prefix="fan-out") as pool:
+        if fan_out:
+            yield _fan_out_sender(server, [spec.name for spec in specs], workload.images, pool)
+        else:
+            yield _ensemble_sender(server, workload.spec.name, workload.images)
+
+
+@contextmanager
+def serving(specs: list[EnsembleSpec]) -> Iterator[Server]:
+    """A private TorchServe on 127.0.0.1 with each ensemble built and registered with its own workers."""
     with tempfile.TemporaryDirectory(prefix="bench-ts-") as folder:
         store = Path(folder) / "model_store"
         for spec in specs:
             build_archive(spec, store)
         server = private_server(Path(folder) / "server", store, port_offset=30100)
-        pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="fan-out")
         try:
             start(server, store)
             for spec in specs:
                 register(server, spec.name, spec.batching.workers)
-            names = [spec.name for spec in specs]
-            if fan_out:
-                yield _fan_out_sender(server, names, workload.images, pool)
-            else:
-                yield _ensemble_sender(server, workload.spec.name, workload.images)
+            yield server
         finally:
-            pool.shutdown(wait=True)
             stop(server)
 
 
@@ -164,15 +169,21 @@ def _session() -> requests.Session:
 @contextmanager
 def flask_gunicorn(workload: Workload, config: Path, *, workers: int = 2) -> Iterator[Send]:
     """The FlexServe-style baseline on gunicorn, `workers` processes of 1 torch thread each."""
-    env = {**os.environ, "BENCH_ENSEMBLES": str(config), "BENCH_ENSEMBLE": workload.spec.name, "BENCH_THREADS": "1"}
-    gunicorn = Path(sys.executable).parent / "gunicorn"
-    command = [str(gunicorn), "-w", str(workers), "-b", f"127.0.0.1:{FLASK_PORT}", "--timeout", "120", "bench.flask_server:create_app()"]
+    with gunicorn(config, workload.spec.name, workers=workers) as url:
+        yield lambda indices: members_view(_post(_session(), url, [workload.images[i] for i in indices], {}))
+
+
+@contextmanager
+def gunicorn(config: Path, name: str, *, workers: int = 2) -> Iterator[str]:
+    """bench/flask_server.py serving ensemble `name` of `config`; yields its /predict URL."""
+    env = {**os.environ, "BENCH_ENSEMBLES": str(config), "BENCH_ENSEMBLE": name, "BENCH_THREADS": "1"}
+    executable = Path(sys.executable).parent / "gunicorn"
+    command = [str(executable), "-w", str(workers), "-b", f"127.0.0.1:{FLASK_PORT}", "--timeout", "120", "bench.flask_server:create_app()"]
     with tempfile.TemporaryFile() as log:
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         try:
             _wait_for(f"http://127.0.0.1:{FLASK_PORT}/health", process)
-            url = f"http://127.0.0.1:{FLASK_PORT}/predict"
-            yield lambda indices: members_view(_post(_session(), url, [workload.images[i] for i in indices], {}))
+            yield f"http://127.0.0.1:{FLASK_PORT}/predict"
         finally:
             process.terminate()
             process.wait(timeout=30)

@@ -1,7 +1,8 @@
 """The FlexServe-style baseline: one Flask app with every member in its process, served by gunicorn.
 
 Run by bench/contenders.py as `gunicorn -w 2 'bench.flask_server:create_app()'`. It uses the same
-decode, transform and member code as our handler, so the comparison isolates the serving stack.
+decode, transform, tensor parsing and member code as our handler, so the comparison isolates the
+serving stack.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import torch
 from flask import Flask, Response, jsonify, request
 
 from handlers.ensemble import Ensemble
-from handlers.manifest import load_ensembles
+from handlers.manifest import TensorSpec, load_ensembles
 from handlers.preprocess import decode_image
+from handlers.tensor_inputs import read_json_instances, read_npy
 
 
 def create_app() -> Flask:
@@ -29,8 +31,12 @@ def create_app() -> Flask:
 
     @app.post("/predict")
     def predict() -> Response:
-        parts = [part.read() for _, part in request.files.items(multi=True)] or [request.get_data()]
-        probs = ensemble.probabilities([decode_image(data, spec.limits) for data in parts])
+        if isinstance(spec.input, TensorSpec):
+            read = read_npy if request.mimetype == "application/x-npy" else read_json_instances
+            probs = ensemble.probabilities(read(request.get_data(), spec.input, spec.limits))
+        else:
+            parts = [part.read() for _, part in request.files.items(multi=True)] or [request.get_data()]
+            probs = ensemble.probabilities([decode_image(data, spec.limits) for data in parts])
         return jsonify(ensemble.render(probs, spec.policy))
 
     return app

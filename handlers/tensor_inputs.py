@@ -8,6 +8,7 @@ does; a `.npy` body is a short header plus raw little-endian floats. The header 
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import math
 import struct
@@ -71,7 +72,9 @@ def read_json_instances(body: bytes | str | Any, spec: TensorSpec, limits: Limit
     return _finite(values)
 
 
+@functools.lru_cache(maxsize=64)
 def _npy_header(raw: bytes) -> dict[str, Any]:
+    """The parsed header; cached because a client sends the same few headers again and again."""
     try:
         header = ast.literal_eval(raw.decode("latin-1"))
     except (ValueError, SyntaxError, MemoryError, RecursionError) as e:
