@@ -119,9 +119,6 @@ def flask(config: Path) -> Iterator[tuple[str, dict[str, str]]]:
         yield url, {}
 
 
-CONTENDERS = {"ours": ours, "flask": flask}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2 s per cell instead of 10 s")
@@ -138,8 +135,9 @@ def main() -> None:
             n: reference.render(reference.probabilities(torch.from_numpy(values)), spec.policy)["members"]["mlp"]
             for n, values in batches.items()
         }
-        for contender, serve in CONTENDERS.items():
-            with serve(spec if contender == "ours" else Path(folder) / "ensembles.yaml") as (url, headers):
+        contenders = {"ours": lambda: ours(spec), "flask": lambda: flask(Path(folder) / "ensembles.yaml")}
+        for contender, serve in contenders.items():
+            with serve() as (url, headers):
                 for encoding_name, encoding in ENCODINGS.items():
                     for n, values in batches.items():
                         body = encoding.encode(values)
