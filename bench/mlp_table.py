@@ -7,7 +7,9 @@ requests back to back for a fixed time and counts requests per second, with 1 an
 instances per request. Contenders, one at a time on the same instances and cores: our TorchServe
 ensemble taking `application/x-npy` and taking JSON, and the Flask + gunicorn baseline taking JSON
 (its natural form) and `.npy` (to separate the format from the server). Every answer is checked
-against the in-process labels. Writes bench/results/mlp.json.
+against the in-process labels. Each contender's transport floor is measured too: requests/s of a body
+it refuses at once (an image sent to a tensor ensemble), i.e. HTTP and the worker round trip with
+no model. Writes bench/results/mlp.json.
 """
 
 from __future__ import annotations
@@ -105,6 +107,19 @@ def single_client(
     return {"requests_per_s": ok / wall, "requests": ok + errors + mismatches, "errors": errors, "mismatches": mismatches}
 
 
+def floor(url: str, headers: dict[str, str], *, seconds: float) -> dict[str, float | int]:
+    """Requests/s of the cheapest answer a contender gives: the cost of its transport alone."""
+    session = requests.Session()
+    count = 0
+    begin = time.perf_counter()
+    while time.perf_counter() - begin < seconds and count < 100_000:
+        session.post(url, data=b"\x89PNG", headers=headers, timeout=TIMEOUT_S)
+        count += 1
+    wall = time.perf_counter() - begin
+    session.close()
+    return {"requests_per_s": count / wall, "requests": count}
+
+
 @contextmanager
 def ours(spec: EnsembleSpec) -> Iterator[tuple[str, dict[str, str]]]:
     """The MLP ensemble .mar on a private TorchServe: its predictions URL and token header."""
@@ -127,7 +142,8 @@ def main() -> None:
     began = time.perf_counter()
     rng = numpy.random.default_rng(2024)
     batches = {n: rng.random((n, 784), dtype=numpy.float32) for n in SIZES}
-    results: dict[str, dict[str, dict[str, float | int]]] = {}
+    results: dict[str, dict[str, float | int]] = {}
+    floors: dict[str, dict[str, float | int]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-mlp-") as folder:
         spec = write_workload(Path(folder))
         reference = Ensemble.from_spec(spec, torch.device("cpu"))
@@ -138,6 +154,8 @@ def main() -> None:
         contenders = {"ours": lambda: ours(spec), "flask": lambda: flask(Path(folder) / "ensembles.yaml")}
         for contender, serve in contenders.items():
             with serve() as (url, headers):
+                floors[contender] = floor(url, {**headers, "Content-Type": "image/png"}, seconds=seconds / 2)
+                print(f"  {contender} transport floor: {floors[contender]['requests_per_s']:8.1f} req/s", flush=True)
                 for encoding_name, encoding in ENCODINGS.items():
                     for n, values in batches.items():
                         body = encoding.encode(values)
@@ -148,6 +166,8 @@ def main() -> None:
                         print(f"  {contender} {encoding_name:4} x{n:<3}: {cell['requests_per_s']:8.1f} req/s", flush=True)
     table, data = report(results)
     print(table)
+    print("transport floor (an image sent to the tensor ensemble, answered 4xx at once): "
+          + ", ".join(f"{name} {cell['requests_per_s']:.0f} req/s" for name, cell in floors.items()))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(
         json.dumps(
@@ -158,6 +178,7 @@ def main() -> None:
                 "machine": {"cores": torch.get_num_threads(), "processor": platform.processor() or platform.machine()},
                 "versions": {pkg: version(pkg) for pkg in ("torch", "torchserve", "flask", "gunicorn")},
                 "cells": data,
+                "transport_floor": floors,
             },
             indent=2,
         )
