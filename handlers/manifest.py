@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from PIL import Image
 
 from handlers.errors import ConfigError, InvalidPolicy
 from handlers.policies import TASKS, PolicySpec, resolve_policy
@@ -363,7 +364,8 @@ def _parse_limits(node: _Node) -> Limits:
     if "max_images_per_request" in node:
         limits = replace(limits, max_images_per_request=node["max_images_per_request"].integer(1, 4096))
     if "max_image_pixels" in node:
-        limits = replace(limits, max_image_pixels=node["max_image_pixels"].integer(64, 200_000_000))
+        # Above Pillow's own bomb threshold every image would be refused anyway: say so at build time.
+        limits = replace(limits, max_image_pixels=node["max_image_pixels"].integer(64, Image.MAX_IMAGE_PIXELS or 200_000_000))
     if "formats" in node:
         formats = node["formats"].string_list(min_len=1)
         for i, fmt in enumerate(formats):

@@ -13,12 +13,17 @@ from torchvision.transforms.functional import pil_to_tensor
 from handlers.errors import InvalidImage, PayloadTooLarge
 from handlers.manifest import InputSpec, Limits
 
+WIDE_GRAY_MAX = 65535
+ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+BACKGROUND = (255, 255, 255, 255)
+
 
 def decode_image(data: bytes, limits: Limits) -> Image.Image:
     """Decode untrusted bytes into an upright image, or raise InvalidImage / PayloadTooLarge.
 
     The pixel limit is checked from the header, before any pixel is decoded; EXIF orientation is
     applied so a rotated photo predicts as the upright one; animated images give their first frame.
+    The result is always RGB or L.
     """
     if not data:
         raise InvalidImage("empty image: the request carried no bytes")
@@ -38,9 +43,36 @@ def decode_image(data: bytes, limits: Limits) -> Image.Image:
         )
     try:
         image.load()
-        return ImageOps.exif_transpose(image)
+        upright = ImageOps.exif_transpose(image)
     except Exception as e:  # Truncated or corrupt data surfaces only when pixels are decoded.
         raise InvalidImage(f"{image.format} image is truncated or corrupt: {e}") from e
+    return _rgb_or_gray(upright, image.format)
+
+
+def _rgb_or_gray(image: Image.Image, fmt: str | None) -> Image.Image:
+    """Every decoded image as RGB or L, converted here, per request, where a failure is that request's alone.
+
+    16-bit greyscale is scaled to 8 bits (Pillow's own conversion would clip everything above 255 to
+    white); transparency is composited over white, so what hides under transparent pixels never
+    reaches a model; CMYK, palette, YCbCr and bilevel images use Pillow's conversions.
+    """
+    mode = image.mode
+    if mode in ("RGB", "L"):
+        return image
+    if mode.startswith("I"):
+        low, high = image.getextrema()
+        if low < 0 or high > WIDE_GRAY_MAX:
+            raise InvalidImage(f"{fmt} image has {mode} pixels outside 0..{WIDE_GRAY_MAX}; send 8- or 16-bit images")
+        return image.convert("I").point(lambda v: v / 257 + 0.5).convert("L")
+    if mode == "F":
+        raise InvalidImage(f"{fmt} image has floating-point pixels; send 8- or 16-bit images")
+    if mode in ALPHA_MODES or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, BACKGROUND), rgba).convert("RGB")
+    try:
+        return image.convert("L" if mode == "1" else "RGB")
+    except Exception as e:  # A mode Pillow cannot convert (LAB, HSV and the like) is this image's problem.
+        raise InvalidImage(f"{fmt} image in mode {mode} cannot be converted to RGB") from e
 
 
 def to_tensor(image: Image.Image, spec: InputSpec) -> torch.Tensor:
@@ -61,7 +93,7 @@ def to_tensor(image: Image.Image, spec: InputSpec) -> torch.Tensor:
 
 
 def batch_tensors(images: Sequence[Image.Image], specs: Iterable[InputSpec]) -> dict[InputSpec, torch.Tensor]:
-    """For each distinct spec, the stacked batch [N, C, H, W]; each colour conversion is done once."""
+    """For each distinct spec, the stacked batch [N, C, H, W]; each colour conversion (RGB <-> L) is done once."""
     distinct = list(dict.fromkeys(specs))
     modes = {spec.color_mode for spec in distinct}
     converted = {mode: [image if image.mode == mode else image.convert(mode) for image in images] for mode in modes}

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 
 import pytest
 import torch
@@ -93,3 +95,98 @@ def test_one_tensor_per_distinct_spec() -> None:
 def test_greyscale_input_converts_to_rgb_for_rgb_members() -> None:
     batches = batch_tensors([Image.new("L", (4, 4), 255)], [HALF])
     assert torch.equal(batches[HALF], torch.ones(1, 3, 4, 4))
+
+
+def header_only_png(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height greyscale pixels, with almost no pixel data after it."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 256)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "message"),
+    [
+        pytest.param(10000, 10000, "image exceeds the pixel limit: Image size (100000000 pixels) exceeds limit of 89478485 pixels", id="10000x10000-pillow-warns"),
+        pytest.param(20000, 10000, "image exceeds the pixel limit: Image size (200000000 pixels) exceeds limit of 178956970 pixels", id="20000x10000-pillow-refuses"),
+        pytest.param(5000, 4000, "image of 5000x4000 = 20000000 pixels exceeds the limit of 16000000", id="over-our-limit"),
+    ],
+)
+def test_pixel_bombs_are_refused_from_the_header(width: int, height: int, message: str) -> None:
+    data = header_only_png(width, height)
+    assert len(data) < 300
+    with pytest.raises(PayloadTooLarge) as caught:
+        decode_image(data, Limits())
+    assert str(caught.value).startswith(message)
+
+
+def pixels(image: Image.Image) -> list[object]:
+    return list(image.get_flattened_data())
+
+
+def test_palette_transparency_is_composited_over_white() -> None:
+    """Index 0 is transparent and hides black; index 1 is opaque red."""
+    image = Image.new("P", (2, 1))
+    image.putpalette([0, 0, 0, 255, 0, 0])
+    image.putpixel((1, 0), 1)
+    decoded = decode_image(encoded(image, transparency=0), Limits())
+    assert (decoded.mode, pixels(decoded)) == ("RGB", [(255, 255, 255), (255, 0, 0)])
+
+
+@pytest.mark.parametrize(
+    ("mode", "values", "expected"),
+    [
+        pytest.param("RGBA", [(10, 20, 30, 0), (10, 20, 30, 255), (0, 0, 0, 128)], [(255, 255, 255), (10, 20, 30), (127, 127, 127)], id="rgba"),
+        pytest.param("LA", [(40, 0), (40, 255), (0, 128)], [(255, 255, 255), (40, 40, 40), (127, 127, 127)], id="gray-alpha"),
+    ],
+)
+def test_alpha_is_composited_over_white(mode: str, values: list[tuple[int, ...]], expected: list[tuple[int, ...]]) -> None:
+    image = Image.new(mode, (3, 1))
+    image.putdata(values)
+    decoded = decode_image(encoded(image), Limits())
+    assert (decoded.mode, pixels(decoded)) == ("RGB", expected)
+
+
+def test_sixteen_bit_greyscale_is_scaled_not_clipped() -> None:
+    image = Image.new("I;16", (5, 1))
+    image.putdata([0, 257, 32896, 40000, 65535])
+    decoded = decode_image(encoded(image), Limits())
+    assert (decoded.mode, pixels(decoded)) == ("L", [0, 1, 128, 156, 255])
+
+
+@pytest.mark.parametrize(
+    ("image", "message"),
+    [
+        pytest.param(Image.new("I", (2, 2), 70000), "TIFF image has I pixels outside 0..65535; send 8- or 16-bit images", id="32-bit-int"),
+        pytest.param(Image.new("F", (2, 2), 0.5), "TIFF image has floating-point pixels; send 8- or 16-bit images", id="float"),
+    ],
+)
+def test_wide_pixels_that_cannot_be_scaled_are_refused(image: Image.Image, message: str) -> None:
+    with pytest.raises(InvalidImage) as caught:
+        decode_image(encoded(image, "TIFF"), Limits(formats=("TIFF",)))
+    assert str(caught.value) == message
+
+
+def test_cmyk_jpeg_decodes_to_rgb() -> None:
+    data = encoded(Image.new("RGB", (8, 8), (200, 30, 60)).convert("CMYK"), "JPEG", quality=100)
+    decoded = decode_image(data, Limits())
+    assert decoded.mode == "RGB"
+    assert all(abs(got - want) <= 3 for got, want in zip(decoded.getpixel((4, 4)), (200, 30, 60), strict=True))
+
+
+def test_animated_gif_gives_its_first_frame() -> None:
+    frames = [Image.new("RGB", (4, 4), colour) for colour in ((255, 0, 0), (0, 0, 255))]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:], duration=50, loop=0)
+    decoded = decode_image(buffer.getvalue(), Limits(formats=("GIF",)))
+    assert (decoded.mode, set(pixels(decoded))) == ("RGB", {(255, 0, 0)})
+
+
+def test_bilevel_decodes_to_greyscale() -> None:
+    image = Image.new("1", (2, 1))
+    image.putpixel((1, 0), 1)
+    decoded = decode_image(encoded(image), Limits())
+    assert (decoded.mode, pixels(decoded)) == ("L", [0, 255])
