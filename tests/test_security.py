@@ -1,0 +1,82 @@
+"""The settings SECURITY.md promises, checked against the shipped config.properties and the handler source."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+MAX_BODY = 8 * 1024 * 1024
+
+
+def shipped_config() -> dict[str, str]:
+    settings = {}
+    for line in (ROOT / "config.properties").read_text().splitlines():
+        name, sep, value = line.partition("=")
+        if sep and not line.lstrip().startswith("#"):
+            settings[name.strip()] = value.strip()
+    return settings
+
+
+@pytest.mark.parametrize(
+    "key", ["inference_address", "management_address", "metrics_address", "grpc_inference_address", "grpc_management_address"]
+)
+def test_every_listener_binds_to_loopback(key: str) -> None:
+    address = shipped_config()[key]
+    host = address.removeprefix("http://").removeprefix("https://").rsplit(":", 1)[0] if "://" in address else address
+    assert host == "127.0.0.1"
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        pytest.param("disable_token_authorization", "false", id="tokens-on"),
+        pytest.param("enable_model_api", "true", id="model-api-behind-token"),
+        pytest.param("allowed_urls", "(?!)", id="no-url-fetched"),
+        pytest.param("install_py_dep_per_model", "false", id="no-pip-installs"),
+        pytest.param("decode_input_request", "false", id="our-parsers-only"),
+        pytest.param("model_store", "model_store", id="store"),
+    ],
+)
+def test_shipped_setting(key: str, value: str) -> None:
+    assert shipped_config()[key] == value
+
+
+def test_no_environment_override_can_switch_tokens_off() -> None:
+    assert shipped_config().get("enable_envvars_config", "false") == "false"
+
+
+@pytest.mark.parametrize("key", ["max_request_size", "max_response_size"])
+def test_body_sizes_are_bounded(key: str) -> None:
+    assert 0 < int(shipped_config()[key]) <= MAX_BODY
+
+
+def test_job_queue_is_bounded() -> None:
+    assert 0 < int(shipped_config()["job_queue_size"]) <= 1000
+
+
+def handler_sources() -> list[tuple[str, ast.Module]]:
+    return [(path.name, ast.parse(path.read_text())) for path in sorted((ROOT / "handlers").glob("*.py"))]
+
+
+def test_every_torch_load_is_weights_only() -> None:
+    loads = [
+        (name, call)
+        for name, tree in handler_sources()
+        for call in ast.walk(tree)
+        if isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute) and call.func.attr == "load"
+        and isinstance(call.func.value, ast.Name) and call.func.value.id == "torch"
+    ]
+    assert [name for name, _ in loads] == ["members.py"]
+    for _, call in loads:
+        assert any(k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True for k in call.keywords)
+
+
+@pytest.mark.parametrize("module", ["pickle", "dill", "cloudpickle", "marshal", "shelve"])
+def test_no_unpickler_is_imported(module: str) -> None:
+    for name, tree in handler_sources():
+        imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        imported |= {(node.module or "").split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        assert module not in imported, f"handlers/{name} imports {module}"
