@@ -51,6 +51,11 @@ def parse_request(row: Mapping[str, Any], headers: Mapping[str, Any], limits: Li
         _check_no_part_dropped(row, lowered)
         images = tuple(_as_bytes(value, f"part {key!r}") for key, value in payload.items())
     else:
+        if not _is_raw_image_type(content_type) and content_type != "application/json":
+            raise UnsupportedMediaType(
+                f"content type {content_type!r}: send an image (image/* or application/octet-stream), "
+                "multipart/form-data parts, or application/json instances"
+            )
         unexpected = sorted(set(payload) - {"body"})
         if unexpected:
             raise RequestError(f"unknown query parameter(s) {unexpected}; valid: {', '.join(POLICY_KEYS)}")
@@ -134,6 +139,11 @@ def _json_images(body: Any) -> tuple[bytes, ...]:
         except (binascii.Error, ValueError) as e:
             raise InvalidImage(f"instances[{i}].b64: invalid base64 ({e})") from e
     return tuple(images)
+
+
+def _is_raw_image_type(content_type: str) -> bool:
+    """A body that is itself one image: image/*, octet-stream, or no type (the image's bytes tell its format)."""
+    return content_type in ("", "application/octet-stream") or content_type.startswith("image/")
 
 
 def _check_no_part_dropped(row: Mapping[str, Any], headers: Mapping[str, str]) -> None:

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from handlers.errors import InvalidImage, PayloadTooLarge, RequestError
+from handlers.errors import InvalidImage, PayloadTooLarge, RequestError, UnsupportedMediaType
 from handlers.manifest import Limits
 from handlers.request_inputs import RequestInput, parse_request
 
@@ -104,6 +104,12 @@ def test_parse_request(row: dict, headers: dict, expected: RequestInput) -> None
             "policy given twice with different values: 'any' and 'all'", id="conflicting-sources",
         ),
         pytest.param({"policy": b"\xff", "body": A}, {}, RequestError, "policy: expected UTF-8 text", id="policy-not-utf8"),
+        pytest.param(
+            {"body": A}, {"Content-Type": "text/plain"}, UnsupportedMediaType,
+            "content type 'text/plain': send an image (image/* or application/octet-stream), multipart/form-data parts, "
+            "or application/json instances", id="wrong-content-type",
+        ),
+        pytest.param({"body": A}, {"Content-Type": "application/x-npy"}, UnsupportedMediaType, "content type 'application/x-npy': send an image (image/* or application/octet-stream), multipart/form-data parts, or application/json instances", id="tensor-to-image-ensemble"),
         pytest.param(
             {"img": B, "other": C},
             {"Content-Type": MULTIPART, "Content-Length": multipart_length({"img": A, "img2": B, "other": C})},
