@@ -7,7 +7,7 @@ INSTALLED := $(VENV)/.installed-$(shell sha256sum requirements.txt | cut -c1-12)
 TRAINED := artifacts/weights/.trained
 NAME ?= shapes
 
-.PHONY: setup demo build serve stop test register unregister rebuild evaluate bench bench-quick bench-mlp bench-batching bench-fused clean
+.PHONY: setup demo build serve stop test register unregister rebuild evaluate bench bench-quick bench-mlp bench-batching bench-fused reliability reliability-full clean
 
 $(INSTALLED): requirements.txt
 	@command -v java >/dev/null 2>&1 || { echo "installing a Java runtime for TorchServe"; \
@@ -77,6 +77,12 @@ bench-batching: demo
 
 bench-fused: $(INSTALLED)
 	$(PY) -m bench.fused_members
+
+reliability: $(INSTALLED)
+	$(PY) -m bench.reliability
+
+reliability-full: $(INSTALLED)
+	$(PY) -m bench.reliability --full
 
 clean:
 	rm -rf artifacts logs model_store/*.mar key_file.json

@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,13 +74,20 @@ class Server:
         return {"Authorization": f"Bearer {self.key(api)}"}
 
 
-def private_server(workdir: Path, model_store: Path, *, port_offset: int) -> Server:
+def private_server(
+    workdir: Path, model_store: Path, *, port_offset: int, overrides: Mapping[str, str] | None = None
+) -> Server:
     """A Server running the shipped config.properties with shifted ports, its own store, folder and temp dir.
 
     Tests and benchmarks use it so that they never touch an instance started by `make serve`.
+    `overrides` replaces (or adds) settings, e.g. a short `token_expiration_min` for a fault test.
     """
     config = SHIPPED_CONFIG.read_text()
     config = re.sub(r"(?m)^model_store=.*$", f"model_store={model_store.resolve()}", config)
+    for key, value in (overrides or {}).items():
+        config, found = re.subn(rf"(?m)^{re.escape(key)}=.*$", f"{key}={value}", config)
+        if not found:
+            config += f"{key}={value}\n"
 
     def shifted(port: re.Match[str]) -> str:
         return f"{port.group(1)}{int(port.group(2)) + port_offset}"

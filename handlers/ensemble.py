@@ -114,7 +114,7 @@ class Ensemble:
                 raise IntegrityError(f"member {member.name!r}: the manifest pins no digest for {unpinned}")
             if manifest.digests[member.weights] != member.sha256:
                 raise IntegrityError(f"member {member.name!r}: the manifest gives two digests for {member.weights}")
-        verify_digests(model_dir, manifest.digests)
+        verify_digests(model_dir, manifest.digests, owners={member.weights: member.name for member in spec.members})
         modules = [load_member(m, model_dir) for m in spec.members]
         return cls(spec, modules, device, manifest.build, parallelism=parallelism)
 

@@ -25,15 +25,20 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def verify_digests(base_dir: Path, digests: Mapping[str, str]) -> None:
-    """Refuse to go on if any listed file is missing or its sha256 differs from the pinned one."""
+def verify_digests(base_dir: Path, digests: Mapping[str, str], owners: Mapping[str, str] | None = None) -> None:
+    """Refuse to go on if any listed file is missing or its sha256 differs from the pinned one.
+
+    `owners` maps a file to the member it belongs to, so the error names the member too.
+    """
     for rel, expected in digests.items():
+        owner = (owners or {}).get(rel)
+        where = f"member {owner!r}: {rel}" if owner else rel
         path = base_dir / rel
         if not path.is_file():
-            raise IntegrityError(f"{rel}: file listed in the manifest is missing")
+            raise IntegrityError(f"{where}: file listed in the manifest is missing")
         actual = sha256_of(path)
         if actual != expected:
-            raise IntegrityError(f"{rel}: sha256 mismatch: manifest pins {expected}, file has {actual}")
+            raise IntegrityError(f"{where}: sha256 mismatch: manifest pins {expected}, file has {actual}")
 
 
 def build_member(member: MemberSpec, base_dir: Path) -> nn.Module:

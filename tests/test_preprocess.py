@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import io
-import struct
-import zlib
 
 import pytest
 import torch
 from PIL import Image
 
+from bench.bad_inputs import header_only_png
 from handlers.errors import InvalidImage, PayloadTooLarge
 from handlers.manifest import InputSpec, Limits
 from handlers.preprocess import batch_tensors, decode_image, to_tensor
@@ -95,16 +94,6 @@ def test_one_tensor_per_distinct_spec() -> None:
 def test_greyscale_input_converts_to_rgb_for_rgb_members() -> None:
     batches = batch_tensors([Image.new("L", (4, 4), 255)], [HALF])
     assert torch.equal(batches[HALF], torch.ones(1, 3, 4, 4))
-
-
-def header_only_png(width: int, height: int) -> bytes:
-    """A PNG whose header claims width x height greyscale pixels, with almost no pixel data after it."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 256)) + chunk(b"IEND", b"")
 
 
 @pytest.mark.parametrize(
