@@ -58,11 +58,6 @@ def pick_device(gpu_id: int | None) -> torch.device:
     return torch.device("cpu")
 
 
-def cores_per_worker(workers: int) -> int:
-    """Cores one worker may keep busy, so that all workers together use each core once."""
-    return max(1, (os.cpu_count() or 1) // workers)
-
-
 class Ensemble:
     """Members of one ensemble, loaded and checked, plus the code that answers requests with them."""
 
@@ -106,7 +101,7 @@ class Ensemble:
         """
         manifest = read_archive_manifest(model_dir)
         spec = manifest.ensemble
-        parallelism = cores_per_worker(spec.batching.workers) if device.type == "cpu" else 1
+        parallelism = spec.batching.threads_per_worker(os.cpu_count() or 1) if device.type == "cpu" else 1
         for member in spec.members:
             pinned = {member.weights, *([member.arch_file] if member.arch_file else [])}
             unpinned = sorted(pinned - set(manifest.digests))
