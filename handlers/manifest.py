@@ -93,11 +93,10 @@ class Batching:
     workers: int = 1
     response_timeout_s: int = 60
     fuse_members: bool = False
-    member_threads: int = 0
 
     def threads_per_worker(self, cores: int) -> int:
-        """Member threads of one worker: `member_threads`, or 0 for cores / workers (each core used once)."""
-        return self.member_threads or max(1, cores // self.workers)
+        """Member threads of one worker: cores / workers, so that all workers together use each core once."""
+        return max(1, cores // self.workers)
 
 
 @dataclass(frozen=True)
@@ -387,7 +386,6 @@ def _parse_batching(node: _Node) -> Batching:
         "micro_batch_size": (1, 4096),
         "workers": (1, 64),
         "response_timeout_s": (1, 3600),
-        "member_threads": (0, 256),
     }
     node.keys(optional={*bounds, "fuse_members"})
     values: dict[str, Any] = {key: node[key].integer(*bounds[key]) for key in bounds if key in node}
