@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from bench.bad_inputs import catalogue
+from bench.bad_inputs import BadInput, catalogue
 from bench.reliability import CLIENT_TIMEOUT_S, EDGE_QUEUE, HANG_TIMEOUT_S, KILL_CLIENTS, MAX_IMAGES, main
 
 pytestmark = pytest.mark.integration
@@ -42,7 +42,7 @@ def test_nothing_lost_and_no_unexpected_5xx(report: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
-def test_bad_input_answered_as_catalogued(report: dict[str, Any], case: Any) -> None:
+def test_bad_input_answered_as_catalogued(report: dict[str, Any], case: BadInput) -> None:
     [row] = [row for row in report["report"]["bad_inputs"] if row["case"] == case.name]
     assert row["ok"], row
     assert row["got"].startswith(str(case.status))
