@@ -7,7 +7,7 @@ INSTALLED := $(VENV)/.installed-$(shell sha256sum requirements.txt | cut -c1-12)
 TRAINED := artifacts/weights/.trained
 NAME ?= shapes
 
-.PHONY: setup demo build serve stop test register unregister rebuild evaluate bench bench-quick bench-mlp bench-batching bench-fused reliability reliability-full clean
+.PHONY: setup demo build serve stop test register unregister rebuild evaluate bench bench-quick bench-mlp bench-profile bench-batching bench-fused reliability reliability-full clean
 
 $(INSTALLED): requirements.txt
 	@command -v java >/dev/null 2>&1 || { echo "installing a Java runtime for TorchServe"; \
@@ -71,6 +71,9 @@ bench-quick: build $(BENCH_INSTALLED)
 
 bench-mlp: $(BENCH_INSTALLED)
 	$(PY) -m bench.mlp_table
+
+bench-profile: $(INSTALLED)
+	$(PY) -m bench.cpu_profile
 
 bench-batching: demo
 	$(PY) -m bench.batching_defaults
