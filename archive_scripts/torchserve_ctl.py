@@ -29,6 +29,7 @@ from handlers.manifest import load_ensembles
 
 READY_TIMEOUT_S = 120
 SHIPPED_CONFIG = Path(__file__).resolve().parent.parent / "config.properties"
+LOG_CONFIG = Path(__file__).resolve().parent / "log4j2.xml"
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,10 @@ def start(server: Server, model_store: Path) -> None:
     # our stdout, or a caller reading our output through a pipe would wait for TorchServe to exit.
     with (server.workdir / "logs" / "torchserve.out").open("ab") as out:
         subprocess.run(
-            [_binary(), "--start", "--ts-config", str(server.config.resolve()), "--model-store", str(model_store.resolve()), "--ncs"],
+            [
+                _binary(), "--start", "--ts-config", str(server.config.resolve()), "--model-store", str(model_store.resolve()),
+                "--log-config", str(LOG_CONFIG), "--ncs",
+            ],
             cwd=server.workdir,
             env=server.env(),
             check=True,

@@ -214,3 +214,16 @@ def worker_pid(server: Server, name: str) -> int:
     response = requests.get(f"{server.management}/models/{name}", headers=server.headers("management"), timeout=TIMEOUT)
     [worker] = response.json()[0]["workers"]
     return int(worker["pid"])
+
+
+def test_logs_go_once_to_their_own_files_without_debug(server: Server) -> None:
+    """archive_scripts/log4j2.xml: access lines in access_log only, no DEBUG frontend lines, no duplicates."""
+    before = len((server.workdir / "logs" / "access_log.log").read_text().splitlines())
+    for seed in (91, 92, 93):
+        assert predict(server, "trio", **png(image_bytes(seed))).status_code == 200
+    logs = server.workdir / "logs"
+    access = (logs / "access_log.log").read_text().splitlines()
+    ts_log = (logs / "ts_log.log").read_text()
+    assert len(access) - before == 3
+    assert "[DEBUG]" not in ts_log
+    assert "POST /predictions/trio" not in ts_log
