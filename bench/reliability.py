@@ -7,7 +7,7 @@ serves a small binary ensemble `rel` (and `hang`, whose second member hangs on a
 the edge one serves `rel` with a queue of 4 jobs and 1-minute keys, for the overload and token
 sections. Every request of every section is counted: sent, answered with which status, lost (no HTTP
 answer at all), and unexpected 5xx (a 5xx outside a fault's own window). The short mode takes about
-three minutes and is what `tests/test_reliability.py` runs; `--full` soaks for ten minutes. Prints a
+a minute and a half and is what `tests/test_reliability.py` runs; `--full` soaks for ten minutes. Prints a
 table and writes bench/results/reliability.json.
 """
 
