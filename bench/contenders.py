@@ -110,7 +110,7 @@ def torchserve(workload: Workload, *, fan_out: bool) -> Iterator[Send]:
         if fan_out:
             yield _fan_out_sender(server, [spec.name for spec in specs], workload.images, pool)
         else:
-            yield _ensemble_sender(server, workload.spec.name, workload.images)
+            yield ensemble_sender(server, workload.spec.name, workload.images)
 
 
 @contextmanager
@@ -130,7 +130,7 @@ def serving(specs: list[EnsembleSpec]) -> Iterator[Server]:
             stop(server)
 
 
-def _ensemble_sender(server: Server, name: str, images: tuple[bytes, ...]) -> Send:
+def ensemble_sender(server: Server, name: str, images: tuple[bytes, ...]) -> Send:
     url = f"{server.inference}/predictions/{name}"
     headers = server.headers("inference")
     return lambda indices: members_view(_post(_session(), url, [images[i] for i in indices], headers))

@@ -22,7 +22,7 @@ import psutil
 import requests
 import torch
 
-from bench.contenders import _ensemble_sender, serving
+from bench.contenders import ensemble_sender, serving
 from bench.loadgen import requests_for, run_load
 from bench.workloads import torchvision_trio
 from handlers.ensemble import Ensemble
@@ -61,7 +61,7 @@ def main() -> None:
             worker = psutil.Process(int(models.json()[0]["workers"][0]["pid"]))
             [frontend] = [p for p in psutil.process_iter(["cmdline"]) if "org.pytorch.serve.ModelServer" in " ".join(p.info["cmdline"] or [])]
             here = psutil.Process()
-            send = _ensemble_sender(server, workload.spec.name, workload.images)
+            send = ensemble_sender(server, workload.spec.name, workload.images)
             batches = requests_for(args.requests, 1, len(workload.images))
             run_load(send, batches[: 2 * CLIENTS], workload.expected, clients=CLIENTS, deadline_s=60)
             before = {name: cpu_s(p) for name, p in (("clients", here), ("frontend", frontend), ("worker", worker))}

@@ -34,6 +34,7 @@ import torch
 import yaml
 
 from bench.contenders import TIMEOUT_S, gunicorn, serving
+from bench.emnist_mlp import EmnistMLP
 from handlers.ensemble import Ensemble
 from handlers.manifest import EnsembleSpec, load_ensembles
 
@@ -66,8 +67,6 @@ def write_workload(folder: Path) -> EnsembleSpec:
     """One EmnistMLP member with fixed random weights, tensor input [784], 62 labels, batch size 1."""
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(Path(__file__).parent / "emnist_mlp.py", folder / "emnist_mlp.py")
-    from bench.emnist_mlp import EmnistMLP
-
     torch.manual_seed(0)
     torch.save(EmnistMLP().state_dict(), folder / "mlp.pt")
     ensemble = {

@@ -39,6 +39,7 @@ from archive_scripts.build_archives import build_archive
 from archive_scripts.torchserve_ctl import Server, private_server, start, stop
 from bench.bad_inputs import BadInput, catalogue, encoded, photo
 from bench.loadgen import p50_p99_ms
+from bench.reliability_models import HangingNet, SmallNet
 from handlers.ensemble import Ensemble
 from handlers.manifest import load_ensembles
 from handlers.preprocess import decode_image
@@ -121,8 +122,6 @@ def ensemble_doc(version: str, members: list[tuple[str, str]], timeout_s: int = 
 
 def build_workspace(folder: Path) -> Workspace:
     """rel 1.0 (rel.mar), rel 3.0 (rel-v3.mar), rel 2.0 with a member changed after the build (rel-broken.mar), hang."""
-    from bench.reliability_models import HangingNet, SmallNet
-
     store = folder / "model_store"
     specs = {}
     for tag, version, seed in (("v1", "1.0", 1), ("v2", "2.0", 2), ("v3", "3.0", 3)):
@@ -236,7 +235,8 @@ def bad_inputs(server: Server, ledger: Ledger, reference: Ensemble) -> list[dict
         "case": f"{len(goods)} good requests in the same batches",
         "expected": "200", "got": f"{good_ok} x 200", "ok": good_ok == len(goods),
     })
-    rows.append({"case": "worker kept serving", "expected": str(pid), "got": str(worker_pid(server, "rel")), "ok": worker_pid(server, "rel") == pid})
+    after = worker_pid(server, "rel")
+    rows.append({"case": "worker kept serving", "expected": str(pid), "got": str(after), "ok": after == pid})
     return rows
 
 

@@ -140,11 +140,6 @@ class EnsembleSpec:
     def member_input(self, member: MemberSpec) -> MemberInput:
         return member.input or self.input
 
-    @property
-    def takes_tensors(self) -> bool:
-        """Whether requests carry tensors (npy or JSON numbers) instead of images."""
-        return isinstance(self.input, TensorSpec)
-
     def to_dict(self) -> dict[str, Any]:
         """The resolved ensemble as plain data, in the same schema the parser reads."""
         data = asdict(self)

@@ -43,8 +43,7 @@ class RequestInput:
 
 def parse_request(row: Mapping[str, Any], headers: Mapping[str, Any], limits: Limits) -> RequestInput:
     """Read one request; raise a RequestError subclass saying exactly what is wrong with it."""
-    lowered = {key.lower(): value for key, value in headers.items() if isinstance(value, str)}
-    content_type = lowered.get("content-type", "").split(";", 1)[0].strip().lower()
+    lowered, content_type = _headers(headers)
     params = _policy_params(row, lowered)
     payload = {key: value for key, value in row.items() if key not in POLICY_KEYS}
     if content_type == "multipart/form-data":
@@ -56,9 +55,7 @@ def parse_request(row: Mapping[str, Any], headers: Mapping[str, Any], limits: Li
                 f"content type {content_type!r}: send an image (image/* or application/octet-stream), "
                 "multipart/form-data parts, or application/json instances"
             )
-        unexpected = sorted(set(payload) - {"body"})
-        if unexpected:
-            raise RequestError(f"unknown query parameter(s) {unexpected}; valid: {', '.join(POLICY_KEYS)}")
+        _refuse_unknown_keys(payload)
         body = payload.get("body", b"")
         if not body:
             raise RequestError("empty request body: send an image, multipart/form-data parts, or JSON instances")
@@ -84,12 +81,9 @@ def parse_tensor_request(
     row: Mapping[str, Any], headers: Mapping[str, Any], limits: Limits, spec: TensorSpec
 ) -> TensorRequestInput:
     """Read one request to a tensor-input ensemble: an `application/x-npy` or JSON body."""
-    lowered = {key.lower(): value for key, value in headers.items() if isinstance(value, str)}
-    content_type = lowered.get("content-type", "").split(";", 1)[0].strip().lower()
+    lowered, content_type = _headers(headers)
     params = _policy_params(row, lowered)
-    unexpected = sorted(set(row) - {"body", *POLICY_KEYS})
-    if unexpected:
-        raise RequestError(f"unknown query parameter(s) {unexpected}; valid: {', '.join(POLICY_KEYS)}")
+    _refuse_unknown_keys({key: value for key, value in row.items() if key not in POLICY_KEYS})
     body = row.get("body", b"")
     if content_type not in TENSOR_CONTENT_TYPES:
         raise UnsupportedMediaType(
@@ -101,6 +95,19 @@ def parse_tensor_request(
     if content_type == "application/json":
         return TensorRequestInput(read_json_instances(body, spec, limits), params)
     return TensorRequestInput(read_npy(_as_bytes(body, "body"), spec, limits), params)
+
+
+def _headers(headers: Mapping[str, Any]) -> tuple[dict[str, str], str]:
+    """Header names lowered (TorchServe keeps the client's case), and the bare content type."""
+    lowered = {key.lower(): value for key, value in headers.items() if isinstance(value, str)}
+    return lowered, lowered.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+def _refuse_unknown_keys(payload: Mapping[str, Any]) -> None:
+    """Outside multipart, the only key besides the policy parameters is the body."""
+    unexpected = sorted(set(payload) - {"body"})
+    if unexpected:
+        raise RequestError(f"unknown query parameter(s) {unexpected}; valid: {', '.join(POLICY_KEYS)}")
 
 
 def _policy_params(row: Mapping[str, Any], headers: Mapping[str, str]) -> dict[str, str]:
