@@ -2,10 +2,12 @@
 
 Usage: python -m archive_scripts.build_archives [--config ensembles.yaml] [--store model_store] [NAME ...]
 
-For each member the weights are loaded (weights_only=True, strict=True) to prove they fit, and
-hashed (a declared sha256 must match). The archive holds the handler package, every member's
-weights and model file, `ensemble.json` (the resolved ensemble, file digests and build versions)
-and `model-config.yaml` (batching, workers, timeout). It is built in a staging folder, loaded back
+For each member the checkpoint is hashed (a declared sha256 must match), read safely (weights_only=True
+or safetensors), its weights picked and renamed by the member's `state_dict:` rules and loaded with
+strict=True to prove they fit. The archive stores them normalized, as one flat `.safetensors` state_dict
+per member, so serving never runs the rules. It also holds the handler package, every member's model
+file, `ensemble.json` (the resolved ensemble, file digests, each member's source checkpoint and
+digest, build versions) and `model-config.yaml` (batching, workers, timeout). It is built in a staging folder, loaded back
 the way TorchServe will load it, and only then renamed into place: a failure leaves no `.mar`.
 """
 
@@ -30,8 +32,9 @@ from model_archiver.model_packaging import generate_model_archive
 
 from handlers.ensemble import Ensemble
 from handlers.errors import ConfigError, EnsembleError
-from handlers.manifest import MANIFEST_FORMAT, MANIFEST_NAME, EnsembleSpec, MemberSpec, load_ensembles
-from handlers.members import sha256_of
+from handlers.checkpoints import save_normalized
+from handlers.manifest import MANIFEST_FORMAT, MANIFEST_NAME, EnsembleSpec, MemberSpec, StateDictRules, load_ensembles
+from handlers.members import build_member, member_weights, sha256_of, source_digest
 
 HANDLERS_DIR = Path(__file__).resolve().parent.parent / "handlers"
 HANDLER_FILE = "ensemble_handler.py"
@@ -39,13 +42,12 @@ HANDLER_FILE = "ensemble_handler.py"
 
 def build_archive(spec: EnsembleSpec, store: Path) -> Path:
     """Build, verify and atomically place `store/<name>.mar`; raise EnsembleError saying what is wrong."""
-    Ensemble.from_spec(spec, torch.device("cpu"))
     store.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".staging-{spec.name}-", dir=store))
     try:
         payload = staging / "payload"
         shutil.copytree(HANDLERS_DIR, payload / "handlers", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        members, digests = _stage_members(spec, payload)
+        members, digests, sources = _stage_members(spec, payload)
         packed = replace(spec, members=members)
         digests.update({f"handlers/{p.name}": sha256_of(p) for p in sorted((payload / "handlers").glob("*.py"))})
         manifest = {
@@ -53,6 +55,7 @@ def build_archive(spec: EnsembleSpec, store: Path) -> Path:
             "name": spec.name,
             "ensemble": packed.to_dict(),
             "digests": digests,
+            "sources": sources,
             "build": _build_info(),
         }
         (payload / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -79,17 +82,24 @@ def build_archive(spec: EnsembleSpec, store: Path) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _stage_members(spec: EnsembleSpec, payload: Path) -> tuple[tuple[MemberSpec, ...], dict[str, str]]:
-    """Copy weights and model files into the payload; return members with archive paths, and digests."""
+def _stage_members(spec: EnsembleSpec, payload: Path) -> tuple[tuple[MemberSpec, ...], dict[str, str], dict[str, dict]]:
+    """Write normalized weights and copy model files into the payload.
+
+    Returns the members as the archive declares them (archive paths, no rules left to apply), the
+    digest of every staged file, and each member's source checkpoint.
+    """
     (payload / "members").mkdir()
     (payload / "code").mkdir()
     digests: dict[str, str] = {}
+    sources: dict[str, dict] = {}
     code_sources: dict[str, Path] = {}
     members = []
     for member in spec.members:
-        weights = f"members/{member.name}.pt"
-        shutil.copyfile(spec.base_dir / member.weights, payload / weights)
+        source_sha256 = source_digest(member, spec.base_dir)
+        weights = f"members/{member.name}.safetensors"
+        save_normalized(member_weights(member, spec.base_dir, build_member(member, spec.base_dir)), payload / weights)
         digests[weights] = sha256_of(payload / weights)
+        sources[member.name] = {"file": member.weights, "sha256": source_sha256, "state_dict": member.state_dict.to_dict()}
         arch = member.arch
         if member.arch_file is not None:
             source = (spec.base_dir / member.arch_file).resolve()
@@ -99,8 +109,8 @@ def _stage_members(spec: EnsembleSpec, payload: Path) -> tuple[tuple[MemberSpec,
             shutil.copyfile(source, payload / packed)
             digests[packed] = sha256_of(payload / packed)
             arch = f"{packed}:{member.arch.rsplit(':', 1)[1]}"
-        members.append(replace(member, arch=arch, weights=weights, sha256=digests[weights]))
-    return tuple(members), digests
+        members.append(replace(member, arch=arch, weights=weights, sha256=digests[weights], state_dict=StateDictRules()))
+    return tuple(members), digests, sources
 
 
 def _load_back(archive: Path, where: Path) -> None:

@@ -4,6 +4,9 @@ In the spirit of the FlexServe paper's sensitivity example: each 64x64 image has
 background and clutter (discs and bars); half the images also hold one triangle of random
 size, colour, rotation and contrast. Small or faint triangles are hard, so members
 miss different ones and the OR policy matters.
+
+The multilabel demo, in the CheXNet mould, draws the same kind of background and bars with any subset
+of five shapes, each present independently, so members are scored per label.
 """
 
 from __future__ import annotations
@@ -19,12 +22,20 @@ from PIL import Image, ImageDraw, ImageFilter
 SIZE = 64
 LABELS = ("absent", "present")
 POSITIVE = "present"
+MULTILABEL_LABELS = ("triangle", "square", "disc", "star", "cross")
+PRESENT_RATE = 0.4
 
 
 @dataclass(frozen=True)
 class Sample:
     image: Image.Image
     label: int
+
+
+@dataclass(frozen=True)
+class MultiSample:
+    image: Image.Image
+    labels: tuple[int, ...]  # One 0/1 per label, in MULTILABEL_LABELS order.
 
 
 def make_split(count: int, seed: int) -> list[Sample]:
@@ -93,6 +104,86 @@ def _noise(image: Image.Image, rng: random.Random) -> Image.Image:
     """Blend in uniform pixel noise of a random strength, drawn from the seeded generator."""
     noise = Image.frombytes("L", (SIZE, SIZE), rng.randbytes(SIZE * SIZE)).convert("RGB")
     return Image.blend(image, noise, rng.uniform(0.0, 0.2))
+
+
+def make_multilabel_split(count: int, seed: int) -> list[MultiSample]:
+    """`count` samples, each shape present with probability PRESENT_RATE on its own, reproducible from `seed`."""
+    rng = random.Random(seed)
+    return [
+        make_multi_sample(rng, tuple(int(rng.random() < PRESENT_RATE) for _ in MULTILABEL_LABELS)) for _ in range(count)
+    ]
+
+
+def make_multi_sample(rng: random.Random, labels: tuple[int, ...]) -> MultiSample:
+    """Bars first, then the present shapes in random order, placed apart so that overlaps stay partial."""
+    image = _background(rng)
+    draw = ImageDraw.Draw(image)
+    for _ in range(rng.randint(2, 5)):
+        _bar(draw, rng)
+    kinds = [kind for kind, present in zip(MULTILABEL_LABELS, labels, strict=True) if present]
+    rng.shuffle(kinds)
+    placed: list[tuple[tuple[float, float], float]] = []
+    for kind in kinds:
+        radius = rng.uniform(*SHAPE_RADIUS)
+        centre = _centre(rng, radius)
+        for _ in range(PLACEMENT_TRIES):
+            if all(math.dist(centre, c) >= SPACING * (radius + r) for c, r in placed):
+                break
+            centre = _centre(rng, radius)
+        placed.append((centre, radius))
+        fill = _colour(rng, base=image.getpixel((int(centre[0]), int(centre[1]))), contrast=rng.choice(SHAPE_CONTRASTS))
+        _SHAPES[kind](draw, centre, radius, rng.uniform(0, 2 * math.pi), fill)
+    image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.0, 0.5)))
+    return MultiSample(_noise(image, rng), labels)
+
+
+SHAPE_RADIUS = (8.0, 15.0)
+SHAPE_CONTRASTS = (100, 170, 255)  # Relative to the background under the shape's centre.
+SPACING = 0.8  # Centres at least this fraction of the two radii apart, when PLACEMENT_TRIES allow.
+PLACEMENT_TRIES = 20
+
+Fill = tuple[int, int, int]
+
+
+def _draw_triangle(draw: ImageDraw.ImageDraw, centre: tuple[float, float], radius: float, turn: float, fill: Fill) -> None:
+    draw.polygon(_polygon(centre, radius, [turn + k * 2 * math.pi / 3 for k in range(3)]), fill=fill)
+
+
+def _draw_square(draw: ImageDraw.ImageDraw, centre: tuple[float, float], radius: float, turn: float, fill: Fill) -> None:
+    draw.polygon(_polygon(centre, radius * 0.85, [turn + k * math.pi / 2 for k in range(4)]), fill=fill)
+
+
+def _draw_disc(draw: ImageDraw.ImageDraw, centre: tuple[float, float], radius: float, turn: float, fill: Fill) -> None:
+    r = radius * 0.75
+    draw.ellipse([centre[0] - r, centre[1] - r, centre[0] + r, centre[1] + r], fill=fill)
+
+
+def _draw_star(draw: ImageDraw.ImageDraw, centre: tuple[float, float], radius: float, turn: float, fill: Fill) -> None:
+    """Five points: tips on the outer radius, notches on an inner one, interleaved."""
+    step = 2 * math.pi / 5
+    tips = _polygon(centre, radius, [turn + k * step for k in range(5)])
+    notches = _polygon(centre, radius * 0.4, [turn + (k + 0.5) * step for k in range(5)])
+    draw.polygon([p for pair in zip(tips, notches, strict=True) for p in pair], fill=fill)
+
+
+def _draw_cross(draw: ImageDraw.ImageDraw, centre: tuple[float, float], radius: float, turn: float, fill: Fill) -> None:
+    """A plus sign: per arm, its two end corners, then the inner corner before the next arm."""
+    half_width = radius * 0.3
+    reach, spread = math.hypot(radius, half_width), math.atan2(half_width, radius)
+    arms = [turn + k * math.pi / 2 for k in range(4)]
+    left = _polygon(centre, reach, [a - spread for a in arms])
+    right = _polygon(centre, reach, [a + spread for a in arms])
+    inner = _polygon(centre, half_width * math.sqrt(2), [a + math.pi / 4 for a in arms])
+    draw.polygon([p for corners in zip(left, right, inner, strict=True) for p in corners], fill=fill)
+
+
+_SHAPES = {
+    "triangle": _draw_triangle,
+    "square": _draw_square,
+    "disc": _draw_disc,
+    "star": _draw_star,
+    "cross": _draw_cross,
+}
 
 
 def write_samples(folder: Path) -> list[Path]:

@@ -142,7 +142,7 @@ def build_workspace(folder: Path) -> Workspace:
     for tag, file_name in (("v2", "rel-broken.mar"), ("v3", "rel-v3.mar")):
         built = build_archive(specs[tag]["rel"], folder / f"store-{tag}")
         shutil.move(built, store / file_name)
-    corrupt_member(store / "rel-broken.mar", "members/a.pt")
+    corrupt_member(store / "rel-broken.mar", "members/a.safetensors")
     cpu = torch.device("cpu")
     return Workspace(store, Ensemble.from_spec(specs["v1"]["rel"], cpu), Ensemble.from_spec(specs["v3"]["rel"], cpu))
 
@@ -390,7 +390,7 @@ def corrupted_archive(server: Server, ledger: Ledger, workdir: Path) -> dict[str
     if "2.0" in versions:
         manage(server, "DELETE", "/models/rel/2.0")
     log_text = "\n".join(path.read_text(errors="replace") for path in (workdir / "logs").glob("model_log*.log"))
-    named = "member 'a': members/a.pt: sha256 mismatch" in log_text
+    named = "member 'a': members/a.safetensors: sha256 mismatch" in log_text
     still = ledger.post(predictions_url(server, "rel"), **png_post(server, encoded(photo(11, (32, 32)))))
     return {
         "fault": "corrupted .mar registered as a new version",

@@ -23,7 +23,7 @@ from torch import nn
 from handlers.errors import EnsembleError, IntegrityError, MemberLoadError
 from handlers.execution import Group, plan_groups
 from handlers.manifest import EnsembleSpec, TensorSpec, read_archive_manifest
-from handlers.members import load_member, sha256_of, verify_digests
+from handlers.members import load_member, source_digest, verify_digests
 from handlers.policies import PolicySpec, Votes, combine, member_votes, policy_names, resolve_policy
 from handlers.preprocess import batch_tensors, decode_image
 from handlers.request_inputs import parse_request, parse_tensor_request
@@ -67,6 +67,7 @@ class Ensemble:
         modules: Sequence[nn.Module],
         device: torch.device,
         build: Mapping[str, Any],
+        sources: Mapping[str, Mapping[str, Any]],
         *,
         parallelism: int = 1,
     ) -> None:
@@ -74,15 +75,17 @@ class Ensemble:
 
         PyTorch releases the GIL inside its kernels, so with one intra-op thread per task the members
         of one batch spread over the cores: a single image's members run side by side, and a large
-        batch is cut into one slice per thread.
+        batch is cut into one slice per thread. `sources` says which checkpoint each member came from.
         """
         self.spec = spec
         self.device = device
         self.build = dict(build)
+        self.sources = dict(sources)
         self._pool = ThreadPoolExecutor(parallelism - 1, thread_name_prefix="member") if parallelism > 1 else None
         self._parallelism = parallelism
         self._weights = torch.tensor([member.weight for member in spec.members], dtype=torch.float64)
         self._digests = {member.name: member.sha256 for member in spec.members}
+        self._source_digests = {name: source["sha256"] for name, source in self.sources.items()}
         self._groups = plan_groups(
             spec.members,
             [module.to(device).eval() for module in modules],
@@ -111,19 +114,15 @@ class Ensemble:
                 raise IntegrityError(f"member {member.name!r}: the manifest gives two digests for {member.weights}")
         verify_digests(model_dir, manifest.digests, owners={member.weights: member.name for member in spec.members})
         modules = [load_member(m, model_dir) for m in spec.members]
-        return cls(spec, modules, device, manifest.build, parallelism=parallelism)
+        return cls(spec, modules, device, manifest.build, manifest.sources, parallelism=parallelism)
 
     @classmethod
     def from_spec(cls, spec: EnsembleSpec, device: torch.device, *, parallelism: int = 1) -> Ensemble:
         """Load straight from ensembles.yaml paths (evaluation, in-process reference); checks pinned digests."""
-        digested = tuple(replace(m, sha256=sha256_of(spec.base_dir / m.weights)) for m in spec.members)
-        for declared, actual in zip(spec.members, digested, strict=True):
-            if declared.sha256 is not None and declared.sha256 != actual.sha256:
-                raise IntegrityError(
-                    f"member {declared.name!r}: {declared.weights}: sha256 {actual.sha256} != pinned {declared.sha256}"
-                )
+        digested = tuple(replace(m, sha256=source_digest(m, spec.base_dir)) for m in spec.members)
+        sources = {m.name: {"file": m.weights, "sha256": m.sha256, "state_dict": m.state_dict.to_dict()} for m in digested}
         modules = [load_member(member, spec.base_dir) for member in spec.members]
-        return cls(replace(spec, members=digested), modules, device, {}, parallelism=parallelism)
+        return cls(replace(spec, members=digested), modules, device, {}, sources, parallelism=parallelism)
 
     def prepare(self, row: Mapping[str, Any], headers: Mapping[str, Any]) -> PreparedRequest:
         """Parse, validate and decode one request; raises a RequestError naming what is wrong."""
@@ -225,6 +224,7 @@ class Ensemble:
                 "ensemble_version": self.spec.version,
                 "built_at": self.build.get("built_at"),
                 "member_sha256": self._digests,
+                "member_source_sha256": self._source_digests,
             },
         }
 
@@ -240,7 +240,14 @@ class Ensemble:
             "default_policy": {"name": self.spec.policy.name, "params": self.spec.policy.params()},
             "policies": policy_names(),
             "members": [
-                {"name": m.name, "arch": m.arch, "sha256": m.sha256, "weight": m.weight, "input": raw.get("input", spec["input"])}
+                {
+                    "name": m.name,
+                    "arch": m.arch,
+                    "sha256": m.sha256,
+                    "source": self.sources[m.name],
+                    "weight": m.weight,
+                    "input": raw.get("input", spec["input"]),
+                }
                 for m, raw in zip(self.spec.members, spec["members"], strict=True)
             ],
             "input": spec["input"],

@@ -25,7 +25,7 @@ from handlers.errors import ConfigError, InvalidPolicy
 from handlers.policies import TASKS, PolicySpec, resolve_policy
 
 MANIFEST_NAME = "ensemble.json"
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2
 INPUT_TYPES = ("image", "tensor")
 RESIZE_MODES = ("stretch", "center_crop")
 CHANNELS = {"RGB": 3, "L": 1}
@@ -36,6 +36,7 @@ MAX_TENSOR_DIMS = 4
 MAX_TENSOR_ELEMENTS = 16_000_000
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+_DOTTED = re.compile(r"[^.\s]+(\.[^.\s]+)*")
 
 
 @dataclass(frozen=True)
@@ -100,8 +101,30 @@ class Batching:
 
 
 @dataclass(frozen=True)
+class StateDictRules:
+    """Where a member's weights sit inside its checkpoint file, and how their keys become the architecture's.
+
+    Applied in this order: select `key`, remove keys matching a `drop` regex (searched anywhere in the
+    file's own key names), strip each prefix of `strip_prefix` in turn, apply each `rename` with re.sub.
+    """
+
+    key: str | None = None
+    drop: tuple[str, ...] = ()
+    strip_prefix: tuple[str, ...] = ()
+    rename: tuple[tuple[str, str], ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Only the rules that are set, in the schema ensembles.yaml uses."""
+        data: dict[str, Any] = {} if self.key is None else {"key": self.key}
+        for name in ("drop", "strip_prefix", "rename"):
+            if getattr(self, name):
+                data[name] = _lists(getattr(self, name))
+        return data
+
+
+@dataclass(frozen=True)
 class MemberSpec:
-    """One member: architecture, constructor kwargs, weights file and its pinned digest."""
+    """One member: architecture, constructor kwargs, weights file, its pinned digest and how to read it."""
 
     name: str
     arch: str
@@ -110,6 +133,7 @@ class MemberSpec:
     sha256: str | None = None
     weight: float = 1.0
     input: MemberInput | None = None
+    state_dict: StateDictRules = StateDictRules()
 
     @property
     def arch_file(self) -> str | None:
@@ -145,10 +169,13 @@ class EnsembleSpec:
         data = asdict(self)
         del data["name"], data["base_dir"]
         data["policy"] = {"name": self.policy.name, **self.policy.params()}
-        for member in data["members"]:
+        for member, spec in zip(data["members"], self.members, strict=True):
             for key in ("input", "sha256"):
                 if member[key] is None:
                     del member[key]
+            member["state_dict"] = spec.state_dict.to_dict()
+            if not member["state_dict"]:
+                del member["state_dict"]
         if self.positive_label is None:
             del data["positive_label"]
         return _lists(data)
@@ -156,11 +183,17 @@ class EnsembleSpec:
 
 @dataclass(frozen=True)
 class ArchiveManifest:
-    """What `ensemble.json` in a model archive says: the ensemble, file digests and build provenance."""
+    """What `ensemble.json` in a model archive says: the ensemble, file digests and build provenance.
+
+    `sources` maps each member to the checkpoint it was built from: `{"file", "sha256", "state_dict"}`,
+    the digest `sha256:` in ensembles.yaml pins and the rules the build applied. The archived weights
+    are already normalized, so the archived members carry no rules of their own.
+    """
 
     ensemble: EnsembleSpec
     digests: Mapping[str, str]
     build: Mapping[str, Any]
+    sources: Mapping[str, Mapping[str, Any]]
 
 
 def load_ensembles(path: Path, *, check_files: bool = True) -> dict[str, EnsembleSpec]:
@@ -189,7 +222,7 @@ def read_archive_manifest(model_dir: Path) -> ArchiveManifest:
     except (OSError, ValueError) as e:
         raise ConfigError(f"{MANIFEST_NAME}: cannot read: {e}") from e
     top = _Node(raw, "", MANIFEST_NAME)
-    top.keys(required={"format", "name", "ensemble", "digests", "build"})
+    top.keys(required={"format", "name", "ensemble", "digests", "build", "sources"})
     if top["format"].value != MANIFEST_FORMAT:
         top["format"].fail(f"unsupported manifest format {top['format'].value!r}; expected {MANIFEST_FORMAT}")
     name = top["name"].string()
@@ -198,10 +231,15 @@ def read_archive_manifest(model_dir: Path) -> ArchiveManifest:
         digests.fail("expected a mapping of archive paths to sha256 digests")
     for rel in digests.value:
         digests[rel].string(pattern=_SHA256, what="a lowercase hex sha256")
-    if not isinstance(top["build"].value, dict):
-        top["build"].fail("expected a mapping")
+    for key in ("build", "sources"):
+        if not isinstance(top[key].value, dict):
+            top[key].fail("expected a mapping")
     ensemble = parse_ensemble(name, top["ensemble"], base_dir=model_dir, check_files=True)
-    return ArchiveManifest(ensemble=ensemble, digests=dict(digests.value), build=dict(top["build"].value))
+    if sorted(top["sources"].value) != sorted(m.name for m in ensemble.members):
+        top["sources"].fail(f"expected one entry per member {[m.name for m in ensemble.members]}")
+    return ArchiveManifest(
+        ensemble=ensemble, digests=dict(digests.value), build=dict(top["build"].value), sources=dict(top["sources"].value)
+    )
 
 
 def parse_ensemble(name: str, node: _Node, *, base_dir: Path, check_files: bool) -> EnsembleSpec:
@@ -312,7 +350,7 @@ def _parse_tensor_input(node: _Node) -> TensorSpec:
 
 
 def _parse_member(node: _Node, ensemble_input: MemberInput, base_dir: Path, check_files: bool) -> MemberSpec:
-    node.keys(required={"name", "arch", "weights"}, optional={"kwargs", "sha256", "weight", "input"})
+    node.keys(required={"name", "arch", "weights"}, optional={"kwargs", "sha256", "weight", "input", "state_dict"})
     name = node["name"].string(pattern=_NAME, what=f"a name matching {_NAME.pattern}")
     arch = _parse_arch(node["arch"], base_dir)
     kwargs: dict[str, Any] = {}
@@ -330,9 +368,41 @@ def _parse_member(node: _Node, ensemble_input: MemberInput, base_dir: Path, chec
         member_input = _parse_input(node["input"], ensemble_input)
         if member_input == ensemble_input:
             member_input = None
+    rules = _parse_state_dict(node["state_dict"]) if "state_dict" in node else StateDictRules()
     return MemberSpec(
-        name=name, arch=arch, weights=weights, kwargs=kwargs, sha256=sha256, weight=weight, input=member_input
+        name=name, arch=arch, weights=weights, kwargs=kwargs, sha256=sha256, weight=weight, input=member_input, state_dict=rules
     )
+
+
+def _parse_state_dict(node: _Node) -> StateDictRules:
+    """`state_dict: {key, drop, strip_prefix, rename}`: every regex compiled and every replacement checked now."""
+    node.keys(optional={"key", "drop", "strip_prefix", "rename"})
+    rules = StateDictRules()
+    if "key" in node:
+        rules = replace(rules, key=node["key"].string(pattern=_DOTTED, what="a dotted path such as state_dict or model.ema"))
+    if "drop" in node:
+        drops = node["drop"]
+        rules = replace(rules, drop=tuple(drops[i].regex().pattern for i in range(len(drops.string_list(min_len=1)))))
+    if "strip_prefix" in node:
+        rules = replace(rules, strip_prefix=tuple(node["strip_prefix"].string_list(min_len=1)))
+    if "rename" in node:
+        renames = node["rename"]
+        if not isinstance(renames.value, list) or not renames.value:
+            renames.fail("expected a non-empty list of [regex, replacement] pairs")
+        rules = replace(rules, rename=tuple(_parse_rename(renames[i]) for i in range(len(renames.value))))
+    return rules
+
+
+def _parse_rename(node: _Node) -> tuple[str, str]:
+    pair = node.value
+    if not isinstance(pair, list) or len(pair) != 2 or not all(isinstance(part, str) for part in pair):
+        node.fail(f"expected a [regex, replacement] pair of strings, got {pair!r}")
+    pattern = node[0].regex()
+    try:
+        pattern.sub(pair[1], "")  # Python checks the replacement's group references here, before any match.
+    except (re.error, IndexError) as e:
+        node[1].fail(f"invalid replacement for {pattern.pattern!r}: {e}")
+    return pattern.pattern, pair[1]
 
 
 def _parse_arch(node: _Node, base_dir: Path) -> str:
@@ -431,6 +501,12 @@ class _Node:
         if pattern is not None and not pattern.fullmatch(self.value):
             self.fail(f"expected {what}, got {self.value!r}")
         return self.value
+
+    def regex(self) -> re.Pattern[str]:
+        try:
+            return re.compile(self.string(what="a regular expression"))
+        except re.error as e:
+            self.fail(f"invalid regular expression {self.value!r}: {e}")
 
     def choice(self, options: tuple[str, ...]) -> str:
         if self.value not in options:

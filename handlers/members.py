@@ -8,10 +8,19 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-import torch
 import torchvision.models
 from torch import nn
 
+from handlers.checkpoint_diagnosis import explain
+from handlers.checkpoints import (
+    CheckpointError,
+    State,
+    WeightsDoNotFit,
+    fit_weights,
+    read_checkpoint,
+    remap_keys,
+    select_weights,
+)
 from handlers.errors import IntegrityError, MemberLoadError
 from handlers.manifest import MemberSpec
 
@@ -41,6 +50,14 @@ def verify_digests(base_dir: Path, digests: Mapping[str, str], owners: Mapping[s
             raise IntegrityError(f"{where}: sha256 mismatch: manifest pins {expected}, file has {actual}")
 
 
+def source_digest(member: MemberSpec, base_dir: Path) -> str:
+    """The sha256 of the member's weights file, refused when ensembles.yaml pins another one."""
+    actual = sha256_of(base_dir / member.weights)
+    if member.sha256 is not None and member.sha256 != actual:
+        raise IntegrityError(f"member {member.name!r}: {member.weights}: sha256 {actual} != pinned {member.sha256}")
+    return actual
+
+
 def build_member(member: MemberSpec, base_dir: Path) -> nn.Module:
     """Instantiate the member's architecture with random weights (never downloads any)."""
     try:
@@ -54,22 +71,29 @@ def build_member(member: MemberSpec, base_dir: Path) -> nn.Module:
 
 
 def load_member(member: MemberSpec, base_dir: Path) -> nn.Module:
-    """Build the member and load its state_dict with weights_only=True and strict=True, in eval mode."""
+    """Build the member and load its weights strictly (`weights_only=True` or safetensors), in eval mode."""
     module = build_member(member, base_dir)
-    path = base_dir / member.weights
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # weights_only refuses pickled objects; say which member carried them.
-        raise MemberLoadError(f"member {member.name!r}: cannot load {member.weights} as a state_dict: {e}") from e
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise MemberLoadError(
-            f"member {member.name!r}: {member.weights} is not a state_dict of tensors (whole pickled models are refused)"
-        )
-    try:
-        module.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise MemberLoadError(f"member {member.name!r}: state_dict does not fit {member.arch}: {e}") from e
+    module.load_state_dict(member_weights(member, base_dir, module), strict=True)
     return module.eval()
+
+
+def member_weights(member: MemberSpec, base_dir: Path, module: nn.Module) -> State:
+    """The member's weights as one flat state_dict that fits `module`: picked, renamed and cast by its rules.
+
+    When they do not fit, the error names the member, counts what is missing, unexpected or of
+    another shape with a few examples, and proposes the `state_dict:` block that fixes it.
+    """
+    where = f"member {member.name!r}: {member.weights}"
+    try:
+        content = read_checkpoint(base_dir / member.weights)
+    except CheckpointError as e:
+        raise MemberLoadError(f"{where}: {e}") from e
+    target = module.state_dict()
+    try:
+        return fit_weights(remap_keys(select_weights(content, member.state_dict.key), member.state_dict), target)
+    except CheckpointError as e:
+        what = f"weights do not fit {member.arch} (strict loading): {e}" if isinstance(e, WeightsDoNotFit) else str(e)
+        raise MemberLoadError(f"{where}: {what}{explain(content, target, member.state_dict)}") from e
 
 
 def _import_file(path: Path) -> object:

@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from archive_scripts.build_archives import build_archive
+from handlers.checkpoints import CONVERT
 from handlers.errors import IntegrityError, MemberLoadError
 from handlers.manifest import load_ensembles
 from handlers.members import sha256_of
@@ -28,15 +29,20 @@ def test_archive_contents(test_store: Path) -> None:
         mar_manifest = json.loads(archive.read("MAR-INF/MANIFEST.json"))
         digests_ok = {rel: hashlib.sha256(archive.read(rel)).hexdigest() == digest for rel, digest in manifest["digests"].items()}
     assert {"ensemble_handler.py", "ensemble.json", "model-config.yaml", "code/fixture_models.py"} <= names
-    assert {"members/mobile.pt", "members/pool_rgb.pt", "members/pool_gray.pt", "handlers/policies.py"} <= names
+    assert {"members/mobile.safetensors", "members/pool_rgb.safetensors", "members/pool_gray.safetensors", "handlers/policies.py"} <= names
     assert not any("__pycache__" in name for name in names)
     assert mar_manifest["model"]["handler"] == "ensemble_handler.py"
     assert (mar_manifest["model"]["modelName"], mar_manifest["model"]["modelVersion"]) == ("trio", "2.1")
     assert model_config == {"minWorkers": 1, "maxWorkers": 1, "batchSize": 8, "maxBatchDelay": 300, "responseTimeout": 60}
     assert set(digests_ok.values()) == {True}
     spec = source_spec(test_store, "trio")
-    assert [m["sha256"] for m in manifest["ensemble"]["members"]] == [sha256_of(spec.base_dir / m.weights) for m in spec.members]
-    assert [m["weights"] for m in manifest["ensemble"]["members"]] == ["members/mobile.pt", "members/pool_rgb.pt", "members/pool_gray.pt"]
+    archived = ["members/mobile.safetensors", "members/pool_rgb.safetensors", "members/pool_gray.safetensors"]
+    assert [m["weights"] for m in manifest["ensemble"]["members"]] == archived
+    assert [m["sha256"] for m in manifest["ensemble"]["members"]] == [manifest["digests"][rel] for rel in archived]
+    assert not any("state_dict" in m for m in manifest["ensemble"]["members"])
+    assert manifest["sources"] == {
+        m.name: {"file": m.weights, "sha256": sha256_of(spec.base_dir / m.weights), "state_dict": {}} for m in spec.members
+    }
     assert set(manifest["build"]) == {"built_at", "python", "torch", "torchvision", "torchserve", "torch_model_archiver"}
     assert (manifest["build"]["torch"], manifest["build"]["torchserve"]) == (torch.__version__, "0.12.0")
 
@@ -65,8 +71,11 @@ def test_declared_digest_mismatch_is_refused(ensemble_yaml: Callable[..., Path],
 
 def test_state_dict_that_does_not_fit_is_refused(ensemble_yaml: Callable[..., Path], tmp_path: Path) -> None:
     error, _ = failing_build(ensemble_yaml, tmp_path, lambda e, _: e["members"][1]["kwargs"].update(num_classes=4))
-    assert str(error).startswith("member 'pool_rgb': state_dict does not fit fixture_models.py:PoolNet: ")
-    assert "size mismatch for head.weight" in str(error)
+    assert str(error) == (
+        "member 'pool_rgb': pool_rgb.pt: weights do not fit fixture_models.py:PoolNet (strict loading): "
+        "0 missing, 0 unexpected, 2 of another shape\n"
+        "  another shape (2): head.weight: file [3, 8], model [4, 8]; head.bias: file [3], model [4]"
+    )
 
 
 def test_pickled_whole_model_is_refused(ensemble_yaml: Callable[..., Path], tmp_path: Path) -> None:
@@ -75,7 +84,11 @@ def test_pickled_whole_model_is_refused(ensemble_yaml: Callable[..., Path], tmp_
         ensemble["members"][0]["weights"] = "whole.pt"
 
     error, _ = failing_build(ensemble_yaml, tmp_path, pickle_whole_model)
-    assert str(error).startswith("member 'mobile': cannot load whole.pt as a state_dict: Weights only load failed.")
+    assert str(error) == (
+        "member 'mobile': whole.pt: holds pickled Python objects (torch.nn.modules.linear.Linear) that "
+        "torch.load(weights_only=True) refuses, as in a whole model saved with torch.save(model) or a checkpoint "
+        f"with custom classes; it is never loaded unsafely. {CONVERT}"
+    )
 
 
 def test_wrong_output_size_is_refused(ensemble_yaml: Callable[..., Path], tmp_path: Path) -> None:

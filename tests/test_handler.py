@@ -98,9 +98,11 @@ def test_response_shape_and_provenance(trio: tuple[EnsembleHandler, Context], te
     [(status, body, _)] = serve(handler, context, [raw(image_bytes(4), **{"X-Ensemble-Policy": "k_of_n", "X-Ensemble-K": "2"})])
     spec = source_spec(test_store, "trio")
     digests = {m.name: sha256_of(spec.base_dir / m.weights) for m in spec.members}
+    archived = {m.name: sha256_of(handler.ensemble.spec.base_dir / m.weights) for m in handler.ensemble.spec.members}
     assert status == 200
     assert (body["ensemble"], body["version"], body["policy"]) == ("trio", "2.1", {"name": "k_of_n", "params": {"k": 2}})
-    assert body["provenance"]["member_sha256"] == digests
+    assert body["provenance"]["member_sha256"] == archived
+    assert body["provenance"]["member_source_sha256"] == digests
     assert body["provenance"]["ensemble_version"] == "2.1"
     prediction = body["predictions"][0]
     assert set(prediction) == {"label", "score", "members"}
@@ -116,10 +118,19 @@ def test_describe_lists_members_digests_and_policies(trio: tuple[EnsembleHandler
     assert described["policies"] == ["all", "any", "k_of_n", "majority", "max", "mean"]
     assert described["default_policy"] == {"name": "mean", "params": {}}
     assert described["labels"] == ["cat", "dog", "fox"]
-    assert [(m["name"], m["arch"], m["sha256"]) for m in described["members"]] == [
-        ("mobile", "torchvision:mobilenet_v3_small", sha256_of(spec.base_dir / "mobile.pt")),
-        ("pool_rgb", "code/fixture_models.py:PoolNet", sha256_of(spec.base_dir / "pool_rgb.pt")),
-        ("pool_gray", "code/fixture_models.py:PoolNet", sha256_of(spec.base_dir / "pool_gray.pt")),
+    model_dir = handler.ensemble.spec.base_dir
+    assert [(m["name"], m["arch"], m["sha256"], m["source"]) for m in described["members"]] == [
+        (
+            name,
+            arch,
+            sha256_of(model_dir / "members" / f"{name}.safetensors"),
+            {"file": f"{name}.pt", "sha256": sha256_of(spec.base_dir / f"{name}.pt"), "state_dict": {}},
+        )
+        for name, arch in [
+            ("mobile", "torchvision:mobilenet_v3_small"),
+            ("pool_rgb", "code/fixture_models.py:PoolNet"),
+            ("pool_gray", "code/fixture_models.py:PoolNet"),
+        ]
     ]
     assert described["members"][2]["input"]["color_mode"] == "L"
     assert described["device"] == "cpu"
@@ -134,24 +145,24 @@ def test_explanations_are_answered_as_predictions(trio: tuple[EnsembleHandler, C
 
 def test_tampered_weights_are_refused_before_loading(test_store: Path, tmp_path: Path) -> None:
     model_dir = extract(test_store, "trio", tmp_path)
-    weights = model_dir / "members" / "pool_rgb.pt"
+    weights = model_dir / "members" / "pool_rgb.safetensors"
     pinned = sha256_of(weights)
     weights.write_bytes(weights.read_bytes() + b"\0")
     with pytest.raises(IntegrityError) as caught:
         EnsembleHandler().initialize(make_context(model_dir, "trio"))
     assert str(caught.value) == (
-        f"member 'pool_rgb': members/pool_rgb.pt: sha256 mismatch: manifest pins {pinned}, file has {sha256_of(weights)}"
+        f"member 'pool_rgb': members/pool_rgb.safetensors: sha256 mismatch: manifest pins {pinned}, file has {sha256_of(weights)}"
     )
 
 
 def test_weights_missing_from_the_manifest_digests_are_refused(test_store: Path, tmp_path: Path) -> None:
     model_dir = extract(test_store, "trio", tmp_path)
     manifest = json.loads((model_dir / "ensemble.json").read_text())
-    del manifest["digests"]["members/pool_gray.pt"]
+    del manifest["digests"]["members/pool_gray.safetensors"]
     (model_dir / "ensemble.json").write_text(json.dumps(manifest))
     with pytest.raises(IntegrityError) as caught:
         EnsembleHandler().initialize(make_context(model_dir, "trio"))
-    assert str(caught.value) == "member 'pool_gray': the manifest pins no digest for ['members/pool_gray.pt']"
+    assert str(caught.value) == "member 'pool_gray': the manifest pins no digest for ['members/pool_gray.safetensors']"
 
 
 def test_one_bad_image_fails_its_whole_request_only(trio: tuple[EnsembleHandler, Context], test_store: Path) -> None:

@@ -69,7 +69,7 @@ def test_every_torch_load_is_weights_only() -> None:
         if isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute) and call.func.attr == "load"
         and isinstance(call.func.value, ast.Name) and call.func.value.id == "torch"
     ]
-    assert [name for name, _ in loads] == ["members.py"]
+    assert [name for name, _ in loads] == ["checkpoints.py"]
     for _, call in loads:
         assert any(k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True for k in call.keywords)
 

@@ -1,0 +1,223 @@
+"""Explain why a checkpoint does not fit an architecture, and propose the `state_dict:` block that makes it fit.
+
+The proposal is searched, not guessed: every candidate block is applied with the same `remap_keys`
+the build uses and scored by how many of the architecture's tensors it fills with the right shape.
+Candidates come from the file's structure:
+- weights nested in a checkpoint dict -> `key:` (every mapping of tensors in the file is tried);
+- a dotted prefix shared by every key (`module.`, `_orig_mod.`, `model.`) -> `strip_prefix:`;
+- a prefix every key of the architecture has and the file lacks -> `rename: [['^', 'prefix.']]`;
+- known historical namings (DenseNet's `norm.1` before torchvision 0.4) -> `rename:`;
+- a layer wrapped in a Sequential by its author (`classifier.0.weight` for `classifier.weight`) -> `rename:`;
+- leftovers the architecture has no place for (a loss's buffers) -> `drop:`, only once nothing is missing.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+import yaml
+
+from handlers.checkpoints import CheckpointError, Mismatch, State, compare, remap_keys, select_weights
+from handlers.manifest import StateDictRules
+
+MAX_DEPTH = 4
+KNOWN_RENAMES: tuple[tuple[str, str, str], ...] = (
+    ("torchvision DenseNet before 0.4 (norm.1 -> norm1)", r"(denselayer\d+\.(?:norm|relu|conv))\.([12])\.", r"\1\2."),
+)
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """The best block found and what is still wrong with it (nothing, when it fits)."""
+
+    rules: StateDictRules
+    mismatch: Mismatch
+
+    def block(self, indent: str = "") -> str:
+        """The block as YAML, ready to paste under a member in ensembles.yaml."""
+        text = yaml.safe_dump({"state_dict": self.rules.to_dict()}, sort_keys=False, default_flow_style=None, width=200)
+        return "\n".join(indent + line for line in text.rstrip().splitlines())
+
+
+def weight_paths(content: Any) -> list[tuple[str | None, int]]:
+    """Every mapping of tensors in the file, as (dotted key or None for the file itself, tensor count)."""
+    found: list[tuple[str | None, int]] = []
+
+    def walk(value: Any, path: list[str]) -> None:
+        if not isinstance(value, Mapping) or not value or len(path) > MAX_DEPTH:
+            return
+        if all(isinstance(v, torch.Tensor) for v in value.values()):
+            found.append((".".join(path) or None, len(value)))
+            return
+        for name, item in value.items():
+            if isinstance(name, str) and "." not in name:
+                walk(item, [*path, name])
+
+    walk(content, [])
+    return found
+
+
+def propose(content: Any, target: Mapping[str, torch.Tensor]) -> Proposal | None:
+    """The block that fills the most of `target` (the module's state_dict), or None when the file has no weights."""
+    best: tuple[tuple[int, int], Proposal] | None = None
+    for key, _ in weight_paths(content):
+        state = select_weights(content, key)
+        proposal = _best_for(state, StateDictRules(key=key), target)
+        score = _score(proposal.mismatch, target)
+        if best is None or score > best[0]:
+            best = (score, proposal)
+    return None if best is None else best[1]
+
+
+def explain(content: Any, target: Mapping[str, torch.Tensor], given: StateDictRules) -> str:
+    """What to change, appended to a load error: a block that fits, or the closest one and what it leaves."""
+    try:
+        proposal = propose(content, target)
+    except CheckpointError:  # Every candidate collided: there is nothing better to propose than the error itself.
+        return ""
+    if proposal is None or proposal.rules == given:
+        return ""
+    if proposal.mismatch.fits:
+        return "\nThis state_dict: block loads every tensor strictly; put it under the member in ensembles.yaml:\n" + proposal.block("  ")
+    if _score(proposal.mismatch, target) <= _score(_given_mismatch(content, target, given), target):
+        return ""
+    return (
+        "\nThe closest state_dict: block found still leaves "
+        + proposal.mismatch.summary()
+        + "\n"
+        + proposal.block("  ")
+    )
+
+
+def layout(content: Any) -> list[str]:
+    """The file's structure for the inspector: top-level entries, tensor counts, bytes, dtypes, shared prefixes."""
+    lines = []
+    if isinstance(content, Mapping) and not all(isinstance(v, torch.Tensor) for v in content.values()):
+        lines.append(f"a checkpoint dict with {len(content)} top-level entries:")
+        for name, value in content.items():
+            lines.append(f"  {name}: {_entry(value)}")
+    for key, count in weight_paths(content):
+        tensors = list(select_weights(content, key).items())
+        size = sum(t.numel() * t.element_size() for _, t in tensors)
+        dtypes = Counter(str(t.dtype).removeprefix("torch.") for _, t in tensors)
+        lines.append(f"weights at {'the top level' if key is None else f'key {key!r}'}: {count} tensors, {size / 1e6:.1f} MB")
+        lines.append(f"  dtypes: {', '.join(f'{d} x{n}' for d, n in dtypes.most_common())}")
+        prefix = _shared_prefix([name for name, _ in tensors])
+        lines.append(f"  prefix shared by every key: {prefix!r}" if prefix else "  no prefix shared by every key")
+        lines.append(f"  first keys: {', '.join(name for name, _ in tensors[:5])}")
+    if len(lines) == 0:
+        lines.append(f"no mapping of tensors found in this file (it holds a {type(content).__name__})")
+    return lines
+
+
+def _best_for(state: State, base: StateDictRules, target: Mapping[str, torch.Tensor]) -> Proposal:
+    """Try each prefix to strip or add and each known rename; then collapse Sequential indices and drop leftovers."""
+    candidates = [replace(base, strip_prefix=strip) for strip in _strip_options(state)]
+    candidates += [replace(base, rename=((r"^", prefix),)) for prefix in _add_options(state, target)]
+    scored = [(_score(_mismatch(state, rules, target), target), rules) for rules in candidates]
+    rules = max(scored, key=lambda item: item[0])[1]
+    for _, pattern, replacement in KNOWN_RENAMES:
+        attempt = replace(rules, rename=(*rules.rename, (pattern, replacement)))
+        if _score(_mismatch(state, attempt, target), target) > _score(_mismatch(state, rules, target), target):
+            rules = attempt
+    rules = replace(rules, rename=(*rules.rename, *_sequential_collapses(state, rules, target)))
+    mismatch = _mismatch(state, rules, target)
+    if mismatch.unexpected and not mismatch.missing and not mismatch.reshaped:
+        rules = replace(rules, drop=_drops(state, rules, set(mismatch.unexpected)))
+        mismatch = _mismatch(state, rules, target)
+    return Proposal(rules, mismatch)
+
+
+def _strip_options(state: State) -> list[tuple[str, ...]]:
+    parts = _shared_prefix(list(state)).split(".")[:-1]
+    return [tuple(f"{part}." for part in parts[:n]) for n in range(len(parts) + 1)]
+
+
+def _add_options(state: State, target: Mapping[str, torch.Tensor]) -> list[str]:
+    """Prefixes of the architecture's keys (e.g. `model.`) that the file's keys lack."""
+    parts = _shared_prefix(list(target)).split(".")[:-1]
+    options = ["".join(f"{part}." for part in parts[:n]) for n in range(1, len(parts) + 1)]
+    return [prefix for prefix in options if not all(name.startswith(prefix) for name in state)]
+
+
+def _sequential_collapses(state: State, rules: StateDictRules, target: Mapping[str, torch.Tensor]) -> list[tuple[str, str]]:
+    """`head.0.weight` -> `head.weight` where the architecture has the latter with the same shape."""
+    renamed = remap_keys(state, rules)
+    found: dict[str, tuple[str, str]] = {}
+    for name, (_, tensor) in renamed.items():
+        if name in target:
+            continue
+        parts = name.split(".")
+        for i, part in enumerate(parts[:-1]):
+            shorter = ".".join(parts[:i] + parts[i + 1 :])
+            if part.isdigit() and shorter in target and tuple(target[shorter].shape) == tuple(tensor.shape):
+                stem = ".".join(parts[:i])
+                found.setdefault(f"{stem}.{part}", ("^" + re.escape(f"{stem}.{part}."), f"{stem}." if stem else ""))
+                break
+    return list(found.values())
+
+
+def _drops(state: State, rules: StateDictRules, unexpected: set[str]) -> tuple[str, ...]:
+    """Drop regexes for the file's keys whose new names the architecture lacks: by top entry when all of it goes."""
+    sources = {source for name, (source, _) in remap_keys(state, rules).items() if name in unexpected}
+    by_root: dict[str, list[str]] = {}
+    for source in state:
+        by_root.setdefault(source.split(".")[0], []).append(source)
+    drops = []
+    for root, members in by_root.items():
+        gone = [source for source in members if source in sources]
+        if gone and len(gone) == len(members) and len(members) > 1:
+            drops.append("^" + re.escape(f"{root}."))
+        else:
+            drops.extend(f"^{re.escape(source)}$" for source in gone)
+    return tuple(drops)
+
+
+def _mismatch(state: State, rules: StateDictRules, target: Mapping[str, torch.Tensor]) -> Mismatch:
+    try:
+        return compare(remap_keys(state, rules), target)
+    except CheckpointError:  # Two keys collide under these rules: as bad as matching nothing.
+        return Mismatch(missing=tuple(target), unexpected=tuple(state), reshaped=())
+
+
+def _given_mismatch(content: Any, target: Mapping[str, torch.Tensor], given: StateDictRules) -> Mismatch:
+    try:
+        return _mismatch(select_weights(content, given.key), given, target)
+    except CheckpointError:
+        return Mismatch(missing=tuple(target), unexpected=(), reshaped=())
+
+
+def _score(mismatch: Mismatch, target: Mapping[str, torch.Tensor]) -> tuple[int, int]:
+    """More of the architecture filled with the right shape first, then fewer leftovers."""
+    filled = len(target) - len(mismatch.missing) - len(mismatch.reshaped)
+    return filled, -len(mismatch.unexpected)
+
+
+def _shared_prefix(names: list[str]) -> str:
+    """The longest run of whole dotted components every name starts with, ending in a dot ('' if none)."""
+    if not names:
+        return ""
+    split = [name.split(".")[:-1] for name in names]
+    shared: list[str] = []
+    for parts in zip(*split, strict=False):
+        if len(set(parts)) != 1:
+            break
+        shared.append(parts[0])
+    return "".join(f"{part}." for part in shared)
+
+
+def _entry(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"tensor {list(value.shape)} {str(value.dtype).removeprefix('torch.')}"
+    if isinstance(value, Mapping):
+        tensors = sum(isinstance(v, torch.Tensor) for v in value.values())
+        return f"mapping of {len(value)} entries ({tensors} tensors)"
+    if isinstance(value, (list, tuple)):
+        return f"{type(value).__name__} of {len(value)}"
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"
