@@ -7,7 +7,7 @@ INSTALLED := $(VENV)/.installed-$(shell sha256sum requirements.txt | cut -c1-12)
 TRAINED := artifacts/weights/.trained
 NAME ?= shapes
 
-.PHONY: setup demo build serve stop test register unregister rebuild evaluate bench bench-quick bench-mlp bench-profile bench-batching bench-fused reliability reliability-full clean
+.PHONY: setup demo build serve stop test register unregister rebuild evaluate inspect bench bench-quick bench-mlp bench-profile bench-batching bench-fused reliability reliability-full clean
 
 $(INSTALLED): requirements.txt
 	@command -v java >/dev/null 2>&1 || { echo "installing a Java runtime for TorchServe"; \
@@ -56,6 +56,10 @@ rebuild: $(TRAINED)
 
 evaluate: $(TRAINED)
 	$(PY) -m archive_scripts.evaluate_demo
+
+inspect: $(INSTALLED)
+	@test -n "$(FILE)" -a -n "$(ARCH)" || { echo "usage: make inspect FILE=path/to/checkpoint ARCH=torchvision:<builder>|<file.py>:<Class> [KWARGS='{\"num_classes\": 14}']"; exit 2; }
+	$(PY) -m archive_scripts.inspect_checkpoint "$(FILE)" --arch "$(ARCH)" --kwargs '$(or $(KWARGS),{})'
 
 BENCH_INSTALLED := $(VENV)/.bench-$(shell sha256sum bench/requirements.txt | cut -c1-12)
 

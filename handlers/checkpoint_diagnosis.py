@@ -20,7 +20,6 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
-import yaml
 
 from handlers.checkpoints import CheckpointError, Mismatch, State, compare, remap_keys, select_weights
 from handlers.manifest import StateDictRules
@@ -39,9 +38,18 @@ class Proposal:
     mismatch: Mismatch
 
     def block(self, indent: str = "") -> str:
-        """The block as YAML, ready to paste under a member in ensembles.yaml."""
-        text = yaml.safe_dump({"state_dict": self.rules.to_dict()}, sort_keys=False, default_flow_style=None, width=200)
-        return "\n".join(indent + line for line in text.rstrip().splitlines())
+        """The block as YAML, ready to paste under a member in ensembles.yaml; every string single-quoted."""
+        rules = self.rules
+        lines = ["state_dict:"]
+        if rules.key is not None:
+            lines.append(f"  key: {_quoted(rules.key)}")
+        for name in ("drop", "strip_prefix"):
+            if getattr(rules, name):
+                lines.append(f"  {name}: [{', '.join(map(_quoted, getattr(rules, name)))}]")
+        if rules.rename:
+            lines.append("  rename:")
+            lines.extend(f"    - [{_quoted(pattern)}, {_quoted(replacement)}]" for pattern, replacement in rules.rename)
+        return "\n".join(indent + line for line in lines)
 
 
 def weight_paths(content: Any) -> list[tuple[str | None, int]]:
@@ -209,6 +217,11 @@ def _shared_prefix(names: list[str]) -> str:
             break
         shared.append(parts[0])
     return "".join(f"{part}." for part in shared)
+
+
+def _quoted(text: str) -> str:
+    """A YAML single-quoted scalar: backslashes stay literal, quotes double."""
+    return "'" + text.replace("'", "''") + "'"
 
 
 def _entry(value: Any) -> str:

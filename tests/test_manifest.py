@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from handlers.errors import ConfigError
-from handlers.manifest import InputSpec, TensorSpec, load_ensembles
+from handlers.manifest import InputSpec, StateDictRules, TensorSpec, load_ensembles
 from handlers.policies import PolicySpec
 from tests.conftest import write_tensor_ensemble
 
@@ -41,6 +41,7 @@ def test_shipped_ensembles_yaml_is_valid() -> None:
 
 
 PREFIX = "ensembles.yaml: ensembles.trio"
+RULES = f"{PREFIX}.members[0].state_dict"
 
 
 @pytest.mark.parametrize(
@@ -75,6 +76,16 @@ PREFIX = "ensembles.yaml: ensembles.trio"
         pytest.param(lambda e: e.update(batching={"fuse_members": "yes"}), f"{PREFIX}.batching.fuse_members: expected true or false, got 'yes'", id="fuse-not-bool"),
         pytest.param(lambda e: e.update(batching={"workers": True}), f"{PREFIX}.batching.workers: expected an integer from 1 to 64, got True", id="bool-not-int"),
         pytest.param(lambda e: e.update(limits={"formats": ["JPEG", "XCF"]}), f"{PREFIX}.limits.formats[1]: unknown image format 'XCF'; known: JPEG, PNG, WEBP, BMP, GIF, TIFF", id="format"),
+        pytest.param(lambda e: e["members"][0].update(state_dict={"prefix": "m."}), f"{RULES}.prefix: unknown key; valid keys here: drop, key, rename, strip_prefix", id="rules-unknown-key"),
+        pytest.param(lambda e: e["members"][0].update(state_dict={"key": "a..b"}), f"{RULES}.key: expected a dotted path such as state_dict or model.ema, got 'a..b'", id="rules-key-not-dotted"),
+        pytest.param(lambda e: e["members"][0].update(state_dict={"strip_prefix": "module."}), f"{RULES}.strip_prefix: expected a list of at least 1 string(s), got 'module.'", id="rules-strip-not-list"),
+        pytest.param(lambda e: e["members"][0].update(state_dict={"rename": []}), f"{RULES}.rename: expected a non-empty list of [regex, replacement] pairs", id="rules-rename-empty"),
+        pytest.param(lambda e: e["members"][0].update(state_dict={"rename": [["a"]]}), f"{RULES}.rename[0]: expected a [regex, replacement] pair of strings, got ['a']", id="rules-rename-not-pair"),
+        pytest.param(lambda e: e["members"][0].update(state_dict={"rename": [["(", "x"]]}), f"{RULES}.rename[0][0]: invalid regular expression '(': missing ), unterminated subpattern at position 0", id="rules-rename-bad-regex"),
+        pytest.param(lambda e: e["members"][0].update(state_dict={"rename": [["a", "\\2"]]}), f"{RULES}.rename[0][1]: invalid replacement for 'a': invalid group reference 2 at position 1", id="rules-rename-bad-group"),
+        pytest.param(lambda e: e["members"][0].update(state_dict={"rename": [["(?P<x>a)", "\\g<y>"]]}), f"{RULES}.rename[0][1]: invalid replacement for '(?P<x>a)': unknown group name 'y'", id="rules-rename-unknown-name"),
+        pytest.param(lambda e: e["members"][0].update(state_dict={"drop": ["["]}), f"{RULES}.drop[0]: invalid regular expression '[': unterminated character set at position 0", id="rules-drop-bad-regex"),
+        pytest.param(lambda e: e["members"][0].update(state_dict={"drop": []}), f"{RULES}.drop: expected a list of at least 1 string(s), got []", id="rules-drop-empty"),
     ],
 )
 def test_invalid_ensemble_is_rejected_with_key_path(
@@ -144,8 +155,21 @@ def test_missing_weights_are_allowed_before_training(ensemble_yaml: Callable[...
     assert load_ensembles(path, check_files=False)["trio"].members[0].weights == "later.pt"
 
 
+def test_state_dict_rules_parse_in_schema_order(ensemble_yaml: Callable[..., Path]) -> None:
+    rules = {"key": "ckpt.ema", "drop": ["^criterion\\."], "strip_prefix": ["module.", "_orig_mod."], "rename": [["^fc\\.", "head."]]}
+    path = edit(ensemble_yaml(), lambda e: e["members"][1].update(state_dict=rules))
+    spec = load_ensembles(path)["trio"]
+    assert spec.members[1].state_dict == StateDictRules(
+        key="ckpt.ema", drop=("^criterion\\.",), strip_prefix=("module.", "_orig_mod."), rename=(("^fc\\.", "head."),)
+    )
+    assert spec.members[1].state_dict.to_dict() == rules
+    assert spec.members[0].state_dict == StateDictRules()
+    assert "state_dict" not in spec.to_dict()["members"][0]
+
+
 def test_to_dict_round_trips(ensemble_yaml: Callable[..., Path], tmp_path: Path) -> None:
-    spec = load_ensembles(ensemble_yaml())["trio"]
+    rules = {"key": "state_dict", "strip_prefix": ["module."]}
+    spec = load_ensembles(edit(ensemble_yaml(), lambda e: e["members"][0].update(state_dict=rules)))["trio"]
     again = tmp_path / "ensemble" / "again.yaml"
     again.write_text(yaml.safe_dump({"ensembles": {"trio": spec.to_dict()}}))
     assert load_ensembles(again)["trio"] == spec

@@ -1,0 +1,68 @@
+"""Show a checkpoint file's layout and the `state_dict:` block that loads it strictly into an architecture.
+
+Usage: python -m archive_scripts.inspect_checkpoint FILE --arch ARCH [--kwargs JSON]
+       (or make inspect FILE=... ARCH=... KWARGS='{"num_classes": 14}')
+
+ARCH is written as in ensembles.yaml: `torchvision:<builder>` or `<path/to/file.py>:<Class>` (relative
+to the current folder). The file is read exactly as the build reads it (weights_only=True or
+safetensors); nothing is downloaded and nothing pickled is run. Exit status 0 when a block that fits
+every tensor was found, 1 when something is still missing, 2 when the file or architecture is unusable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from handlers.checkpoint_diagnosis import layout, propose
+from handlers.checkpoints import CheckpointError, compare, read_checkpoint
+from handlers.errors import MemberLoadError
+from handlers.manifest import MemberSpec
+from handlers.members import build_member, sha256_of
+
+
+def inspect(path: Path, arch: str, kwargs: dict) -> tuple[str, bool]:
+    """The report, and whether a block that loads every tensor strictly was found."""
+    content = read_checkpoint(path)
+    target = build_member(MemberSpec(name="inspected", arch=arch, weights=str(path), kwargs=kwargs), Path.cwd()).state_dict()
+    lines = [f"{path}: {path.stat().st_size / 1e6:.1f} MB, sha256 {sha256_of(path)}", *layout(content), ""]
+    lines.append(f"against {arch} {json.dumps(kwargs)} ({len(target)} tensors):")
+    if isinstance(content, dict) and all(isinstance(v, torch.Tensor) for v in content.values()):
+        lines.append("  as the file is: " + compare(content, target).summary().replace("\n", "\n  "))
+    proposal = propose(content, target)
+    if proposal is None:
+        lines.append("  no mapping of tensors in this file; there is nothing to load")
+        return "\n".join(lines), False
+    if proposal.mismatch.fits:
+        lines.append("  this state_dict: block loads every tensor strictly (add it to the member in ensembles.yaml):")
+        lines.append(proposal.block("    ") if proposal.rules.to_dict() else "    none needed: the file loads as it is")
+        return "\n".join(lines), True
+    lines.append("  no block loads every tensor; the closest one still leaves " + proposal.mismatch.summary().replace("\n", "\n  "))
+    lines.append(proposal.block("    "))
+    return "\n".join(lines), False
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("file", type=Path)
+    parser.add_argument("--arch", required=True, help="torchvision:<builder> or <path/to/file.py>:<Class>")
+    parser.add_argument("--kwargs", default="{}", help="constructor keyword arguments as a JSON object")
+    args = parser.parse_args()
+    try:
+        kwargs = json.loads(args.kwargs)
+        if not isinstance(kwargs, dict):
+            raise ValueError("expected a JSON object")
+        report, fits = inspect(args.file, args.arch, kwargs)
+    except (CheckpointError, MemberLoadError, ValueError) as e:
+        print(f"{args.file}: {e}", file=sys.stderr)
+        raise SystemExit(2) from e
+    print(report)
+    raise SystemExit(0 if fits else 1)
+
+
+if __name__ == "__main__":
+    main()
