@@ -58,14 +58,19 @@ def old_densenet_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return {re.sub(r"(denselayer\d+\.(?:norm|relu|conv))([12])\.", r"\1.\2.", key): value for key, value in state.items()}
 
 
+def chexnet(seed: int = 3) -> CheXNet:
+    """A randomly initialised CheXNet, the same for the same seed."""
+    torch.manual_seed(seed)
+    return randomize(CheXNet(), seed)
+
+
 def write_chexnet(path: Path, seed: int = 3) -> CheXNet:
     """Write a CheXNet checkpoint in its published layout; return the module it holds.
 
     A dict with the training state around the weights, which sit under `state_dict`, every key with
     DataParallel's `module.` and the wrapper's `densenet121.`, dense layers named the pre-0.4 way.
     """
-    torch.manual_seed(seed)
-    module = randomize(CheXNet(), seed)
+    module = chexnet(seed)
     state = old_densenet_names(nn.DataParallel(module).state_dict())
     torch.save({"epoch": 7, "arch": "densenet121", "best_loss": 0.1532, "state_dict": state}, path)
     return module

@@ -21,6 +21,7 @@ from archive_scripts.build_archives import build_archive
 from handlers.ensemble import Ensemble
 from handlers.manifest import EnsembleSpec, load_ensembles
 from handlers.preprocess import decode_image
+from tests.checkpoint_layouts import write_chexnet_ensemble
 from tests.fixture_models import PoolNet, TinyMLP
 
 HERE = Path(__file__).parent
@@ -130,7 +131,8 @@ TEST_ENSEMBLES = {
 
 @pytest.fixture(scope="session")
 def test_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A model store holding trio.mar (multiclass), pair.mar (binary), tags.mar (multilabel) and vectors.mar (tensors).
+    """A model store holding trio.mar (multiclass), pair.mar (binary), tags.mar (multilabel), vectors.mar (tensors)
+    and chexnet.mar (a DenseNet121 from CheXNet's published checkpoint layout, through state_dict: rules).
 
     Built once per session with the real build script and torch-model-archiver.
     """
@@ -139,6 +141,7 @@ def test_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
         spec = load_ensembles(write_ensemble(root / "src" / name, name, **overrides))[name]
         build_archive(spec, root / "model_store")
     build_archive(load_ensembles(write_tensor_ensemble(root / "src" / "vectors"))["vectors"], root / "model_store")
+    build_archive(load_ensembles(write_chexnet_ensemble(root / "src" / "chexnet"))["chexnet"], root / "model_store")
     return root / "model_store"
 
 

@@ -17,9 +17,13 @@ from pathlib import Path
 import numpy
 import pytest
 import requests
+import torch
 
 from archive_scripts.torchserve_ctl import Server, private_server, register, start, stop, unregister
-from tests.conftest import assert_same_predictions, image_bytes, instances, npy_bytes, reference, tensor_reference
+from handlers.checkpoints import read_checkpoint
+from handlers.preprocess import decode_image, to_tensor
+from tests.checkpoint_layouts import CHEXNET_LABELS, chexnet
+from tests.conftest import assert_same_predictions, image_bytes, instances, npy_bytes, reference, source_spec, tensor_reference
 
 pytestmark = pytest.mark.integration
 TIMEOUT = 60
@@ -30,7 +34,7 @@ def server(test_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     instance = private_server(tmp_path_factory.mktemp("torchserve"), test_store, port_offset=10100)
     try:
         start(instance, test_store)
-        for name in ("trio", "pair", "tags", "vectors"):
+        for name in ("trio", "pair", "tags", "vectors", "chexnet"):
             register(instance, name, workers=1)
         yield instance
     finally:
@@ -199,6 +203,28 @@ def test_bad_input_fails_alone_inside_a_batch(server: Server, test_store: Path) 
     assert max(int(r.headers["X-Ensemble-Batch-Requests"]) for r in responses[len(good) :]) >= 2
     assert worker_pid(server, "trio") == pid
     assert predict(server, "trio", **png(good[1])).status_code == 200
+
+
+def test_chexnet_checkpoint_is_served_with_its_own_weights(server: Server, test_store: Path) -> None:
+    """CheXNet's published layout, remapped by state_dict: rules at build: each served score is the original module's.
+
+    Strict loading alone proves every key found a tensor of the right shape; equal outputs prove each
+    tensor went to its own place (the test module's normalisation layers all differ).
+    """
+    source = read_checkpoint(test_store.parent / "src" / "chexnet" / "chexnet.pth.tar")
+    assert set(source) == {"epoch", "arch", "best_loss", "state_dict"}
+    assert {"module.densenet121.features.denseblock1.denselayer1.norm.1.weight", "module.densenet121.classifier.0.weight"} <= set(source["state_dict"])
+    images = [image_bytes(seed, size=(80, 72)) for seed in (301, 302, 303)]
+    response = predict(server, "chexnet", files=[(f"x{i}", data) for i, data in enumerate(images)])
+    assert response.status_code == 200, response.text
+    spec = source_spec(test_store, "chexnet")
+    inputs = torch.stack([to_tensor(decode_image(data, spec.limits), spec.input) for data in images])
+    with torch.inference_mode():
+        expected = chexnet()(inputs)
+    served = torch.tensor([[p["members"]["chexnet"]["scores"][label] for label in CHEXNET_LABELS] for p in response.json()["predictions"]])
+    assert served.shape == (3, 14)
+    assert (served - expected).abs().max().item() <= 1e-4
+    assert (expected.max(dim=0).values - expected.min(dim=0).values).min().item() > 1e-3, "images must score differently"
 
 
 def test_unregister(server: Server) -> None:
