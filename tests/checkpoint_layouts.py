@@ -100,51 +100,20 @@ def write_chexnet_ensemble(folder: Path, name: str = "chexnet") -> Path:
     return path
 
 
-def data_parallel(state: dict[str, torch.Tensor], path: Path) -> dict[str, Any]:
-    """Saved from DataParallel or DDP: every key starts with `module.`."""
-    torch.save({f"module.{k}": v for k, v in state.items()}, path)
-    return {"strip_prefix": ["module."]}
-
-
-def compiled(state: dict[str, torch.Tensor], path: Path) -> dict[str, Any]:
-    """Saved from a torch.compile'd module: every key starts with `_orig_mod.`."""
-    torch.save({f"_orig_mod.{k}": v for k, v in state.items()}, path)
-    return {"strip_prefix": ["_orig_mod."]}
-
-
-def lightning(state: dict[str, torch.Tensor], path: Path) -> dict[str, Any]:
-    """A Lightning-style checkpoint: training state, hyper-parameters, weights under `state_dict` as `model.<key>`."""
-    checkpoint = {
-        "epoch": 9,
-        "global_step": 1260,
-        "pytorch-lightning_version": "2.4.0",
-        "state_dict": {f"model.{k}": v for k, v in state.items()},
-        "hyper_parameters": {"lr": 0.003, "num_classes": 3, "layers": [8, 16]},
-    }
-    torch.save(checkpoint, path)
-    return {"key": "state_dict", "strip_prefix": ["model."]}
-
-
-def safetensors_file(state: dict[str, torch.Tensor], path: Path) -> dict[str, Any]:
-    """A flat .safetensors file."""
-    save_file({k: v.contiguous() for k, v in state.items()}, path)
-    return {}
-
-
-def half_safetensors(state: dict[str, torch.Tensor], path: Path) -> dict[str, Any]:
+def half_safetensors(module: nn.Module, path: Path) -> dict[str, Any]:
     """A .safetensors file of float16 weights."""
-    save_file({k: v.half() if v.is_floating_point() else v for k, v in state.items()}, path)
+    save_file({k: v.half() if v.is_floating_point() else v for k, v in module.state_dict().items()}, path)
     return {}
 
 
-def legacy_pickle_format(state: dict[str, torch.Tensor], path: Path) -> dict[str, Any]:
+def legacy_pickle_format(module: nn.Module, path: Path) -> dict[str, Any]:
     """torch.save's format before PyTorch 1.6 (not a zip); weights_only=True still reads it."""
-    torch.save(state, path, _use_new_zipfile_serialization=False)
+    torch.save(module.state_dict(), path, _use_new_zipfile_serialization=False)
     return {}
 
 
-def ema_with_loss_buffer(state: dict[str, torch.Tensor], path: Path) -> dict[str, Any]:
+def ema_with_loss_buffer(module: nn.Module, path: Path) -> dict[str, Any]:
     """Nested weights (`ema.model`) next to a loss module's buffer the architecture has no place for."""
-    weights = {**state, "criterion.pos_weight": torch.ones(3)}
+    weights = {**module.state_dict(), "criterion.pos_weight": torch.ones(3)}
     torch.save({"step": 5, "ema": {"decay": 0.999, "model": weights}}, path)
     return {"key": "ema.model", "drop": [r"^criterion\."]}

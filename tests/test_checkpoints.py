@@ -15,6 +15,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from archive_scripts import checkpoint_layouts as published
 from archive_scripts.build_archives import build_archive
 from archive_scripts.inspect_checkpoint import inspect
 from handlers.checkpoint_diagnosis import propose
@@ -36,9 +37,13 @@ def folder(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def original(seed: int = 5) -> dict[str, torch.Tensor]:
+def original_module(seed: int = 5) -> PoolNet:
     torch.manual_seed(seed)
-    return layouts.randomize(PoolNet(num_classes=3), seed).state_dict()
+    return layouts.randomize(PoolNet(num_classes=3), seed)
+
+
+def original(seed: int = 5) -> dict[str, torch.Tensor]:
+    return original_module(seed).state_dict()
 
 
 def load(folder: Path, file_name: str, rules: dict[str, Any], *, arch: str = POOLNET, kwargs: dict | None = None) -> dict[str, torch.Tensor]:
@@ -59,17 +64,17 @@ def parse_member(folder: Path, member: dict[str, Any]) -> MemberSpec:
 @pytest.mark.parametrize(
     "write",
     [
-        pytest.param(layouts.data_parallel, id="dataparallel-module-prefix"),
-        pytest.param(layouts.compiled, id="torch-compile-orig-mod"),
-        pytest.param(layouts.lightning, id="lightning-dict"),
-        pytest.param(layouts.safetensors_file, id="safetensors"),
+        pytest.param(published.data_parallel, id="dataparallel-module-prefix"),
+        pytest.param(published.compiled, id="torch-compile-orig-mod"),
+        pytest.param(published.lightning, id="lightning-dict"),
+        pytest.param(published.safetensors_file, id="safetensors"),
         pytest.param(layouts.legacy_pickle_format, id="legacy-non-zip-format"),
         pytest.param(layouts.ema_with_loss_buffer, id="nested-key-and-drop"),
     ],
 )
 def test_layout_loads_exactly_the_saved_tensors(folder: Path, write: Callable[..., dict[str, Any]]) -> None:
     state = original()
-    rules = write(state, folder / "weights.bin")
+    rules = write(original_module(), folder / "weights.bin")
     loaded = load(folder, "weights.bin", rules)
     assert list(loaded) == list(state)
     assert all(torch.equal(loaded[k], state[k]) and loaded[k].dtype == state[k].dtype for k in state)
@@ -77,7 +82,7 @@ def test_layout_loads_exactly_the_saved_tensors(folder: Path, write: Callable[..
 
 def test_half_precision_weights_are_cast_to_the_members_dtype(folder: Path) -> None:
     state = original()
-    loaded = load(folder, "half.safetensors", layouts.half_safetensors(state, folder / "half.safetensors"))
+    loaded = load(folder, "half.safetensors", layouts.half_safetensors(original_module(), folder / "half.safetensors"))
     assert {tensor.dtype for tensor in loaded.values()} == {torch.float32}
     assert all(torch.equal(loaded[k], state[k].half().float()) for k in state)
 
@@ -103,10 +108,10 @@ class Custom:
 
 
 def test_wrapper_dict_without_key_is_explained_with_the_fix(folder: Path) -> None:
-    layouts.lightning(original(), folder / "lightning.ckpt")
+    published.lightning(original_module(), folder / "lightning.ckpt")
     assert message(folder, "lightning.ckpt", {}) == (
         "member 'm': lightning.ckpt: the file is not a state_dict: besides tensors it holds epoch (int), "
-        "global_step (int), hyper_parameters (dict), pytorch-lightning_version (str), state_dict (dict)\n"
+        "global_step (int), hyper_parameters (dict), pytorch-lightning_version (str), state_dict (OrderedDict)\n"
         "This state_dict: block loads every tensor strictly; put it under the member in ensembles.yaml:\n"
         "  state_dict:\n"
         "    key: 'state_dict'\n"
@@ -115,7 +120,7 @@ def test_wrapper_dict_without_key_is_explained_with_the_fix(folder: Path) -> Non
 
 
 def test_prefix_mismatch_gives_counts_five_examples_and_the_fix(folder: Path) -> None:
-    layouts.data_parallel(original(), folder / "dp.pt")
+    published.data_parallel(original_module(), folder / "dp.pt")
     assert message(folder, "dp.pt", {}) == (
         "member 'm': dp.pt: weights do not fit fixture_models.py:PoolNet (strict loading): "
         "4 missing, 4 unexpected, 0 of another shape\n"
@@ -238,7 +243,7 @@ def test_prefix_the_architecture_has_and_the_file_lacks_is_added(folder: Path) -
 
 
 def test_nothing_fits_shows_the_closest_block_and_what_it_leaves(folder: Path) -> None:
-    layouts.data_parallel(PoolNet(num_classes=4).state_dict(), folder / "dp.pt")
+    published.data_parallel(PoolNet(num_classes=4), folder / "dp.pt")
     assert message(folder, "dp.pt", {}).split("\n")[-4:] == [
         "The closest state_dict: block found still leaves 0 missing, 0 unexpected, 2 of another shape",
         "  another shape (2): head.weight: file [4, 8], model [3, 8]; head.bias: file [4], model [3]",
@@ -274,7 +279,7 @@ def test_inspector_prints_layout_and_a_block_that_fits(tmp_path: Path) -> None:
 
 
 def test_inspector_says_what_is_still_missing(folder: Path) -> None:
-    layouts.data_parallel(PoolNet(num_classes=4).state_dict(), folder / "dp.pt")
+    published.data_parallel(PoolNet(num_classes=4), folder / "dp.pt")
     report, fits = inspect(folder / "dp.pt", f"{folder}/fixture_models.py:PoolNet", {"num_classes": 3})
     assert not fits
     assert "  no block loads every tensor; the closest one still leaves 0 missing, 0 unexpected, 2 of another shape" in report.splitlines()
@@ -282,7 +287,7 @@ def test_inspector_says_what_is_still_missing(folder: Path) -> None:
 
 def test_build_archives_normalized_weights_and_records_the_source(folder: Path, tmp_path: Path) -> None:
     state = original()
-    rules = layouts.lightning(state, folder / "m.ckpt")
+    rules = published.lightning(original_module(), folder / "m.ckpt")
     member = {"name": "m", "arch": POOLNET, "kwargs": {"num_classes": 3}, "weights": "m.ckpt", "state_dict": rules}
     parse_member(folder, member)
     spec = load_ensembles(folder / "ensembles.yaml")["e"]
