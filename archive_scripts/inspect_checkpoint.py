@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from handlers.checkpoint_diagnosis import layout, propose
+from handlers.checkpoint_diagnosis import SHAPE_HINT, layout, propose
 from handlers.checkpoints import CheckpointError, compare, read_checkpoint
 from handlers.errors import MemberLoadError
 from handlers.manifest import MemberSpec
@@ -43,6 +43,8 @@ def inspect(path: Path, arch: str, kwargs: dict) -> tuple[str, bool]:
         return "\n".join(lines), True
     lines.append("  no block loads every tensor; the closest one still leaves " + proposal.mismatch.summary().replace("\n", "\n  "))
     lines.append(proposal.block("    "))
+    if proposal.mismatch.reshaped:
+        lines.append("  " + SHAPE_HINT.strip())
     return "\n".join(lines), False
 
 

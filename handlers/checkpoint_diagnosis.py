@@ -25,6 +25,7 @@ from handlers.checkpoints import CheckpointError, Mismatch, State, compare, rema
 from handlers.manifest import StateDictRules
 
 MAX_DEPTH = 4
+SHAPE_HINT = "\nTensors of another shape mean another architecture: check the member's kwargs (num_classes, width, ...)."
 KNOWN_RENAMES: tuple[tuple[str, str, str], ...] = (
     ("torchvision DenseNet before 0.4 (norm.1 -> norm1)", r"(denselayer\d+\.(?:norm|relu|conv))\.([12])\.", r"\1\2."),
 )
@@ -94,11 +95,8 @@ def explain(content: Any, target: Mapping[str, torch.Tensor], given: StateDictRu
         return "\nThis state_dict: block loads every tensor strictly; put it under the member in ensembles.yaml:\n" + proposal.block("  ")
     if _score(proposal.mismatch, target) <= _score(_given_mismatch(content, target, given), target):
         return ""
-    return (
-        "\nThe closest state_dict: block found still leaves "
-        + proposal.mismatch.summary()
-        + "\n"
-        + proposal.block("  ")
+    return "\nThe closest state_dict: block found still leaves " + proposal.mismatch.summary() + "\n" + proposal.block("  ") + (
+        SHAPE_HINT if proposal.mismatch.reshaped else ""
     )
 
 
@@ -154,16 +152,16 @@ def _add_options(state: State, target: Mapping[str, torch.Tensor]) -> list[str]:
 
 
 def _sequential_collapses(state: State, rules: StateDictRules, target: Mapping[str, torch.Tensor]) -> list[tuple[str, str]]:
-    """`head.0.weight` -> `head.weight` where the architecture has the latter with the same shape."""
+    """`head.0.weight` -> `head.weight` where the architecture has the latter and the file does not."""
     renamed = remap_keys(state, rules)
     found: dict[str, tuple[str, str]] = {}
-    for name, (_, tensor) in renamed.items():
+    for name in renamed:
         if name in target:
             continue
         parts = name.split(".")
         for i, part in enumerate(parts[:-1]):
             shorter = ".".join(parts[:i] + parts[i + 1 :])
-            if part.isdigit() and shorter in target and tuple(target[shorter].shape) == tuple(tensor.shape):
+            if part.isdigit() and shorter in target and shorter not in renamed:
                 stem = ".".join(parts[:i])
                 found.setdefault(f"{stem}.{part}", ("^" + re.escape(f"{stem}.{part}."), f"{stem}." if stem else ""))
                 break
