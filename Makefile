@@ -20,7 +20,7 @@ $(INSTALLED): requirements.txt
 
 setup: $(INSTALLED)
 
-$(TRAINED): $(INSTALLED) ensembles.yaml archive_scripts/demo_data.py archive_scripts/demo_models.py archive_scripts/train_demo.py
+$(TRAINED): $(INSTALLED) ensembles.yaml archive_scripts/demo_data.py archive_scripts/demo_models.py archive_scripts/train_demo.py archive_scripts/checkpoint_layouts.py
 	$(PY) -m archive_scripts.train_demo
 	$(PY) -m archive_scripts.demo_data artifacts/samples
 	@touch $@
@@ -40,7 +40,13 @@ serve: build
 stop: $(INSTALLED)
 	$(PY) -m archive_scripts.torchserve_ctl stop
 
-test: $(INSTALLED)
+EVAL_INSTALLED := $(VENV)/.eval-$(shell sha256sum archive_scripts/requirements-eval.txt | cut -c1-12)
+
+$(EVAL_INSTALLED): $(INSTALLED) archive_scripts/requirements-eval.txt
+	$(PY) -m pip install -q -r archive_scripts/requirements-eval.txt
+	@rm -f $(VENV)/.eval-* && touch $@
+
+test: $(INSTALLED) $(EVAL_INSTALLED)
 	$(PY) -m pytest
 
 register: $(INSTALLED)
@@ -54,8 +60,8 @@ rebuild: $(TRAINED)
 	-$(PY) -m archive_scripts.torchserve_ctl unregister $(NAME)
 	$(PY) -m archive_scripts.torchserve_ctl register $(NAME)
 
-evaluate: $(TRAINED)
-	$(PY) -m archive_scripts.evaluate_demo
+evaluate: $(TRAINED) $(EVAL_INSTALLED)
+	$(PY) -m archive_scripts.evaluate_demo --plot docs/demo_precision_recall.png --json artifacts/evaluation.json
 
 inspect: $(INSTALLED)
 	@test -n "$(FILE)" -a -n "$(ARCH)" || { echo "usage: make inspect FILE=path/to/checkpoint ARCH=torchvision:<builder>|<file.py>:<Class> [KWARGS='{\"num_classes\": 14}']"; exit 2; }

@@ -89,15 +89,14 @@ def explain(content: Any, target: Mapping[str, torch.Tensor], given: StateDictRu
         proposal = propose(content, target)
     except CheckpointError:  # Every candidate collided: there is nothing better to propose than the error itself.
         return ""
-    if proposal is None or proposal.rules == given:
+    if proposal is None:
         return ""
-    if proposal.mismatch.fits:
+    hint = SHAPE_HINT if proposal.mismatch.reshaped else ""
+    if proposal.mismatch.fits and proposal.rules != given:
         return "\nThis state_dict: block loads every tensor strictly; put it under the member in ensembles.yaml:\n" + proposal.block("  ")
-    if _score(proposal.mismatch, target) <= _score(_given_mismatch(content, target, given), target):
-        return ""
-    return "\nThe closest state_dict: block found still leaves " + proposal.mismatch.summary() + "\n" + proposal.block("  ") + (
-        SHAPE_HINT if proposal.mismatch.reshaped else ""
-    )
+    if proposal.rules == given or _score(proposal.mismatch, target) <= _score(_given_mismatch(content, target, given), target):
+        return hint
+    return "\nThe closest state_dict: block found still leaves " + proposal.mismatch.summary() + "\n" + proposal.block("  ") + hint
 
 
 def layout(content: Any) -> list[str]:
@@ -116,7 +115,7 @@ def layout(content: Any) -> list[str]:
         prefix = _shared_prefix([name for name, _ in tensors])
         lines.append(f"  prefix shared by every key: {prefix!r}" if prefix else "  no prefix shared by every key")
         lines.append(f"  first keys: {', '.join(name for name, _ in tensors[:5])}")
-    if len(lines) == 0:
+    if not lines:
         lines.append(f"no mapping of tensors found in this file (it holds a {type(content).__name__})")
     return lines
 

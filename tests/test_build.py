@@ -74,7 +74,8 @@ def test_state_dict_that_does_not_fit_is_refused(ensemble_yaml: Callable[..., Pa
     assert str(error) == (
         "member 'pool_rgb': pool_rgb.pt: weights do not fit fixture_models.py:PoolNet (strict loading): "
         "0 missing, 0 unexpected, 2 of another shape\n"
-        "  another shape (2): head.weight: file [3, 8], model [4, 8]; head.bias: file [3], model [4]"
+        "  another shape (2): head.weight: file [3, 8], model [4, 8]; head.bias: file [3], model [4]\n"
+        "Tensors of another shape mean another architecture: check the member's kwargs (num_classes, width, ...)."
     )
 
 
