@@ -5,8 +5,9 @@ background and clutter (discs and bars); half the images also hold one triangle 
 size, colour, rotation and contrast. Small or faint triangles are hard, so members
 miss different ones and the OR policy matters.
 
-The multilabel demo, in the CheXNet mould, draws the same kind of background and bars with any subset
-of five shapes, each present independently, so members are scored per label.
+The multilabel demo, in the CheXNet mould, draws the same background and bars with any subset of five
+kinds of shapes (MULTILABEL_LABELS), each present on its own, of random size, rotation, colour and
+contrast; members give one sigmoid score per label.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from PIL import Image, ImageDraw, ImageFilter
 SIZE = 64
 LABELS = ("absent", "present")
 POSITIVE = "present"
-MULTILABEL_LABELS = ("triangle", "square", "disc", "star", "cross")
+MULTILABEL_LABELS = ("triangle", "ring", "disc", "star", "cross")
 PRESENT_RATE = 0.4
 
 
@@ -35,7 +36,7 @@ class Sample:
 @dataclass(frozen=True)
 class MultiSample:
     image: Image.Image
-    labels: tuple[int, ...]  # One 0/1 per label, in MULTILABEL_LABELS order.
+    labels: tuple[int, ...]  # one 0/1 per label, in MULTILABEL_LABELS order
 
 
 def make_split(count: int, seed: int) -> list[Sample]:
@@ -107,15 +108,16 @@ def _noise(image: Image.Image, rng: random.Random) -> Image.Image:
 
 
 def make_multilabel_split(count: int, seed: int) -> list[MultiSample]:
-    """`count` samples, each shape present with probability PRESENT_RATE on its own, reproducible from `seed`."""
+    """`count` samples, each kind of shape present on its own with probability PRESENT_RATE, reproducible from `seed`."""
     rng = random.Random(seed)
-    return [
-        make_multi_sample(rng, tuple(int(rng.random() < PRESENT_RATE) for _ in MULTILABEL_LABELS)) for _ in range(count)
-    ]
+    return [make_multi_sample(rng, tuple(int(rng.random() < PRESENT_RATE) for _ in MULTILABEL_LABELS)) for _ in range(count)]
 
 
 def make_multi_sample(rng: random.Random, labels: tuple[int, ...]) -> MultiSample:
-    """Bars first, then the present shapes in random order, placed apart so that overlaps stay partial."""
+    """Bars first, then the present shapes in random order, each of its own size, turn, colour and contrast.
+
+    Contrast is taken against the background under the shape's centre, so a low one means a faint shape.
+    """
     image = _background(rng)
     draw = ImageDraw.Draw(image)
     for _ in range(rng.randint(2, 5)):
@@ -124,50 +126,57 @@ def make_multi_sample(rng: random.Random, labels: tuple[int, ...]) -> MultiSampl
     rng.shuffle(kinds)
     placed: list[tuple[tuple[float, float], float]] = []
     for kind in kinds:
-        radius = rng.uniform(*SHAPE_RADIUS)
-        centre = _centre(rng, radius)
-        for _ in range(PLACEMENT_TRIES):
-            if all(math.dist(centre, c) >= SPACING * (radius + r) for c, r in placed):
-                break
-            centre = _centre(rng, radius)
+        radius = rng.uniform(11, 18)
+        centre = _free_centre(rng, radius, placed)
         placed.append((centre, radius))
-        fill = _colour(rng, base=image.getpixel((int(centre[0]), int(centre[1]))), contrast=rng.choice(SHAPE_CONTRASTS))
+        under = image.getpixel((int(centre[0]), int(centre[1])))
+        assert isinstance(under, tuple)  # An RGB image's pixel.
+        fill = _colour(rng, base=(under[0], under[1], under[2]), contrast=rng.choice((100, 170, 255)))
         _SHAPES[kind](draw, centre, radius, rng.uniform(0, 2 * math.pi), fill)
     image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.0, 0.5)))
     return MultiSample(_noise(image, rng), labels)
 
 
-SHAPE_RADIUS = (8.0, 15.0)
-SHAPE_CONTRASTS = (100, 170, 255)  # Relative to the background under the shape's centre.
-SPACING = 0.8  # Centres at least this fraction of the two radii apart, when PLACEMENT_TRIES allow.
-PLACEMENT_TRIES = 20
+def _free_centre(rng: random.Random, radius: float, placed: list[tuple[tuple[float, float], float]]) -> tuple[float, float]:
+    """A centre that keeps the shape inside the frame, and 0.8 of the two radii from each placed one if 20 tries find it.
 
-Fill = tuple[int, int, int]
+    So overlaps stay partial and every present shape stays recognisable; a crowded frame takes the last try.
+    """
+    for _ in range(20):
+        centre = _centre(rng, 2 * radius)
+        if all(math.dist(centre, c) >= 0.8 * (radius + r) for c, r in placed):
+            break
+    return centre
 
 
-def _draw_triangle(draw: ImageDraw.ImageDraw, centre: tuple[float, float], radius: float, turn: float, fill: Fill) -> None:
+Colour = tuple[int, int, int]
+
+
+def _draw_triangle(draw: ImageDraw.ImageDraw, centre: tuple[float, float], radius: float, turn: float, fill: Colour) -> None:
     draw.polygon(_polygon(centre, radius, [turn + k * 2 * math.pi / 3 for k in range(3)]), fill=fill)
 
 
-def _draw_square(draw: ImageDraw.ImageDraw, centre: tuple[float, float], radius: float, turn: float, fill: Fill) -> None:
-    draw.polygon(_polygon(centre, radius * 0.85, [turn + k * math.pi / 2 for k in range(4)]), fill=fill)
+def _draw_ring(draw: ImageDraw.ImageDraw, centre: tuple[float, float], radius: float, turn: float, fill: Colour) -> None:
+    """Hollow, unlike the disc: the hole tells them apart even when small (a square was too often taken for a disc)."""
+    r = radius * 0.8
+    draw.ellipse([centre[0] - r, centre[1] - r, centre[0] + r, centre[1] + r], outline=fill, width=max(2, round(r * 0.35)))
 
 
-def _draw_disc(draw: ImageDraw.ImageDraw, centre: tuple[float, float], radius: float, turn: float, fill: Fill) -> None:
+def _draw_disc(draw: ImageDraw.ImageDraw, centre: tuple[float, float], radius: float, turn: float, fill: Colour) -> None:
     r = radius * 0.75
     draw.ellipse([centre[0] - r, centre[1] - r, centre[0] + r, centre[1] + r], fill=fill)
 
 
-def _draw_star(draw: ImageDraw.ImageDraw, centre: tuple[float, float], radius: float, turn: float, fill: Fill) -> None:
-    """Five points: tips on the outer radius, notches on an inner one, interleaved."""
+def _draw_star(draw: ImageDraw.ImageDraw, centre: tuple[float, float], radius: float, turn: float, fill: Colour) -> None:
+    """Five tips on the outer radius, interleaved with notches on an inner one."""
     step = 2 * math.pi / 5
     tips = _polygon(centre, radius, [turn + k * step for k in range(5)])
     notches = _polygon(centre, radius * 0.4, [turn + (k + 0.5) * step for k in range(5)])
     draw.polygon([p for pair in zip(tips, notches, strict=True) for p in pair], fill=fill)
 
 
-def _draw_cross(draw: ImageDraw.ImageDraw, centre: tuple[float, float], radius: float, turn: float, fill: Fill) -> None:
-    """A plus sign: per arm, its two end corners, then the inner corner before the next arm."""
+def _draw_cross(draw: ImageDraw.ImageDraw, centre: tuple[float, float], radius: float, turn: float, fill: Colour) -> None:
+    """A plus sign: for each arm, its two end corners, then the inner corner before the next arm."""
     half_width = radius * 0.3
     reach, spread = math.hypot(radius, half_width), math.atan2(half_width, radius)
     arms = [turn + k * math.pi / 2 for k in range(4)]
@@ -179,7 +188,7 @@ def _draw_cross(draw: ImageDraw.ImageDraw, centre: tuple[float, float], radius: 
 
 _SHAPES = {
     "triangle": _draw_triangle,
-    "square": _draw_square,
+    "ring": _draw_ring,
     "disc": _draw_disc,
     "star": _draw_star,
     "cross": _draw_cross,
@@ -198,6 +207,19 @@ def write_samples(folder: Path) -> list[Path]:
     return written
 
 
+def write_multilabel_samples(folder: Path) -> list[Path]:
+    """Write a few multilabel example PNGs, named after the shapes they hold, for curl and the README."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(424243)
+    written = []
+    for kinds in (("triangle", "disc", "cross"), ("ring", "star"), ()):
+        path = folder / f"multi-{'-'.join(kinds) or 'none'}.png"
+        make_multi_sample(rng, tuple(int(label in kinds) for label in MULTILABEL_LABELS)).image.save(path, format="PNG")
+        written.append(path)
+    return written
+
+
 if __name__ == "__main__":
-    for written_path in write_samples(Path(sys.argv[1] if len(sys.argv) > 1 else "artifacts/samples")):
+    samples_folder = Path(sys.argv[1] if len(sys.argv) > 1 else "artifacts/samples")
+    for written_path in write_samples(samples_folder) + write_multilabel_samples(samples_folder):
         print(f"wrote {written_path}")

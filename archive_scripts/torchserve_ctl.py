@@ -30,6 +30,7 @@ from handlers.manifest import load_ensembles
 READY_TIMEOUT_S = 120
 SHIPPED_CONFIG = Path(__file__).resolve().parent.parent / "config.properties"
 LOG_CONFIG = Path(__file__).resolve().parent / "log4j2.xml"
+DEMO_SAMPLES = {"shapes": "artifacts/samples/present.png", "multishape": "artifacts/samples/multi-triangle-disc-cross.png"}
 
 
 @dataclass(frozen=True)
@@ -163,9 +164,10 @@ def unregister(server: Server, name: str) -> None:
 
 
 def curl_example(server: Server, name: str) -> str:
+    sample = DEMO_SAMPLES.get(name, DEMO_SAMPLES["shapes"])
     return (
         f"curl -s -H \"Authorization: Bearer $(python3 -c \"import json;print(json.load(open('key_file.json'))['inference']['key'])\")\" "
-        f"-H 'Content-Type: image/png' --data-binary @artifacts/samples/present.png {server.inference}/predictions/{name}"
+        f"-H 'Content-Type: image/png' --data-binary @{sample} {server.inference}/predictions/{name}"
     )
 
 

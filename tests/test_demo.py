@@ -1,19 +1,25 @@
-"""The demo pipeline end to end: generate data, train the members, evaluate them, build the archive."""
+"""The demo pipeline end to end: generate data, train both demos' members, evaluate them, build the archives.
+
+The multilabel demo's members are written in three published checkpoint layouts and read back by
+their `state_dict:` rules, so building it exercises the same path as a user's own checkpoints.
+"""
 
 from __future__ import annotations
 
+import json
 import shutil
+import zipfile
 from pathlib import Path
 
 import pytest
 import torch
 
 from archive_scripts.build_archives import build_archive
-from archive_scripts.demo_data import make_split
-from archive_scripts.evaluate_demo import evaluate
+from archive_scripts.demo_data import MULTILABEL_LABELS, make_multilabel_split, make_split
+from archive_scripts.evaluate_demo import evaluate, plot
 from archive_scripts.train_demo import train
-from handlers.ensemble import Ensemble
 from handlers.manifest import load_ensembles
+from handlers.members import sha256_of
 
 pytestmark = pytest.mark.slow
 
@@ -22,22 +28,50 @@ def test_same_seed_same_data() -> None:
     first, again = make_split(6, 99), make_split(6, 99)
     assert [s.image.tobytes() for s in first] == [s.image.tobytes() for s in again]
     assert [s.label for s in first] == [0, 1, 0, 1, 0, 1]
+    multi, multi_again = make_multilabel_split(6, 99), make_multilabel_split(6, 99)
+    assert [s.image.tobytes() for s in multi] == [s.image.tobytes() for s in multi_again]
+    assert [s.labels for s in multi] == [s.labels for s in multi_again]
+    assert {len(s.labels) for s in multi} == {len(MULTILABEL_LABELS)}
 
 
-def test_demo_trains_evaluates_and_builds(tmp_path: Path) -> None:
+def test_demos_train_evaluate_and_build(tmp_path: Path) -> None:
     shutil.copyfile("ensembles.yaml", tmp_path / "ensembles.yaml")
     (tmp_path / "archive_scripts").mkdir()
     shutil.copyfile("archive_scripts/demo_models.py", tmp_path / "archive_scripts" / "demo_models.py")
-    spec = load_ensembles(tmp_path / "ensembles.yaml", check_files=False)["shapes"]
+    unbuilt = load_ensembles(tmp_path / "ensembles.yaml", check_files=False)
+    for name in ("shapes", "multishape"):
+        assert list(train(unbuilt[name], threads=torch.get_num_threads())) == [m.name for m in unbuilt[name].members]
 
-    seconds = train(spec, threads=torch.get_num_threads())
-    assert list(seconds) == ["resnet18", "strided", "tinycnn_gray"]
-
-    table = evaluate(Ensemble.from_spec(load_ensembles(tmp_path / "ensembles.yaml")["shapes"], torch.device("cpu")), 1000)
+    specs = load_ensembles(tmp_path / "ensembles.yaml")
+    results = evaluate([specs["shapes"], specs["multishape"]], 1000)
+    binary = results["shapes"]["scores"]
     for member in ("resnet18", "strided", "tinycnn_gray"):
-        assert table[f"member {member}"]["accuracy"] >= 0.6, (member, table)
-    recall = {name: table[f"policy {name}"]["recall"] for name in ("any", "majority", "all")}
-    assert recall["any"] > recall["majority"] > recall["all"], table
+        assert binary[f"member {member}"]["accuracy"] >= 0.6, (member, binary)
+    recall = {name: binary[f"policy {name}"]["recall"] for name in ("any", "majority", "all")}
+    assert recall["any"] > recall["majority"] > recall["all"], binary
 
-    archive = build_archive(load_ensembles(tmp_path / "ensembles.yaml")["shapes"], tmp_path / "store")
-    assert archive == tmp_path / "store" / "shapes.mar"
+    auroc, macro = results["multishape"]["auroc"], results["multishape"]["macro"]
+    assert list(auroc) == list(MULTILABEL_LABELS)
+    for member in specs["multishape"].members:
+        assert min(row[member.name] for row in auroc.values()) >= 0.65, (member.name, auroc)
+        assert macro[f"member {member.name}"]["f1"] >= 0.6, (member.name, macro)
+    multi_recall = {name: macro[f"policy {name}"]["recall"] for name in ("any", "majority", "all")}
+    assert multi_recall["any"] > multi_recall["majority"] > multi_recall["all"], macro
+
+    picture = tmp_path / "pr.png"
+    plot({"shapes": binary, "multishape": macro}, picture)
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    for name in ("shapes", "multishape"):
+        archive = build_archive(specs[name], tmp_path / "store")
+        with zipfile.ZipFile(archive) as packed:
+            sources = json.loads(packed.read("ensemble.json"))["sources"]
+        assert sources == {
+            m.name: {"file": m.weights, "sha256": sha256_of(tmp_path / m.weights), "state_dict": m.state_dict.to_dict()}
+            for m in specs[name].members
+        }
+    layouts = {m.name: (Path(m.weights).suffix, m.state_dict.to_dict()) for m in specs["multishape"].members}
+    assert sorted(layouts.values(), key=str) == sorted(
+        [(".pt", {"strip_prefix": ["module."]}), (".ckpt", {"key": "state_dict", "strip_prefix": ["model."]}), (".safetensors", {})],
+        key=str,
+    )

@@ -36,7 +36,7 @@ def test_valid_ensemble_parses_into_frozen_specs(ensemble_yaml: Callable[..., Pa
 
 def test_shipped_ensembles_yaml_is_valid() -> None:
     specs = load_ensembles(Path("ensembles.yaml"), check_files=False)
-    assert sorted(specs) == ["shapes"]
+    assert sorted(specs) == ["multishape", "shapes"]
     assert specs["shapes"].task == "binary" and specs["shapes"].positive_label == "present"
 
 
