@@ -56,12 +56,13 @@ def read_checkpoint(path: Path) -> Any:
             return load_file(path, device="cpu")
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"not a valid .safetensors file: {e}") from e
-    if not zipfile.is_zipfile(path) and tarfile.is_tarfile(path):
-        raise CheckpointError(
-            f"saved in PyTorch's legacy tar format, which torch.load(weights_only=True) cannot read. {CONVERT}"
-        )
-    if not zipfile.is_zipfile(path) and not head.startswith(b"\x80"):
-        raise CheckpointError("neither a PyTorch checkpoint (torch.save) nor a .safetensors file")
+    if not zipfile.is_zipfile(path):  # Not today's torch.save format: the legacy pickle one, or no checkpoint.
+        if tarfile.is_tarfile(path):
+            raise CheckpointError(
+                f"saved in PyTorch's legacy tar format, which torch.load(weights_only=True) cannot read. {CONVERT}"
+            )
+        if not head.startswith(b"\x80"):
+            raise CheckpointError("neither a PyTorch checkpoint (torch.save) nor a .safetensors file")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types on corrupt files; all mean "not a readable checkpoint".
