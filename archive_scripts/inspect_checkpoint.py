@@ -16,12 +16,10 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 from handlers.checkpoint_diagnosis import SHAPE_HINT, layout, propose
-from handlers.checkpoints import CheckpointError, compare, read_checkpoint
+from handlers.checkpoints import CheckpointError, compare, is_state_dict, read_checkpoint, remap_keys
 from handlers.errors import MemberLoadError
-from handlers.manifest import MemberSpec
+from handlers.manifest import MemberSpec, StateDictRules
 from handlers.members import build_member, sha256_of
 
 
@@ -31,8 +29,9 @@ def inspect(path: Path, arch: str, kwargs: dict) -> tuple[str, bool]:
     target = build_member(MemberSpec(name="inspected", arch=arch, weights=str(path), kwargs=kwargs), Path.cwd()).state_dict()
     lines = [f"{path}: {path.stat().st_size / 1e6:.1f} MB, sha256 {sha256_of(path)}", *layout(content), ""]
     lines.append(f"against {arch} {json.dumps(kwargs)} ({len(target)} tensors):")
-    if isinstance(content, dict) and all(isinstance(v, torch.Tensor) for v in content.values()):
-        lines.append("  as the file is: " + compare(content, target).summary().replace("\n", "\n  "))
+    if is_state_dict(content):
+        as_is = compare(remap_keys(content, StateDictRules()), target)
+        lines.append("  as the file is: " + as_is.summary().replace("\n", "\n  "))
     proposal = propose(content, target)
     if proposal is None:
         lines.append("  no mapping of tensors in this file; there is nothing to load")

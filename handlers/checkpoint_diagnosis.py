@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from handlers.checkpoints import CheckpointError, Mismatch, State, compare, remap_keys, select_weights
+from handlers.checkpoints import CheckpointError, Mismatch, State, compare, is_state_dict, remap_keys, select_weights
 from handlers.manifest import StateDictRules
 
 MAX_DEPTH = 4
@@ -58,10 +58,10 @@ def weight_paths(content: Any) -> list[tuple[str | None, int]]:
     found: list[tuple[str | None, int]] = []
 
     def walk(value: Any, path: list[str]) -> None:
-        if not isinstance(value, Mapping) or not value or len(path) > MAX_DEPTH:
-            return
-        if all(isinstance(v, torch.Tensor) for v in value.values()):
+        if is_state_dict(value):
             found.append((".".join(path) or None, len(value)))
+            return
+        if not isinstance(value, Mapping) or len(path) > MAX_DEPTH:
             return
         for name, item in value.items():
             if isinstance(name, str) and "." not in name:
@@ -102,7 +102,7 @@ def explain(content: Any, target: Mapping[str, torch.Tensor], given: StateDictRu
 def layout(content: Any) -> list[str]:
     """The file's structure for the inspector: top-level entries, tensor counts, bytes, dtypes, shared prefixes."""
     lines = []
-    if isinstance(content, Mapping) and not all(isinstance(v, torch.Tensor) for v in content.values()):
+    if isinstance(content, Mapping) and not is_state_dict(content):
         lines.append(f"a checkpoint dict with {len(content)} top-level entries:")
         for name, value in content.items():
             lines.append(f"  {name}: {_entry(value)}")

@@ -146,9 +146,14 @@ class Mismatch:
         return "\n".join(lines)
 
 
-def compare(names: Mapping[str, torch.Tensor | tuple[str, torch.Tensor]], target: Mapping[str, torch.Tensor]) -> Mismatch:
-    """Compare renamed weights (as `remap_keys` returns them, or a plain state) with the module's state_dict."""
-    shapes = {k: tuple((v[1] if isinstance(v, tuple) else v).shape) for k, v in names.items()}
+def is_state_dict(value: Any) -> bool:
+    """A non-empty mapping whose every value is a tensor: weights as they can be loaded."""
+    return isinstance(value, Mapping) and bool(value) and all(isinstance(v, torch.Tensor) for v in value.values())
+
+
+def compare(remapped: Mapping[str, tuple[str, torch.Tensor]], target: Mapping[str, torch.Tensor]) -> Mismatch:
+    """Compare renamed weights, as `remap_keys` returns them, with the module's state_dict."""
+    shapes = {k: tuple(tensor.shape) for k, (_, tensor) in remapped.items()}
     return Mismatch(
         missing=tuple(k for k in target if k not in shapes),
         unexpected=tuple(k for k in shapes if k not in target),
