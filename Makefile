@@ -7,7 +7,7 @@ INSTALLED := $(VENV)/.installed-$(shell sha256sum requirements.txt | cut -c1-12)
 TRAINED := artifacts/weights/.trained
 NAME ?= shapes
 
-.PHONY: setup demo build serve stop test register unregister rebuild evaluate inspect bench bench-quick bench-mlp bench-profile bench-batching bench-fused reliability reliability-full clean
+.PHONY: setup demo build serve stop test register unregister rebuild evaluate inspect bench bench-quick bench-mlp bench-profile bench-batching bench-fused tune reliability reliability-full clean
 
 $(INSTALLED): requirements.txt
 	@command -v java >/dev/null 2>&1 || { echo "installing a Java runtime for TorchServe"; \
@@ -40,13 +40,19 @@ serve: build
 stop: $(INSTALLED)
 	$(PY) -m archive_scripts.torchserve_ctl stop
 
+TUNE_INSTALLED := $(VENV)/.tune-$(shell sha256sum bench/requirements-tune.txt | cut -c1-12)
+
+$(TUNE_INSTALLED): $(INSTALLED) bench/requirements-tune.txt
+	$(PY) -m pip install -q -r bench/requirements-tune.txt
+	@rm -f $(VENV)/.tune-* && touch $@
+
 EVAL_INSTALLED := $(VENV)/.eval-$(shell sha256sum archive_scripts/requirements-eval.txt | cut -c1-12)
 
 $(EVAL_INSTALLED): $(INSTALLED) archive_scripts/requirements-eval.txt
 	$(PY) -m pip install -q -r archive_scripts/requirements-eval.txt
 	@rm -f $(VENV)/.eval-* && touch $@
 
-test: $(INSTALLED) $(EVAL_INSTALLED)
+test: $(INSTALLED) $(EVAL_INSTALLED) $(TUNE_INSTALLED)
 	$(PY) -m pytest
 
 register: $(INSTALLED)
@@ -90,6 +96,10 @@ bench-batching: demo
 
 bench-fused: $(INSTALLED)
 	$(PY) -m bench.fused_members
+
+# make tune NAME=shapes [TUNE_ARGS='--quick --write']: sweep workers, batch size and delay on a private TorchServe.
+tune: demo $(BENCH_INSTALLED) $(TUNE_INSTALLED)
+	$(PY) -m bench.tune $(NAME) $(TUNE_ARGS)
 
 reliability: $(INSTALLED)
 	$(PY) -m bench.reliability
