@@ -21,7 +21,7 @@ from PIL import Image
 from torch import nn
 
 from handlers.errors import EnsembleError, IntegrityError, MemberLoadError
-from handlers.execution import Group, plan_groups
+from handlers.execution import Group, PlanContext, plan_groups
 from handlers.manifest import EnsembleSpec, TensorSpec, read_archive_manifest
 from handlers.members import load_member, source_digest, verify_digests
 from handlers.policies import PolicySpec, Votes, combine, member_votes, policy_names, resolve_policy
@@ -86,12 +86,18 @@ class Ensemble:
         self._weights = torch.tensor([member.weight for member in spec.members], dtype=torch.float64)
         self._digests = {member.name: member.sha256 for member in spec.members}
         self._source_digests = {name: source["sha256"] for name, source in self.sources.items()}
+        plans = PlanContext(
+            executions=[spec.member_execution(member) for member in spec.members],
+            sizes=spec.batching.slice_sizes(parallelism),
+            activation=self._activation,
+        )
         self._groups = plan_groups(
             spec.members,
             [module.to(device).eval() for module in modules],
             [spec.member_input(member) for member in spec.members],
             fuse=spec.batching.fuse_members,
             device=device,
+            plans=plans,
         )
         self._check_outputs()
 
@@ -231,6 +237,8 @@ class Ensemble:
     def describe(self) -> dict[str, Any]:
         """What `GET /models/<name>?customized=true` shows: members, digests, labels and policies."""
         spec = self.spec.to_dict()
+        names = [member.name for member in self.spec.members]
+        choices = {names[group.indices[0]]: group.choice for group in self._groups if group.choice is not None}
         return {
             "ensemble": self.spec.name,
             "version": self.spec.version,
@@ -247,6 +255,7 @@ class Ensemble:
                     "source": self.sources[m.name],
                     "weight": m.weight,
                     "input": raw.get("input", spec["input"]),
+                    "execution": choices[m.name].describe() if m.name in choices else {"plan": "eager", "fused": True},
                 }
                 for m, raw in zip(self.spec.members, spec["members"], strict=True)
             ],
@@ -255,10 +264,7 @@ class Ensemble:
             "batching": spec["batching"],
             "device": str(self.device),
             "member_threads": self._parallelism,
-            "execution": [
-                {"members": [self.spec.members[i].name for i in group.indices], "fused": group.fused}
-                for group in self._groups
-            ],
+            "execution": [group.describe(names) for group in self._groups],
             "build": self.build,
         }
 

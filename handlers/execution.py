@@ -1,6 +1,6 @@
-"""How members run: one module per call, or members of one architecture and input spec fused into one call.
+"""How members run: one module per call on its execution plan, or members of one architecture and input spec fused.
 
-Fusing stacks the members' parameters (`torch.func.stack_module_state`) and runs one `vmap` of
+Each member running alone runs on the plan `handlers.execution_plans` chose for it. Fusing stacks the members' parameters (`torch.func.stack_module_state`) and runs one `vmap` of
 `functional_call` over them. It is only used when it reproduces the one-at-a-time outputs within
 `FUSE_TOLERANCE` on a probe batch; otherwise those members run one at a time.
 """
@@ -11,13 +11,15 @@ import copy
 import json
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state
 
-from handlers.manifest import MemberInput, MemberSpec
+from handlers.errors import MemberLoadError
+from handlers.execution_plans import Choice, PlanRejected, choose
+from handlers.manifest import Execution, MemberInput, MemberSpec
 
 FUSE_TOLERANCE = 1e-5
 logger = logging.getLogger(__name__)
@@ -31,6 +33,20 @@ class Group:
     indices: tuple[int, ...]
     run: Callable[[torch.Tensor], torch.Tensor]
     fused: bool
+    choice: Choice | None = field(default=None, compare=False)
+
+    def describe(self, names: Sequence[str]) -> dict[str, object]:
+        """The group as `describe` lists it: its members, whether fused, and the plan it runs."""
+        return {"members": [names[i] for i in self.indices], "fused": self.fused, "plan": self.choice.plan if self.choice else "eager"}
+
+
+@dataclass(frozen=True)
+class PlanContext:
+    """What choosing a member's plan needs besides the member: its execution settings, sizes to time, the activation."""
+
+    executions: Sequence[Execution]
+    sizes: Sequence[int]
+    activation: Callable[[torch.Tensor], torch.Tensor]
 
 
 def plan_groups(
@@ -40,29 +56,51 @@ def plan_groups(
     *,
     fuse: bool,
     device: torch.device,
+    plans: PlanContext | None = None,
 ) -> list[Group]:
-    """One group per member, or with `fuse`, one per (architecture, kwargs, input spec) that passes the probe."""
+    """One group per member, or with `fuse`, one per (architecture, kwargs, input spec) that passes the probe.
+
+    With `plans`, every member that runs alone gets its plan chosen (fused groups run eager under vmap).
+    """
+
+    def single(i: int) -> Group:
+        if plans is None:
+            return _single(i, modules[i], specs[i])
+        return _planned(i, members[i], modules[i], specs[i], plans, device)
+
     if not fuse:
-        return [_single(i, module, spec) for i, (module, spec) in enumerate(zip(modules, specs, strict=True))]
+        return [single(i) for i in range(len(modules))]
     by_kind: dict[tuple[str, str, MemberInput], list[int]] = {}
     for i, (member, spec) in enumerate(zip(members, specs, strict=True)):
         by_kind.setdefault((member.arch, json.dumps(member.kwargs, sort_keys=True), spec), []).append(i)
     groups = []
     for (_, _, spec), indices in by_kind.items():
         if len(indices) == 1:
-            groups.append(_single(indices[0], modules[indices[0]], spec))
+            groups.append(single(indices[0]))
             continue
         fused = _fused(indices, [modules[i] for i in indices], spec)
         if _matches_sequential(fused, [modules[i] for i in indices], spec, device):
             groups.append(fused)
         else:
             logger.warning("members %s do not fuse within %g; running them one at a time", indices, FUSE_TOLERANCE)
-            groups.extend(_single(i, modules[i], spec) for i in indices)
+            groups.extend(single(i) for i in indices)
     return sorted(groups, key=lambda group: group.indices[0])
 
 
 def _single(index: int, module: nn.Module, spec: MemberInput) -> Group:
     return Group(spec=spec, indices=(index,), run=lambda batch: module(batch).unsqueeze(0), fused=False)
+
+
+def _planned(index: int, member: MemberSpec, module: nn.Module, spec: MemberInput, plans: PlanContext, device: torch.device) -> Group:
+    try:
+        choice = choose(
+            module, spec.instance_shape, plans.executions[index], sizes=plans.sizes, device=device, activation=plans.activation
+        )
+    except PlanRejected as e:
+        raise MemberLoadError(f"member {member.name!r}: {e}; choose another execution plan, or plan: auto") from e
+    logger.info("member %s runs on plan %s (%s)", member.name, choice.plan, choice.describe())
+    forward = choice.forward
+    return Group(spec=spec, indices=(index,), run=lambda batch: forward(batch).unsqueeze(0), fused=False, choice=choice)
 
 
 def _fused(indices: list[int], modules: list[nn.Module], spec: MemberInput) -> Group:

@@ -27,6 +27,7 @@ from handlers.policies import TASKS, PolicySpec, resolve_policy
 MANIFEST_NAME = "ensemble.json"
 MANIFEST_FORMAT = 2
 INPUT_TYPES = ("image", "tensor")
+PLANS = ("auto", "eager", "channels_last", "frozen", "frozen_channels_last", "compiled")
 RESIZE_MODES = ("stretch", "center_crop")
 CHANNELS = {"RGB": 3, "L": 1}
 DEFAULT_NORM = {"RGB": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), "L": ((0.5,), (0.5,))}
@@ -99,6 +100,22 @@ class Batching:
         """Member threads of one worker: cores / workers, so that all workers together use each core once."""
         return max(1, cores // self.workers)
 
+    def slice_sizes(self, threads: int) -> tuple[int, ...]:
+        """The slice sizes a worker runs most: one image, and a full batch spread over `threads`, capped by micro_batch_size."""
+        return tuple(sorted({1, min(self.micro_batch_size, -(-self.batch_size // threads))}))
+
+
+@dataclass(frozen=True)
+class Execution:
+    """How a member's forward call runs: `plan` is a fixed plan or `auto` (chosen at load by measurement).
+
+    `compile` lets `auto` also try torch.compile, which takes seconds to minutes per member and so
+    slows every worker (re)start; a fixed `plan: compiled` needs no flag.
+    """
+
+    plan: str = "auto"
+    compile: bool = False
+
 
 @dataclass(frozen=True)
 class StateDictRules:
@@ -134,6 +151,7 @@ class MemberSpec:
     weight: float = 1.0
     input: MemberInput | None = None
     state_dict: StateDictRules = StateDictRules()
+    execution: Execution | None = None
 
     @property
     def arch_file(self) -> str | None:
@@ -156,6 +174,7 @@ class EnsembleSpec:
     positive_label: str | None = None
     limits: Limits = Limits()
     batching: Batching = Batching()
+    execution: Execution = Execution()
 
     @property
     def positive_index(self) -> int | None:
@@ -164,13 +183,20 @@ class EnsembleSpec:
     def member_input(self, member: MemberSpec) -> MemberInput:
         return member.input or self.input
 
+    def member_execution(self, member: MemberSpec) -> Execution:
+        return member.execution or self.execution
+
+    def with_plan(self, plan: str) -> EnsembleSpec:
+        """Every member on one fixed plan: the baselines run members as given (`eager`), whatever the file says."""
+        return replace(self, execution=Execution(plan=plan), members=tuple(replace(m, execution=None) for m in self.members))
+
     def to_dict(self) -> dict[str, Any]:
         """The resolved ensemble as plain data, in the same schema the parser reads."""
         data = asdict(self)
         del data["name"], data["base_dir"]
         data["policy"] = {"name": self.policy.name, **self.policy.params()}
         for member, spec in zip(data["members"], self.members, strict=True):
-            for key in ("input", "sha256"):
+            for key in ("input", "sha256", "execution"):
                 if member[key] is None:
                     del member[key]
             member["state_dict"] = spec.state_dict.to_dict()
@@ -248,7 +274,7 @@ def parse_ensemble(name: str, node: _Node, *, base_dir: Path, check_files: bool)
         node.fail(f"ensemble name {name!r} must match {_NAME.pattern} (it is the TorchServe model name)")
     node.keys(
         required={"version", "task", "labels", "input", "members"},
-        optional={"positive_label", "policy", "limits", "batching"},
+        optional={"positive_label", "policy", "limits", "batching", "execution"},
     )
     version = node["version"].string(pattern=re.compile(r"[0-9A-Za-z][0-9A-Za-z._-]*"), what="a quoted version string like '1.0'")
     task = node["task"].choice(TASKS)
@@ -269,8 +295,9 @@ def parse_ensemble(name: str, node: _Node, *, base_dir: Path, check_files: bool)
     if not isinstance(members_node.value, list) or not members_node.value:
         members_node.fail("expected a non-empty list of members")
     ensemble_input = _parse_input(node["input"], None)
+    execution = _parse_execution(node["execution"], Execution()) if "execution" in node else Execution()
     members = tuple(
-        _parse_member(members_node[i], ensemble_input, base_dir, check_files)
+        _parse_member(members_node[i], ensemble_input, execution, base_dir, check_files)
         for i in range(len(members_node.value))
     )
     seen: set[str] = set()
@@ -292,6 +319,7 @@ def parse_ensemble(name: str, node: _Node, *, base_dir: Path, check_files: bool)
         base_dir=base_dir,
         limits=_parse_limits(node["limits"]) if "limits" in node else Limits(),
         batching=_parse_batching(node["batching"]) if "batching" in node else Batching(),
+        execution=execution,
     )
 
 
@@ -349,8 +377,12 @@ def _parse_tensor_input(node: _Node) -> TensorSpec:
     return TensorSpec(shape=shape)
 
 
-def _parse_member(node: _Node, ensemble_input: MemberInput, base_dir: Path, check_files: bool) -> MemberSpec:
-    node.keys(required={"name", "arch", "weights"}, optional={"kwargs", "sha256", "weight", "input", "state_dict"})
+def _parse_member(
+    node: _Node, ensemble_input: MemberInput, ensemble_execution: Execution, base_dir: Path, check_files: bool
+) -> MemberSpec:
+    node.keys(
+        required={"name", "arch", "weights"}, optional={"kwargs", "sha256", "weight", "input", "state_dict", "execution"}
+    )
     name = node["name"].string(pattern=_NAME, what=f"a name matching {_NAME.pattern}")
     arch = _parse_arch(node["arch"], base_dir)
     kwargs: dict[str, Any] = {}
@@ -369,9 +401,29 @@ def _parse_member(node: _Node, ensemble_input: MemberInput, base_dir: Path, chec
         if member_input == ensemble_input:
             member_input = None
     rules = _parse_state_dict(node["state_dict"]) if "state_dict" in node else StateDictRules()
+    execution = _parse_execution(node["execution"], ensemble_execution) if "execution" in node else None
     return MemberSpec(
-        name=name, arch=arch, weights=weights, kwargs=kwargs, sha256=sha256, weight=weight, input=member_input, state_dict=rules
+        name=name,
+        arch=arch,
+        weights=weights,
+        kwargs=kwargs,
+        sha256=sha256,
+        weight=weight,
+        input=member_input,
+        state_dict=rules,
+        execution=None if execution == ensemble_execution else execution,
     )
+
+
+def _parse_execution(node: _Node, base: Execution) -> Execution:
+    """`execution: {plan: auto | eager | <plan>, compile: false}`; a member's keys override its ensemble's `base`."""
+    node.keys(optional={"plan", "compile"})
+    execution = base
+    if "plan" in node:
+        execution = replace(execution, plan=node["plan"].choice(PLANS))
+    if "compile" in node:
+        execution = replace(execution, compile=node["compile"].boolean())
+    return execution
 
 
 def _parse_state_dict(node: _Node) -> StateDictRules:

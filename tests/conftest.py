@@ -152,8 +152,8 @@ def source_spec(store: Path, name: str) -> EnsembleSpec:
 
 @functools.cache
 def reference_ensemble(store: Path, name: str) -> Ensemble:
-    """The test ensemble loaded in-process from its source files, once per session."""
-    return Ensemble.from_spec(source_spec(store, name), torch.device("cpu"))
+    """The test ensemble loaded in-process from its source files, once per session, every member on eager."""
+    return Ensemble.from_spec(source_spec(store, name).with_plan("eager"), torch.device("cpu"))
 
 
 def reference(store: Path, name: str, images: list[bytes], **policy: str) -> list[dict[str, Any]]:
@@ -178,7 +178,7 @@ def _labels_and_scores(view: dict[str, Any]) -> tuple[Any, list[float | None]]:
 
 
 def assert_same_predictions(served: list[dict[str, Any]], expected: list[dict[str, Any]]) -> None:
-    """Labels equal exactly; scores equal to 1e-5 (batched and unbatched forwards may round differently)."""
+    """Labels equal exactly; scores within 1e-4 of eager: the limit every execution plan is verified against."""
     assert len(served) == len(expected)
     for got, want in zip(served, expected, strict=True):
         views = [(got, want)] + [(got["members"][m], want["members"][m]) for m in want["members"]]
@@ -189,5 +189,5 @@ def assert_same_predictions(served: list[dict[str, Any]], expected: list[dict[st
             assert got_labels == want_labels
             assert [s is None for s in got_scores] == [s is None for s in want_scores]
             assert [s for s in got_scores if s is not None] == pytest.approx(
-                [s for s in want_scores if s is not None], abs=1e-5
+                [s for s in want_scores if s is not None], abs=1e-4
             )

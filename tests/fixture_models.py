@@ -35,3 +35,11 @@ class TinyMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+
+class LayoutSensitiveNet(PoolNet):
+    """PoolNet whose answer flips sign for channels-last input: a plan that changes the layout must be caught."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        return out if x.is_contiguous() else -out

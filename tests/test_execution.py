@@ -17,7 +17,7 @@ from tests.fixture_models import BranchyNet, PoolNet
 
 
 def ensemble_with(folder: Path, members: dict[str, tuple[str, torch.nn.Module, dict]], *, fuse: bool) -> Ensemble:
-    """An ensemble of the given (arch, module, extra member keys), weights saved from the modules."""
+    """An ensemble of the given (arch, module, extra member keys), weights saved from the modules, all on eager."""
     path = write_ensemble(folder)
     doc = yaml.safe_load(path.read_text())
     entries = []
@@ -26,6 +26,7 @@ def ensemble_with(folder: Path, members: dict[str, tuple[str, torch.nn.Module, d
         entries.append({"name": name, "arch": arch, "weights": f"{name}.pt", "kwargs": {"num_classes": 3}, **extra})
     doc["ensembles"]["trio"]["members"] = entries
     doc["ensembles"]["trio"]["batching"] = {"micro_batch_size": 2, "fuse_members": fuse}
+    doc["ensembles"]["trio"]["execution"] = {"plan": "eager"}
     path.write_text(yaml.safe_dump(doc))
     return Ensemble.from_spec(load_ensembles(path)["trio"], torch.device("cpu"))
 
@@ -42,9 +43,9 @@ def test_fused_members_match_sequential(tmp_path: Path) -> None:
     fused = ensemble_with(tmp_path / "fused", members_of_one_kind(3), fuse=True)
     sequential = ensemble_with(tmp_path / "sequential", members_of_one_kind(3), fuse=False)
     assert fused.describe()["execution"] == [
-        {"members": ["pool0", "pool1", "pool2", "pool3"], "fused": True},
-        {"members": ["gray"], "fused": False},
-        {"members": ["mobile0", "mobile1"], "fused": True},
+        {"members": ["pool0", "pool1", "pool2", "pool3"], "fused": True, "plan": "eager"},
+        {"members": ["gray"], "fused": False, "plan": "eager"},
+        {"members": ["mobile0", "mobile1"], "fused": True, "plan": "eager"},
     ]
     assert [group["fused"] for group in sequential.describe()["execution"]] == [False] * 7
     images = [decode_image(image_bytes(seed), fused.spec.limits) for seed in range(5)]
@@ -56,8 +57,8 @@ def test_members_vmap_cannot_run_are_not_fused(tmp_path: Path, caplog: pytest.Lo
     members = {f"branchy{i}": ("fixture_models.py:BranchyNet", BranchyNet(num_classes=3), {}) for i in range(2)}
     ensemble = ensemble_with(tmp_path, members, fuse=True)
     assert ensemble.describe()["execution"] == [
-        {"members": ["branchy0"], "fused": False},
-        {"members": ["branchy1"], "fused": False},
+        {"members": ["branchy0"], "fused": False, "plan": "eager"},
+        {"members": ["branchy1"], "fused": False, "plan": "eager"},
     ]
     assert "vmap cannot run members (0, 1)" in caplog.text
     assert ensemble.probabilities([decode_image(image_bytes(1), ensemble.spec.limits)]).shape == (2, 1, 3)
@@ -66,7 +67,7 @@ def test_members_vmap_cannot_run_are_not_fused(tmp_path: Path, caplog: pytest.Lo
 @pytest.mark.parametrize("parallelism", [2, 3], ids=["two-threads", "three-threads"])
 def test_members_in_parallel_match_one_at_a_time(tmp_path: Path, parallelism: int) -> None:
     """5 images, so the slices are uneven (3+2, or 2+2+1): every image must keep its own answer."""
-    spec = load_ensembles(write_ensemble(tmp_path))["trio"]
+    spec = load_ensembles(write_ensemble(tmp_path))["trio"].with_plan("eager")
     sequential = Ensemble.from_spec(spec, torch.device("cpu"))
     parallel = Ensemble.from_spec(spec, torch.device("cpu"), parallelism=parallelism)
     assert (sequential.describe()["member_threads"], parallel.describe()["member_threads"]) == (1, parallelism)

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from handlers.errors import ConfigError
-from handlers.manifest import InputSpec, StateDictRules, TensorSpec, load_ensembles
+from handlers.manifest import Execution, InputSpec, StateDictRules, TensorSpec, load_ensembles
 from handlers.policies import PolicySpec
 from tests.conftest import write_tensor_ensemble
 
@@ -47,7 +47,7 @@ RULES = f"{PREFIX}.members[0].state_dict"
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        pytest.param(lambda e: e.update(colour="red"), f"{PREFIX}.colour: unknown key; valid keys here: batching, input, labels, limits, members, policy, positive_label, task, version", id="unknown-key"),
+        pytest.param(lambda e: e.update(colour="red"), f"{PREFIX}.colour: unknown key; valid keys here: batching, execution, input, labels, limits, members, policy, positive_label, task, version", id="unknown-key"),
         pytest.param(lambda e: e.pop("labels"), f"{PREFIX}: missing key 'labels'", id="missing-key"),
         pytest.param(lambda e: e.update(version=2.1), f"{PREFIX}.version: expected a quoted version string like '1.0', got 2.1", id="version-not-string"),
         pytest.param(lambda e: e.update(task="regression"), f"{PREFIX}.task: expected one of multiclass, binary, multilabel, got 'regression'", id="bad-task"),
@@ -167,9 +167,33 @@ def test_state_dict_rules_parse_in_schema_order(ensemble_yaml: Callable[..., Pat
     assert "state_dict" not in spec.to_dict()["members"][0]
 
 
+def set_execution(ensemble: dict[str, Any]) -> None:
+    ensemble["execution"] = {"compile": True}
+    ensemble["members"][0]["execution"] = {"plan": "frozen"}
+    ensemble["members"][1]["execution"] = {"compile": True}
+
+
+def test_member_execution_overrides_the_ensembles_key_by_key(ensemble_yaml: Callable[..., Path]) -> None:
+    spec = load_ensembles(edit(ensemble_yaml(), set_execution))["trio"]
+    assert spec.execution == Execution(plan="auto", compile=True)
+    assert [spec.member_execution(m) for m in spec.members] == [
+        Execution(plan="frozen", compile=True),
+        Execution(plan="auto", compile=True),
+        Execution(plan="auto", compile=True),
+    ]
+    assert [m.execution for m in spec.members[1:]] == [None, None]
+    eager = spec.with_plan("eager")
+    assert {eager.member_execution(m) for m in eager.members} == {Execution(plan="eager")}
+
+
 def test_to_dict_round_trips(ensemble_yaml: Callable[..., Path], tmp_path: Path) -> None:
     rules = {"key": "state_dict", "strip_prefix": ["module."]}
-    spec = load_ensembles(edit(ensemble_yaml(), lambda e: e["members"][0].update(state_dict=rules)))["trio"]
+
+    def change(ensemble: dict[str, Any]) -> None:
+        ensemble["members"][0]["state_dict"] = rules
+        set_execution(ensemble)
+
+    spec = load_ensembles(edit(ensemble_yaml(), change))["trio"]
     again = tmp_path / "ensemble" / "again.yaml"
     again.write_text(yaml.safe_dump({"ensembles": {"trio": spec.to_dict()}}))
     assert load_ensembles(again)["trio"] == spec

@@ -1,0 +1,233 @@
+"""Execution plans: the ways one member's forward call can run, and the choice among them by measurement.
+
+A plan turns a loaded module into a function `[n, *input] -> logits`:
+- `eager`: the module as loaded;
+- `channels_last`: weights and input in NHWC order (4-D inputs only), which many CPU and GPU
+  convolution kernels run faster;
+- `frozen`: traced with TorchScript, frozen (weights become constants, batch norm folds into the
+  convolutions) and passed through `optimize_for_inference`; the interpreter runs without the GIL,
+  so members on different threads no longer take turns at Python;
+- `frozen_channels_last`: both;
+- `compiled`: `torch.compile`, tried by `auto` only with `compile: true` (it takes seconds to
+  minutes per member, paid again at every worker start).
+
+`auto` builds each candidate, checks it against eager on a probe batch (probabilities within
+`TOLERANCE` at every timed size, and a trace the tracer did not warn about, since a warning means
+data-dependent control flow was frozen into one branch), times it at the slice sizes the worker
+runs, and keeps the fastest verified one when it beats eager by at least `MIN_GAIN`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from handlers.manifest import Execution
+
+TOLERANCE = 1e-4
+MIN_GAIN = 1.03
+TIMED_CALLS = 5
+TIME_BUDGET_S = 1.0
+FIXED_PLANS = ("eager", "channels_last", "frozen", "frozen_channels_last", "compiled")
+AUTO_PLANS = FIXED_PLANS[:4]
+logger = logging.getLogger(__name__)
+
+Forward = Callable[[torch.Tensor], torch.Tensor]
+
+
+class PlanRejected(Exception):
+    """A candidate plan that cannot run this member, or does not reproduce eager: why, in words."""
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The plan a member runs, with what the choice measured: ms per call by plan and size, and rejections."""
+
+    plan: str
+    forward: Forward
+    ms: dict[str, dict[int, float]] = field(default_factory=dict)
+    rejected: dict[str, str] = field(default_factory=dict)
+    build_s: float = 0.0
+
+    @property
+    def speedup(self) -> float | None:
+        """Eager's time over the chosen plan's, geometric mean over the timed sizes; None when nothing was timed."""
+        if self.plan not in self.ms or "eager" not in self.ms:
+            return None
+        return _gain(self.ms["eager"], self.ms[self.plan])
+
+    def describe(self) -> dict[str, Any]:
+        """What `describe` shows for this member."""
+        speedup = self.speedup
+        return {
+            "plan": self.plan,
+            "speedup_vs_eager": None if speedup is None else round(speedup, 2),
+            "ms_per_call": {plan: {str(size): round(ms, 3) for size, ms in sizes.items()} for plan, sizes in self.ms.items()},
+            "rejected": self.rejected,
+            "load_s": round(self.build_s, 2),
+        }
+
+
+def choose(
+    module: nn.Module,
+    instance_shape: tuple[int, ...],
+    execution: Execution,
+    *,
+    sizes: Sequence[int],
+    device: torch.device,
+    activation: Callable[[torch.Tensor], torch.Tensor],
+) -> Choice:
+    """The plan `execution` asks for; with `auto`, the fastest candidate that reproduces eager.
+
+    A fixed plan is checked the same way and refused (MemberLoadError at the caller) when it does
+    not reproduce eager, since serving different numbers than the checkpoint's would be silent.
+    """
+    began = time.perf_counter()
+    module = module.to(device).eval()
+    if execution.plan == "eager":
+        return Choice("eager", module)
+    probes = {size: _probe(size, instance_shape, device) for size in sizes}
+    with torch.inference_mode():
+        reference = {size: activation(module(probe)) for size, probe in probes.items()}
+    wanted = AUTO_PLANS + (("compiled",) if execution.compile else ()) if execution.plan == "auto" else (execution.plan,)
+    forwards: dict[str, Forward] = {"eager": module}
+    rejected: dict[str, str] = {}
+    for plan in wanted:
+        if plan == "eager":
+            continue
+        try:
+            forward = build(plan, module, probes[max(sizes)], device)
+            _verify(forward, probes, reference, activation)
+        except PlanRejected as e:
+            rejected[plan] = str(e)
+            continue
+        forwards[plan] = forward
+    if execution.plan != "auto":
+        if execution.plan in rejected:
+            raise PlanRejected(f"plan {execution.plan!r}: {rejected[execution.plan]}")
+        return Choice(execution.plan, forwards[execution.plan], rejected=rejected, build_s=time.perf_counter() - began)
+    ms = _time(forwards, probes, device)
+    best = max(ms, key=lambda plan: _gain(ms["eager"], ms[plan]))
+    if _gain(ms["eager"], ms[best]) < MIN_GAIN:
+        best = "eager"
+    for plan in rejected:
+        logger.info("plan %s not used: %s", plan, rejected[plan])
+    return Choice(best, forwards[best], ms=ms, rejected=rejected, build_s=time.perf_counter() - began)
+
+
+def build(plan: str, module: nn.Module, example: torch.Tensor, device: torch.device) -> Forward:
+    """The forward function of `plan` for an eval-mode `module` on `device`; PlanRejected when it cannot apply."""
+    channels_last = plan.endswith("channels_last")
+    if channels_last and example.dim() != 4:
+        raise PlanRejected(f"channels_last needs 4-D (N, C, H, W) input; this member takes {example.dim()}-D")
+    if plan == "channels_last":
+        nhwc = copy.deepcopy(module).to(memory_format=torch.channels_last)
+        return lambda batch: nhwc(batch.contiguous(memory_format=torch.channels_last))
+    if plan in ("frozen", "frozen_channels_last"):
+        frozen = _frozen(module, example, channels_last=channels_last)
+        if channels_last:
+            return lambda batch: frozen(batch.contiguous(memory_format=torch.channels_last))
+        return frozen
+    if plan == "compiled":
+        try:
+            compiled = torch.compile(module, dynamic=True)
+            with torch.inference_mode():
+                compiled(example)
+        except Exception as e:  # Inductor needs a working C++ toolchain and supported ops.
+            raise PlanRejected(f"torch.compile failed: {type(e).__name__}: {e}") from e
+        return compiled
+    raise PlanRejected(f"unknown plan {plan!r}; known: {', '.join(FIXED_PLANS)}")
+
+
+def _frozen(module: nn.Module, example: torch.Tensor, *, channels_last: bool) -> torch.jit.ScriptModule:
+    """Trace, freeze and optimize for inference; refused when the tracer warns the trace may not generalise."""
+    source = copy.deepcopy(module)
+    if channels_last:
+        source = source.to(memory_format=torch.channels_last)
+        example = example.contiguous(memory_format=torch.channels_last)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", torch.jit.TracerWarning)
+        # TorchScript is deprecated upstream in favour of torch.export, yet on CPUs it is still the fastest
+        # verified plan for many members (README, "Execution plans"); the plan is kept while that holds.
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=FutureWarning)
+        try:
+            with torch.no_grad():
+                traced = torch.jit.trace(source, example, check_trace=False)
+                frozen = torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
+        except Exception as e:  # Tracing refuses dict outputs, some Python control flow, non-tensor arguments.
+            raise PlanRejected(f"TorchScript trace failed: {type(e).__name__}: {e}") from e
+    unfaithful = [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
+    if unfaithful:
+        first = str(unfaithful[0].message).splitlines()[0]
+        raise PlanRejected(f"the trace may not hold for other inputs (data-dependent Python): {first}")
+    return frozen
+
+
+def _verify(
+    forward: Forward,
+    probes: dict[int, torch.Tensor],
+    reference: dict[int, torch.Tensor],
+    activation: Callable[[torch.Tensor], torch.Tensor],
+) -> None:
+    """Every probe size twice (TorchScript optimises on its first calls): probabilities within TOLERANCE of eager."""
+    for _ in range(2):
+        for size, probe in probes.items():
+            try:
+                with torch.inference_mode():
+                    got = activation(forward(probe))
+            except Exception as e:
+                raise PlanRejected(f"fails at batch {size}: {type(e).__name__}: {e}") from e
+            if got.shape != reference[size].shape:
+                raise PlanRejected(f"outputs shape {tuple(got.shape)} at batch {size}; eager gives {tuple(reference[size].shape)}")
+            difference = float((got - reference[size]).abs().max()) if got.numel() else 0.0
+            if not difference <= TOLERANCE:
+                raise PlanRejected(f"probabilities differ from eager by {difference:.2e} at batch {size} (limit {TOLERANCE:g})")
+
+
+def _time(forwards: dict[str, Forward], probes: dict[int, torch.Tensor], device: torch.device) -> dict[str, dict[int, float]]:
+    """Best-of-n ms per call for every plan at every size, plans interleaved so that noise hits them alike.
+
+    Stops early (after at least two calls each) once TIME_BUDGET_S per size is spent.
+    """
+    best: dict[str, dict[int, float]] = {plan: {} for plan in forwards}
+    for size, probe in probes.items():
+        spent = 0.0
+        for round_number in range(TIMED_CALLS):
+            for plan, forward in forwards.items():
+                elapsed = _timed_call(forward, probe, device)
+                spent += elapsed
+                best[plan][size] = min(best[plan].get(size, math.inf), 1000 * elapsed)
+            if round_number >= 1 and spent > TIME_BUDGET_S:
+                break
+    return best
+
+
+def _timed_call(forward: Forward, probe: torch.Tensor, device: torch.device) -> float:
+    with torch.inference_mode():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        began = time.perf_counter()
+        forward(probe)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - began
+
+
+def _gain(eager: dict[int, float], other: dict[int, float]) -> float:
+    """Eager's time over `other`'s, geometric mean over sizes: 1.5 means 1.5x faster than eager."""
+    ratios = [eager[size] / other[size] for size in eager]
+    return math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+
+
+def _probe(size: int, instance_shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(size)
+    return torch.randn(size, *instance_shape, generator=generator).to(device)

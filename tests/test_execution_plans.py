@@ -1,0 +1,114 @@
+"""Execution plans: each plan reproduces eager, `auto` keeps only verified candidates, and unfaithful ones are refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from handlers.ensemble import Ensemble
+from handlers.errors import MemberLoadError
+from handlers.execution_plans import AUTO_PLANS, MIN_GAIN, TOLERANCE
+from handlers.manifest import load_ensembles
+from handlers.preprocess import decode_image
+from tests.conftest import image_bytes, instances, write_ensemble, write_tensor_ensemble
+from tests.fixture_models import BranchyNet, LayoutSensitiveNet
+
+CPU = torch.device("cpu")
+
+
+def load(path: Path, name: str, execution: dict[str, Any] | None = None, member: dict[str, Any] | None = None) -> Ensemble:
+    """Ensemble `name` of `path` with `execution` set on the ensemble and `member` on its first member."""
+    doc = yaml.safe_load(path.read_text())
+    if execution is not None:
+        doc["ensembles"][name]["execution"] = execution
+    if member is not None:
+        doc["ensembles"][name]["members"][0]["execution"] = member
+    path.write_text(yaml.safe_dump(doc))
+    return Ensemble.from_spec(load_ensembles(path)[name], CPU)
+
+
+def images(ensemble: Ensemble, count: int) -> list[Any]:
+    return [decode_image(image_bytes(seed), ensemble.spec.limits) for seed in range(count)]
+
+
+def with_member(folder: Path, arch: str, module: torch.nn.Module) -> Path:
+    """The test ensemble with its first member replaced by `module` of class `arch` (3 labels)."""
+    path = write_ensemble(folder)
+    torch.save(module.state_dict(), folder / "odd.pt")
+    doc = yaml.safe_load(path.read_text())
+    doc["ensembles"]["trio"]["members"][0] = {"name": "odd", "arch": arch, "kwargs": {"num_classes": 3}, "weights": "odd.pt"}
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+@pytest.mark.parametrize("plan", ["eager", "channels_last", "frozen", "frozen_channels_last"], ids=str)
+def test_every_plan_reproduces_eager(tmp_path: Path, plan: str) -> None:
+    eager = load(write_ensemble(tmp_path / "eager"), "trio", {"plan": "eager"})
+    planned = load(write_ensemble(tmp_path / plan), "trio", {"plan": plan})
+    assert [m["execution"]["plan"] for m in planned.describe()["members"]] == [plan] * 3
+    for count in (1, 5):
+        batch = images(eager, count)
+        difference = (planned.probabilities(batch) - eager.probabilities(batch)).abs().max()
+        assert float(difference) <= TOLERANCE
+
+
+def test_auto_times_every_candidate_and_keeps_a_verified_faster_one(tmp_path: Path) -> None:
+    ensemble = load(write_ensemble(tmp_path), "trio")
+    described = ensemble.describe()
+    assert described["execution"] == [
+        {"members": [m["name"]], "fused": False, "plan": m["execution"]["plan"]} for m in described["members"]
+    ]
+    for member in described["members"]:
+        chosen = member["execution"]
+        assert set(chosen["ms_per_call"]) == set(AUTO_PLANS)
+        assert set(chosen["ms_per_call"]["eager"]) == {"1", "4"}  # One image, and batch 8 capped by micro_batch_size 4.
+        assert chosen["rejected"] == {}
+        assert chosen["plan"] in AUTO_PLANS
+        assert chosen["plan"] == "eager" or chosen["speedup_vs_eager"] >= round(MIN_GAIN, 2)
+        assert chosen["load_s"] > 0
+
+
+def test_a_data_dependent_branch_is_never_traced(tmp_path: Path) -> None:
+    path = with_member(tmp_path, "fixture_models.py:BranchyNet", BranchyNet(num_classes=3))
+    ensemble = load(path, "trio")
+    rejected = ensemble.describe()["members"][0]["execution"]["rejected"]
+    assert set(rejected) == {"frozen", "frozen_channels_last"}
+    assert all(reason.startswith("the trace may not hold for other inputs (data-dependent Python)") for reason in rejected.values())
+    with pytest.raises(MemberLoadError, match=r"^member 'odd': plan 'frozen': the trace may not hold for other inputs"):
+        load(path, "trio", member={"plan": "frozen"})
+
+
+def test_a_plan_that_changes_the_answer_is_refused(tmp_path: Path) -> None:
+    path = with_member(tmp_path, "fixture_models.py:LayoutSensitiveNet", LayoutSensitiveNet(num_classes=3))
+    ensemble = load(path, "trio")
+    rejected = ensemble.describe()["members"][0]["execution"]["rejected"]
+    assert set(rejected) == {"channels_last", "frozen_channels_last"}
+    assert all(reason.startswith("probabilities differ from eager by ") for reason in rejected.values())
+    assert ensemble.describe()["members"][0]["execution"]["plan"] in {"eager", "frozen"}
+    with pytest.raises(MemberLoadError, match=r"^member 'odd': plan 'channels_last': probabilities differ from eager by .* at batch 1"):
+        load(path, "trio", member={"plan": "channels_last"})
+
+
+def test_tensor_members_skip_channels_last(tmp_path: Path) -> None:
+    path = write_tensor_ensemble(tmp_path)
+    ensemble = load(path, "vectors")
+    rejected = ensemble.describe()["members"][0]["execution"]["rejected"]
+    reason = "channels_last needs 4-D (N, C, H, W) input; this member takes 3-D"
+    assert rejected == {"channels_last": reason, "frozen_channels_last": reason}
+    eager = load(path, "vectors", {"plan": "eager"})
+    values = torch.from_numpy(instances(3, 6))
+    assert float((ensemble.probabilities(values) - eager.probabilities(values)).abs().max()) <= TOLERANCE
+
+
+def test_compiled_plan_is_opt_in_and_reproduces_eager(tmp_path: Path) -> None:
+    path = write_tensor_ensemble(tmp_path)
+    compiled = load(path, "vectors", {"plan": "compiled"})
+    eager = load(path, "vectors", {"plan": "eager"})
+    assert [m["execution"]["plan"] for m in compiled.describe()["members"]] == ["compiled", "compiled"]
+    for count in (1, 3, 6):
+        values = torch.from_numpy(instances(count, count))
+        assert float((compiled.probabilities(values) - eager.probabilities(values)).abs().max()) <= TOLERANCE
