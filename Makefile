@@ -97,6 +97,9 @@ bench-batching: demo
 bench-fused: $(INSTALLED)
 	$(PY) -m bench.fused_members
 
+bench-inputs: demo
+	$(PY) -m bench.parallel_inputs
+
 # make tune NAME=shapes [TUNE_ARGS='--quick --write']: sweep workers, batch size and delay on a private TorchServe.
 tune: demo $(BENCH_INSTALLED) $(TUNE_INSTALLED)
 	$(PY) -m bench.tune $(NAME) $(TUNE_ARGS)

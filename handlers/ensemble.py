@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from PIL import Image
@@ -29,6 +29,8 @@ from handlers.preprocess import batch_tensors, decode_image
 from handlers.request_inputs import parse_request, parse_tensor_request
 
 SCORE_DIGITS = 6
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 Inputs = Sequence[Image.Image] | torch.Tensor
@@ -155,7 +157,7 @@ class Ensemble:
         with torch.inference_mode():
             on_device = {spec: self._to_device(batch) for spec, batch in batches.items()}
             tasks = [(group, chunk) for group in self._groups for chunk in on_device[group.spec].split(slice_size)]
-            results = self._run_all(tasks)
+            results = self._map(self._run, tasks)
             by_group: dict[Group, list[torch.Tensor]] = {}
             for (group, _), probs in zip(tasks, results, strict=True):
                 by_group.setdefault(group, []).append(probs)
@@ -163,13 +165,15 @@ class Ensemble:
                 out[list(group.indices)] = torch.cat(slices, dim=1).to("cpu", torch.float64)
         return out
 
-    def _run_all(self, tasks: list[tuple[Group, torch.Tensor]]) -> list[torch.Tensor]:
-        """Run every task; the calling thread works too, and helpers join only when there is more than one task.
+    def _map(self, work: Callable[[T], R], items: Sequence[T]) -> list[R]:
+        """`work` on every item, in order, on the member threads; the calling thread works too.
 
-        A lone task (one member, one slice) never pays a hand-off to another thread.
+        Helpers join only when there is more than one item, so a lone task never pays a hand-off.
+        The first item (by position) that raised re-raises here, as a loop would have.
         """
-        results: list[torch.Tensor | None] = [None] * len(tasks)
-        pending = iter(range(len(tasks)))
+        results: list[Any] = [None] * len(items)
+        failures: dict[int, BaseException] = {}
+        pending = iter(range(len(items)))
         lock = threading.Lock()
 
         def drain() -> None:
@@ -178,14 +182,19 @@ class Ensemble:
                     index = next(pending, None)
                 if index is None:
                     return
-                results[index] = self._run(tasks[index])
+                try:
+                    results[index] = work(items[index])
+                except Exception as e:  # Re-raised below in item order, on the calling thread.
+                    failures[index] = e
 
-        helpers = min(self._parallelism - 1, len(tasks) - 1)
+        helpers = min(self._parallelism - 1, len(items) - 1)
         joined = [self._pool.submit(drain) for _ in range(helpers)] if self._pool else []
         drain()
         for helper in joined:
             helper.result()
-        return [result for result in results if result is not None]
+        if failures:
+            raise failures[min(failures)]
+        return results
 
     def _run(self, task: tuple[Group, torch.Tensor]) -> torch.Tensor:
         """One group on one slice; inference mode is per thread, so each task enters it itself."""

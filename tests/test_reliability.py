@@ -71,7 +71,7 @@ def test_killed_worker_fails_only_its_in_flight_requests(report: dict[str, Any])
     assert all(status.startswith("5") for status in killed["failed_statuses"])
     assert killed["failed_within_1s_of_kill"] and killed["new_pid"]
     assert killed["later_all_ok"] and killed["later_requests"] > 0
-    assert 0 < killed["recovery_s"] < 30
+    assert 0 < killed["recovery_s"] < 10  # The restarted worker chooses its members' plans again, within this bound.
 
 
 def test_hanging_member_fails_at_the_timeout_and_the_worker_is_replaced(report: dict[str, Any]) -> None:
