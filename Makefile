@@ -100,6 +100,9 @@ bench-fused: $(INSTALLED)
 bench-inputs: demo
 	$(PY) -m bench.parallel_inputs
 
+bench-plans: demo
+	$(PY) -m bench.execution_plans
+
 # make tune NAME=shapes [TUNE_ARGS='--quick --write']: sweep workers, batch size and delay on a private TorchServe.
 tune: demo $(BENCH_INSTALLED) $(TUNE_INSTALLED)
 	$(PY) -m bench.tune $(NAME) $(TUNE_ARGS)

@@ -2,7 +2,7 @@
 
 Run by bench/contenders.py as `gunicorn -w 2 'bench.flask_server:create_app()'`. It uses the same
 decode, transform, tensor parsing and member code as our handler, so the comparison isolates the
-serving stack.
+serving stack; its members run as given (eager), as a hand-written app would run them.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from handlers.tensor_inputs import read_json_instances, read_npy
 def create_app() -> Flask:
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
     spec = load_ensembles(Path(os.environ["BENCH_ENSEMBLES"]))[os.environ["BENCH_ENSEMBLE"]]
-    ensemble = Ensemble.from_spec(spec, torch.device("cpu"))
+    ensemble = Ensemble.from_spec(spec.with_plan("eager"), torch.device("cpu"))
     app = Flask(__name__)
 
     @app.get("/health")

@@ -81,8 +81,8 @@ def _jpeg(image: Image.Image, rng: random.Random) -> bytes:
 
 
 def _with_expected(name: str, config: Path, spec: EnsembleSpec, images: tuple[bytes, ...]) -> Workload:
-    """Each member's label per image, computed in-process one image at a time."""
-    ensemble = Ensemble.from_spec(spec, torch.device("cpu"))
+    """Each member's label per image, computed in-process one image at a time by the members as given (eager)."""
+    ensemble = Ensemble.from_spec(spec.with_plan("eager"), torch.device("cpu"))
     policy = resolve_policy({}, default=spec.policy, task=spec.task, n_members=len(spec.members))
     expected = []
     for data in images:
