@@ -151,19 +151,16 @@ class Ensemble:
             batches = {self.spec.input: inputs}
         else:
             batches = batch_tensors(inputs, [group.spec for group in self._groups])
-        count = len(inputs)
-        out = torch.empty(len(self.spec.members), count, len(self.spec.labels), dtype=torch.float64)
-        slice_size = min(self.spec.batching.micro_batch_size, -(-count // self._parallelism))
+        slice_size = min(self.spec.batching.micro_batch_size, -(-len(inputs) // self._parallelism))
         with torch.inference_mode():
             on_device = {spec: self._to_device(batch) for spec, batch in batches.items()}
             tasks = [(group, chunk) for group in self._groups for chunk in on_device[group.spec].split(slice_size)]
             results = self._map(self._run, tasks)
-            by_group: dict[Group, list[torch.Tensor]] = {}
+            slices: list[list[torch.Tensor]] = [[] for _ in self.spec.members]
             for (group, _), probs in zip(tasks, results, strict=True):
-                by_group.setdefault(group, []).append(probs)
-            for group, slices in by_group.items():
-                out[list(group.indices)] = torch.cat(slices, dim=1).to("cpu", torch.float64)
-        return out
+                for row, member in enumerate(group.indices):
+                    slices[member].append(probs[row])
+            return torch.stack([torch.cat(parts) for parts in slices]).to("cpu", torch.float64)
 
     def _map(self, work: Callable[[T], R], items: Sequence[T]) -> list[R]:
         """`work` on every item, in order, on the member threads; the calling thread works too.
@@ -282,7 +279,8 @@ class Ensemble:
 
     def _flatten(self, inputs: Sequence[tuple[Image.Image, ...] | torch.Tensor]) -> Inputs:
         if isinstance(self.spec.input, TensorSpec):
-            return torch.cat([instances for instances in inputs if isinstance(instances, torch.Tensor)])
+            tensors = [instances for instances in inputs if isinstance(instances, torch.Tensor)]
+            return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
         return [image for images in inputs for image in images]
 
     def _views(self, chosen: torch.Tensor, scores: torch.Tensor) -> list[dict[str, Any]]:
