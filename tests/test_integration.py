@@ -13,6 +13,7 @@ import re
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from statistics import geometric_mean
 
 import numpy
 import pytest
@@ -21,6 +22,7 @@ import torch
 
 from archive_scripts.torchserve_ctl import Server, private_server, register, start, stop, unregister
 from handlers.checkpoints import read_checkpoint
+from handlers.execution_plans import AUTO_PLANS
 from handlers.preprocess import decode_image, to_tensor
 from tests.checkpoint_layouts import CHEXNET_LABELS, chexnet
 from tests.conftest import assert_same_predictions, image_bytes, instances, npy_bytes, reference, source_spec, tensor_reference
@@ -70,6 +72,13 @@ def test_registered_ensemble_describes_itself(server: Server) -> None:
     assert [m["name"] for m in custom["members"]] == ["mobile", "pool_rgb", "pool_gray"]
     assert all(re.fullmatch(r"[0-9a-f]{64}", m["sha256"]) for m in custom["members"])
     assert custom["policies"] == ["all", "any", "k_of_n", "majority", "max", "mean"]
+    for member in custom["members"]:
+        chosen = member["execution"]
+        assert chosen["plan"] in AUTO_PLANS
+        assert set(chosen["ms_per_call"]) == set(AUTO_PLANS)  # Every candidate was verified and timed in the worker.
+        assert chosen["speedup_vs_eager"] == pytest.approx(
+            geometric_mean([chosen["ms_per_call"]["eager"][s] / chosen["ms_per_call"][chosen["plan"]][s] for s in ("1", "4")]), abs=0.01
+        )
 
 
 @pytest.mark.parametrize("api", ["inference", "management"])
