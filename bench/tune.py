@@ -16,7 +16,8 @@ configurations from that cost, serve each one from a real TorchServe and keep th
    (`bench.run.POINTS`: 1 client x 1 image, 8 clients x 1 image, 2 clients x 16 images) with
    `bench.loadgen.run_load`, and unregistered. Every answer is checked against each member's label
    computed in-process. The first candidate is the reference (1 worker, batch 1): its c1 p50 sizes the
-   delays of the grid. Each point sends at least the benchmark's number of requests (`--quick`: its quick
+   delays of the grid. The current batching is measured once more at the end: how far its two geometric
+   means lie apart is this run's noise. Each point sends at least the benchmark's number of requests (`--quick`: its quick
    number), more where the member cost says that would take under 5 s (`--quick`: 2 s), at most 10x.
 3. Candidate grid (`candidate_grid`), `cores` = this machine's CPUs, `clients` = most clients of a load point:
    - workers 1, and `cores` unless the cost model says `cores` workers cannot serve single images faster:
@@ -33,14 +34,19 @@ configurations from that cost, serve each one from a real TorchServe and keep th
    - disqualified: any error or mismatched label at any point, fewer answers than requests sent (the
      5-minute deadline of a point), or a failed build or registration;
    - eligible: c1 p50 at most (1 + SLACK) x the lowest c1 p50 among the qualified candidates, SLACK = 0.25;
-   - recommended: the eligible candidate with the highest geometric mean of images/s over the load points;
-     ties by lower c1 p50, then fewer workers, smaller batch, shorter delay.
+   - best: the eligible candidate with the highest geometric mean of images/s over the load points;
+     ties by lower c1 p50, then fewer workers, smaller batch, shorter delay;
+   - recommended: the best, unless the current batching is eligible and the best's geometric mean is
+     less than max(MIN_GAIN = 10%, the run's noise) above the current's: then the current is kept.
    Why: the geometric mean weighs each load point by its ratio, so a 2x gain on one point cannot hide a
    2x loss on another (a 16-image request on two workers halved the torchvision trio's throughput), and
    no point's absolute scale dominates. Throughput at c1 is already 1 / latency, but one third of a
    geometric mean lets a configuration trade a lone client's latency away; the explicit bound stops that
    at 25%, which is 2.5x the +-10% run-to-run spread of this 2-core machine, so noise alone does not
-   disqualify, while a batch delay or worker split that costs a lone request a quarter does.
+   disqualify, while a batch delay or worker split that costs a lone request a quarter does. The 10%
+   margin for replacing the current batching is that spread, or the spread this run measured when larger:
+   within it, two runs can order the top candidates either way, and a recommendation should not flip
+   the file back and forth.
 
 Prints a markdown table of every candidate and the recommendation; writes bench/results/tune-<NAME>.json
 (all rows, the member cost, the rule, the recommendation). With --write, sets the ensemble's
@@ -84,6 +90,7 @@ from handlers.manifest import EnsembleSpec, load_ensembles
 from handlers.preprocess import decode_image
 
 SLACK = 0.25
+MIN_GAIN = 0.10
 DELAYS_MS = (1, 2, 5)
 MIN_POINT_S = {False: 5.0, True: 2.0}  # by --quick
 MAX_COUNT_FACTOR = 10
@@ -195,7 +202,9 @@ class Row:
         return None
 
     def geomean(self) -> float:
-        return math.exp(statistics.fmean(math.log(p["images_per_s"]) for p in self.points.values()))
+        """Geometric mean of images/s over the measured points (0 if any point served nothing)."""
+        rates = [p["images_per_s"] for p in self.points.values()]
+        return math.exp(statistics.fmean(math.log(r) for r in rates)) if rates and min(rates) > 0 else 0.0
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self.candidate), "points": dict(self.points), "sent": dict(self.sent), "failure": self.failure}
@@ -206,10 +215,17 @@ class Pick:
     recommended: Row | None
     best_c1_ms: float | None
     verdicts: Mapping[Candidate, str]
+    margin: float  # the gain over the current batching that replaces it
 
 
-def pick(rows: Sequence[Row], c1: str, slack: float = SLACK) -> Pick:
-    """The recommendation by the rule in the module docstring; `c1` names the single-client load point."""
+def pick(
+    rows: Sequence[Row], c1: str, current: Candidate | None = None, *, noise: float = 0.0, slack: float = SLACK, min_gain: float = MIN_GAIN
+) -> Pick:
+    """The recommendation by the rule in the module docstring; `c1` names the single-client load point.
+
+    `current` (the ensemble's batching now) is kept when it is eligible and the best beats its
+    geometric mean by less than max(`min_gain`, `noise`), `noise` being the run's measured spread.
+    """
     verdicts: dict[Candidate, str] = {}
     qualified = []
     for row in rows:
@@ -218,8 +234,9 @@ def pick(rows: Sequence[Row], c1: str, slack: float = SLACK) -> Pick:
             verdicts[row.candidate] = f"disqualified: {problem}"
         else:
             qualified.append(row)
+    margin = max(min_gain, noise)
     if not qualified:
-        return Pick(None, None, verdicts)
+        return Pick(None, None, verdicts, margin)
     best_c1 = min(row.points[c1]["p50_ms"] for row in qualified)
     bound = (1 + slack) * best_c1
     eligible = []
@@ -228,23 +245,33 @@ def pick(rows: Sequence[Row], c1: str, slack: float = SLACK) -> Pick:
             verdicts[row.candidate] = f"c1 p50 {row.points[c1]['p50_ms']:.1f} > {bound:.1f} ms"
         else:
             eligible.append(row)
-    chosen = min(eligible, key=lambda r: (-r.geomean(), r.points[c1]["p50_ms"], r.candidate))
+    best = min(eligible, key=lambda r: (-r.geomean(), r.points[c1]["p50_ms"], r.candidate))
+    chosen = best
+    kept = next((r for r in eligible if r.candidate == current), None)
+    if kept is not None and best.geomean() < (1 + margin) * kept.geomean():
+        chosen = kept
     for row in eligible:
-        verdicts[row.candidate] = "**recommended**" if row is chosen else f"eligible, {row.geomean() / chosen.geomean():.2f}x"
-    return Pick(chosen, best_c1, verdicts)
+        ratio = row.geomean() / chosen.geomean()
+        if row is chosen:
+            verdicts[row.candidate] = "**recommended**"
+        elif row is best:
+            verdicts[row.candidate] = f"best, {ratio:.2f}x: under the {1 + margin:.2f}x that replaces the current"
+        else:
+            verdicts[row.candidate] = f"eligible, {ratio:.2f}x"
+    return Pick(chosen, best_c1, verdicts, margin)
 
 
 def c1_point(points: Sequence[Point] = POINTS) -> str:
     return next(p.name for p in points if p.clients == 1 and p.images == 1)
 
 
-def markdown(rows: Sequence[Row], result: Pick, current: Candidate) -> str:
+def markdown(rows: Sequence[Row], result: Pick, current: Candidate, repeat: Row | None = None) -> str:
     names = [p.name for p in POINTS]
     baseline = next((r for r in rows if r.candidate == current and not r.problem()), None)
     head = "| workers | batch | delay | " + " | ".join(f"{n} images/s | {n} p50 ms" for n in names)
     head += " | geomean images/s | vs current | errors, mismatches | verdict |"
     lines = [head, "|" + "---:|" * (3 + 2 * len(names) + 3) + "---|"]
-    for row in rows:
+    for row in [*rows, *([repeat] if repeat else [])]:
         c = row.candidate
         cells = [str(c.workers), str(c.batch_size), f"{c.max_batch_delay_ms} ms"]
         for n in names:
@@ -252,10 +279,12 @@ def markdown(rows: Sequence[Row], result: Pick, current: Candidate) -> str:
             cells += [f"{p['images_per_s']:.1f}", f"{p['p50_ms']:.1f}"] if p else ["", ""]
         done = len(row.points) == len(names)
         cells.append(f"{row.geomean():.1f}" if done else "")
-        cells.append(f"{row.geomean() / baseline.geomean():.2f}x" if done and baseline else "")
+        cells.append(f"{row.geomean() / baseline.geomean():.2f}x" if done and baseline and baseline.geomean() else "")
         cells.append(f"{sum(p['errors'] for p in row.points.values())}, {sum(p['mismatches'] for p in row.points.values())}")
-        verdict = result.verdicts.get(c, "")
-        cells.append(verdict + (" (current)" if c == current else ""))
+        if row is repeat:
+            cells.append("current, measured again" + (f": {row.geomean() / baseline.geomean():.2f}x the first" if done and baseline and baseline.geomean() else ""))
+        else:
+            cells.append(result.verdicts.get(c, "") + (" (current)" if c == current else ""))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -264,7 +293,11 @@ def markdown(rows: Sequence[Row], result: Pick, current: Candidate) -> str:
 
 
 def tune_workload(name: str, config: Path) -> Workload:
-    """Ensemble `name` of `config`, demo images at its largest input size (PNG), each member's label per image."""
+    """Ensemble `name` of `config`, demo images at its largest input size (PNG), each member's label per image.
+
+    The labels come from the members as given (eager, one image at a time); the served plans are verified
+    against eager at load, so any label that differs is a mismatch that disqualifies the candidate.
+    """
     spec = load_ensembles(config)[name]
     if getattr(spec.input, "type", "image") != "image":
         raise SystemExit(f"{name}: tune sends images; this ensemble takes tensors")
@@ -276,7 +309,7 @@ def tune_workload(name: str, config: Path) -> Workload:
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
         images.append(buffer.getvalue())
-    reference = Ensemble.from_spec(spec, torch.device("cpu"))
+    reference = Ensemble.from_spec(spec.with_plan("eager"), torch.device("cpu"))  # members as given, as bench.workloads
     expected = tuple(
         members_view(reference.render(reference.probabilities([decode_image(data, spec.limits)]), spec.policy))[0]
         for data in images
@@ -296,7 +329,10 @@ def _median_ms(fn: Callable[[], object], repeats: int, warm: int = 2) -> float:
 
 
 def member_cost(workload: Workload, cores: int) -> MemberCost:
-    """Time the members and the handler's per-request work in-process, one intra-op thread as in a worker."""
+    """Time the members and the handler's per-request work in-process, one intra-op thread as in a worker.
+
+    The members run on the plans their `execution` keys give (`auto` chooses by measurement, as a worker does).
+    """
     torch.set_num_threads(1)
     spec = workload.spec
     decoded = [decode_image(data, spec.limits) for data in workload.images[:8]]
@@ -390,8 +426,17 @@ def drive(server: Server, name: str, workload: Workload, counts: Mapping[str, tu
     return points
 
 
-def sweep(workload: Workload, cost: MemberCost, current: Candidate, quick: bool) -> tuple[list[Row], Grid, MemberCost, dict]:
-    """The reference first (it measures transport and sizes the delays), then the grid and the current batching."""
+@dataclass(frozen=True)
+class Sweep:
+    rows: list[Row]
+    repeat: Row | None  # the current batching measured again at the end, for the run's noise
+    grid: Grid
+    cost: MemberCost
+    counts: dict[str, tuple[int, int]]
+
+
+def sweep(workload: Workload, cost: MemberCost, current: Candidate, quick: bool) -> Sweep:
+    """The reference first (it measures transport and sizes the delays), the grid and the current batching, the current again."""
     clients = max(p.clients for p in POINTS)
     max_images = workload.spec.limits.max_images_per_request
     rows: list[Row] = []
@@ -399,6 +444,14 @@ def sweep(workload: Workload, cost: MemberCost, current: Candidate, quick: bool)
         store = Path(folder) / "model_store"
         store.mkdir()
         server = private_server(Path(folder) / "server", store, port_offset=PORT_OFFSET)
+
+        def measure(candidate: Candidate, label: str) -> Row:
+            try:
+                with registered(server, store, workload.spec, candidate) as name:
+                    return Row(candidate, drive(server, name, workload, counts, label), _sent(counts))
+            except CandidateFailed as e:
+                return Row(candidate, {}, _sent(counts), failure=str(e))
+
         try:
             start(server, store)
             counts = request_counts(cost, quick, max_images)
@@ -413,16 +466,20 @@ def sweep(workload: Workload, cost: MemberCost, current: Candidate, quick: bool)
             c1_ms = None if rows[0].problem() else rows[0].points[c1_point()]["p50_ms"]
             grid = candidate_grid(cost, clients, c1_ms)
             todo = [c for c in dict.fromkeys([*grid.candidates, current]) if c != REFERENCE]
-            print("  grid: " + "; ".join(grid.notes) + f"; {len(todo) + 1} candidates", flush=True)
-            for candidate in todo:
-                try:
-                    with registered(server, store, workload.spec, candidate) as name:
-                        rows.append(Row(candidate, drive(server, name, workload, counts, candidate.label), _sent(counts)))
-                except CandidateFailed as e:
-                    rows.append(Row(candidate, {}, _sent(counts), failure=str(e)))
+            print("  grid: " + "; ".join(grid.notes) + f"; {len(todo) + 1} candidates, then the current again", flush=True)
+            rows.extend(measure(candidate, candidate.label) for candidate in todo)
+            first = next(r for r in rows if r.candidate == current)
+            repeat = None if first.problem() else measure(current, f"{current.label} again")
         finally:
             stop(server)
-    return rows, grid, cost, counts
+    return Sweep(rows, repeat, grid, cost, counts)
+
+
+def noise(first: Row, again: Row | None) -> float:
+    """How far apart two measurements of one configuration are: larger geometric mean / smaller - 1 (0 if either failed)."""
+    if again is None or first.problem() or again.problem() or not first.geomean() or not again.geomean():
+        return 0.0
+    return max(first.geomean(), again.geomean()) / min(first.geomean(), again.geomean()) - 1
 
 
 def _sent(counts: Mapping[str, tuple[int, int]]) -> dict[str, int]:
@@ -518,18 +575,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{cost.per_image_ms_b8:.2f} at batch 8 ({cost.per_image_ms_b8_one_thread:.2f}); handler {cost.request_ms:.2f} ms per request",
         flush=True,
     )
-    rows, grid, cost, counts = sweep(workload, cost, current, args.quick)
+    swept = sweep(workload, cost, current, args.quick)
+    rows, cost, counts = swept.rows, swept.cost, swept.counts
+    spread = noise(next(r for r in rows if r.candidate == current), swept.repeat)
     c1 = c1_point()
-    result = pick(rows, c1)
-    table = markdown(rows, result, current)
+    result = pick(rows, c1, current, noise=spread)
+    table = markdown(rows, result, current, swept.repeat)
     print(table)
     rec = result.recommended
-    print(
-        f"recommended for {args.name}: "
-        + (f"workers {rec.candidate.workers}, batch_size {rec.candidate.batch_size}, max_batch_delay_ms {rec.candidate.max_batch_delay_ms}"
-           if rec else "none (every candidate was disqualified)")
-        + f" (current: workers {current.workers}, batch_size {current.batch_size}, max_batch_delay_ms {current.max_batch_delay_ms})"
-    )
+    now = f"workers {current.workers}, batch_size {current.batch_size}, max_batch_delay_ms {current.max_batch_delay_ms}"
+    if rec is None:
+        print(f"recommended for {args.name}: none, every candidate was disqualified (current: {now})")
+    elif rec.candidate == current:
+        print(f"recommended for {args.name}: keep the current {now}")
+    else:
+        c = rec.candidate
+        print(f"recommended for {args.name}: workers {c.workers}, batch_size {c.batch_size}, max_batch_delay_ms {c.max_batch_delay_ms} (current: {now})")
+    if spread > MIN_GAIN:
+        print(f"the current batching measured {spread:.0%} apart at the start and the end of the sweep: differences under that "
+              "are noise here; the recommendation had to beat the current by as much (rerun without --quick, on idle cores)")
     wall = time.perf_counter() - began
     print(f"load average {load_start[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
     report = {
@@ -547,16 +611,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         "rule": {
             "slack": SLACK,
             "delays_ms": list(DELAYS_MS),
-            "grid_notes": list(grid.notes),
+            "grid_notes": list(swept.grid.notes),
+            "min_gain": MIN_GAIN,
+            "noise": spread,
+            "margin": result.margin,
             "text": "disqualify any errors, mismatches or unanswered requests; keep c1 p50 <= (1 + slack) x best "
-            "qualified c1 p50; recommend the highest geometric mean of images/s over the load points "
-            "(ties: lower c1 p50, fewer workers, smaller batch, shorter delay)",
+            "qualified c1 p50; best = highest geometric mean of images/s over the load points "
+            "(ties: lower c1 p50, fewer workers, smaller batch, shorter delay); recommend the best unless the "
+            "current batching is eligible and the best beats its geometric mean by less than margin = max(min_gain, noise), "
+            "noise = the spread of the current batching measured at the start and at the end of the sweep",
         },
         "points": [{"name": p.name, "clients": p.clients, "requests": counts[p.name][0], "images": counts[p.name][1]} for p in POINTS],
         "current": asdict(current),
         "best_c1_p50_ms": result.best_c1_ms,
         "rows": [{**row.to_json(), "geomean_images_per_s": row.geomean() if len(row.points) == len(POINTS) else None,
                   "verdict": result.verdicts.get(row.candidate, "")} for row in rows],
+        "current_again": swept.repeat.to_json() if swept.repeat else None,
         "recommendation": asdict(rec.candidate) if rec else None,
         "table": table,
     }

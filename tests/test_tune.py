@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.tune import Candidate, MemberCost, Row, candidate_grid, markdown, pick, update_batching, write_batching
+from bench.tune import Candidate, MemberCost, Row, candidate_grid, markdown, noise, pick, update_batching, write_batching
 from handlers.manifest import load_ensembles
 
 C1, C8, C2X16 = "c1 x1 image", "c8 x1 image", "c2 x16 images"
@@ -101,22 +101,86 @@ REF = c(1, 1, 0)
     ],
 )
 def test_pick(rows: list[Row], expected: Candidate | None) -> None:
-    result = pick(rows, C1)
+    result = pick(rows, C1, current=None)
     assert (result.recommended.candidate if result.recommended else None) == expected
     assert set(result.verdicts) == {r.candidate for r in rows}
 
 
+@pytest.mark.parametrize(
+    ("rows", "expected"),
+    [
+        # The best (187.7) beats the current (179.3) by 1.05x only: the current stays.
+        ([row(ONE, 12.0, (80, 160, 450)), row(TWO, 14.0, (70, 220, 430))], ONE),
+        # 206.0 against 179.3 is 1.15x: replaced.
+        ([row(ONE, 12.0, (80, 160, 450)), row(TWO, 14.0, (70, 260, 480))], TWO),
+        # Either side of 1.10x.
+        ([row(ONE, 12.0, (100, 100, 100)), row(TWO, 12.0, (111, 111, 111))], TWO),
+        ([row(ONE, 12.0, (100, 100, 100)), row(TWO, 12.0, (109, 109, 109))], ONE),
+        # A current that is not eligible, or disqualified, is never kept.
+        ([row(ONE, 16.0, (80, 160, 450)), row(TWO, 12.0, (70, 220, 430))], TWO),
+        ([row(ONE, 12.0, (80, 160, 450), errors=1), row(TWO, 14.0, (70, 200, 430))], TWO),
+        # A current that is the best is recommended as it is.
+        ([row(ONE, 12.0, (90, 230, 450)), row(TWO, 14.0, (70, 220, 430))], ONE),
+    ],
+    ids=["kept-within-margin", "replaced-beyond-margin", "replaced-just-over-margin", "kept-just-under-margin", "current-over-latency-bound", "current-disqualified", "current-is-best"],
+)
+def test_pick_keeps_the_current_within_the_margin(rows: list[Row], expected: Candidate) -> None:
+    result = pick(rows, C1, current=ONE)
+    assert result.recommended is not None and result.recommended.candidate == expected
+
+
+def test_noise_widens_the_margin() -> None:
+    rows = [row(ONE, 12.0, (80, 160, 450)), row(TWO, 14.0, (70, 260, 480))]  # 1.15x
+    assert pick(rows, C1, current=ONE, noise=0.05).recommended.candidate == TWO
+    wide = pick(rows, C1, current=ONE, noise=0.20)
+    assert wide.recommended.candidate == ONE and wide.margin == 0.20
+    assert wide.verdicts[TWO] == "best, 1.15x: under the 1.20x that replaces the current"
+
+
+@pytest.mark.parametrize(
+    ("first", "again", "expected"),
+    [
+        (row(ONE, 12.0, (100, 100, 100)), row(ONE, 12.0, (120, 120, 120)), 0.20),
+        (row(ONE, 12.0, (120, 120, 120)), row(ONE, 12.0, (100, 100, 100)), 0.20),
+        (row(ONE, 12.0, (100, 100, 100)), None, 0.0),
+        (row(ONE, 12.0, (100, 100, 100)), row(ONE, 12.0, (120, 120, 120), errors=1), 0.0),
+    ],
+    ids=["faster-again", "slower-again", "not-repeated", "repeat-failed"],
+)
+def test_noise(first: Row, again: Row | None, expected: float) -> None:
+    assert noise(first, again) == pytest.approx(expected)
+
+
+def test_kept_current_verdicts() -> None:
+    result = pick([row(ONE, 12.0, (80, 160, 450)), row(TWO, 14.0, (70, 220, 430)), row(REF, 13.0, (60, 100, 300))], C1, current=ONE)
+    assert result.verdicts == {
+        ONE: "**recommended**",
+        TWO: "best, 1.05x: under the 1.10x that replaces the current",
+        REF: "eligible, 0.68x",
+    }
+
+
+def test_a_point_that_served_nothing() -> None:
+    empty = row(TWO, 12.0, (80, 0, 450), errors=100)
+    assert empty.geomean() == 0.0
+    result = pick([empty, row(ONE, 12.0, (80, 160, 450))], C1, current=TWO)
+    assert result.recommended is not None and result.recommended.candidate == ONE
+    assert "| 2 | 4 | 1 ms | 80.0 | 12.0 | 0.0 | 40.0 | 450.0 | 40.0 | 0.0 |  | 100, 0 | disqualified" in markdown([empty], result, TWO)
+
+
 def test_pick_verdicts_and_table() -> None:
     rows = [row(REF, 8.0, (125, 300, 500), errors=1), row(ONE, 12.0, (80, 160, 450)), row(TWO, 16.0, (70, 220, 430))]
-    result = pick(rows, C1)
+    result = pick(rows, C1, current=ONE)
     assert result.best_c1_ms == 12.0
     assert result.verdicts == {
         REF: "disqualified: c8 x1 image: 1 errors, 0 mismatches",
         ONE: "**recommended**",
         TWO: "c1 p50 16.0 > 15.0 ms",
     }
-    table = markdown(rows, result, current=ONE).splitlines()
-    assert len(table) == 2 + len(rows)
+    again = row(ONE, 12.0, (88, 176, 495))
+    table = markdown(rows, result, current=ONE, repeat=again).splitlines()
+    assert len(table) == 2 + len(rows) + 1
+    assert table[-1].endswith("| 0, 0 | current, measured again: 1.10x the first |")
     assert table[3].startswith("| 1 | 8 | 2 ms | 80.0 | 12.0 | 160.0 | 40.0 | 450.0 | 40.0 | 179.3 | 1.00x | 0, 0 | **recommended** (current) |")
 
 
