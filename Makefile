@@ -79,10 +79,25 @@ $(BENCH_INSTALLED): $(INSTALLED) bench/requirements.txt
 	$(PY) -m pip install -q -r bench/requirements.txt
 	@rm -f $(VENV)/.bench-* && touch $@
 
-bench: build $(BENCH_INSTALLED)
+# The Triton contender's own venv: PyTriton's Python stub links the system libpython3.11, so the venv must
+# come from Debian's interpreter (with another 3.11 first on PATH the stub fails), and PyTriton needs numpy<2.
+TRITON_PYTHON := /usr/bin/python3.11
+TRITON_VENV := .venv-triton
+TRITON_INSTALLED := $(TRITON_VENV)/.installed-$(shell sha256sum bench/requirements-triton.txt | cut -c1-12)
+
+$(TRITON_INSTALLED): bench/requirements-triton.txt
+	@{ $(TRITON_PYTHON) -c 'import ensurepip' && ldconfig -p | grep -q 'libpython3\.11\.so\.1\.0'; } >/dev/null 2>&1 || { \
+		echo "installing Debian's python3.11, python3.11-venv and libpython3.11 for the Triton contender"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3.11 python3.11-venv libpython3.11; }
+	@grep -qx 'home = /usr/bin' $(TRITON_VENV)/pyvenv.cfg 2>/dev/null || { rm -rf $(TRITON_VENV) && $(TRITON_PYTHON) -m venv $(TRITON_VENV); }
+	$(TRITON_VENV)/bin/python -m pip install -q --upgrade pip
+	$(TRITON_VENV)/bin/python -m pip install -q -r bench/requirements-triton.txt
+	@rm -f $(TRITON_VENV)/.installed-* && touch $@
+
+bench: build $(BENCH_INSTALLED) $(TRITON_INSTALLED)
 	$(PY) -m bench.run
 
-bench-quick: build $(BENCH_INSTALLED)
+bench-quick: build $(BENCH_INSTALLED) $(TRITON_INSTALLED)
 	$(PY) -m bench.run --quick
 
 bench-mlp: $(BENCH_INSTALLED)
