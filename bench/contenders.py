@@ -4,12 +4,18 @@
 (B) ours: the ensemble .mar on TorchServe.
 (C) FlexServe-style Flask app on gunicorn, all members in one process.
 (D) TorchServe fan-out: one .mar per member; the client calls all of them and combines.
+(E) Triton Inference Server via PyTriton, dynamic batching, all members in one Python model (bench/triton_server.py).
+(F) Ray Serve, `@serve.batch`, all members in one deployment (bench/ray_server.py).
 """
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
+import signal
+import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -21,6 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import psutil
 import requests
 import torch
 
@@ -32,6 +39,10 @@ from handlers.manifest import EnsembleSpec
 
 TIMEOUT_S = 60
 FLASK_PORT = 38180
+TRITON_PORT = 38200  # HTTP; gRPC on 38201, metrics on 38202 (bench/triton_server.py)
+RAY_PORT = 38300
+ROOT = Path(__file__).parent.parent
+TRITON_PYTHON = ROOT / ".venv-triton" / "bin" / "python"
 
 
 def members_view(body: dict[str, Any]) -> Labels:
@@ -201,3 +212,165 @@ def _wait_for(url: str, process: subprocess.Popen[bytes]) -> None:
             pass
         time.sleep(0.5)
     raise RuntimeError(f"{url} did not answer within 120 s")
+
+
+@contextmanager
+def triton(
+    workload: Workload,
+    *,
+    instances: int = 1,
+    member_threads: int = 2,
+    threads: int = 1,
+    max_batch_size: int = 64,
+    queue_delay_us: int = 0,
+) -> Iterator[Send]:
+    """(E) Triton with dynamic batching through PyTriton (bench/triton_server.py, in .venv-triton).
+
+    One request of N images is one KServe v2 inference request of N rows of the BYTES input `image`
+    (binary tensor extension); each row of the output `result` is that image's rendered prediction.
+    The defaults are the configuration bench/triton_server.py's docstring explains.
+    """
+    if not TRITON_PYTHON.exists():
+        raise RuntimeError(f"{TRITON_PYTHON} is missing: `make bench` builds .venv-triton from bench/requirements-triton.txt")
+    settings = {
+        "BENCH_TRITON_INSTANCES": instances,
+        "BENCH_TRITON_MEMBER_THREADS": member_threads,
+        "BENCH_THREADS": threads,
+        "BENCH_TRITON_MAX_BATCH": max_batch_size,
+        "BENCH_TRITON_DELAY_US": queue_delay_us,
+    }
+    env = {**os.environ, "BENCH_ENSEMBLES": str(workload.config), "BENCH_ENSEMBLE": workload.spec.name}
+    env.update({key: str(value) for key, value in settings.items()})
+    command = [str(TRITON_PYTHON), "-m", "bench.triton_server"]
+    base = f"http://127.0.0.1:{TRITON_PORT}/v2/models/ensemble"
+    # Triton.serve() shuts the server and its Python stubs down on SIGINT.
+    ports = (TRITON_PORT, TRITON_PORT + 1, TRITON_PORT + 2)
+    with _server(command, env, f"{base}/ready", "triton", ports=ports, stop_signal=signal.SIGINT):
+        yield lambda indices: _triton_infer(_session(), f"{base}/infer", [workload.images[i] for i in indices])
+
+
+def _triton_infer(session: requests.Session, url: str, images: list[bytes]) -> Labels:
+    """One v2 inference request: a JSON header, then the BYTES tensor (4-byte little-endian length + data per row)."""
+    tensor = b"".join(struct.pack("<I", len(data)) + data for data in images)
+    header = json.dumps(
+        {
+            "inputs": [
+                {"name": "image", "shape": [len(images), 1], "datatype": "BYTES", "parameters": {"binary_data_size": len(tensor)}}
+            ],
+            "outputs": [{"name": "result", "parameters": {"binary_data": False}}],
+        }
+    ).encode()
+    response = session.post(
+        url,
+        data=header + tensor,
+        headers={"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(header))},
+        timeout=TIMEOUT_S,
+    )
+    response.raise_for_status()
+    (output,) = response.json()["outputs"]
+    return [_entry_labels(json.loads(row)) for row in output["data"]]
+
+
+def _entry_labels(entry: dict[str, Any]) -> dict[str, str]:
+    """Each member's label from one image's entry of a rendered body's `predictions`."""
+    return {name: view["labels"] if "labels" in view else view["label"] for name, view in entry["members"].items()}
+
+
+@contextmanager
+def ray_serve(
+    workload: Workload,
+    *,
+    replicas: int = 1,
+    member_threads: int = 2,
+    threads: int = 1,
+    max_batch_size: int = 8,
+    batch_wait_timeout_s: float = 0.01,
+) -> Iterator[Send]:
+    """(F) Ray Serve with `@serve.batch` (bench/ray_server.py): a private local Ray, dashboard off, HTTP on 127.0.0.1.
+
+    It takes the Flask baseline's bodies (raw for one image, multipart for several) and answers with
+    the rendered body. The defaults are the configuration bench/ray_server.py's docstring explains.
+    """
+    settings = {
+        "BENCH_RAY_REPLICAS": replicas,
+        "BENCH_RAY_MEMBER_THREADS": member_threads,
+        "BENCH_THREADS": threads,
+        "BENCH_RAY_MAX_BATCH": max_batch_size,
+        "BENCH_RAY_WAIT_S": batch_wait_timeout_s,
+    }
+    env = {
+        **os.environ,
+        "BENCH_ENSEMBLES": str(workload.config),
+        "BENCH_ENSEMBLE": workload.spec.name,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT.resolve()), os.environ.get("PYTHONPATH")])),
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
+    env.update({key: str(value) for key, value in settings.items()})
+    command = [sys.executable, "-m", "bench.ray_server"]
+    url = f"http://127.0.0.1:{RAY_PORT}"
+    with tempfile.TemporaryDirectory(prefix="bench-ray-") as folder:  # Short: Ray's socket paths live under it.
+        env["BENCH_RAY_TMP"] = folder
+        with _server(command, env, f"{url}/health", "ray serve", ports=(RAY_PORT,), stop_signal=signal.SIGTERM):
+            yield lambda indices: members_view(_post(_session(), f"{url}/predict", [workload.images[i] for i in indices], {}))
+
+
+@contextmanager
+def _server(
+    command: list[str], env: dict[str, str], ready_url: str, name: str, *, ports: tuple[int, ...], stop_signal: int
+) -> Iterator[None]:
+    """Check that `ports` are free, run `command` in its own session until `ready_url` answers; on exit stop it,
+    then kill whatever it left.
+
+    The server's descendants (Triton and its stubs; Ray's GCS, raylet, workers) are collected just
+    before stopping it, and any still alive 30 s after the stop signal are killed.
+    """
+    for port in ports:
+        _check_free(port, name)
+    with tempfile.TemporaryFile() as log:
+        process = subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+        )
+        try:
+            _wait_ready(ready_url, process, name, log)
+            yield
+        finally:
+            try:
+                family = psutil.Process(process.pid).children(recursive=True)
+            except psutil.NoSuchProcess:
+                family = []
+            process.send_signal(stop_signal)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=10)
+            _, alive = psutil.wait_procs(family, timeout=10)
+            for leftover in alive:
+                leftover.kill()
+            psutil.wait_procs(alive, timeout=10)
+
+
+def _check_free(port: int, name: str) -> None:
+    """Fail at once when a port is taken (Triton itself would wait 120 s for its own server, then give up)."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # As the servers do: TIME_WAIT is no conflict.
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as error:
+            raise RuntimeError(f"{name}: port {port} on 127.0.0.1 is in use (a server left from an earlier run?)") from error
+
+
+def _wait_ready(url: str, process: subprocess.Popen[bytes], name: str, log: Any, limit_s: float = 180) -> None:
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            log.seek(0)
+            tail = log.read().decode(errors="replace")[-3000:]
+            raise RuntimeError(f"{name} exited with {process.returncode} before it was ready:\n{tail}")
+        try:
+            if requests.get(url, timeout=5).ok:
+                return
+        except requests.RequestException:  # Not listening yet, or the model not loaded yet.
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{name}: {url} did not answer within {limit_s:.0f} s")
