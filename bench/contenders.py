@@ -62,15 +62,18 @@ def _post(session: requests.Session, url: str, images: list[bytes], headers: dic
     return response.json()
 
 
-def ceiling(workload: Workload, batch: int, processes: int, threads: int, total_images: int) -> LoadPoint:
-    """Images/s of decode + transform + all members in `processes` processes, no HTTP; latency per batch."""
+def ceiling(workload: Workload, batch: int, processes: int, threads: int, total_images: int, *, plan: str = "eager") -> LoadPoint:
+    """Images/s of decode + transform + all members in `processes` processes, no HTTP; latency per batch.
+
+    `plan` is every member's execution plan: `eager` for (A), `auto` for (A'), the plans ours chooses.
+    """
     context = multiprocessing.get_context("spawn")
     ready = context.Barrier(processes)
     results = context.Queue()
     indices = [i % len(workload.images) for i in range(total_images)]
     shares = [indices[p::processes] for p in range(processes)]
     workers = [
-        context.Process(target=_ceiling_worker, args=(workload, share, batch, threads, ready, results))
+        context.Process(target=_ceiling_worker, args=(workload, share, batch, threads, plan, ready, results))
         for share in shares
     ]
     for worker in workers:
@@ -93,12 +96,12 @@ def ceiling(workload: Workload, batch: int, processes: int, threads: int, total_
     )
 
 
-def _ceiling_worker(workload: Workload, share: list[int], batch: int, threads: int, ready: Any, results: Any) -> None:
+def _ceiling_worker(workload: Workload, share: list[int], batch: int, threads: int, plan: str, ready: Any, results: Any) -> None:
     from handlers.ensemble import Ensemble
     from handlers.preprocess import decode_image
 
     torch.set_num_threads(threads)
-    ensemble = Ensemble.from_spec(workload.spec, torch.device("cpu"))
+    ensemble = Ensemble.from_spec(workload.spec.with_plan(plan), torch.device("cpu"))
     ensemble.probabilities([decode_image(workload.images[share[0]], workload.spec.limits)])
     ready.wait()
     begin = time.time()

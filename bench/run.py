@@ -1,11 +1,10 @@
-"""Side-by-side benchmark: ceiling, ours, Flask + gunicorn and TorchServe fan-out, on the same images and cores.
+"""Side-by-side benchmark: in-process ceilings, ours, Flask, TorchServe fan-out, Triton and Ray Serve, on the same images and cores.
 
 Usage: python -m bench.run [--quick]   (`make bench`, `make bench-quick`)
 
 For each workload and load point it prints images/s, p50 and p99 latency, errors and mismatches
-(answers whose member labels differ from the in-process reference), with ratios of ours against the
-in-process ceiling and against Flask measured in this same invocation, and writes
-bench/results/latest.json.
+(answers whose member labels differ from the in-process reference), with ratios of ours against every
+other contender measured in this same invocation, and writes bench/results/latest.json.
 """
 
 from __future__ import annotations
@@ -22,12 +21,13 @@ from pathlib import Path
 
 import torch
 
-from bench.contenders import ceiling, flask_gunicorn, torchserve
+from bench.contenders import ceiling, flask_gunicorn, ray_serve, torchserve, triton
 from bench.loadgen import LoadPoint, requests_for, run_load
 from bench.workloads import Workload, demo, torchvision_trio
 
 RESULTS = Path(__file__).parent / "results" / "latest.json"
-CONTENDERS = ("ceiling", "ours", "flask", "fanout")
+CONTENDERS = ("ceiling", "ceiling_optimized", "ours", "flask", "fanout", "triton", "ray")
+IN_PROCESS = {"ceiling": "eager", "ceiling_optimized": "auto"}
 
 
 @dataclass(frozen=True)
@@ -57,14 +57,17 @@ def measure(workload: Workload, quick: bool) -> dict[str, dict[str, LoadPoint]]:
     for point in POINTS:
         count = point.quick_requests if quick else point.requests
         threads = max(1, cores // point.ceiling_processes)
-        results[point.name]["ceiling"] = ceiling(
-            workload, point.ceiling_batch, point.ceiling_processes, threads, count * point.images
-        )
-        print(f"  {workload.name} / {point.name} / ceiling: {results[point.name]['ceiling'].images_per_s:.1f} images/s", flush=True)
+        for name, plan in IN_PROCESS.items():
+            results[point.name][name] = ceiling(
+                workload, point.ceiling_batch, point.ceiling_processes, threads, count * point.images, plan=plan
+            )
+            print(f"  {workload.name} / {point.name} / {name}: {results[point.name][name].images_per_s:.1f} images/s", flush=True)
     servers = {
         "ours": lambda: torchserve(workload, fan_out=False),
         "flask": lambda: flask_gunicorn(workload, workload.config),
         "fanout": lambda: torchserve(workload, fan_out=True),
+        "triton": lambda: triton(workload),
+        "ray": lambda: ray_serve(workload),
     }
     for name, serve in servers.items():
         with serve() as send:
@@ -78,28 +81,27 @@ def measure(workload: Workload, quick: bool) -> dict[str, dict[str, LoadPoint]]:
 
 
 def report(all_results: dict[str, dict[str, dict[str, LoadPoint]]]) -> tuple[str, dict]:
+    others = [name for name in CONTENDERS if name != "ours"]
     lines = [
-        "| workload | load | contender | images/s | p50 ms | p99 ms | errors | mismatches | ours vs ceiling | ours vs flask |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| workload | load | contender | images/s | p50 ms | p99 ms | errors | mismatches | " + " | ".join(f"ours vs {n}" for n in others) + " |",
+        "|---|---|---|---:|---:|---:|---:|---:|" + "---:|" * len(others),
     ]
     data: dict = {}
     for workload, points in all_results.items():
         data[workload] = {}
         for point, contenders in points.items():
-            ours, flask, top = contenders["ours"], contenders["flask"], contenders["ceiling"]
+            ours = contenders["ours"]
             data[workload][point] = {}
             for name in CONTENDERS:
                 row = contenders[name].to_json()
                 if name == "ours":
-                    row["ratio_vs_ceiling"] = ours.images_per_s / top.images_per_s
-                    row["ratio_vs_flask"] = ours.images_per_s / flask.images_per_s
-                    row["p50_vs_flask"] = ours.p50_ms / flask.p50_ms
-                    row["ratio_vs_fanout"] = ours.images_per_s / contenders["fanout"].images_per_s
+                    row.update({f"ratio_vs_{n}": ours.images_per_s / contenders[n].images_per_s for n in others})
+                    row["p50_vs_flask"] = ours.p50_ms / contenders["flask"].p50_ms
                 data[workload][point][name] = row
-                ratios = (f"{row['ratio_vs_ceiling']:.2f}x", f"{row['ratio_vs_flask']:.2f}x") if name == "ours" else ("", "")
+                ratios = [f"{row[f'ratio_vs_{n}']:.2f}x" if name == "ours" else "" for n in others]
                 lines.append(
                     f"| {workload} | {point} | {name} | {row['images_per_s']:.1f} | {row['p50_ms']:.1f} | {row['p99_ms']:.1f} | "
-                    f"{row['errors']} | {row['mismatches']} | {ratios[0]} | {ratios[1]} |"
+                    f"{row['errors']} | {row['mismatches']} | " + " | ".join(ratios) + " |"
                 )
     return "\n".join(lines), data
 
@@ -122,7 +124,7 @@ def main() -> None:
                 "quick": args.quick,
                 "seconds": round(time.perf_counter() - began, 1),
                 "machine": {"cores": torch.get_num_threads(), "processor": platform.processor() or platform.machine()},
-                "versions": {pkg: version(pkg) for pkg in ("torch", "torchvision", "torchserve", "flask", "gunicorn")},
+                "versions": {pkg: version(pkg) for pkg in ("torch", "torchvision", "torchserve", "flask", "gunicorn", "ray")},
                 "workloads": data,
             },
             indent=2,
