@@ -118,6 +118,9 @@ bench-inputs: demo
 bench-plans: demo
 	$(PY) -m bench.execution_plans
 
+bench-floor: $(BENCH_INSTALLED)
+	$(PY) -m bench.request_floor
+
 # make tune NAME=shapes [TUNE_ARGS='--quick --write']: sweep workers, batch size and delay on a private TorchServe.
 tune: demo $(BENCH_INSTALLED) $(TUNE_INSTALLED)
 	$(PY) -m bench.tune $(NAME) $(TUNE_ARGS)
