@@ -20,7 +20,6 @@ runs, and keeps the fastest verified one when it beats eager by at least `MIN_GA
 from __future__ import annotations
 
 import copy
-import logging
 import math
 import time
 import warnings
@@ -39,8 +38,6 @@ TIMED_CALLS = 5
 TIME_BUDGET_S = 1.0
 FIXED_PLANS = ("eager", "channels_last", "frozen", "frozen_channels_last", "compiled")
 AUTO_PLANS = FIXED_PLANS[:4]
-logger = logging.getLogger(__name__)
-
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -105,7 +102,7 @@ def choose(
         if plan == "eager":
             continue
         try:
-            forward = build(plan, module, probes[max(sizes)], device)
+            forward = build(plan, module, probes[max(sizes)])
             _verify(forward, probes, reference, activation)
         except PlanRejected as e:
             rejected[plan] = str(e)
@@ -119,13 +116,11 @@ def choose(
     best = max(ms, key=lambda plan: _gain(ms["eager"], ms[plan]))
     if _gain(ms["eager"], ms[best]) < MIN_GAIN:
         best = "eager"
-    for plan in rejected:
-        logger.info("plan %s not used: %s", plan, rejected[plan])
     return Choice(best, forwards[best], ms=ms, rejected=rejected, build_s=time.perf_counter() - began)
 
 
-def build(plan: str, module: nn.Module, example: torch.Tensor, device: torch.device) -> Forward:
-    """The forward function of `plan` for an eval-mode `module` on `device`; PlanRejected when it cannot apply."""
+def build(plan: str, module: nn.Module, example: torch.Tensor) -> Forward:
+    """The forward function of `plan` for an eval-mode `module` (on the device of `example`); PlanRejected when it cannot apply."""
     channels_last = plan.endswith("channels_last")
     if channels_last and example.dim() != 4:
         raise PlanRejected(f"channels_last needs 4-D (N, C, H, W) input; this member takes {example.dim()}-D")
