@@ -30,6 +30,7 @@ import requests
 from archive_scripts.build_archives import build_archive
 from archive_scripts.torchserve_ctl import private_server, register, start, stop
 from bench.contenders import gunicorn
+from bench.cpu_profile import cpu_s
 from bench.mlp_table import NAME, _npy, single_client, write_workload
 
 RESULTS = Path(__file__).parent / "results" / "request_floor.json"
@@ -44,25 +45,17 @@ VARIANTS: dict[str, dict[str, str]] = {
 }
 
 
-def cpu_s(processes: list[psutil.Process]) -> float:
-    total = 0.0
-    for process in processes:
-        times = process.cpu_times()
-        total += times.user + times.system
-    return total
-
-
 def profile(url: str, headers: dict[str, str], body: bytes, expected: list[str], processes: dict[str, list[psutil.Process]], seconds: float) -> dict[str, float]:
     """Requests/s, wall ms and CPU ms per request by process, for `seconds` of back-to-back requests."""
     single_client(url, headers, body, expected, seconds=1.0, limit=500)
     processes = {"client": [psutil.Process()], **processes}
-    before = {name: cpu_s(group) for name, group in processes.items()}
+    before = {name: sum(map(cpu_s, group)) for name, group in processes.items()}
     cell = single_client(url, headers, body, expected, seconds=seconds, limit=100_000)
     answered = cell["requests"] - cell["errors"] - cell["mismatches"]
     row = {"requests_per_s": cell["requests_per_s"], "errors": cell["errors"], "mismatches": cell["mismatches"]}
     row["wall_ms"] = 1000 / cell["requests_per_s"] if cell["requests_per_s"] else float("nan")
     for name, group in processes.items():
-        row[f"{name}_cpu_ms"] = 1000 * (cpu_s(group) - before[name]) / max(answered, 1)
+        row[f"{name}_cpu_ms"] = 1000 * (sum(map(cpu_s, group)) - before[name]) / max(answered, 1)
     return row
 
 
