@@ -8,6 +8,8 @@ parse gets its own error reply.
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -29,11 +31,13 @@ from handlers.preprocess import batch_tensors, decode_image
 from handlers.request_inputs import parse_request, parse_tensor_request
 
 SCORE_DIGITS = 6
+PLANS_FILE = "execution-plans.json"
 T = TypeVar("T")
 R = TypeVar("R")
 
 
 Inputs = Sequence[Image.Image] | torch.Tensor
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -72,12 +76,14 @@ class Ensemble:
         sources: Mapping[str, Mapping[str, Any]],
         *,
         parallelism: int = 1,
+        remembered_plans: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         """`parallelism` > 1 runs (member group, micro-batch) tasks on that many threads at once (the caller's included).
 
         PyTorch releases the GIL inside its kernels, so with one intra-op thread per task the members
         of one batch spread over the cores: a single image's members run side by side, and a large
-        batch is cut into one slice per thread. `sources` says which checkpoint each member came from.
+        batch is cut into one slice per thread. `sources` says which checkpoint each member came from;
+        `remembered_plans` are plan choices another worker made (see `execution_plans.choose`).
         """
         self.spec = spec
         self.device = device
@@ -92,6 +98,7 @@ class Ensemble:
             executions=[spec.member_execution(member) for member in spec.members],
             sizes=spec.batching.slice_sizes(parallelism),
             activation=self._activation,
+            remembered=remembered_plans or {},
         )
         self._groups = plan_groups(
             spec.members,
@@ -122,7 +129,13 @@ class Ensemble:
                 raise IntegrityError(f"member {member.name!r}: the manifest gives two digests for {member.weights}")
         verify_digests(model_dir, manifest.digests, owners={member.weights: member.name for member in spec.members})
         modules = [load_member(m, model_dir) for m in spec.members]
-        return cls(spec, modules, device, manifest.build, manifest.sources, parallelism=parallelism)
+        context = {"torch": torch.__version__, "device": device.type, "member_threads": parallelism}
+        remembered = _read_plans(model_dir / PLANS_FILE, context)
+        ensemble = cls(spec, modules, device, manifest.build, manifest.sources, parallelism=parallelism, remembered_plans=remembered)
+        choices = ensemble.plan_choices()
+        if any(choice["measured_by"] == "this worker" for choice in choices.values()):
+            _write_plans(model_dir / PLANS_FILE, {"context": context, "members": choices})
+        return ensemble
 
     @classmethod
     def from_spec(cls, spec: EnsembleSpec, device: torch.device, *, parallelism: int = 1) -> Ensemble:
@@ -131,6 +144,11 @@ class Ensemble:
         sources = {m.name: {"file": m.weights, "sha256": m.sha256, "state_dict": m.state_dict.to_dict()} for m in digested}
         modules = [load_member(member, spec.base_dir) for member in spec.members]
         return cls(replace(spec, members=digested), modules, device, {}, sources, parallelism=parallelism)
+
+    def plan_choices(self) -> dict[str, dict[str, Any]]:
+        """Each planned member's execution choice, as `describe` shows it (fused members run eager under vmap)."""
+        names = [member.name for member in self.spec.members]
+        return {names[group.indices[0]]: group.choice.describe() for group in self._groups if group.choice is not None}
 
     def prepare(self, row: Mapping[str, Any], headers: Mapping[str, Any]) -> PreparedRequest:
         """Parse, validate and decode one request; raises a RequestError naming what is wrong."""
@@ -244,7 +262,7 @@ class Ensemble:
         """What `GET /models/<name>?customized=true` shows: members, digests, labels and policies."""
         spec = self.spec.to_dict()
         names = [member.name for member in self.spec.members]
-        choices = {names[group.indices[0]]: group.choice for group in self._groups if group.choice is not None}
+        choices = self.plan_choices()
         return {
             "ensemble": self.spec.name,
             "version": self.spec.version,
@@ -261,7 +279,7 @@ class Ensemble:
                     "source": self.sources[m.name],
                     "weight": m.weight,
                     "input": raw.get("input", spec["input"]),
-                    "execution": choices[m.name].describe() if m.name in choices else {"plan": "eager", "fused": True},
+                    "execution": choices.get(m.name, {"plan": "eager", "fused": True}),
                 }
                 for m, raw in zip(self.spec.members, spec["members"], strict=True)
             ],
@@ -328,3 +346,26 @@ class Ensemble:
                     f"expected (1, {len(self.spec.labels)}) for labels {list(self.spec.labels)}"
                 )
 
+
+def _read_plans(path: Path, context: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    """Plan choices another worker of this model wrote, if made in the same `context`; else none.
+
+    The file is only a hint: every remembered plan is verified against eager again before use.
+    """
+    try:
+        saved = json.loads(path.read_text())
+        if saved["context"] == dict(context) and isinstance(saved["members"], dict):
+            return saved["members"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return {}
+
+
+def _write_plans(path: Path, data: Mapping[str, Any]) -> None:
+    """Write atomically, so a worker starting meanwhile reads the old file or the new one, never half of one."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}")
+    try:
+        temporary.write_text(json.dumps(data))
+        os.replace(temporary, path)
+    except OSError:
+        logger.warning("cannot record the execution plans in %s; the next worker measures them again", path, exc_info=True)

@@ -10,8 +10,9 @@ from __future__ import annotations
 import copy
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -47,6 +48,7 @@ class PlanContext:
     executions: Sequence[Execution]
     sizes: Sequence[int]
     activation: Callable[[torch.Tensor], torch.Tensor]
+    remembered: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
 def plan_groups(
@@ -94,7 +96,13 @@ def _single(index: int, module: nn.Module, spec: MemberInput) -> Group:
 def _planned(index: int, member: MemberSpec, module: nn.Module, spec: MemberInput, plans: PlanContext, device: torch.device) -> Group:
     try:
         choice = choose(
-            module, spec.instance_shape, plans.executions[index], sizes=plans.sizes, device=device, activation=plans.activation
+            module,
+            spec.instance_shape,
+            plans.executions[index],
+            sizes=plans.sizes,
+            device=device,
+            activation=plans.activation,
+            remembered=plans.remembered.get(member.name),
         )
     except PlanRejected as e:
         raise MemberLoadError(f"member {member.name!r}: {e}; choose another execution plan, or plan: auto") from e

@@ -14,7 +14,9 @@ A plan turns a loaded module into a function `[n, *input] -> logits`:
 `auto` builds each candidate, checks it against eager on a probe batch (probabilities within
 `TOLERANCE` at every timed size, and a trace the tracer did not warn about, since a warning means
 data-dependent control flow was frozen into one branch), times it at the slice sizes the worker
-runs, and keeps the fastest verified one when it beats eager by at least `MIN_GAIN`.
+runs, and keeps the fastest verified one when it beats eager by at least `MIN_GAIN`. A choice another
+worker of the same model already measured (`remembered`) is rebuilt and verified, not timed again:
+workers of one model then run the same plans, and a restarted worker is back sooner.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ import copy
 import math
 import time
 import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -54,6 +56,7 @@ class Choice:
     ms: dict[str, dict[int, float]] = field(default_factory=dict)
     rejected: dict[str, str] = field(default_factory=dict)
     build_s: float = 0.0
+    remembered: bool = False
 
     @property
     def speedup(self) -> float | None:
@@ -71,6 +74,7 @@ class Choice:
             "ms_per_call": {plan: {str(size): round(ms, 3) for size, ms in sizes.items()} for plan, sizes in self.ms.items()},
             "rejected": self.rejected,
             "load_s": round(self.build_s, 2),
+            "measured_by": "another worker" if self.remembered else "this worker",
         }
 
 
@@ -82,11 +86,15 @@ def choose(
     sizes: Sequence[int],
     device: torch.device,
     activation: Callable[[torch.Tensor], torch.Tensor],
+    remembered: Mapping[str, Any] | None = None,
 ) -> Choice:
     """The plan `execution` asks for; with `auto`, the fastest candidate that reproduces eager.
 
     A fixed plan is checked the same way and refused (MemberLoadError at the caller) when it does
     not reproduce eager, since serving different numbers than the checkpoint's would be silent.
+    `remembered` is an earlier `Choice.describe()` for this member: with `auto`, its plan is rebuilt
+    and verified instead of timing every candidate, when it was timed at these `sizes` and is still
+    allowed; otherwise (or when it no longer verifies) the choice is made afresh.
     """
     began = time.perf_counter()
     module = module.to(device).eval()
@@ -96,6 +104,10 @@ def choose(
     with torch.inference_mode():
         reference = {size: activation(module(probe)) for size, probe in probes.items()}
     wanted = AUTO_PLANS + (("compiled",) if execution.compile else ()) if execution.plan == "auto" else (execution.plan,)
+    if execution.plan == "auto" and remembered is not None:
+        reused = _reuse(remembered, module, probes, reference, activation, wanted)
+        if reused is not None:
+            return replace(reused, build_s=time.perf_counter() - began)
     forwards: dict[str, Forward] = {"eager": module}
     rejected: dict[str, str] = {}
     for plan in wanted:
@@ -117,6 +129,31 @@ def choose(
     if _gain(ms["eager"], ms[best]) < MIN_GAIN:
         best = "eager"
     return Choice(best, forwards[best], ms=ms, rejected=rejected, build_s=time.perf_counter() - began)
+
+
+def _reuse(
+    remembered: Mapping[str, Any],
+    module: nn.Module,
+    probes: dict[int, torch.Tensor],
+    reference: dict[int, torch.Tensor],
+    activation: Callable[[torch.Tensor], torch.Tensor],
+    allowed: Sequence[str],
+) -> Choice | None:
+    """The remembered choice, rebuilt and verified; None when it does not apply here or no longer verifies."""
+    try:
+        plan = remembered["plan"]
+        ms = {name: {int(size): float(v) for size, v in sizes.items()} for name, sizes in remembered["ms_per_call"].items()}
+        rejected = {str(name): str(reason) for name, reason in remembered["rejected"].items()}
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+    if plan not in allowed or any(set(sizes) != set(probes) for sizes in ms.values()) or plan not in ms:
+        return None
+    try:
+        forward = module if plan == "eager" else build(plan, module, probes[max(probes)])
+        _verify(forward, probes, reference, activation)
+    except PlanRejected:
+        return None
+    return Choice(plan, forward, ms=ms, rejected=rejected, remembered=True)
 
 
 def build(plan: str, module: nn.Module, example: torch.Tensor) -> Forward:

@@ -6,6 +6,7 @@ import functools
 import io
 import random
 import shutil
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -143,6 +144,13 @@ def test_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     build_archive(load_ensembles(write_tensor_ensemble(root / "src" / "vectors"))["vectors"], root / "model_store")
     build_archive(load_ensembles(write_chexnet_ensemble(root / "src" / "chexnet"))["chexnet"], root / "model_store")
     return root / "model_store"
+
+
+def extract(store: Path, name: str, into: Path) -> Path:
+    """A test archive unpacked as TorchServe unpacks it into a model directory."""
+    with zipfile.ZipFile(store / f"{name}.mar") as archive:
+        archive.extractall(into)
+    return into
 
 
 def source_spec(store: Path, name: str) -> EnsembleSpec:

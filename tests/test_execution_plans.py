@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -9,12 +11,12 @@ import pytest
 import torch
 import yaml
 
-from handlers.ensemble import Ensemble
+from handlers.ensemble import PLANS_FILE, Ensemble
 from handlers.errors import MemberLoadError
 from handlers.execution_plans import AUTO_PLANS, MIN_GAIN, TOLERANCE
-from handlers.manifest import load_ensembles
+from handlers.manifest import load_ensembles, read_archive_manifest
 from handlers.preprocess import decode_image
-from tests.conftest import image_bytes, instances, write_ensemble, write_tensor_ensemble
+from tests.conftest import extract, image_bytes, instances, write_ensemble, write_tensor_ensemble
 from tests.fixture_models import BranchyNet, LayoutSensitiveNet
 
 CPU = torch.device("cpu")
@@ -112,3 +114,42 @@ def test_compiled_plan_is_opt_in_and_reproduces_eager(tmp_path: Path) -> None:
     for count in (1, 3, 6):
         values = torch.from_numpy(instances(count, count))
         assert float((compiled.probabilities(values) - eager.probabilities(values)).abs().max()) <= TOLERANCE
+
+
+def member_threads(model_dir: Path) -> int:
+    return read_archive_manifest(model_dir).ensemble.batching.threads_per_worker(os.cpu_count() or 1)
+
+
+def test_workers_of_one_model_share_the_measured_plans(test_store: Path, tmp_path: Path) -> None:
+    """The first worker measures and records; the next rebuilds and verifies the same plans without timing them again."""
+    model_dir = extract(test_store, "trio", tmp_path)
+    first = Ensemble.from_model_dir(model_dir, CPU).describe()["members"]
+    recorded = json.loads((model_dir / PLANS_FILE).read_text())
+    assert recorded["context"] == {"torch": torch.__version__, "device": "cpu", "member_threads": member_threads(model_dir)}
+    assert {m["name"]: m["execution"] for m in first} == recorded["members"]
+    again = Ensemble.from_model_dir(model_dir, CPU).describe()["members"]
+    assert [m["execution"]["measured_by"] for m in first] == ["this worker"] * 3
+    assert [m["execution"]["measured_by"] for m in again] == ["another worker"] * 3
+    assert [(m["execution"]["plan"], m["execution"]["ms_per_call"]) for m in again] == [
+        (m["execution"]["plan"], m["execution"]["ms_per_call"]) for m in first
+    ]
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        pytest.param(lambda saved: "not json", id="garbage"),
+        pytest.param(lambda saved: {**saved, "context": {**saved["context"], "torch": "0.0"}}, id="other-torch"),
+        pytest.param(lambda saved: {**saved, "members": {"mobile": {**saved["members"]["mobile"], "plan": "compiled"}}}, id="plan-not-allowed"),
+        pytest.param(lambda saved: {**saved, "members": {"mobile": {**saved["members"]["mobile"], "ms_per_call": {"eager": {"3": 1.0}}}}}, id="other-sizes"),
+    ],
+)
+def test_a_record_that_does_not_apply_is_measured_afresh(test_store: Path, tmp_path: Path, record: Any) -> None:
+    model_dir = extract(test_store, "trio", tmp_path)
+    Ensemble.from_model_dir(model_dir, CPU)
+    saved = json.loads((model_dir / PLANS_FILE).read_text())
+    changed = record(saved)
+    (model_dir / PLANS_FILE).write_text(changed if isinstance(changed, str) else json.dumps(changed))
+    members = {m["name"]: m["execution"] for m in Ensemble.from_model_dir(model_dir, CPU).describe()["members"]}
+    assert members["mobile"]["measured_by"] == "this worker"
+    assert members["mobile"]["plan"] in AUTO_PLANS

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -16,15 +15,9 @@ from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 from handlers.ensemble_handler import EnsembleHandler
 from handlers.errors import IntegrityError
 from handlers.members import sha256_of
-from tests.conftest import NPY, assert_same_predictions, image_bytes, instances, npy_bytes, reference, source_spec, tensor_reference
+from tests.conftest import NPY, assert_same_predictions, extract, image_bytes, instances, npy_bytes, reference, source_spec, tensor_reference
 
 PNG = "image/png"
-
-
-def extract(store: Path, name: str, into: Path) -> Path:
-    with zipfile.ZipFile(store / f"{name}.mar") as archive:
-        archive.extractall(into)
-    return into
 
 
 def make_context(model_dir: Path, name: str) -> Context:
