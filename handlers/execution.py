@@ -1,8 +1,9 @@
 """How members run: one module per call on its execution plan, or members of one architecture and input spec fused.
 
-Each member running alone runs on the plan `handlers.execution_plans` chose for it. Fusing stacks the members' parameters (`torch.func.stack_module_state`) and runs one `vmap` of
-`functional_call` over them. It is only used when it reproduces the one-at-a-time outputs within
-`FUSE_TOLERANCE` on a probe batch; otherwise those members run one at a time.
+Each member running alone runs on the plan `handlers.execution_plans` chose for it. Fusing stacks the
+members' parameters (`torch.func.stack_module_state`) and runs one `vmap` of `functional_call` over them.
+It is only used when it reproduces the one-at-a-time outputs within `FUSE_TOLERANCE` on a probe batch;
+otherwise those members run one at a time.
 """
 
 from __future__ import annotations
@@ -89,8 +90,8 @@ def plan_groups(
     return sorted(groups, key=lambda group: group.indices[0])
 
 
-def _single(index: int, module: nn.Module, spec: MemberInput) -> Group:
-    return Group(spec=spec, indices=(index,), run=lambda batch: module(batch).unsqueeze(0), fused=False)
+def _single(index: int, forward: Callable[[torch.Tensor], torch.Tensor], spec: MemberInput, choice: Choice | None = None) -> Group:
+    return Group(spec=spec, indices=(index,), run=lambda batch: forward(batch).unsqueeze(0), fused=False, choice=choice)
 
 
 def _planned(index: int, member: MemberSpec, module: nn.Module, spec: MemberInput, plans: PlanContext, device: torch.device) -> Group:
@@ -107,8 +108,7 @@ def _planned(index: int, member: MemberSpec, module: nn.Module, spec: MemberInpu
     except PlanRejected as e:
         raise MemberLoadError(f"member {member.name!r}: {e}; choose another execution plan, or plan: auto") from e
     logger.info("member %s runs on plan %s (%s)", member.name, choice.plan, choice.describe())
-    forward = choice.forward
-    return Group(spec=spec, indices=(index,), run=lambda batch: forward(batch).unsqueeze(0), fused=False, choice=choice)
+    return _single(index, choice.forward, spec, choice)
 
 
 def _fused(indices: list[int], modules: list[nn.Module], spec: MemberInput) -> Group:
