@@ -14,6 +14,7 @@ import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -26,7 +27,8 @@ from handlers.errors import EnsembleError, IntegrityError, MemberLoadError
 from handlers.execution import Group, PlanContext, plan_groups
 from handlers.manifest import EnsembleSpec, TensorSpec, read_archive_manifest
 from handlers.members import load_member, source_digest, verify_digests
-from handlers.policies import PolicySpec, Votes, combine, member_votes, policy_names, resolve_policy
+from handlers.open_inference import V2Form, output_names, render_v2, v2_errors
+from handlers.policies import Decision, PolicySpec, Votes, combine, member_votes, policy_names, resolve_policy
 from handlers.preprocess import batch_tensors, decode_image
 from handlers.request_inputs import parse_request, parse_tensor_request
 
@@ -42,10 +44,14 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class PreparedRequest:
-    """A request whose images decoded (or tensor instances parsed) and whose policy resolved: ready to run."""
+    """A request whose images decoded (or tensor instances parsed) and whose policy resolved: ready to run.
+
+    `v2` is set when the request was an Open Inference Protocol v2 body, and is answered as one.
+    """
 
     inputs: tuple[Image.Image, ...] | torch.Tensor
     policy: PolicySpec
+    v2: V2Form | None = None
 
 
 @dataclass(frozen=True)
@@ -152,13 +158,19 @@ class Ensemble:
 
     def prepare(self, row: Mapping[str, Any], headers: Mapping[str, Any]) -> PreparedRequest:
         """Parse, validate and decode one request; raises a RequestError naming what is wrong."""
-        limits = self.spec.limits
+        limits, outputs = self.spec.limits, self.output_names()
         if isinstance(self.spec.input, TensorSpec):
-            tensors = parse_tensor_request(row, headers, limits, self.spec.input)
-            return PreparedRequest(tensors.instances, self._policy(tensors.policy_params))
-        request = parse_request(row, headers, limits)
-        images = tuple(decode_image(data, limits) for data in request.images)
-        return PreparedRequest(images, self._policy(request.policy_params))
+            tensors = parse_tensor_request(row, headers, limits, self.spec.input, outputs)
+            with self._errors_as(tensors.v2):
+                return PreparedRequest(tensors.instances, self._policy(tensors.policy_params), tensors.v2)
+        request = parse_request(row, headers, limits, outputs)
+        with self._errors_as(request.v2):
+            images = tuple(decode_image(data, limits) for data in request.images)
+            return PreparedRequest(images, self._policy(request.policy_params), request.v2)
+
+    def output_names(self) -> list[str]:
+        """The v2 output tensors this ensemble answers with (README, "Open Inference Protocol v2")."""
+        return output_names(self._labels_key, [member.name for member in self.spec.members])
 
     def probabilities(self, inputs: Inputs) -> torch.Tensor:
         """probs[member, input, label] as float64 on the CPU; each image is transformed once per input spec.
@@ -228,22 +240,21 @@ class Ensemble:
                 continue
             assert probs is not None, "a prepared request always carries inputs"
             count = len(item.inputs)
-            replies.append(Reply(200, self.render(probs[:, offset : offset + count], item.policy), count))
+            mine = probs[:, offset : offset + count]
+            body = self.render(mine, item.policy) if item.v2 is None else self.render_v2(mine, item.policy, item.v2)
+            replies.append(Reply(200, body, count))
             offset += count
         return replies
 
     def render(self, probs: torch.Tensor, policy: PolicySpec) -> dict[str, Any]:
         """The response body for one request's probabilities under `policy`."""
-        votes = Votes(task=self.spec.task, weights=self._weights, positive=self.spec.positive_index, policy=policy)
-        decision = combine(probs, votes)
-        own = member_votes(probs, votes)
+        decision, own = self._decide(probs, policy)
         names = [member.name for member in self.spec.members]
         member_views = {name: self._views(own[m], probs[m]) for m, name in enumerate(names)}
         predictions = self._views(decision.chosen, decision.score)
         for i, entry in enumerate(predictions):
             entry["members"] = {name: views[i] for name, views in member_views.items()}
-        key = "labels" if self.spec.task == "multilabel" else "label"
-        per_member = {name: [p["members"][name][key] for p in predictions] for name in names}
+        per_member = {name: [p["members"][name][self._labels_key] for p in predictions] for name in names}
         return {
             "ensemble": self.spec.name,
             "version": self.spec.version,
@@ -258,6 +269,24 @@ class Ensemble:
             },
         }
 
+    def render_v2(self, probs: torch.Tensor, policy: PolicySpec, form: V2Form) -> dict[str, Any]:
+        """The Open Inference Protocol v2 response body for one request: the same answer as tensors."""
+        decision, own = self._decide(probs, policy)
+        names = [member.name for member in self.spec.members]
+        parameters: dict[str, Any] = {"policy": policy.name, **policy.params(), "ensemble_version": self.spec.version}
+        parameters.update({f"{name}.sha256": self._digests[name] for name in names})
+        return render_v2(
+            name=self.spec.name,
+            version=self.spec.version,
+            form=form,
+            labels=self.spec.labels,
+            multilabel=self.spec.task == "multilabel",
+            combined=(decision.chosen, decision.score),
+            members={name: (own[m], probs[m]) for m, name in enumerate(names)},
+            parameters=parameters,
+            digits=SCORE_DIGITS,
+        )
+
     def describe(self) -> dict[str, Any]:
         """What `GET /models/<name>?customized=true` shows: members, digests, labels and policies."""
         spec = self.spec.to_dict()
@@ -271,6 +300,7 @@ class Ensemble:
             "positive_label": self.spec.positive_label,
             "default_policy": {"name": self.spec.policy.name, "params": self.spec.policy.params()},
             "policies": policy_names(),
+            "v2_outputs": self.output_names(),
             "members": [
                 {
                     "name": m.name,
@@ -291,6 +321,20 @@ class Ensemble:
             "execution": [group.describe(names) for group in self._groups],
             "build": self.build,
         }
+
+    def _decide(self, probs: torch.Tensor, policy: PolicySpec) -> tuple[Decision, torch.Tensor]:
+        """The combined decision and every member's own votes, for either response form."""
+        votes = Votes(task=self.spec.task, weights=self._weights, positive=self.spec.positive_index, policy=policy)
+        return combine(probs, votes), member_votes(probs, votes)
+
+    @property
+    def _labels_key(self) -> str:
+        return "labels" if self.spec.task == "multilabel" else "label"
+
+    @staticmethod
+    def _errors_as(v2: V2Form | None) -> AbstractContextManager[None]:
+        """A v2 request's later errors (an image that does not decode, a bad policy) get v2 error bodies too."""
+        return v2_errors() if v2 is not None else nullcontext()
 
     def _policy(self, params: Mapping[str, str]) -> PolicySpec:
         return resolve_policy(params, default=self.spec.policy, task=self.spec.task, n_members=len(self.spec.members))

@@ -1,10 +1,13 @@
 """Turn one TorchServe request (its parameter dict and headers) into images or tensors, and policy parameters.
 
-TorchServe hands the handler a dict per request: `body` for a plain body, one key per multipart
-part, and, on `/models/<name>/invoke` only, one key per query parameter (`/predictions/<name>` drops
-the query string before it reaches the worker). Policy parameters therefore come from query
-parameters or form fields named `policy`, `k`, `threshold`, or from `X-Ensemble-Policy`,
-`X-Ensemble-K`, `X-Ensemble-Threshold` headers, on either path.
+TorchServe hands the handler a dict per request: `body` for a plain REST body, one key per multipart
+part, one key per gRPC input (TorchServe's examples name it `data`), and, on `/models/<name>/invoke`
+only, one key per query parameter (`/predictions/<name>` drops the query string before it reaches
+the worker). Policy parameters therefore come from query parameters, form fields or gRPC inputs
+named `policy`, `k`, `threshold`, from `X-Ensemble-Policy`, `X-Ensemble-K`, `X-Ensemble-Threshold`
+headers, or from a v2 body's `parameters`. A JSON body is our `{"instances": ...}` form or, when it
+has `inputs`, an Open Inference Protocol v2 request (`handlers.open_inference`). gRPC carries no
+content type: a body starting with `{` is JSON, one starting with the `.npy` magic is an array.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import base64
 import binascii
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,10 +24,12 @@ import torch
 
 from handlers.errors import InvalidImage, PayloadTooLarge, RequestError, UnsupportedMediaType
 from handlers.manifest import Limits, TensorSpec
-from handlers.tensor_inputs import read_json_instances, read_npy
+from handlers.open_inference import V2Form, is_v2, read_v2, refuse_binary_extension, v2_errors
+from handlers.tensor_inputs import NPY_MAGIC, read_json_instances, read_npy
 
 POLICY_KEYS = ("policy", "k", "threshold")
 POLICY_HEADERS = {f"x-ensemble-{key}": key for key in POLICY_KEYS}
+BODY_KEYS = ("body", "data")
 # Bytes one multipart part may spend on its boundary line and headers beyond those we can account
 # for exactly (file name, extra headers). A part dropped for a repeated name shows up as more body
 # bytes than the received parts explain; parts smaller than this slack cannot be told from headers.
@@ -35,14 +40,18 @@ _DATA_URI = re.compile(r"data:image/[A-Za-z0-9.+-]+;base64,")
 
 @dataclass(frozen=True)
 class RequestInput:
-    """The images of one request, in order, and the policy parameters it asked for."""
+    """The images of one request, in order, the policy parameters it asked for, and its v2 form if it was one."""
 
     images: tuple[bytes, ...]
     policy_params: Mapping[str, str]
+    v2: V2Form | None = None
 
 
-def parse_request(row: Mapping[str, Any], headers: Mapping[str, Any], limits: Limits) -> RequestInput:
-    """Read one request; raise a RequestError subclass saying exactly what is wrong with it."""
+def parse_request(row: Mapping[str, Any], headers: Mapping[str, Any], limits: Limits, outputs: Sequence[str]) -> RequestInput:
+    """Read one request; raise a RequestError subclass saying exactly what is wrong with it.
+
+    `outputs` are the ensemble's v2 output names, which a v2 request may choose from.
+    """
     lowered, content_type = _headers(headers)
     params = _policy_params(row, lowered)
     payload = {key: value for key, value in row.items() if key not in POLICY_KEYS}
@@ -50,16 +59,23 @@ def parse_request(row: Mapping[str, Any], headers: Mapping[str, Any], limits: Li
         _check_no_part_dropped(row, lowered)
         images = tuple(_as_bytes(value, f"part {key!r}") for key, value in payload.items())
     else:
+        refuse_binary_extension(lowered)
         if not _is_raw_image_type(content_type) and content_type != "application/json":
             raise UnsupportedMediaType(
                 f"content type {content_type!r}: send an image (image/* or application/octet-stream), "
-                "multipart/form-data parts, or application/json instances"
+                "multipart/form-data parts, application/json instances or a v2 request"
             )
-        _refuse_unknown_keys(payload)
-        body = payload.get("body", b"")
-        if not body:
-            raise RequestError("empty request body: send an image, multipart/form-data parts, or JSON instances")
-        images = _json_images(body) if content_type == "application/json" else (_as_bytes(body, "body"),)
+        body = _body(payload, "an image, multipart/form-data parts, JSON instances or a v2 request")
+        if content_type == "application/json" or (not content_type and _looks_like_json(body)):
+            doc = _json_document(body)
+            if is_v2(doc):
+                with v2_errors():
+                    request = read_v2(doc, tensor=None, limits=limits, outputs=outputs)
+                    assert request.images is not None, "an image ensemble's v2 request carries images"
+                    return RequestInput(request.images, _merged(params, request.policy_params), request.form)
+            images = _json_images(doc)
+        else:
+            images = (_as_bytes(body, "body"),)
     if not images:
         raise RequestError("the request carried no image")
     if len(images) > limits.max_images_per_request:
@@ -71,30 +87,37 @@ def parse_request(row: Mapping[str, Any], headers: Mapping[str, Any], limits: Li
 
 @dataclass(frozen=True)
 class TensorRequestInput:
-    """The instances of one request to a tensor-input ensemble, [N, *shape], and its policy parameters."""
+    """The instances of one request to a tensor-input ensemble, [N, *shape], its policy parameters and v2 form."""
 
     instances: torch.Tensor
     policy_params: Mapping[str, str]
+    v2: V2Form | None = None
 
 
 def parse_tensor_request(
-    row: Mapping[str, Any], headers: Mapping[str, Any], limits: Limits, spec: TensorSpec
+    row: Mapping[str, Any], headers: Mapping[str, Any], limits: Limits, spec: TensorSpec, outputs: Sequence[str]
 ) -> TensorRequestInput:
-    """Read one request to a tensor-input ensemble: an `application/x-npy` or JSON body."""
+    """Read one request to a tensor-input ensemble: an `application/x-npy` body, JSON instances or a v2 request."""
     lowered, content_type = _headers(headers)
     params = _policy_params(row, lowered)
-    _refuse_unknown_keys({key: value for key, value in row.items() if key not in POLICY_KEYS})
-    body = row.get("body", b"")
+    refuse_binary_extension(lowered)
+    body = _body({key: value for key, value in row.items() if key not in POLICY_KEYS}, "an application/x-npy array, JSON instances or a v2 request")
+    if not content_type:
+        content_type = "application/json" if _looks_like_json(body) else "application/x-npy" if _as_bytes(body, "body").startswith(NPY_MAGIC) else ""
     if content_type not in TENSOR_CONTENT_TYPES:
         raise UnsupportedMediaType(
-            f"content type {content_type or 'none'!r}: this ensemble takes tensors as application/x-npy "
-            'or application/json {"instances": [[...], ...]}'
+            f"content type {content_type or 'none'!r}: this ensemble takes tensors as application/x-npy, "
+            'application/json {"instances": [[...], ...]} or a v2 request'
         )
-    if not body:
-        raise RequestError("empty request body: send an application/x-npy array or JSON instances")
-    if content_type == "application/json":
-        return TensorRequestInput(read_json_instances(body, spec, limits), params)
-    return TensorRequestInput(read_npy(_as_bytes(body, "body"), spec, limits), params)
+    if content_type == "application/x-npy":
+        return TensorRequestInput(read_npy(_as_bytes(body, "body"), spec, limits), params)
+    doc = _json_document(body)
+    if is_v2(doc):
+        with v2_errors():
+            request = read_v2(doc, tensor=spec, limits=limits, outputs=outputs)
+            assert request.instances is not None, "a tensor ensemble's v2 request carries instances"
+            return TensorRequestInput(request.instances, _merged(params, request.policy_params), request.form)
+    return TensorRequestInput(read_json_instances(doc, spec, limits), params)
 
 
 def _headers(headers: Mapping[str, Any]) -> tuple[dict[str, str], str]:
@@ -103,11 +126,46 @@ def _headers(headers: Mapping[str, Any]) -> tuple[dict[str, str], str]:
     return lowered, lowered.get("content-type", "").split(";", 1)[0].strip().lower()
 
 
-def _refuse_unknown_keys(payload: Mapping[str, Any]) -> None:
-    """Outside multipart, the only key besides the policy parameters is the body."""
-    unexpected = sorted(set(payload) - {"body"})
+def _body(payload: Mapping[str, Any], wanted: str) -> Any:
+    """Outside multipart, the only key besides the policy parameters is the body (`body`, or `data` over gRPC)."""
+    unexpected = sorted(set(payload) - set(BODY_KEYS))
     if unexpected:
-        raise RequestError(f"unknown query parameter(s) {unexpected}; valid: {', '.join(POLICY_KEYS)}")
+        raise RequestError(
+            f"unknown parameter(s) {unexpected}; valid: {', '.join(POLICY_KEYS)}, and the body "
+            f"(over gRPC an input named {' or '.join(BODY_KEYS)})"
+        )
+    if len(payload) > 1:
+        raise RequestError(f"both {' and '.join(BODY_KEYS)} given; send the body once")
+    body = next(iter(payload.values()), b"")
+    if not body:
+        raise RequestError(f"empty request body: send {wanted}")
+    return body
+
+
+def _looks_like_json(body: Any) -> bool:
+    """A body without a content type (gRPC) is JSON when it is an object; no image or .npy starts with `{`."""
+    if isinstance(body, (dict, list)):
+        return True
+    head = body[:64].lstrip() if isinstance(body, (bytes, bytearray, str)) else b""
+    return head[:1] in (b"{", "{")
+
+
+def _json_document(body: Any) -> Any:
+    """`body` parsed as JSON; it is already a JSON value when TorchServe's decode_input_request is on."""
+    try:
+        return json.loads(body) if isinstance(body, (bytes, bytearray, str)) else body
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RequestError(f"malformed JSON body: {e}") from e
+
+
+def _merged(params: Mapping[str, str], body_params: Mapping[str, str]) -> dict[str, str]:
+    """Policy parameters from the channel (query, fields, headers) and from the body, which must agree."""
+    merged = dict(params)
+    for key, value in body_params.items():
+        if key in merged and merged[key] != value:
+            raise RequestError(f"{key} given twice with different values: {merged[key]!r} and {value!r}")
+        merged[key] = value
+    return merged
 
 
 def _policy_params(row: Mapping[str, Any], headers: Mapping[str, str]) -> dict[str, str]:
@@ -115,27 +173,14 @@ def _policy_params(row: Mapping[str, Any], headers: Mapping[str, str]) -> dict[s
     for key in POLICY_KEYS:
         if key in row:
             params[key] = _as_text(row[key], key)
-    for header, key in POLICY_HEADERS.items():
-        if header in headers:
-            value = headers[header].strip()
-            if key in params and params[key] != value:
-                raise RequestError(f"{key} given twice with different values: {params[key]!r} and {value!r}")
-            params[key] = value
-    return params
+    return _merged(params, {key: headers[header].strip() for header, key in POLICY_HEADERS.items() if header in headers})
 
 
-def _json_images(body: Any) -> tuple[bytes, ...]:
-    """`{"instances": [{"b64": "<base64>"}, ...]}` to image bytes; anything else is a clear 400.
-
-    `body` is raw bytes, or already a JSON value when TorchServe's decode_input_request is on.
-    """
-    try:
-        doc = json.loads(body) if isinstance(body, (bytes, bytearray, str)) else body
-    except (ValueError, UnicodeDecodeError) as e:
-        raise RequestError(f"malformed JSON body: {e}") from e
+def _json_images(doc: Any) -> tuple[bytes, ...]:
+    """`{"instances": [{"b64": "<base64>"}, ...]}` to image bytes; anything else is a clear 400."""
     shape = 'expected {"instances": [{"b64": "<base64 image>"}, ...]}'
     if not isinstance(doc, dict) or set(doc) != {"instances"} or not isinstance(doc["instances"], list):
-        raise RequestError(f"wrong JSON shape: {shape}")
+        raise RequestError(f'wrong JSON shape: {shape} or a v2 request {{"inputs": [...]}}')
     images = []
     for i, instance in enumerate(doc["instances"]):
         if not isinstance(instance, dict) or set(instance) != {"b64"} or not isinstance(instance["b64"], str):

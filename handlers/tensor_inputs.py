@@ -72,6 +72,23 @@ def read_json_instances(body: bytes | str | Any, spec: TensorSpec, limits: Limit
     return _finite(values)
 
 
+def instances_from_values(
+    values: list[Any], shape: tuple[int, ...], dtype: torch.dtype, spec: TensorSpec, limits: Limits
+) -> torch.Tensor:
+    """Flat row-major numbers of a declared `shape` and `dtype` (a v2 input tensor) as float32 [N, *spec.shape].
+
+    The numbers are first held in `dtype`, so an FP16 input is rounded as the client's own tensor was.
+    """
+    count = _instance_count(shape, spec, limits)
+    if any(isinstance(value, bool) or not isinstance(value, (int, float)) for value in values):
+        raise RequestError("tensor data must be numbers")
+    try:
+        tensor = torch.tensor(values, dtype=torch.float64).to(dtype)
+    except (OverflowError, RuntimeError) as e:
+        raise RequestError(f"tensor data does not fit its datatype: {e}") from e
+    return _finite(tensor.to(torch.float32).view(count, *spec.shape))
+
+
 @functools.lru_cache(maxsize=64)
 def _npy_header(raw: bytes) -> dict[str, Any]:
     """The parsed header; cached because a client sends the same few headers again and again."""

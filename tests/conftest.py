@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import io
+import json
 import random
 import shutil
 import zipfile
@@ -14,12 +15,16 @@ from typing import Any
 import numpy
 import pytest
 import torch
+import ts
 import torchvision
 import yaml
 from PIL import Image
+from ts.context import Context, RequestProcessor
+from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 
 from archive_scripts.build_archives import build_archive
 from handlers.ensemble import Ensemble
+from handlers.ensemble_handler import EnsembleHandler
 from handlers.manifest import EnsembleSpec, load_ensembles
 from handlers.preprocess import decode_image
 from tests.checkpoint_layouts import write_chexnet_ensemble
@@ -199,3 +204,20 @@ def assert_same_predictions(served: list[dict[str, Any]], expected: list[dict[st
             assert [s for s in got_scores if s is not None] == pytest.approx(
                 [s for s in want_scores if s is not None], abs=1e-4
             )
+
+
+def make_context(model_dir: Path, name: str) -> Context:
+    """TorchServe's own Context for an extracted archive, with its default metrics cache."""
+    metrics = MetricsCacheYamlImpl(config_file_path=str(Path(ts.__file__).parent / "configs" / "metrics.yaml"))
+    metrics.initialize_cache()
+    return Context(name, str(model_dir), {}, 8, None, "0.12.0", metrics=metrics)
+
+
+def serve(handler: EnsembleHandler, context: Context, requests: list[tuple[dict[str, Any], dict[str, Any]]]) -> list:
+    """Run one TorchServe batch through handle(); return (status, body, headers) per request."""
+    context.request_processor = [RequestProcessor(headers) for _, headers in requests]
+    bodies = handler.handle([row for row, _ in requests], context)
+    return [
+        (context.get_response_status(i)[0], json.loads(body), context.get_response_headers(i))
+        for i, body in enumerate(bodies)
+    ]

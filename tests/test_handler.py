@@ -8,32 +8,26 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import ts
 from ts.context import Context, RequestProcessor
-from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 
 from handlers.ensemble_handler import EnsembleHandler
 from handlers.errors import IntegrityError
 from handlers.members import sha256_of
-from tests.conftest import NPY, assert_same_predictions, extract, image_bytes, instances, npy_bytes, reference, source_spec, tensor_reference
+from tests.conftest import (
+    NPY,
+    assert_same_predictions,
+    extract,
+    image_bytes,
+    instances,
+    make_context,
+    npy_bytes,
+    reference,
+    serve,
+    source_spec,
+    tensor_reference,
+)
 
 PNG = "image/png"
-
-
-def make_context(model_dir: Path, name: str) -> Context:
-    metrics = MetricsCacheYamlImpl(config_file_path=str(Path(ts.__file__).parent / "configs" / "metrics.yaml"))
-    metrics.initialize_cache()
-    return Context(name, str(model_dir), {}, 8, None, "0.12.0", metrics=metrics)
-
-
-def serve(handler: EnsembleHandler, context: Context, requests: list[tuple[dict[str, Any], dict[str, Any]]]) -> list:
-    """Run one TorchServe batch through handle(); return (status, body, headers) per request."""
-    context.request_processor = [RequestProcessor(headers) for _, headers in requests]
-    bodies = handler.handle([row for row, _ in requests], context)
-    return [
-        (context.get_response_status(i)[0], json.loads(body), context.get_response_headers(i))
-        for i, body in enumerate(bodies)
-    ]
 
 
 @pytest.fixture(scope="module")

@@ -81,7 +81,7 @@ CONTENT_TYPES = st.sampled_from(["image/png", "application/json", "multipart/for
 )
 def test_parse_request_raises_only_request_errors(row: dict[str, object], headers: dict[str, str]) -> None:
     try:
-        parsed = parse_request(row, headers, LIMITS)
+        parsed = parse_request(row, headers, LIMITS, ())
     except RequestError:
         return
     assert 1 <= len(parsed.images) <= LIMITS.max_images_per_request

@@ -67,17 +67,17 @@ def b64(data: bytes) -> str:
     ],
 )
 def test_parse_request(row: dict, headers: dict, expected: RequestInput) -> None:
-    assert parse_request(row, headers, Limits(max_images_per_request=3)) == expected
+    assert parse_request(row, headers, Limits(max_images_per_request=3), ()) == expected
 
 
 @pytest.mark.parametrize(
     ("row", "headers", "error", "message"),
     [
-        pytest.param({"body": b""}, {}, RequestError, "empty request body: send an image, multipart/form-data parts, or JSON instances", id="empty"),
+        pytest.param({"body": b""}, {}, RequestError, "empty request body: send an image, multipart/form-data parts, JSON instances or a v2 request", id="empty"),
         pytest.param({"body": b"{"}, {"Content-Type": "application/json"}, RequestError, "malformed JSON body: Expecting property name enclosed in double quotes: line 1 column 2 (char 1)", id="malformed-json"),
         pytest.param(
             {"body": b'{"images": []}'}, {"Content-Type": "application/json"}, RequestError,
-            'wrong JSON shape: expected {"instances": [{"b64": "<base64 image>"}, ...]}', id="json-wrong-shape",
+            'wrong JSON shape: expected {"instances": [{"b64": "<base64 image>"}, ...]} or a v2 request {"inputs": [...]}', id="json-wrong-shape",
         ),
         pytest.param(
             {"body": b'{"instances": [{"b64": 5}]}'}, {"Content-Type": "application/json"}, RequestError,
@@ -97,7 +97,7 @@ def test_parse_request(row: dict, headers: dict, expected: RequestInput) -> None
             PayloadTooLarge, "4 images in one request; this ensemble accepts at most 3", id="too-many-images",
         ),
         pytest.param(
-            {"polcy": b"any", "body": A}, {}, RequestError, "unknown query parameter(s) ['polcy']; valid: policy, k, threshold", id="unknown-query",
+            {"polcy": b"any", "body": A}, {}, RequestError, "unknown parameter(s) ['polcy']; valid: policy, k, threshold, and the body (over gRPC an input named body or data)", id="unknown-query",
         ),
         pytest.param(
             {"policy": b"any", "body": A}, {"X-Ensemble-Policy": "all"}, RequestError,
@@ -107,9 +107,9 @@ def test_parse_request(row: dict, headers: dict, expected: RequestInput) -> None
         pytest.param(
             {"body": A}, {"Content-Type": "text/plain"}, UnsupportedMediaType,
             "content type 'text/plain': send an image (image/* or application/octet-stream), multipart/form-data parts, "
-            "or application/json instances", id="wrong-content-type",
+            "application/json instances or a v2 request", id="wrong-content-type",
         ),
-        pytest.param({"body": A}, {"Content-Type": "application/x-npy"}, UnsupportedMediaType, "content type 'application/x-npy': send an image (image/* or application/octet-stream), multipart/form-data parts, or application/json instances", id="tensor-to-image-ensemble"),
+        pytest.param({"body": A}, {"Content-Type": "application/x-npy"}, UnsupportedMediaType, "content type 'application/x-npy': send an image (image/* or application/octet-stream), multipart/form-data parts, application/json instances or a v2 request", id="tensor-to-image-ensemble"),
         pytest.param(
             {"img": B, "other": C},
             {"Content-Type": MULTIPART, "Content-Length": multipart_length({"img": A, "img2": B, "other": C})},
@@ -122,5 +122,5 @@ def test_parse_request(row: dict, headers: dict, expected: RequestInput) -> None
 )
 def test_parse_request_rejects(row: dict, headers: dict, error: type[Exception], message: str) -> None:
     with pytest.raises(error) as caught:
-        parse_request(row, headers, Limits(max_images_per_request=3))
+        parse_request(row, headers, Limits(max_images_per_request=3), ())
     assert str(caught.value) == message

@@ -115,20 +115,20 @@ def test_bad_json_instances_are_refused(body: bytes, error: type[RequestError], 
     [
         pytest.param({"body": b"\x89PNG"}, {"Content-Type": "image/png"}, UnsupportedMediaType, "content type 'image/png': this ensemble takes tensors as application/x-npy", id="image"),
         pytest.param({"body": b"x"}, {}, UnsupportedMediaType, "content type 'none': this ensemble takes tensors", id="no-content-type"),
-        pytest.param({"body": b""}, NPY, RequestError, "empty request body: send an application/x-npy array or JSON instances", id="empty"),
-        pytest.param({"body": npy_bytes(GOOD), "colour": b"red"}, NPY, RequestError, "unknown query parameter(s) ['colour']; valid: policy, k, threshold", id="unknown-param"),
+        pytest.param({"body": b""}, NPY, RequestError, "empty request body: send an application/x-npy array, JSON instances or a v2 request", id="empty"),
+        pytest.param({"body": npy_bytes(GOOD), "colour": b"red"}, NPY, RequestError, "unknown parameter(s) ['colour']; valid: policy, k, threshold, and the body (over gRPC an input named body or data)", id="unknown-param"),
     ],
 )
 def test_tensor_requests_need_a_tensor_content_type(
     row: dict[str, Any], headers: dict[str, str], error: type[RequestError], message: str
 ) -> None:
     with pytest.raises(RequestError) as caught:
-        parse_tensor_request(row, headers, LIMITS, SPEC)
+        parse_tensor_request(row, headers, LIMITS, SPEC, ())
     assert type(caught.value) is error
     assert str(caught.value).startswith(message)
 
 
 def test_tensor_request_carries_its_policy() -> None:
-    parsed = parse_tensor_request({"body": npy_bytes(GOOD), "policy": b"max"}, {**NPY, "X-Ensemble-Threshold": "0.3"}, LIMITS, SPEC)
+    parsed = parse_tensor_request({"body": npy_bytes(GOOD), "policy": b"max"}, {**NPY, "X-Ensemble-Threshold": "0.3"}, LIMITS, SPEC, ())
     assert dict(parsed.policy_params) == {"policy": "max", "threshold": "0.3"}
     assert torch.equal(parsed.instances, torch.from_numpy(GOOD))
