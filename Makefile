@@ -7,7 +7,7 @@ INSTALLED := $(VENV)/.installed-$(shell sha256sum requirements.txt | cut -c1-12)
 TRAINED := artifacts/weights/.trained
 NAME ?= shapes
 
-.PHONY: setup demo build serve stop test register unregister rebuild evaluate inspect bench bench-quick bench-mlp bench-profile bench-batching bench-fused tune reliability reliability-full clean
+.PHONY: setup demo build kserve serve stop test register unregister rebuild evaluate inspect bench bench-quick bench-mlp bench-profile bench-batching bench-fused tune reliability reliability-full clean
 
 $(INSTALLED): requirements.txt
 	@command -v java >/dev/null 2>&1 || { echo "installing a Java runtime for TorchServe"; \
@@ -29,6 +29,10 @@ demo: $(TRAINED)
 
 build: $(TRAINED)
 	$(PY) -m archive_scripts.build_archives
+
+# make kserve NAME=shapes: build/kserve/<name>/ (config/ and model-store/) to upload as a KServe storageUri.
+kserve: build
+	$(PY) -m archive_scripts.kserve_export $(NAME)
 
 serve: build
 	$(PY) -m archive_scripts.torchserve_ctl stop
@@ -132,4 +136,4 @@ reliability-full: $(INSTALLED)
 	$(PY) -m bench.reliability --full
 
 clean:
-	rm -rf artifacts logs model_store/*.mar key_file.json
+	rm -rf artifacts logs build model_store/*.mar key_file.json

@@ -59,7 +59,7 @@ def build_archive(spec: EnsembleSpec, store: Path) -> Path:
             "build": _build_info(),
         }
         (payload / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
-        (staging / "model-config.yaml").write_text(yaml.safe_dump(_model_config(spec), sort_keys=False))
+        (staging / "model-config.yaml").write_text(yaml.safe_dump(model_config(spec), sort_keys=False))
         out = staging / "out"
         out.mkdir()
         generate_model_archive(
@@ -120,7 +120,8 @@ def _load_back(archive: Path, where: Path) -> None:
     Ensemble.from_model_dir(where, torch.device("cpu"))
 
 
-def _model_config(spec: EnsembleSpec) -> dict[str, int]:
+def model_config(spec: EnsembleSpec) -> dict[str, int]:
+    """The ensemble's batching in TorchServe's keys; the KServe export writes the same into its model_snapshot."""
     batching = spec.batching
     return {
         "minWorkers": batching.workers,

@@ -3,7 +3,7 @@
 Usage: python -m archive_scripts.torchserve_ctl {start,stop,register,unregister,curl} [NAME ...]
 
 `start` runs `torchserve --start` with config.properties and waits for /ping (which needs the
-inference token too); `register` posts each
+inference token too, unless the config disables tokens, as the KServe profile does); `register` posts each
 archive of model_store to the management API (token from key_file.json, written by TorchServe in
 the folder it was started from) and waits until its workers are up; `curl` prints a ready-to-paste
 request. Every address is read from config.properties, all of them loopback.
@@ -68,12 +68,20 @@ class Server:
             env["TMPDIR"] = str(self.tmpdir)
         return env
 
+    @property
+    def tokens(self) -> bool:
+        """Whether TorchServe enforces tokens (its default); without them it writes no key file and wants no header."""
+        try:
+            return self.setting("disable_token_authorization").lower() != "true"
+        except KeyError:
+            return True
+
     def key(self, api: str) -> str:
         """The current key for `api` (inference, management or API) from TorchServe's key file."""
         return json.loads((self.workdir / "key_file.json").read_text())[api]["key"]
 
     def headers(self, api: str) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.key(api)}"}
+        return {"Authorization": f"Bearer {self.key(api)}"} if self.tokens else {}
 
 
 def private_server(
@@ -122,7 +130,7 @@ def start(server: Server, model_store: Path) -> None:
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
         try:
-            if (server.workdir / "key_file.json").exists():
+            if not server.tokens or (server.workdir / "key_file.json").exists():
                 ping = requests.get(f"{server.inference}/ping", headers=server.headers("inference"), timeout=2)
                 if ping.ok:
                     return

@@ -21,7 +21,7 @@ import requests
 
 from archive_scripts.torchserve_ctl import Server, private_server, register, start, stop
 from tests.conftest import assert_same_predictions, image_bytes, instances, reference, tensor_reference
-from tests.grpc_stubs import generate
+from tests.protocol_clients import generate, grpc_predict, v2_as_predictions, v2_body, v2_labels
 
 pytestmark = pytest.mark.integration
 TIMEOUT = 60
@@ -59,39 +59,13 @@ def post(server: Server, path: str, body: Any, **headers: str) -> requests.Respo
     )
 
 
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-def v2_body(images: list[bytes], **fields: Any) -> dict[str, Any]:
-    return {"inputs": [{"name": "images", "shape": [len(images)], "datatype": "BYTES", "data": [b64(d) for d in images]}], **fields}
-
-
-def v2_labels(body: dict[str, Any], output: str = "label") -> list[Any]:
-    return next(o["data"] for o in body["outputs"] if o["name"] == output)
-
-
-def v2_as_predictions(body: dict[str, Any], members: list[str], labels: list[str]) -> list[dict[str, Any]]:
-    """A v2 answer of a single-label ensemble in our JSON form, for `assert_same_predictions`."""
-    tensors = {o["name"]: o["data"] for o in body["outputs"]}
-
-    def view(prefix: str, i: int) -> dict[str, Any]:
-        label = tensors[f"{prefix}label"][i]
-        scores = tensors[f"{prefix}scores"][i * len(labels) : (i + 1) * len(labels)]
-        return {"label": label or None, "score": scores[labels.index(label)] if label else None}
-
-    return [
-        {**view("", i), "members": {m: view(f"{m}.", i) for m in members}} for i in range(len(tensors["label"]))
-    ]
-
-
 TRIO_MEMBERS = ["mobile", "pool_rgb", "pool_gray"]
 TRIO_LABELS = ["cat", "dog", "fox"]
 
 
 def test_v1_predict(server: Server, test_store: Path) -> None:
     images = [image_bytes(1), image_bytes(2, fmt="JPEG"), image_bytes(3)]
-    response = post(server, "v1/models/trio:predict", {"instances": [{"b64": b64(d)} for d in images]})
+    response = post(server, "v1/models/trio:predict", {"instances": [{"b64": base64.b64encode(d).decode()} for d in images]})
     assert response.status_code == 200
     assert_same_predictions(response.json()["predictions"], reference(test_store, "trio", images))
 
@@ -136,16 +110,9 @@ def test_v2_multilabel_and_tensor_ensembles(server: Server, test_store: Path) ->
     assert v2_labels(vectors) == [p["label"] for p in tensor_reference(test_store, "vectors", values)]
 
 
-def grpc_predict(stubs: tuple[ModuleType, ModuleType], channel: grpc.Channel, server: Server, name: str, inputs: dict[str, bytes], *, token: bool = True) -> Any:
-    messages, services = stubs
-    metadata = [("authorization", f"Bearer {server.key('inference')}")] if token else []
-    request = messages.PredictionsRequest(model_name=name, input=inputs)
-    return services.InferenceAPIsServiceStub(channel).Predictions(request, metadata=metadata, timeout=TIMEOUT)
-
-
 def test_grpc_raw_image_answers_the_rest_json(server: Server, test_store: Path, stubs: tuple[ModuleType, ModuleType], channel: grpc.Channel) -> None:
     image = image_bytes(10)
-    answer = json.loads(grpc_predict(stubs, channel, server, "trio", {"data": image, "policy": b"max"}).prediction)
+    answer = json.loads(grpc_predict(stubs, channel, "trio", {"data": image, "policy": b"max"}, token=server.key("inference")).prediction)
     rest = requests.post(f"{server.inference}/predictions/trio", data=image, headers={**server.headers("inference"), "X-Ensemble-Policy": "max"}, timeout=TIMEOUT)
     assert answer["policy"] == {"name": "max", "params": {}}
     assert answer["predictions"] == rest.json()["predictions"]
@@ -155,7 +122,7 @@ def test_grpc_raw_image_answers_the_rest_json(server: Server, test_store: Path, 
 def test_grpc_v2_body_as_the_kserve_wrapper_sends_it(server: Server, test_store: Path, stubs: tuple[ModuleType, ModuleType], channel: grpc.Channel) -> None:
     images = [image_bytes(11), image_bytes(12)]
     payload = json.dumps(v2_body(images, id="grpc-1")).encode()
-    answer = json.loads(grpc_predict(stubs, channel, server, "trio", {"data": payload}).prediction)
+    answer = json.loads(grpc_predict(stubs, channel, "trio", {"data": payload}, token=server.key("inference")).prediction)
     assert answer["id"] == "grpc-1"
     assert_same_predictions(v2_as_predictions(answer, TRIO_MEMBERS, TRIO_LABELS), reference(test_store, "trio", images))
 
@@ -163,7 +130,7 @@ def test_grpc_v2_body_as_the_kserve_wrapper_sends_it(server: Server, test_store:
 def test_grpc_from_8_clients(server: Server, test_store: Path, stubs: tuple[ModuleType, ModuleType], channel: grpc.Channel) -> None:
     images = [image_bytes(400 + i) for i in range(16)]
     with ThreadPoolExecutor(max_workers=8) as pool:
-        replies = list(pool.map(lambda image: grpc_predict(stubs, channel, server, "trio", {"data": image}), images))
+        replies = list(pool.map(lambda image: grpc_predict(stubs, channel, "trio", {"data": image}, token=server.key("inference")), images))
     for reply, image in zip(replies, images, strict=True):
         assert_same_predictions(json.loads(reply.prediction)["predictions"], reference(test_store, "trio", [image]))
 
@@ -180,10 +147,10 @@ def test_grpc_errors_arrive_as_status_ok_with_the_error_json(
     server: Server, stubs: tuple[ModuleType, ModuleType], channel: grpc.Channel, inputs: dict[str, bytes], expected: dict
 ) -> None:
     """TorchServe's gRPC path drops per-request status codes: the call succeeds, the body carries the error."""
-    assert json.loads(grpc_predict(stubs, channel, server, "trio", inputs).prediction) == expected
+    assert json.loads(grpc_predict(stubs, channel, "trio", inputs, token=server.key("inference")).prediction) == expected
 
 
 def test_grpc_without_token_is_refused(server: Server, stubs: tuple[ModuleType, ModuleType], channel: grpc.Channel) -> None:
     with pytest.raises(grpc.RpcError) as caught:
-        grpc_predict(stubs, channel, server, "trio", {"data": image_bytes(13)}, token=False)
+        grpc_predict(stubs, channel, "trio", {"data": image_bytes(13)}, token=None)
     assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED

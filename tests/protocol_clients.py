@@ -1,0 +1,80 @@
+"""Clients for the protocol tests: v2 bodies and answers, and gRPC stubs generated from TorchServe's own protos.
+
+TorchServe's protos ship in TorchServe's `model-server.jar` (`proto/inference.proto` and the files it
+imports); generating from them, rather than from a copy kept here, tests against exactly the
+service the pinned TorchServe serves. `google/rpc/status.proto` comes from googleapis-common-protos
+and the well-known types from grpcio-tools.
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib
+import sys
+import zipfile
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import google.rpc
+import grpc
+import grpc_tools
+import ts
+from grpc_tools import protoc
+
+JAR = Path(ts.__file__).parent / "frontend" / "model-server.jar"
+PROTOS = ("inference.proto",)
+
+
+def generate(into: Path) -> tuple[ModuleType, ModuleType]:
+    """Extract TorchServe's protos into `into`, compile them, and return (inference_pb2, inference_pb2_grpc)."""
+    into.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(JAR) as jar:
+        for name in PROTOS:
+            (into / name).write_bytes(jar.read(f"proto/{name}"))
+    includes = [
+        f"-I{into}",
+        f"-I{Path(grpc_tools.__file__).parent / '_proto'}",
+        f"-I{Path(next(iter(google.rpc.__path__))).parent.parent}",
+    ]
+    args = ["protoc", *includes, f"--python_out={into}", f"--grpc_python_out={into}", *(str(into / name) for name in PROTOS)]
+    if protoc.main(args) != 0:
+        raise RuntimeError(f"grpc_tools.protoc failed on {PROTOS} from {JAR}")
+    sys.path.insert(0, str(into))
+    try:
+        return importlib.import_module("inference_pb2"), importlib.import_module("inference_pb2_grpc")
+    finally:
+        sys.path.remove(str(into))
+
+
+def v2_body(images: list[bytes], **fields: Any) -> dict[str, Any]:
+    """A v2 request carrying `images` as one BYTES tensor of base64 strings."""
+    data = [base64.b64encode(image).decode() for image in images]
+    return {"inputs": [{"name": "images", "shape": [len(images)], "datatype": "BYTES", "data": data}], **fields}
+
+
+def v2_as_predictions(body: dict[str, Any], members: list[str], labels: list[str]) -> list[dict[str, Any]]:
+    """A v2 answer of a single-label ensemble in our JSON form, for `assert_same_predictions`."""
+    tensors = {output["name"]: output["data"] for output in body["outputs"]}
+
+    def view(prefix: str, i: int) -> dict[str, Any]:
+        label = tensors[f"{prefix}label"][i]
+        scores = tensors[f"{prefix}scores"][i * len(labels) : (i + 1) * len(labels)]
+        return {"label": label or None, "score": scores[labels.index(label)] if label else None}
+
+    return [{**view("", i), "members": {m: view(f"{m}.", i) for m in members}} for i in range(len(tensors["label"]))]
+
+
+def grpc_predict(
+    stubs: tuple[ModuleType, ModuleType], channel: grpc.Channel, name: str, inputs: dict[str, bytes], *, token: str | None, timeout: float = 60
+) -> Any:
+    """TorchServe's `Predictions` call; `token` is the inference key, sent as gRPC metadata when given."""
+    messages, services = stubs
+    metadata = [("authorization", f"Bearer {token}")] if token else []
+    request = messages.PredictionsRequest(model_name=name, input=inputs)
+    return services.InferenceAPIsServiceStub(channel).Predictions(request, metadata=metadata, timeout=timeout)
+
+
+def v2_labels(body: dict[str, Any], output: str = "label") -> list[Any]:
+    """One output tensor's data from a v2 answer."""
+    return next(o["data"] for o in body["outputs"] if o["name"] == output)
