@@ -7,7 +7,7 @@ INSTALLED := $(VENV)/.installed-$(shell sha256sum requirements.txt | cut -c1-12)
 TRAINED := artifacts/weights/.trained
 NAME ?= shapes
 
-.PHONY: setup demo build kserve serve stop test register unregister rebuild evaluate inspect bench bench-quick bench-mlp bench-profile bench-batching bench-fused tune reliability reliability-full clean
+.PHONY: setup demo build kserve gpu-check serve stop test register unregister rebuild evaluate inspect bench bench-quick bench-mlp bench-profile bench-batching bench-fused tune reliability reliability-full clean
 
 $(INSTALLED): requirements.txt
 	@command -v java >/dev/null 2>&1 || { echo "installing a Java runtime for TorchServe"; \
@@ -121,6 +121,10 @@ bench-inputs: demo
 
 bench-plans: demo
 	$(PY) -m bench.execution_plans
+
+# On a machine with CUDA: plans chosen there, answers against the CPU's, v2 and JSON in one batch, timings.
+gpu-check: $(INSTALLED)
+	$(PY) -m bench.gpu_check bench/results/gpu_check.json
 
 bench-floor: $(BENCH_INSTALLED)
 	$(PY) -m bench.request_floor

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from bench.workloads import Workload, demo, torchvision_trio
-from handlers.ensemble import Ensemble
+from handlers.ensemble import Ensemble, usable_cores
 from handlers.manifest import load_ensembles
 from handlers.preprocess import decode_image
 
@@ -34,7 +34,7 @@ BATCHES = (1, 8)
 
 
 def measure(workload: Workload, rounds: int) -> dict[str, Any]:
-    threads = os.cpu_count() or 1
+    threads = usable_cores()
     loaded: dict[str, Ensemble] = {}
     load_s: dict[str, float] = {}
     for plan in ("eager", "auto"):

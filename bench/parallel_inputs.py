@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from bench.workloads import Workload, demo, torchvision_trio
-from handlers.ensemble import Ensemble
+from handlers.ensemble import Ensemble, usable_cores
 from handlers.preprocess import decode_image, to_tensor
 
 RESULTS = Path(__file__).parent / "results" / "parallel_inputs.json"
@@ -51,7 +51,7 @@ def inputs(workload: Workload, ensemble: Ensemble, mapper: Mapper) -> dict[Any, 
 
 
 def measure(workload: Workload, rounds: int) -> dict[str, Any]:
-    threads = os.cpu_count() or 1
+    threads = usable_cores()
     ensemble = Ensemble.from_spec(workload.spec, torch.device("cpu"), parallelism=threads)
     ways: dict[str, Mapper] = {"calling thread": map}
     times: dict[str, dict[str, list[float]]] = {}

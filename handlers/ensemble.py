@@ -70,6 +70,34 @@ def pick_device(gpu_id: int | None) -> torch.device:
     return torch.device("cpu")
 
 
+def usable_cores(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """Cores this process may keep busy: its CPU affinity, capped by a cgroup CPU quota.
+
+    In a container `os.cpu_count()` is the node's core count; a Kubernetes CPU limit is a CFS quota,
+    and threads beyond it are throttled. A quota of 1.5 cores counts as 1: a thread throttled in
+    every period costs more latency than the half core it would add.
+    """
+    cores = len(os.sched_getaffinity(0))
+    quota = _cpu_quota(cgroup)
+    return cores if quota is None else max(1, min(cores, int(quota)))
+
+
+def _cpu_quota(cgroup: Path) -> float | None:
+    """The CFS quota in cores from cgroup v2 `cpu.max` or v1 `cpu.cfs_quota_us`; None when unlimited or unknown."""
+    try:
+        quota, period = (cgroup / "cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        try:
+            quota = (cgroup / "cpu" / "cpu.cfs_quota_us").read_text().strip()
+            period = (cgroup / "cpu" / "cpu.cfs_period_us").read_text().strip()
+        except OSError:
+            return None
+    try:
+        return int(quota) / int(period) if int(quota) > 0 else None
+    except ValueError:
+        return None
+
+
 class Ensemble:
     """Members of one ensemble, loaded and checked, plus the code that answers requests with them."""
 
@@ -120,12 +148,12 @@ class Ensemble:
     def from_model_dir(cls, model_dir: Path, device: torch.device) -> Ensemble:
         """Load from an extracted archive: every file's digest is verified before anything is loaded.
 
-        On the CPU the members run side by side on this worker's share of the cores; on a GPU they
+        On the CPU the members run side by side on this worker's share of the usable cores; on a GPU they
         run one after another, since each kernel already uses the whole device.
         """
         manifest = read_archive_manifest(model_dir)
         spec = manifest.ensemble
-        parallelism = spec.batching.threads_per_worker(os.cpu_count() or 1) if device.type == "cpu" else 1
+        parallelism = spec.batching.threads_per_worker(usable_cores()) if device.type == "cpu" else 1
         for member in spec.members:
             pinned = {member.weights, *([member.arch_file] if member.arch_file else [])}
             unpinned = sorted(pinned - set(manifest.digests))

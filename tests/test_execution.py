@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 import torchvision
 import yaml
 
-from handlers.ensemble import Ensemble
+from handlers.ensemble import Ensemble, usable_cores
 from handlers.manifest import load_ensembles
 from handlers.preprocess import decode_image
 from tests.conftest import image_bytes, write_ensemble
@@ -73,3 +74,24 @@ def test_members_in_parallel_match_one_at_a_time(tmp_path: Path, parallelism: in
     assert (sequential.describe()["member_threads"], parallel.describe()["member_threads"]) == (1, parallelism)
     images = [decode_image(image_bytes(seed), spec.limits) for seed in range(5)]
     torch.testing.assert_close(parallel.probabilities(images), sequential.probabilities(images), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        pytest.param({"cpu.max": "150000 100000\n"}, 1, id="v2-one-and-a-half-cores"),
+        pytest.param({"cpu.max": "100000 100000\n"}, 1, id="v2-one-core"),
+        pytest.param({"cpu.max": "max 100000\n"}, None, id="v2-unlimited"),
+        pytest.param({"cpu.max": "6400000 100000\n"}, None, id="v2-more-than-the-affinity"),
+        pytest.param({"cpu/cpu.cfs_quota_us": "50000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1, id="v1-half-a-core"),
+        pytest.param({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None, id="v1-unlimited"),
+        pytest.param({}, None, id="no-cgroup-files"),
+        pytest.param({"cpu.max": "garbage\n"}, None, id="unreadable"),
+    ],
+)
+def test_usable_cores_follow_the_cgroup_quota(tmp_path: Path, files: dict[str, str], expected: int | None) -> None:
+    """A pod's CPU limit caps the member threads; without a quota, the CPU affinity decides (None here)."""
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert usable_cores(tmp_path) == (expected if expected is not None else len(os.sched_getaffinity(0)))
