@@ -29,12 +29,12 @@ import torch
 
 from handlers.errors import InvalidImage, PayloadTooLarge, RequestError, UnsupportedMediaType
 from handlers.manifest import Limits, TensorSpec
+from handlers.policies import POLICY_PARAMETERS
 from handlers.tensor_inputs import instances_from_values
 
 TENSOR_DATATYPES = {"FP32": torch.float32, "FP64": torch.float64, "FP16": torch.float16}
 REQUEST_KEYS = ("id", "parameters", "inputs", "outputs")
 INPUT_KEYS = ("name", "shape", "datatype", "data", "parameters")
-POLICY_PARAMETERS = ("policy", "k", "threshold")
 # Triton's clients ask for binary outputs by default; the answer is JSON data, which they read as well.
 IGNORED_PARAMETERS = ("binary_data_output", "binary_data")
 BINARY_HEADER = "inference-header-content-length"

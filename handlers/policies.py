@@ -30,6 +30,7 @@ import torch
 from handlers.errors import InvalidPolicy
 
 TASKS = ("multiclass", "binary", "multilabel")
+POLICY_PARAMETERS = ("policy", "k", "threshold")
 DEFAULT_THRESHOLD = 0.5
 
 
@@ -115,9 +116,9 @@ def resolve_policy(
     Without a `policy` key the default policy is used; parameters given for the default policy
     override its own, and a different policy starts from no parameters.
     """
-    unknown = sorted(set(requested) - {"policy", "k", "threshold"})
+    unknown = sorted(set(requested) - set(POLICY_PARAMETERS))
     if unknown:
-        raise InvalidPolicy(f"unknown policy parameter(s) {unknown}; valid: policy, k, threshold")
+        raise InvalidPolicy(f"unknown policy parameter(s) {unknown}; valid: {', '.join(POLICY_PARAMETERS)}")
     name = requested.get("policy")
     if name is None:
         if default is None:

@@ -150,6 +150,13 @@ def test_grpc_errors_arrive_as_status_ok_with_the_error_json(
     assert json.loads(grpc_predict(stubs, channel, "trio", inputs, token=server.key("inference")).prediction) == expected
 
 
+def test_grpc_unknown_model_is_internal(server: Server, stubs: tuple[ModuleType, ModuleType], channel: grpc.Channel) -> None:
+    """Unlike REST's 404, TorchServe 0.12 answers a gRPC call for an unregistered model with INTERNAL."""
+    with pytest.raises(grpc.RpcError) as caught:
+        grpc_predict(stubs, channel, "nosuch", {"data": image_bytes(14)}, token=server.key("inference"))
+    assert (caught.value.code(), caught.value.details()) == (grpc.StatusCode.INTERNAL, "Model not found: nosuch\norg.pytorch.serve.archive.model.ModelNotFoundException")
+
+
 def test_grpc_without_token_is_refused(server: Server, stubs: tuple[ModuleType, ModuleType], channel: grpc.Channel) -> None:
     with pytest.raises(grpc.RpcError) as caught:
         grpc_predict(stubs, channel, "trio", {"data": image_bytes(13)}, token=None)
