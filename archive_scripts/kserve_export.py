@@ -5,8 +5,9 @@ Usage: python -m archive_scripts.kserve_export [--config ensembles.yaml] [--stor
 The `kserve-torchserve` runtime downloads an InferenceService's `storageUri` to /mnt/models and runs
 `torchserve --model-store=/mnt/models/model-store --ts-config=/mnt/models/config/config.properties`;
 its wrapper reads the model names from that config's `model_snapshot`. So each NAME gets
-`<out>/<NAME>/model-store/<NAME>.mar` and `<out>/<NAME>/config/config.properties`: the profile
-deploy/kserve/config.properties with `model_snapshot` filled from the ensemble's batching. With the
+`<out>/<NAME>/model-store/<NAME>.mar`, `<out>/<NAME>/config/config.properties` (the profile
+deploy/kserve/config.properties with `model_snapshot` filled from the ensemble's batching) and
+`<out>/<NAME>/config/metrics.yaml` (monitoring/metrics.yaml, which declares the ensemble's counters). With the
 model API off, the snapshot is the only way the archive gets registered, and TorchServe takes workers,
 batch size, delay and timeout from it rather than from the archive's model-config.yaml.
 One ensemble per layout: each is its own InferenceService, scaled and rolled out on its own.
@@ -28,6 +29,7 @@ from handlers.errors import ConfigError, EnsembleError
 from handlers.manifest import EnsembleSpec, load_ensembles
 
 PROFILE = Path(__file__).resolve().parent.parent / "deploy" / "kserve" / "config.properties"
+METRICS_CONFIG = Path(__file__).resolve().parent.parent / "monitoring" / "metrics.yaml"
 SNAPSHOT_LINE = re.compile(r"(?m)^model_snapshot=.*$")
 
 
@@ -74,6 +76,7 @@ def export(spec: EnsembleSpec, store: Path, out: Path, profile: Path = PROFILE) 
     (layout / "config").mkdir()
     shutil.copyfile(archive, layout / "model-store" / archive.name)
     (layout / "config" / "config.properties").write_text(render_config(profile.read_text(), spec))
+    shutil.copyfile(METRICS_CONFIG, layout / "config" / "metrics.yaml")
     return layout
 
 

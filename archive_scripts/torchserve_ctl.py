@@ -94,6 +94,7 @@ def private_server(
     """
     config = SHIPPED_CONFIG.read_text()
     config = re.sub(r"(?m)^model_store=.*$", f"model_store={model_store.resolve()}", config)
+    config = re.sub(r"(?m)^metrics_config=(.*)$", lambda m: f"metrics_config={(SHIPPED_CONFIG.parent / m.group(1)).resolve()}", config)
     for key, value in (overrides or {}).items():
         config, found = re.subn(rf"(?m)^{re.escape(key)}=.*$", f"{key}={value}", config)
         if not found:

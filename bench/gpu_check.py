@@ -63,7 +63,7 @@ def check(spec: EnsembleSpec, images: tuple[bytes, ...], device: torch.device) -
             prepared.append(planned.prepare(row, headers))
         except Exception as e:  # The handler turns request errors into replies the same way.
             prepared.append(e)
-    replies = planned.answer_batch(prepared)
+    replies = planned.answer_batch(prepared).replies
     expected = cpu.render(cpu.probabilities(decoded[:3]), next(p for p in prepared if isinstance(p, PreparedRequest)).policy)
     outputs = {o["name"]: o["data"] for o in replies[0].body["outputs"]}
     if spec.task == "multilabel":

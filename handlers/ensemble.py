@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
@@ -56,11 +57,27 @@ class PreparedRequest:
 
 @dataclass(frozen=True)
 class Reply:
-    """What one request gets back: an HTTP status, a JSON body, and how many images or instances it carried."""
+    """What one request gets back: an HTTP status, a JSON body, and how many images or instances it carried.
+
+    For the metrics (`handlers.ensemble_metrics`): an answered request's policy, the members' own
+    votes `[member, image, label]` and the combined choice `[image, label]`; a refused one's error type.
+    """
 
     status: int
     body: dict[str, Any]
     images: int = 0
+    policy: str | None = None
+    votes: torch.Tensor | None = None
+    chosen: torch.Tensor | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class BatchAnswer:
+    """The replies to one TorchServe batch, in order, and each member's forward seconds spent on it."""
+
+    replies: list[Reply]
+    forward_seconds: dict[str, float]
 
 
 def pick_device(gpu_id: int | None) -> torch.device:
@@ -200,10 +217,12 @@ class Ensemble:
         """The v2 output tensors this ensemble answers with (README, "Open Inference Protocol v2")."""
         return output_names(self._labels_key, [member.name for member in self.spec.members])
 
-    def probabilities(self, inputs: Inputs) -> torch.Tensor:
+    def probabilities(self, inputs: Inputs, forward_seconds: dict[str, float] | None = None) -> torch.Tensor:
         """probs[member, input, label] as float64 on the CPU; each image is transformed once per input spec.
 
-        `inputs` are decoded images, or for a tensor-input ensemble one tensor [N, *shape].
+        `inputs` are decoded images, or for a tensor-input ensemble one tensor [N, *shape]. Given
+        `forward_seconds`, each member's time in its forward calls is added to it (fused members share
+        their group's time equally; on CUDA each call is synchronized so the time is the kernels').
         """
         if isinstance(inputs, torch.Tensor):
             batches = {self.spec.input: inputs}
@@ -215,9 +234,12 @@ class Ensemble:
             tasks = [(group, chunk) for group in self._groups for chunk in on_device[group.spec].split(slice_size)]
             results = self._map(self._run, tasks)
             slices: list[list[torch.Tensor]] = [[] for _ in self.spec.members]
-            for (group, _), probs in zip(tasks, results, strict=True):
+            for (group, _), (probs, seconds) in zip(tasks, results, strict=True):
                 for row, member in enumerate(group.indices):
                     slices[member].append(probs[row])
+                    if forward_seconds is not None:
+                        name = self.spec.members[member].name
+                        forward_seconds[name] = forward_seconds.get(name, 0.0) + seconds / len(group.indices)
             return torch.stack([torch.cat(parts) for parts in slices]).to("cpu", torch.float64)
 
     def _map(self, work: Callable[[T], R], items: Sequence[T]) -> list[R]:
@@ -251,32 +273,47 @@ class Ensemble:
             raise failures[min(failures)]
         return results
 
-    def _run(self, task: tuple[Group, torch.Tensor]) -> torch.Tensor:
-        """One group on one slice; inference mode is per thread, so each task enters it itself."""
+    def _run(self, task: tuple[Group, torch.Tensor]) -> tuple[torch.Tensor, float]:
+        """One group on one slice, and its seconds; inference mode is per thread, so each task enters it itself."""
         group, chunk = task
+        began = time.perf_counter()
         with torch.inference_mode():
-            return self._activation(group.run(chunk))
+            probs = self._activation(group.run(chunk))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return probs, time.perf_counter() - began
 
-    def answer_batch(self, prepared: Sequence[PreparedRequest | EnsembleError]) -> list[Reply]:
+    def answer_batch(self, prepared: Sequence[PreparedRequest | EnsembleError]) -> BatchAnswer:
         """One reply per request, in order; the good requests' inputs run together as one batch."""
         good = [p.inputs for p in prepared if isinstance(p, PreparedRequest)]
-        probs = self.probabilities(self._flatten(good)) if good else None
+        forward_seconds = {member.name: 0.0 for member in self.spec.members}
+        probs = self.probabilities(self._flatten(good), forward_seconds) if good else None
         replies, offset = [], 0
         for item in prepared:
             if isinstance(item, EnsembleError):
-                replies.append(Reply(item.status, item.to_json()))
+                replies.append(Reply(item.status, item.to_json(), error=item.kind))
                 continue
             assert probs is not None, "a prepared request always carries inputs"
             count = len(item.inputs)
             mine = probs[:, offset : offset + count]
-            body = self.render(mine, item.policy) if item.v2 is None else self.render_v2(mine, item.policy, item.v2)
-            replies.append(Reply(200, body, count))
+            decision, own = self._decide(mine, item.policy)
+            if item.v2 is None:
+                body = self._json_body(mine, decision, own, item.policy)
+            else:
+                body = self._v2_body(mine, decision, own, item.policy, item.v2)
+            replies.append(Reply(200, body, count, policy=item.policy.name, votes=own, chosen=decision.chosen))
             offset += count
-        return replies
+        return BatchAnswer(replies, forward_seconds)
 
     def render(self, probs: torch.Tensor, policy: PolicySpec) -> dict[str, Any]:
         """The response body for one request's probabilities under `policy`."""
-        decision, own = self._decide(probs, policy)
+        return self._json_body(probs, *self._decide(probs, policy), policy)
+
+    def render_v2(self, probs: torch.Tensor, policy: PolicySpec, form: V2Form) -> dict[str, Any]:
+        """The Open Inference Protocol v2 response body for one request: the same answer as tensors."""
+        return self._v2_body(probs, *self._decide(probs, policy), policy, form)
+
+    def _json_body(self, probs: torch.Tensor, decision: Decision, own: torch.Tensor, policy: PolicySpec) -> dict[str, Any]:
         names = [member.name for member in self.spec.members]
         member_views = {name: self._views(own[m], probs[m]) for m, name in enumerate(names)}
         predictions = self._views(decision.chosen, decision.score)
@@ -297,9 +334,7 @@ class Ensemble:
             },
         }
 
-    def render_v2(self, probs: torch.Tensor, policy: PolicySpec, form: V2Form) -> dict[str, Any]:
-        """The Open Inference Protocol v2 response body for one request: the same answer as tensors."""
-        decision, own = self._decide(probs, policy)
+    def _v2_body(self, probs: torch.Tensor, decision: Decision, own: torch.Tensor, policy: PolicySpec, form: V2Form) -> dict[str, Any]:
         names = [member.name for member in self.spec.members]
         parameters: dict[str, Any] = {"policy": policy.name, **policy.params(), "ensemble_version": self.spec.version}
         parameters.update({f"{name}.sha256": self._digests[name] for name in names})

@@ -17,7 +17,8 @@ import torch
 from ts.context import Context
 from ts.torch_handler.base_handler import BaseHandler
 
-from handlers.ensemble import Ensemble, PreparedRequest, Reply, pick_device
+from handlers.ensemble import BatchAnswer, Ensemble, PreparedRequest, pick_device
+from handlers.ensemble_metrics import EnsembleMetrics, batch_counts
 from handlers.errors import EnsembleError, RequestError
 
 logger = logging.getLogger(__name__)
@@ -37,27 +38,41 @@ class EnsembleHandler(BaseHandler):
             torch.backends.cudnn.allow_tf32 = False
             torch.backends.cuda.matmul.allow_tf32 = False
         self.ensemble = Ensemble.from_model_dir(Path(properties["model_dir"]), device)
+        self.metrics = EnsembleMetrics(context.metrics, context.model_name)
         self.initialized = True
         logger.info("ensemble %s %s ready on %s", self.ensemble.spec.name, self.ensemble.spec.version, device)
 
     def preprocess(self, data: list[dict[str, Any]]) -> list[PreparedRequest | EnsembleError]:
         return [self._prepare(idx, row) for idx, row in enumerate(data)]
 
-    def inference(self, data: list[PreparedRequest | EnsembleError], *args: Any, **kwargs: Any) -> list[Reply]:
+    def inference(self, data: list[PreparedRequest | EnsembleError], *args: Any, **kwargs: Any) -> BatchAnswer:
         return self.ensemble.answer_batch(data)
 
-    def postprocess(self, data: list[Reply]) -> list[str]:
-        images = sum(reply.images for reply in data)
-        for idx, reply in enumerate(data):
+    def postprocess(self, data: BatchAnswer) -> list[str]:
+        replies = data.replies
+        images = sum(reply.images for reply in replies)
+        for idx, reply in enumerate(replies):
             self.context.set_response_status(reply.status, HTTPStatus(reply.status).phrase, idx)
             self.context.set_response_content_type(idx, "application/json")
-            self.context.set_response_header(idx, "X-Ensemble-Batch-Requests", str(len(data)))
+            self.context.set_response_header(idx, "X-Ensemble-Batch-Requests", str(len(replies)))
             self.context.set_response_header(idx, "X-Ensemble-Batch-Images", str(images))
-        return [json.dumps(reply.body) for reply in data]
+        self._count(data)
+        return [json.dumps(reply.body) for reply in replies]
 
     def explain_handle(self, data_preprocess: list[PreparedRequest | EnsembleError], raw_data: Any) -> list[str]:
         """TorchServe routes a whole batch here when its first request came to /explanations: answer it as predictions."""
         return self.postprocess(self.inference(data_preprocess))
+
+    def _count(self, answer: BatchAnswer) -> None:
+        """Emit the batch's metrics; a failure to count is logged and never costs a request its answer."""
+        spec = self.ensemble.spec
+        try:
+            counts = batch_counts(
+                answer, members=[m.name for m in spec.members], labels=spec.labels, single_label=spec.task != "multilabel"
+            )
+            self.metrics.emit(counts)
+        except Exception:
+            logger.exception("could not emit this batch's metrics")
 
     def describe_handle(self) -> str:
         return json.dumps(self.ensemble.describe())

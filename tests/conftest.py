@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import functools
+import gc
 import io
 import json
 import random
 import shutil
+import warnings
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -206,10 +208,15 @@ def assert_same_predictions(served: list[dict[str, Any]], expected: list[dict[st
             )
 
 
-def make_context(model_dir: Path, name: str) -> Context:
-    """TorchServe's own Context for an extracted archive, with its default metrics cache."""
-    metrics = MetricsCacheYamlImpl(config_file_path=str(Path(ts.__file__).parent / "configs" / "metrics.yaml"))
-    metrics.initialize_cache()
+def make_context(model_dir: Path, name: str, metrics_config: Path | None = None) -> Context:
+    """TorchServe's own Context for an extracted archive, with a metrics cache (TorchServe's default config unless given)."""
+    config = metrics_config or Path(ts.__file__).parent / "configs" / "metrics.yaml"
+    with warnings.catch_warnings():
+        # TorchServe 0.12 reads the config with yaml.safe_load(open(path)) and never closes the file.
+        warnings.simplefilter("ignore", ResourceWarning)
+        metrics = MetricsCacheYamlImpl(config_file_path=str(config))
+        metrics.initialize_cache()
+        gc.collect()
     return Context(name, str(model_dir), {}, 8, None, "0.12.0", metrics=metrics)
 
 

@@ -73,7 +73,8 @@ def _port_is_free(port: int) -> bool:
 
 
 def loopback_config(config: Path, into: Path) -> Path:
-    """A copy of `config` whose listeners (and nothing else) are on 127.0.0.1, shifted to free ports."""
+    """A copy of `config` whose listeners are on 127.0.0.1, shifted to free ports, and whose metrics config is
+    read from the layout (the pod's /mnt/models); nothing else changes."""
     settings = properties(config.read_text())
     listeners = {key: value for key, value in settings.items() if key.endswith(("_address", "_port"))}
     found = {key: re.fullmatch(r"(?:.*:)?(\d+)", value) for key, value in listeners.items()}
@@ -89,6 +90,7 @@ def loopback_config(config: Path, into: Path) -> Path:
         return f"{key}=http://127.0.0.1:{ports[key] + offset}"
 
     text = re.sub(rf"(?m)^({'|'.join(map(re.escape, ports))})=.*$", moved, config.read_text())
+    text = text.replace("metrics_config=/mnt/models/", f"metrics_config={config.parent.parent}/")
     into.mkdir(parents=True, exist_ok=True)
     (into / "config.properties").write_text(text)
     return into / "config.properties"
@@ -139,6 +141,7 @@ def test_layout_holds_the_config_and_the_archive_only(kserve_server: tuple[Serve
     _, layout = kserve_server
     assert sorted(str(p.relative_to(layout)) for p in layout.rglob("*") if p.is_file()) == [
         "config/config.properties",
+        "config/metrics.yaml",
         "model-store/trio.mar",
     ]
     assert (layout / "model-store" / "trio.mar").read_bytes() == (test_store / "trio.mar").read_bytes()
@@ -159,7 +162,8 @@ def test_served_config_moves_only_the_listeners(kserve_server: tuple[Server, Pat
     served = properties(server.config.read_text())
     shipped = properties((layout / "config" / "config.properties").read_text())
     listeners = {"inference_address", "management_address", "metrics_address", "grpc_inference_port", "grpc_management_port"}
-    assert {key for key in shipped if served[key] != shipped[key]} == listeners
+    assert {key for key in shipped if served[key] != shipped[key]} == listeners | {"metrics_config"}
+    assert Path(served["metrics_config"]) == layout / "config" / "metrics.yaml"
     assert served["inference_address"] == served["management_address"]
     assert all(served[key].startswith("http://127.0.0.1:") for key in ("inference_address", "metrics_address"))
 
@@ -260,6 +264,10 @@ def test_metrics_answer_in_prometheus_format(kserve_server: tuple[Server, Path])
     count = re.search(line, response.text, re.MULTILINE)
     assert count is not None, response.text
     assert float(count.group(1)) >= 1
+    ensemble = r'^ensemble_batches_total\{ModelName="trio",Level="Model",Hostname="[^"]+",\} (\d+\.\d+)$'
+    batches = re.search(ensemble, response.text, re.MULTILINE)
+    assert batches is not None, "the layout's metrics.yaml declares the ensemble's counters: " + response.text[:2000]
+    assert float(batches.group(1)) >= 1
 
 
 def test_export_refuses_an_archive_built_with_other_batching(test_store: Path, tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 MAX_BODY = 8 * 1024 * 1024
 # The lines SECURITY.md's KServe table explains; every other setting is the loopback config's.
 KSERVE_CHANGES = {
-    "inference_address", "management_address", "metrics_address", "metrics_mode", "enable_metrics_api",
+    "inference_address", "management_address", "metrics_address", "metrics_config", "enable_metrics_api",
     "disable_token_authorization", "enable_model_api", "model_store", "model_snapshot",
 }
 

@@ -1,0 +1,116 @@
+"""What an operator of an ensemble wants to count, emitted through TorchServe's metrics API once per batch.
+
+Each emission is a `[METRICS]` line on the worker's stdout that TorchServe's frontend parses, and
+the frontend keeps only metrics declared in its metrics config (`metrics_config`, here
+`monitoring/metrics.yaml`; pytorch/serve issue 2450). So a batch's counts are summed first and
+each (counter, labels) pair is emitted once, and a counter the config does not declare is not
+emitted at all: the worker says once, at start, which ones it skips. TorchServe adds the
+`ModelName`, `Level` and `Hostname` labels; the other labels are ours (README, "Monitoring").
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+from ts.metrics.metric_cache_errors import MetricsCacheKeyError
+from ts.metrics.metric_type_enum import MetricTypes
+
+from handlers.ensemble import BatchAnswer
+
+COUNTERS: dict[str, tuple[str, ...]] = {
+    "ensemble_requests_total": ("Policy",),
+    "ensemble_images_total": (),
+    "ensemble_errors_total": ("ErrorType",),
+    "ensemble_member_images_total": ("Member",),
+    "ensemble_member_forward_seconds_total": ("Member",),
+    "ensemble_member_positive_total": ("Member", "Label"),
+    "ensemble_disagreements_total": (),
+    "ensemble_abstentions_total": (),
+    "ensemble_batch_images_total": (),
+    "ensemble_batches_total": (),
+}
+TORCHSERVE_DIMENSIONS = ("ModelName", "Level")
+logger = logging.getLogger(__name__)
+
+Counts = Counter[tuple[str, tuple[str, ...]]]
+
+
+def batch_counts(answer: BatchAnswer, *, members: Sequence[str], labels: Sequence[str], single_label: bool) -> Counts:
+    """Every counter's increment for one batch, keyed by (name, our label values in COUNTERS order).
+
+    Disagreement: the members' own votes for an image are not all the same. Abstention (binary and
+    multiclass only; an empty multilabel answer is an answer): the combined choice has no label.
+    """
+    counts: Counts = Counter()
+    images = 0
+    for reply in answer.replies:
+        if reply.error is not None:
+            counts["ensemble_errors_total", (reply.error,)] += 1
+            continue
+        assert reply.policy is not None and reply.votes is not None and reply.chosen is not None, "an answered reply carries its votes"
+        images += reply.images
+        counts["ensemble_requests_total", (reply.policy,)] += 1
+        votes = reply.votes
+        for m, member in enumerate(members):
+            for label, count in zip(labels, votes[m].sum(dim=0).tolist(), strict=True):
+                if count:
+                    counts["ensemble_member_positive_total", (member, label)] += count
+        counts["ensemble_disagreements_total", ()] += int((votes != votes[:1]).any(dim=2).any(dim=0).sum())
+        if single_label:
+            counts["ensemble_abstentions_total", ()] += int((~reply.chosen.any(dim=-1)).sum())
+    counts["ensemble_batches_total", ()] += 1
+    counts["ensemble_batch_images_total", ()] += images
+    counts["ensemble_images_total", ()] += images
+    for member in members:
+        counts["ensemble_member_images_total", (member,)] += images
+        counts["ensemble_member_forward_seconds_total", (member,)] += answer.forward_seconds.get(member, 0.0)
+    return counts
+
+
+class EnsembleMetrics:
+    """The declared counters of one worker, and the emission of a batch's counts through them."""
+
+    def __init__(self, cache: Any, model_name: str) -> None:
+        """`cache` is TorchServe's `context.metrics`; counters it does not declare, or declares with other labels, are skipped."""
+        self._model_name = model_name
+        self._metrics: dict[str, Any] = {}
+        skipped = []
+        for name, ours in COUNTERS.items():
+            try:
+                metric = cache.get_metric(name, MetricTypes.COUNTER)
+            except MetricsCacheKeyError:
+                skipped.append(name)
+                continue
+            if sorted(metric.dimension_names) != sorted(TORCHSERVE_DIMENSIONS + ours):
+                skipped.append(f"{name} (declared with {metric.dimension_names}, expected {list(TORCHSERVE_DIMENSIONS + ours)})")
+                continue
+            self._metrics[name] = metric
+        if skipped:
+            logger.warning("metrics not declared in TorchServe's metrics config, so not emitted: %s", ", ".join(skipped))
+
+    @property
+    def emitted(self) -> list[str]:
+        """The counters this worker emits."""
+        return list(self._metrics)
+
+    def emit(self, counts: Counts) -> None:
+        """One emission per (counter, labels) with a count, plus the batch counters even at zero, so series exist."""
+        for (name, values), amount in counts.items():
+            metric = self._metrics.get(name)
+            if metric is None or (amount == 0 and COUNTERS[name]):
+                continue
+            labelled = {"ModelName": self._model_name, "Level": "Model", **dict(zip(COUNTERS[name], values, strict=True))}
+            metric.add_or_update(amount, [label_value(labelled[dimension]) for dimension in metric.dimension_names])
+
+
+def label_value(text: str) -> str:
+    """TorchServe's metric line splits labels on `,` `:` `|`: a label name holding one becomes `_` there."""
+    return _UNSAFE.sub("_", text)
+
+
+_UNSAFE = re.compile(r"[,:|\n]")
+

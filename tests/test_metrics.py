@@ -1,0 +1,168 @@
+"""The ensemble's counters, emitted through TorchServe's metrics API by the real handler, once per batch."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ts
+import yaml
+from ts.context import Context
+
+from handlers.ensemble_handler import EnsembleHandler
+from handlers.ensemble_metrics import COUNTERS, label_value
+from handlers.preprocess import decode_image
+from tests.conftest import extract, image_bytes, make_context, reference_ensemble, serve
+
+ROOT = Path(__file__).resolve().parent.parent
+METRICS_CONFIG = ROOT / "monitoring" / "metrics.yaml"
+LINE = re.compile(r"\[METRICS\](\w+)\.(\w+):([0-9.e-]+)\|#([^|]*)\|#type:COUNTER\|#hostname:[^,]+,\d+")
+TRIO_MEMBERS = ("mobile", "pool_rgb", "pool_gray")
+TRIO_LABELS = ("cat", "dog", "fox")
+
+
+def loaded(test_store: Path, folder: Path, name: str, metrics_config: Path) -> tuple[EnsembleHandler, Context]:
+    context = make_context(extract(test_store, name, folder), name, metrics_config)
+    handler = EnsembleHandler()
+    handler.initialize(context)
+    return handler, context
+
+
+@pytest.fixture(scope="module")
+def trio(test_store: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[EnsembleHandler, Context]:
+    return loaded(test_store, tmp_path_factory.mktemp("trio"), "trio", METRICS_CONFIG)
+
+
+def emitted(caplog: pytest.LogCaptureFixture) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The [METRICS] lines the worker printed, as {(name, ((label, value), ...)): value}, ModelName and Level checked."""
+    lines: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    for record in caplog.records:
+        match = LINE.fullmatch(record.getMessage())
+        if match is None:
+            continue
+        name, _, value, dims = match.groups()
+        labels = dict(pair.split(":", 1) for pair in dims.split(","))
+        assert (labels.pop("ModelName"), labels.pop("Level")) == ("trio", "Model")
+        key = (name, tuple(sorted(labels.items())))
+        assert key not in lines, f"{key} emitted twice in one batch"
+        lines[key] = float(value)
+    return lines
+
+
+def png(seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    return {"body": image_bytes(seed)}, {"Content-Type": "image/png"}
+
+
+def test_one_batch_emits_each_counter_once_with_exact_counts(
+    trio: tuple[EnsembleHandler, Context], test_store: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    mean_images = [image_bytes(s) for s in (1, 2, 3)]
+    unanimous_images = [image_bytes(s) for s in (4, 5)]
+    requests = [
+        ({"body": json.dumps({"instances": [{"b64": base64.b64encode(d).decode()} for d in mean_images]}).encode()}, {"Content-Type": "application/json"}),
+        ({"body": b"not an image"}, {"Content-Type": "image/png"}),
+        *[({"body": d, "policy": b"k_of_n", "k": b"3"}, {"Content-Type": "image/png"}) for d in unanimous_images],
+        ({"body": image_bytes(6), "policy": b"vote"}, {"Content-Type": "image/png"}),
+    ]
+    caplog.set_level(logging.INFO)
+    replies = serve(*trio, requests)
+    assert [status for status, _, _ in replies] == [200, 400, 200, 200, 400]
+
+    ensemble = reference_ensemble(test_store, "trio")
+    images = mean_images + unanimous_images
+    probs = ensemble.probabilities([decode_image(d, ensemble.spec.limits) for d in images])
+    votes = probs.argmax(dim=-1)  # [member, image]
+    disagreements = int((votes != votes[:1]).any(dim=0).sum())
+    abstentions = int((votes[:, 3:] != votes[:1, 3:]).any(dim=0).sum())
+    expected: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {
+        ("ensemble_requests_total", (("Policy", "mean"),)): 1,
+        ("ensemble_requests_total", (("Policy", "k_of_n"),)): 2,
+        ("ensemble_errors_total", (("ErrorType", "InvalidImage"),)): 1,
+        ("ensemble_errors_total", (("ErrorType", "InvalidPolicy"),)): 1,
+        ("ensemble_images_total", ()): 5,
+        ("ensemble_batch_images_total", ()): 5,
+        ("ensemble_batches_total", ()): 1,
+        ("ensemble_disagreements_total", ()): disagreements,
+        ("ensemble_abstentions_total", ()): abstentions,
+    }
+    for m, member in enumerate(TRIO_MEMBERS):
+        expected["ensemble_member_images_total", (("Member", member),)] = 5
+        for label_index, label in enumerate(TRIO_LABELS):
+            count = int((votes[m] == label_index).sum())
+            if count:
+                expected["ensemble_member_positive_total", (("Label", label), ("Member", member))] = count
+    got = emitted(caplog)
+    seconds = {key: got.pop(key) for key in list(got) if key[0] == "ensemble_member_forward_seconds_total"}
+    assert got == expected
+    assert sorted(seconds) == [("ensemble_member_forward_seconds_total", (("Member", m),)) for m in sorted(TRIO_MEMBERS)]
+    assert all(0 < value < 60 for value in seconds.values())
+
+
+def test_a_batch_of_errors_only_counts_errors_and_the_batch(trio: tuple[EnsembleHandler, Context], caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    serve(*trio, [({"body": b""}, {"Content-Type": "image/png"}), ({"body": b"x"}, {"Content-Type": "text/plain"})])
+    assert emitted(caplog) == {
+        ("ensemble_errors_total", (("ErrorType", "RequestError"),)): 1,
+        ("ensemble_errors_total", (("ErrorType", "UnsupportedMediaType"),)): 1,
+        ("ensemble_images_total", ()): 0,
+        ("ensemble_batch_images_total", ()): 0,
+        ("ensemble_batches_total", ()): 1,
+    }
+
+
+def test_undeclared_counters_are_not_emitted_and_the_worker_says_so(
+    test_store: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With TorchServe's default metrics config the frontend would drop them: the worker does not send them."""
+    caplog.set_level(logging.INFO)
+    handler, context = loaded(test_store, tmp_path, "trio", Path(ts.__file__).parent / "configs" / "metrics.yaml")
+    assert handler.metrics.emitted == []
+    warning = "metrics not declared in TorchServe's metrics config, so not emitted: " + ", ".join(COUNTERS)
+    assert warning in [record.getMessage() for record in caplog.records]
+    caplog.clear()
+    assert [status for status, _, _ in serve(handler, context, [png(7)])] == [200]
+    assert emitted(caplog) == {}
+
+
+def test_shipped_config_declares_every_counter_with_its_labels() -> None:
+    counters = {c["name"]: c["dimensions"] for c in yaml.safe_load(METRICS_CONFIG.read_text())["model_metrics"]["counter"]}
+    assert counters == {name: ["ModelName", "Level", *labels] for name, labels in COUNTERS.items()}
+
+
+def test_multilabel_batches_count_labels_and_never_abstentions(test_store: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    handler, context = loaded(test_store, tmp_path, "tags", METRICS_CONFIG)
+    caplog.set_level(logging.INFO)
+    images = [image_bytes(s) for s in (8, 9, 10)]
+    serve(handler, context, [({"body": d}, {"Content-Type": "image/png"}) for d in images])
+    ensemble = reference_ensemble(test_store, "tags")
+    probs = ensemble.probabilities([decode_image(d, ensemble.spec.limits) for d in images])
+    on = probs >= 0.5  # [member, image, label], the tags ensemble's threshold
+    lines = {}
+    for record in caplog.records:
+        match = LINE.fullmatch(record.getMessage())
+        if match:
+            lines[match.group(1), match.group(4).replace("ModelName:tags,Level:Model", "").lstrip(",")] = float(match.group(3))
+    assert "ensemble_abstentions_total" not in {name for name, _ in lines}
+    assert lines["ensemble_disagreements_total", ""] == int((on != on[:1]).any(dim=2).any(dim=0).sum())
+    for m, member in enumerate(("mobile", "pool_rgb", "pool_gray")):
+        for l, label in enumerate(("red", "round")):
+            count = int(on[m, :, l].sum())
+            assert lines.get(("ensemble_member_positive_total", f"Member:{member},Label:{label}"), 0) == count
+
+
+@pytest.mark.parametrize(
+    ("label", "sent"),
+    [
+        pytest.param("pleural effusion", "pleural effusion", id="space-kept"),
+        pytest.param("a,b", "a_b", id="comma"),
+        pytest.param("ratio:1", "ratio_1", id="colon"),
+        pytest.param("x|y", "x_y", id="bar"),
+    ],
+)
+def test_label_values_that_would_break_torchserves_metric_line_are_replaced(label: str, sent: str) -> None:
+    assert label_value(label) == sent
