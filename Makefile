@@ -7,7 +7,7 @@ INSTALLED := $(VENV)/.installed-$(shell sha256sum requirements.txt | cut -c1-12)
 TRAINED := artifacts/weights/.trained
 NAME ?= shapes
 
-.PHONY: setup demo build kserve gpu-check serve stop test register unregister rebuild evaluate inspect bench bench-quick bench-mlp bench-profile bench-batching bench-fused tune reliability reliability-full clean
+.PHONY: setup demo build kserve gpu-check serve stop test register unregister rebuild evaluate inspect bench bench-quick bench-mlp bench-profile bench-batching bench-fused tune reliability reliability-full clean prometheus monitor monitor-stop monitor-report
 
 $(INSTALLED): requirements.txt
 	@command -v java >/dev/null 2>&1 || { echo "installing a Java runtime for TorchServe"; \
@@ -56,7 +56,43 @@ $(EVAL_INSTALLED): $(INSTALLED) archive_scripts/requirements-eval.txt
 	$(PY) -m pip install -q -r archive_scripts/requirements-eval.txt
 	@rm -f $(VENV)/.eval-* && touch $@
 
-test: $(INSTALLED) $(EVAL_INSTALLED) $(TUNE_INSTALLED)
+# Prometheus 2.42 and promtool from Debian 12's package, unpacked into .tools/prometheus like a venv: not
+# installed, because the package's maintainer scripts would start a system Prometheus on 0.0.0.0:9090.
+# apt-get checks each file against the archive's signed index. The libjs and font packages are the
+# ones it depends on for its web UI (/classic/graph); its relative links into them resolve inside
+# .tools/prometheus. As root, apt warns that the download is unsandboxed; it does that for any folder
+# its _apt user cannot write.
+PROMETHEUS_TOOLS := .tools/prometheus
+PROMETHEUS_UNPACKED := $(PROMETHEUS_TOOLS)/.unpacked
+PROMETHEUS_DEBS := prometheus libjs-jquery libjs-jquery-hotkeys libjs-bootstrap4 libjs-popper.js libjs-d3 libjs-rickshaw \
+	libjs-moment libjs-moment-timezone libjs-eonasdan-bootstrap-datetimepicker libjs-mustache fonts-glyphicons-halflings
+MINUTES ?= 30
+
+$(PROMETHEUS_UNPACKED):
+	@command -v dpkg >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 || { echo "apt-get and dpkg are needed: Prometheus comes from Debian's package"; exit 1; }
+	@echo "unpacking Debian's prometheus into $(PROMETHEUS_TOOLS) (not installed: no service is started)"
+	@rm -rf $(PROMETHEUS_TOOLS) .tools/debs && mkdir -p .tools/debs
+	@cd .tools/debs && { apt-get download -qq $(PROMETHEUS_DEBS) 2>/dev/null || { apt-get update -qq && apt-get download -qq $(PROMETHEUS_DEBS); }; }
+	@for deb in .tools/debs/*.deb; do dpkg -x "$$deb" $(PROMETHEUS_TOOLS) || exit 1; done
+	@rm -rf .tools/debs
+	@$(PROMETHEUS_TOOLS)/usr/bin/prometheus --version >/dev/null && $(PROMETHEUS_TOOLS)/usr/bin/promtool --version > $@.tmp
+	@mv $@.tmp $@ && head -n 1 $@
+
+prometheus: $(PROMETHEUS_UNPACKED)
+
+# make monitor: Prometheus on 127.0.0.1:9090 scraping the TorchServe of `make serve` (monitoring/prometheus.yml).
+monitor: $(INSTALLED) $(PROMETHEUS_UNPACKED)
+	$(PY) -m monitoring.prometheus_ctl stop
+	$(PY) -m monitoring.prometheus_ctl start
+
+monitor-stop: $(INSTALLED)
+	$(PY) -m monitoring.prometheus_ctl stop
+
+# make monitor-report [MINUTES=30]: the dashboard's series from that Prometheus, drawn to docs/monitor_report.png.
+monitor-report: $(EVAL_INSTALLED)
+	$(PY) -m monitoring.report --minutes $(MINUTES) --out docs/monitor_report.png
+
+test: $(INSTALLED) $(EVAL_INSTALLED) $(TUNE_INSTALLED) $(PROMETHEUS_UNPACKED)
 	$(PY) -m pytest
 
 register: $(INSTALLED)
