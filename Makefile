@@ -158,6 +158,9 @@ bench-inputs: demo
 bench-plans: demo
 	$(PY) -m bench.execution_plans
 
+bench-metrics: demo
+	$(PY) -m bench.metrics_cost
+
 # On a machine with CUDA: plans chosen there, answers against the CPU's, v2 and JSON in one batch, timings.
 gpu-check: $(INSTALLED)
 	$(PY) -m bench.gpu_check bench/results/gpu_check.json

@@ -18,7 +18,7 @@ from ts.context import Context
 from ts.torch_handler.base_handler import BaseHandler
 
 from handlers.ensemble import BatchAnswer, Ensemble, PreparedRequest, pick_device
-from handlers.ensemble_metrics import EnsembleMetrics, batch_counts
+from handlers.ensemble_metrics import EnsembleMetrics
 from handlers.errors import EnsembleError, RequestError
 
 logger = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ class EnsembleHandler(BaseHandler):
             torch.backends.cudnn.allow_tf32 = False
             torch.backends.cuda.matmul.allow_tf32 = False
         self.ensemble = Ensemble.from_model_dir(Path(properties["model_dir"]), device)
-        self.metrics = EnsembleMetrics(context.metrics, context.model_name)
+        self.metrics = EnsembleMetrics(context.metrics, context.model_name, self.ensemble.spec)
         self.initialized = True
         logger.info("ensemble %s %s ready on %s", self.ensemble.spec.name, self.ensemble.spec.version, device)
 
@@ -65,12 +65,8 @@ class EnsembleHandler(BaseHandler):
 
     def _count(self, answer: BatchAnswer) -> None:
         """Emit the batch's metrics; a failure to count is logged and never costs a request its answer."""
-        spec = self.ensemble.spec
         try:
-            counts = batch_counts(
-                answer, members=[m.name for m in spec.members], labels=spec.labels, single_label=spec.task != "multilabel"
-            )
-            self.metrics.emit(counts)
+            self.metrics.record(answer)
         except Exception:
             logger.exception("could not emit this batch's metrics")
 

@@ -20,6 +20,9 @@ from ts.metrics.metric_cache_errors import MetricsCacheKeyError
 from ts.metrics.metric_type_enum import MetricTypes
 
 from handlers.ensemble import BatchAnswer
+from handlers.errors import ERROR_TYPES
+from handlers.manifest import EnsembleSpec
+from handlers.policies import policy_names
 
 COUNTERS: dict[str, tuple[str, ...]] = {
     "ensemble_requests_total": ("Policy",),
@@ -71,12 +74,32 @@ def batch_counts(answer: BatchAnswer, *, members: Sequence[str], labels: Sequenc
     return counts
 
 
+def zero_series(*, members: Sequence[str], labels: Sequence[str], policies: Sequence[str], error_types: Sequence[str]) -> Counts:
+    """Every labelled series this ensemble can have, at zero: sent with the first batch so that each exists
+    from the start, and a ratio or an alert can compare a member that never voted for a label with its peers."""
+    zeros: Counts = Counter()
+    for policy in policies:
+        zeros["ensemble_requests_total", (policy,)] = 0
+    for error in error_types:
+        zeros["ensemble_errors_total", (error,)] = 0
+    for member in members:
+        zeros["ensemble_member_images_total", (member,)] = 0
+        zeros["ensemble_member_forward_seconds_total", (member,)] = 0
+        for label in labels:
+            zeros["ensemble_member_positive_total", (member, label)] = 0
+    return zeros
+
+
 class EnsembleMetrics:
     """The declared counters of one worker, and the emission of a batch's counts through them."""
 
-    def __init__(self, cache: Any, model_name: str) -> None:
+    def __init__(self, cache: Any, model_name: str, spec: EnsembleSpec) -> None:
         """`cache` is TorchServe's `context.metrics`; counters it does not declare, or declares with other labels, are skipped."""
         self._model_name = model_name
+        self._members = [member.name for member in spec.members]
+        self._labels = spec.labels
+        self._single_label = spec.task != "multilabel"
+        self._zeros = zero_series(members=self._members, labels=spec.labels, policies=policy_names(), error_types=ERROR_TYPES)
         self._metrics: dict[str, Any] = {}
         skipped = []
         for name, ours in COUNTERS.items():
@@ -97,11 +120,17 @@ class EnsembleMetrics:
         """The counters this worker emits."""
         return list(self._metrics)
 
+    def record(self, answer: BatchAnswer) -> None:
+        """Count one batch and emit its counts."""
+        self.emit(batch_counts(answer, members=self._members, labels=self._labels, single_label=self._single_label))
+
     def emit(self, counts: Counts) -> None:
-        """One emission per (counter, labels) with a count, plus the batch counters even at zero, so series exist."""
-        for (name, values), amount in counts.items():
+        """One emission per (counter, labels) with a count, the unlabelled counters even at zero, and on the
+        first batch every labelled series at zero too."""
+        first, self._zeros = self._zeros, Counter()
+        for (name, values), amount in {**first, **counts}.items():
             metric = self._metrics.get(name)
-            if metric is None or (amount == 0 and COUNTERS[name]):
+            if metric is None or (amount == 0 and COUNTERS[name] and (name, values) not in first):
                 continue
             labelled = {"ModelName": self._model_name, "Level": "Model", **dict(zip(COUNTERS[name], values, strict=True))}
             metric.add_or_update(amount, [label_value(labelled[dimension]) for dimension in metric.dimension_names])
