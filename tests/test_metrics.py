@@ -15,7 +15,7 @@ import yaml
 from ts.context import Context
 
 from handlers.ensemble_handler import EnsembleHandler
-from handlers.ensemble_metrics import COUNTERS, label_value
+from handlers.ensemble_metrics import COUNTERS, EnsembleMetrics, label_value
 from handlers.preprocess import decode_image
 from tests.conftest import extract, image_bytes, make_context, reference_ensemble, serve
 
@@ -38,8 +38,12 @@ def trio(test_store: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[En
     return loaded(test_store, tmp_path_factory.mktemp("trio"), "trio", METRICS_CONFIG)
 
 
-def emitted(caplog: pytest.LogCaptureFixture) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """The [METRICS] lines the worker printed, as {(name, ((label, value), ...)): value}, ModelName and Level checked."""
+def emitted(caplog: pytest.LogCaptureFixture, handler: EnsembleHandler | None = None) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The [METRICS] lines the worker printed (after flushing `handler`'s counts), summed as
+    {(name, ((label, value), ...)): value}; ModelName and Level checked. The background flush may have
+    sent part of them already, so lines of one key add up."""
+    if handler is not None:
+        handler.metrics.flush()
     lines: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
     for record in caplog.records:
         match = LINE.fullmatch(record.getMessage())
@@ -49,8 +53,7 @@ def emitted(caplog: pytest.LogCaptureFixture) -> dict[tuple[str, tuple[tuple[str
         labels = dict(pair.split(":", 1) for pair in dims.split(","))
         assert (labels.pop("ModelName"), labels.pop("Level")) == ("trio", "Model")
         key = (name, tuple(sorted(labels.items())))
-        assert key not in lines, f"{key} emitted twice in one batch"
-        lines[key] = float(value)
+        lines[key] = lines.get(key, 0) + float(value)
     return lines
 
 
@@ -112,7 +115,7 @@ def test_first_batch_emits_each_counter_once_with_exact_counts(test_store: Path,
             count = int((votes[m] == label_index).sum())
             if count:
                 expected["ensemble_member_positive_total", (("Label", label), ("Member", member))] = count
-    got = emitted(caplog)
+    got = emitted(caplog, trio[0])
     seconds = {key: got.pop(key) for key in list(got) if key[0] == "ensemble_member_forward_seconds_total"}
     assert got == {key: value for key, value in expected.items() if key[0] != "ensemble_member_forward_seconds_total"}
     assert sorted(seconds) == [("ensemble_member_forward_seconds_total", (("Member", m),)) for m in sorted(TRIO_MEMBERS)]
@@ -122,9 +125,10 @@ def test_first_batch_emits_each_counter_once_with_exact_counts(test_store: Path,
 def test_a_batch_of_errors_only_counts_errors_and_the_batch(trio: tuple[EnsembleHandler, Context], caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
     serve(*trio, [png(11)])  # The worker's first batch, which also declares every series at zero.
+    trio[0].metrics.flush()
     caplog.clear()
     serve(*trio, [({"body": b""}, {"Content-Type": "image/png"}), ({"body": b"x"}, {"Content-Type": "text/plain"})])
-    assert emitted(caplog) == {
+    assert emitted(caplog, trio[0]) == {
         ("ensemble_errors_total", (("ErrorType", "RequestError"),)): 1,
         ("ensemble_errors_total", (("ErrorType", "UnsupportedMediaType"),)): 1,
         ("ensemble_images_total", ()): 0,
@@ -144,7 +148,7 @@ def test_undeclared_counters_are_not_emitted_and_the_worker_says_so(
     assert warning in [record.getMessage() for record in caplog.records]
     caplog.clear()
     assert [status for status, _, _ in serve(handler, context, [png(7)])] == [200]
-    assert emitted(caplog) == {}
+    assert emitted(caplog, handler) == {}
 
 
 def test_shipped_config_declares_every_counter_with_its_labels() -> None:
@@ -157,6 +161,7 @@ def test_multilabel_batches_count_labels_and_never_abstentions(test_store: Path,
     caplog.set_level(logging.INFO)
     images = [image_bytes(s) for s in (8, 9, 10)]
     serve(handler, context, [({"body": d}, {"Content-Type": "image/png"}) for d in images])
+    handler.metrics.flush()
     ensemble = reference_ensemble(test_store, "tags")
     probs = ensemble.probabilities([decode_image(d, ensemble.spec.limits) for d in images])
     on = probs >= 0.5  # [member, image, label], the tags ensemble's threshold
@@ -164,13 +169,34 @@ def test_multilabel_batches_count_labels_and_never_abstentions(test_store: Path,
     for record in caplog.records:
         match = LINE.fullmatch(record.getMessage())
         if match:
-            lines[match.group(1), match.group(4).replace("ModelName:tags,Level:Model", "").lstrip(",")] = float(match.group(3))
+            key = (match.group(1), match.group(4).replace("ModelName:tags,Level:Model", "").lstrip(","))
+            lines[key] = lines.get(key, 0) + float(match.group(3))
     assert "ensemble_abstentions_total" not in {name for name, _ in lines}
     assert lines["ensemble_disagreements_total", ""] == int((on != on[:1]).any(dim=2).any(dim=0).sum())
     for m, member in enumerate(("mobile", "pool_rgb", "pool_gray")):
         for l, label in enumerate(("red", "round")):
             count = int(on[m, :, l].sum())
             assert lines.get(("ensemble_member_positive_total", f"Member:{member},Label:{label}"), 0) == count
+
+
+def test_batches_are_summed_and_each_series_sent_once_per_flush(
+    trio: tuple[EnsembleHandler, Context], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Three batches counted, then one flush: one line per series, carrying the three batches' sums."""
+    handler, context = trio
+    metrics = EnsembleMetrics(context.metrics, "trio", handler.ensemble.spec, interval_s=3600)
+    metrics.flush()  # The first flush: every labelled series at zero.
+    caplog.set_level(logging.INFO)
+    caplog.clear()
+    for seeds in ((13,), (14, 15), (16,)):
+        prepared = [handler.ensemble.prepare({"body": image_bytes(seed)}, {"Content-Type": "image/png"}) for seed in seeds]
+        metrics.record(handler.ensemble.answer_batch(prepared))
+    metrics.flush()
+    series = [(match.group(1), match.group(4)) for r in caplog.records if (match := LINE.fullmatch(r.getMessage()))]
+    assert len(series) == len(set(series))
+    got = emitted(caplog)
+    assert (got[("ensemble_batches_total", ())], got[("ensemble_images_total", ())]) == (3, 4)
+    assert got[("ensemble_requests_total", (("Policy", "mean"),))] == 4
 
 
 @pytest.mark.parametrize(
