@@ -7,7 +7,7 @@ INSTALLED := $(VENV)/.installed-$(shell sha256sum requirements.txt | cut -c1-12)
 TRAINED := artifacts/weights/.trained
 NAME ?= shapes
 
-.PHONY: setup demo build kserve gpu-check serve stop test register unregister rebuild evaluate inspect bench bench-quick bench-mlp bench-profile bench-batching bench-fused tune reliability reliability-full clean prometheus monitor monitor-stop monitor-report
+.PHONY: setup demo build kserve gpu-check serve stop test register unregister rebuild evaluate inspect bench bench-quick bench-mlp bench-profile bench-batching bench-fused tune reliability reliability-full clean prometheus monitor monitor-stop monitor-traffic monitor-report
 
 $(INSTALLED): requirements.txt
 	@command -v java >/dev/null 2>&1 || { echo "installing a Java runtime for TorchServe"; \
@@ -87,6 +87,10 @@ monitor: $(INSTALLED) $(PROMETHEUS_UNPACKED)
 
 monitor-stop: $(INSTALLED)
 	$(PY) -m monitoring.prometheus_ctl stop
+
+# make monitor-traffic [SECONDS=180]: a bounded mix of requests to the `make serve` TorchServe, for the report.
+monitor-traffic: $(INSTALLED)
+	$(PY) -m monitoring.demo_traffic --seconds $(or $(SECONDS),180)
 
 # make monitor-report [MINUTES=30]: the dashboard's series from that Prometheus, drawn to docs/monitor_report.png.
 monitor-report: $(EVAL_INSTALLED)
