@@ -129,7 +129,7 @@ def _read(doc: Mapping[str, Any], tensor: TensorSpec | None, limits: Limits, out
     _check_input_parameters(entry.get("parameters", {}))
     shape = _shape(entry["shape"])
     datatype = entry["datatype"]
-    params = _policy_params(doc.get("parameters", {}))
+    params = read_parameters(doc.get("parameters", {}))
     form = V2Form(id=request_id, outputs=_requested_outputs(doc.get("outputs"), outputs))
     if tensor is None:
         return V2Request(_images(datatype, shape, entry["data"], limits), None, params, form)
@@ -151,8 +151,9 @@ def _check_input_parameters(raw: Any) -> None:
         )
 
 
-def _policy_params(raw: Any) -> dict[str, str]:
-    """Request-level `parameters`: the policy ones as text (as a query string would carry them)."""
+def read_parameters(raw: Any) -> dict[str, str]:
+    """A JSON body's `parameters` object (v2, or our `{"instances": ..., "parameters": ...}`): the policy
+    ones as text, as a query string would carry them; Triton's binary-output flags are ignored."""
     if not isinstance(raw, dict):
         raise RequestError("parameters must be an object")
     unknown = sorted(set(raw) - set(POLICY_PARAMETERS) - set(IGNORED_PARAMETERS))

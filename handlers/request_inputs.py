@@ -5,9 +5,10 @@ part, one key per gRPC input (TorchServe's examples name it `data`), and, on `/m
 only, one key per query parameter (`/predictions/<name>` drops the query string before it reaches
 the worker). Policy parameters therefore come from query parameters, form fields or gRPC inputs
 named `policy`, `k`, `threshold`, from `X-Ensemble-Policy`, `X-Ensemble-K`, `X-Ensemble-Threshold`
-headers, or from a v2 body's `parameters`. A JSON body is our `{"instances": ...}` form or, when it
-has `inputs`, an Open Inference Protocol v2 request (`handlers.open_inference`). gRPC carries no
-content type: a body starting with `{` is JSON, one starting with the `.npy` magic is an array.
+headers, or from a JSON body's `parameters` object (our form's or a v2 request's). A JSON body is
+our `{"instances": ...}` form or, when it has `inputs`, an Open Inference Protocol v2 request
+(`handlers.open_inference`). gRPC carries no content type: a body starting with `{` is JSON, one
+starting with the `.npy` magic is an array.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 
 from handlers.errors import InvalidImage, PayloadTooLarge, RequestError, UnsupportedMediaType
 from handlers.manifest import Limits, TensorSpec
-from handlers.open_inference import V2Form, is_v2, read_v2, refuse_binary_extension, v2_errors
+from handlers.open_inference import V2Form, is_v2, read_parameters, read_v2, refuse_binary_extension, v2_errors
 from handlers.policies import POLICY_PARAMETERS
 from handlers.tensor_inputs import NPY_MAGIC, read_json_instances, read_npy
 
@@ -73,6 +74,8 @@ def parse_request(row: Mapping[str, Any], headers: Mapping[str, Any], limits: Li
                     request = read_v2(doc, tensor=None, limits=limits, outputs=outputs)
                     assert request.images is not None, "an image ensemble's v2 request carries images"
                     return RequestInput(request.images, _merged(params, request.policy_params), request.form)
+            doc, body_params = _split_parameters(doc)
+            params = _merged(params, body_params)
             images = _json_images(doc)
         else:
             images = (_as_bytes(body, "body"),)
@@ -117,7 +120,8 @@ def parse_tensor_request(
             request = read_v2(doc, tensor=spec, limits=limits, outputs=outputs)
             assert request.instances is not None, "a tensor ensemble's v2 request carries instances"
             return TensorRequestInput(request.instances, _merged(params, request.policy_params), request.form)
-    return TensorRequestInput(read_json_instances(doc, spec, limits), params)
+    doc, body_params = _split_parameters(doc)
+    return TensorRequestInput(read_json_instances(doc, spec, limits), _merged(params, body_params))
 
 
 def _headers(headers: Mapping[str, Any]) -> tuple[dict[str, str], str]:
@@ -156,6 +160,14 @@ def _json_document(body: Any) -> Any:
         return json.loads(body) if isinstance(body, (bytes, bytearray, str)) else body
     except (ValueError, UnicodeDecodeError) as e:
         raise RequestError(f"malformed JSON body: {e}") from e
+
+
+def _split_parameters(doc: Any) -> tuple[Any, dict[str, str]]:
+    """Our JSON form without its optional `parameters` object, and the policy parameters that object carries."""
+    if not isinstance(doc, dict) or "parameters" not in doc:
+        return doc, {}
+    rest = {key: value for key, value in doc.items() if key != "parameters"}
+    return rest, read_parameters(doc["parameters"])
 
 
 def _merged(params: Mapping[str, str], body_params: Mapping[str, str]) -> dict[str, str]:

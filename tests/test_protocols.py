@@ -65,9 +65,13 @@ TRIO_LABELS = ["cat", "dog", "fox"]
 
 def test_v1_predict(server: Server, test_store: Path) -> None:
     images = [image_bytes(1), image_bytes(2, fmt="JPEG"), image_bytes(3)]
-    response = post(server, "v1/models/trio:predict", {"instances": [{"b64": base64.b64encode(d).decode()} for d in images]})
+    instances = [{"b64": base64.b64encode(d).decode()} for d in images]
+    response = post(server, "v1/models/trio:predict", {"instances": instances})
     assert response.status_code == 200
     assert_same_predictions(response.json()["predictions"], reference(test_store, "trio", images))
+    chosen = post(server, "predictions/trio", {"instances": instances, "parameters": {"policy": "k_of_n", "k": 2}})
+    assert chosen.json()["policy"] == {"name": "k_of_n", "params": {"k": 2}}
+    assert_same_predictions(chosen.json()["predictions"], reference(test_store, "trio", images, policy="k_of_n", k="2"))
 
 
 @pytest.mark.parametrize("path", ["v2/models/trio/infer", "predictions/trio"], ids=["v2-route", "predictions-route"])

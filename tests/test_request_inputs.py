@@ -64,6 +64,15 @@ def b64(data: bytes) -> str:
             {"body": {"instances": [{"b64": b64(C)}]}}, {"Content-Type": "application/json"},
             RequestInput((C,), {}), id="json-already-decoded",
         ),
+        pytest.param(
+            {"body": json.dumps({"instances": [{"b64": b64(A)}], "parameters": {"policy": "k_of_n", "k": 2}}).encode()},
+            {"Content-Type": "application/json"}, RequestInput((A,), {"policy": "k_of_n", "k": "2"}), id="json-body-parameters",
+        ),
+        pytest.param(
+            {"body": json.dumps({"instances": [{"b64": b64(A)}], "parameters": {"policy": "any"}}).encode()},
+            {"Content-Type": "application/json", "X-Ensemble-Policy": "any", "X-Ensemble-Threshold": "0.3"},
+            RequestInput((A,), {"policy": "any", "threshold": "0.3"}), id="json-body-and-headers-agree",
+        ),
     ],
 )
 def test_parse_request(row: dict, headers: dict, expected: RequestInput) -> None:
@@ -92,6 +101,20 @@ def test_parse_request(row: dict, headers: dict, expected: RequestInput) -> None
             "instances[0].b64: invalid base64 (Incorrect padding)", id="base64-missing-padding",
         ),
         pytest.param({"body": b'{"instances": []}'}, {"Content-Type": "application/json"}, RequestError, "the request carried no image", id="json-no-instances"),
+        pytest.param(
+            {"body": json.dumps({"instances": [{"b64": b64(A)}], "parameters": {"policy": "any"}}).encode()},
+            {"Content-Type": "application/json", "X-Ensemble-Policy": "all"}, RequestError,
+            "policy given twice with different values: 'all' and 'any'", id="json-body-and-header-disagree",
+        ),
+        pytest.param(
+            {"body": json.dumps({"instances": [{"b64": b64(A)}], "parameters": {"colour": "red"}}).encode()},
+            {"Content-Type": "application/json"}, RequestError, "unknown parameter(s) ['colour']; valid: policy, k, threshold",
+            id="json-body-unknown-parameter",
+        ),
+        pytest.param(
+            {"body": json.dumps({"instances": [{"b64": b64(A)}], "parameters": ["any"]}).encode()},
+            {"Content-Type": "application/json"}, RequestError, "parameters must be an object", id="json-body-parameters-not-an-object",
+        ),
         pytest.param(
             {"body": json.dumps({"instances": [{"b64": b64(A)}] * 4}).encode()}, {"Content-Type": "application/json"},
             PayloadTooLarge, "4 images in one request; this ensemble accepts at most 3", id="too-many-images",

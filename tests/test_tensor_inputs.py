@@ -132,3 +132,10 @@ def test_tensor_request_carries_its_policy() -> None:
     parsed = parse_tensor_request({"body": npy_bytes(GOOD), "policy": b"max"}, {**NPY, "X-Ensemble-Threshold": "0.3"}, LIMITS, SPEC, ())
     assert dict(parsed.policy_params) == {"policy": "max", "threshold": "0.3"}
     assert torch.equal(parsed.instances, torch.from_numpy(GOOD))
+
+
+def test_json_instances_carry_parameters_in_the_body() -> None:
+    body = json.dumps({"instances": GOOD.tolist(), "parameters": {"policy": "k_of_n", "k": 1}}).encode()
+    parsed = parse_tensor_request({"body": body}, {"Content-Type": "application/json", "X-Ensemble-Policy": "k_of_n"}, LIMITS, SPEC, ())
+    assert dict(parsed.policy_params) == {"policy": "k_of_n", "k": "1"}
+    assert torch.equal(parsed.instances, torch.from_numpy(GOOD))
