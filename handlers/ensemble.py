@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from handlers.errors import EnsembleError, IntegrityError, MemberLoadError
+from handlers.errors import EnsembleError, IntegrityError, MemberLoadError, RequestError
 from handlers.execution import Group, PlanContext, plan_groups
 from handlers.manifest import EnsembleSpec, TensorSpec, read_archive_manifest
 from handlers.members import load_member, source_digest, verify_digests
@@ -53,6 +53,7 @@ class PreparedRequest:
     inputs: tuple[Image.Image, ...] | torch.Tensor
     policy: PolicySpec
     v2: V2Form | None = None
+    top_k: int | None = None
 
 
 @dataclass(frozen=True)
@@ -207,11 +208,15 @@ class Ensemble:
         if isinstance(self.spec.input, TensorSpec):
             tensors = parse_tensor_request(row, headers, limits, self.spec.input, outputs)
             with self._errors_as(tensors.v2):
-                return PreparedRequest(tensors.instances, self._policy(tensors.policy_params), tensors.v2)
+                params = dict(tensors.policy_params)
+                top_k = self._top_k(params.pop("top_k", None), tensors.v2)
+                return PreparedRequest(tensors.instances, self._policy(params), tensors.v2, top_k)
         request = parse_request(row, headers, limits, outputs)
         with self._errors_as(request.v2):
+            params = dict(request.policy_params)
+            top_k = self._top_k(params.pop("top_k", None), request.v2)
             images = tuple(decode_image(data, limits) for data in request.images)
-            return PreparedRequest(images, self._policy(request.policy_params), request.v2)
+            return PreparedRequest(images, self._policy(params), request.v2, top_k)
 
     def output_names(self) -> list[str]:
         """The v2 output tensors this ensemble answers with (README, "Open Inference Protocol v2")."""
@@ -298,7 +303,7 @@ class Ensemble:
             mine = probs[:, offset : offset + count]
             decision, own = self._decide(mine, item.policy)
             if item.v2 is None:
-                body = self._json_body(mine, decision, own, item.policy)
+                body = self._json_body(mine, decision, own, item.policy, item.top_k)
             else:
                 body = self._v2_body(mine, decision, own, item.policy, item.v2)
             replies.append(Reply(200, body, count, policy=item.policy.name, votes=own, chosen=decision.chosen))
@@ -313,10 +318,16 @@ class Ensemble:
         """The Open Inference Protocol v2 response body for one request: the same answer as tensors."""
         return self._v2_body(probs, *self._decide(probs, policy), policy, form)
 
-    def _json_body(self, probs: torch.Tensor, decision: Decision, own: torch.Tensor, policy: PolicySpec) -> dict[str, Any]:
+    def _json_body(
+        self, probs: torch.Tensor, decision: Decision, own: torch.Tensor, policy: PolicySpec, top_k: int | None = None
+    ) -> dict[str, Any]:
         names = [member.name for member in self.spec.members]
         member_views = {name: self._views(own[m], probs[m]) for m, name in enumerate(names)}
         predictions = self._views(decision.chosen, decision.score)
+        if top_k is not None:
+            self._add_top(predictions, decision.order(), decision.score, top_k)
+            for m, name in enumerate(names):
+                self._add_top(member_views[name], Decision(own[m], probs[m]).order(), probs[m], top_k)
         for i, entry in enumerate(predictions):
             entry["members"] = {name: views[i] for name, views in member_views.items()}
         per_member = {name: [p["members"][name][self._labels_key] for p in predictions] for name in names}
@@ -407,6 +418,29 @@ class Ensemble:
             tensors = [instances for instances in inputs if isinstance(instances, torch.Tensor)]
             return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
         return [image for images in inputs for image in images]
+
+    def _add_top(self, views: list[dict[str, Any]], order: torch.Tensor, scores: torch.Tensor, k: int) -> None:
+        """Each view gets `top`: its k best labels in `order`, with their scores."""
+        picked = order[:, :k]
+        for view, indices, values in zip(views, picked.tolist(), scores.gather(-1, picked).tolist(), strict=True):
+            view["top"] = [{"label": self.spec.labels[i], "score": round(v, SCORE_DIGITS)} for i, v in zip(indices, values, strict=True)]
+
+    def _top_k(self, raw: str | None, v2: V2Form | None) -> int | None:
+        """The `top_k` a request asked for, validated: multiclass only, 1 to the number of labels."""
+        if raw is None:
+            return None
+        labels = len(self.spec.labels)
+        if self.spec.task != "multiclass":
+            raise RequestError(f"top_k applies to multiclass ensembles; this one is {self.spec.task}")
+        if v2 is not None:
+            raise RequestError("top_k is for our JSON answer; a v2 answer's scores output already holds every label's score")
+        try:
+            k = int(raw)
+        except ValueError:
+            k = 0
+        if not 1 <= k <= labels:
+            raise RequestError(f"top_k must be an integer from 1 to {labels}, got {raw!r}")
+        return k
 
     def _views(self, chosen: torch.Tensor, scores: torch.Tensor) -> list[dict[str, Any]]:
         """Per input, the chosen label(s) and score(s) from `chosen` and `scores` [inputs, labels].

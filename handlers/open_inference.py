@@ -29,7 +29,7 @@ import torch
 
 from handlers.errors import InvalidImage, PayloadTooLarge, RequestError, UnsupportedMediaType
 from handlers.manifest import Limits, TensorSpec
-from handlers.policies import POLICY_PARAMETERS
+from handlers.policies import REQUEST_PARAMETERS
 from handlers.tensor_inputs import instances_from_values
 
 TENSOR_DATATYPES = {"FP32": torch.float32, "FP64": torch.float64, "FP16": torch.float16}
@@ -156,11 +156,11 @@ def read_parameters(raw: Any) -> dict[str, str]:
     ones as text, as a query string would carry them; Triton's binary-output flags are ignored."""
     if not isinstance(raw, dict):
         raise RequestError("parameters must be an object")
-    unknown = sorted(set(raw) - set(POLICY_PARAMETERS) - set(IGNORED_PARAMETERS))
+    unknown = sorted(set(raw) - set(REQUEST_PARAMETERS) - set(IGNORED_PARAMETERS))
     if unknown:
-        raise RequestError(f"unknown parameter(s) {unknown}; valid: {', '.join(POLICY_PARAMETERS)}")
+        raise RequestError(f"unknown parameter(s) {unknown}; valid: {', '.join(REQUEST_PARAMETERS)}")
     params = {}
-    for key in POLICY_PARAMETERS:
+    for key in REQUEST_PARAMETERS:
         if key in raw:
             value = raw[key]
             if isinstance(value, bool) or not isinstance(value, (str, int, float)):

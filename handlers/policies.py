@@ -31,6 +31,8 @@ from handlers.errors import InvalidPolicy
 
 TASKS = ("multiclass", "binary", "multilabel")
 POLICY_PARAMETERS = ("policy", "k", "threshold")
+# Every parameter a request may carry, on any channel: the policy's, and how much of the answer to show.
+REQUEST_PARAMETERS = (*POLICY_PARAMETERS, "top_k")
 DEFAULT_THRESHOLD = 0.5
 
 
@@ -64,10 +66,18 @@ class Votes:
 
 @dataclass(frozen=True)
 class Decision:
-    """`chosen[image, label]` marks the combined labels; `score[image, label]` is their confidence."""
+    """`chosen[image, label]` marks the combined labels; `score[image, label]` is their confidence.
+
+    `rank`, when set, orders labels where `score` ties (multiclass votes: vote share, then mean probability).
+    """
 
     chosen: torch.Tensor
     score: torch.Tensor
+    rank: torch.Tensor | None = None
+
+    def order(self) -> torch.Tensor:
+        """Label indices per image, best first; exact ties keep the lower index first, as argmax does."""
+        return torch.sort(self.rank if self.rank is not None else self.score, dim=-1, descending=True, stable=True).indices
 
 
 PolicyFn = Callable[[torch.Tensor, Votes], Decision]
@@ -195,7 +205,7 @@ def _k_of_n(probs: torch.Tensor, votes: Votes, k: int) -> Decision:
     rank = counts.to(probs.dtype) + probs.mean(dim=0) / 2
     winner = rank.argmax(dim=-1, keepdim=True)
     chosen = torch.zeros_like(counts, dtype=torch.bool).scatter_(-1, winner, True)
-    return Decision(chosen & (counts >= k), share)
+    return Decision(chosen & (counts >= k), share, rank)
 
 
 @register_policy("any")

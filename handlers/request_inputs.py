@@ -26,10 +26,10 @@ import torch
 from handlers.errors import InvalidImage, PayloadTooLarge, RequestError, UnsupportedMediaType
 from handlers.manifest import Limits, TensorSpec
 from handlers.open_inference import V2Form, is_v2, read_parameters, read_v2, refuse_binary_extension, v2_errors
-from handlers.policies import POLICY_PARAMETERS
+from handlers.policies import REQUEST_PARAMETERS
 from handlers.tensor_inputs import NPY_MAGIC, read_json_instances, read_npy
 
-POLICY_HEADERS = {f"x-ensemble-{key}": key for key in POLICY_PARAMETERS}
+PARAMETER_HEADERS = {f"x-ensemble-{key.replace('_', '-')}": key for key in REQUEST_PARAMETERS}
 BODY_KEYS = ("body", "data")
 # Bytes one multipart part may spend on its boundary line and headers beyond those we can account
 # for exactly (file name, extra headers). A part dropped for a repeated name shows up as more body
@@ -55,7 +55,7 @@ def parse_request(row: Mapping[str, Any], headers: Mapping[str, Any], limits: Li
     """
     lowered, content_type = _headers(headers)
     params = _policy_params(row, lowered)
-    payload = {key: value for key, value in row.items() if key not in POLICY_PARAMETERS}
+    payload = {key: value for key, value in row.items() if key not in REQUEST_PARAMETERS}
     if content_type == "multipart/form-data":
         _check_no_part_dropped(row, lowered)
         images = tuple(_as_bytes(value, f"part {key!r}") for key, value in payload.items())
@@ -104,7 +104,7 @@ def parse_tensor_request(
     lowered, content_type = _headers(headers)
     params = _policy_params(row, lowered)
     refuse_binary_extension(lowered)
-    body = _body({key: value for key, value in row.items() if key not in POLICY_PARAMETERS}, "an application/x-npy array, JSON instances or a v2 request")
+    body = _body({key: value for key, value in row.items() if key not in REQUEST_PARAMETERS}, "an application/x-npy array, JSON instances or a v2 request")
     if not content_type:
         content_type = "application/json" if _looks_like_json(body) else "application/x-npy" if _as_bytes(body, "body").startswith(NPY_MAGIC) else ""
     if content_type not in TENSOR_CONTENT_TYPES:
@@ -135,7 +135,7 @@ def _body(payload: Mapping[str, Any], wanted: str) -> Any:
     unexpected = sorted(set(payload) - set(BODY_KEYS))
     if unexpected:
         raise RequestError(
-            f"unknown parameter(s) {unexpected}; valid: {', '.join(POLICY_PARAMETERS)}, and the body "
+            f"unknown parameter(s) {unexpected}; valid: {', '.join(REQUEST_PARAMETERS)}, and the body "
             f"(over gRPC an input named {' or '.join(BODY_KEYS)})"
         )
     if len(payload) > 1:
@@ -182,10 +182,10 @@ def _merged(params: Mapping[str, str], body_params: Mapping[str, str]) -> dict[s
 
 def _policy_params(row: Mapping[str, Any], headers: Mapping[str, str]) -> dict[str, str]:
     params: dict[str, str] = {}
-    for key in POLICY_PARAMETERS:
+    for key in REQUEST_PARAMETERS:
         if key in row:
             params[key] = _as_text(row[key], key)
-    return _merged(params, {key: headers[header].strip() for header, key in POLICY_HEADERS.items() if header in headers})
+    return _merged(params, {key: headers[header].strip() for header, key in PARAMETER_HEADERS.items() if header in headers})
 
 
 def _json_images(doc: Any) -> tuple[bytes, ...]:

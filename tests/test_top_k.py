@@ -1,0 +1,127 @@
+"""`top_k`: a multiclass answer's best labels, ranked by the policy's own score, through the real handler."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from ts.context import Context
+
+from handlers.ensemble_handler import EnsembleHandler
+from handlers.preprocess import decode_image
+from tests.conftest import extract, image_bytes, make_context, reference_ensemble, serve
+
+LABELS = ("cat", "dog", "fox")
+MEMBERS = ("mobile", "pool_rgb", "pool_gray")
+WEIGHTS = torch.tensor([1.0, 2.0, 1.0], dtype=torch.float64).view(-1, 1, 1)
+
+
+def loaded(test_store: Path, folder: Path, name: str) -> tuple[EnsembleHandler, Context]:
+    context = make_context(extract(test_store, name, folder), name)
+    handler = EnsembleHandler()
+    handler.initialize(context)
+    return handler, context
+
+
+@pytest.fixture(scope="module")
+def trio(test_store: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[EnsembleHandler, Context]:
+    return loaded(test_store, tmp_path_factory.mktemp("trio"), "trio")
+
+
+def ranked(key: torch.Tensor, shown: torch.Tensor, k: int) -> list[list[dict[str, Any]]]:
+    """Per image, the k labels with the highest `key` (lower index first on ties), showing `shown`."""
+    out = []
+    for row_key, row_shown in zip(key.tolist(), shown.tolist(), strict=True):
+        order = sorted(range(len(LABELS)), key=lambda i: (-row_key[i], i))[:k]
+        out.append([{"label": LABELS[i], "score": round(row_shown[i], 6)} for i in order])
+    return out
+
+
+def expected_top(probs: torch.Tensor, policy: str, k: int) -> list[list[dict[str, Any]]]:
+    """The README's semantics, computed here from the members' probabilities."""
+    if policy == "mean":
+        mean = (probs * WEIGHTS).sum(dim=0) / WEIGHTS.sum()
+        return ranked(mean, mean, k)
+    if policy == "max":
+        best = probs.max(dim=-1).values.argmax(dim=0)
+        deciding = probs[best, torch.arange(probs.shape[1])]
+        return ranked(deciding, deciding, k)
+    votes = torch.nn.functional.one_hot(probs.argmax(dim=-1), len(LABELS)).sum(dim=0).to(torch.float64)
+    share = votes / probs.shape[0]
+    return ranked(votes + probs.mean(dim=0) / 2, share, k)
+
+
+IMAGES = [image_bytes(seed) for seed in (31, 32, 33, 34, 35)]
+
+
+@pytest.mark.parametrize("policy", ["mean", "majority", "any", "max"], ids=str)
+@pytest.mark.parametrize("k", [1, 2, 3], ids=lambda k: f"k{k}")
+def test_top_follows_the_policys_ranking(trio: tuple[EnsembleHandler, Context], test_store: Path, policy: str, k: int) -> None:
+    rows = [({"body": image, "policy": policy.encode(), "top_k": str(k).encode()}, {"Content-Type": "image/png"}) for image in IMAGES]
+    replies = serve(*trio, rows)
+    ensemble = reference_ensemble(test_store, "trio")
+    probs = ensemble.probabilities([decode_image(image, ensemble.spec.limits) for image in IMAGES])
+    want = expected_top(probs, policy, k)
+    for i, (status, body, _) in enumerate(replies):
+        assert status == 200
+        [prediction] = body["predictions"]
+        assert [t["label"] for t in prediction["top"]] == [t["label"] for t in want[i]]
+        assert [t["score"] for t in prediction["top"]] == pytest.approx([t["score"] for t in want[i]], abs=1e-4)
+        if prediction["label"] is not None:
+            assert prediction["top"][0] == {"label": prediction["label"], "score": prediction["score"]}
+        for m, member in enumerate(MEMBERS):
+            member_top = ranked(probs[m, i : i + 1], probs[m, i : i + 1], k)[0]
+            assert [t["label"] for t in prediction["members"][member]["top"]] == [t["label"] for t in member_top]
+
+
+@pytest.mark.parametrize(
+    ("row", "headers"),
+    [
+        pytest.param({"top_k": b"2"}, {}, id="query-or-form-field"),
+        pytest.param({}, {"X-Ensemble-Top-K": "2"}, id="header"),
+        pytest.param({"json": True}, {}, id="json-parameters"),
+    ],
+)
+def test_top_k_on_every_channel(trio: tuple[EnsembleHandler, Context], row: dict, headers: dict) -> None:
+    image = IMAGES[0]
+    if row.pop("json", False):
+        body = json.dumps({"instances": [{"b64": base64.b64encode(image).decode()}], "parameters": {"top_k": 2}}).encode()
+        request = ({"body": body}, {"Content-Type": "application/json", **headers})
+    else:
+        request = ({"body": image, **row}, {"Content-Type": "image/png", **headers})
+    [(status, body, _)] = serve(*trio, [request])
+    [(_, plain, _)] = serve(*trio, [({"body": image}, {"Content-Type": "image/png"})])
+    assert status == 200
+    assert len(body["predictions"][0]["top"]) == 2
+    assert "top" not in plain["predictions"][0]
+    assert body["predictions"][0]["top"][0]["label"] == plain["predictions"][0]["label"]
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        pytest.param(b"0", "top_k must be an integer from 1 to 3, got '0'", id="zero"),
+        pytest.param(b"4", "top_k must be an integer from 1 to 3, got '4'", id="more-than-labels"),
+        pytest.param(b"two", "top_k must be an integer from 1 to 3, got 'two'", id="not-a-number"),
+    ],
+)
+def test_bad_top_k(trio: tuple[EnsembleHandler, Context], value: bytes, message: str) -> None:
+    [(status, body, _)] = serve(*trio, [({"body": IMAGES[0], "top_k": value}, {"Content-Type": "image/png"})])
+    assert (status, body) == (400, {"code": 400, "type": "RequestError", "message": message})
+
+
+def test_top_k_is_for_multiclass_ensembles(test_store: Path, tmp_path: Path) -> None:
+    pair = loaded(test_store, tmp_path, "pair")
+    [(status, body, _)] = serve(*pair, [({"body": IMAGES[0], "top_k": b"1"}, {"Content-Type": "image/png"})])
+    assert (status, body["message"]) == (400, "top_k applies to multiclass ensembles; this one is binary")
+
+
+def test_top_k_in_a_v2_request_is_refused_with_the_reason(trio: tuple[EnsembleHandler, Context]) -> None:
+    data = [base64.b64encode(IMAGES[0]).decode()]
+    doc = {"inputs": [{"name": "images", "shape": [1], "datatype": "BYTES", "data": data}], "parameters": {"top_k": 2}}
+    [(status, body, _)] = serve(*trio, [({"body": json.dumps(doc).encode()}, {"Content-Type": "application/json"})])
+    assert (status, body) == (400, {"error": "top_k is for our JSON answer; a v2 answer's scores output already holds every label's score"})
