@@ -4,8 +4,9 @@ Each emission is a `[METRICS]` line on the worker's stdout that TorchServe's fro
 the frontend keeps only metrics declared in its metrics config (`metrics_config`, here
 `monitoring/metrics.yaml`; pytorch/serve issue 2450). So counts are summed, per batch and then
 over a second, and each (counter, labels) pair is emitted once per second at most; a counter the
-config does not declare is not emitted at all: the worker says once, at start, which ones it skips. TorchServe adds the
-`ModelName`, `Level` and `Hostname` labels; the other labels are ours (README, "Monitoring").
+config does not declare is not emitted at all, and the worker says once, at start, which ones it
+skips. TorchServe adds the `ModelName`, `Level` and `Hostname` labels; the others are ours
+(README, "Monitoring").
 """
 
 from __future__ import annotations
