@@ -32,6 +32,7 @@ from handlers.open_inference import V2Form, output_names, render_v2, v2_errors
 from handlers.policies import Decision, PolicySpec, Votes, combine, member_votes, policy_names, resolve_policy
 from handlers.preprocess import batch_tensors, decode_image
 from handlers.request_inputs import parse_request, parse_tensor_request
+from handlers.sequences import read_sequence, summarize
 
 SCORE_DIGITS = 6
 PLANS_FILE = "execution-plans.json"
@@ -54,6 +55,7 @@ class PreparedRequest:
     policy: PolicySpec
     v2: V2Form | None = None
     top_k: int | None = None
+    min_run: int | None = None
 
 
 @dataclass(frozen=True)
@@ -208,15 +210,20 @@ class Ensemble:
         if isinstance(self.spec.input, TensorSpec):
             tensors = parse_tensor_request(row, headers, limits, self.spec.input, outputs)
             with self._errors_as(tensors.v2):
-                params = dict(tensors.policy_params)
-                top_k = self._top_k(params.pop("top_k", None), tensors.v2)
-                return PreparedRequest(tensors.instances, self._policy(params), tensors.v2, top_k)
+                return self._prepared(tensors.instances, tensors.policy_params, tensors.v2)
         request = parse_request(row, headers, limits, outputs)
         with self._errors_as(request.v2):
-            params = dict(request.policy_params)
-            top_k = self._top_k(params.pop("top_k", None), request.v2)
             images = tuple(decode_image(data, limits) for data in request.images)
-            return PreparedRequest(images, self._policy(params), request.v2, top_k)
+            return self._prepared(images, request.policy_params, request.v2)
+
+    def _prepared(self, inputs: tuple[Image.Image, ...] | torch.Tensor, params: Mapping[str, str], v2: V2Form | None) -> PreparedRequest:
+        """The request's parameters resolved: its policy, and the `top_k` and `sequence` parts of its answer."""
+        rest = dict(params)
+        top_k = self._top_k(rest.pop("top_k", None), v2)
+        min_run = read_sequence(rest.pop("sequence", None), rest.pop("min_run", None), self.spec.limits.max_images_per_request)
+        if min_run is not None and v2 is not None:
+            raise RequestError("sequence is for our JSON answer; read a v2 answer's label outputs frame by frame")
+        return PreparedRequest(inputs, self._policy(rest), v2, top_k, min_run)
 
     def output_names(self) -> list[str]:
         """The v2 output tensors this ensemble answers with (README, "Open Inference Protocol v2")."""
@@ -303,7 +310,7 @@ class Ensemble:
             mine = probs[:, offset : offset + count]
             decision, own = self._decide(mine, item.policy)
             if item.v2 is None:
-                body = self._json_body(mine, decision, own, item.policy, item.top_k)
+                body = self._json_body(mine, decision, own, item.policy, item.top_k, item.min_run)
             else:
                 body = self._v2_body(mine, decision, own, item.policy, item.v2)
             replies.append(Reply(200, body, count, policy=item.policy.name, votes=own, chosen=decision.chosen))
@@ -319,7 +326,13 @@ class Ensemble:
         return self._v2_body(probs, *self._decide(probs, policy), policy, form)
 
     def _json_body(
-        self, probs: torch.Tensor, decision: Decision, own: torch.Tensor, policy: PolicySpec, top_k: int | None = None
+        self,
+        probs: torch.Tensor,
+        decision: Decision,
+        own: torch.Tensor,
+        policy: PolicySpec,
+        top_k: int | None = None,
+        min_run: int | None = None,
     ) -> dict[str, Any]:
         names = [member.name for member in self.spec.members]
         member_views = {name: self._views(own[m], probs[m]) for m, name in enumerate(names)}
@@ -331,7 +344,7 @@ class Ensemble:
         for i, entry in enumerate(predictions):
             entry["members"] = {name: views[i] for name, views in member_views.items()}
         per_member = {name: [p["members"][name][self._labels_key] for p in predictions] for name in names}
-        return {
+        body = {
             "ensemble": self.spec.name,
             "version": self.spec.version,
             "policy": {"name": policy.name, "params": policy.params()},
@@ -344,6 +357,9 @@ class Ensemble:
                 "member_source_sha256": self._source_digests,
             },
         }
+        if min_run is not None:
+            body["sequence"] = summarize(decision.chosen, self.spec.labels, only=self.spec.positive_index, min_run=min_run)
+        return body
 
     def _v2_body(self, probs: torch.Tensor, decision: Decision, own: torch.Tensor, policy: PolicySpec, form: V2Form) -> dict[str, Any]:
         names = [member.name for member in self.spec.members]
@@ -374,6 +390,7 @@ class Ensemble:
             "positive_label": self.spec.positive_label,
             "default_policy": {"name": self.spec.policy.name, "params": self.spec.policy.params()},
             "policies": policy_names(),
+            "parameters": self._parameters(),
             "v2_outputs": self.output_names(),
             "members": [
                 {
@@ -395,6 +412,25 @@ class Ensemble:
             "execution": [group.describe(names) for group in self._groups],
             "build": self.build,
         }
+
+    def _parameters(self) -> dict[str, dict[str, Any]]:
+        """Every request parameter this ensemble takes, with its values or range and its default.
+
+        Any of them may come as a query parameter (`/models/<name>/invoke`), an `X-Ensemble-*` header
+        (`_` as `-`), a multipart field, a gRPC input, or in a JSON body's `parameters` object.
+        """
+        default = self.spec.policy
+        parameters: dict[str, dict[str, Any]] = {
+            "policy": {"values": policy_names(), "default": default.name},
+            "k": {"range": [1, len(self.spec.members)], "default": default.k, "for": "k_of_n"},
+        }
+        if self.spec.task != "multiclass":
+            parameters["threshold"] = {"range": [0.0, 1.0], "default": default.threshold}
+        else:
+            parameters["top_k"] = {"range": [1, len(self.spec.labels)], "default": None}
+        parameters["sequence"] = {"values": [True, False], "default": False}
+        parameters["min_run"] = {"range": [1, self.spec.limits.max_images_per_request], "default": 1, "for": "sequence=true"}
+        return parameters
 
     def _decide(self, probs: torch.Tensor, policy: PolicySpec) -> tuple[Decision, torch.Tensor]:
         """The combined decision and every member's own votes, for either response form."""

@@ -31,8 +31,8 @@ from handlers.errors import InvalidPolicy
 
 TASKS = ("multiclass", "binary", "multilabel")
 POLICY_PARAMETERS = ("policy", "k", "threshold")
-# Every parameter a request may carry, on any channel: the policy's, and how much of the answer to show.
-REQUEST_PARAMETERS = (*POLICY_PARAMETERS, "top_k")
+# Every parameter a request may carry, on any channel: the policy's, and what else the answer shows.
+REQUEST_PARAMETERS = (*POLICY_PARAMETERS, "top_k", "sequence", "min_run")
 DEFAULT_THRESHOLD = 0.5
 
 

@@ -121,6 +121,13 @@ def test_describe_lists_members_digests_and_policies(trio: tuple[EnsembleHandler
     ]
     assert described["members"][2]["input"]["color_mode"] == "L"
     assert described["device"] == "cpu"
+    assert described["parameters"] == {
+        "policy": {"values": ["all", "any", "k_of_n", "majority", "max", "mean"], "default": "mean"},
+        "k": {"range": [1, 3], "default": None, "for": "k_of_n"},
+        "top_k": {"range": [1, 3], "default": None},
+        "sequence": {"values": [True, False], "default": False},
+        "min_run": {"range": [1, 64], "default": 1, "for": "sequence=true"},
+    }
 
 
 def test_explanations_are_answered_as_predictions(trio: tuple[EnsembleHandler, Context]) -> None:

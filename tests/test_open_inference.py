@@ -138,7 +138,7 @@ BAD_V2 = [
         "65 images in one request; this ensemble accepts at most 64", id="too-many-images",
     ),
     pytest.param({**v2_images([image_bytes(1)]), "inputz": 1}, {}, 400, "unknown v2 request field(s) ['inputz']; valid: id, parameters, inputs, outputs", id="unknown-field"),
-    pytest.param(v2_images([image_bytes(1)], parameters={"colour": "red"}), {}, 400, "unknown parameter(s) ['colour']; valid: policy, k, threshold, top_k", id="unknown-parameter"),
+    pytest.param(v2_images([image_bytes(1)], parameters={"colour": "red"}), {}, 400, "unknown parameter(s) ['colour']; valid: policy, k, threshold, top_k, sequence, min_run", id="unknown-parameter"),
     pytest.param(v2_images([image_bytes(1)], parameters={"policy": "vote"}), {}, 400, "unknown policy 'vote'; valid policies: all, any, k_of_n, majority, max, mean", id="unknown-policy"),
     pytest.param(
         v2_images([image_bytes(1)], parameters={"policy": "any"}), {"X-Ensemble-Policy": "all"}, 400,

@@ -1,0 +1,110 @@
+"""`sequence=true`: a request's images as frames in time order, summarised per label, with `min_run` debouncing."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from ts.context import Context
+
+from handlers.ensemble_handler import EnsembleHandler
+from handlers.errors import RequestError
+from handlers.sequences import read_sequence, summarize
+from tests.conftest import extract, image_bytes, make_context, serve
+
+LABELS = ("red", "round")
+
+
+def frames(*on: int, count: int = 8, label: int = 0, labels: int = 2) -> torch.Tensor:
+    chosen = torch.zeros(count, labels, dtype=torch.bool)
+    chosen[list(on), label] = True
+    return chosen
+
+
+@pytest.mark.parametrize(
+    ("chosen", "min_run", "expected"),
+    [
+        pytest.param(frames(), 1, {"frames_on": [], "first": None, "longest_run": {"start": None, "length": 0}, "detected": False}, id="never-on"),
+        pytest.param(frames(4), 1, {"frames_on": [4], "first": 4, "longest_run": {"start": 4, "length": 1}, "detected": True}, id="one-frame"),
+        pytest.param(frames(4), 2, {"frames_on": [4], "first": 4, "longest_run": {"start": 4, "length": 1}, "detected": False}, id="one-frame-debounced"),
+        pytest.param(
+            frames(1, 2, 3, 5, 6), 3, {"frames_on": [1, 2, 3, 5, 6], "first": 1, "longest_run": {"start": 1, "length": 3}, "detected": True},
+            id="longest-run-first",
+        ),
+        pytest.param(
+            frames(0, 2, 3, 5, 6), 2, {"frames_on": [0, 2, 3, 5, 6], "first": 0, "longest_run": {"start": 2, "length": 2}, "detected": True},
+            id="tie-keeps-the-earlier-run",
+        ),
+        pytest.param(
+            frames(0, 2, 4, 6), 2, {"frames_on": [0, 2, 4, 6], "first": 0, "longest_run": {"start": 0, "length": 1}, "detected": False},
+            id="flicker-is-not-detected",
+        ),
+    ],
+)
+def test_summary_of_one_label(chosen: torch.Tensor, min_run: int, expected: dict) -> None:
+    summary = summarize(chosen, LABELS, only=0, min_run=min_run)
+    assert summary == {"frames": 8, "min_run": min_run, "labels": {"red": expected}}
+
+
+def test_every_label_is_summarised_unless_one_is_named() -> None:
+    chosen = frames(1, 2) | frames(5, label=1)
+    assert set(summarize(chosen, LABELS, only=None, min_run=1)["labels"]) == {"red", "round"}
+    assert summarize(chosen, LABELS, only=None, min_run=1)["labels"]["round"]["frames_on"] == [5]
+
+
+@pytest.mark.parametrize(
+    ("sequence", "min_run", "expected"),
+    [
+        pytest.param(None, None, None, id="not-a-sequence"),
+        pytest.param("false", None, None, id="false"),
+        pytest.param("true", None, 1, id="default-min-run"),
+        pytest.param("TRUE", "3", 3, id="min-run"),
+    ],
+)
+def test_read_sequence(sequence: str | None, min_run: str | None, expected: int | None) -> None:
+    assert read_sequence(sequence, min_run, 64) == expected
+
+
+@pytest.mark.parametrize(
+    ("sequence", "min_run", "message"),
+    [
+        pytest.param(None, "2", "min_run needs sequence=true: it debounces a sequence of frames", id="min-run-alone"),
+        pytest.param("maybe", None, "sequence must be true or false, got 'maybe'", id="not-a-boolean"),
+        pytest.param("true", "0", "min_run must be an integer from 1 to 64, got '0'", id="zero"),
+        pytest.param("true", "65", "min_run must be an integer from 1 to 64, got '65'", id="more-than-frames-allowed"),
+        pytest.param("true", "two", "min_run must be an integer from 1 to 64, got 'two'", id="not-a-number"),
+    ],
+)
+def test_read_sequence_rejects(sequence: str | None, min_run: str | None, message: str) -> None:
+    with pytest.raises(RequestError) as caught:
+        read_sequence(sequence, min_run, 64)
+    assert str(caught.value) == message
+
+
+@pytest.fixture(scope="module")
+def pair(test_store: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[EnsembleHandler, Context]:
+    context = make_context(extract(test_store, "pair", tmp_path_factory.mktemp("pair")), "pair")
+    handler = EnsembleHandler()
+    handler.initialize(context)
+    return handler, context
+
+
+def test_a_sequence_request_summarises_its_own_predictions(pair: tuple[EnsembleHandler, Context]) -> None:
+    parts = {f"frame{i:02d}": image_bytes(50 + i) for i in range(10)}
+    headers = {"Content-Type": "multipart/form-data; boundary=x", "X-Ensemble-Sequence": "true"}
+    [(status, body, _)] = serve(*pair, [({**parts, "min_run": b"2"}, headers)])
+    assert status == 200
+    on = [i for i, p in enumerate(body["predictions"]) if p["label"] == "present"]
+    summary = summarize(frames(*on, count=10, label=1), ("absent", "present"), only=1, min_run=2)
+    assert body["sequence"] == summary
+    assert list(body["sequence"]["labels"]) == ["present"]
+
+
+def test_sequence_in_a_v2_request_is_refused_with_the_reason(pair: tuple[EnsembleHandler, Context]) -> None:
+    data = [base64.b64encode(image_bytes(60)).decode()]
+    doc = {"inputs": [{"name": "frames", "shape": [1], "datatype": "BYTES", "data": data}], "parameters": {"sequence": "true"}}
+    [(status, body, _)] = serve(*pair, [({"body": json.dumps(doc).encode()}, {"Content-Type": "application/json"})])
+    assert (status, body) == (400, {"error": "sequence is for our JSON answer; read a v2 answer's label outputs frame by frame"})
