@@ -31,7 +31,7 @@ from handlers.members import load_member, source_digest, verify_digests
 from handlers.open_inference import V2Form, output_names, render_v2, v2_errors
 from handlers.policies import Decision, PolicySpec, Votes, combine, member_votes, policy_names, resolve_policy
 from handlers.preprocess import batch_tensors, decode_image
-from handlers.request_inputs import parse_request, parse_tensor_request
+from handlers.request_inputs import int_parameter, parse_request, parse_tensor_request
 from handlers.sequences import read_sequence, summarize
 
 SCORE_DIGITS = 6
@@ -465,18 +465,11 @@ class Ensemble:
         """The `top_k` a request asked for, validated: multiclass only, 1 to the number of labels."""
         if raw is None:
             return None
-        labels = len(self.spec.labels)
         if self.spec.task != "multiclass":
             raise RequestError(f"top_k applies to multiclass ensembles; this one is {self.spec.task}")
         if v2 is not None:
             raise RequestError("top_k is for our JSON answer; a v2 answer's scores output already holds every label's score")
-        try:
-            k = int(raw)
-        except ValueError:
-            k = 0
-        if not 1 <= k <= labels:
-            raise RequestError(f"top_k must be an integer from 1 to {labels}, got {raw!r}")
-        return k
+        return int_parameter("top_k", raw, len(self.spec.labels))
 
     def _views(self, chosen: torch.Tensor, scores: torch.Tensor) -> list[dict[str, Any]]:
         """Per input, the chosen label(s) and score(s) from `chosen` and `scores` [inputs, labels].

@@ -162,6 +162,17 @@ def _json_document(body: Any) -> Any:
         raise RequestError(f"malformed JSON body: {e}") from e
 
 
+def int_parameter(name: str, raw: str, high: int) -> int:
+    """A request parameter that must be an integer from 1 to `high`, or a RequestError that says so."""
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= high:
+        raise RequestError(f"{name} must be an integer from 1 to {high}, got {raw!r}")
+    return value
+
+
 def _split_parameters(doc: Any) -> tuple[Any, dict[str, str]]:
     """Our JSON form without its optional `parameters` object, and the policy parameters that object carries."""
     if not isinstance(doc, dict) or "parameters" not in doc:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from handlers.errors import RequestError
+from handlers.request_inputs import int_parameter
 
 TRUE, FALSE = ("true", "1", "yes"), ("false", "0", "no")
 
@@ -27,15 +28,7 @@ def read_sequence(sequence: str | None, min_run: str | None, max_frames: int) ->
         return None
     if sequence.lower() not in TRUE:
         raise RequestError(f"sequence must be true or false, got {sequence!r}")
-    if min_run is None:
-        return 1
-    try:
-        run = int(min_run)
-    except ValueError:
-        run = 0
-    if not 1 <= run <= max_frames:
-        raise RequestError(f"min_run must be an integer from 1 to {max_frames}, got {min_run!r}")
-    return run
+    return 1 if min_run is None else int_parameter("min_run", min_run, max_frames)
 
 
 def summarize(chosen: torch.Tensor, labels: Sequence[str], *, only: int | None, min_run: int) -> dict[str, Any]:
