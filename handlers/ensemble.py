@@ -1,21 +1,27 @@
 """A loaded ensemble: members on one device, answering a whole TorchServe batch in one pass.
 
 All images (or tensor instances) of all good requests in a batch are flattened, turned into one
-tensor per distinct input spec, run through every member in slices (on the CPU, side by side on the member threads), then
-split back per request, combined by each request's policy and rendered. A request that failed to
-parse gets its own error reply.
+tensor per distinct input spec (an image's test-time views are rows of it), run through every member
+a request asked for in slices (on the CPU, side by side on the member threads), averaged over each
+image's views, then split back per request, combined by each request's policy and rendered. A
+request that failed to parse gets its own error reply.
+
+Under `consistency: batch_invariant` every slice is one row, so an image's scores never depend on
+what shares its batch: the kernels run at one size whatever the load.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import math
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -24,7 +30,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from handlers.errors import EnsembleError, IntegrityError, MemberLoadError, RequestError
+from handlers.errors import EnsembleError, IntegrityError, InvalidPolicy, MemberLoadError, RequestError
 from handlers.execution import Group, PlanContext, plan_groups
 from handlers.manifest import EnsembleSpec, TensorSpec, read_archive_manifest
 from handlers.members import load_member, source_digest, verify_digests
@@ -36,6 +42,7 @@ from handlers.sequences import read_sequence, summarize
 
 SCORE_DIGITS = 6
 PLANS_FILE = "execution-plans.json"
+PLANS_LOCK = ".execution-plans.lock"
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -48,11 +55,13 @@ logger = logging.getLogger(__name__)
 class PreparedRequest:
     """A request whose images decoded (or tensor instances parsed) and whose policy resolved: ready to run.
 
+    `members` are the positions of the members it asked for (all by default), in declaration order.
     `v2` is set when the request was an Open Inference Protocol v2 body, and is answered as one.
     """
 
     inputs: tuple[Image.Image, ...] | torch.Tensor
     policy: PolicySpec
+    members: tuple[int, ...]
     v2: V2Form | None = None
     top_k: int | None = None
     min_run: int | None = None
@@ -62,14 +71,16 @@ class PreparedRequest:
 class Reply:
     """What one request gets back: an HTTP status, a JSON body, and how many images or instances it carried.
 
-    For the metrics (`handlers.ensemble_metrics`): an answered request's policy, the members' own
-    votes `[member, image, label]` and the combined choice `[image, label]`; a refused one's error type.
+    For the metrics (`handlers.ensemble_metrics`): an answered request's policy, the members that
+    answered, their own votes `[member, image, label]` and the combined choice `[image, label]`; a
+    refused one's error type.
     """
 
     status: int
     body: dict[str, Any]
     images: int = 0
     policy: str | None = None
+    members: tuple[str, ...] = ()
     votes: torch.Tensor | None = None
     chosen: torch.Tensor | None = None
     error: str | None = None
@@ -148,16 +159,17 @@ class Ensemble:
         self._weights = torch.tensor([member.weight for member in spec.members], dtype=torch.float64)
         self._digests = {member.name: member.sha256 for member in spec.members}
         self._source_digests = {name: source["sha256"] for name, source in self.sources.items()}
+        member_inputs = [spec.member_input(member) for member in spec.members]
         plans = PlanContext(
             executions=[spec.member_execution(member) for member in spec.members],
-            sizes=spec.batching.slice_sizes(parallelism),
+            sizes=[spec.batching.slice_sizes(parallelism, given.views, spec.consistency) for given in member_inputs],
             activation=self._activation,
             remembered=remembered_plans or {},
         )
         self._groups = plan_groups(
             spec.members,
             [module.to(device).eval() for module in modules],
-            [spec.member_input(member) for member in spec.members],
+            member_inputs,
             fuse=spec.batching.fuse_members,
             device=device,
             plans=plans,
@@ -184,11 +196,12 @@ class Ensemble:
         verify_digests(model_dir, manifest.digests, owners={member.weights: member.name for member in spec.members})
         modules = [load_member(m, model_dir) for m in spec.members]
         context = {"torch": torch.__version__, "device": device.type, "member_threads": parallelism}
-        remembered = _read_plans(model_dir / PLANS_FILE, context)
-        ensemble = cls(spec, modules, device, manifest.build, manifest.sources, parallelism=parallelism, remembered_plans=remembered)
-        choices = ensemble.plan_choices()
-        if any(choice["measured_by"] == "this worker" for choice in choices.values()):
-            _write_plans(model_dir / PLANS_FILE, {"context": context, "members": choices})
+        with _exclusive(model_dir / PLANS_LOCK):
+            remembered = _read_plans(model_dir / PLANS_FILE, context)
+            ensemble = cls(spec, modules, device, manifest.build, manifest.sources, parallelism=parallelism, remembered_plans=remembered)
+            choices = ensemble.plan_choices()
+            if any(choice["measured_by"] == "this worker" for choice in choices.values()):
+                _write_plans(model_dir / PLANS_FILE, {"context": context, "members": choices})
         return ensemble
 
     @classmethod
@@ -217,42 +230,100 @@ class Ensemble:
             return self._prepared(images, request.policy_params, request.v2)
 
     def _prepared(self, inputs: tuple[Image.Image, ...] | torch.Tensor, params: Mapping[str, str], v2: V2Form | None) -> PreparedRequest:
-        """The request's parameters resolved: its policy, and the `top_k` and `sequence` parts of its answer."""
+        """The request's parameters resolved: its members and policy, and the `top_k` and `sequence` parts of its answer."""
         rest = dict(params)
+        members = self._members(rest.pop("members", None), v2)
         top_k = self._top_k(rest.pop("top_k", None), v2)
         min_run = read_sequence(rest.pop("sequence", None), rest.pop("min_run", None), self.spec.limits.max_images_per_request)
         if min_run is not None and v2 is not None:
             raise RequestError("sequence is for our JSON answer; read a v2 answer's label outputs frame by frame")
-        return PreparedRequest(inputs, self._policy(rest), v2, top_k, min_run)
+        return PreparedRequest(inputs, self._policy(rest, members), members, v2, top_k, min_run)
+
+    def _members(self, raw: str | None, v2: V2Form | None) -> tuple[int, ...]:
+        """The positions of the members a request named in `members=a,b` (all without it), in declaration order."""
+        names = [member.name for member in self.spec.members]
+        if raw is None:
+            return tuple(range(len(names)))
+        asked = [name.strip() for name in raw.split(",")]
+        valid = ", ".join(names)
+        if not all(asked):
+            raise RequestError(f"members must be member names separated by commas, like members={names[0]}; valid: {valid}")
+        unknown = [name for name in asked if name not in names]
+        if unknown:
+            raise RequestError(f"unknown member(s) {unknown}; valid members: {valid}")
+        twice = sorted({name for name in asked if asked.count(name) > 1})
+        if twice:
+            raise RequestError(f"member(s) {twice} named twice in members; name each once")
+        positions = tuple(sorted(names.index(name) for name in asked))
+        left_out = {f"{name}." for i, name in enumerate(names) if i not in positions}
+        dropped = [output for output in (v2.outputs or ()) if output.startswith(tuple(left_out))] if v2 is not None else []
+        if dropped:
+            raise RequestError(f"outputs {dropped} belong to members this request leaves out (members={','.join(asked)})")
+        return positions
 
     def output_names(self) -> list[str]:
         """The v2 output tensors this ensemble answers with (README, "Open Inference Protocol v2")."""
         return output_names(self._labels_key, [member.name for member in self.spec.members])
 
-    def probabilities(self, inputs: Inputs, forward_seconds: dict[str, float] | None = None) -> torch.Tensor:
+    def probabilities(
+        self,
+        inputs: Inputs,
+        forward_seconds: dict[str, float] | None = None,
+        wanted: Sequence[Collection[int]] | None = None,
+    ) -> torch.Tensor:
         """probs[member, input, label] as float64 on the CPU; each image is transformed once per input spec.
 
-        `inputs` are decoded images, or for a tensor-input ensemble one tensor [N, *shape]. Given
-        `forward_seconds`, each member's time in its forward calls is added to it (fused members share
-        their group's time equally; on CUDA each call is synchronized so the time is the kernels').
+        `inputs` are decoded images, or for a tensor-input ensemble one tensor [N, *shape]. A member
+        with test-time augmentation scores an image by the mean of its probabilities over the views.
+        `wanted[i]`, when given, holds the positions of the members input i needs: a member runs only
+        on the inputs that need it (fused members run when any of them is needed), and its scores
+        for the others are NaN. Given `forward_seconds`, each member's time in its forward calls is
+        added to it (fused members share their group's time equally; on CUDA each call is
+        synchronized so the time is the kernels').
         """
+        count = len(inputs)
         if isinstance(inputs, torch.Tensor):
             batches = {self.spec.input: inputs}
         else:
             batches = batch_tensors(inputs, [group.spec for group in self._groups])
-        slice_size = min(self.spec.batching.micro_batch_size, -(-len(inputs) // self._parallelism))
+        probs = torch.full((len(self.spec.members), count, len(self.spec.labels)), math.nan, dtype=torch.float64)
         with torch.inference_mode():
             on_device = {spec: self._to_device(batch) for spec, batch in batches.items()}
-            tasks = [(group, chunk) for group in self._groups for chunk in on_device[group.spec].split(slice_size)]
-            results = self._map(self._run, tasks)
-            slices: list[list[torch.Tensor]] = [[] for _ in self.spec.members]
-            for (group, _), (probs, seconds) in zip(tasks, results, strict=True):
-                for row, member in enumerate(group.indices):
-                    slices[member].append(probs[row])
-                    if forward_seconds is not None:
+            jobs, tasks = [], []
+            for group in self._groups:
+                rows = _rows_needing(group.indices, wanted, count)
+                batch = on_device[group.spec]
+                if rows is not None:
+                    batch = batch.unflatten(0, (count, group.spec.views))[rows.to(batch.device)].flatten(0, 1)
+                chunks = batch.split(self._slice_rows(len(batch))) if len(batch) else ()
+                jobs.append((group, rows, len(chunks)))
+                tasks += [(group, chunk) for chunk in chunks]
+            results = iter(self._map(self._run, tasks))
+            for group, rows, calls in jobs:
+                if not calls:
+                    continue
+                done = [next(results) for _ in range(calls)]
+                scores = torch.cat([part for part, _ in done], dim=1).to("cpu", torch.float64)
+                views = group.spec.views
+                if views > 1:
+                    scores = scores.unflatten(1, (-1, views)).mean(dim=2)
+                members = torch.tensor(group.indices)
+                if rows is None:
+                    probs[members] = scores
+                else:
+                    probs[members[:, None], rows[None, :]] = scores
+                if forward_seconds is not None:
+                    seconds = sum(spent for _, spent in done) / len(group.indices)
+                    for member in group.indices:
                         name = self.spec.members[member].name
-                        forward_seconds[name] = forward_seconds.get(name, 0.0) + seconds / len(group.indices)
-            return torch.stack([torch.cat(parts) for parts in slices]).to("cpu", torch.float64)
+                        forward_seconds[name] = forward_seconds.get(name, 0.0) + seconds
+            return probs
+
+    def _slice_rows(self, rows: int) -> int:
+        """Rows per forward call: the batch spread over the member threads, capped by micro_batch_size; 1 when batch-invariant."""
+        if self.spec.consistency == "batch_invariant":
+            return 1
+        return min(self.spec.batching.micro_batch_size, -(-rows // self._parallelism))
 
     def _map(self, work: Callable[[T], R], items: Sequence[T]) -> list[R]:
         """`work` on every item, in order, on the member threads; the calling thread works too.
@@ -297,9 +368,13 @@ class Ensemble:
 
     def answer_batch(self, prepared: Sequence[PreparedRequest | EnsembleError]) -> BatchAnswer:
         """One reply per request, in order; the good requests' inputs run together as one batch."""
-        good = [p.inputs for p in prepared if isinstance(p, PreparedRequest)]
+        good = [p for p in prepared if isinstance(p, PreparedRequest)]
+        everyone = tuple(range(len(self.spec.members)))
+        wanted = None
+        if any(p.members != everyone for p in good):
+            wanted = [set(p.members) for p in good for _ in range(len(p.inputs))]
         forward_seconds = {member.name: 0.0 for member in self.spec.members}
-        probs = self.probabilities(self._flatten(good), forward_seconds) if good else None
+        probs = self.probabilities(self._flatten([p.inputs for p in good]), forward_seconds, wanted) if good else None
         replies, offset = [], 0
         for item in prepared:
             if isinstance(item, EnsembleError):
@@ -307,23 +382,35 @@ class Ensemble:
                 continue
             assert probs is not None, "a prepared request always carries inputs"
             count = len(item.inputs)
-            mine = probs[:, offset : offset + count]
-            decision, own = self._decide(mine, item.policy)
+            mine = probs[list(item.members), offset : offset + count]
+            decision, own = self._decide(mine, item.policy, item.members)
             if item.v2 is None:
-                body = self._json_body(mine, decision, own, item.policy, item.top_k, item.min_run)
+                body = self._json_body(mine, decision, own, item.policy, item.members, item.top_k, item.min_run)
             else:
-                body = self._v2_body(mine, decision, own, item.policy, item.v2)
-            replies.append(Reply(200, body, count, policy=item.policy.name, votes=own, chosen=decision.chosen))
+                body = self._v2_body(mine, decision, own, item.policy, item.members, item.v2)
+            names = tuple(self.spec.members[m].name for m in item.members)
+            replies.append(Reply(200, body, count, policy=item.policy.name, members=names, votes=own, chosen=decision.chosen))
             offset += count
         return BatchAnswer(replies, forward_seconds)
 
-    def render(self, probs: torch.Tensor, policy: PolicySpec) -> dict[str, Any]:
-        """The response body for one request's probabilities under `policy`."""
-        return self._json_body(probs, *self._decide(probs, policy), policy)
+    def render(self, probs: torch.Tensor, policy: PolicySpec, *, members: Sequence[str] | None = None, top_k: int | None = None) -> dict[str, Any]:
+        """The response body for one request's probabilities (every member's) under `policy`, from `members` (default all).
 
-    def render_v2(self, probs: torch.Tensor, policy: PolicySpec, form: V2Form) -> dict[str, Any]:
+        `top_k` defaults to the ensemble's, as for a request that does not name it.
+        """
+        picked = self._positions(members)
+        mine = probs[list(picked)]
+        return self._json_body(mine, *self._decide(mine, policy, picked), policy, picked, top_k or self.spec.top_k)
+
+    def render_v2(self, probs: torch.Tensor, policy: PolicySpec, form: V2Form, *, members: Sequence[str] | None = None) -> dict[str, Any]:
         """The Open Inference Protocol v2 response body for one request: the same answer as tensors."""
-        return self._v2_body(probs, *self._decide(probs, policy), policy, form)
+        picked = self._positions(members)
+        mine = probs[list(picked)]
+        return self._v2_body(mine, *self._decide(mine, policy, picked), policy, picked, form)
+
+    def _positions(self, members: Sequence[str] | None) -> tuple[int, ...]:
+        names = [member.name for member in self.spec.members]
+        return tuple(range(len(names))) if members is None else tuple(sorted(names.index(name) for name in members))
 
     def _json_body(
         self,
@@ -331,10 +418,11 @@ class Ensemble:
         decision: Decision,
         own: torch.Tensor,
         policy: PolicySpec,
+        members: Sequence[int],
         top_k: int | None = None,
         min_run: int | None = None,
     ) -> dict[str, Any]:
-        names = [member.name for member in self.spec.members]
+        names = [self.spec.members[m].name for m in members]
         member_views = {name: self._views(own[m], probs[m]) for m, name in enumerate(names)}
         predictions = self._views(decision.chosen, decision.score)
         if top_k is not None:
@@ -348,22 +436,26 @@ class Ensemble:
             "ensemble": self.spec.name,
             "version": self.spec.version,
             "policy": {"name": policy.name, "params": policy.params()},
+            "answered_by": names,
             "predictions": predictions,
             "members": per_member,
             "provenance": {
                 "ensemble_version": self.spec.version,
                 "built_at": self.build.get("built_at"),
-                "member_sha256": self._digests,
-                "member_source_sha256": self._source_digests,
+                "member_sha256": {name: self._digests[name] for name in names},
+                "member_source_sha256": {name: self._source_digests[name] for name in names},
             },
         }
         if min_run is not None:
             body["sequence"] = summarize(decision.chosen, self.spec.labels, only=self.spec.positive_index, min_run=min_run)
         return body
 
-    def _v2_body(self, probs: torch.Tensor, decision: Decision, own: torch.Tensor, policy: PolicySpec, form: V2Form) -> dict[str, Any]:
-        names = [member.name for member in self.spec.members]
+    def _v2_body(
+        self, probs: torch.Tensor, decision: Decision, own: torch.Tensor, policy: PolicySpec, members: Sequence[int], form: V2Form
+    ) -> dict[str, Any]:
+        names = [self.spec.members[m].name for m in members]
         parameters: dict[str, Any] = {"policy": policy.name, **policy.params(), "ensemble_version": self.spec.version}
+        parameters["members"] = ",".join(names)
         parameters.update({f"{name}.sha256": self._digests[name] for name in names})
         return render_v2(
             name=self.spec.name,
@@ -407,6 +499,7 @@ class Ensemble:
             "input": spec["input"],
             "limits": spec["limits"],
             "batching": spec["batching"],
+            "consistency": self.spec.consistency,
             "device": str(self.device),
             "member_threads": self._parallelism,
             "execution": [group.describe(names) for group in self._groups],
@@ -420,6 +513,7 @@ class Ensemble:
         (`_` as `-`), a multipart field, a gRPC input, or in a JSON body's `parameters` object.
         """
         default = self.spec.policy
+        names = [member.name for member in self.spec.members]
         parameters: dict[str, dict[str, Any]] = {
             "policy": {"values": policy_names(), "default": default.name},
             "k": {"range": [1, len(self.spec.members)], "default": default.k, "for": "k_of_n"},
@@ -427,14 +521,16 @@ class Ensemble:
         if self.spec.task != "multiclass":
             parameters["threshold"] = {"range": [0.0, 1.0], "default": default.threshold}
         else:
-            parameters["top_k"] = {"range": [1, len(self.spec.labels)], "default": None}
+            parameters["top_k"] = {"range": [1, len(self.spec.labels)], "default": self.spec.top_k}
+        parameters["members"] = {"values": names, "default": names, "format": "comma-separated names"}
         parameters["sequence"] = {"values": [True, False], "default": False}
         parameters["min_run"] = {"range": [1, self.spec.limits.max_images_per_request], "default": 1, "for": "sequence=true"}
         return parameters
 
-    def _decide(self, probs: torch.Tensor, policy: PolicySpec) -> tuple[Decision, torch.Tensor]:
-        """The combined decision and every member's own votes, for either response form."""
-        votes = Votes(task=self.spec.task, weights=self._weights, positive=self.spec.positive_index, policy=policy)
+    def _decide(self, probs: torch.Tensor, policy: PolicySpec, members: Sequence[int]) -> tuple[Decision, torch.Tensor]:
+        """The combined decision of `members` (positions; `probs` holds their rows) and their own votes, for either response form."""
+        weights = self._weights[list(members)]
+        votes = Votes(task=self.spec.task, weights=weights, positive=self.spec.positive_index, policy=policy)
         return combine(probs, votes), member_votes(probs, votes)
 
     @property
@@ -446,8 +542,15 @@ class Ensemble:
         """A v2 request's later errors (an image that does not decode, a bad policy) get v2 error bodies too."""
         return v2_errors() if v2 is not None else nullcontext()
 
-    def _policy(self, params: Mapping[str, str]) -> PolicySpec:
-        return resolve_policy(params, default=self.spec.policy, task=self.spec.task, n_members=len(self.spec.members))
+    def _policy(self, params: Mapping[str, str], members: Sequence[int]) -> PolicySpec:
+        """The request's policy; `k` counts the members it asked for."""
+        try:
+            return resolve_policy(params, default=self.spec.policy, task=self.spec.task, n_members=len(members))
+        except InvalidPolicy as e:
+            if len(members) == len(self.spec.members):
+                raise
+            asked = ",".join(self.spec.members[m].name for m in members)
+            raise InvalidPolicy(f"{e} (k counts the {len(members)} member(s) this request asked for: members={asked})") from e
 
     def _flatten(self, inputs: Sequence[tuple[Image.Image, ...] | torch.Tensor]) -> Inputs:
         if isinstance(self.spec.input, TensorSpec):
@@ -462,9 +565,9 @@ class Ensemble:
             view["top"] = [{"label": self.spec.labels[i], "score": round(v, SCORE_DIGITS)} for i, v in zip(indices, values, strict=True)]
 
     def _top_k(self, raw: str | None, v2: V2Form | None) -> int | None:
-        """The `top_k` a request asked for, validated: multiclass only, 1 to the number of labels."""
+        """The `top_k` a request asked for, validated (multiclass only, 1 to the number of labels), else the ensemble's default."""
         if raw is None:
-            return None
+            return self.spec.top_k if v2 is None else None
         if self.spec.task != "multiclass":
             raise RequestError(f"top_k applies to multiclass ensembles; this one is {self.spec.task}")
         if v2 is not None:
@@ -515,6 +618,35 @@ class Ensemble:
                     f"member {member.name!r}: outputs shape {shape} for one image; "
                     f"expected (1, {len(self.spec.labels)}) for labels {list(self.spec.labels)}"
                 )
+
+
+def _rows_needing(group: Sequence[int], wanted: Sequence[Collection[int]] | None, count: int) -> torch.Tensor | None:
+    """The inputs (positions) that need any member of `group`, or None when all of them do."""
+    if wanted is None:
+        return None
+    rows = [i for i, members in enumerate(wanted) if not set(group).isdisjoint(members)]
+    return None if len(rows) == count else torch.tensor(rows, dtype=torch.long)
+
+
+@contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `path` across processes: a model's workers choose plans one at a time.
+
+    The first worker measures and records; the others wait, then reuse its choices, so every worker
+    of a model runs the same plans and gives the same scores for the same image.
+    """
+    try:
+        handle = path.open("a")
+    except OSError:
+        logger.warning("cannot open %s; workers choose their plans independently", path, exc_info=True)
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _read_plans(path: Path, context: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:

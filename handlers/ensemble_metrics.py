@@ -49,6 +49,9 @@ Counts = Counter[tuple[str, tuple[str, ...]]]
 def batch_counts(answer: BatchAnswer, *, members: Sequence[str], labels: Sequence[str], single_label: bool) -> Counts:
     """Every counter's increment for one batch, keyed by (name, our label values in COUNTERS order).
 
+    A member's images and votes count the requests it answered (a request may name `members`);
+    `members` lists all of them, for their forward seconds.
+
     Disagreement: the members' own votes for an image are not all the same. Abstention (binary and
     multiclass only; an empty multilabel answer is an answer): the combined choice has no label.
     """
@@ -62,7 +65,8 @@ def batch_counts(answer: BatchAnswer, *, members: Sequence[str], labels: Sequenc
         images += reply.images
         counts["ensemble_requests_total", (reply.policy,)] += 1
         votes = reply.votes
-        for m, member in enumerate(members):
+        for m, member in enumerate(reply.members):
+            counts["ensemble_member_images_total", (member,)] += reply.images
             for label, count in zip(labels, votes[m].sum(dim=0).tolist(), strict=True):
                 if count:
                     counts["ensemble_member_positive_total", (member, label)] += count
@@ -73,7 +77,6 @@ def batch_counts(answer: BatchAnswer, *, members: Sequence[str], labels: Sequenc
     counts["ensemble_batch_images_total", ()] += images
     counts["ensemble_images_total", ()] += images
     for member in members:
-        counts["ensemble_member_images_total", (member,)] += images
         counts["ensemble_member_forward_seconds_total", (member,)] += answer.forward_seconds.get(member, 0.0)
     return counts
 

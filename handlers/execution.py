@@ -44,10 +44,10 @@ class Group:
 
 @dataclass(frozen=True)
 class PlanContext:
-    """What choosing a member's plan needs besides the member: its execution settings, sizes to time, the activation."""
+    """What choosing a member's plan needs besides the member: its execution settings, the rows per call to time, the activation."""
 
     executions: Sequence[Execution]
-    sizes: Sequence[int]
+    sizes: Sequence[Sequence[int]]
     activation: Callable[[torch.Tensor], torch.Tensor]
     remembered: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
@@ -100,7 +100,7 @@ def _planned(index: int, member: MemberSpec, module: nn.Module, spec: MemberInpu
             module,
             spec.instance_shape,
             plans.executions[index],
-            sizes=plans.sizes,
+            sizes=plans.sizes[index],
             device=device,
             activation=plans.activation,
             remembered=plans.remembered.get(member.name),

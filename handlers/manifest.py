@@ -29,6 +29,9 @@ MANIFEST_FORMAT = 2
 INPUT_TYPES = ("image", "tensor")
 PLANS = ("auto", "eager", "channels_last", "frozen", "frozen_channels_last", "compiled")
 RESIZE_MODES = ("stretch", "center_crop")
+TTA_VIEWS = {"none": 1, "hflip": 2, "five_crop": 5, "ten_crop": 10}
+CROP_FRACTION = 0.875
+CONSISTENCY = ("fast", "batch_invariant")
 CHANNELS = {"RGB": 3, "L": 1}
 DEFAULT_NORM = {"RGB": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), "L": ((0.5,), (0.5,))}
 DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
@@ -50,6 +53,7 @@ class InputSpec:
     mean: tuple[float, ...] = DEFAULT_NORM["RGB"][0]
     std: tuple[float, ...] = DEFAULT_NORM["RGB"][1]
     type: str = "image"
+    tta: str = "none"
 
     @property
     def channels(self) -> int:
@@ -59,6 +63,23 @@ class InputSpec:
     def instance_shape(self) -> tuple[int, ...]:
         """The shape of one member input: [C, H, W]."""
         return (self.channels, *self.size)
+
+    @property
+    def views(self) -> int:
+        """Member input rows per image: 1, or the test-time augmentation's views."""
+        return TTA_VIEWS[self.tta]
+
+    @property
+    def base(self) -> InputSpec:
+        """The spec whose resized tensor this one's views are cut from: one per load size, so crops share theirs."""
+        return replace(self, tta="five_crop" if self.tta == "ten_crop" else "none" if self.tta == "hflip" else self.tta)
+
+    @property
+    def load_size(self) -> tuple[int, int]:
+        """The (height, width) the image is resized to before its views are cut."""
+        if self.tta in ("none", "hflip"):
+            return self.size
+        return (round(self.size[0] / CROP_FRACTION), round(self.size[1] / CROP_FRACTION))
 
 
 @dataclass(frozen=True)
@@ -71,6 +92,11 @@ class TensorSpec:
     @property
     def instance_shape(self) -> tuple[int, ...]:
         return self.shape
+
+    @property
+    def views(self) -> int:
+        """Tensor instances have no views: one row each."""
+        return 1
 
 
 MemberInput = InputSpec | TensorSpec
@@ -100,9 +126,12 @@ class Batching:
         """Member threads of one worker: cores / workers, so that all workers together use each core once."""
         return max(1, cores // self.workers)
 
-    def slice_sizes(self, threads: int) -> tuple[int, ...]:
-        """The slice sizes a worker runs most: one image, and a full batch spread over `threads`, capped by micro_batch_size."""
-        return tuple(sorted({1, min(self.micro_batch_size, -(-self.batch_size // threads))}))
+    def slice_sizes(self, threads: int, views: int = 1, consistency: str = "fast") -> tuple[int, ...]:
+        """The rows per forward call a worker runs most: one image's views, and a full batch spread over
+        `threads`, capped by micro_batch_size; under batch_invariant every call takes exactly one row."""
+        if consistency == "batch_invariant":
+            return (1,)
+        return tuple(sorted({min(self.micro_batch_size, views), min(self.micro_batch_size, -(-self.batch_size * views // threads))}))
 
 
 @dataclass(frozen=True)
@@ -175,6 +204,8 @@ class EnsembleSpec:
     limits: Limits = Limits()
     batching: Batching = Batching()
     execution: Execution = Execution()
+    top_k: int | None = None
+    consistency: str = "fast"
 
     @property
     def positive_index(self) -> int | None:
@@ -202,8 +233,9 @@ class EnsembleSpec:
             member["state_dict"] = spec.state_dict.to_dict()
             if not member["state_dict"]:
                 del member["state_dict"]
-        if self.positive_label is None:
-            del data["positive_label"]
+        for key in ("positive_label", "top_k"):
+            if data[key] is None:
+                del data[key]
         return _lists(data)
 
 
@@ -274,7 +306,7 @@ def parse_ensemble(name: str, node: _Node, *, base_dir: Path, check_files: bool)
         node.fail(f"ensemble name {name!r} must match {_NAME.pattern} (it is the TorchServe model name)")
     node.keys(
         required={"version", "task", "labels", "input", "members"},
-        optional={"positive_label", "policy", "limits", "batching", "execution"},
+        optional={"positive_label", "policy", "limits", "batching", "execution", "top_k", "consistency"},
     )
     version = node["version"].string(pattern=re.compile(r"[0-9A-Za-z][0-9A-Za-z._-]*"), what="a quoted version string like '1.0'")
     task = node["task"].choice(TASKS)
@@ -307,6 +339,11 @@ def parse_ensemble(name: str, node: _Node, *, base_dir: Path, check_files: bool)
         seen.add(member.name)
 
     policy = _parse_policy(node["policy"] if "policy" in node else None, task, len(members))
+    top_k = None
+    if task == "multiclass":
+        top_k = node["top_k"].integer(1, len(labels)) if "top_k" in node else 1
+    elif "top_k" in node:
+        node["top_k"].fail(f"top_k ranks the labels of a multiclass ensemble; this one is {task}")
     return EnsembleSpec(
         name=name,
         version=version,
@@ -320,6 +357,8 @@ def parse_ensemble(name: str, node: _Node, *, base_dir: Path, check_files: bool)
         limits=_parse_limits(node["limits"]) if "limits" in node else Limits(),
         batching=_parse_batching(node["batching"]) if "batching" in node else Batching(),
         execution=execution,
+        top_k=top_k,
+        consistency=node["consistency"].choice(CONSISTENCY) if "consistency" in node else "fast",
     )
 
 
@@ -343,7 +382,7 @@ def _parse_input(node: _Node, base: MemberInput | None) -> MemberInput:
         if base is not None:
             node.fail("only a whole ensemble takes tensor input; members of an image ensemble take images")
         return _parse_tensor_input(node)
-    node.keys(required=set() if base else {"size"}, optional={"type", "size", "resize", "color_mode", "mean", "std"})
+    node.keys(required=set() if base else {"size"}, optional={"type", "size", "resize", "color_mode", "mean", "std", "tta"})
     spec = base or InputSpec(size=(1, 1))
     if "size" in node:
         size = node["size"].int_list(length=2, low=8, high=4096)
@@ -359,6 +398,8 @@ def _parse_input(node: _Node, base: MemberInput | None) -> MemberInput:
     if "std" in node:
         std = node["std"].float_list(length=spec.channels, low=1e-6, high=10.0)
         spec = replace(spec, std=tuple(std))
+    if "tta" in node:
+        spec = replace(spec, tta=node["tta"].choice(tuple(TTA_VIEWS)))
     for key in ("mean", "std"):
         if len(getattr(spec, key)) != spec.channels:
             node.fail(f"{key} needs {spec.channels} values for color_mode {spec.color_mode}")

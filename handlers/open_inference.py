@@ -153,7 +153,8 @@ def _check_input_parameters(raw: Any) -> None:
 
 def read_parameters(raw: Any) -> dict[str, str]:
     """A JSON body's `parameters` object (v2, or our `{"instances": ..., "parameters": ...}`): the policy
-    ones as text, as a query string would carry them; Triton's binary-output flags are ignored."""
+    ones as text, as a query string would carry them (`members` may also be a list of names); Triton's
+    binary-output flags are ignored."""
     if not isinstance(raw, dict):
         raise RequestError("parameters must be an object")
     unknown = sorted(set(raw) - set(REQUEST_PARAMETERS) - set(IGNORED_PARAMETERS))
@@ -163,6 +164,8 @@ def read_parameters(raw: Any) -> dict[str, str]:
     for key in REQUEST_PARAMETERS:
         if key in raw:
             value = raw[key]
+            if key == "members" and isinstance(value, list) and all(isinstance(name, str) for name in value):
+                value = ",".join(value)
             if isinstance(value, bool) or not isinstance(value, (str, int, float)):
                 raise RequestError(f"parameters.{key} must be a string or a number, got {value!r}")
             params[key] = str(value).strip()

@@ -32,7 +32,7 @@ from handlers.errors import InvalidPolicy
 TASKS = ("multiclass", "binary", "multilabel")
 POLICY_PARAMETERS = ("policy", "k", "threshold")
 # Every parameter a request may carry, on any channel: the policy's, and what else the answer shows.
-REQUEST_PARAMETERS = (*POLICY_PARAMETERS, "top_k", "sequence", "min_run")
+REQUEST_PARAMETERS = (*POLICY_PARAMETERS, "members", "top_k", "sequence", "min_run")
 DEFAULT_THRESHOLD = 0.5
 
 

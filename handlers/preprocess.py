@@ -1,4 +1,10 @@
-"""Decode each image once, then build one tensor per distinct input spec for all the members sharing it."""
+"""Decode each image once, then build one tensor per distinct input spec for all the members sharing it.
+
+With test-time augmentation (`input.tta`) each image becomes several rows, its views, cut from one
+resized tensor: `hflip` adds the mirror image; `five_crop` cuts the four corners and the centre
+at `size` from the image resized to `size / CROP_FRACTION`; `ten_crop` adds their mirrors. Specs
+differing only in their views share that resized tensor.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 from PIL import Image, ImageOps
-from torchvision.transforms.functional import pil_to_tensor
+from torchvision.transforms.v2.functional import five_crop, horizontal_flip, pil_to_tensor, ten_crop
 
 from handlers.errors import InvalidImage, PayloadTooLarge
 from handlers.manifest import InputSpec, Limits
@@ -76,8 +82,8 @@ def _rgb_or_gray(image: Image.Image, fmt: str | None) -> Image.Image:
 
 
 def to_tensor(image: Image.Image, spec: InputSpec) -> torch.Tensor:
-    """One image, already in `spec.color_mode`, as a normalised float tensor [C, H, W]."""
-    height, width = spec.size
+    """One image, already in `spec.color_mode`, as a normalised float tensor [C, H, W] of `spec.load_size`."""
+    height, width = spec.load_size
     if spec.resize == "center_crop":
         scale = max(height / image.height, width / image.width)
         cover = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
@@ -92,9 +98,22 @@ def to_tensor(image: Image.Image, spec: InputSpec) -> torch.Tensor:
     return pixels.sub_(mean).div_(std)
 
 
+def views(batch: torch.Tensor, spec: InputSpec) -> torch.Tensor:
+    """[N, C, H', W'] resized images to [N * views, C, H, W] member rows, each image's views together."""
+    if spec.tta == "none":
+        return batch
+    if spec.tta == "hflip":
+        cut = (batch, horizontal_flip(batch))
+    else:
+        cut = (five_crop if spec.tta == "five_crop" else ten_crop)(batch, list(spec.size))
+    return torch.stack(cut, dim=1).flatten(0, 1)
+
+
 def batch_tensors(images: Sequence[Image.Image], specs: Iterable[InputSpec]) -> dict[InputSpec, torch.Tensor]:
-    """For each distinct spec, the stacked batch [N, C, H, W]; each colour conversion (RGB <-> L) is done once."""
+    """For each distinct spec, its rows [N * views, C, H, W]; each colour conversion (RGB <-> L) and each resize is done once."""
     distinct = list(dict.fromkeys(specs))
     modes = {spec.color_mode for spec in distinct}
     converted = {mode: [image if image.mode == mode else image.convert(mode) for image in images] for mode in modes}
-    return {spec: torch.stack([to_tensor(image, spec) for image in converted[spec.color_mode]]) for spec in distinct}
+    bases = {spec.base for spec in distinct}
+    resized = {base: torch.stack([to_tensor(image, base) for image in converted[base.color_mode]]) for base in bases}
+    return {spec: views(resized[spec.base], spec) for spec in distinct}

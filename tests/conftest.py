@@ -174,16 +174,21 @@ def reference_ensemble(store: Path, name: str) -> Ensemble:
 def reference(store: Path, name: str, images: list[bytes], **policy: str) -> list[dict[str, Any]]:
     """In-process predictions of the same members on the same images, through no HTTP and no archive."""
     ensemble = reference_ensemble(store, name)
-    chosen = ensemble.prepare({"body": images[0], **{k: v.encode() for k, v in policy.items()}}, {}).policy
+    prepared = ensemble.prepare({"body": images[0], **{k: v.encode() for k, v in policy.items()}}, {})
     probs = ensemble.probabilities([decode_image(data, ensemble.spec.limits) for data in images])
-    return ensemble.render(probs, chosen)["predictions"]
+    return ensemble.render(probs, prepared.policy, members=_names(ensemble, prepared.members))["predictions"]
+
+
+def _names(ensemble: Ensemble, positions: tuple[int, ...]) -> list[str]:
+    return [ensemble.spec.members[m].name for m in positions]
 
 
 def tensor_reference(store: Path, name: str, values: numpy.ndarray, **policy: str) -> list[dict[str, Any]]:
     """In-process predictions of a tensor-input test ensemble on `values` [N, *shape]."""
     ensemble = reference_ensemble(store, name)
-    chosen = ensemble.prepare({"body": npy_bytes(values), **{k: v.encode() for k, v in policy.items()}}, NPY).policy
-    return ensemble.render(ensemble.probabilities(torch.from_numpy(values)), chosen)["predictions"]
+    prepared = ensemble.prepare({"body": npy_bytes(values), **{k: v.encode() for k, v in policy.items()}}, NPY)
+    probs = ensemble.probabilities(torch.from_numpy(values))
+    return ensemble.render(probs, prepared.policy, members=_names(ensemble, prepared.members))["predictions"]
 
 
 def _labels_and_scores(view: dict[str, Any]) -> tuple[Any, list[float | None]]:

@@ -92,7 +92,9 @@ def test_response_shape_and_provenance(trio: tuple[EnsembleHandler, Context], te
     assert body["provenance"]["member_source_sha256"] == digests
     assert body["provenance"]["ensemble_version"] == "2.1"
     prediction = body["predictions"][0]
-    assert set(prediction) == {"label", "score", "members"}
+    assert set(prediction) == {"label", "score", "top", "members"}
+    assert prediction["top"] == [{"label": prediction["label"], "score": prediction["score"]}]
+    assert body["answered_by"] == ["mobile", "pool_rgb", "pool_gray"]
     assert list(prediction["members"]) == ["mobile", "pool_rgb", "pool_gray"]
     assert body["members"] == {name: [view["label"]] for name, view in prediction["members"].items()}
 
@@ -124,7 +126,8 @@ def test_describe_lists_members_digests_and_policies(trio: tuple[EnsembleHandler
     assert described["parameters"] == {
         "policy": {"values": ["all", "any", "k_of_n", "majority", "max", "mean"], "default": "mean"},
         "k": {"range": [1, 3], "default": None, "for": "k_of_n"},
-        "top_k": {"range": [1, 3], "default": None},
+        "top_k": {"range": [1, 3], "default": 1},
+        "members": {"values": ["mobile", "pool_rgb", "pool_gray"], "default": ["mobile", "pool_rgb", "pool_gray"], "format": "comma-separated names"},
         "sequence": {"values": [True, False], "default": False},
         "min_run": {"range": [1, 64], "default": 1, "for": "sequence=true"},
     }

@@ -47,7 +47,7 @@ RULES = f"{PREFIX}.members[0].state_dict"
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        pytest.param(lambda e: e.update(colour="red"), f"{PREFIX}.colour: unknown key; valid keys here: batching, execution, input, labels, limits, members, policy, positive_label, task, version", id="unknown-key"),
+        pytest.param(lambda e: e.update(colour="red"), f"{PREFIX}.colour: unknown key; valid keys here: batching, consistency, execution, input, labels, limits, members, policy, positive_label, task, top_k, version", id="unknown-key"),
         pytest.param(lambda e: e.pop("labels"), f"{PREFIX}: missing key 'labels'", id="missing-key"),
         pytest.param(lambda e: e.update(version=2.1), f"{PREFIX}.version: expected a quoted version string like '1.0', got 2.1", id="version-not-string"),
         pytest.param(lambda e: e.update(task="regression"), f"{PREFIX}.task: expected one of multiclass, binary, multilabel, got 'regression'", id="bad-task"),

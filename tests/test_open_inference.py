@@ -67,7 +67,8 @@ def test_v2_images_answer_with_the_same_labels_and_scores_as_json(trio: tuple[En
     assert (body["model_name"], body["model_version"], body["id"]) == ("trio", "2.1", "req-7")
     assert body["parameters"]["policy"] == "mean"
     assert body["parameters"]["ensemble_version"] == "2.1"
-    assert set(body["parameters"]) == {"policy", "ensemble_version", "mobile.sha256", "pool_rgb.sha256", "pool_gray.sha256"}
+    assert body["parameters"]["members"] == "mobile,pool_rgb,pool_gray"
+    assert set(body["parameters"]) == {"policy", "members", "ensemble_version", "mobile.sha256", "pool_rgb.sha256", "pool_gray.sha256"}
     outputs = outputs_by_name(body)
     assert list(outputs) == TRIO_OUTPUTS
     assert [(o["datatype"], o["shape"]) for o in body["outputs"]] == [("BYTES", [3]), ("FP64", [3, 3])] * 4
@@ -138,7 +139,7 @@ BAD_V2 = [
         "65 images in one request; this ensemble accepts at most 64", id="too-many-images",
     ),
     pytest.param({**v2_images([image_bytes(1)]), "inputz": 1}, {}, 400, "unknown v2 request field(s) ['inputz']; valid: id, parameters, inputs, outputs", id="unknown-field"),
-    pytest.param(v2_images([image_bytes(1)], parameters={"colour": "red"}), {}, 400, "unknown parameter(s) ['colour']; valid: policy, k, threshold, top_k, sequence, min_run", id="unknown-parameter"),
+    pytest.param(v2_images([image_bytes(1)], parameters={"colour": "red"}), {}, 400, "unknown parameter(s) ['colour']; valid: policy, k, threshold, members, top_k, sequence, min_run", id="unknown-parameter"),
     pytest.param(v2_images([image_bytes(1)], parameters={"policy": "vote"}), {}, 400, "unknown policy 'vote'; valid policies: all, any, k_of_n, majority, max, mean", id="unknown-policy"),
     pytest.param(
         v2_images([image_bytes(1)], parameters={"policy": "any"}), {"X-Ensemble-Policy": "all"}, 400,

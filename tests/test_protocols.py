@@ -143,7 +143,7 @@ def test_grpc_from_8_clients(server: Server, test_store: Path, stubs: tuple[Modu
     ("inputs", "expected"),
     [
         pytest.param({"data": b"not an image"}, {"code": 400, "type": "InvalidImage", "message": "not a decodable image of an accepted format (JPEG, PNG, WEBP, BMP)"}, id="bad-image"),
-        pytest.param({"image": b"x"}, {"code": 400, "type": "RequestError", "message": "unknown parameter(s) ['image']; valid: policy, k, threshold, top_k, sequence, min_run, and the body (over gRPC an input named body or data)"}, id="wrong-input-name"),
+        pytest.param({"image": b"x"}, {"code": 400, "type": "RequestError", "message": "unknown parameter(s) ['image']; valid: policy, k, threshold, members, top_k, sequence, min_run, and the body (over gRPC an input named body or data)"}, id="wrong-input-name"),
         pytest.param({"data": json.dumps({"inputs": []}).encode()}, {"error": "inputs must be a list of exactly one tensor object, got 0"}, id="bad-v2"),
     ],
 )

@@ -108,7 +108,7 @@ def test_parse_request(row: dict, headers: dict, expected: RequestInput) -> None
         ),
         pytest.param(
             {"body": json.dumps({"instances": [{"b64": b64(A)}], "parameters": {"colour": "red"}}).encode()},
-            {"Content-Type": "application/json"}, RequestError, "unknown parameter(s) ['colour']; valid: policy, k, threshold, top_k, sequence, min_run",
+            {"Content-Type": "application/json"}, RequestError, "unknown parameter(s) ['colour']; valid: policy, k, threshold, members, top_k, sequence, min_run",
             id="json-body-unknown-parameter",
         ),
         pytest.param(
@@ -120,7 +120,7 @@ def test_parse_request(row: dict, headers: dict, expected: RequestInput) -> None
             PayloadTooLarge, "4 images in one request; this ensemble accepts at most 3", id="too-many-images",
         ),
         pytest.param(
-            {"polcy": b"any", "body": A}, {}, RequestError, "unknown parameter(s) ['polcy']; valid: policy, k, threshold, top_k, sequence, min_run, and the body (over gRPC an input named body or data)", id="unknown-query",
+            {"polcy": b"any", "body": A}, {}, RequestError, "unknown parameter(s) ['polcy']; valid: policy, k, threshold, members, top_k, sequence, min_run, and the body (over gRPC an input named body or data)", id="unknown-query",
         ),
         pytest.param(
             {"policy": b"any", "body": A}, {"X-Ensemble-Policy": "all"}, RequestError,
