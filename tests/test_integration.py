@@ -166,6 +166,18 @@ def test_per_request_policy(server: Server, test_store: Path, how: str, policy: 
     assert_same_predictions(response.json()["predictions"], reference(test_store, "pair", images, **policy))
 
 
+def test_members_and_top_k_in_the_invoke_query(server: Server, test_store: Path) -> None:
+    images = [image_bytes(53), image_bytes(54)]
+    params = {"members": "pool_gray,mobile", "policy": "all", "top_k": "2"}
+    response = predict(server, "trio", path="invoke", params=params, files=[("a", images[0]), ("b", images[1])])
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["answered_by"] == ["mobile", "pool_gray"]
+    assert list(body["provenance"]["member_sha256"]) == ["mobile", "pool_gray"]
+    assert [len(p["top"]) for p in body["predictions"]] == [2, 2]
+    assert_same_predictions(body["predictions"], reference(test_store, "trio", images, **params))
+
+
 def test_unknown_policy_lists_valid_names(server: Server) -> None:
     response = predict(server, "pair", path="invoke", params={"policy": "vote"}, **png(image_bytes(61)))
     assert response.status_code == 400

@@ -34,6 +34,27 @@ def test_valid_ensemble_parses_into_frozen_specs(ensemble_yaml: Callable[..., Pa
         spec.version = "3"  # type: ignore[misc]
 
 
+def test_answer_options_parse_with_member_overrides(ensemble_yaml: Callable[..., Path]) -> None:
+    def change(e: dict[str, Any]) -> None:
+        e.update(top_k=2, consistency="batch_invariant")
+        e["input"]["tta"] = "hflip"
+        e["members"][1]["input"] = {"tta": "ten_crop"}
+
+    spec = load_ensembles(edit(ensemble_yaml(), change))["trio"]
+    assert (spec.top_k, spec.consistency) == (2, "batch_invariant")
+    assert [spec.member_input(m).tta for m in spec.members] == ["hflip", "ten_crop", "hflip"]
+    assert [spec.member_input(m).views for m in spec.members] == [2, 10, 2]
+    assert spec.member_input(spec.members[1]).load_size == (37, 37)
+    assert spec.to_dict()["members"][1]["input"]["tta"] == "ten_crop"
+    assert (spec.to_dict()["top_k"], spec.to_dict()["consistency"]) == (2, "batch_invariant")
+
+
+def test_answer_options_default_to_one_label_fast_and_no_views(ensemble_yaml: Callable[..., Path]) -> None:
+    spec = load_ensembles(ensemble_yaml())["trio"]
+    assert (spec.top_k, spec.consistency, spec.input.tta, spec.input.views) == (1, "fast", "none", 1)
+    assert load_ensembles(ensemble_yaml(task="binary"))["trio"].top_k is None
+
+
 def test_shipped_ensembles_yaml_is_valid() -> None:
     specs = load_ensembles(Path("ensembles.yaml"), check_files=False)
     assert sorted(specs) == ["multishape", "shapes"]
@@ -86,6 +107,11 @@ RULES = f"{PREFIX}.members[0].state_dict"
         pytest.param(lambda e: e["members"][0].update(state_dict={"rename": [["(?P<x>a)", "\\g<y>"]]}), f"{RULES}.rename[0][1]: invalid replacement for '(?P<x>a)': unknown group name 'y'", id="rules-rename-unknown-name"),
         pytest.param(lambda e: e["members"][0].update(state_dict={"drop": ["["]}), f"{RULES}.drop[0]: invalid regular expression '[': unterminated character set at position 0", id="rules-drop-bad-regex"),
         pytest.param(lambda e: e["members"][0].update(state_dict={"drop": []}), f"{RULES}.drop: expected a list of at least 1 string(s), got []", id="rules-drop-empty"),
+        pytest.param(lambda e: e["input"].update(tta="twenty_crop"), f"{PREFIX}.input.tta: expected one of none, hflip, five_crop, ten_crop, got 'twenty_crop'", id="tta-unknown"),
+        pytest.param(lambda e: e["members"][1].update(input={"tta": "flip"}), f"{PREFIX}.members[1].input.tta: expected one of none, hflip, five_crop, ten_crop, got 'flip'", id="member-tta-unknown"),
+        pytest.param(lambda e: e.update(consistency="exact"), f"{PREFIX}.consistency: expected one of fast, batch_invariant, got 'exact'", id="consistency-unknown"),
+        pytest.param(lambda e: e.update(top_k=4), f"{PREFIX}.top_k: expected an integer from 1 to 3, got 4", id="top-k-beyond-labels"),
+        pytest.param(lambda e: e.update(task="multilabel", top_k=2), f"{PREFIX}.top_k: top_k ranks the labels of a multiclass ensemble; this one is multilabel", id="top-k-multilabel"),
     ],
 )
 def test_invalid_ensemble_is_rejected_with_key_path(
