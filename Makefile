@@ -7,7 +7,7 @@ INSTALLED := $(VENV)/.installed-$(shell sha256sum requirements.txt | cut -c1-12)
 TRAINED := artifacts/weights/.trained
 NAME ?= shapes
 
-.PHONY: setup demo build kserve gpu-check serve stop test register unregister rebuild evaluate inspect bench bench-quick bench-mlp bench-profile bench-batching bench-fused tune reliability reliability-full clean prometheus monitor monitor-stop monitor-traffic monitor-report
+.PHONY: setup demo build kserve gpu-check serve stop test register unregister rebuild evaluate inspect bench bench-quick bench-mlp bench-profile bench-batching bench-fused bench-options tune reliability reliability-full clean prometheus monitor monitor-stop monitor-traffic monitor-report
 
 $(INSTALLED): requirements.txt
 	@command -v java >/dev/null 2>&1 || { echo "installing a Java runtime for TorchServe"; \
@@ -111,7 +111,7 @@ rebuild: $(TRAINED)
 	$(PY) -m archive_scripts.torchserve_ctl register $(NAME)
 
 evaluate: $(TRAINED) $(EVAL_INSTALLED)
-	$(PY) -m archive_scripts.evaluate_demo --plot docs/demo_precision_recall.png --json artifacts/evaluation.json
+	$(PY) -m archive_scripts.evaluate_demo --plot docs/demo_precision_recall.png --json artifacts/evaluation.json --tta
 
 inspect: $(INSTALLED)
 	@test -n "$(FILE)" -a -n "$(ARCH)" || { echo "usage: make inspect FILE=path/to/checkpoint ARCH=torchvision:<builder>|<file.py>:<Class> [KWARGS='{\"num_classes\": 14}']"; exit 2; }
@@ -165,9 +165,13 @@ bench-plans: demo
 bench-metrics: demo
 	$(PY) -m bench.metrics_cost
 
+bench-options: demo
+	$(PY) -m bench.answer_options
+
 # On a machine with CUDA: plans chosen there, answers against the CPU's, v2 and JSON in one batch, timings.
 gpu-check: $(INSTALLED)
-	$(PY) -m bench.gpu_check bench/results/gpu_check.json
+	$(PY) -m bench.gpu_check bench/results/gpu_check.json --part plans
+	$(PY) -m bench.gpu_check bench/results/gpu_answer_options.json --part options
 
 bench-floor: $(BENCH_INSTALLED)
 	$(PY) -m bench.request_floor

@@ -1,6 +1,6 @@
 """Measure each member and each policy of the demo ensembles on held-out images; print tables, draw one picture.
 
-Usage: python -m archive_scripts.evaluate_demo [--count 2000] [--json out.json] [--plot docs/demo_precision_recall.png]
+Usage: python -m archive_scripts.evaluate_demo [--count 2000] [--json out.json] [--plot docs/demo_precision_recall.png] [--tta]
 
 The held-out images come from a seed the trainer never uses, are encoded to PNG and decoded by the
 serving code, so the figures are those of the served ensembles. Metrics come from scikit-learn:
@@ -8,7 +8,8 @@ serving code, so the figures are those of the served ensembles. Metrics come fro
 - `multishape` (multilabel): per-label AUROC of each member and of the mean policy's score (as CheXNet
   reports it), and macro precision, recall and F1 of each member's and each policy's decisions.
 The picture puts every member and policy of both demos on precision against recall, so the OR / AND /
-vote trade-off shows at a glance. scikit-learn and matplotlib are evaluation-only dependencies
+vote trade-off shows at a glance. `--tta` also scores `multishape` with each test-time augmentation
+on every member (macro AUROC and F1 of each member and of the mean policy), to show what the views buy. scikit-learn and matplotlib are evaluation-only dependencies
 (archive_scripts/requirements-eval.txt).
 """
 
@@ -34,6 +35,7 @@ from handlers.policies import Votes, combine, member_votes, policy_names, resolv
 from handlers.preprocess import decode_image
 
 HELD_OUT_SEED = 7_000_001
+TTA_MODES = ("none", "hflip", "five_crop", "ten_crop")
 K_OF_N = 2
 Table = dict[str, dict[str, float]]
 
@@ -93,6 +95,18 @@ def multilabel_tables(spec: EnsembleSpec, probs: torch.Tensor, truth: numpy.ndar
     return auroc, macro
 
 
+def tta_table(spec: EnsembleSpec, count: int) -> Table:
+    """Macro AUROC and macro F1 of each member and of the mean policy, with each test-time augmentation on every member."""
+    table = {}
+    for tta in TTA_MODES:
+        views = spec.with_views(tta)
+        probs, truth = held_out(Ensemble.from_spec(views, torch.device("cpu")), count)
+        auroc, macro = multilabel_tables(views, probs, truth)
+        for who, row in [*((m.name, f"member {m.name}") for m in spec.members), ("policy mean", "policy mean")]:
+            table[f"{tta}: {row}"] = {"macro AUROC": float(numpy.mean([auroc[label][who] for label in spec.labels])), "macro F1": macro[row]["f1"]}
+    return table
+
+
 def markdown(table: Table, first: str) -> str:
     """A markdown table: one row per key, one column per metric, three decimals."""
     columns = list(next(iter(table.values())))
@@ -145,13 +159,18 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=2000)
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--plot", type=Path, help="draw precision against recall for every member and policy here")
+    parser.add_argument("--tta", action="store_true", help="also score multishape with each test-time augmentation")
     args = parser.parse_args()
     specs = load_ensembles(args.config)
     results = evaluate([specs[name] for name in args.ensemble or ["shapes", "multishape"]], args.count)
+    if args.tta and "multishape" in results:
+        results["multishape"]["tta"] = tta_table(specs["multishape"], args.count)
     for name, result in results.items():
         print(f"\n{name}: {args.count} held-out images")
         if result["task"] == "multilabel":
             print(markdown(result["auroc"], "AUROC by label") + "\n\n" + markdown(result["macro"], "macro average"))
+            if "tta" in result:
+                print("\n" + markdown(result["tta"], "test-time augmentation: who"))
         else:
             print(markdown(result["scores"], f"held-out ({args.count} images)"))
     if args.plot:

@@ -1,23 +1,27 @@
 """The CUDA path, checked and timed on a lent GPU: plans chosen there, answers against the CPU's, v2 and JSON in one batch.
 
-Usage: python -m bench.gpu_check OUT.json   (on a machine with CUDA; falls back to the CPU for a dry run)
+Usage: python -m bench.gpu_check OUT.json [--part all|plans|options]   (on a machine with CUDA; falls back to the CPU for a dry run)
 
 Loads the torchvision trio (resnet18, mobilenet_v3_small, squeezenet1_1; fixed random weights) and
 the CheXNet-shaped DenseNet121 of the tests the way a worker does on a GPU (members one after
 another, TF32 off, execution plans chosen by measurement there), compares 32 images' probabilities
 with an eager CPU load, answers a mixed batch (a v2 request, a JSON request, a bad v2 request)
 through `prepare` and `answer_batch`, and times `probabilities` at several batch sizes, eager
-against the chosen plans, interleaved.
+against the chosen plans, interleaved. The `options` part checks the answer options on the trio:
+`batch_invariant` bit-identity amid neighbours (and how far `fast` moves), `ten_crop` views and a
+`members` subset against the CPU, and their cost at 32 images.
 """
 
 from __future__ import annotations
 
+import argparse
 import base64
 import json
 import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -99,19 +103,81 @@ def check(spec: EnsembleSpec, images: tuple[bytes, ...], device: torch.device) -
     }
 
 
+def median_ms(ensemble: Ensemble, images: list[Any], device: torch.device) -> float:
+    ensemble.probabilities(images)
+    times = []
+    for _ in range(ROUNDS):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        began = time.perf_counter()
+        ensemble.probabilities(images)
+        times.append(1000 * (time.perf_counter() - began))
+    return round(statistics.median(times), 2)
+
+
+def options(spec: EnsembleSpec, images: tuple[bytes, ...], device: torch.device) -> dict[str, Any]:
+    """batch_invariant, ten_crop and members on `device`, against themselves and the CPU."""
+    decoded = [decode_image(data, spec.limits) for data in images]
+    target, neighbours = decoded[0], decoded[1:]
+    loaded = {
+        consistency: Ensemble.from_spec(replace(spec, consistency=consistency), device)
+        for consistency in ("fast", "batch_invariant")
+    }
+    progress("options: fast and batch_invariant loaded")
+    moved: dict[str, float] = {}
+    identical: dict[str, bool] = {}
+    for name, ensemble in loaded.items():
+        alone = ensemble.probabilities([target])[:, 0]
+        among = [ensemble.probabilities(neighbours[:count][:position] + [target] + neighbours[:count][position:])[:, position]
+                 for count, position in ((1, 1), (7, 3), (15, 15), (31, 9))]  # fmt: skip
+        identical[name] = all(torch.equal(alone, other) for other in among)
+        moved[name] = max(float((alone - other).abs().max()) for other in among)
+    cpu_tta = Ensemble.from_spec(spec.with_views("ten_crop").with_plan("eager"), torch.device("cpu"))
+    tta = Ensemble.from_spec(spec.with_views("ten_crop"), device)
+    tta_difference = float((cpu_tta.probabilities(decoded[:8]) - tta.probabilities(decoded[:8])).abs().max())
+    progress("options: ten_crop compared")
+    fast = loaded["fast"]
+    names = [m.name for m in spec.members]
+    rows = [fast.prepare({"body": data, "members": names[0].encode()}, {}) for data in images[:2]] + [fast.prepare({"body": images[2]}, {})]
+    replies = fast.answer_batch(rows).replies
+    cpu = Ensemble.from_spec(spec.with_plan("eager"), torch.device("cpu"))
+    expected = [cpu.render(cpu.probabilities([d]), fast.spec.policy, members=m) for d, m in zip(decoded[:3], ([names[0]], [names[0]], None), strict=True)]
+    subset_labels_agree = [r.body["predictions"][0]["label"] for r in replies] == [e["predictions"][0]["label"] for e in expected]
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "bit_identical_amid_neighbours": identical,
+        "max_move_amid_neighbours": moved,
+        "ten_crop_max_difference_vs_cpu": tta_difference,
+        "members_subset_labels_equal_cpu": subset_labels_agree,
+        "answered_by": [r.body["answered_by"] for r in replies],
+        "ms_for_32_images": {
+            "fast": median_ms(fast, decoded[:32], device),
+            "batch_invariant": median_ms(loaded["batch_invariant"], decoded[:32], device),
+            "ten_crop": median_ms(tta, decoded[:32], device),
+        },
+    }
+
+
 def main() -> None:
-    out = Path(sys.argv[1])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--part", choices=("all", "plans", "options"), default="all")
+    args = parser.parse_args()
     device = pick_device(0)
     torch.backends.cudnn.allow_tf32 = False  # As the handler does on CUDA.
     torch.backends.cuda.matmul.allow_tf32 = False
     results: dict[str, Any] = {"torch": torch.__version__}
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as folder:
         trio = torchvision_trio(Path(folder) / "trio", 32)
-        results["torchvision-trio"] = check(trio.spec, trio.images, device)
-        out.write_text(json.dumps(results, indent=2) + "\n")
-        chexnet = load_ensembles(write_chexnet_ensemble(Path(folder) / "chexnet"))["chexnet"]
-        results["chexnet"] = check(chexnet, trio.images, device)
-    out.write_text(json.dumps(results, indent=2) + "\n")
+        if args.part in ("all", "options"):
+            results["answer-options"] = options(trio.spec, trio.images, device)
+            args.out.write_text(json.dumps(results, indent=2) + "\n")
+        if args.part in ("all", "plans"):
+            results["torchvision-trio"] = check(trio.spec, trio.images, device)
+            args.out.write_text(json.dumps(results, indent=2) + "\n")
+            chexnet = load_ensembles(write_chexnet_ensemble(Path(folder) / "chexnet"))["chexnet"]
+            results["chexnet"] = check(chexnet, trio.images, device)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
 
 

@@ -59,7 +59,7 @@ def torchvision_trio(folder: Path, count: int) -> Workload:
     spec = load_ensembles(folder / "ensembles.yaml")["tvtrio"]
     rng = random.Random(1)
     images = tuple(_jpeg(sample.image.resize((256, 256)), rng) for sample in make_split(count, 31337))
-    return _with_expected("torchvision-trio", folder / "ensembles.yaml", spec, images)
+    return with_expected("torchvision-trio", folder / "ensembles.yaml", spec, images)
 
 
 def demo(count: int) -> Workload:
@@ -71,7 +71,7 @@ def demo(count: int) -> Workload:
         buffer = io.BytesIO()
         sample.image.save(buffer, format="PNG")
         images.append(buffer.getvalue())
-    return _with_expected("demo-shapes", config, spec, tuple(images))
+    return with_expected("demo-shapes", config, spec, tuple(images))
 
 
 def _jpeg(image: Image.Image, rng: random.Random) -> bytes:
@@ -80,7 +80,7 @@ def _jpeg(image: Image.Image, rng: random.Random) -> bytes:
     return buffer.getvalue()
 
 
-def _with_expected(name: str, config: Path, spec: EnsembleSpec, images: tuple[bytes, ...]) -> Workload:
+def with_expected(name: str, config: Path, spec: EnsembleSpec, images: tuple[bytes, ...]) -> Workload:
     """Each member's label per image, computed in-process one image at a time by the members as given (eager)."""
     ensemble = Ensemble.from_spec(spec.with_plan("eager"), torch.device("cpu"))
     policy = resolve_policy({}, default=spec.policy, task=spec.task, n_members=len(spec.members))

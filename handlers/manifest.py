@@ -221,6 +221,13 @@ class EnsembleSpec:
         """Every member on one fixed plan: the baselines run members as given (`eager`), whatever the file says."""
         return replace(self, execution=Execution(plan=plan), members=tuple(replace(m, execution=None) for m in self.members))
 
+    def with_views(self, tta: str) -> EnsembleSpec:
+        """Every member with test-time augmentation `tta`: the evaluation and the benchmark compare them."""
+        if not isinstance(self.input, InputSpec):
+            raise ConfigError(f"{self.name}: test-time augmentation needs image input")
+        members = tuple(replace(m, input=replace(m.input, tta=tta)) if isinstance(m.input, InputSpec) else m for m in self.members)
+        return replace(self, input=replace(self.input, tta=tta), members=members)
+
     def to_dict(self) -> dict[str, Any]:
         """The resolved ensemble as plain data, in the same schema the parser reads."""
         data = asdict(self)
