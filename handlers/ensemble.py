@@ -34,7 +34,7 @@ from handlers.errors import EnsembleError, IntegrityError, InvalidPolicy, Member
 from handlers.execution import Group, PlanContext, plan_groups
 from handlers.manifest import EnsembleSpec, TensorSpec, read_archive_manifest
 from handlers.members import load_member, source_digest, verify_digests
-from handlers.open_inference import V2Form, output_names, render_v2, v2_errors
+from handlers.open_inference import TOP_OUTPUTS, V2Form, output_names, render_v2, v2_errors
 from handlers.policies import Decision, PolicySpec, Votes, combine, member_votes, policy_names, resolve_policy
 from handlers.preprocess import batch_tensors, decode_image
 from handlers.request_inputs import int_parameter, parse_request, parse_tensor_request
@@ -263,7 +263,7 @@ class Ensemble:
 
     def output_names(self) -> list[str]:
         """The v2 output tensors this ensemble answers with (README, "Open Inference Protocol v2")."""
-        return output_names(self._labels_key, [member.name for member in self.spec.members])
+        return output_names(self._labels_key, [member.name for member in self.spec.members], ranked=self.spec.task == "multiclass")
 
     def probabilities(
         self,
@@ -387,7 +387,7 @@ class Ensemble:
             if item.v2 is None:
                 body = self._json_body(mine, decision, own, item.policy, item.members, item.top_k, item.min_run)
             else:
-                body = self._v2_body(mine, decision, own, item.policy, item.members, item.v2)
+                body = self._v2_body(mine, decision, own, item.policy, item.members, item.v2, item.top_k)
             names = tuple(self.spec.members[m].name for m in item.members)
             replies.append(Reply(200, body, count, policy=item.policy.name, members=names, votes=own, chosen=decision.chosen))
             offset += count
@@ -426,9 +426,9 @@ class Ensemble:
         member_views = {name: self._views(own[m], probs[m]) for m, name in enumerate(names)}
         predictions = self._views(decision.chosen, decision.score)
         if top_k is not None:
-            self._add_top(predictions, decision.order(), decision.score, top_k)
+            self._add_top(predictions, decision, top_k)
             for m, name in enumerate(names):
-                self._add_top(member_views[name], Decision(own[m], probs[m]).order(), probs[m], top_k)
+                self._add_top(member_views[name], Decision(own[m], probs[m]), top_k)
         for i, entry in enumerate(predictions):
             entry["members"] = {name: views[i] for name, views in member_views.items()}
         per_member = {name: [p["members"][name][self._labels_key] for p in predictions] for name in names}
@@ -451,7 +451,14 @@ class Ensemble:
         return body
 
     def _v2_body(
-        self, probs: torch.Tensor, decision: Decision, own: torch.Tensor, policy: PolicySpec, members: Sequence[int], form: V2Form
+        self,
+        probs: torch.Tensor,
+        decision: Decision,
+        own: torch.Tensor,
+        policy: PolicySpec,
+        members: Sequence[int],
+        form: V2Form,
+        top_k: int | None = None,
     ) -> dict[str, Any]:
         names = [self.spec.members[m].name for m in members]
         parameters: dict[str, Any] = {"policy": policy.name, **policy.params(), "ensemble_version": self.spec.version}
@@ -467,6 +474,7 @@ class Ensemble:
             members={name: (own[m], probs[m]) for m, name in enumerate(names)},
             parameters=parameters,
             digits=SCORE_DIGITS,
+            top=None if top_k is None else self._top(decision, top_k),
         )
 
     def describe(self) -> dict[str, Any]:
@@ -558,21 +566,30 @@ class Ensemble:
             return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
         return [image for images in inputs for image in images]
 
-    def _add_top(self, views: list[dict[str, Any]], order: torch.Tensor, scores: torch.Tensor, k: int) -> None:
-        """Each view gets `top`: its k best labels in `order`, with their scores."""
-        picked = order[:, :k]
-        for view, indices, values in zip(views, picked.tolist(), scores.gather(-1, picked).tolist(), strict=True):
+    def _add_top(self, views: list[dict[str, Any]], decision: Decision, k: int) -> None:
+        """Each view gets `top`: its k best labels in the decision's order, with their scores."""
+        picked, best = self._top(decision, k)
+        for view, indices, values in zip(views, picked.tolist(), best.tolist(), strict=True):
             view["top"] = [{"label": self.spec.labels[i], "score": round(v, SCORE_DIGITS)} for i, v in zip(indices, values, strict=True)]
 
     def _top_k(self, raw: str | None, v2: V2Form | None) -> int | None:
-        """The `top_k` a request asked for, validated (multiclass only, 1 to the number of labels), else the ensemble's default."""
+        """The `top_k` a request asked for, validated (multiclass only, 1 to the number of labels), else the ensemble's default.
+
+        A v2 answer carries the ranking (`top_labels`, `top_scores`) only when the request names
+        top_k or asks for those outputs.
+        """
         if raw is None:
-            return self.spec.top_k if v2 is None else None
+            asks = v2 is None or any(output in TOP_OUTPUTS for output in v2.outputs or ())
+            return self.spec.top_k if asks else None
         if self.spec.task != "multiclass":
             raise RequestError(f"top_k applies to multiclass ensembles; this one is {self.spec.task}")
-        if v2 is not None:
-            raise RequestError("top_k is for our JSON answer; a v2 answer's scores output already holds every label's score")
         return int_parameter("top_k", raw, len(self.spec.labels))
+
+    @staticmethod
+    def _top(decision: Decision, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k best label indices per image in the decision's order, and their scores."""
+        picked = decision.order()[:, :k]
+        return picked, decision.score.gather(-1, picked)
 
     def _views(self, chosen: torch.Tensor, scores: torch.Tensor) -> list[dict[str, Any]]:
         """Per input, the chosen label(s) and score(s) from `chosen` and `scores` [inputs, labels].

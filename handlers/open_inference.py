@@ -37,6 +37,7 @@ REQUEST_KEYS = ("id", "parameters", "inputs", "outputs")
 INPUT_KEYS = ("name", "shape", "datatype", "data", "parameters")
 # Triton's clients ask for binary outputs by default; the answer is JSON data, which they read as well.
 IGNORED_PARAMETERS = ("binary_data_output", "binary_data")
+TOP_OUTPUTS = ("top_labels", "top_scores")
 BINARY_HEADER = "inference-header-content-length"
 
 
@@ -250,8 +251,10 @@ def render_v2(
     members: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
     parameters: Mapping[str, Any],
     digits: int,
+    top: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
-    """A v2 response. `combined` and each member's entry are (chosen [N, L] bools, scores [N, L]).
+    """A v2 response. `combined` and each member's entry are (chosen [N, L] bools, scores [N, L]);
+    `top`, when a request asked for top_k, is (label indices [N, k] best first, their scores [N, k]).
 
     Scores are rounded to `digits`, as in our JSON answer, so the two forms carry the same numbers.
     """
@@ -266,6 +269,11 @@ def render_v2(
             tensors[f"{prefix}label"] = _tensor(f"{prefix}label", "BYTES", [count], picked)
         values = [round(v, digits) for v in scores.flatten().tolist()]
         tensors[f"{prefix}scores"] = _tensor(f"{prefix}scores", "FP64", [count, len(labels)], values)
+        if not prefix and top is not None:
+            indices, best = top
+            shape = list(indices.shape)
+            tensors["top_labels"] = _tensor("top_labels", "BYTES", shape, [labels[i] for i in indices.flatten().tolist()])
+            tensors["top_scores"] = _tensor("top_scores", "FP64", shape, [round(v, digits) for v in best.flatten().tolist()])
     wanted = form.outputs if form.outputs is not None else tuple(tensors)
     return {
         "model_name": name,
@@ -276,9 +284,11 @@ def render_v2(
     }
 
 
-def output_names(labels_key: str, members: Sequence[str]) -> list[str]:
-    """Every output tensor's name, in response order: what describe lists and `outputs` may ask for."""
-    return [labels_key, "scores"] + [f"{m}.{suffix}" for m in members for suffix in (labels_key, "scores")]
+def output_names(labels_key: str, members: Sequence[str], *, ranked: bool) -> list[str]:
+    """Every output tensor's name: what describe lists and `outputs` may ask for. `ranked` (multiclass)
+    adds TOP_OUTPUTS, answered when a request names top_k or asks for them."""
+    top = list(TOP_OUTPUTS) if ranked else []
+    return [labels_key, "scores", *top] + [f"{m}.{suffix}" for m in members for suffix in (labels_key, "scores")]
 
 
 def _tensor(name: str, datatype: str, shape: list[int], data: list[Any]) -> dict[str, Any]:

@@ -120,8 +120,41 @@ def test_top_k_is_for_multiclass_ensembles(test_store: Path, tmp_path: Path) -> 
     assert (status, body["message"]) == (400, "top_k applies to multiclass ensembles; this one is binary")
 
 
-def test_top_k_in_a_v2_request_is_refused_with_the_reason(trio: tuple[EnsembleHandler, Context]) -> None:
-    data = [base64.b64encode(IMAGES[0]).decode()]
-    doc = {"inputs": [{"name": "images", "shape": [1], "datatype": "BYTES", "data": data}], "parameters": {"top_k": 2}}
-    [(status, body, _)] = serve(*trio, [({"body": json.dumps(doc).encode()}, {"Content-Type": "application/json"})])
-    assert (status, body) == (400, {"error": "top_k is for our JSON answer; a v2 answer's scores output already holds every label's score"})
+def v2_request(parameters: dict[str, Any], outputs: list[str] | None = None) -> tuple[dict[str, bytes], dict[str, str]]:
+    data = [base64.b64encode(image).decode() for image in IMAGES[:3]]
+    doc: dict[str, Any] = {"inputs": [{"name": "images", "shape": [3], "datatype": "BYTES", "data": data}], "parameters": parameters}
+    if outputs is not None:
+        doc["outputs"] = [{"name": name} for name in outputs]
+    return {"body": json.dumps(doc).encode()}, {"Content-Type": "application/json"}
+
+
+@pytest.mark.parametrize("policy", ["mean", "majority"], ids=str)
+def test_v2_top_k_adds_the_ranked_outputs(trio: tuple[EnsembleHandler, Context], test_store: Path, policy: str) -> None:
+    [(status, body, _)] = serve(*trio, [v2_request({"top_k": 2, "policy": policy})])
+    ensemble = reference_ensemble(test_store, "trio")
+    probs = ensemble.probabilities([decode_image(image, ensemble.spec.limits) for image in IMAGES[:3]])
+    want = expected_top(probs, policy, 2)
+    outputs = {o["name"]: o for o in body["outputs"]}
+    assert status == 200
+    assert [o["name"] for o in body["outputs"]][:4] == ["label", "scores", "top_labels", "top_scores"]
+    assert (outputs["top_labels"]["datatype"], outputs["top_labels"]["shape"]) == ("BYTES", [3, 2])
+    assert (outputs["top_scores"]["datatype"], outputs["top_scores"]["shape"]) == ("FP64", [3, 2])
+    assert outputs["top_labels"]["data"] == [t["label"] for image in want for t in image]
+    assert outputs["top_scores"]["data"] == pytest.approx([t["score"] for image in want for t in image], abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("parameters", "outputs", "names"),
+    [
+        pytest.param({}, None, None, id="not-asked"),
+        pytest.param({}, ["top_labels"], ["top_labels"], id="asked-by-output-default-k"),
+    ],
+)
+def test_v2_ranking_only_when_asked(trio: tuple[EnsembleHandler, Context], parameters: dict, outputs: list[str] | None, names: list[str] | None) -> None:
+    [(status, body, _)] = serve(*trio, [v2_request(parameters, outputs)])
+    assert status == 200
+    if names is None:
+        assert not {"top_labels", "top_scores"} & {o["name"] for o in body["outputs"]}
+    else:
+        assert [(o["name"], o["shape"]) for o in body["outputs"]] == [("top_labels", [3, 1])]
+        assert body["outputs"][0]["data"] == [serve(*trio, [({"body": image}, {"Content-Type": "image/png"})])[0][1]["predictions"][0]["label"] for image in IMAGES[:3]]
