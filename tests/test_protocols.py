@@ -114,13 +114,23 @@ def test_v2_multilabel_and_tensor_ensembles(server: Server, test_store: Path) ->
     assert v2_labels(vectors) == [p["label"] for p in tensor_reference(test_store, "vectors", values)]
 
 
-def test_grpc_raw_image_answers_the_rest_json(server: Server, test_store: Path, stubs: tuple[ModuleType, ModuleType], channel: grpc.Channel) -> None:
+@pytest.mark.parametrize(
+    "params",
+    [{"policy": "max"}, {"policy": "max", "members": "pool_rgb,mobile", "top_k": "3"}],
+    ids=["policy", "policy-members-top-k"],
+)
+def test_grpc_raw_image_answers_the_rest_json(
+    server: Server, test_store: Path, stubs: tuple[ModuleType, ModuleType], channel: grpc.Channel, params: dict[str, str]
+) -> None:
     image = image_bytes(10)
-    answer = json.loads(grpc_predict(stubs, channel, "trio", {"data": image, "policy": b"max"}, token=server.key("inference")).prediction)
-    rest = requests.post(f"{server.inference}/predictions/trio", data=image, headers={**server.headers("inference"), "X-Ensemble-Policy": "max"}, timeout=TIMEOUT)
+    inputs = {"data": image, **{key: value.encode() for key, value in params.items()}}
+    answer = json.loads(grpc_predict(stubs, channel, "trio", inputs, token=server.key("inference")).prediction)
+    headers = {f"X-Ensemble-{key.title().replace('_', '-')}": value for key, value in params.items()}
+    rest = requests.post(f"{server.inference}/predictions/trio", data=image, headers={**server.headers("inference"), **headers}, timeout=TIMEOUT)
     assert answer["policy"] == {"name": "max", "params": {}}
+    assert answer["answered_by"] == rest.json()["answered_by"] == ["mobile", "pool_rgb", "pool_gray"][: 2 if "members" in params else 3]
     assert answer["predictions"] == rest.json()["predictions"]
-    assert_same_predictions(answer["predictions"], reference(test_store, "trio", [image], policy="max"))
+    assert_same_predictions(answer["predictions"], reference(test_store, "trio", [image], **params))
 
 
 def test_grpc_v2_body_as_the_kserve_wrapper_sends_it(server: Server, test_store: Path, stubs: tuple[ModuleType, ModuleType], channel: grpc.Channel) -> None:
