@@ -225,6 +225,14 @@ def make_context(model_dir: Path, name: str, metrics_config: Path | None = None)
     return Context(name, str(model_dir), {}, 8, None, "0.12.0", metrics=metrics)
 
 
+def load_handler(store: Path, name: str, folder: Path, metrics_config: Path | None = None) -> tuple[EnsembleHandler, Context]:
+    """A test archive unpacked into `folder` and loaded by the real handler, as a TorchServe worker loads it."""
+    context = make_context(extract(store, name, folder), name, metrics_config)
+    handler = EnsembleHandler()
+    handler.initialize(context)
+    return handler, context
+
+
 def serve(handler: EnsembleHandler, context: Context, requests: list[tuple[dict[str, Any], dict[str, Any]]]) -> list:
     """Run one TorchServe batch through handle(); return (status, body, headers) per request."""
     context.request_processor = [RequestProcessor(headers) for _, headers in requests]

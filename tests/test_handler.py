@@ -19,6 +19,7 @@ from tests.conftest import (
     extract,
     image_bytes,
     instances,
+    load_handler,
     make_context,
     npy_bytes,
     reference,
@@ -32,11 +33,7 @@ PNG = "image/png"
 
 @pytest.fixture(scope="module")
 def trio(test_store: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[EnsembleHandler, Context]:
-    model_dir = extract(test_store, "trio", tmp_path_factory.mktemp("trio"))
-    context = make_context(model_dir, "trio")
-    handler = EnsembleHandler()
-    handler.initialize(context)
-    return handler, context
+    return load_handler(test_store, "trio", tmp_path_factory.mktemp("trio"))
 
 
 def raw(data: bytes, **headers: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -174,10 +171,7 @@ def test_one_bad_image_fails_its_whole_request_only(trio: tuple[EnsembleHandler,
 
 
 def test_tensor_ensemble_answers_npy_and_json_in_one_batch(test_store: Path, tmp_path: Path) -> None:
-    model_dir = extract(test_store, "vectors", tmp_path)
-    context = make_context(model_dir, "vectors")
-    handler = EnsembleHandler()
-    handler.initialize(context)
+    handler, context = load_handler(test_store, "vectors", tmp_path)
     three, two = instances(21, 3), instances(22, 2)
     replies = serve(
         handler,

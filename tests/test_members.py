@@ -16,7 +16,7 @@ from handlers.ensemble_handler import EnsembleHandler
 from handlers.ensemble_metrics import batch_counts
 from handlers.members import load_member, sha256_of
 from handlers.preprocess import decode_image
-from tests.conftest import extract, image_bytes, make_context, reference, reference_ensemble, serve, source_spec
+from tests.conftest import image_bytes, load_handler, reference, reference_ensemble, serve, source_spec
 
 MEMBERS = ("mobile", "pool_rgb", "pool_gray")
 WEIGHTS = {"mobile": 1.0, "pool_rgb": 2.0, "pool_gray": 1.0}
@@ -26,10 +26,7 @@ PNG = {"Content-Type": "image/png"}
 
 @pytest.fixture(scope="module")
 def trio(test_store: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[EnsembleHandler, Context]:
-    context = make_context(extract(test_store, "trio", tmp_path_factory.mktemp("trio")), "trio")
-    handler = EnsembleHandler()
-    handler.initialize(context)
-    return handler, context
+    return load_handler(test_store, "trio", tmp_path_factory.mktemp("trio"))
 
 
 def probabilities(test_store: Path, images: list[bytes]) -> dict[str, torch.Tensor]:

@@ -17,7 +17,7 @@ from ts.context import Context
 from handlers.ensemble_handler import EnsembleHandler
 from handlers.ensemble_metrics import COUNTERS, EnsembleMetrics, label_value
 from handlers.preprocess import decode_image
-from tests.conftest import extract, image_bytes, make_context, reference_ensemble, serve
+from tests.conftest import image_bytes, load_handler, reference_ensemble, serve
 
 ROOT = Path(__file__).resolve().parent.parent
 METRICS_CONFIG = ROOT / "monitoring" / "metrics.yaml"
@@ -26,16 +26,9 @@ TRIO_MEMBERS = ("mobile", "pool_rgb", "pool_gray")
 TRIO_LABELS = ("cat", "dog", "fox")
 
 
-def loaded(test_store: Path, folder: Path, name: str, metrics_config: Path) -> tuple[EnsembleHandler, Context]:
-    context = make_context(extract(test_store, name, folder), name, metrics_config)
-    handler = EnsembleHandler()
-    handler.initialize(context)
-    return handler, context
-
-
 @pytest.fixture(scope="module")
 def trio(test_store: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[EnsembleHandler, Context]:
-    return loaded(test_store, tmp_path_factory.mktemp("trio"), "trio", METRICS_CONFIG)
+    return load_handler(test_store, "trio", tmp_path_factory.mktemp("trio"), METRICS_CONFIG)
 
 
 def emitted(caplog: pytest.LogCaptureFixture, handler: EnsembleHandler | None = None) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -78,7 +71,7 @@ def png(seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def test_first_batch_emits_each_counter_once_with_exact_counts(test_store: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A fresh worker's first batch: its own counts, and every other labelled series at zero."""
-    trio = loaded(test_store, tmp_path, "trio", METRICS_CONFIG)
+    trio = load_handler(test_store, "trio", tmp_path, METRICS_CONFIG)
     mean_images = [image_bytes(s) for s in (1, 2, 3)]
     unanimous_images = [image_bytes(s) for s in (4, 5)]
     requests = [
@@ -142,7 +135,7 @@ def test_undeclared_counters_are_not_emitted_and_the_worker_says_so(
 ) -> None:
     """With TorchServe's default metrics config the frontend would drop them: the worker does not send them."""
     caplog.set_level(logging.INFO)
-    handler, context = loaded(test_store, tmp_path, "trio", Path(ts.__file__).parent / "configs" / "metrics.yaml")
+    handler, context = load_handler(test_store, "trio", tmp_path, Path(ts.__file__).parent / "configs" / "metrics.yaml")
     assert handler.metrics.emitted == []
     warning = "metrics not declared in TorchServe's metrics config, so not emitted: " + ", ".join(COUNTERS)
     assert warning in [record.getMessage() for record in caplog.records]
@@ -157,7 +150,7 @@ def test_shipped_config_declares_every_counter_with_its_labels() -> None:
 
 
 def test_multilabel_batches_count_labels_and_never_abstentions(test_store: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    handler, context = loaded(test_store, tmp_path, "tags", METRICS_CONFIG)
+    handler, context = load_handler(test_store, "tags", tmp_path, METRICS_CONFIG)
     caplog.set_level(logging.INFO)
     images = [image_bytes(s) for s in (8, 9, 10)]
     serve(handler, context, [({"body": d}, {"Content-Type": "image/png"}) for d in images])

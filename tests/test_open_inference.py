@@ -14,28 +14,21 @@ from ts.context import Context
 
 from handlers.ensemble_handler import EnsembleHandler
 from handlers.preprocess import decode_image
-from tests.conftest import extract, image_bytes, instances, make_context, reference, reference_ensemble, serve, tensor_reference
+from tests.conftest import image_bytes, instances, load_handler, reference, reference_ensemble, serve, tensor_reference
 
 JSON = {"Content-Type": "application/json"}
 TRIO_OUTPUTS = ["label", "scores", "mobile.label", "mobile.scores", "pool_rgb.label", "pool_rgb.scores", "pool_gray.label", "pool_gray.scores"]
 TRIO_OUTPUT_NAMES = [*TRIO_OUTPUTS[:2], "top_labels", "top_scores", *TRIO_OUTPUTS[2:]]
 
 
-def loaded(test_store: Path, tmp_path_factory: pytest.TempPathFactory, name: str) -> tuple[EnsembleHandler, Context]:
-    context = make_context(extract(test_store, name, tmp_path_factory.mktemp(name)), name)
-    handler = EnsembleHandler()
-    handler.initialize(context)
-    return handler, context
-
-
 @pytest.fixture(scope="module")
 def trio(test_store: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[EnsembleHandler, Context]:
-    return loaded(test_store, tmp_path_factory, "trio")
+    return load_handler(test_store, "trio", tmp_path_factory.mktemp("trio"))
 
 
 @pytest.fixture(scope="module")
 def vectors(test_store: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[EnsembleHandler, Context]:
-    return loaded(test_store, tmp_path_factory, "vectors")
+    return load_handler(test_store, "vectors", tmp_path_factory.mktemp("vectors"))
 
 
 def b64(data: bytes) -> str:
@@ -210,7 +203,7 @@ def test_body_and_data_together_are_refused(trio: tuple[EnsembleHandler, Context
 
 def test_multilabel_v2_outputs_are_boolean_masks(test_store: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
     images = [image_bytes(31), image_bytes(32)]
-    [(status, body, _)] = serve(*loaded(test_store, tmp_path_factory, "tags"), [(as_row(v2_images(images)), JSON)])
+    [(status, body, _)] = serve(*load_handler(test_store, "tags", tmp_path_factory.mktemp("tags")), [(as_row(v2_images(images)), JSON)])
     assert status == 200
     outputs = outputs_by_name(body)
     assert list(outputs)[:2] == ["labels", "scores"]

@@ -13,7 +13,7 @@ from ts.context import Context
 from handlers.ensemble_handler import EnsembleHandler
 from handlers.errors import RequestError
 from handlers.sequences import read_sequence, summarize
-from tests.conftest import extract, image_bytes, make_context, serve
+from tests.conftest import image_bytes, load_handler, serve
 
 LABELS = ("red", "round")
 
@@ -86,10 +86,7 @@ def test_read_sequence_rejects(sequence: str | None, min_run: str | None, messag
 
 @pytest.fixture(scope="module")
 def pair(test_store: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[EnsembleHandler, Context]:
-    context = make_context(extract(test_store, "pair", tmp_path_factory.mktemp("pair")), "pair")
-    handler = EnsembleHandler()
-    handler.initialize(context)
-    return handler, context
+    return load_handler(test_store, "pair", tmp_path_factory.mktemp("pair"))
 
 
 def test_a_sequence_request_summarises_its_own_predictions(pair: tuple[EnsembleHandler, Context]) -> None:

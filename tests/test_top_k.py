@@ -13,23 +13,16 @@ from ts.context import Context
 
 from handlers.ensemble_handler import EnsembleHandler
 from handlers.preprocess import decode_image
-from tests.conftest import extract, image_bytes, make_context, reference_ensemble, serve
+from tests.conftest import image_bytes, load_handler, reference_ensemble, serve
 
 LABELS = ("cat", "dog", "fox")
 MEMBERS = ("mobile", "pool_rgb", "pool_gray")
 WEIGHTS = torch.tensor([1.0, 2.0, 1.0], dtype=torch.float64).view(-1, 1, 1)
 
 
-def loaded(test_store: Path, folder: Path, name: str) -> tuple[EnsembleHandler, Context]:
-    context = make_context(extract(test_store, name, folder), name)
-    handler = EnsembleHandler()
-    handler.initialize(context)
-    return handler, context
-
-
 @pytest.fixture(scope="module")
 def trio(test_store: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[EnsembleHandler, Context]:
-    return loaded(test_store, tmp_path_factory.mktemp("trio"), "trio")
+    return load_handler(test_store, "trio", tmp_path_factory.mktemp("trio"))
 
 
 def ranked(key: torch.Tensor, shown: torch.Tensor, k: int) -> list[list[dict[str, Any]]]:
@@ -115,7 +108,7 @@ def test_bad_top_k(trio: tuple[EnsembleHandler, Context], value: bytes, message:
 
 
 def test_top_k_is_for_multiclass_ensembles(test_store: Path, tmp_path: Path) -> None:
-    pair = loaded(test_store, tmp_path, "pair")
+    pair = load_handler(test_store, "pair", tmp_path)
     [(status, body, _)] = serve(*pair, [({"body": IMAGES[0], "top_k": b"1"}, {"Content-Type": "image/png"})])
     assert (status, body["message"]) == (400, "top_k applies to multiclass ensembles; this one is binary")
 
