@@ -87,6 +87,18 @@ class Reply:
 
 
 @dataclass(frozen=True)
+class Answer:
+    """One request's answer before rendering: the members that answered, their probabilities and own
+    votes `[member, image, label]`, the policy and its decision."""
+
+    names: tuple[str, ...]
+    probs: torch.Tensor
+    own: torch.Tensor
+    decision: Decision
+    policy: PolicySpec
+
+
+@dataclass(frozen=True)
 class BatchAnswer:
     """The replies to one TorchServe batch, in order, and each member's forward seconds spent on it."""
 
@@ -382,14 +394,13 @@ class Ensemble:
                 continue
             assert probs is not None, "a prepared request always carries inputs"
             count = len(item.inputs)
-            mine = probs[list(item.members), offset : offset + count]
-            decision, own = self._decide(mine, item.policy, item.members)
+            answer = self._decide(probs[:, offset : offset + count], item.policy, item.members)
             if item.v2 is None:
-                body = self._json_body(mine, decision, own, item.policy, item.members, item.top_k, item.min_run)
+                body = self._json_body(answer, item.top_k, item.min_run)
             else:
-                body = self._v2_body(mine, decision, own, item.policy, item.members, item.v2, item.top_k)
-            names = tuple(self.spec.members[m].name for m in item.members)
-            replies.append(Reply(200, body, count, policy=item.policy.name, members=names, votes=own, chosen=decision.chosen))
+                body = self._v2_body(answer, item.v2, item.top_k)
+            reply = Reply(200, body, count, policy=item.policy.name, members=answer.names, votes=answer.own, chosen=answer.decision.chosen)
+            replies.append(reply)
             offset += count
         return BatchAnswer(replies, forward_seconds)
 
@@ -398,31 +409,18 @@ class Ensemble:
 
         `top_k` defaults to the ensemble's, as for a request that does not name it.
         """
-        picked = self._positions(members)
-        mine = probs[list(picked)]
-        return self._json_body(mine, *self._decide(mine, policy, picked), policy, picked, top_k or self.spec.top_k)
+        return self._json_body(self._decide(probs, policy, self._positions(members)), top_k or self.spec.top_k)
 
     def render_v2(self, probs: torch.Tensor, policy: PolicySpec, form: V2Form, *, members: Sequence[str] | None = None) -> dict[str, Any]:
         """The Open Inference Protocol v2 response body for one request: the same answer as tensors."""
-        picked = self._positions(members)
-        mine = probs[list(picked)]
-        return self._v2_body(mine, *self._decide(mine, policy, picked), policy, picked, form)
+        return self._v2_body(self._decide(probs, policy, self._positions(members)), form)
 
     def _positions(self, members: Sequence[str] | None) -> tuple[int, ...]:
         names = [member.name for member in self.spec.members]
         return tuple(range(len(names))) if members is None else tuple(sorted(names.index(name) for name in members))
 
-    def _json_body(
-        self,
-        probs: torch.Tensor,
-        decision: Decision,
-        own: torch.Tensor,
-        policy: PolicySpec,
-        members: Sequence[int],
-        top_k: int | None = None,
-        min_run: int | None = None,
-    ) -> dict[str, Any]:
-        names = [self.spec.members[m].name for m in members]
+    def _json_body(self, answer: Answer, top_k: int | None = None, min_run: int | None = None) -> dict[str, Any]:
+        probs, own, decision, names = answer.probs, answer.own, answer.decision, list(answer.names)
         member_views = {name: self._views(own[m], probs[m]) for m, name in enumerate(names)}
         predictions = self._views(decision.chosen, decision.score)
         if top_k is not None:
@@ -435,7 +433,7 @@ class Ensemble:
         body = {
             "ensemble": self.spec.name,
             "version": self.spec.version,
-            "policy": {"name": policy.name, "params": policy.params()},
+            "policy": {"name": answer.policy.name, "params": answer.policy.params()},
             "answered_by": names,
             "predictions": predictions,
             "members": per_member,
@@ -450,18 +448,9 @@ class Ensemble:
             body["sequence"] = summarize(decision.chosen, self.spec.labels, only=self.spec.positive_index, min_run=min_run)
         return body
 
-    def _v2_body(
-        self,
-        probs: torch.Tensor,
-        decision: Decision,
-        own: torch.Tensor,
-        policy: PolicySpec,
-        members: Sequence[int],
-        form: V2Form,
-        top_k: int | None = None,
-    ) -> dict[str, Any]:
-        names = [self.spec.members[m].name for m in members]
-        parameters: dict[str, Any] = {"policy": policy.name, **policy.params(), "ensemble_version": self.spec.version}
+    def _v2_body(self, answer: Answer, form: V2Form, top_k: int | None = None) -> dict[str, Any]:
+        decision, names = answer.decision, answer.names
+        parameters: dict[str, Any] = {"policy": answer.policy.name, **answer.policy.params(), "ensemble_version": self.spec.version}
         parameters["members"] = ",".join(names)
         parameters.update({f"{name}.sha256": self._digests[name] for name in names})
         return render_v2(
@@ -471,7 +460,7 @@ class Ensemble:
             labels=self.spec.labels,
             multilabel=self.spec.task == "multilabel",
             combined=(decision.chosen, decision.score),
-            members={name: (own[m], probs[m]) for m, name in enumerate(names)},
+            members={name: (answer.own[m], answer.probs[m]) for m, name in enumerate(names)},
             parameters=parameters,
             digits=SCORE_DIGITS,
             top=None if top_k is None else self._top(decision, top_k),
@@ -535,11 +524,12 @@ class Ensemble:
         parameters["min_run"] = {"range": [1, self.spec.limits.max_images_per_request], "default": 1, "for": "sequence=true"}
         return parameters
 
-    def _decide(self, probs: torch.Tensor, policy: PolicySpec, members: Sequence[int]) -> tuple[Decision, torch.Tensor]:
-        """The combined decision of `members` (positions; `probs` holds their rows) and their own votes, for either response form."""
-        weights = self._weights[list(members)]
-        votes = Votes(task=self.spec.task, weights=weights, positive=self.spec.positive_index, policy=policy)
-        return combine(probs, votes), member_votes(probs, votes)
+    def _decide(self, probs: torch.Tensor, policy: PolicySpec, members: tuple[int, ...]) -> Answer:
+        """The answer of `members` (positions) from every member's `probs` [member, image, label], for either response form."""
+        mine = probs[list(members)]
+        votes = Votes(task=self.spec.task, weights=self._weights[list(members)], positive=self.spec.positive_index, policy=policy)
+        names = tuple(self.spec.members[m].name for m in members)
+        return Answer(names, mine, member_votes(mine, votes), combine(mine, votes), policy)
 
     @property
     def _labels_key(self) -> str:
