@@ -16,7 +16,7 @@ import torch
 
 from archive_scripts.build_archives import build_archive
 from archive_scripts.demo_data import MULTILABEL_LABELS, make_multilabel_split, make_split
-from archive_scripts.evaluate_demo import evaluate, plot
+from archive_scripts.evaluate_demo import TTA_MODES, evaluate, plot, tta_table
 from archive_scripts.train_demo import train
 from handlers.manifest import load_ensembles
 from handlers.members import sha256_of
@@ -57,6 +57,13 @@ def test_demos_train_evaluate_and_build(tmp_path: Path) -> None:
         assert macro[f"member {member.name}"]["f1"] >= 0.6, (member.name, macro)
     multi_recall = {name: macro[f"policy {name}"]["recall"] for name in ("any", "majority", "all")}
     assert multi_recall["any"] > multi_recall["majority"] > multi_recall["all"], macro
+
+    views = tta_table(specs["multishape"], 1000)
+    rows = [f"member {m.name}" for m in specs["multishape"].members] + ["policy mean"]
+    assert list(views) == [f"{tta}: {row}" for tta in TTA_MODES for row in rows]
+    assert views["none: policy mean"]["macro F1"] == pytest.approx(macro["policy mean"]["f1"], abs=1e-3)
+    assert views["none: policy mean"]["macro AUROC"] == pytest.approx(sum(row["policy mean"] for row in auroc.values()) / len(auroc), abs=1e-12)
+    assert all(0.5 < value <= 1.0 for row in views.values() for value in row.values()), views
 
     picture = tmp_path / "pr.png"
     plot({"shapes": binary, "multishape": macro}, picture)
