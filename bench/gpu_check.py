@@ -29,6 +29,7 @@ import torch
 
 from bench.workloads import torchvision_trio
 from handlers.ensemble import Ensemble, PreparedRequest, pick_device
+from handlers.execution_plans import prepare_cuda
 from handlers.manifest import EnsembleSpec, load_ensembles
 from handlers.preprocess import decode_image
 from tests.checkpoint_layouts import write_chexnet_ensemble
@@ -164,8 +165,8 @@ def main() -> None:
     parser.add_argument("--part", choices=("all", "plans", "options"), default="all")
     args = parser.parse_args()
     device = pick_device(0)
-    torch.backends.cudnn.allow_tf32 = False  # As the handler does on CUDA.
-    torch.backends.cuda.matmul.allow_tf32 = False
+    if device.type == "cuda":
+        prepare_cuda()  # As the handler does.
     results: dict[str, Any] = {"torch": torch.__version__}
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as folder:
         trio = torchvision_trio(Path(folder) / "trio", 32)

@@ -19,6 +19,7 @@ from ts.torch_handler.base_handler import BaseHandler
 
 from handlers.ensemble import BatchAnswer, Ensemble, PreparedRequest, pick_device
 from handlers.ensemble_metrics import EnsembleMetrics
+from handlers.execution_plans import prepare_cuda
 from handlers.errors import EnsembleError, RequestError
 
 logger = logging.getLogger(__name__)
@@ -33,10 +34,7 @@ class EnsembleHandler(BaseHandler):
         if device.type == "cpu":
             torch.set_num_threads(1)  # One intra-op thread per task: the ensemble runs members side by side.
         else:
-            # float32 means float32: cuDNN's default TF32 convolutions moved scores by up to 6e-4 from the
-            # CPU's on an H200 (CheXNet-shaped DenseNet121); without TF32 they agree within 4e-7.
-            torch.backends.cudnn.allow_tf32 = False
-            torch.backends.cuda.matmul.allow_tf32 = False
+            prepare_cuda()
         self.ensemble = Ensemble.from_model_dir(Path(properties["model_dir"]), device)
         self.metrics = EnsembleMetrics(context.metrics, context.model_name, self.ensemble.spec)
         self.initialized = True

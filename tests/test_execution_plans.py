@@ -13,7 +13,7 @@ import yaml
 
 from handlers.ensemble import PLANS_FILE, Ensemble
 from handlers.errors import MemberLoadError
-from handlers.execution_plans import AUTO_PLANS, MIN_GAIN, TOLERANCE
+from handlers.execution_plans import AUTO_PLANS, MIN_GAIN, TOLERANCE, prepare_cuda
 from handlers.manifest import load_ensembles, read_archive_manifest
 from handlers.preprocess import decode_image
 from tests.conftest import extract, image_bytes, instances, write_ensemble, write_tensor_ensemble
@@ -153,3 +153,13 @@ def test_a_record_that_does_not_apply_is_measured_afresh(test_store: Path, tmp_p
     members = {m["name"]: m["execution"] for m in Ensemble.from_model_dir(model_dir, CPU).describe()["members"]}
     assert members["mobile"]["measured_by"] == "this worker"
     assert members["mobile"]["plan"] in AUTO_PLANS
+
+
+def test_prepare_cuda_turns_off_tf32_and_torchscript_gpu_fusion() -> None:
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, torch._C._jit_texpr_fuser_enabled())
+    try:
+        prepare_cuda()
+        assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, torch._C._jit_texpr_fuser_enabled()) == (False, False, False)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved[:2]
+        torch._C._jit_set_texpr_fuser_enabled(saved[2])
