@@ -174,7 +174,7 @@ class Ensemble:
         member_inputs = [spec.member_input(member) for member in spec.members]
         plans = PlanContext(
             executions=[spec.member_execution(member) for member in spec.members],
-            sizes=[spec.batching.slice_sizes(parallelism, given.views, spec.consistency) for given in member_inputs],
+            sizes=[spec.slice_sizes(parallelism, given.views) for given in member_inputs],
             activation=self._activation,
             remembered=remembered_plans or {},
         )
@@ -307,7 +307,7 @@ class Ensemble:
                 batch = on_device[group.spec]
                 if rows is not None:
                     batch = batch.unflatten(0, (count, group.spec.views))[rows.to(batch.device)].flatten(0, 1)
-                chunks = batch.split(self._slice_rows(len(batch))) if len(batch) else ()
+                chunks = batch.split(self.spec.rows_per_call(len(batch), self._parallelism)) if len(batch) else ()
                 jobs.append((group, rows, len(chunks)))
                 tasks += [(group, chunk) for chunk in chunks]
             results = iter(self._map(self._run, tasks))
@@ -330,12 +330,6 @@ class Ensemble:
                         name = self.spec.members[member].name
                         forward_seconds[name] = forward_seconds.get(name, 0.0) + seconds
             return probs
-
-    def _slice_rows(self, rows: int) -> int:
-        """Rows per forward call: the batch spread over the member threads, capped by micro_batch_size; 1 when batch-invariant."""
-        if self.spec.consistency == "batch_invariant":
-            return 1
-        return min(self.spec.batching.micro_batch_size, -(-rows // self._parallelism))
 
     def _map(self, work: Callable[[T], R], items: Sequence[T]) -> list[R]:
         """`work` on every item, in order, on the member threads; the calling thread works too.

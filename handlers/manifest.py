@@ -126,13 +126,6 @@ class Batching:
         """Member threads of one worker: cores / workers, so that all workers together use each core once."""
         return max(1, cores // self.workers)
 
-    def slice_sizes(self, threads: int, views: int = 1, consistency: str = "fast") -> tuple[int, ...]:
-        """The rows per forward call a worker runs most: one image's views, and a full batch spread over
-        `threads`, capped by micro_batch_size; under batch_invariant every call takes exactly one row."""
-        if consistency == "batch_invariant":
-            return (1,)
-        return tuple(sorted({min(self.micro_batch_size, views), min(self.micro_batch_size, -(-self.batch_size * views // threads))}))
-
 
 @dataclass(frozen=True)
 class Execution:
@@ -216,6 +209,17 @@ class EnsembleSpec:
 
     def member_execution(self, member: MemberSpec) -> Execution:
         return member.execution or self.execution
+
+    def rows_per_call(self, rows: int, threads: int) -> int:
+        """Rows per member forward call when `rows` are spread over `threads`, capped by micro_batch_size;
+        exactly one under batch_invariant, so the kernels run at one size whatever the load."""
+        if self.consistency == "batch_invariant":
+            return 1
+        return min(self.batching.micro_batch_size, -(-rows // threads))
+
+    def slice_sizes(self, threads: int, views: int) -> tuple[int, ...]:
+        """The rows per call a worker runs most, to time plans at: one image's views in one call, and a full batch."""
+        return tuple(sorted({self.rows_per_call(views, 1), self.rows_per_call(self.batching.batch_size * views, threads)}))
 
     def with_plan(self, plan: str) -> EnsembleSpec:
         """Every member on one fixed plan: the baselines run members as given (`eager`), whatever the file says."""
