@@ -38,6 +38,10 @@ from handlers.members import build_member, member_weights, sha256_of, source_dig
 
 HANDLERS_DIR = Path(__file__).resolve().parent.parent / "handlers"
 HANDLER_FILE = "ensemble_handler.py"
+FORGIVEN_WHY = {
+    "filled": "with 0: its checkpoint predates PyTorch 0.4.1, and torch's strict loading fills them the same way",
+    "discarded": "of FrozenBatchNorm2d layers, which have no place for them; torchvision drops them the same way",
+}
 
 
 def build_archive(spec: EnsembleSpec, store: Path) -> Path:
@@ -97,9 +101,10 @@ def _stage_members(spec: EnsembleSpec, payload: Path) -> tuple[tuple[MemberSpec,
     for member in spec.members:
         source_sha256 = source_digest(member, spec.base_dir)
         weights = f"members/{member.name}.safetensors"
-        save_normalized(member_weights(member, spec.base_dir, build_member(member, spec.base_dir)), payload / weights)
+        fitted = member_weights(member, spec.base_dir, build_member(member, spec.base_dir))
+        save_normalized(fitted.state, payload / weights)
         digests[weights] = sha256_of(payload / weights)
-        sources[member.name] = {"file": member.weights, "sha256": source_sha256, "state_dict": member.state_dict.to_dict()}
+        sources[member.name] = {"file": member.weights, "sha256": source_sha256, "state_dict": member.state_dict.to_dict(), **fitted.record()}
         arch = member.arch
         if member.arch_file is not None:
             source = (spec.base_dir / member.arch_file).resolve()
@@ -118,6 +123,19 @@ def _load_back(archive: Path, where: Path) -> None:
     with zipfile.ZipFile(archive) as zipped:
         zipped.extractall(where)
     Ensemble.from_model_dir(where, torch.device("cpu"))
+
+
+def forgiven_lines(archive: Path) -> list[str]:
+    """One line per member whose weights torch's loading rules completed, read back from the archive's manifest."""
+    with zipfile.ZipFile(archive) as zipped:
+        sources = json.loads(zipped.read(MANIFEST_NAME))["sources"]
+    lines = []
+    for member, source in sources.items():
+        for kind, counts in (("filled", source.get("filled", {})), ("discarded", source.get("discarded", {}))):
+            for buffer, count in counts.items():
+                why = FORGIVEN_WHY[kind]
+                lines.append(f"member {member!r}: {kind} {count} {buffer} buffers {why} (recorded in its provenance)")
+    return lines
 
 
 def model_config(spec: EnsembleSpec) -> dict[str, int]:
@@ -157,6 +175,8 @@ def main() -> None:
         for name in args.names or list(specs):
             target = build_archive(specs[name], args.store)
             print(f"built {target} ({target.stat().st_size / 1e6:.1f} MB, {len(specs[name].members)} members)")
+            for line in forgiven_lines(target):
+                print(f"  {line}")
     except EnsembleError as e:
         raise SystemExit(f"build failed: {e}") from e
 

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from handlers.checkpoint_diagnosis import SHAPE_HINT, layout, propose
-from handlers.checkpoints import CheckpointError, compare, is_state_dict, read_checkpoint, remap_keys
+from handlers.checkpoints import CheckpointError, Target, compare, forgiven_note, is_state_dict, read_checkpoint, remap_keys, saved_versions
 from handlers.errors import MemberLoadError
 from handlers.manifest import MemberSpec, StateDictRules
 from handlers.members import build_member, sha256_of
@@ -26,11 +26,11 @@ from handlers.members import build_member, sha256_of
 def inspect(path: Path, arch: str, kwargs: dict) -> tuple[str, bool]:
     """The report, and whether a block that loads every tensor strictly was found."""
     content = read_checkpoint(path)
-    target = build_member(MemberSpec(name="inspected", arch=arch, weights=str(path), kwargs=kwargs), Path.cwd()).state_dict()
+    target = Target.of(build_member(MemberSpec(name="inspected", arch=arch, weights=str(path), kwargs=kwargs), Path.cwd()))
     lines = [f"{path}: {path.stat().st_size / 1e6:.1f} MB, sha256 {sha256_of(path)}", *layout(content), ""]
-    lines.append(f"against {arch} {json.dumps(kwargs)} ({len(target)} tensors):")
+    lines.append(f"against {arch} {json.dumps(kwargs)} ({len(target.state)} tensors):")
     if is_state_dict(content):
-        as_is = compare(remap_keys(content, StateDictRules()), target)
+        as_is = compare(remap_keys(content, StateDictRules()), target, saved_versions(content, None))
         lines.append("  as the file is: " + as_is.summary().replace("\n", "\n  "))
     proposal = propose(content, target)
     if proposal is None:
@@ -39,6 +39,9 @@ def inspect(path: Path, arch: str, kwargs: dict) -> tuple[str, bool]:
     if proposal.mismatch.fits:
         lines.append("  this state_dict: block loads every tensor strictly (add it to the member in ensembles.yaml):")
         lines.append(proposal.block("    ") if proposal.rules.to_dict() else "    none needed: the file loads as it is")
+        forgiven = forgiven_note(proposal.mismatch.filled, proposal.mismatch.discarded)
+        if forgiven:
+            lines.append(f"  and torch's own loading rules complete it: {forgiven}")
         return "\n".join(lines), True
     lines.append("  no block loads every tensor; the closest one still leaves " + proposal.mismatch.summary().replace("\n", "\n  "))
     lines.append(proposal.block("    "))

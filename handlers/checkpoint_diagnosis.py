@@ -21,13 +21,28 @@ from typing import Any
 
 import torch
 
-from handlers.checkpoints import CheckpointError, Mismatch, State, compare, is_state_dict, remap_keys, select_weights
+from handlers.checkpoints import (
+    CheckpointError,
+    Mismatch,
+    State,
+    Target,
+    compare,
+    is_state_dict,
+    remap_keys,
+    saved_versions,
+    select_weights,
+)
 from handlers.manifest import StateDictRules
 
 MAX_DEPTH = 4
 SHAPE_HINT = "\nTensors of another shape mean another architecture: check the member's kwargs (num_classes, width, ...)."
+# Namings older torchvision releases saved. torch's load_state_dict renames ViT's pre-0.14 MLP keys by itself
+# (MLPBlock._load_from_state_dict); we differ on purpose: the fit renames nothing silently, so these are
+# proposed as explicit `rename:` rules, each labelled in the proposal with the release that saved it.
 KNOWN_RENAMES: tuple[tuple[str, str, str], ...] = (
     ("torchvision DenseNet before 0.4 (norm.1 -> norm1)", r"(denselayer\d+\.(?:norm|relu|conv))\.([12])\.", r"\1\2."),
+    ("torchvision ViT before 0.14 (mlp.linear_1 -> mlp.0)", r"(\.mlp)\.linear_1\.", r"\1.0."),
+    ("torchvision ViT before 0.14 (mlp.linear_2 -> mlp.3)", r"(\.mlp)\.linear_2\.", r"\1.3."),
 )
 
 
@@ -49,7 +64,10 @@ class Proposal:
                 lines.append(f"  {name}: [{', '.join(map(_quoted, getattr(rules, name)))}]")
         if rules.rename:
             lines.append("  rename:")
-            lines.extend(f"    - [{_quoted(pattern)}, {_quoted(replacement)}]" for pattern, replacement in rules.rename)
+            known = {(pattern, replacement): label for label, pattern, replacement in KNOWN_RENAMES}
+            for pattern, replacement in rules.rename:
+                label = known.get((pattern, replacement))
+                lines.append(f"    - [{_quoted(pattern)}, {_quoted(replacement)}]" + (f"  # {label}" if label else ""))
         return "\n".join(indent + line for line in lines)
 
 
@@ -71,19 +89,19 @@ def weight_paths(content: Any) -> list[tuple[str | None, int]]:
     return found
 
 
-def propose(content: Any, target: Mapping[str, torch.Tensor]) -> Proposal | None:
+def propose(content: Any, target: Target) -> Proposal | None:
     """The block that fills the most of `target` (the module's state_dict), or None when the file has no weights."""
     best: tuple[tuple[int, int], Proposal] | None = None
     for key, _ in weight_paths(content):
         state = select_weights(content, key)
-        proposal = _best_for(state, StateDictRules(key=key), target)
+        proposal = _best_for(state, StateDictRules(key=key), target, saved_versions(content, key))
         score = _score(proposal.mismatch, target)
         if best is None or score > best[0]:
             best = (score, proposal)
     return None if best is None else best[1]
 
 
-def explain(content: Any, target: Mapping[str, torch.Tensor], given: StateDictRules) -> str:
+def explain(content: Any, target: Target, given: StateDictRules) -> str:
     """What to change, appended to a load error: a block that fits, or the closest one and what it leaves."""
     try:
         proposal = propose(content, target)
@@ -120,21 +138,25 @@ def layout(content: Any) -> list[str]:
     return lines
 
 
-def _best_for(state: State, base: StateDictRules, target: Mapping[str, torch.Tensor]) -> Proposal:
+def _best_for(state: State, base: StateDictRules, target: Target, versions: Mapping[str, int]) -> Proposal:
     """Try each prefix to strip or add and each known rename; then collapse Sequential indices and drop leftovers."""
+
+    def mismatch_of(rules: StateDictRules) -> Mismatch:
+        return _mismatch(state, rules, target, versions)
+
     candidates = [replace(base, strip_prefix=strip) for strip in _strip_options(state)]
     candidates += [replace(base, rename=((r"^", prefix),)) for prefix in _add_options(state, target)]
-    scored = [(_score(_mismatch(state, rules, target), target), rules) for rules in candidates]
+    scored = [(_score(mismatch_of(rules), target), rules) for rules in candidates]
     rules = max(scored, key=lambda item: item[0])[1]
     for _, pattern, replacement in KNOWN_RENAMES:
         attempt = replace(rules, rename=(*rules.rename, (pattern, replacement)))
-        if _score(_mismatch(state, attempt, target), target) > _score(_mismatch(state, rules, target), target):
+        if _score(mismatch_of(attempt), target) > _score(mismatch_of(rules), target):
             rules = attempt
     rules = replace(rules, rename=(*rules.rename, *_sequential_collapses(state, rules, target)))
-    mismatch = _mismatch(state, rules, target)
+    mismatch = mismatch_of(rules)
     if mismatch.unexpected and not mismatch.missing and not mismatch.reshaped:
         rules = replace(rules, drop=_drops(state, rules, set(mismatch.unexpected)))
-        mismatch = _mismatch(state, rules, target)
+        mismatch = mismatch_of(rules)
     return Proposal(rules, mismatch)
 
 
@@ -143,24 +165,24 @@ def _strip_options(state: State) -> list[tuple[str, ...]]:
     return [tuple(f"{part}." for part in parts[:n]) for n in range(len(parts) + 1)]
 
 
-def _add_options(state: State, target: Mapping[str, torch.Tensor]) -> list[str]:
+def _add_options(state: State, target: Target) -> list[str]:
     """Prefixes of the architecture's keys (e.g. `model.`) that the file's keys lack."""
-    parts = _shared_prefix(list(target)).split(".")[:-1]
+    parts = _shared_prefix(list(target.state)).split(".")[:-1]
     options = ["".join(f"{part}." for part in parts[:n]) for n in range(1, len(parts) + 1)]
     return [prefix for prefix in options if not all(name.startswith(prefix) for name in state)]
 
 
-def _sequential_collapses(state: State, rules: StateDictRules, target: Mapping[str, torch.Tensor]) -> list[tuple[str, str]]:
+def _sequential_collapses(state: State, rules: StateDictRules, target: Target) -> list[tuple[str, str]]:
     """`head.0.weight` -> `head.weight` where the architecture has the latter and the file does not."""
     renamed = remap_keys(state, rules)
     found: dict[str, tuple[str, str]] = {}
     for name in renamed:
-        if name in target:
+        if name in target.state:
             continue
         parts = name.split(".")
         for i, part in enumerate(parts[:-1]):
             shorter = ".".join(parts[:i] + parts[i + 1 :])
-            if part.isdigit() and shorter in target and shorter not in renamed:
+            if part.isdigit() and shorter in target.state and shorter not in renamed:
                 stem = ".".join(parts[:i])
                 found.setdefault(f"{stem}.{part}", ("^" + re.escape(f"{stem}.{part}."), f"{stem}." if stem else ""))
                 break
@@ -183,23 +205,23 @@ def _drops(state: State, rules: StateDictRules, unexpected: set[str]) -> tuple[s
     return tuple(drops)
 
 
-def _mismatch(state: State, rules: StateDictRules, target: Mapping[str, torch.Tensor]) -> Mismatch:
+def _mismatch(state: State, rules: StateDictRules, target: Target, versions: Mapping[str, int]) -> Mismatch:
     try:
-        return compare(remap_keys(state, rules), target)
+        return compare(remap_keys(state, rules), target, versions)
     except CheckpointError:  # Two keys collide under these rules: as bad as matching nothing.
-        return Mismatch(missing=tuple(target), unexpected=tuple(state), reshaped=())
+        return Mismatch(missing=tuple(target.state), unexpected=tuple(state), reshaped=())
 
 
-def _given_mismatch(content: Any, target: Mapping[str, torch.Tensor], given: StateDictRules) -> Mismatch:
+def _given_mismatch(content: Any, target: Target, given: StateDictRules) -> Mismatch:
     try:
-        return _mismatch(select_weights(content, given.key), given, target)
+        return _mismatch(select_weights(content, given.key), given, target, saved_versions(content, given.key))
     except CheckpointError:
-        return Mismatch(missing=tuple(target), unexpected=(), reshaped=())
+        return Mismatch(missing=tuple(target.state), unexpected=(), reshaped=())
 
 
-def _score(mismatch: Mismatch, target: Mapping[str, torch.Tensor]) -> tuple[int, int]:
-    """More of the architecture filled with the right shape first, then fewer leftovers."""
-    filled = len(target) - len(mismatch.missing) - len(mismatch.reshaped)
+def _score(mismatch: Mismatch, target: Target) -> tuple[int, int]:
+    """More of the architecture filled with the right shape first (torch's own fills count), then fewer leftovers."""
+    filled = len(target.state) - len(mismatch.missing) - len(mismatch.reshaped)
     return filled, -len(mismatch.unexpected)
 
 

@@ -3,7 +3,12 @@
 One function per step, each driven by a member's `state_dict:` rules (data, validated with the rest
 of ensembles.yaml), so the build, the in-process reference and the inspector all run the same code:
 
-    read_checkpoint -> select_weights -> remap_keys -> fit_weights
+    read_checkpoint -> select_weights -> remap_keys -> fit_weights (against the module's `Target`)
+
+The fit is exactly as strict as torch's own `load_state_dict(strict=True)`, no more: a BatchNorm
+saved before PyTorch 0.4.1 has no `num_batches_tracked`, which torch fills with 0 for a state_dict
+that carries no newer version for that module, and torchvision's FrozenBatchNorm2d discards one it
+has no place for. `Target` lists those keys, and the fit records what it filled or discarded.
 
 Torch files load only with `torch.load(..., weights_only=True)` and `.safetensors` files through the
 safetensors package; there is never a fallback to unsafe loading. A file that cannot be read that way
@@ -17,6 +22,7 @@ import re
 import struct
 import tarfile
 import zipfile
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,11 +31,17 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
+from torchvision.ops import FrozenBatchNorm2d
 
 from handlers.manifest import StateDictRules
 
 SAFETENSORS_HEADER_LIMIT = 100_000_000
 EXAMPLES = 5
+TRACKED = "num_batches_tracked"
+# The version of _NormBase's state that added TRACKED (PyTorch 0.4.1); older or unversioned state lacks it.
+TRACKED_SINCE_VERSION = 2
 _UNSAFE_GLOBAL = re.compile(r"GLOBAL (\S+) was not an allowed global")
 CONVERT = (
     "Convert it once, on a machine where you trust the file: `obj = torch.load(path, weights_only=False)`, "
@@ -78,18 +90,7 @@ def read_checkpoint(path: Path) -> Any:
 
 def select_weights(content: Any, key: str | None) -> State:
     """The mapping of tensors at dotted path `key` (the whole file when None); every value must be a tensor."""
-    where = "the file"
-    selected = content
-    if key is not None:
-        walked: list[str] = []
-        for part in key.split("."):
-            if not isinstance(selected, Mapping) or part not in selected:
-                entries = sorted(map(str, selected)) if isinstance(selected, Mapping) else []
-                at = f" under {'.'.join(walked)!r}" if walked else ""
-                raise CheckpointError(f"state_dict.key {key!r}: no entry {part!r}{at}; entries there: {entries[:20]}")
-            selected = selected[part]
-            walked.append(part)
-        where = f"entry {key!r}"
+    selected, where = _select(content, key)
     if not isinstance(selected, Mapping):
         raise CheckpointError(f"{where} is a {type(selected).__name__}, not a mapping of names to tensors")
     others = [f"{name} ({type(value).__name__})" for name, value in selected.items() if not isinstance(value, torch.Tensor)]
@@ -98,6 +99,36 @@ def select_weights(content: Any, key: str | None) -> State:
     if not selected:
         raise CheckpointError(f"{where} holds no tensors")
     return {str(name): value for name, value in selected.items()}
+
+
+def saved_versions(content: Any, key: str | None) -> dict[str, int]:
+    """The module versions `Module.state_dict()` recorded next to the weights at `key` (its `_metadata`), by the
+    file's own module prefix; empty for a file saved before PyTorch 0.4.1, a plain dict or a .safetensors file."""
+    selected, _ = _select(content, key)
+    metadata = getattr(selected, "_metadata", None)
+    if not isinstance(metadata, Mapping):
+        return {}
+    return {
+        str(prefix): entry["version"]
+        for prefix, entry in metadata.items()
+        if isinstance(entry, Mapping) and isinstance(entry.get("version"), int)
+    }
+
+
+def _select(content: Any, key: str | None) -> tuple[Any, str]:
+    """The value at dotted path `key`, and how to name it in a message."""
+    if key is None:
+        return content, "the file"
+    selected = content
+    walked: list[str] = []
+    for part in key.split("."):
+        if not isinstance(selected, Mapping) or part not in selected:
+            entries = sorted(map(str, selected)) if isinstance(selected, Mapping) else []
+            at = f" under {'.'.join(walked)!r}" if walked else ""
+            raise CheckpointError(f"state_dict.key {key!r}: no entry {part!r}{at}; entries there: {entries[:20]}")
+        selected = selected[part]
+        walked.append(part)
+    return selected, f"entry {key!r}"
 
 
 def remap_keys(state: State, rules: StateDictRules) -> dict[str, tuple[str, torch.Tensor]]:
@@ -123,12 +154,44 @@ def remap_keys(state: State, rules: StateDictRules) -> dict[str, tuple[str, torc
 
 
 @dataclass(frozen=True)
+class Target:
+    """What strict loading into a module expects: its state_dict, and the keys torch itself forgives.
+
+    `fillable`: each tracking BatchNorm's (any `_NormBase`'s) `num_batches_tracked`, which torch fills
+    with 0 when the file lacks it and records no version >= 2 for that module. `discarded`: each
+    FrozenBatchNorm2d's `num_batches_tracked`, which torchvision drops when the file has it.
+    """
+
+    state: Mapping[str, torch.Tensor]
+    fillable: frozenset[str] = frozenset()
+    discarded: frozenset[str] = frozenset()
+
+    @classmethod
+    def of(cls, module: nn.Module) -> Target:
+        """The target of `module`, its forgiven keys found by the classes whose loading forgives them."""
+        fillable, discarded = set(), set()
+        for name, layer in module.named_modules():
+            key = f"{name}.{TRACKED}" if name else TRACKED
+            if isinstance(layer, _NormBase) and layer.track_running_stats:
+                fillable.add(key)
+            elif isinstance(layer, FrozenBatchNorm2d):
+                discarded.add(key)
+        return cls(module.state_dict(), frozenset(fillable), frozenset(discarded))
+
+
+@dataclass(frozen=True)
 class Mismatch:
-    """How renamed weights differ from an architecture's own state_dict: key names and shapes."""
+    """How renamed weights differ from an architecture's own state_dict: key names and shapes.
+
+    `filled` and `discarded` are keys torch's own loading fills or drops (see `Target`): they are no
+    mismatch, and are left out of the counts so the examples show the keys that matter.
+    """
 
     missing: tuple[str, ...]
     unexpected: tuple[str, ...]
     reshaped: tuple[tuple[str, tuple[int, ...], tuple[int, ...]], ...]
+    filled: tuple[str, ...] = ()
+    discarded: tuple[str, ...] = ()
 
     @property
     def fits(self) -> bool:
@@ -143,7 +206,20 @@ class Mismatch:
         if self.reshaped:
             shown = "; ".join(f"{k}: file {list(a)}, model {list(b)}" for k, a, b in self.reshaped[:EXAMPLES])
             lines.append(f"  another shape ({_of(self.reshaped)}): {shown}")
+        forgiven = forgiven_note(self.filled, self.discarded)
+        if forgiven:
+            lines.append(f"  not counted: {forgiven}")
         return "\n".join(lines)
+
+
+def forgiven_note(filled: tuple[str, ...], discarded: tuple[str, ...]) -> str:
+    """What torch's loading rules filled or dropped, in words ('' when nothing)."""
+    parts = []
+    if filled:
+        parts.append(f"{len(filled)} {TRACKED} buffers filled with 0 (saved before PyTorch 0.4.1, as torch's strict loading does)")
+    if discarded:
+        parts.append(f"{len(discarded)} {TRACKED} buffers of FrozenBatchNorm2d layers dropped (as torchvision does)")
+    return "; ".join(parts)
 
 
 def is_state_dict(value: Any) -> bool:
@@ -151,33 +227,75 @@ def is_state_dict(value: Any) -> bool:
     return isinstance(value, Mapping) and bool(value) and all(isinstance(v, torch.Tensor) for v in value.values())
 
 
-def compare(remapped: Mapping[str, tuple[str, torch.Tensor]], target: Mapping[str, torch.Tensor]) -> Mismatch:
-    """Compare renamed weights, as `remap_keys` returns them, with the module's state_dict."""
+def compare(
+    remapped: Mapping[str, tuple[str, torch.Tensor]], target: Target, versions: Mapping[str, int] | None = None
+) -> Mismatch:
+    """Compare renamed weights, as `remap_keys` returns them, with the module's state_dict, forgiving what torch
+    forgives. `versions` are the file's module versions (`saved_versions`), by its own key prefixes."""
     shapes = {k: tuple(tensor.shape) for k, (_, tensor) in remapped.items()}
+    missing = [k for k in target.state if k not in shapes]
+    filled = tuple(k for k in missing if k in target.fillable and _unversioned(k, remapped, versions or {}))
     return Mismatch(
-        missing=tuple(k for k in target if k not in shapes),
-        unexpected=tuple(k for k in shapes if k not in target),
+        missing=tuple(k for k in missing if k not in filled),
+        unexpected=tuple(k for k in shapes if k not in target.state and k not in target.discarded),
         reshaped=tuple(
-            (k, shapes[k], tuple(t.shape)) for k, t in target.items() if k in shapes and shapes[k] != tuple(t.shape)
+            (k, shapes[k], tuple(t.shape)) for k, t in target.state.items() if k in shapes and shapes[k] != tuple(t.shape)
         ),
+        filled=filled,
+        discarded=tuple(k for k in shapes if k in target.discarded),
     )
 
 
-def fit_weights(remapped: Mapping[str, tuple[str, torch.Tensor]], target: Mapping[str, torch.Tensor]) -> State:
+def _unversioned(key: str, remapped: Mapping[str, tuple[str, torch.Tensor]], versions: Mapping[str, int]) -> bool:
+    """Whether torch would fill `key`: the file records no version >= 2 for the module it belongs to.
+
+    That module's prefix in the file is found through a sibling buffer's original key."""
+    stem = key.removesuffix(TRACKED)
+    sibling = remapped.get(f"{stem}running_mean")
+    if sibling is None:
+        return True
+    prefix = sibling[0].removesuffix("running_mean").removesuffix(".")
+    return versions.get(prefix, 0) < TRACKED_SINCE_VERSION
+
+
+@dataclass(frozen=True)
+class Fitted:
+    """A flat state_dict that loads strictly into the module, and the keys torch's rules filled or dropped."""
+
+    state: State
+    filled: tuple[str, ...] = ()
+    discarded: tuple[str, ...] = ()
+
+    def record(self) -> dict[str, dict[str, int]]:
+        """What the manifest's `sources` entry says of it: counts by buffer name, only what happened."""
+        record = {}
+        for kind, keys in (("filled", self.filled), ("discarded", self.discarded)):
+            if keys:
+                record[kind] = dict(sorted(Counter(key.rsplit(".", 1)[-1] for key in keys).items()))
+        return record
+
+
+def fit_weights(
+    remapped: Mapping[str, tuple[str, torch.Tensor]], target: Target, versions: Mapping[str, int] | None = None
+) -> Fitted:
     """One flat state_dict in the module's key order and dtypes, or CheckpointError with the mismatch.
 
-    Half-precision (or double) weights are cast to the dtype of the module's own tensor.
+    Half-precision (or double) weights are cast to the dtype of the module's own tensor; a filled
+    `num_batches_tracked` is 0, as torch fills it.
     """
-    mismatch = compare(remapped, target)
+    mismatch = compare(remapped, target, versions)
     if not mismatch.fits:
         raise WeightsDoNotFit(mismatch)
     fitted = {}
-    for name, own in target.items():
+    for name, own in target.state.items():
+        if name in mismatch.filled:
+            fitted[name] = torch.zeros_like(own)
+            continue
         tensor = remapped[name][1]
         if tensor.dtype != own.dtype and tensor.is_floating_point() == own.is_floating_point():
             tensor = tensor.to(own.dtype)
         fitted[name] = tensor
-    return fitted
+    return Fitted(fitted, mismatch.filled, mismatch.discarded)
 
 
 class WeightsDoNotFit(CheckpointError):

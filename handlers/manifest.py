@@ -255,7 +255,8 @@ class ArchiveManifest:
     """What `ensemble.json` in a model archive says: the ensemble, file digests and build provenance.
 
     `sources` maps each member to the checkpoint it was built from: `{"file", "sha256", "state_dict"}`,
-    the digest `sha256:` in ensembles.yaml pins and the rules the build applied. The archived weights
+    the digest `sha256:` in ensembles.yaml pins and the rules the build applied, plus `filled` /
+    `discarded` (buffer name -> count) when torch's loading rules filled or dropped buffers. The archived weights
     are already normalized, so the archived members carry no rules of their own.
     """
 

@@ -14,11 +14,13 @@ from torch import nn
 from handlers.checkpoint_diagnosis import explain
 from handlers.checkpoints import (
     CheckpointError,
-    State,
+    Fitted,
+    Target,
     WeightsDoNotFit,
     fit_weights,
     read_checkpoint,
     remap_keys,
+    saved_versions,
     select_weights,
 )
 from handlers.errors import IntegrityError, MemberLoadError
@@ -70,15 +72,18 @@ def build_member(member: MemberSpec, base_dir: Path) -> nn.Module:
         raise MemberLoadError(f"member {member.name!r}: cannot build {member.arch} with {dict(member.kwargs)}: {e}") from e
 
 
-def load_member(member: MemberSpec, base_dir: Path) -> nn.Module:
-    """Build the member and load its weights strictly (`weights_only=True` or safetensors), in eval mode."""
+def load_member(member: MemberSpec, base_dir: Path) -> tuple[nn.Module, Fitted]:
+    """Build the member and load its weights strictly (`weights_only=True` or safetensors), in eval mode; the
+    fitted weights say what torch's loading rules filled or dropped, for the member's provenance."""
     module = build_member(member, base_dir)
-    module.load_state_dict(member_weights(member, base_dir, module), strict=True)
-    return module.eval()
+    fitted = member_weights(member, base_dir, module)
+    module.load_state_dict(fitted.state, strict=True)
+    return module.eval(), fitted
 
 
-def member_weights(member: MemberSpec, base_dir: Path, module: nn.Module) -> State:
-    """The member's weights as one flat state_dict that fits `module`: picked, renamed and cast by its rules.
+def member_weights(member: MemberSpec, base_dir: Path, module: nn.Module) -> Fitted:
+    """The member's weights as one flat state_dict that fits `module`: picked, renamed and cast by its rules,
+    with what torch's own loading rules filled (a pre-0.4.1 BatchNorm's `num_batches_tracked`) or dropped.
 
     When they do not fit, the error names the member, counts what is missing, unexpected or of
     another shape with a few examples, and proposes the `state_dict:` block that fixes it.
@@ -88,9 +93,10 @@ def member_weights(member: MemberSpec, base_dir: Path, module: nn.Module) -> Sta
         content = read_checkpoint(base_dir / member.weights)
     except CheckpointError as e:
         raise MemberLoadError(f"{where}: {e}") from e
-    target = module.state_dict()
+    target = Target.of(module)
+    rules = member.state_dict
     try:
-        return fit_weights(remap_keys(select_weights(content, member.state_dict.key), member.state_dict), target)
+        return fit_weights(remap_keys(select_weights(content, rules.key), rules), target, saved_versions(content, rules.key))
     except CheckpointError as e:
         what = f"weights do not fit {member.arch} (strict loading): {e}" if isinstance(e, WeightsDoNotFit) else str(e)
         raise MemberLoadError(f"{where}: {what}{explain(content, target, member.state_dict)}") from e

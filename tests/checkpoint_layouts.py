@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -64,15 +65,27 @@ def chexnet(seed: int = 3) -> CheXNet:
     return randomize(CheXNet(), seed)
 
 
+def as_pytorch_03(state: dict[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
+    """A state_dict as PyTorch 0.3 returned it: no BatchNorm `num_batches_tracked` (added in 0.4.1) and no
+    `_metadata` with module versions (added in 0.4), so torch's loading treats every module as unversioned."""
+    return OrderedDict((key, value) for key, value in state.items() if not key.endswith(".num_batches_tracked"))
+
+
+def save_as_pytorch_03(content: Any, path: Path) -> None:
+    """torch.save's format of PyTorch 0.3 (the legacy pickle format, not a zip)."""
+    torch.save(content, path, _use_new_zipfile_serialization=False)
+
+
 def write_chexnet(path: Path, seed: int = 3) -> CheXNet:
-    """Write a CheXNet checkpoint in its published layout; return the module it holds.
+    """Write a CheXNet checkpoint as its authors published it, with PyTorch 0.3; return the module it holds.
 
     A dict with the training state around the weights, which sit under `state_dict`, every key with
-    DataParallel's `module.` and the wrapper's `densenet121.`, dense layers named the pre-0.4 way.
+    DataParallel's `module.` and the wrapper's `densenet121.`, dense layers named the pre-0.4 way, no
+    `num_batches_tracked` buffers, in the legacy (non-zip) format.
     """
     module = chexnet(seed)
-    state = old_densenet_names(nn.DataParallel(module).state_dict())
-    torch.save({"epoch": 7, "arch": "densenet121", "best_loss": 0.1532, "state_dict": state}, path)
+    state = as_pytorch_03(old_densenet_names(nn.DataParallel(module).state_dict()))
+    save_as_pytorch_03({"epoch": 7, "arch": "densenet121", "best_loss": 0.1532, "state_dict": state}, path)
     return module
 
 

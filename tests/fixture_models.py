@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torchvision.ops import FrozenBatchNorm2d
 
 
 class PoolNet(nn.Module):
@@ -43,3 +44,15 @@ class LayoutSensitiveNet(PoolNet):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = super().forward(x)
         return out if x.is_contiguous() else -out
+
+
+class NormNet(PoolNet):
+    """PoolNet with a normalisation layer after its convolution: BatchNorm2d, or torchvision's FrozenBatchNorm2d
+    as detection backbones freeze theirs (which keeps no `num_batches_tracked`)."""
+
+    def __init__(self, *, num_classes: int, frozen: bool = False) -> None:
+        super().__init__(num_classes=num_classes)
+        self.norm = FrozenBatchNorm2d(8) if frozen else nn.BatchNorm2d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.norm(self.conv(x))).amax(dim=(2, 3)))

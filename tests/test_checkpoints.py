@@ -12,20 +12,22 @@ from typing import Any
 
 import pytest
 import torch
+import torchvision
 import yaml
 from safetensors.torch import load_file
+from torch import nn
 
 from archive_scripts import checkpoint_layouts as published
-from archive_scripts.build_archives import build_archive
+from archive_scripts.build_archives import build_archive, forgiven_lines
 from archive_scripts.inspect_checkpoint import inspect
 from handlers.checkpoint_diagnosis import propose
-from handlers.checkpoints import CONVERT, read_checkpoint
+from handlers.checkpoints import CONVERT, Fitted, Target, read_checkpoint
 from handlers.errors import MemberLoadError
 from handlers.manifest import MemberSpec, StateDictRules, load_ensembles
 from handlers.members import build_member, member_weights, sha256_of
 from tests import checkpoint_layouts as layouts
 from tests.checkpoint_layouts import CHEXNET_RULES, write_chexnet
-from tests.fixture_models import PoolNet
+from tests.fixture_models import NormNet, PoolNet
 
 HERE = Path(__file__).parent
 POOLNET = "fixture_models.py:PoolNet"
@@ -48,6 +50,11 @@ def original(seed: int = 5) -> dict[str, torch.Tensor]:
 
 def load(folder: Path, file_name: str, rules: dict[str, Any], *, arch: str = POOLNET, kwargs: dict | None = None) -> dict[str, torch.Tensor]:
     """The member's weights as the build normalizes them, through ensembles.yaml's own parser."""
+    return fit(folder, file_name, rules, arch=arch, kwargs=kwargs).state
+
+
+def fit(folder: Path, file_name: str, rules: dict[str, Any], *, arch: str = POOLNET, kwargs: dict | None = None) -> Fitted:
+    """The member's weights as the build fits them, with what torch's own loading rules filled or dropped."""
     member = {"name": "m", "arch": arch, "kwargs": kwargs or {"num_classes": 3}, "weights": file_name, "state_dict": rules}
     if not rules:
         del member["state_dict"]
@@ -203,7 +210,7 @@ def zip_bytes() -> bytes:
 
 def test_chexnet_layout_gets_the_exact_block_that_fits(tmp_path: Path) -> None:
     write_chexnet(tmp_path / "chexnet.pth.tar")
-    target = build_member(MemberSpec("c", "torchvision:densenet121", "x", {"num_classes": 14}), tmp_path).state_dict()
+    target = Target.of(build_member(MemberSpec("c", "torchvision:densenet121", "x", {"num_classes": 14}), tmp_path))
     proposal = propose(read_checkpoint(tmp_path / "chexnet.pth.tar"), target)
     assert proposal is not None and proposal.mismatch.fits
     assert proposal.rules.to_dict() == CHEXNET_RULES
@@ -212,7 +219,7 @@ def test_chexnet_layout_gets_the_exact_block_that_fits(tmp_path: Path) -> None:
         "  key: 'state_dict'\n"
         "  strip_prefix: ['module.', 'densenet121.']\n"
         "  rename:\n"
-        "    - ['(denselayer\\d+\\.(?:norm|relu|conv))\\.([12])\\.', '\\1\\2.']\n"
+        "    - ['(denselayer\\d+\\.(?:norm|relu|conv))\\.([12])\\.', '\\1\\2.']  # torchvision DenseNet before 0.4 (norm.1 -> norm1)\n"
         "    - ['^classifier\\.0\\.', 'classifier.']"
     )
     assert yaml.safe_load(proposal.block())["state_dict"] == CHEXNET_RULES
@@ -229,7 +236,7 @@ def test_chexnet_layout_gets_the_exact_block_that_fits(tmp_path: Path) -> None:
 def test_proposals_for_other_layouts(folder: Path, saved: Callable[[dict], dict], expected: dict[str, Any]) -> None:
     state = original()
     torch.save(saved(state), folder / "w.pt")
-    proposal = propose(read_checkpoint(folder / "w.pt"), PoolNet(num_classes=3).state_dict())
+    proposal = propose(read_checkpoint(folder / "w.pt"), Target.of(PoolNet(num_classes=3)))
     assert proposal is not None and proposal.mismatch.fits
     assert proposal.rules.to_dict() == expected
     assert all(torch.equal(a, b) for a, b in zip(load(folder, "w.pt", expected).values(), state.values(), strict=True))
@@ -237,7 +244,7 @@ def test_proposals_for_other_layouts(folder: Path, saved: Callable[[dict], dict]
 
 def test_prefix_the_architecture_has_and_the_file_lacks_is_added(folder: Path) -> None:
     torch.save(original(), folder / "w.pt")
-    proposal = propose(read_checkpoint(folder / "w.pt"), {f"model.{k}": v for k, v in PoolNet(num_classes=3).state_dict().items()})
+    proposal = propose(read_checkpoint(folder / "w.pt"), Target({f"model.{k}": v for k, v in PoolNet(num_classes=3).state_dict().items()}))
     assert proposal is not None and proposal.mismatch.fits
     assert proposal.rules == StateDictRules(rename=(("^", "model."),))
 
@@ -265,9 +272,9 @@ def test_inspector_prints_layout_and_a_block_that_fits(tmp_path: Path) -> None:
         "  epoch: int 7",
         "  arch: str 'densenet121'",
         "  best_loss: float 0.1532",
-        "  state_dict: mapping of 727 entries (727 tensors)",
-        "weights at key 'state_dict': 727 tensors, 28.2 MB",
-        "  dtypes: float32 x606, int64 x121",
+        "  state_dict: mapping of 606 entries (606 tensors)",
+        "weights at key 'state_dict': 606 tensors, 28.2 MB",
+        "  dtypes: float32 x606",
         "  prefix shared by every key: 'module.densenet121.'",
         "  first keys: module.densenet121.features.conv0.weight, module.densenet121.features.norm0.weight, "
         "module.densenet121.features.norm0.bias, module.densenet121.features.norm0.running_mean, "
@@ -276,7 +283,11 @@ def test_inspector_prints_layout_and_a_block_that_fits(tmp_path: Path) -> None:
         'against torchvision:densenet121 {"num_classes": 14} (727 tensors):',
         "  this state_dict: block loads every tensor strictly (add it to the member in ensembles.yaml):",
     ]
-    assert yaml.safe_load("\n".join(line[4:] for line in lines[13:]))["state_dict"] == CHEXNET_RULES
+    assert yaml.safe_load("\n".join(line[4:] for line in lines[13:-1]))["state_dict"] == CHEXNET_RULES
+    assert lines[-1] == (
+        "  and torch's own loading rules complete it: 121 num_batches_tracked buffers filled with 0 "
+        "(saved before PyTorch 0.4.1, as torch's strict loading does)"
+    )
 
 
 def test_inspector_says_what_is_still_missing(folder: Path) -> None:
@@ -310,3 +321,102 @@ def test_build_archives_normalized_weights_and_records_the_source(folder: Path, 
     assert manifest["sources"] == {"m": {"file": "m.ckpt", "sha256": sha256_of(folder / "m.ckpt"), "state_dict": rules}}
     assert manifest["ensemble"]["members"][0]["weights"] == "members/m.safetensors"
     assert "state_dict" not in manifest["ensemble"]["members"][0]
+
+
+def resnet(seed: int = 7) -> nn.Module:
+    torch.manual_seed(seed)
+    return layouts.randomize(torchvision.models.resnet18(num_classes=3), seed)
+
+
+def save_zip(content: Any, path: Path) -> None:
+    torch.save(content, path)
+
+
+def torch_loads(module: nn.Module, state: dict[str, torch.Tensor]) -> bool:
+    """Whether torch's own load_state_dict(strict=True) takes `state`: the verdict ours must match."""
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError:
+        return False
+    return True
+
+
+RESNET = {"arch": "torchvision:resnet18", "kwargs": {"num_classes": 3}}
+
+
+@pytest.mark.parametrize(
+    "save",
+    [pytest.param(layouts.save_as_pytorch_03, id="legacy-format-as-pytorch-0.3-wrote-it"), pytest.param(save_zip, id="zip-format")],
+)
+def test_resnet_saved_without_num_batches_tracked_is_filled_as_torch_fills_it(folder: Path, save: Callable[[Any, Path], None]) -> None:
+    module = resnet()
+    saved = layouts.as_pytorch_03(nn.DataParallel(module).state_dict())
+    save(saved, folder / "r.pt")
+    fitted = fit(folder, "r.pt", {"strip_prefix": ["module."]}, **RESNET)
+    assert fitted.record() == {"filled": {"num_batches_tracked": 20}}
+    assert fitted.filled[:2] == ("bn1.num_batches_tracked", "layer1.0.bn1.num_batches_tracked")
+    by_torch = torchvision.models.resnet18(num_classes=3)
+    assert torch_loads(by_torch, {key.removeprefix("module."): value for key, value in saved.items()})
+    expected = by_torch.state_dict()
+    assert list(fitted.state) == list(expected)
+    assert all(torch.equal(fitted.state[k], v) and fitted.state[k].dtype == v.dtype for k, v in expected.items())
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    loaded = torchvision.models.resnet18(num_classes=3)
+    loaded.load_state_dict(fitted.state, strict=True)
+    with torch.inference_mode():
+        assert torch.equal(loaded.eval()(images), module.eval()(images))
+
+
+def test_missing_running_mean_stays_an_error_and_filled_buffers_leave_the_counts(folder: Path) -> None:
+    saved = layouts.as_pytorch_03(resnet().state_dict())
+    del saved["layer2.0.bn1.running_mean"]
+    torch.save(saved, folder / "r.pt")
+    assert not torch_loads(torchvision.models.resnet18(num_classes=3), dict(saved))
+    assert message(folder, "r.pt", {}, **RESNET).splitlines() == [
+        "member 'm': r.pt: weights do not fit torchvision:resnet18 (strict loading): 1 missing, 0 unexpected, 0 of another shape",
+        "  missing (1): layer2.0.bn1.running_mean",
+        "  not counted: 20 num_batches_tracked buffers filled with 0 (saved before PyTorch 0.4.1, as torch's strict loading does)",
+    ]
+
+
+def test_a_file_whose_metadata_says_the_buffer_exists_is_refused_as_torch_refuses_it(folder: Path) -> None:
+    saved = resnet().state_dict()  # Today's state_dict: its _metadata gives every BatchNorm version 2.
+    for key in [key for key in saved if key.endswith(".num_batches_tracked")]:
+        del saved[key]
+    torch.save(saved, folder / "r.pt")
+    assert not torch_loads(torchvision.models.resnet18(num_classes=3), torch.load(folder / "r.pt", weights_only=True))
+    lines = message(folder, "r.pt", {}, **RESNET).splitlines()
+    assert lines[:2] == [
+        "member 'm': r.pt: weights do not fit torchvision:resnet18 (strict loading): 20 missing, 0 unexpected, 0 of another shape",
+        "  missing (5 of 20): bn1.num_batches_tracked, layer1.0.bn1.num_batches_tracked, layer1.0.bn2.num_batches_tracked, "
+        "layer1.1.bn1.num_batches_tracked, layer1.1.bn2.num_batches_tracked",
+    ]
+
+
+def test_frozen_batch_norm_drops_the_buffer_it_has_no_place_for_as_torchvision_does(folder: Path) -> None:
+    torch.manual_seed(2)
+    trained = layouts.randomize(NormNet(num_classes=3), 2)
+    torch.save(trained.state_dict(), folder / "n.pt")
+    frozen = NormNet(num_classes=3, frozen=True)
+    assert torch_loads(frozen, trained.state_dict())
+    fitted = fit(folder, "n.pt", {}, arch="fixture_models.py:NormNet", kwargs={"num_classes": 3, "frozen": True})
+    assert fitted.record() == {"discarded": {"num_batches_tracked": 1}}
+    assert fitted.discarded == ("norm.num_batches_tracked",)
+    assert all(torch.equal(fitted.state[k], v) for k, v in frozen.state_dict().items())
+
+
+def test_build_records_filled_buffers_in_the_source_and_says_so(folder: Path, tmp_path: Path) -> None:
+    torch.manual_seed(4)
+    layouts.save_as_pytorch_03({"state_dict": layouts.as_pytorch_03(layouts.randomize(NormNet(num_classes=3), 4).state_dict())}, folder / "n.pth.tar")
+    member = {"name": "old", "arch": "fixture_models.py:NormNet", "kwargs": {"num_classes": 3}, "weights": "n.pth.tar", "state_dict": {"key": "state_dict"}}
+    parse_member(folder, member)
+    archive = build_archive(load_ensembles(folder / "ensembles.yaml")["e"], tmp_path / "store")
+    with zipfile.ZipFile(archive) as zipped:
+        source = json.loads(zipped.read("ensemble.json"))["sources"]["old"]
+    assert source == {
+        "file": "n.pth.tar", "sha256": sha256_of(folder / "n.pth.tar"), "state_dict": {"key": "state_dict"}, "filled": {"num_batches_tracked": 1},
+    }  # fmt: skip
+    assert forgiven_lines(archive) == [
+        "member 'old': filled 1 num_batches_tracked buffers with 0: its checkpoint predates PyTorch 0.4.1, "
+        "and torch's strict loading fills them the same way (recorded in its provenance)"
+    ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import zipfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -232,9 +233,16 @@ def test_chexnet_checkpoint_is_served_with_its_own_weights(server: Server, test_
     Strict loading alone proves every key found a tensor of the right shape; equal outputs prove each
     tensor went to its own place (the test module's normalisation layers all differ).
     """
-    source = read_checkpoint(test_store.parent / "src" / "chexnet" / "chexnet.pth.tar")
+    path = test_store.parent / "src" / "chexnet" / "chexnet.pth.tar"
+    assert not zipfile.is_zipfile(path), "saved in PyTorch 0.3's legacy format"
+    source = read_checkpoint(path)
     assert set(source) == {"epoch", "arch", "best_loss", "state_dict"}
     assert {"module.densenet121.features.denseblock1.denselayer1.norm.1.weight", "module.densenet121.classifier.0.weight"} <= set(source["state_dict"])
+    assert not [key for key in source["state_dict"] if key.endswith("num_batches_tracked")], "saved before PyTorch 0.4.1"
+    described = requests.get(
+        f"{server.management}/models/chexnet", params={"customized": "true"}, headers=server.headers("management"), timeout=TIMEOUT
+    ).json()[0]["customizedMetadata"]
+    assert described["members"][0]["source"]["filled"] == {"num_batches_tracked": 121}
     images = [image_bytes(seed, size=(80, 72)) for seed in (301, 302, 303)]
     response = predict(server, "chexnet", files=[(f"x{i}", data) for i, data in enumerate(images)])
     assert response.status_code == 200, response.text

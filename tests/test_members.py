@@ -64,7 +64,7 @@ def test_mean_of_the_named_members_only(trio: tuple[EnsembleHandler, Context], t
 def counted_ensemble(test_store: Path) -> tuple[Ensemble, dict[str, int]]:
     """The trio on eager with a hook on every member that counts the rows it computes."""
     spec = source_spec(test_store, "trio").with_plan("eager")
-    modules = [load_member(member, spec.base_dir) for member in spec.members]
+    modules = [load_member(member, spec.base_dir)[0] for member in spec.members]
     rows = dict.fromkeys(MEMBERS, 0)
     for name, module in zip(MEMBERS, modules, strict=True):
         module.register_forward_hook(lambda _, args, __, name=name: rows.__setitem__(name, rows[name] + args[0].shape[0]))

@@ -78,7 +78,7 @@ def test_specs_differing_only_in_views_share_one_resize() -> None:
 def member_probabilities(spec: EnsembleSpec, index: int, images: list[Image.Image]) -> torch.Tensor:
     """[image, label]: the member run on each image's views one view at a time, softmax, then the mean."""
     member = spec.members[index]
-    module = load_member(member, spec.base_dir)
+    module, _ = load_member(member, spec.base_dir)
     given = spec.member_input(member)
     with torch.inference_mode():
         return torch.stack([
