@@ -34,7 +34,7 @@ from handlers.errors import EnsembleError, IntegrityError, InvalidPolicy, Member
 from handlers.execution import Group, PlanContext, plan_groups
 from handlers.manifest import EnsembleSpec, TensorSpec, read_archive_manifest
 from handlers.members import load_member, source_digest, verify_digests
-from handlers.open_inference import TOP_OUTPUTS, V2Form, output_names, render_v2, v2_errors
+from handlers.open_inference import TOP_OUTPUTS, V2Form, output_names, render_v2, v2_errors, v2_metadata
 from handlers.policies import Decision, PolicySpec, Votes, combine, member_votes, policy_names, resolve_policy
 from handlers.preprocess import batch_tensors, decode_image
 from handlers.request_inputs import int_parameter, parse_request, parse_tensor_request
@@ -206,7 +206,7 @@ class Ensemble:
             if manifest.digests[member.weights] != member.sha256:
                 raise IntegrityError(f"member {member.name!r}: the manifest gives two digests for {member.weights}")
         verify_digests(model_dir, manifest.digests, owners={member.weights: member.name for member in spec.members})
-        modules = [load_member(m, model_dir) for m in spec.members]
+        modules = [load_member(m, model_dir)[0] for m in spec.members]
         context = {"torch": torch.__version__, "device": device.type, "member_threads": parallelism}
         with _exclusive(model_dir / PLANS_LOCK):
             remembered = _read_plans(model_dir / PLANS_FILE, context)
@@ -220,8 +220,12 @@ class Ensemble:
     def from_spec(cls, spec: EnsembleSpec, device: torch.device, *, parallelism: int = 1) -> Ensemble:
         """Load straight from ensembles.yaml paths (evaluation, in-process reference); checks pinned digests."""
         digested = tuple(replace(m, sha256=source_digest(m, spec.base_dir)) for m in spec.members)
-        sources = {m.name: {"file": m.weights, "sha256": m.sha256, "state_dict": m.state_dict.to_dict()} for m in digested}
-        modules = [load_member(member, spec.base_dir) for member in spec.members]
+        loaded = [load_member(member, spec.base_dir) for member in spec.members]
+        modules = [module for module, _ in loaded]
+        sources = {
+            m.name: {"file": m.weights, "sha256": m.sha256, "state_dict": m.state_dict.to_dict(), **fitted.record()}
+            for m, (_, fitted) in zip(digested, loaded, strict=True)
+        }
         return cls(replace(spec, members=digested), modules, device, {}, sources, parallelism=parallelism)
 
     def plan_choices(self) -> dict[str, dict[str, Any]]:
@@ -475,6 +479,9 @@ class Ensemble:
             "policies": policy_names(),
             "parameters": self._parameters(),
             "v2_outputs": self.output_names(),
+            "v2_metadata": v2_metadata(
+                self.output_names(), len(self.spec.labels), self.spec.input if isinstance(self.spec.input, TensorSpec) else None
+            ),
             "members": [
                 {
                     "name": m.name,

@@ -291,6 +291,27 @@ def output_names(labels_key: str, members: Sequence[str], *, ranked: bool) -> li
     return [labels_key, "scores", *top] + [f"{m}.{suffix}" for m in members for suffix in (labels_key, "scores")]
 
 
+def v2_metadata(names: Sequence[str], labels: int, tensor: TensorSpec | None) -> dict[str, list[dict[str, Any]]]:
+    """The model metadata the protocol's `GET /v2/models/<name>` returns: our one input and every output in `names`
+    (as `output_names` lists them), each with its datatype and shape; -1 marks a size each request chooses."""
+    if tensor is None:
+        inputs = [{"name": "data", "datatype": "BYTES", "shape": [-1]}]
+    else:
+        inputs = [{"name": "data", "datatype": "FP32", "shape": [-1, *tensor.shape]}]
+    kinds = {
+        "label": ("BYTES", [-1]),
+        "labels": ("BOOL", [-1, labels]),
+        "scores": ("FP64", [-1, labels]),
+        "top_labels": ("BYTES", [-1, -1]),
+        "top_scores": ("FP64", [-1, -1]),
+    }
+    outputs = []
+    for name in names:
+        datatype, shape = kinds[name.rsplit(".", 1)[-1]]
+        outputs.append({"name": name, "datatype": datatype, "shape": shape})
+    return {"inputs": inputs, "outputs": outputs}
+
+
 def _tensor(name: str, datatype: str, shape: list[int], data: list[Any]) -> dict[str, Any]:
     return {"name": name, "datatype": datatype, "shape": shape, "data": data}
 
