@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -29,7 +30,7 @@ import torch
 
 from handlers.errors import InvalidImage, PayloadTooLarge, RequestError, UnsupportedMediaType
 from handlers.manifest import Limits, TensorSpec
-from handlers.policies import REQUEST_PARAMETERS
+from handlers.policies import BOOLEAN_PARAMETERS, REQUEST_PARAMETERS
 from handlers.tensor_inputs import instances_from_values
 
 TENSOR_DATATYPES = {"FP32": torch.float32, "FP64": torch.float64, "FP16": torch.float16}
@@ -167,8 +168,11 @@ def read_parameters(raw: Any) -> dict[str, str]:
             value = raw[key]
             if key == "members" and isinstance(value, list) and all(isinstance(name, str) for name in value):
                 value = ",".join(value)
+            if isinstance(value, bool) and key in BOOLEAN_PARAMETERS:
+                value = "true" if value else "false"
             if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-                raise RequestError(f"parameters.{key} must be a string or a number, got {value!r}")
+                wanted = "true or false (a JSON boolean or a string)" if key in BOOLEAN_PARAMETERS else "a string or a number"
+                raise RequestError(f"parameters.{key} must be {wanted}, got {json.dumps(value)}")
             params[key] = str(value).strip()
     return params
 

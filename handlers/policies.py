@@ -33,6 +33,9 @@ TASKS = ("multiclass", "binary", "multilabel")
 POLICY_PARAMETERS = ("policy", "k", "threshold")
 # Every parameter a request may carry, on any channel: the policy's, and what else the answer shows.
 REQUEST_PARAMETERS = (*POLICY_PARAMETERS, "members", "top_k", "sequence", "min_run")
+# Parameters that are true or false. A JSON body's `parameters` (ours or v2's, whose values are typed)
+# gives them as JSON booleans or as the strings every other channel carries (request_inputs.boolean_parameter).
+BOOLEAN_PARAMETERS = ("sequence",)
 DEFAULT_THRESHOLD = 0.5
 
 

@@ -36,6 +36,7 @@ BODY_KEYS = ("body", "data")
 # bytes than the received parts explain; parts smaller than this slack cannot be told from headers.
 PART_HEADER_SLACK = 1024
 TENSOR_CONTENT_TYPES = ("application/x-npy", "application/json")
+TRUE, FALSE = ("true", "1", "yes"), ("false", "0", "no")
 _DATA_URI = re.compile(r"data:image/[A-Za-z0-9.+-]+;base64,")
 
 
@@ -171,6 +172,15 @@ def int_parameter(name: str, raw: str, high: int) -> int:
     if not 1 <= value <= high:
         raise RequestError(f"{name} must be an integer from 1 to {high}, got {raw!r}")
     return value
+
+
+def boolean_parameter(name: str, raw: str | None) -> bool:
+    """A true-or-false request parameter as text (absent is false), or a RequestError naming the accepted words."""
+    if raw is None or raw.lower() in FALSE:
+        return False
+    if raw.lower() not in TRUE:
+        raise RequestError(f"{name} must be true or false ({'/'.join(TRUE)} or {'/'.join(FALSE)}), got {raw!r}")
+    return True
 
 
 def _split_parameters(doc: Any) -> tuple[Any, dict[str, str]]:

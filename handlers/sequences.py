@@ -15,19 +15,15 @@ from typing import Any
 import torch
 
 from handlers.errors import RequestError
-from handlers.request_inputs import int_parameter
-
-TRUE, FALSE = ("true", "1", "yes"), ("false", "0", "no")
+from handlers.request_inputs import boolean_parameter, int_parameter
 
 
 def read_sequence(sequence: str | None, min_run: str | None, max_frames: int) -> int | None:
     """The debounce length a request asked for (1 without `min_run`), or None when it is no sequence."""
-    if sequence is None or sequence.lower() in FALSE:
+    if not boolean_parameter("sequence", sequence):
         if min_run is not None:
             raise RequestError("min_run needs sequence=true: it debounces a sequence of frames")
         return None
-    if sequence.lower() not in TRUE:
-        raise RequestError(f"sequence must be true or false, got {sequence!r}")
     return 1 if min_run is None else int_parameter("min_run", min_run, max_frames)
 
 
