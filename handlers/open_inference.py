@@ -30,7 +30,7 @@ import torch
 
 from handlers.errors import InvalidImage, PayloadTooLarge, RequestError, UnsupportedMediaType
 from handlers.manifest import Limits, TensorSpec
-from handlers.policies import BOOLEAN_PARAMETERS, REQUEST_PARAMETERS
+from handlers.policies import BOOLEAN_PARAMETERS, REQUEST_PARAMETERS, unknown_parameters
 from handlers.tensor_inputs import instances_from_values
 
 TENSOR_DATATYPES = {"FP32": torch.float32, "FP64": torch.float64, "FP16": torch.float16}
@@ -161,7 +161,7 @@ def read_parameters(raw: Any) -> dict[str, str]:
         raise RequestError("parameters must be an object")
     unknown = sorted(set(raw) - set(REQUEST_PARAMETERS) - set(IGNORED_PARAMETERS))
     if unknown:
-        raise RequestError(f"unknown parameter(s) {unknown}; valid: {', '.join(REQUEST_PARAMETERS)}")
+        raise RequestError(unknown_parameters(unknown))
     params = {}
     for key in REQUEST_PARAMETERS:
         if key in raw:

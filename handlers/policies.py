@@ -22,8 +22,9 @@ Semantics (README "Policies" repeats them with examples):
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from difflib import get_close_matches
 
 import torch
 
@@ -37,6 +38,13 @@ REQUEST_PARAMETERS = (*POLICY_PARAMETERS, "members", "top_k", "sequence", "min_r
 # gives them as JSON booleans or as the strings every other channel carries (request_inputs.boolean_parameter).
 BOOLEAN_PARAMETERS = ("sequence",)
 DEFAULT_THRESHOLD = 0.5
+
+
+def unknown_parameters(names: Sequence[str]) -> str:
+    """The message for parameter names we do not know: each with the closest valid name, then every valid name."""
+    closest = [f"{name!r} -> {close[0]!r}" for name in names if (close := get_close_matches(name, REQUEST_PARAMETERS, n=1))]
+    hint = f" (closest valid: {', '.join(closest)})" if closest else ""
+    return f"unknown parameter(s) {sorted(names)}{hint}; valid: {', '.join(REQUEST_PARAMETERS)}"
 
 
 @dataclass(frozen=True)

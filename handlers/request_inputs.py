@@ -26,7 +26,7 @@ import torch
 from handlers.errors import InvalidImage, PayloadTooLarge, RequestError, UnsupportedMediaType
 from handlers.manifest import Limits, TensorSpec
 from handlers.open_inference import V2Form, is_v2, read_parameters, read_v2, refuse_binary_extension, v2_errors
-from handlers.policies import REQUEST_PARAMETERS
+from handlers.policies import REQUEST_PARAMETERS, unknown_parameters
 from handlers.tensor_inputs import NPY_MAGIC, read_json_instances, read_npy
 
 PARAMETER_HEADERS = {f"x-ensemble-{key.replace('_', '-')}": key for key in REQUEST_PARAMETERS}
@@ -37,6 +37,8 @@ BODY_KEYS = ("body", "data")
 PART_HEADER_SLACK = 1024
 TENSOR_CONTENT_TYPES = ("application/x-npy", "application/json")
 TRUE, FALSE = ("true", "1", "yes"), ("false", "0", "no")
+# The most bytes a multipart part may hold and still be read as a misspelt parameter's value, not an image.
+PARAMETER_TEXT_LIMIT = 256
 _DATA_URI = re.compile(r"data:image/[A-Za-z0-9.+-]+;base64,")
 
 
@@ -59,6 +61,7 @@ def parse_request(row: Mapping[str, Any], headers: Mapping[str, Any], limits: Li
     payload = {key: value for key, value in row.items() if key not in REQUEST_PARAMETERS}
     if content_type == "multipart/form-data":
         _check_no_part_dropped(row, lowered)
+        _refuse_misspelt_parameters(payload)
         images = tuple(_as_bytes(value, f"part {key!r}") for key, value in payload.items())
     else:
         refuse_binary_extension(lowered)
@@ -135,10 +138,7 @@ def _body(payload: Mapping[str, Any], wanted: str) -> Any:
     """Outside multipart, the only key besides the policy parameters is the body (`body`, or `data` over gRPC)."""
     unexpected = sorted(set(payload) - set(BODY_KEYS))
     if unexpected:
-        raise RequestError(
-            f"unknown parameter(s) {unexpected}; valid: {', '.join(REQUEST_PARAMETERS)}, and the body "
-            f"(over gRPC an input named {' or '.join(BODY_KEYS)})"
-        )
+        raise RequestError(f"{unknown_parameters(unexpected)}, and the body (over gRPC an input named {' or '.join(BODY_KEYS)})")
     if len(payload) > 1:
         raise RequestError(f"both {' and '.join(BODY_KEYS)} given; send the body once")
     body = next(iter(payload.values()), b"")
@@ -229,6 +229,29 @@ def _json_images(doc: Any) -> tuple[bytes, ...]:
 def _is_raw_image_type(content_type: str) -> bool:
     """A body that is itself one image: image/*, octet-stream, or no type (the image's bytes tell its format)."""
     return content_type in ("", "application/octet-stream") or content_type.startswith("image/")
+
+
+def _refuse_misspelt_parameters(parts: Mapping[str, Any]) -> None:
+    """A multipart part holding a few bytes of text is a parameter we do not know, not an image.
+
+    On `/models/<name>/invoke` TorchServe puts query parameters and form parts in one dict, so
+    `?polcy=any` arrives as a part named `polcy`. No accepted image format is text, and no image fits
+    in PARAMETER_TEXT_LIMIT bytes of it, so such parts are named as unknown parameters, with the
+    closest valid name, instead of being decoded as images.
+    """
+    texts = {key: len(value) for key, value in parts.items() if _is_short_text(value)}
+    if texts:
+        sizes = ", ".join(f"{key!r} holds {size} bytes of text" for key, size in texts.items())
+        raise RequestError(f"{unknown_parameters(list(texts))}; an image part must hold an image's bytes ({sizes})")
+
+
+def _is_short_text(value: Any) -> bool:
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            value = bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            return False
+    return isinstance(value, str) and 0 < len(value.strip()) <= PARAMETER_TEXT_LIMIT and value.strip().isprintable()
 
 
 def _check_no_part_dropped(row: Mapping[str, Any], headers: Mapping[str, str]) -> None:

@@ -189,6 +189,28 @@ def test_unknown_policy_lists_valid_names(server: Server) -> None:
     }
 
 
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        pytest.param(
+            {"files": [("a", image_bytes(62))]},
+            "unknown parameter(s) ['polcy'] (closest valid: 'polcy' -> 'policy'); valid: policy, k, threshold, members, top_k, sequence, "
+            "min_run; an image part must hold an image's bytes ('polcy' holds 3 bytes of text)",
+            id="multipart",
+        ),
+        pytest.param(
+            png(image_bytes(62)),
+            "unknown parameter(s) ['polcy'] (closest valid: 'polcy' -> 'policy'); valid: policy, k, threshold, members, top_k, sequence, "
+            "min_run, and the body (over gRPC an input named body or data)",
+            id="raw-body",
+        ),
+    ],
+)
+def test_a_misspelt_query_parameter_is_named_as_one(server: Server, body: dict, message: str) -> None:
+    response = predict(server, "pair", path="invoke", params={"polcy": "any"}, **body)
+    assert (response.status_code, response.json()) == (400, {"code": 400, "type": "RequestError", "message": message})
+
+
 def test_concurrent_requests_are_batched_and_split_back(server: Server, test_store: Path) -> None:
     """8 requests carrying 1..4 images each, sent at once: TorchServe batches them; each gets its own results."""
     payloads = [[image_bytes(100 * r + i) for i in range(1 + r % 4)] for r in range(8)]

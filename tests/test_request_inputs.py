@@ -9,6 +9,7 @@ import pytest
 
 from handlers.errors import InvalidImage, PayloadTooLarge, RequestError, UnsupportedMediaType
 from handlers.manifest import Limits
+from handlers.preprocess import decode_image
 from handlers.request_inputs import RequestInput, parse_request
 
 A, B, C = b"A" * 3000, b"B" * 5000, b"C" * 4000
@@ -120,7 +121,20 @@ def test_parse_request(row: dict, headers: dict, expected: RequestInput) -> None
             PayloadTooLarge, "4 images in one request; this ensemble accepts at most 3", id="too-many-images",
         ),
         pytest.param(
-            {"polcy": b"any", "body": A}, {}, RequestError, "unknown parameter(s) ['polcy']; valid: policy, k, threshold, members, top_k, sequence, min_run, and the body (over gRPC an input named body or data)", id="unknown-query",
+            {"polcy": b"any", "body": A}, {}, RequestError,
+            "unknown parameter(s) ['polcy'] (closest valid: 'polcy' -> 'policy'); valid: policy, k, threshold, members, top_k, sequence, "
+            "min_run, and the body (over gRPC an input named body or data)", id="unknown-query",
+        ),
+        pytest.param(
+            {"img": A, "polcy": b"any"}, {"Content-Type": MULTIPART}, RequestError,
+            "unknown parameter(s) ['polcy'] (closest valid: 'polcy' -> 'policy'); valid: policy, k, threshold, members, top_k, sequence, "
+            "min_run; an image part must hold an image's bytes ('polcy' holds 3 bytes of text)", id="multipart-misspelt-query-parameter",
+        ),
+        pytest.param(
+            {"img": A, "colour": "red", "treshold": b"0.3"}, {"Content-Type": MULTIPART}, RequestError,
+            "unknown parameter(s) ['colour', 'treshold'] (closest valid: 'treshold' -> 'threshold'); valid: policy, k, threshold, members, "
+            "top_k, sequence, min_run; an image part must hold an image's bytes ('colour' holds 3 bytes of text, 'treshold' holds 3 bytes of text)",
+            id="multipart-text-fields-as-str-and-bytes",
         ),
         pytest.param(
             {"policy": b"any", "body": A}, {"X-Ensemble-Policy": "all"}, RequestError,
@@ -147,3 +161,15 @@ def test_parse_request_rejects(row: dict, headers: dict, error: type[Exception],
     with pytest.raises(error) as caught:
         parse_request(row, headers, Limits(max_images_per_request=3), ())
     assert str(caught.value) == message
+
+
+@pytest.mark.parametrize(
+    "part",
+    [pytest.param(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", id="binary-bytes"), pytest.param(b"x" * 300, id="text-longer-than-a-parameter")],
+)
+def test_a_multipart_part_that_is_not_short_text_stays_an_image_and_keeps_its_message(part: bytes) -> None:
+    request = parse_request({"img": A, "file": part}, {"Content-Type": MULTIPART}, Limits(max_images_per_request=3), ())
+    assert request.images == (A, part)
+    with pytest.raises(InvalidImage) as caught:
+        decode_image(part, Limits())
+    assert str(caught.value) == "not a decodable image of an accepted format (JPEG, PNG, WEBP, BMP)"
