@@ -239,11 +239,17 @@ def compare(
         missing=tuple(k for k in missing if k not in filled),
         unexpected=tuple(k for k in shapes if k not in target.state and k not in target.discarded),
         reshaped=tuple(
-            (k, shapes[k], tuple(t.shape)) for k, t in target.state.items() if k in shapes and shapes[k] != tuple(t.shape)
+            (k, shapes[k], tuple(t.shape)) for k, t in target.state.items() if k in shapes and not _same_shape(shapes[k], tuple(t.shape))
         ),
         filled=filled,
         discarded=tuple(k for k in shapes if k in target.discarded),
     )
+
+
+def _same_shape(saved: tuple[int, ...], own: tuple[int, ...]) -> bool:
+    """Equal shapes, or a one-element vector for a scalar: PyTorch before 0.4 had no 0-dim tensors, and torch's
+    loading still takes such a vector's element for a scalar parameter or buffer."""
+    return saved == own or (own == () and saved == (1,))
 
 
 def _unversioned(key: str, remapped: Mapping[str, tuple[str, torch.Tensor]], versions: Mapping[str, int]) -> bool:
@@ -292,6 +298,8 @@ def fit_weights(
             fitted[name] = torch.zeros_like(own)
             continue
         tensor = remapped[name][1]
+        if own.dim() == 0 and tensor.dim() == 1:
+            tensor = tensor[0]
         if tensor.dtype != own.dtype and tensor.is_floating_point() == own.is_floating_point():
             tensor = tensor.to(own.dtype)
         fitted[name] = tensor

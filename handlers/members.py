@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import inspect
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,6 +26,10 @@ from handlers.checkpoints import (
 )
 from handlers.errors import IntegrityError, MemberLoadError
 from handlers.manifest import MemberSpec
+
+
+# torchvision builder arguments that load pretrained weights by downloading them.
+DOWNLOADING_KWARGS = ("weights", "pretrained", "weights_backbone", "pretrained_backbone")
 
 
 def sha256_of(path: Path) -> str:
@@ -61,11 +66,24 @@ def source_digest(member: MemberSpec, base_dir: Path) -> str:
 
 
 def build_member(member: MemberSpec, base_dir: Path) -> nn.Module:
-    """Instantiate the member's architecture with random weights (never downloads any)."""
+    """Instantiate the member's architecture with random weights (never downloads any).
+
+    torchvision's detection and segmentation builders would fetch an ImageNet backbone even with
+    `weights=None`, so `weights_backbone=None` is passed wherever a builder takes it, and kwargs that
+    ask torchvision for pretrained weights are refused: a member's weights come from its file only.
+    """
+    if member.arch_file is None:
+        asked = sorted(set(member.kwargs) & set(DOWNLOADING_KWARGS))
+        if asked:
+            raise MemberLoadError(
+                f"member {member.name!r}: kwargs {asked} would make torchvision download pretrained weights; "
+                "remove them: a member's weights come only from its `weights:` file"
+            )
     try:
         if member.arch_file is None:
-            builder = member.arch.split(":", 1)[1]
-            return torchvision.models.get_model(builder, weights=None, **member.kwargs)
+            builder = torchvision.models.get_model_builder(member.arch.split(":", 1)[1])
+            backbone = {"weights_backbone": None} if "weights_backbone" in inspect.signature(builder).parameters else {}
+            return builder(weights=None, **backbone, **member.kwargs)
         cls = getattr(_import_file(base_dir / member.arch_file), member.arch.rsplit(":", 1)[1])
         return cls(**member.kwargs)
     except Exception as e:  # Any failure to construct is reported against the member that caused it.

@@ -420,3 +420,30 @@ def test_build_records_filled_buffers_in_the_source_and_says_so(folder: Path, tm
         "member 'old': filled 1 num_batches_tracked buffers with 0: its checkpoint predates PyTorch 0.4.1, "
         "and torch's strict loading fills them the same way (recorded in its provenance)"
     ]
+
+
+def test_a_one_element_vector_loads_into_a_scalar_as_torch_loads_it(folder: Path) -> None:
+    """PyTorch before 0.4 had no 0-dim tensors: its scalars were saved as one-element vectors."""
+    torch.manual_seed(6)
+    saved = layouts.randomize(NormNet(num_classes=3), 6).state_dict()
+    saved["norm.num_batches_tracked"] = torch.tensor([5])
+    torch.save(dict(saved), folder / "n.pt")
+    assert torch_loads(NormNet(num_classes=3), dict(saved))
+    loaded = load(folder, "n.pt", {}, arch="fixture_models.py:NormNet")
+    assert loaded["norm.num_batches_tracked"].shape == () and loaded["norm.num_batches_tracked"].item() == 5
+
+
+@pytest.mark.parametrize("kwargs", [pytest.param({"pretrained": True}, id="pretrained"), pytest.param({"weights": "DEFAULT"}, id="weights")])
+def test_torchvision_kwargs_that_download_weights_are_refused(folder: Path, kwargs: dict[str, Any]) -> None:
+    torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), folder / "r.pt")
+    assert message(folder, "r.pt", {}, arch="torchvision:resnet18", kwargs={"num_classes": 3, **kwargs}) == (
+        f"member 'm': kwargs {sorted(kwargs)} would make torchvision download pretrained weights; "
+        "remove them: a member's weights come only from its `weights:` file"
+    )
+
+
+def test_a_detection_builder_gets_no_backbone_download(tmp_path: Path) -> None:
+    """torchvision's detection builders default to an ImageNet backbone; offline, fetching it would fail."""
+    member = MemberSpec("d", "torchvision:fasterrcnn_mobilenet_v3_large_320_fpn", "x", {"num_classes": 3})
+    module = build_member(member, tmp_path)
+    assert sum(p.numel() for p in module.parameters()) > 1_000_000
