@@ -7,7 +7,7 @@ INSTALLED := $(VENV)/.installed-$(shell sha256sum requirements.txt | cut -c1-12)
 TRAINED := artifacts/weights/.trained
 NAME ?= shapes
 
-.PHONY: setup demo build kserve gpu-check serve stop test register unregister rebuild evaluate inspect bench bench-quick bench-mlp bench-profile bench-batching bench-fused bench-options tune reliability reliability-full clean prometheus monitor monitor-stop monitor-traffic monitor-report
+.PHONY: setup demo build kserve gpu-check serve stop test test-fast register unregister rebuild evaluate inspect bench bench-quick bench-mlp bench-profile bench-batching bench-fused bench-options tune reliability reliability-full clean prometheus monitor monitor-stop monitor-traffic monitor-report
 
 $(INSTALLED): requirements.txt
 	@command -v java >/dev/null 2>&1 || { echo "installing a Java runtime for TorchServe"; \
@@ -98,6 +98,10 @@ monitor-report: $(EVAL_INSTALLED)
 
 test: $(INSTALLED) $(EVAL_INSTALLED) $(TUNE_INSTALLED) $(PROMETHEUS_UNPACKED)
 	$(PY) -m pytest
+
+# The inner loop: every test that starts no server and trains nothing.
+test-fast: $(INSTALLED) $(EVAL_INSTALLED) $(TUNE_INSTALLED) $(PROMETHEUS_UNPACKED)
+	$(PY) -m pytest -m "not integration and not slow"
 
 register: $(INSTALLED)
 	$(PY) -m archive_scripts.torchserve_ctl register $(NAME)

@@ -13,6 +13,8 @@ import torch
 from ts.context import Context
 
 from handlers.ensemble_handler import EnsembleHandler
+from handlers.manifest import TensorSpec
+from handlers.open_inference import output_names, v2_metadata
 from handlers.preprocess import decode_image
 from tests.conftest import image_bytes, instances, load_handler, reference, reference_ensemble, serve, tensor_reference
 
@@ -254,3 +256,40 @@ def test_bad_v2_tensors(vectors: tuple[EnsembleHandler, Context], tensor: dict, 
 
 def test_describe_lists_the_v2_outputs(trio: tuple[EnsembleHandler, Context]) -> None:
     assert trio[0].ensemble.describe()["v2_outputs"] == TRIO_OUTPUT_NAMES
+
+
+@pytest.mark.parametrize(
+    ("names", "labels", "tensor", "expected"),
+    [
+        pytest.param(
+            output_names("label", ["a"], ranked=True), 3, None,
+            {
+                "inputs": [{"name": "data", "datatype": "BYTES", "shape": [-1]}],
+                "outputs": [
+                    {"name": "label", "datatype": "BYTES", "shape": [-1]},
+                    {"name": "scores", "datatype": "FP64", "shape": [-1, 3]},
+                    {"name": "top_labels", "datatype": "BYTES", "shape": [-1, -1]},
+                    {"name": "top_scores", "datatype": "FP64", "shape": [-1, -1]},
+                    {"name": "a.label", "datatype": "BYTES", "shape": [-1]},
+                    {"name": "a.scores", "datatype": "FP64", "shape": [-1, 3]},
+                ],
+            },
+            id="multiclass-images",
+        ),
+        pytest.param(
+            output_names("labels", ["m"], ranked=False), 2, TensorSpec(shape=(1, 28, 28)),
+            {
+                "inputs": [{"name": "data", "datatype": "FP32", "shape": [-1, 1, 28, 28]}],
+                "outputs": [
+                    {"name": "labels", "datatype": "BOOL", "shape": [-1, 2]},
+                    {"name": "scores", "datatype": "FP64", "shape": [-1, 2]},
+                    {"name": "m.labels", "datatype": "BOOL", "shape": [-1, 2]},
+                    {"name": "m.scores", "datatype": "FP64", "shape": [-1, 2]},
+                ],
+            },
+            id="multilabel-tensors",
+        ),
+    ],
+)
+def test_v2_metadata_lists_the_input_and_every_output(names: list[str], labels: int, tensor: TensorSpec | None, expected: dict) -> None:
+    assert v2_metadata(names, labels, tensor) == expected
