@@ -3,32 +3,41 @@
 Usage: python -m archive_scripts.torchserve_ctl {start,stop,register,unregister,curl} [NAME ...]
 
 `start` runs `torchserve --start` with config.properties and waits for /ping (which needs the
-inference token too, unless the config disables tokens, as the KServe profile does); `register` posts each
-archive of model_store to the management API (token from key_file.json, written by TorchServe in
-the folder it was started from) and waits until its workers are up; `curl` prints a ready-to-paste
-request. Every address is read from config.properties, all of them loopback.
+inference token too, unless the config disables tokens, as the KServe profile does), then starts the
+Open Inference Protocol gateway (`gateway/open_inference.py`, on `oip_gateway_address`) and waits until it
+answers; `stop` stops both. `register` posts each archive of model_store to the management API (token
+from key_file.json, written by TorchServe in the folder it was started from) and waits until its workers
+are up; `curl` prints a ready-to-paste request. Every address is read from config.properties, all of
+them loopback.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
+import psutil
 import requests
 
 from handlers.manifest import load_ensembles
 
 READY_TIMEOUT_S = 120
-SHIPPED_CONFIG = Path(__file__).resolve().parent.parent / "config.properties"
+GATEWAY_TIMEOUT_S = 30
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED_CONFIG = ROOT / "config.properties"
 LOG_CONFIG = Path(__file__).resolve().parent / "log4j2.xml"
 DEMO_SAMPLES = {"shapes": "artifacts/samples/present.png", "multishape": "artifacts/samples/multi-triangle-disc-cross.png"}
 
@@ -37,8 +46,8 @@ DEMO_SAMPLES = {"shapes": "artifacts/samples/present.png", "multishape": "artifa
 class Server:
     """Where one TorchServe instance listens and keeps its key file, read from its config.properties.
 
-    `tmpdir`, when set, gives the instance its own temp folder: TorchServe keeps its PID file there,
-    so a second instance (the tests') never collides with one started by `make serve`.
+    `tmpdir`, when set, gives the instance its own temp folder: TorchServe keeps its PID file there, and
+    so does the gateway, so a second instance (the tests') never collides with one started by `make serve`.
     """
 
     config: Path
@@ -59,6 +68,24 @@ class Server:
     @property
     def management(self) -> str:
         return self.setting("management_address")
+
+    @property
+    def gateway(self) -> str | None:
+        """The Open Inference Protocol gateway's URL (`oip_gateway_address`); None when the config asks for no gateway."""
+        try:
+            return self.setting("oip_gateway_address")
+        except KeyError:
+            return None
+
+    @property
+    def torchserve_pid_file(self) -> Path:
+        """Where `torchserve --start` writes the frontend's pid: its temp folder."""
+        return (self.tmpdir or Path(tempfile.gettempdir())) / ".model_server.pid"
+
+    @property
+    def gateway_pid_file(self) -> Path:
+        """Next to TorchServe's pid file, so a gateway pairs with its TorchServe as the temp folders do."""
+        return (self.tmpdir or Path(tempfile.gettempdir())) / ".oip_gateway.pid"
 
     def env(self) -> dict[str, str]:
         logs = str(self.workdir / "logs")
@@ -110,7 +137,7 @@ def private_server(
 
 
 def start(server: Server, model_store: Path) -> None:
-    """Start TorchServe in the background and wait until /ping answers."""
+    """Start TorchServe in the background and wait until /ping answers; then the gateway, when the config names one."""
     (server.workdir / "key_file.json").unlink(missing_ok=True)
     (server.workdir / "logs").mkdir(exist_ok=True)
     # The Java frontend inherits the launcher's output streams and outlives it: give it a file, never
@@ -128,6 +155,12 @@ def start(server: Server, model_store: Path) -> None:
             stdout=out,
             stderr=subprocess.STDOUT,
         )
+    _wait_for_ping(server)
+    if server.gateway is not None:
+        start_gateway(server)
+
+
+def _wait_for_ping(server: Server) -> None:
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
         try:
@@ -142,7 +175,72 @@ def start(server: Server, model_store: Path) -> None:
 
 
 def stop(server: Server) -> None:
+    """Stop the gateway, then TorchServe."""
+    stop_gateway(server)
     subprocess.run([_binary(), "--stop"], cwd=server.workdir, env=server.env(), check=False, stdout=subprocess.DEVNULL)
+
+
+# Gateways this process started, by pid file: stop_gateway reaps them, or each would stay a zombie (and
+# warn when collected) until this process exits. `make stop` ends one started by an earlier `make serve`.
+_STARTED: dict[Path, subprocess.Popen[bytes]] = {}
+
+
+def start_gateway(server: Server) -> None:
+    """Start the gateway for the running TorchServe of `server` and wait until it answers.
+
+    It runs in its own session with no stdin and its output in logs/gateway.log, so it outlives the caller
+    (`make serve`) and a Ctrl-C there; it stops by itself when that TorchServe's frontend ends.
+    """
+    address = server.gateway
+    listen = urlsplit(address)
+    # Another server answering there (a gateway left from elsewhere) would pass for ours while ours fails to bind.
+    with contextlib.suppress(OSError), socket.create_connection((listen.hostname, listen.port), timeout=1):
+        raise SystemExit(f"something already listens on {address} (oip_gateway_address): stop it (`make stop`) or choose another address")
+    torchserve_pid = server.torchserve_pid_file.read_text().strip()
+    log = server.workdir / "logs" / "gateway.log"
+    command = [
+        sys.executable, "-m", "gateway.open_inference", "--config", str(server.config.resolve()),
+        "--key-file", str((server.workdir / "key_file.json").resolve()), "--torchserve-pid", torchserve_pid,
+    ]
+    with log.open("ab") as out:
+        process = subprocess.Popen(command, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    _STARTED[server.gateway_pid_file] = process
+    server.gateway_pid_file.write_text(f"{process.pid}\n")
+    deadline = time.monotonic() + GATEWAY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            stop_gateway(server)
+            raise SystemExit(f"the gateway exited with {process.returncode}; see {log}")
+        try:
+            if requests.get(f"{address}/v2/health/live", headers=server.headers("inference"), timeout=2).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.1)
+    stop_gateway(server)
+    raise SystemExit(f"the gateway did not answer on {address} within {GATEWAY_TIMEOUT_S}s; see {log}")
+
+
+def stop_gateway(server: Server) -> bool:
+    """Stop the gateway the pid file names (after checking it is one); False if none was running. The pid file goes either way."""
+    pid_file = server.gateway_pid_file
+    try:
+        process = psutil.Process(int(pid_file.read_text()))
+        ours = "gateway.open_inference" in process.cmdline()
+    except (FileNotFoundError, ValueError, psutil.Error):
+        process, ours = None, False
+    if ours:
+        process.terminate()
+        try:
+            process.wait(GATEWAY_TIMEOUT_S)
+        except psutil.TimeoutExpired:
+            process.kill()
+            process.wait(GATEWAY_TIMEOUT_S)
+    started = _STARTED.pop(pid_file, None)
+    if started is not None:
+        started.wait(GATEWAY_TIMEOUT_S)
+    pid_file.unlink(missing_ok=True)
+    return ours
 
 
 def _binary() -> str:
@@ -191,7 +289,8 @@ def main() -> None:
     server = Server(config=args.config, workdir=Path.cwd())
     if args.action == "start":
         start(server, args.store)
-        print(f"TorchServe is up: inference {server.inference}, management {server.management}")
+        gateway = f", Open Inference Protocol gateway {server.gateway}" if server.gateway else ""
+        print(f"TorchServe is up: inference {server.inference}, management {server.management}{gateway}")
     elif args.action == "stop":
         stop(server)
     else:

@@ -1,4 +1,5 @@
-"""Clients for the protocol tests: v2 bodies and answers, and gRPC stubs generated from TorchServe's own protos.
+"""Clients for the protocol tests: v2 bodies and answers, gRPC stubs generated from TorchServe's own protos, and
+Triton's own HTTP client (`tritonclient.http`) pointed at our Open Inference Protocol gateway.
 
 TorchServe's protos ship in TorchServe's `model-server.jar` (`proto/inference.proto` and the files it
 imports); generating from them, rather than from a copy kept here, tests against exactly the
@@ -19,11 +20,23 @@ from typing import Any
 import google.rpc
 import grpc
 import grpc_tools
+import numpy
 import ts
+import tritonclient.http as triton
 from grpc_tools import protoc
 
 JAR = Path(ts.__file__).parent / "frontend" / "model-server.jar"
 PROTOS = ("inference.proto",)
+# What the gateway's GET /v2 answers.
+SERVER_METADATA = {"name": "ensemble-torchserve", "version": "0.12.0", "extensions": []}
+# (name, datatype, shape) of trio's v2 outputs (multiclass over 3 labels, members mobile, pool_rgb, pool_gray).
+TRIO_OUTPUTS = [
+    ("label", "BYTES", [-1]), ("scores", "FP64", [-1, 3]), ("top_labels", "BYTES", [-1, -1]), ("top_scores", "FP64", [-1, -1]),
+    ("mobile.label", "BYTES", [-1]), ("mobile.scores", "FP64", [-1, 3]),
+    ("pool_rgb.label", "BYTES", [-1]), ("pool_rgb.scores", "FP64", [-1, 3]),
+    ("pool_gray.label", "BYTES", [-1]), ("pool_gray.scores", "FP64", [-1, 3]),
+]
+IMAGES_INPUT = ("data", "BYTES", [-1])
 
 
 def generate(into: Path) -> tuple[ModuleType, ModuleType]:
@@ -78,3 +91,27 @@ def grpc_predict(
 def v2_labels(body: dict[str, Any], output: str = "label") -> list[Any]:
     """One output tensor's data from a v2 answer."""
     return next(o["data"] for o in body["outputs"] if o["name"] == output)
+
+
+def triton_client(base_url: str) -> triton.InferenceServerClient:
+    """tritonclient's HTTP client on a base URL (it takes host:port, without the scheme)."""
+    return triton.InferenceServerClient(url=base_url.removeprefix("http://"))
+
+
+def triton_images(images: list[bytes]) -> triton.InferInput:
+    """`images` as tritonclient's BYTES input of base64 strings, its data sent as JSON (our handler refuses the binary extension)."""
+    tensor = triton.InferInput("images", [len(images)], "BYTES")
+    tensor.set_data_from_numpy(numpy.array([base64.b64encode(image).decode() for image in images], dtype=object), binary_data=False)
+    return tensor
+
+
+def model_metadata(name: str, version: str, input_: tuple[str, str, list[int]], outputs: list[tuple[str, str, list[int]]]) -> dict[str, Any]:
+    """The v2 model metadata the gateway answers, from (name, datatype, shape) triples."""
+    fields = ("name", "datatype", "shape")
+    return {
+        "name": name,
+        "versions": [version],
+        "platform": "pytorch_torchserve",
+        "inputs": [dict(zip(fields, input_, strict=True))],
+        "outputs": [dict(zip(fields, output, strict=True)) for output in outputs],
+    }

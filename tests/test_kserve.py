@@ -21,6 +21,7 @@ from pathlib import Path
 import grpc
 import pytest
 import requests
+import tritonclient.http as triton
 import yaml
 
 from archive_scripts.kserve_export import PROFILE, export
@@ -28,7 +29,18 @@ from archive_scripts.torchserve_ctl import READY_TIMEOUT_S, Server, start, stop
 from handlers.errors import ConfigError
 from handlers.manifest import load_ensembles
 from tests.conftest import assert_same_predictions, image_bytes, reference, source_spec
-from tests.protocol_clients import generate, grpc_predict, v2_as_predictions, v2_body
+from tests.protocol_clients import (
+    IMAGES_INPUT,
+    SERVER_METADATA,
+    TRIO_OUTPUTS,
+    generate,
+    grpc_predict,
+    model_metadata,
+    triton_client,
+    triton_images,
+    v2_as_predictions,
+    v2_body,
+)
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parent.parent
@@ -161,11 +173,11 @@ def test_served_config_moves_only_the_listeners(kserve_server: tuple[Server, Pat
     server, layout = kserve_server
     served = properties(server.config.read_text())
     shipped = properties((layout / "config" / "config.properties").read_text())
-    listeners = {"inference_address", "management_address", "metrics_address", "grpc_inference_port", "grpc_management_port"}
+    listeners = {"inference_address", "management_address", "metrics_address", "grpc_inference_port", "grpc_management_port", "oip_gateway_address"}
     assert {key for key in shipped if served[key] != shipped[key]} == listeners | {"metrics_config"}
     assert Path(served["metrics_config"]) == layout / "config" / "metrics.yaml"
     assert served["inference_address"] == served["management_address"]
-    assert all(served[key].startswith("http://127.0.0.1:") for key in ("inference_address", "metrics_address"))
+    assert all(served[key].startswith("http://127.0.0.1:") for key in ("inference_address", "metrics_address", "oip_gateway_address"))
 
 
 def test_snapshot_registered_trio_with_its_batching(kserve_server: tuple[Server, Path]) -> None:
@@ -268,6 +280,46 @@ def test_metrics_answer_in_prometheus_format(kserve_server: tuple[Server, Path])
     batches = re.search(ensemble, response.text, re.MULTILINE)
     assert batches is not None, "the layout's metrics.yaml declares the ensemble's counters: " + response.text[:2000]
     assert float(batches.group(1)) >= 1
+
+
+@pytest.fixture(scope="module")
+def v2_client(kserve_server: tuple[Server, Path]) -> Iterator[triton.InferenceServerClient]:
+    """tritonclient.http on the Open Inference Protocol gateway `start` ran next to this TorchServe; no token."""
+    with triton_client(kserve_server[0].gateway) as client:
+        yield client
+
+
+@pytest.mark.parametrize(
+    ("call", "args", "expected"),
+    [
+        pytest.param("is_server_live", (), True, id="server-live"),
+        pytest.param("is_server_ready", (), True, id="server-ready"),
+        pytest.param("is_model_ready", ("trio",), True, id="model-ready"),
+        pytest.param("is_model_ready", ("trio", "2.1"), True, id="model-version-ready"),
+        pytest.param("is_model_ready", ("nosuch",), False, id="unknown-model"),
+        pytest.param("is_model_ready", ("trio", "9.9"), False, id="unknown-version"),
+    ],
+)
+def test_tritonclient_health_through_the_gateway_without_a_token(
+    v2_client: triton.InferenceServerClient, call: str, args: tuple[str, ...], expected: bool
+) -> None:
+    assert getattr(v2_client, call)(*args) is expected
+
+
+def test_tritonclient_metadata_through_the_gateway(v2_client: triton.InferenceServerClient) -> None:
+    """Both APIs share TorchServe's port here, where it has no per-version describe route: the version is checked by the gateway."""
+    expected = model_metadata("trio", "2.1", IMAGES_INPUT, TRIO_OUTPUTS)
+    assert v2_client.get_server_metadata() == SERVER_METADATA
+    assert (v2_client.get_model_metadata("trio"), v2_client.get_model_metadata("trio", "2.1")) == (expected, expected)
+
+
+def test_tritonclient_infer_through_the_gateway_is_torchserves_answer(kserve_server: tuple[Server, Path], v2_client: triton.InferenceServerClient) -> None:
+    server, _ = kserve_server
+    images = [image_bytes(990), image_bytes(991), image_bytes(992)]
+    result = v2_client.infer("trio", [triton_images(images)], request_id="kserve-gw")
+    direct = requests.post(f"{server.inference}/v2/models/trio/infer", json=v2_body(images, id="kserve-gw"), timeout=TIMEOUT)
+    assert direct.status_code == 200
+    assert result.get_response() == direct.json()
 
 
 def test_export_refuses_an_archive_built_with_other_batching(test_store: Path, tmp_path: Path) -> None:

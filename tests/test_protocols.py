@@ -2,26 +2,49 @@
 
 The gRPC client's stubs are generated here from the protos inside the installed TorchServe
 (`tests/grpc_stubs.py`). Every request loop is bounded, and every answer is compared with the
-in-process reference of the same members.
+in-process reference of the same members. The v2 health and metadata routes are asked through our
+gateway (`gateway/open_inference.py`, which `start` runs next to TorchServe) by Triton's own client.
 """
 
 from __future__ import annotations
 
 import base64
+import http.client
 import json
-from collections.abc import Iterator
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import grpc
+import psutil
 import pytest
 import requests
+import tritonclient.http as triton
+from tritonclient.utils import InferenceServerException
 
-from archive_scripts.torchserve_ctl import Server, private_server, register, start, stop
+from archive_scripts.torchserve_ctl import ROOT, Server, private_server, register, start, start_gateway, stop, stop_gateway
 from tests.conftest import assert_same_predictions, image_bytes, instances, reference, tensor_reference
-from tests.protocol_clients import generate, grpc_predict, v2_as_predictions, v2_body, v2_labels
+from tests.protocol_clients import (
+    IMAGES_INPUT,
+    SERVER_METADATA,
+    TRIO_OUTPUTS,
+    generate,
+    grpc_predict,
+    model_metadata,
+    triton_client,
+    triton_images,
+    v2_as_predictions,
+    v2_body,
+    v2_labels,
+)
 
 pytestmark = pytest.mark.integration
 TIMEOUT = 60
@@ -175,3 +198,216 @@ def test_grpc_without_token_is_refused(server: Server, stubs: tuple[ModuleType, 
     with pytest.raises(grpc.RpcError) as caught:
         grpc_predict(stubs, channel, "trio", {"data": image_bytes(13)}, token=None)
     assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+# The Open Inference Protocol gateway, asked by tritonclient.http, on the same TorchServe.
+TAGS_OUTPUTS = [
+    ("labels", "BOOL", [-1, 2]), ("scores", "FP64", [-1, 2]),
+    ("mobile.labels", "BOOL", [-1, 2]), ("mobile.scores", "FP64", [-1, 2]),
+    ("pool_rgb.labels", "BOOL", [-1, 2]), ("pool_rgb.scores", "FP64", [-1, 2]),
+    ("pool_gray.labels", "BOOL", [-1, 2]), ("pool_gray.scores", "FP64", [-1, 2]),
+]
+VECTORS_OUTPUTS = [
+    ("label", "BYTES", [-1]), ("scores", "FP64", [-1, 3]), ("top_labels", "BYTES", [-1, -1]), ("top_scores", "FP64", [-1, -1]),
+    ("narrow.label", "BYTES", [-1]), ("narrow.scores", "FP64", [-1, 3]), ("wide.label", "BYTES", [-1]), ("wide.scores", "FP64", [-1, 3]),
+]
+REFUSED = {
+    "error": "Token Authorization failed: send TorchServe's inference key (key_file.json, inference.key) "
+    "as 'Authorization: Bearer <key>', as TorchServe's inference API requires"
+}
+TORCHSERVE_REFUSED = {"code": 400, "type": "InvalidKeyException", "message": "Token Authorization failed. Token either incorrect, expired, or not provided correctly"}
+
+
+@pytest.fixture(scope="module")
+def v2_client(server: Server) -> Iterator[triton.InferenceServerClient]:
+    with triton_client(server.gateway) as client:
+        yield client
+
+
+@pytest.mark.parametrize(
+    ("call", "args", "expected"),
+    [
+        pytest.param("is_server_live", (), True, id="server-live"),
+        pytest.param("is_server_ready", (), True, id="server-ready"),
+        pytest.param("is_model_ready", ("trio",), True, id="model-ready"),
+        pytest.param("is_model_ready", ("trio", "2.1"), True, id="model-version-ready"),
+        pytest.param("is_model_ready", ("nosuch",), False, id="unknown-model"),
+        pytest.param("is_model_ready", ("trio", "9.9"), False, id="unknown-version"),
+    ],
+)
+def test_tritonclient_health_through_the_gateway(
+    server: Server, v2_client: triton.InferenceServerClient, call: str, args: tuple[str, ...], expected: bool
+) -> None:
+    assert getattr(v2_client, call)(*args, headers=server.headers("inference")) is expected
+
+
+def test_tritonclient_server_metadata_through_the_gateway(server: Server, v2_client: triton.InferenceServerClient) -> None:
+    assert v2_client.get_server_metadata(headers=server.headers("inference")) == SERVER_METADATA
+
+
+@pytest.mark.parametrize(
+    ("name", "version", "expected"),
+    [
+        pytest.param("trio", "", model_metadata("trio", "2.1", IMAGES_INPUT, TRIO_OUTPUTS), id="image-multiclass"),
+        pytest.param("trio", "2.1", model_metadata("trio", "2.1", IMAGES_INPUT, TRIO_OUTPUTS), id="image-multiclass-by-version"),
+        pytest.param("tags", "", model_metadata("tags", "2.1", IMAGES_INPUT, TAGS_OUTPUTS), id="image-multilabel"),
+        pytest.param("vectors", "", model_metadata("vectors", "1.0", ("data", "FP32", [-1, 3, 4]), VECTORS_OUTPUTS), id="tensor"),
+    ],
+)
+def test_tritonclient_model_metadata_is_the_describes(
+    server: Server, v2_client: triton.InferenceServerClient, name: str, version: str, expected: dict[str, Any]
+) -> None:
+    metadata = v2_client.get_model_metadata(name, version, headers=server.headers("inference"))
+    assert metadata == expected
+    described = requests.get(f"{server.management}/models/{name}?customized=true", headers=server.headers("management"), timeout=TIMEOUT)
+    assert described.json()[0]["customizedMetadata"]["v2_metadata"] == {"inputs": metadata["inputs"], "outputs": metadata["outputs"]}
+
+
+@pytest.mark.parametrize(
+    ("name", "version", "message"),
+    [
+        pytest.param("nosuch", "", "unknown model 'nosuch'; registered: tags, trio, vectors", id="unknown-model"),
+        pytest.param("trio", "9.9", "model 'trio' has version '2.1' (TorchServe's default), not '9.9'", id="unknown-version"),
+    ],
+)
+def test_tritonclient_metadata_of_an_unknown_model_is_404(
+    server: Server, v2_client: triton.InferenceServerClient, name: str, version: str, message: str
+) -> None:
+    with pytest.raises(InferenceServerException) as caught:
+        v2_client.get_model_metadata(name, version, headers=server.headers("inference"))
+    assert (caught.value.status(), caught.value.message()) == ("404", message)
+
+
+def test_tritonclient_infer_through_the_gateway_is_torchserves_answer(server: Server, v2_client: triton.InferenceServerClient) -> None:
+    images = [image_bytes(31), image_bytes(32)]
+    result = v2_client.infer(
+        "trio", [triton_images(images)], request_id="gw-1", parameters={"policy": "majority"}, headers=server.headers("inference")
+    )
+    direct = post(server, "v2/models/trio/infer", v2_body(images, id="gw-1", parameters={"policy": "majority"}))
+    assert direct.status_code == 200
+    assert result.get_response() == direct.json()
+    assert result.as_numpy("label").tolist() == v2_labels(direct.json())
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        pytest.param(lambda server: {}, id="no-token"),
+        pytest.param(lambda server: {"Authorization": "Bearer wrong"}, id="wrong-token"),
+        pytest.param(lambda server: server.headers("management"), id="management-key"),
+    ],
+)
+@pytest.mark.parametrize("path", ["v2/health/live", "v2", "v2/models/trio", "v2/models/trio/ready"], ids=["live", "server-metadata", "model-metadata", "model-ready"])
+def test_gateway_routes_want_the_inference_key(server: Server, headers: Callable[[Server], dict[str, str]], path: str) -> None:
+    response = requests.get(f"{server.gateway}/{path}", headers=headers(server), timeout=TIMEOUT)
+    assert (response.status_code, response.json()) == (400, REFUSED)
+
+
+def test_tritonclient_without_the_key_sees_no_live_server(v2_client: triton.InferenceServerClient) -> None:
+    assert v2_client.is_server_live() is False
+
+
+@pytest.mark.parametrize(
+    ("path", "token"),
+    [
+        pytest.param("predictions/trio", True, id="predictions"),
+        pytest.param("v1/models/trio:predict", True, id="v1"),
+        pytest.param("predictions/trio", False, id="torchserves-token-refusal"),
+        pytest.param("v2/models/nosuch/infer", True, id="torchserves-404"),
+    ],
+)
+def test_gateway_relays_other_routes_to_torchserve(server: Server, path: str, token: bool) -> None:
+    body = {"instances": [{"b64": base64.b64encode(image_bytes(33)).decode()}]}
+    headers = server.headers("inference") if token else {}
+    through, direct = (requests.post(f"{base}/{path}", json=body, headers=headers, timeout=TIMEOUT) for base in (server.gateway, server.inference))
+    assert (through.status_code, through.json()) == (direct.status_code, direct.json())
+    assert through.headers["Content-Type"] == direct.headers["Content-Type"]
+    if not token:
+        assert through.json() == TORCHSERVE_REFUSED
+
+
+@pytest.mark.parametrize("expect", [True, False], ids=["expect-100-continue", "plain"])
+def test_gateway_refuses_a_body_over_max_request_size_unread(server: Server, expect: bool) -> None:
+    """Refused from the Content-Length alone: the client need not (and with Expect: 100-continue does not) send the body."""
+    limit = int(server.setting("max_request_size"))
+    host, port = server.gateway.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=TIMEOUT)
+    try:
+        connection.putrequest("POST", "/predictions/trio")
+        connection.putheader("Content-Length", str(limit + 1))
+        if expect:
+            connection.putheader("Expect", "100-continue")
+        connection.endheaders()
+        response = connection.getresponse()
+        answer = (response.status, json.loads(response.read()), response.getheader("Connection"))
+    finally:
+        connection.close()
+    assert answer == (413, {"error": f"request body of {limit + 1} bytes is over TorchServe's max_request_size of {limit} bytes"}, "close")
+
+
+def _second_gateway(server: Server, folder: Path) -> Server:
+    """`server`'s config with the gateway moved to a free loopback port, and its own temp folder (pid files)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    (folder / "tmp").mkdir(parents=True)
+    config = folder / "config.properties"
+    config.write_text(re.sub(r"(?m)^oip_gateway_address=.*$", f"oip_gateway_address=http://127.0.0.1:{port}", server.config.read_text()))
+    return Server(config=config, workdir=server.workdir, tmpdir=folder / "tmp")
+
+
+def test_stop_gateway_leaves_no_process(server: Server, tmp_path: Path) -> None:
+    second = _second_gateway(server, tmp_path)
+    shutil.copyfile(server.torchserve_pid_file, second.torchserve_pid_file)
+    start_gateway(second)
+    pid = int(second.gateway_pid_file.read_text())
+    ready = requests.get(f"{second.gateway}/v2/health/ready", headers=server.headers("inference"), timeout=TIMEOUT)
+    assert (ready.status_code, ready.json()) == (200, {"ready": True})
+    assert stop_gateway(second) is True
+    assert (psutil.pid_exists(pid), second.gateway_pid_file.exists()) == (False, False)
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{second.gateway}/v2/health/live", timeout=TIMEOUT)
+
+
+def test_gateway_exits_once_its_torchserve_is_gone(server: Server, tmp_path: Path) -> None:
+    """A stand-in process plays TorchServe's frontend: when it ends, so does the gateway, within a couple of seconds."""
+    second = _second_gateway(server, tmp_path)
+    stand_in = subprocess.Popen(["sleep", "60"])
+    command = [sys.executable, "-m", "gateway.open_inference", "--config", str(second.config), "--key-file", str(server.workdir / "key_file.json")]
+    gateway = subprocess.Popen([*command, "--torchserve-pid", str(stand_in.pid)], cwd=ROOT, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not _answers(f"{second.gateway}/v2/health/live", server.headers("inference")):
+            assert time.monotonic() < deadline, "the gateway did not answer"
+            time.sleep(0.1)
+        stand_in.kill()
+        stand_in.wait()
+        began = time.monotonic()
+        _, log = gateway.communicate(timeout=10)
+        assert (gateway.returncode, time.monotonic() - began < 5) == (0, True)
+        assert f"TorchServe (pid {stand_in.pid}) is gone; stopping" in log.decode()
+    finally:
+        stand_in.kill()
+        stand_in.wait()
+        if gateway.returncode is None:
+            gateway.kill()
+            gateway.communicate()
+
+
+def _answers(url: str, headers: dict[str, str]) -> bool:
+    try:
+        return requests.get(url, headers=headers, timeout=2).status_code == 200
+    except requests.ConnectionError:
+        return False
+
+
+def test_gateway_follows_a_rotated_inference_key(server: Server, v2_client: triton.InferenceServerClient) -> None:
+    """TorchServe rewrites key_file.json on POST /token; the gateway takes the new key at once and refuses the old one.
+    Last in this module: later requests would need the new key (every helper here reads the file anew)."""
+    old = server.key("inference")
+    rotated = requests.post(f"{server.management}/token", params={"type": "inference"}, headers=server.headers("API"), timeout=TIMEOUT)
+    assert rotated.status_code == 200, rotated.text
+    new = server.key("inference")
+    assert new != old
+    assert v2_client.is_server_ready(headers={"Authorization": f"Bearer {new}"}) is True
+    assert v2_client.is_server_ready(headers={"Authorization": f"Bearer {old}"}) is False

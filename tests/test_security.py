@@ -38,7 +38,7 @@ def host(address: str) -> str:
 
 
 @pytest.mark.parametrize(
-    "key", ["inference_address", "management_address", "metrics_address", "grpc_inference_address", "grpc_management_address"]
+    "key", ["inference_address", "management_address", "metrics_address", "grpc_inference_address", "grpc_management_address", "oip_gateway_address"]
 )
 def test_every_listener_binds_to_loopback(key: str) -> None:
     assert host(shipped_config()[key]) == "127.0.0.1"
@@ -63,7 +63,7 @@ def test_no_environment_override_can_switch_tokens_off() -> None:
     assert shipped_config().get("enable_envvars_config", "false") == "false"
 
 
-@pytest.mark.parametrize("key", ["inference_address", "management_address", "grpc_inference_address", "grpc_management_address"])
+@pytest.mark.parametrize("key", ["inference_address", "management_address", "grpc_inference_address", "grpc_management_address", "oip_gateway_address"])
 def test_kserve_profile_keeps_torchserve_apis_on_loopback(key: str) -> None:
     assert host(kserve_profile()[key]) == "127.0.0.1"
 

@@ -1,0 +1,1 @@
+"""The Open Inference Protocol gateway in front of TorchServe: the v2 health and metadata routes TorchServe 0.12 lacks."""
