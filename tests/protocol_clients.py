@@ -21,6 +21,7 @@ import google.rpc
 import grpc
 import grpc_tools
 import numpy
+import pytest
 import ts
 import tritonclient.http as triton
 from grpc_tools import protoc
@@ -29,6 +30,15 @@ JAR = Path(ts.__file__).parent / "frontend" / "model-server.jar"
 PROTOS = ("inference.proto",)
 # What the gateway's GET /v2 answers.
 SERVER_METADATA = {"name": "ensemble-torchserve", "version": "0.12.0", "extensions": []}
+# tritonclient's health calls on the trio ensemble (version 2.1), with what each must answer.
+HEALTH_CALLS = [
+    pytest.param("is_server_live", (), True, id="server-live"),
+    pytest.param("is_server_ready", (), True, id="server-ready"),
+    pytest.param("is_model_ready", ("trio",), True, id="model-ready"),
+    pytest.param("is_model_ready", ("trio", "2.1"), True, id="model-version-ready"),
+    pytest.param("is_model_ready", ("nosuch",), False, id="unknown-model"),
+    pytest.param("is_model_ready", ("trio", "9.9"), False, id="unknown-version"),
+]
 # (name, datatype, shape) of trio's v2 outputs (multiclass over 3 labels, members mobile, pool_rgb, pool_gray).
 TRIO_OUTPUTS = [
     ("label", "BYTES", [-1]), ("scores", "FP64", [-1, 3]), ("top_labels", "BYTES", [-1, -1]), ("top_scores", "FP64", [-1, -1]),

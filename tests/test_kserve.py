@@ -30,6 +30,7 @@ from handlers.errors import ConfigError
 from handlers.manifest import load_ensembles
 from tests.conftest import assert_same_predictions, image_bytes, reference, source_spec
 from tests.protocol_clients import (
+    HEALTH_CALLS,
     IMAGES_INPUT,
     SERVER_METADATA,
     TRIO_OUTPUTS,
@@ -291,14 +292,7 @@ def v2_client(kserve_server: tuple[Server, Path]) -> Iterator[triton.InferenceSe
 
 @pytest.mark.parametrize(
     ("call", "args", "expected"),
-    [
-        pytest.param("is_server_live", (), True, id="server-live"),
-        pytest.param("is_server_ready", (), True, id="server-ready"),
-        pytest.param("is_model_ready", ("trio",), True, id="model-ready"),
-        pytest.param("is_model_ready", ("trio", "2.1"), True, id="model-version-ready"),
-        pytest.param("is_model_ready", ("nosuch",), False, id="unknown-model"),
-        pytest.param("is_model_ready", ("trio", "9.9"), False, id="unknown-version"),
-    ],
+    HEALTH_CALLS,
 )
 def test_tritonclient_health_through_the_gateway_without_a_token(
     v2_client: triton.InferenceServerClient, call: str, args: tuple[str, ...], expected: bool

@@ -33,6 +33,7 @@ from tritonclient.utils import InferenceServerException
 from archive_scripts.torchserve_ctl import ROOT, Server, private_server, register, start, start_gateway, stop, stop_gateway
 from tests.conftest import assert_same_predictions, image_bytes, instances, reference, tensor_reference
 from tests.protocol_clients import (
+    HEALTH_CALLS,
     IMAGES_INPUT,
     SERVER_METADATA,
     TRIO_OUTPUTS,
@@ -226,14 +227,7 @@ def v2_client(server: Server) -> Iterator[triton.InferenceServerClient]:
 
 @pytest.mark.parametrize(
     ("call", "args", "expected"),
-    [
-        pytest.param("is_server_live", (), True, id="server-live"),
-        pytest.param("is_server_ready", (), True, id="server-ready"),
-        pytest.param("is_model_ready", ("trio",), True, id="model-ready"),
-        pytest.param("is_model_ready", ("trio", "2.1"), True, id="model-version-ready"),
-        pytest.param("is_model_ready", ("nosuch",), False, id="unknown-model"),
-        pytest.param("is_model_ready", ("trio", "9.9"), False, id="unknown-version"),
-    ],
+    HEALTH_CALLS,
 )
 def test_tritonclient_health_through_the_gateway(
     server: Server, v2_client: triton.InferenceServerClient, call: str, args: tuple[str, ...], expected: bool
