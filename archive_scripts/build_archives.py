@@ -30,11 +30,12 @@ import yaml
 from model_archiver.model_archiver_config import ModelArchiverConfig
 from model_archiver.model_packaging import generate_model_archive
 
+from handlers.config.files import MANIFEST_FORMAT, MANIFEST_NAME, load_ensembles
+from handlers.config.specs import EnsembleSpec, MemberSpec, StateDictRules
 from handlers.ensemble import Ensemble
 from handlers.errors import ConfigError, EnsembleError
-from handlers.checkpoints import save_normalized
-from handlers.manifest import MANIFEST_FORMAT, MANIFEST_NAME, EnsembleSpec, MemberSpec, StateDictRules, load_ensembles
-from handlers.members import build_member, member_weights, sha256_of, source_digest
+from handlers.weights.checkpoints import save_normalized
+from handlers.weights.loading import build_member, member_weights, sha256_of, source_digest
 
 HANDLERS_DIR = Path(__file__).resolve().parent.parent / "handlers"
 HANDLER_FILE = "ensemble_handler.py"
@@ -53,7 +54,7 @@ def build_archive(spec: EnsembleSpec, store: Path) -> Path:
         shutil.copytree(HANDLERS_DIR, payload / "handlers", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         members, digests, sources = _stage_members(spec, payload)
         packed = replace(spec, members=members)
-        digests.update({f"handlers/{p.name}": sha256_of(p) for p in sorted((payload / "handlers").glob("*.py"))})
+        digests.update({p.relative_to(payload).as_posix(): sha256_of(p) for p in sorted((payload / "handlers").rglob("*.py"))})
         manifest = {
             "format": MANIFEST_FORMAT,
             "name": spec.name,

@@ -29,10 +29,12 @@ from matplotlib.lines import Line2D
 from sklearn.metrics import accuracy_score, precision_recall_fscore_support, roc_auc_score
 
 from archive_scripts.demo_data import make_multilabel_split, make_split
+from handlers.answers.policies import Votes, combine, member_votes
+from handlers.config.files import load_ensembles
+from handlers.config.policy import policy_names, resolve_policy
+from handlers.config.specs import EnsembleSpec
 from handlers.ensemble import Ensemble
-from handlers.manifest import EnsembleSpec, load_ensembles
-from handlers.policies import Votes, combine, member_votes, policy_names, resolve_policy
-from handlers.preprocess import decode_image
+from handlers.inputs.images import decode_image
 
 HELD_OUT_SEED = 7_000_001
 TTA_MODES = ("none", "hflip", "five_crop", "ten_crop")

@@ -16,11 +16,20 @@ import json
 import sys
 from pathlib import Path
 
-from handlers.checkpoint_diagnosis import SHAPE_HINT, layout, propose
-from handlers.checkpoints import CheckpointError, Target, compare, forgiven_note, is_state_dict, read_checkpoint, remap_keys, saved_versions
+from handlers.config.specs import MemberSpec, StateDictRules
 from handlers.errors import MemberLoadError
-from handlers.manifest import MemberSpec, StateDictRules
-from handlers.members import build_member, sha256_of
+from handlers.weights.checkpoints import (
+    CheckpointError,
+    Target,
+    compare,
+    forgiven_note,
+    is_state_dict,
+    read_checkpoint,
+    remap_keys,
+    saved_versions,
+)
+from handlers.weights.diagnosis import SHAPE_HINT, layout, propose
+from handlers.weights.loading import build_member, sha256_of
 
 
 def inspect(path: Path, arch: str, kwargs: dict) -> tuple[str, bool]:

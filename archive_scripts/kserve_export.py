@@ -25,8 +25,9 @@ from pathlib import Path
 import yaml
 
 from archive_scripts.build_archives import model_config
+from handlers.config.files import load_ensembles
+from handlers.config.specs import EnsembleSpec
 from handlers.errors import ConfigError, EnsembleError
-from handlers.manifest import EnsembleSpec, load_ensembles
 
 PROFILE = Path(__file__).resolve().parent.parent / "deploy" / "kserve" / "config.properties"
 METRICS_CONFIG = Path(__file__).resolve().parent.parent / "monitoring" / "metrics.yaml"

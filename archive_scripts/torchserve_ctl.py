@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 import psutil
 import requests
 
-from handlers.manifest import load_ensembles
+from handlers.config.files import load_ensembles
 
 READY_TIMEOUT_S = 120
 GATEWAY_TIMEOUT_S = 30

@@ -4,7 +4,7 @@ Usage: python -m archive_scripts.train_demo [--ensemble shapes] [--config ensemb
 
 Two demos: `shapes` (binary: is there a triangle?) and `multishape` (multilabel, in the CheXNet mould:
 which of five kinds of shapes are in the image?). Each member is trained on the tensors the serving
-code itself produces (`handlers.preprocess`), so training and serving see identical inputs. The
+code itself produces (`handlers.inputs.images`), so training and serving see identical inputs. The
 multilabel demo writes each member's checkpoint in a different published layout (DataParallel,
 Lightning-style, safetensors), read back by its `state_dict:` rules in ensembles.yaml. Nothing is
 downloaded; every run with the same seeds gives the same data.
@@ -24,9 +24,10 @@ from torch import nn
 
 from archive_scripts.checkpoint_layouts import LAYOUTS
 from archive_scripts.demo_data import LABELS, MULTILABEL_LABELS, POSITIVE, make_multilabel_split, make_split
-from handlers.manifest import EnsembleSpec, MemberSpec, load_ensembles
-from handlers.members import build_member
-from handlers.preprocess import batch_tensors
+from handlers.config.files import load_ensembles
+from handlers.config.specs import EnsembleSpec, MemberSpec
+from handlers.inputs.images import batch_tensors
+from handlers.weights.loading import build_member
 
 TRAIN_SEED = 20261125
 

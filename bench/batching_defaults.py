@@ -26,7 +26,7 @@ import torch
 from archive_scripts.build_archives import build_archive
 from archive_scripts.torchserve_ctl import Server, private_server, register, start, stop, unregister
 from bench.loadgen import p50_p99_ms
-from handlers.manifest import load_ensembles
+from handlers.config.files import load_ensembles
 
 # (workers, batch size, max batch delay ms); the first is the baseline.
 CONFIGS = [(2, 1, 0), (2, 4, 5), (1, 8, 5), (1, 8, 2), (1, 8, 1), (1, 8, 0)]

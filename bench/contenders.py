@@ -35,7 +35,7 @@ from archive_scripts.build_archives import build_archive
 from archive_scripts.torchserve_ctl import Server, private_server, register, start, stop
 from bench.loadgen import Labels, LoadPoint, Send, p50_p99_ms
 from bench.workloads import Workload
-from handlers.manifest import EnsembleSpec
+from handlers.config.specs import EnsembleSpec
 
 TIMEOUT_S = 60
 FLASK_PORT = 38180
@@ -98,7 +98,7 @@ def ceiling(workload: Workload, batch: int, processes: int, threads: int, total_
 
 def _ceiling_worker(workload: Workload, share: list[int], batch: int, threads: int, plan: str, ready: Any, results: Any) -> None:
     from handlers.ensemble import Ensemble
-    from handlers.preprocess import decode_image
+    from handlers.inputs.images import decode_image
 
     torch.set_num_threads(threads)
     ensemble = Ensemble.from_spec(workload.spec.with_plan(plan), torch.device("cpu"))

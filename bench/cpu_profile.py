@@ -26,7 +26,7 @@ from bench.contenders import ensemble_sender, serving
 from bench.loadgen import requests_for, run_load
 from bench.workloads import torchvision_trio
 from handlers.ensemble import Ensemble
-from handlers.preprocess import decode_image
+from handlers.inputs.images import decode_image
 
 RESULTS = Path(__file__).parent / "results" / "cpu_profile.json"
 CLIENTS = 8

@@ -25,9 +25,10 @@ from typing import Any
 import torch
 
 from bench.workloads import Workload, demo, torchvision_trio
-from handlers.ensemble import Ensemble, usable_cores
-from handlers.manifest import load_ensembles
-from handlers.preprocess import decode_image
+from handlers.config.files import load_ensembles
+from handlers.ensemble import Ensemble
+from handlers.execution.runner import usable_cores
+from handlers.inputs.images import decode_image
 
 RESULTS = Path(__file__).parent / "results" / "execution_plans.json"
 BATCHES = (1, 8)

@@ -13,10 +13,11 @@ from pathlib import Path
 import torch
 from flask import Flask, Response, jsonify, request
 
+from handlers.config.files import load_ensembles
+from handlers.config.specs import TensorSpec
 from handlers.ensemble import Ensemble
-from handlers.manifest import TensorSpec, load_ensembles
-from handlers.preprocess import decode_image
-from handlers.tensor_inputs import read_json_instances, read_npy
+from handlers.inputs.images import decode_image
+from handlers.inputs.tensors import read_json_instances, read_npy
 
 
 def create_app() -> Flask:

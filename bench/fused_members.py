@@ -19,8 +19,8 @@ import torch
 import torchvision
 
 from archive_scripts.demo_models import TinyConvNet
-from handlers.execution import FUSE_TOLERANCE, plan_groups
-from handlers.manifest import InputSpec, MemberSpec
+from handlers.config.specs import InputSpec, MemberSpec
+from handlers.execution.groups import FUSE_TOLERANCE, plan_groups
 
 RESULTS = Path(__file__).parent / "results" / "fused.json"
 WORKLOADS: dict[str, tuple[Callable[[], torch.nn.Module], int]] = {

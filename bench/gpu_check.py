@@ -28,10 +28,12 @@ from typing import Any
 import torch
 
 from bench.workloads import torchvision_trio
-from handlers.ensemble import Ensemble, PreparedRequest, pick_device
-from handlers.execution_plans import prepare_cuda
-from handlers.manifest import EnsembleSpec, load_ensembles
-from handlers.preprocess import decode_image
+from handlers.config.files import load_ensembles
+from handlers.config.specs import EnsembleSpec
+from handlers.ensemble import Ensemble, pick_device
+from handlers.execution.plans import prepare_cuda
+from handlers.inputs.images import decode_image
+from handlers.inputs.prepare import PreparedRequest
 from tests.checkpoint_layouts import write_chexnet_ensemble
 
 BATCHES = (1, 8, 32)

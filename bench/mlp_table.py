@@ -35,8 +35,9 @@ import yaml
 
 from bench.contenders import TIMEOUT_S, gunicorn, serving
 from bench.emnist_mlp import EmnistMLP
+from handlers.config.files import load_ensembles
+from handlers.config.specs import EnsembleSpec
 from handlers.ensemble import Ensemble
-from handlers.manifest import EnsembleSpec, load_ensembles
 
 RESULTS = Path(__file__).parent / "results" / "mlp.json"
 SIZES = (1, 128)

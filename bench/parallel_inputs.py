@@ -26,8 +26,9 @@ import torch
 from PIL import Image
 
 from bench.workloads import Workload, demo, torchvision_trio
-from handlers.ensemble import Ensemble, usable_cores
-from handlers.preprocess import decode_image, to_tensor
+from handlers.ensemble import Ensemble
+from handlers.execution.runner import usable_cores
+from handlers.inputs.images import decode_image, to_tensor
 
 RESULTS = Path(__file__).parent / "results" / "parallel_inputs.json"
 IMAGES = 16
@@ -63,7 +64,7 @@ def measure(workload: Workload, rounds: int) -> dict[str, Any]:
                 batches = inputs(workload, ensemble, mapper)
                 prepared = time.perf_counter()
                 with torch.inference_mode():
-                    for group in ensemble._groups:
+                    for group in ensemble.runner.groups:
                         group.run(batches[group.spec])
                 done = time.perf_counter()
                 entry = times.setdefault(way, {"inputs": [], "total": []})

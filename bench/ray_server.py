@@ -58,9 +58,9 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 
+from handlers.config.files import load_ensembles
 from handlers.ensemble import Ensemble
-from handlers.manifest import load_ensembles
-from handlers.preprocess import decode_image
+from handlers.inputs.images import decode_image
 
 PORT = 38300
 QUIET = {"log_level": "WARNING", "enable_access_log": False}  # No line per request, as in our TorchServe config.

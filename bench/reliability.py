@@ -40,9 +40,9 @@ from archive_scripts.torchserve_ctl import Server, private_server, start, stop
 from bench.bad_inputs import BadInput, catalogue, encoded, photo
 from bench.loadgen import p50_p99_ms
 from bench.reliability_models import HangingNet, SmallNet
+from handlers.config.files import load_ensembles
 from handlers.ensemble import Ensemble
-from handlers.manifest import load_ensembles
-from handlers.preprocess import decode_image
+from handlers.inputs.images import decode_image
 
 RESULTS = Path(__file__).parent / "results" / "reliability.json"
 CLIENT_TIMEOUT_S = 30

@@ -49,9 +49,9 @@ import torch
 from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
 from pytriton.triton import Triton, TritonConfig
 
+from handlers.config.files import load_ensembles
 from handlers.ensemble import Ensemble
-from handlers.manifest import load_ensembles
-from handlers.preprocess import decode_image
+from handlers.inputs.images import decode_image
 
 MODEL = "ensemble"
 HTTP_PORT, GRPC_PORT, METRICS_PORT = 38200, 38201, 38202

@@ -89,9 +89,10 @@ from bench.contenders import ensemble_sender, members_view
 from bench.loadgen import requests_for, run_load
 from bench.run import POINTS, Point
 from bench.workloads import Workload
+from handlers.config.files import load_ensembles
+from handlers.config.specs import EnsembleSpec
 from handlers.ensemble import Ensemble
-from handlers.manifest import EnsembleSpec, load_ensembles
-from handlers.preprocess import decode_image
+from handlers.inputs.images import decode_image
 
 SLACK = 0.5
 MIN_GAIN = 0.10

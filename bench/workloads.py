@@ -13,10 +13,12 @@ import yaml
 from PIL import Image
 
 from archive_scripts.demo_data import make_split
+from handlers.answers.policies import Votes, member_votes
+from handlers.config.files import load_ensembles
+from handlers.config.policy import resolve_policy
+from handlers.config.specs import EnsembleSpec
 from handlers.ensemble import Ensemble
-from handlers.manifest import EnsembleSpec, load_ensembles
-from handlers.policies import Votes, member_votes, resolve_policy
-from handlers.preprocess import decode_image
+from handlers.inputs.images import decode_image
 
 TORCHVISION_TRIO = {"resnet18": "resnet18", "mobilenet": "mobilenet_v3_small", "squeezenet": "squeezenet1_1"}
 

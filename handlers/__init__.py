@@ -1,1 +1,1 @@
-"""Ensemble plugin for TorchServe: manifest, members, preprocessing, policies, errors and the handler."""
+"""Ensemble plugin for TorchServe: the entry point and the Ensemble over the concern packages below it."""

@@ -17,10 +17,11 @@ import torch
 from ts.context import Context
 from ts.torch_handler.base_handler import BaseHandler
 
-from handlers.ensemble import BatchAnswer, Ensemble, PreparedRequest, pick_device
+from handlers.ensemble import BatchAnswer, Ensemble, pick_device
 from handlers.ensemble_metrics import EnsembleMetrics
-from handlers.execution_plans import prepare_cuda
 from handlers.errors import EnsembleError, RequestError
+from handlers.execution.plans import prepare_cuda
+from handlers.inputs.prepare import PreparedRequest
 
 logger = logging.getLogger(__name__)
 

@@ -22,10 +22,10 @@ from typing import Any
 from ts.metrics.metric_cache_errors import MetricsCacheKeyError
 from ts.metrics.metric_type_enum import MetricTypes
 
+from handlers.config.policy import policy_names
+from handlers.config.specs import EnsembleSpec
 from handlers.ensemble import BatchAnswer
 from handlers.errors import ERROR_TYPES
-from handlers.manifest import EnsembleSpec
-from handlers.policies import policy_names
 
 COUNTERS: dict[str, tuple[str, ...]] = {
     "ensemble_requests_total": ("Policy",),

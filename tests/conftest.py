@@ -17,18 +17,19 @@ from typing import Any
 import numpy
 import pytest
 import torch
-import ts
 import torchvision
+import ts
 import yaml
 from PIL import Image
 from ts.context import Context, RequestProcessor
 from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 
 from archive_scripts.build_archives import build_archive
+from handlers.config.files import load_ensembles
+from handlers.config.specs import EnsembleSpec
 from handlers.ensemble import Ensemble
 from handlers.ensemble_handler import EnsembleHandler
-from handlers.manifest import EnsembleSpec, load_ensembles
-from handlers.preprocess import decode_image
+from handlers.inputs.images import decode_image
 from tests.checkpoint_layouts import write_chexnet_ensemble
 from tests.fixture_models import PoolNet, TinyMLP
 

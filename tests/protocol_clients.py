@@ -22,8 +22,8 @@ import grpc
 import grpc_tools
 import numpy
 import pytest
-import ts
 import tritonclient.http as triton
+import ts
 from grpc_tools import protoc
 
 JAR = Path(ts.__file__).parent / "frontend" / "model-server.jar"

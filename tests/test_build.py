@@ -13,12 +13,14 @@ import torch
 import yaml
 
 from archive_scripts.build_archives import build_archive
-from handlers.checkpoints import CONVERT
+from handlers.config.files import load_ensembles
 from handlers.errors import IntegrityError, MemberLoadError
-from handlers.manifest import load_ensembles
-from handlers.members import sha256_of
+from handlers.weights.checkpoints import CONVERT
+from handlers.weights.loading import sha256_of
 from tests.conftest import source_spec
 from tests.fixture_models import PoolNet
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_archive_contents(test_store: Path) -> None:
@@ -29,7 +31,11 @@ def test_archive_contents(test_store: Path) -> None:
         mar_manifest = json.loads(archive.read("MAR-INF/MANIFEST.json"))
         digests_ok = {rel: hashlib.sha256(archive.read(rel)).hexdigest() == digest for rel, digest in manifest["digests"].items()}
     assert {"ensemble_handler.py", "ensemble.json", "model-config.yaml", "code/fixture_models.py"} <= names
-    assert {"members/mobile.safetensors", "members/pool_rgb.safetensors", "members/pool_gray.safetensors", "handlers/policies.py"} <= names
+    assert {"members/mobile.safetensors", "members/pool_rgb.safetensors", "members/pool_gray.safetensors"} <= names
+    shipped = sorted(path.relative_to(ROOT).as_posix() for path in (ROOT / "handlers").rglob("*.py"))
+    assert "handlers/answers/policies.py" in shipped
+    assert sorted(name for name in names if name.startswith("handlers/")) == shipped
+    assert sorted(rel for rel in manifest["digests"] if rel.startswith("handlers/")) == shipped
     assert not any("__pycache__" in name for name in names)
     assert mar_manifest["model"]["handler"] == "ensemble_handler.py"
     assert (mar_manifest["model"]["modelName"], mar_manifest["model"]["modelVersion"]) == ("trio", "2.1")

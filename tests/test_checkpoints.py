@@ -20,11 +20,12 @@ from torch import nn
 from archive_scripts import checkpoint_layouts as published
 from archive_scripts.build_archives import build_archive, forgiven_lines
 from archive_scripts.inspect_checkpoint import inspect
-from handlers.checkpoint_diagnosis import propose
-from handlers.checkpoints import CONVERT, Fitted, Target, read_checkpoint
+from handlers.config.files import load_ensembles
+from handlers.config.specs import MemberSpec, StateDictRules
 from handlers.errors import MemberLoadError
-from handlers.manifest import MemberSpec, StateDictRules, load_ensembles
-from handlers.members import build_member, member_weights, sha256_of
+from handlers.weights.checkpoints import CONVERT, Fitted, Target, read_checkpoint
+from handlers.weights.diagnosis import propose
+from handlers.weights.loading import build_member, member_weights, sha256_of
 from tests import checkpoint_layouts as layouts
 from tests.checkpoint_layouts import CHEXNET_RULES, write_chexnet
 from tests.fixture_models import NormNet, PoolNet

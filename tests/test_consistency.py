@@ -16,9 +16,9 @@ import yaml
 
 from archive_scripts.build_archives import build_archive
 from archive_scripts.torchserve_ctl import Server, private_server, register, start, stop
+from handlers.config.files import load_ensembles
 from handlers.ensemble import Ensemble
-from handlers.manifest import load_ensembles
-from handlers.preprocess import decode_image
+from handlers.inputs.images import decode_image
 from tests.conftest import assert_same_predictions, image_bytes, write_ensemble
 
 TIMEOUT = 60

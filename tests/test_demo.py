@@ -18,8 +18,8 @@ from archive_scripts.build_archives import build_archive
 from archive_scripts.demo_data import MULTILABEL_LABELS, make_multilabel_split, make_split
 from archive_scripts.evaluate_demo import TTA_MODES, evaluate, plot, tta_table
 from archive_scripts.train_demo import train
-from handlers.manifest import load_ensembles
-from handlers.members import sha256_of
+from handlers.config.files import load_ensembles
+from handlers.weights.loading import sha256_of
 
 pytestmark = pytest.mark.slow
 

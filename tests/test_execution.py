@@ -10,9 +10,10 @@ import torch
 import torchvision
 import yaml
 
-from handlers.ensemble import Ensemble, usable_cores
-from handlers.manifest import load_ensembles
-from handlers.preprocess import decode_image
+from handlers.config.files import load_ensembles
+from handlers.ensemble import Ensemble
+from handlers.execution.runner import usable_cores
+from handlers.inputs.images import decode_image
 from tests.conftest import image_bytes, write_ensemble
 from tests.fixture_models import BranchyNet, PoolNet
 

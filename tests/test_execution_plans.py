@@ -11,11 +11,12 @@ import pytest
 import torch
 import yaml
 
-from handlers.ensemble import PLANS_FILE, Ensemble
+from handlers.config.files import load_ensembles, read_archive_manifest
+from handlers.ensemble import Ensemble
 from handlers.errors import MemberLoadError
-from handlers.execution_plans import AUTO_PLANS, MIN_GAIN, TOLERANCE, prepare_cuda
-from handlers.manifest import load_ensembles, read_archive_manifest
-from handlers.preprocess import decode_image
+from handlers.execution.plan_store import PLANS_FILE
+from handlers.execution.plans import AUTO_PLANS, MIN_GAIN, TOLERANCE, prepare_cuda
+from handlers.inputs.images import decode_image
 from tests.conftest import extract, image_bytes, instances, write_ensemble, write_tensor_ensemble
 from tests.fixture_models import BranchyNet, LayoutSensitiveNet
 

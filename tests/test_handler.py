@@ -12,7 +12,7 @@ from ts.context import Context, RequestProcessor
 
 from handlers.ensemble_handler import EnsembleHandler
 from handlers.errors import IntegrityError
-from handlers.members import sha256_of
+from handlers.weights.loading import sha256_of
 from tests.conftest import (
     NPY,
     assert_same_predictions,

@@ -22,9 +22,9 @@ import requests
 import torch
 
 from archive_scripts.torchserve_ctl import Server, private_server, register, start, stop, unregister
-from handlers.checkpoints import read_checkpoint
-from handlers.execution_plans import AUTO_PLANS
-from handlers.preprocess import decode_image, to_tensor
+from handlers.execution.plans import AUTO_PLANS
+from handlers.inputs.images import decode_image, to_tensor
+from handlers.weights.checkpoints import read_checkpoint
 from tests.checkpoint_layouts import CHEXNET_LABELS, chexnet
 from tests.conftest import assert_same_predictions, image_bytes, instances, npy_bytes, reference, source_spec, tensor_reference
 

@@ -26,8 +26,8 @@ import yaml
 
 from archive_scripts.kserve_export import PROFILE, export
 from archive_scripts.torchserve_ctl import READY_TIMEOUT_S, Server, start, stop
+from handlers.config.files import load_ensembles
 from handlers.errors import ConfigError
-from handlers.manifest import load_ensembles
 from tests.conftest import assert_same_predictions, image_bytes, reference, source_spec
 from tests.protocol_clients import (
     HEALTH_CALLS,

@@ -9,9 +9,10 @@ from typing import Any
 import pytest
 import yaml
 
+from handlers.config.files import load_ensembles
+from handlers.config.policy import PolicySpec
+from handlers.config.specs import Execution, InputSpec, StateDictRules, TensorSpec
 from handlers.errors import ConfigError
-from handlers.manifest import Execution, InputSpec, StateDictRules, TensorSpec, load_ensembles
-from handlers.policies import PolicySpec
 from tests.conftest import write_tensor_ensemble
 
 

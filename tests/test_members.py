@@ -11,11 +11,12 @@ import pytest
 import torch
 from ts.context import Context
 
-from handlers.ensemble import Ensemble, PreparedRequest
+from handlers.ensemble import Ensemble
 from handlers.ensemble_handler import EnsembleHandler
 from handlers.ensemble_metrics import batch_counts
-from handlers.members import load_member, sha256_of
-from handlers.preprocess import decode_image
+from handlers.inputs.images import decode_image
+from handlers.inputs.prepare import PreparedRequest
+from handlers.weights.loading import load_member, sha256_of
 from tests.conftest import image_bytes, load_handler, reference, reference_ensemble, serve, source_spec
 
 MEMBERS = ("mobile", "pool_rgb", "pool_gray")

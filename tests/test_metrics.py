@@ -16,7 +16,7 @@ from ts.context import Context
 
 from handlers.ensemble_handler import EnsembleHandler
 from handlers.ensemble_metrics import COUNTERS, EnsembleMetrics, label_value
-from handlers.preprocess import decode_image
+from handlers.inputs.images import decode_image
 from tests.conftest import image_bytes, load_handler, reference_ensemble, serve
 
 ROOT = Path(__file__).resolve().parent.parent

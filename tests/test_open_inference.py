@@ -12,10 +12,10 @@ import pytest
 import torch
 from ts.context import Context
 
+from handlers.answers.v2 import output_names, v2_metadata
+from handlers.config.specs import TensorSpec
 from handlers.ensemble_handler import EnsembleHandler
-from handlers.manifest import TensorSpec
-from handlers.open_inference import output_names, v2_metadata
-from handlers.preprocess import decode_image
+from handlers.inputs.images import decode_image
 from tests.conftest import image_bytes, instances, load_handler, reference, reference_ensemble, serve, tensor_reference
 
 JSON = {"Content-Type": "application/json"}

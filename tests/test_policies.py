@@ -8,15 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from handlers.answers.policies import Votes, combine, register_policy
+from handlers.config.policy import PolicySpec, policy_names, resolve_policy
 from handlers.errors import InvalidPolicy
-from handlers.policies import (
-    PolicySpec,
-    Votes,
-    combine,
-    policy_names,
-    register_policy,
-    resolve_policy,
-)
 
 # probs[member, image, label]
 BINARY = torch.tensor(

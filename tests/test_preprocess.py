@@ -9,9 +9,9 @@ import torch
 from PIL import Image
 
 from bench.bad_inputs import header_only_png
+from handlers.config.specs import InputSpec, Limits
 from handlers.errors import InvalidImage, PayloadTooLarge
-from handlers.manifest import InputSpec, Limits
-from handlers.preprocess import batch_tensors, decode_image, to_tensor
+from handlers.inputs.images import batch_tensors, decode_image, to_tensor
 from tests.conftest import image_bytes
 
 HALF = InputSpec(size=(4, 4), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))

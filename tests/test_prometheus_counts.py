@@ -18,7 +18,7 @@ import pytest
 import requests
 
 from archive_scripts.torchserve_ctl import Server, private_server, register, start, stop
-from handlers.preprocess import decode_image
+from handlers.inputs.images import decode_image
 from monitoring import prometheus_ctl
 from monitoring.prometheus_ctl import Prometheus, query, write_test_config
 from tests.conftest import image_bytes, reference_ensemble

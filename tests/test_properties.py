@@ -13,12 +13,13 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from handlers.answers.policies import Votes, combine, member_votes
+from handlers.config.policy import TASKS, resolve_policy
+from handlers.config.specs import Limits, TensorSpec
 from handlers.errors import InvalidImage, InvalidPolicy, PayloadTooLarge, RequestError
-from handlers.manifest import Limits, TensorSpec
-from handlers.policies import TASKS, Votes, combine, member_votes, resolve_policy
-from handlers.preprocess import decode_image
-from handlers.request_inputs import parse_request
-from handlers.tensor_inputs import read_json_instances, read_npy
+from handlers.inputs.images import decode_image
+from handlers.inputs.requests import parse_request
+from handlers.inputs.tensors import read_json_instances, read_npy
 from tests.conftest import image_bytes, instances, npy_bytes
 
 LIMITS = Limits(max_images_per_request=4, max_image_pixels=1_000_000, formats=("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF"))

@@ -7,10 +7,10 @@ import json
 
 import pytest
 
+from handlers.config.specs import Limits
 from handlers.errors import InvalidImage, PayloadTooLarge, RequestError, UnsupportedMediaType
-from handlers.manifest import Limits
-from handlers.preprocess import decode_image
-from handlers.request_inputs import RequestInput, parse_request
+from handlers.inputs.images import decode_image
+from handlers.inputs.requests import RequestInput, parse_request
 
 A, B, C = b"A" * 3000, b"B" * 5000, b"C" * 4000
 BOUNDARY = "----b0undary"

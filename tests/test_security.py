@@ -106,7 +106,7 @@ def test_job_queue_is_bounded() -> None:
 
 
 def handler_sources() -> list[tuple[str, ast.Module]]:
-    return [(path.name, ast.parse(path.read_text())) for path in sorted((ROOT / "handlers").glob("*.py"))]
+    return [(path.relative_to(ROOT / "handlers").as_posix(), ast.parse(path.read_text())) for path in sorted((ROOT / "handlers").rglob("*.py"))]
 
 
 def test_every_torch_load_is_weights_only() -> None:
@@ -117,7 +117,7 @@ def test_every_torch_load_is_weights_only() -> None:
         if isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute) and call.func.attr == "load"
         and isinstance(call.func.value, ast.Name) and call.func.value.id == "torch"
     ]
-    assert [name for name, _ in loads] == ["checkpoints.py"]
+    assert [name for name, _ in loads] == ["weights/checkpoints.py"]
     for _, call in loads:
         assert any(k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True for k in call.keywords)
 

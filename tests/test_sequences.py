@@ -10,9 +10,10 @@ import pytest
 import torch
 from ts.context import Context
 
+from handlers.answers.sequences import summarize
 from handlers.ensemble_handler import EnsembleHandler
 from handlers.errors import RequestError
-from handlers.sequences import read_sequence, summarize
+from handlers.inputs.parameters import read_sequence
 from tests.conftest import image_bytes, load_handler, serve
 
 LABELS = ("red", "round")

@@ -10,10 +10,10 @@ import numpy
 import pytest
 import torch
 
+from handlers.config.specs import Limits, TensorSpec
 from handlers.errors import PayloadTooLarge, RequestError, UnsupportedMediaType
-from handlers.manifest import Limits, TensorSpec
-from handlers.request_inputs import parse_tensor_request
-from handlers.tensor_inputs import read_json_instances, read_npy
+from handlers.inputs.requests import parse_tensor_request
+from handlers.inputs.tensors import read_json_instances, read_npy
 from tests.conftest import NPY, instances, npy_bytes
 
 SPEC = TensorSpec(shape=(3, 4))

@@ -12,7 +12,7 @@ import torch
 from ts.context import Context
 
 from handlers.ensemble_handler import EnsembleHandler
-from handlers.preprocess import decode_image
+from handlers.inputs.images import decode_image
 from tests.conftest import image_bytes, load_handler, reference_ensemble, serve
 
 LABELS = ("cat", "dog", "fox")

@@ -12,10 +12,11 @@ import torch
 import yaml
 from PIL import Image
 
+from handlers.config.files import load_ensembles
+from handlers.config.specs import EnsembleSpec, InputSpec, Limits
 from handlers.ensemble import Ensemble
-from handlers.manifest import EnsembleSpec, InputSpec, Limits, load_ensembles
-from handlers.members import load_member
-from handlers.preprocess import batch_tensors, decode_image, to_tensor
+from handlers.inputs.images import batch_tensors, decode_image, to_tensor
+from handlers.weights.loading import load_member
 from tests.conftest import image_bytes
 
 LIMITS = Limits()
@@ -44,7 +45,7 @@ def crops(image: Image.Image, spec: InputSpec) -> list[torch.Tensor]:
 
 
 def expected_views(image: Image.Image, spec: InputSpec) -> torch.Tensor:
-    """One image's views, built without handlers.preprocess.views."""
+    """One image's views, built without handlers.inputs.images.views."""
     if spec.tta == "none":
         return to_tensor(image.convert(spec.color_mode), spec)[None]
     if spec.tta == "hflip":

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from bench.tune import Candidate, MemberCost, Row, candidate_grid, markdown, noise, pick, update_batching, write_batching
-from handlers.manifest import load_ensembles
+from handlers.config.files import load_ensembles
 
 C1, C8, C2X16 = "c1 x1 image", "c8 x1 image", "c2 x16 images"
 

@@ -21,48 +21,12 @@ Semantics (README "Policies" repeats them with examples):
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from difflib import get_close_matches
 
 import torch
 
-from handlers.errors import InvalidPolicy
-
-TASKS = ("multiclass", "binary", "multilabel")
-POLICY_PARAMETERS = ("policy", "k", "threshold")
-# Every parameter a request may carry, on any channel: the policy's, and what else the answer shows.
-REQUEST_PARAMETERS = (*POLICY_PARAMETERS, "members", "top_k", "sequence", "min_run")
-# Parameters that are true or false. A JSON body's `parameters` (ours or v2's, whose values are typed)
-# gives them as JSON booleans or as the strings every other channel carries (request_inputs.boolean_parameter).
-BOOLEAN_PARAMETERS = ("sequence",)
-DEFAULT_THRESHOLD = 0.5
-
-
-def unknown_parameters(names: Sequence[str]) -> str:
-    """The message for parameter names we do not know: each with the closest valid name, then every valid name."""
-    closest = [f"{name!r} -> {close[0]!r}" for name in names if (close := get_close_matches(name, REQUEST_PARAMETERS, n=1))]
-    hint = f" (closest valid: {', '.join(closest)})" if closest else ""
-    return f"unknown parameter(s) {sorted(names)}{hint}; valid: {', '.join(REQUEST_PARAMETERS)}"
-
-
-@dataclass(frozen=True)
-class PolicySpec:
-    """A policy with its parameters fully resolved: `k` for k_of_n, `threshold` for binary/multilabel."""
-
-    name: str
-    k: int | None = None
-    threshold: float | None = None
-
-    def params(self) -> dict[str, int | float]:
-        """The parameters that apply, as they appear in responses and manifests."""
-        out: dict[str, int | float] = {}
-        if self.k is not None:
-            out["k"] = self.k
-        if self.threshold is not None:
-            out["threshold"] = self.threshold
-        return out
+from handlers.config.policy import POLICIES, PolicySpec
 
 
 @dataclass(frozen=True)
@@ -94,101 +58,26 @@ class Decision:
 PolicyFn = Callable[[torch.Tensor, Votes], Decision]
 
 
-@dataclass(frozen=True)
-class _Entry:
-    fn: PolicyFn
-    takes_k: bool
+_REGISTRY: dict[str, PolicyFn] = {}
 
 
-_REGISTRY: dict[str, _Entry] = {}
-
-
-def register_policy(name: str, *, takes_k: bool = False) -> Callable[[PolicyFn], PolicyFn]:
-    """Add a policy under `name`; `takes_k` says whether it reads the `k` parameter."""
+def register_policy(name: str) -> Callable[[PolicyFn], PolicyFn]:
+    """Implement the policy `name`, which config.policy.POLICIES declares with its parameters."""
 
     def add(fn: PolicyFn) -> PolicyFn:
+        if name not in POLICIES:
+            raise ValueError(f"policy {name!r} is not declared in config.policy.POLICIES")
         if name in _REGISTRY:
             raise ValueError(f"policy {name!r} is already registered")
-        _REGISTRY[name] = _Entry(fn, takes_k)
+        _REGISTRY[name] = fn
         return fn
 
     return add
 
 
-def policy_names() -> list[str]:
-    """Registered policy names, sorted: the list error messages and describe show."""
-    return sorted(_REGISTRY)
-
-
 def combine(probs: torch.Tensor, votes: Votes) -> Decision:
     """Apply `votes.policy` to `probs[member, image, label]`."""
-    return _REGISTRY[votes.policy.name].fn(probs, votes)
-
-
-def resolve_policy(
-    requested: Mapping[str, object],
-    *,
-    default: PolicySpec | None,
-    task: str,
-    n_members: int,
-) -> PolicySpec:
-    """Validate a policy choice (from a request or a config) into a PolicySpec, or raise InvalidPolicy.
-
-    Without a `policy` key the default policy is used; parameters given for the default policy
-    override its own, and a different policy starts from no parameters.
-    """
-    unknown = sorted(set(requested) - set(POLICY_PARAMETERS))
-    if unknown:
-        raise InvalidPolicy(f"unknown policy parameter(s) {unknown}; valid: {', '.join(POLICY_PARAMETERS)}")
-    name = requested.get("policy")
-    if name is None:
-        if default is None:
-            raise InvalidPolicy(f"no policy given; valid policies: {', '.join(policy_names())}")
-        name = default.name
-    if not isinstance(name, str) or name not in _REGISTRY:
-        raise InvalidPolicy(f"unknown policy {name!r}; valid policies: {', '.join(policy_names())}")
-    inherited = default.params() if default is not None and default.name == name else {}
-    params = {**inherited, **{key: requested[key] for key in ("k", "threshold") if key in requested}}
-
-    k = None
-    if _REGISTRY[name].takes_k:
-        if "k" not in params:
-            raise InvalidPolicy(f"policy {name!r} needs parameter k (an integer from 1 to {n_members})")
-        k = _parse_k(params["k"], n_members)
-    elif "k" in params:
-        raise InvalidPolicy(f"policy {name!r} takes no parameter k; only k_of_n does")
-
-    threshold = None
-    if task == "multiclass":
-        if "threshold" in params:
-            raise InvalidPolicy("threshold applies to binary and multilabel ensembles; this one is multiclass")
-    else:
-        threshold = _parse_threshold(params.get("threshold", DEFAULT_THRESHOLD))
-    return PolicySpec(name=name, k=k, threshold=threshold)
-
-
-def _parse_k(raw: object, n_members: int) -> int:
-    if isinstance(raw, bool):
-        raise InvalidPolicy(f"k must be an integer from 1 to {n_members}, got {raw!r}")
-    try:
-        k = int(raw) if isinstance(raw, (int, str)) else None
-    except ValueError:
-        k = None
-    if k is None or not 1 <= k <= n_members:
-        raise InvalidPolicy(f"k must be an integer from 1 to {n_members}, got {raw!r}")
-    return k
-
-
-def _parse_threshold(raw: object) -> float:
-    if isinstance(raw, bool):
-        raise InvalidPolicy(f"threshold must be a number in [0, 1], got {raw!r}")
-    try:
-        value = float(raw) if isinstance(raw, (int, float, str)) else math.nan
-    except ValueError:
-        value = math.nan
-    if not 0.0 <= value <= 1.0:
-        raise InvalidPolicy(f"threshold must be a number in [0, 1], got {raw!r}")
-    return value
+    return _REGISTRY[votes.policy.name](probs, votes)
 
 
 def member_votes(probs: torch.Tensor, votes: Votes) -> torch.Tensor:
@@ -237,7 +126,7 @@ def majority(probs: torch.Tensor, votes: Votes) -> Decision:
     return _k_of_n(probs, votes, probs.shape[0] // 2 + 1)
 
 
-@register_policy("k_of_n", takes_k=True)
+@register_policy("k_of_n")
 def k_of_n(probs: torch.Tensor, votes: Votes) -> Decision:
     """At least k members agree."""
     assert votes.policy.k is not None, "resolve_policy guarantees k for k_of_n"

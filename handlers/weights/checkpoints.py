@@ -35,7 +35,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 from torchvision.ops import FrozenBatchNorm2d
 
-from handlers.manifest import StateDictRules
+from handlers.config.specs import StateDictRules
 
 SAFETENSORS_HEADER_LIMIT = 100_000_000
 EXAMPLES = 5

@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-from handlers.checkpoints import (
+from handlers.config.specs import StateDictRules
+from handlers.weights.checkpoints import (
     CheckpointError,
     Mismatch,
     State,
@@ -32,7 +33,6 @@ from handlers.checkpoints import (
     saved_versions,
     select_weights,
 )
-from handlers.manifest import StateDictRules
 
 MAX_DEPTH = 4
 SHAPE_HINT = "\nTensors of another shape mean another architecture: check the member's kwargs (num_classes, width, ...)."

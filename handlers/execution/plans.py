@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from handlers.manifest import Execution
+from handlers.config.specs import Execution
 
 TOLERANCE = 1e-4
 MIN_GAIN = 1.03

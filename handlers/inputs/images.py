@@ -16,8 +16,8 @@ import torch
 from PIL import Image, ImageOps
 from torchvision.transforms.v2.functional import five_crop, horizontal_flip, pil_to_tensor, ten_crop
 
+from handlers.config.specs import InputSpec, Limits
 from handlers.errors import InvalidImage, PayloadTooLarge
-from handlers.manifest import InputSpec, Limits
 
 WIDE_GRAY_MAX = 65535
 ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")

@@ -7,7 +7,7 @@ the worker). Policy parameters therefore come from query parameters, form fields
 named `policy`, `k`, `threshold`, from `X-Ensemble-Policy`, `X-Ensemble-K`, `X-Ensemble-Threshold`
 headers, or from a JSON body's `parameters` object (our form's or a v2 request's). A JSON body is
 our `{"instances": ...}` form or, when it has `inputs`, an Open Inference Protocol v2 request
-(`handlers.open_inference`). gRPC carries no content type: a body starting with `{` is JSON, one
+(`handlers.inputs.v2`). gRPC carries no content type: a body starting with `{` is JSON, one
 starting with the `.npy` magic is an array.
 """
 
@@ -23,11 +23,11 @@ from typing import Any
 
 import torch
 
+from handlers.config.specs import Limits, TensorSpec
 from handlers.errors import InvalidImage, PayloadTooLarge, RequestError, UnsupportedMediaType
-from handlers.manifest import Limits, TensorSpec
-from handlers.open_inference import V2Form, is_v2, read_parameters, read_v2, refuse_binary_extension, v2_errors
-from handlers.policies import REQUEST_PARAMETERS, unknown_parameters
-from handlers.tensor_inputs import NPY_MAGIC, read_json_instances, read_npy
+from handlers.inputs.parameters import REQUEST_PARAMETERS, unknown_parameters
+from handlers.inputs.tensors import NPY_MAGIC, read_json_instances, read_npy
+from handlers.inputs.v2 import V2Form, is_v2, read_parameters, read_v2, refuse_binary_extension, v2_errors
 
 PARAMETER_HEADERS = {f"x-ensemble-{key.replace('_', '-')}": key for key in REQUEST_PARAMETERS}
 BODY_KEYS = ("body", "data")
@@ -36,7 +36,6 @@ BODY_KEYS = ("body", "data")
 # bytes than the received parts explain; parts smaller than this slack cannot be told from headers.
 PART_HEADER_SLACK = 1024
 TENSOR_CONTENT_TYPES = ("application/x-npy", "application/json")
-TRUE, FALSE = ("true", "1", "yes"), ("false", "0", "no")
 # The most bytes a multipart part may hold and still be read as a misspelt parameter's value, not an image.
 PARAMETER_TEXT_LIMIT = 256
 _DATA_URI = re.compile(r"data:image/[A-Za-z0-9.+-]+;base64,")
@@ -161,26 +160,6 @@ def _json_document(body: Any) -> Any:
         return json.loads(body) if isinstance(body, (bytes, bytearray, str)) else body
     except (ValueError, UnicodeDecodeError) as e:
         raise RequestError(f"malformed JSON body: {e}") from e
-
-
-def int_parameter(name: str, raw: str, high: int) -> int:
-    """A request parameter that must be an integer from 1 to `high`, or a RequestError that says so."""
-    try:
-        value = int(raw)
-    except ValueError:
-        value = 0
-    if not 1 <= value <= high:
-        raise RequestError(f"{name} must be an integer from 1 to {high}, got {raw!r}")
-    return value
-
-
-def boolean_parameter(name: str, raw: str | None) -> bool:
-    """A true-or-false request parameter as text (absent is false), or a RequestError naming the accepted words."""
-    if raw is None or raw.lower() in FALSE:
-        return False
-    if raw.lower() not in TRUE:
-        raise RequestError(f"{name} must be true or false ({'/'.join(TRUE)} or {'/'.join(FALSE)}), got {raw!r}")
-    return True
 
 
 def _split_parameters(doc: Any) -> tuple[Any, dict[str, str]]:

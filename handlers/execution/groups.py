@@ -1,6 +1,6 @@
 """How members run: one module per call on its execution plan, or members of one architecture and input spec fused.
 
-Each member running alone runs on the plan `handlers.execution_plans` chose for it. Fusing stacks the
+Each member running alone runs on the plan `execution.plans` chose for it. Fusing stacks the
 members' parameters (`torch.func.stack_module_state`) and runs one `vmap` of `functional_call` over them.
 It is only used when it reproduces the one-at-a-time outputs within `FUSE_TOLERANCE` on a probe batch;
 otherwise those members run one at a time.
@@ -19,9 +19,9 @@ import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state
 
+from handlers.config.specs import Execution, MemberInput, MemberSpec
 from handlers.errors import MemberLoadError
-from handlers.execution_plans import Choice, PlanRejected, choose
-from handlers.manifest import Execution, MemberInput, MemberSpec
+from handlers.execution.plans import Choice, PlanRejected, choose
 
 FUSE_TOLERANCE = 1e-5
 logger = logging.getLogger(__name__)

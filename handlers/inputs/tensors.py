@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
+from handlers.config.specs import Limits, TensorSpec
 from handlers.errors import PayloadTooLarge, RequestError
-from handlers.manifest import Limits, TensorSpec
 
 NPY_MAGIC = b"\x93NUMPY"
 NPY_DTYPES = {"<f4": torch.float32, "<f8": torch.float64, "<f2": torch.float16}

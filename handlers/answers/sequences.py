@@ -14,18 +14,6 @@ from typing import Any
 
 import torch
 
-from handlers.errors import RequestError
-from handlers.request_inputs import boolean_parameter, int_parameter
-
-
-def read_sequence(sequence: str | None, min_run: str | None, max_frames: int) -> int | None:
-    """The debounce length a request asked for (1 without `min_run`), or None when it is no sequence."""
-    if not boolean_parameter("sequence", sequence):
-        if min_run is not None:
-            raise RequestError("min_run needs sequence=true: it debounces a sequence of frames")
-        return None
-    return 1 if min_run is None else int_parameter("min_run", min_run, max_frames)
-
 
 def summarize(chosen: torch.Tensor, labels: Sequence[str], *, only: int | None, min_run: int) -> dict[str, Any]:
     """The `sequence` part of an answer from `chosen[frame, label]`; `only` limits it to one label (binary)."""

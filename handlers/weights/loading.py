@@ -7,13 +7,16 @@ import importlib.util
 import inspect
 import sys
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torchvision.models
 from torch import nn
 
-from handlers.checkpoint_diagnosis import explain
-from handlers.checkpoints import (
+from handlers.config.specs import ArchiveManifest, EnsembleSpec, MemberSpec
+from handlers.errors import IntegrityError, MemberLoadError
+from handlers.weights.checkpoints import (
     CheckpointError,
     Fitted,
     Target,
@@ -24,9 +27,7 @@ from handlers.checkpoints import (
     saved_versions,
     select_weights,
 )
-from handlers.errors import IntegrityError, MemberLoadError
-from handlers.manifest import MemberSpec
-
+from handlers.weights.diagnosis import explain
 
 # torchvision builder arguments that load pretrained weights by downloading them.
 DOWNLOADING_KWARGS = ("weights", "pretrained", "weights_backbone", "pretrained_backbone")
@@ -97,6 +98,38 @@ def load_member(member: MemberSpec, base_dir: Path) -> tuple[nn.Module, Fitted]:
     fitted = member_weights(member, base_dir, module)
     module.load_state_dict(fitted.state, strict=True)
     return module.eval(), fitted
+
+
+def load_archived_members(manifest: ArchiveManifest, model_dir: Path) -> list[nn.Module]:
+    """The members of an extracted archive, after every listed file's digest is verified: nothing loads before.
+
+    Each member's weights (and model file) must be pinned in the manifest, by the same digest its spec records.
+    """
+    spec = manifest.ensemble
+    for member in spec.members:
+        pinned = {member.weights, *([member.arch_file] if member.arch_file else [])}
+        unpinned = sorted(pinned - set(manifest.digests))
+        if unpinned:
+            raise IntegrityError(f"member {member.name!r}: the manifest pins no digest for {unpinned}")
+        if manifest.digests[member.weights] != member.sha256:
+            raise IntegrityError(f"member {member.name!r}: the manifest gives two digests for {member.weights}")
+    verify_digests(model_dir, manifest.digests, owners={member.weights: member.name for member in spec.members})
+    return [load_member(member, model_dir)[0] for member in spec.members]
+
+
+def load_source_members(spec: EnsembleSpec) -> tuple[EnsembleSpec, list[nn.Module], dict[str, dict[str, Any]]]:
+    """The members straight from ensembles.yaml's paths (evaluation, in-process references), pinned digests checked.
+
+    Returns the spec with each member's source digest, the modules, and each member's source record
+    (file, sha256, rules, and what torch's loading rules filled or dropped).
+    """
+    digested = tuple(replace(m, sha256=source_digest(m, spec.base_dir)) for m in spec.members)
+    loaded = [load_member(member, spec.base_dir) for member in spec.members]
+    sources = {
+        m.name: {"file": m.weights, "sha256": m.sha256, "state_dict": m.state_dict.to_dict(), **fitted.record()}
+        for m, (_, fitted) in zip(digested, loaded, strict=True)
+    }
+    return replace(spec, members=digested), [module for module, _ in loaded], sources
 
 
 def member_weights(member: MemberSpec, base_dir: Path, module: nn.Module) -> Fitted:

@@ -1,0 +1,1 @@
+"""From probabilities to answers: policies, sequences, and the JSON and v2 renderings."""

@@ -1,0 +1,142 @@
+"""Rendering one request's answer: the members' votes combined by its policy, as our JSON or as v2 tensors.
+
+The JSON answer (docs "The answer") carries per prediction the combined label(s) and score(s) with
+every answering member's own, the members' labels side by side, and provenance: the ensemble version
+and the answering members' archived and source digests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from handlers.answers.policies import Decision, Votes, combine, member_votes
+from handlers.answers.sequences import summarize
+from handlers.answers.v2 import render_v2
+from handlers.config.policy import PolicySpec
+from handlers.config.specs import EnsembleSpec
+from handlers.inputs.v2 import V2Form
+
+SCORE_DIGITS = 6
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One request's answer before rendering: the members that answered, their probabilities and own
+    votes `[member, image, label]`, the policy and its decision."""
+
+    names: tuple[str, ...]
+    probs: torch.Tensor
+    own: torch.Tensor
+    decision: Decision
+    policy: PolicySpec
+
+
+class Renderer:
+    """Decides and renders answers for one ensemble; `build` and `source_digests` go into the provenance."""
+
+    def __init__(self, spec: EnsembleSpec, build: Mapping[str, Any], source_digests: Mapping[str, str]) -> None:
+        self.spec = spec
+        self.build = dict(build)
+        self._weights = torch.tensor([member.weight for member in spec.members], dtype=torch.float64)
+        self._digests = {member.name: member.sha256 for member in spec.members}
+        self._source_digests = dict(source_digests)
+        self.labels_key = "labels" if spec.task == "multilabel" else "label"
+
+    def positions(self, members: Sequence[str] | None) -> tuple[int, ...]:
+        """The declaration positions of the named members (all of them for None)."""
+        names = [member.name for member in self.spec.members]
+        return tuple(range(len(names))) if members is None else tuple(sorted(names.index(name) for name in members))
+
+    def decide(self, probs: torch.Tensor, policy: PolicySpec, members: tuple[int, ...]) -> Answer:
+        """The answer of `members` (positions) from every member's `probs` [member, image, label], for either form."""
+        mine = probs[list(members)]
+        votes = Votes(task=self.spec.task, weights=self._weights[list(members)], positive=self.spec.positive_index, policy=policy)
+        names = tuple(self.spec.members[m].name for m in members)
+        return Answer(names, mine, member_votes(mine, votes), combine(mine, votes), policy)
+
+    def json_body(self, answer: Answer, top_k: int | None = None, min_run: int | None = None) -> dict[str, Any]:
+        """Our JSON answer; `top_k` adds each prediction's ranking, `min_run` the `sequence` summary."""
+        probs, own, decision, names = answer.probs, answer.own, answer.decision, list(answer.names)
+        member_views = {name: self._views(own[m], probs[m]) for m, name in enumerate(names)}
+        predictions = self._views(decision.chosen, decision.score)
+        if top_k is not None:
+            self._add_top(predictions, decision, top_k)
+            for m, name in enumerate(names):
+                self._add_top(member_views[name], Decision(own[m], probs[m]), top_k)
+        for i, entry in enumerate(predictions):
+            entry["members"] = {name: views[i] for name, views in member_views.items()}
+        per_member = {name: [p["members"][name][self.labels_key] for p in predictions] for name in names}
+        body = {
+            "ensemble": self.spec.name,
+            "version": self.spec.version,
+            "policy": {"name": answer.policy.name, "params": answer.policy.params()},
+            "answered_by": names,
+            "predictions": predictions,
+            "members": per_member,
+            "provenance": {
+                "ensemble_version": self.spec.version,
+                "built_at": self.build.get("built_at"),
+                "member_sha256": {name: self._digests[name] for name in names},
+                "member_source_sha256": {name: self._source_digests[name] for name in names},
+            },
+        }
+        if min_run is not None:
+            body["sequence"] = summarize(decision.chosen, self.spec.labels, only=self.spec.positive_index, min_run=min_run)
+        return body
+
+    def v2_body(self, answer: Answer, form: V2Form, top_k: int | None = None) -> dict[str, Any]:
+        """The Open Inference Protocol v2 answer: the same decision as tensors, provenance as parameters."""
+        decision, names = answer.decision, answer.names
+        parameters: dict[str, Any] = {"policy": answer.policy.name, **answer.policy.params(), "ensemble_version": self.spec.version}
+        parameters["members"] = ",".join(names)
+        parameters.update({f"{name}.sha256": self._digests[name] for name in names})
+        return render_v2(
+            name=self.spec.name,
+            version=self.spec.version,
+            form=form,
+            labels=self.spec.labels,
+            multilabel=self.spec.task == "multilabel",
+            combined=(decision.chosen, decision.score),
+            members={name: (answer.own[m], answer.probs[m]) for m, name in enumerate(names)},
+            parameters=parameters,
+            digits=SCORE_DIGITS,
+            top=None if top_k is None else _top(decision, top_k),
+        )
+
+    def _add_top(self, views: list[dict[str, Any]], decision: Decision, k: int) -> None:
+        """Each view gets `top`: its k best labels in the decision's order, with their scores."""
+        picked, best = _top(decision, k)
+        for view, indices, values in zip(views, picked.tolist(), best.tolist(), strict=True):
+            view["top"] = [{"label": self.spec.labels[i], "score": round(v, SCORE_DIGITS)} for i, v in zip(indices, values, strict=True)]
+
+    def _views(self, chosen: torch.Tensor, scores: torch.Tensor) -> list[dict[str, Any]]:
+        """Per input, the chosen label(s) and score(s) from `chosen` and `scores` [inputs, labels].
+
+        Tensors become Python lists once per call, not once per input: rendering 128 inputs stays
+        well under a millisecond.
+        """
+        labels = self.spec.labels
+        if self.spec.task == "multilabel":
+            return [
+                {
+                    "labels": [label for label, on in zip(labels, row, strict=True) if on],
+                    "scores": {label: round(v, SCORE_DIGITS) for label, v in zip(labels, values, strict=True)},
+                }
+                for row, values in zip(chosen.tolist(), scores.tolist(), strict=True)
+            ]
+        first = chosen.to(torch.uint8).argmax(dim=-1, keepdim=True)
+        picked = scores.gather(-1, first).squeeze(-1).tolist()
+        return [
+            {"label": labels[index], "score": round(score, SCORE_DIGITS)} if any_chosen else {"label": None, "score": None}
+            for any_chosen, index, score in zip(chosen.any(dim=-1).tolist(), first.squeeze(-1).tolist(), picked, strict=True)
+        ]
+
+
+def _top(decision: Decision, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best label indices per image in the decision's order, and their scores."""
+    picked = decision.order()[:, :k]
+    return picked, decision.score.gather(-1, picked)

@@ -1,0 +1,93 @@
+"""Open Inference Protocol v2 answers: the output tensors, their names and the model metadata.
+
+Output names (docs "Open Inference Protocol v2" lists them): `label` (BYTES [N], "" when the vote abstains)
+or `labels` (BOOL [N, L], multilabel), `scores` (FP64 [N, L]), and the same per member as
+`<member>.label(s)` and `<member>.scores`; `top_labels` and `top_scores` when a request asks for top_k.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from handlers.config.specs import TensorSpec
+from handlers.inputs.v2 import TOP_OUTPUTS, V2Form
+
+
+def render_v2(
+    *,
+    name: str,
+    version: str,
+    form: V2Form,
+    labels: Sequence[str],
+    multilabel: bool,
+    combined: tuple[torch.Tensor, torch.Tensor],
+    members: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    parameters: Mapping[str, Any],
+    digits: int,
+    top: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> dict[str, Any]:
+    """A v2 response. `combined` and each member's entry are (chosen [N, L] bools, scores [N, L]);
+    `top`, when a request asked for top_k, is (label indices [N, k] best first, their scores [N, k]).
+
+    Scores are rounded to `digits`, as in our JSON answer, so the two forms carry the same numbers.
+    """
+    tensors: dict[str, dict[str, Any]] = {}
+    for prefix, (chosen, scores) in (("", combined), *((f"{m}.", pair) for m, pair in members.items())):
+        count = chosen.shape[0]
+        if multilabel:
+            tensors[f"{prefix}labels"] = _tensor(f"{prefix}labels", "BOOL", [count, len(labels)], chosen.flatten().tolist())
+        else:
+            first = chosen.to(torch.uint8).argmax(dim=-1).tolist()
+            picked = [labels[i] if any_on else "" for i, any_on in zip(first, chosen.any(dim=-1).tolist(), strict=True)]
+            tensors[f"{prefix}label"] = _tensor(f"{prefix}label", "BYTES", [count], picked)
+        values = [round(v, digits) for v in scores.flatten().tolist()]
+        tensors[f"{prefix}scores"] = _tensor(f"{prefix}scores", "FP64", [count, len(labels)], values)
+        if not prefix and top is not None:
+            indices, best = top
+            shape = list(indices.shape)
+            tensors["top_labels"] = _tensor("top_labels", "BYTES", shape, [labels[i] for i in indices.flatten().tolist()])
+            tensors["top_scores"] = _tensor("top_scores", "FP64", shape, [round(v, digits) for v in best.flatten().tolist()])
+    wanted = form.outputs if form.outputs is not None else tuple(tensors)
+    return {
+        "model_name": name,
+        "model_version": version,
+        "id": form.id,
+        "parameters": dict(parameters),
+        "outputs": [tensors[output] for output in wanted],
+    }
+
+
+def output_names(labels_key: str, members: Sequence[str], *, ranked: bool) -> list[str]:
+    """Every output tensor's name: what describe lists and `outputs` may ask for. `ranked` (multiclass)
+    adds TOP_OUTPUTS, answered when a request names top_k or asks for them."""
+    top = list(TOP_OUTPUTS) if ranked else []
+    return [labels_key, "scores", *top] + [f"{m}.{suffix}" for m in members for suffix in (labels_key, "scores")]
+
+
+def v2_metadata(names: Sequence[str], labels: int, tensor: TensorSpec | None) -> dict[str, list[dict[str, Any]]]:
+    """The model metadata the protocol's `GET /v2/models/<name>` returns: our one input and every output in `names`
+    (as `output_names` lists them), each with its datatype and shape; -1 marks a size each request chooses."""
+    if tensor is None:
+        inputs = [{"name": "data", "datatype": "BYTES", "shape": [-1]}]
+    else:
+        inputs = [{"name": "data", "datatype": "FP32", "shape": [-1, *tensor.shape]}]
+    kinds = {
+        "label": ("BYTES", [-1]),
+        "labels": ("BOOL", [-1, labels]),
+        "scores": ("FP64", [-1, labels]),
+        "top_labels": ("BYTES", [-1, -1]),
+        "top_scores": ("FP64", [-1, -1]),
+    }
+    outputs = []
+    for name in names:
+        datatype, shape = kinds[name.rsplit(".", 1)[-1]]
+        outputs.append({"name": name, "datatype": datatype, "shape": shape})
+    return {"inputs": inputs, "outputs": outputs}
+
+
+def _tensor(name: str, datatype: str, shape: list[int], data: list[Any]) -> dict[str, Any]:
+    return {"name": name, "datatype": datatype, "shape": shape, "data": data}
+

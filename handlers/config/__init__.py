@@ -1,0 +1,1 @@
+"""ensembles.yaml and the archive manifest: the typed, validated specs every other package reads."""

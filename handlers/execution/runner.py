@@ -1,0 +1,236 @@
+"""Running members: every member group a batch needs, in slices, side by side on the member threads.
+
+All inputs of a batch are turned into one tensor per distinct input spec (an image's test-time views
+are rows of it), run through every member group in slices (on the CPU, side by side on the member
+threads), and averaged over each image's views. Under `consistency: batch_invariant` every slice is
+one row, so an image's scores never depend on what shares its batch.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from collections.abc import Callable, Collection, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from PIL import Image
+from torch import nn
+
+from handlers.config.specs import EnsembleSpec
+from handlers.errors import MemberLoadError
+from handlers.execution.groups import Group, PlanContext, plan_groups
+from handlers.inputs.images import batch_tensors
+
+T = TypeVar("T")
+R = TypeVar("R")
+Inputs = Sequence[Image.Image] | torch.Tensor
+
+
+def usable_cores(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """Cores this process may keep busy: its CPU affinity, capped by a cgroup CPU quota.
+
+    In a container `os.cpu_count()` is the node's core count; a Kubernetes CPU limit is a CFS quota,
+    and threads beyond it are throttled. A quota of 1.5 cores counts as 1: a thread throttled in
+    every period costs more latency than the half core it would add.
+    """
+    cores = len(os.sched_getaffinity(0))
+    quota = _cpu_quota(cgroup)
+    return cores if quota is None else max(1, min(cores, int(quota)))
+
+
+def _cpu_quota(cgroup: Path) -> float | None:
+    """The CFS quota in cores from cgroup v2 `cpu.max` or v1 `cpu.cfs_quota_us`; None when unlimited or unknown."""
+    try:
+        quota, period = (cgroup / "cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        try:
+            quota = (cgroup / "cpu" / "cpu.cfs_quota_us").read_text().strip()
+            period = (cgroup / "cpu" / "cpu.cfs_period_us").read_text().strip()
+        except OSError:
+            return None
+    try:
+        return int(quota) / int(period) if int(quota) > 0 else None
+    except ValueError:
+        return None
+
+
+class MemberRunner:
+    """The members of one ensemble on one device, grouped and planned, and the threads that run them."""
+
+    def __init__(
+        self,
+        spec: EnsembleSpec,
+        modules: Sequence[nn.Module],
+        device: torch.device,
+        *,
+        parallelism: int = 1,
+        remembered_plans: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> None:
+        """`parallelism` > 1 runs (member group, slice) tasks on that many threads at once (the caller's included).
+
+        PyTorch releases the GIL inside its kernels, so with one intra-op thread per task the members
+        of one batch spread over the cores: a single image's members run side by side, and a large
+        batch is cut into one slice per thread. `remembered_plans` are plan choices another worker
+        made (see `execution.plan_store`).
+        """
+        self.spec = spec
+        self.device = device
+        self.parallelism = parallelism
+        self._pool = ThreadPoolExecutor(parallelism - 1, thread_name_prefix="member") if parallelism > 1 else None
+        member_inputs = [spec.member_input(member) for member in spec.members]
+        plans = PlanContext(
+            executions=[spec.member_execution(member) for member in spec.members],
+            sizes=[spec.slice_sizes(parallelism, given.views) for given in member_inputs],
+            activation=self._activation,
+            remembered=remembered_plans or {},
+        )
+        self.groups: list[Group] = plan_groups(
+            spec.members,
+            [module.to(device).eval() for module in modules],
+            member_inputs,
+            fuse=spec.batching.fuse_members,
+            device=device,
+            plans=plans,
+        )
+        self._check_outputs()
+
+    def plan_choices(self) -> dict[str, dict[str, Any]]:
+        """Each planned member's execution choice, as `describe` shows it (fused members run eager under vmap)."""
+        names = [member.name for member in self.spec.members]
+        return {names[group.indices[0]]: group.choice.describe() for group in self.groups if group.choice is not None}
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Each group's members, plan and fusion, in run order."""
+        names = [member.name for member in self.spec.members]
+        return [group.describe(names) for group in self.groups]
+
+    def probabilities(
+        self,
+        inputs: Inputs,
+        forward_seconds: dict[str, float] | None = None,
+        wanted: Sequence[Collection[int]] | None = None,
+    ) -> torch.Tensor:
+        """probs[member, input, label] as float64 on the CPU; each image is transformed once per input spec.
+
+        `inputs` are decoded images, or for a tensor-input ensemble one tensor [N, *shape]. A member
+        with test-time augmentation scores an image by the mean of its probabilities over the views.
+        `wanted[i]`, when given, holds the positions of the members input i needs: a member runs only
+        on the inputs that need it (fused members run when any of them is needed), and its scores
+        for the others are NaN. Given `forward_seconds`, each member's time in its forward calls is
+        added to it (fused members share their group's time equally; on CUDA each call is
+        synchronized so the time is the kernels').
+        """
+        count = len(inputs)
+        if isinstance(inputs, torch.Tensor):
+            batches = {self.spec.input: inputs}
+        else:
+            batches = batch_tensors(inputs, [group.spec for group in self.groups])
+        probs = torch.full((len(self.spec.members), count, len(self.spec.labels)), math.nan, dtype=torch.float64)
+        with torch.inference_mode():
+            on_device = {spec: self._to_device(batch) for spec, batch in batches.items()}
+            jobs, tasks = [], []
+            for group in self.groups:
+                rows = _rows_needing(group.indices, wanted, count)
+                batch = on_device[group.spec]
+                if rows is not None:
+                    batch = batch.unflatten(0, (count, group.spec.views))[rows.to(batch.device)].flatten(0, 1)
+                chunks = batch.split(self.spec.rows_per_call(len(batch), self.parallelism)) if len(batch) else ()
+                jobs.append((group, rows, len(chunks)))
+                tasks += [(group, chunk) for chunk in chunks]
+            results = iter(self._map(self._run, tasks))
+            for group, rows, calls in jobs:
+                if not calls:
+                    continue
+                done = [next(results) for _ in range(calls)]
+                scores = torch.cat([part for part, _ in done], dim=1).to("cpu", torch.float64)
+                views = group.spec.views
+                if views > 1:
+                    scores = scores.unflatten(1, (-1, views)).mean(dim=2)
+                members = torch.tensor(group.indices)
+                if rows is None:
+                    probs[members] = scores
+                else:
+                    probs[members[:, None], rows[None, :]] = scores
+                if forward_seconds is not None:
+                    seconds = sum(spent for _, spent in done) / len(group.indices)
+                    for member in group.indices:
+                        name = self.spec.members[member].name
+                        forward_seconds[name] = forward_seconds.get(name, 0.0) + seconds
+            return probs
+
+    def _map(self, work: Callable[[T], R], items: Sequence[T]) -> list[R]:
+        """`work` on every item, in order, on the member threads; the calling thread works too.
+
+        Helpers join only when there is more than one item, so a lone task never pays a hand-off.
+        The first item (by position) that raised re-raises here, as a loop would have.
+        """
+        results: list[Any] = [None] * len(items)
+        failures: dict[int, BaseException] = {}
+        pending = iter(range(len(items)))
+        lock = threading.Lock()
+
+        def drain() -> None:
+            while True:
+                with lock:
+                    index = next(pending, None)
+                if index is None:
+                    return
+                try:
+                    results[index] = work(items[index])
+                except Exception as e:  # Re-raised below in item order, on the calling thread.
+                    failures[index] = e
+
+        helpers = min(self.parallelism - 1, len(items) - 1)
+        joined = [self._pool.submit(drain) for _ in range(helpers)] if self._pool else []
+        drain()
+        for helper in joined:
+            helper.result()
+        if failures:
+            raise failures[min(failures)]
+        return results
+
+    def _run(self, task: tuple[Group, torch.Tensor]) -> tuple[torch.Tensor, float]:
+        """One group on one slice, and its seconds; inference mode is per thread, so each task enters it itself."""
+        group, chunk = task
+        began = time.perf_counter()
+        with torch.inference_mode():
+            probs = self._activation(group.run(chunk))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return probs, time.perf_counter() - began
+
+    def _activation(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.spec.task == "multilabel":
+            return torch.sigmoid(logits.float())
+        return torch.softmax(logits.float(), dim=-1)
+
+    def _to_device(self, batch: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":
+            return batch.pin_memory().to(self.device, non_blocking=True)
+        return batch
+
+    def _check_outputs(self) -> None:
+        """Run one blank image through every member: each must return one score per label."""
+        for group in self.groups:
+            blank = torch.zeros(1, *group.spec.instance_shape, device=self.device)
+            with torch.inference_mode():
+                shape = tuple(group.run(blank).shape[1:])
+            if shape != (1, len(self.spec.labels)):
+                member = self.spec.members[group.indices[0]]
+                raise MemberLoadError(
+                    f"member {member.name!r}: outputs shape {shape} for one image; "
+                    f"expected (1, {len(self.spec.labels)}) for labels {list(self.spec.labels)}"
+                )
+
+
+def _rows_needing(group: Sequence[int], wanted: Sequence[Collection[int]] | None, count: int) -> torch.Tensor | None:
+    """The inputs (positions) that need any member of `group`, or None when all of them do."""
+    if wanted is None:
+        return None
+    rows = [i for i, members in enumerate(wanted) if not set(group).isdisjoint(members)]
+    return None if len(rows) == count else torch.tensor(rows, dtype=torch.long)

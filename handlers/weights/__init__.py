@@ -1,0 +1,1 @@
+"""Member weights: checkpoint reading and fitting, mismatch diagnosis, digests and loading members."""
