@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import threading
 import uuid
 import zipfile
@@ -364,3 +365,19 @@ def test_a_java_tag_in_an_archives_model_config_builds_nothing(bare_server: tupl
     assert not built.exists()
     log = (server.workdir / "logs" / "ts_log.log").read_text()
     assert "ComposerException: Global tag is not allowed: tag:yaml.org,2002:java.io.FileOutputStream" in log
+
+
+def test_security_md_maps_every_published_cve_to_tests_that_exist() -> None:
+    """A renamed or removed test must not leave SECURITY.md's CVE table pointing at nothing."""
+    rows = re.findall(r"^\| (CVE-\d{4}-\d+) .*\| (.*) \|$", (ROOT / "SECURITY.md").read_text(), re.MULTILINE)
+    assert [cve for cve, _ in rows] == ["CVE-2023-43654", "CVE-2022-1471", "CVE-2023-48299", "CVE-2024-35198", "CVE-2024-35199"]
+    missing = []
+    for cve, tests in rows:
+        named = re.findall(r"`(test_\w+\.py)::(test_\w+)(?:\[([\w-]+)\])?`", tests)
+        if not named:
+            missing.append(f"{cve}: no test")
+        for module, test, case in named:
+            source = (ROOT / "tests" / module).read_text()
+            if f"def {test}(" not in source or (case and f'id="{case}"' not in source):
+                missing.append(f"{cve}: {module}::{test}[{case}]")
+    assert missing == []
