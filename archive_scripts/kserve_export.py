@@ -1,8 +1,9 @@
-"""Write the storage layout KServe's TorchServe runtime serves an ensemble from.
+"""Write the storage layout our KServe runtime serves an ensemble from.
 
 Usage: python -m archive_scripts.kserve_export [--config ensembles.yaml] [--store model_store] [--out build/kserve] NAME ...
 
-The `kserve-torchserve` runtime downloads an InferenceService's `storageUri` to /mnt/models and runs
+KServe downloads an InferenceService's `storageUri` to /mnt/models, and our runtime
+(deploy/kserve/servingruntime.yaml) runs
 `torchserve --model-store=/mnt/models/model-store --ts-config=/mnt/models/config/config.properties`;
 its wrapper reads the model names from that config's `model_snapshot`. So each NAME gets
 `<out>/<NAME>/model-store/<NAME>.mar`, `<out>/<NAME>/config/config.properties` (the profile
@@ -91,7 +92,8 @@ def upload_hint(layout: Path) -> str:
             f"  aws s3 sync --delete {layout} s3://YOUR-BUCKET/ensembles/{name}",
             f"  kubectl cp {layout} <pod-mounting-the-pvc>:<mount>/ensembles/{name}",
             f"    (then storageUri: pvc://<pvc-name>/ensembles/{name})",
-            "then set storageUri in deploy/kserve/inferenceservice.yaml and `kubectl apply -f` it",
+            "then set storageUri in deploy/kserve/inferenceservice.yaml and apply it with our runtime:",
+            "  kubectl apply -n <namespace> -f deploy/kserve/servingruntime.yaml -f deploy/kserve/inferenceservice.yaml",
         ]
     )
 

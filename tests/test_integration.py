@@ -10,13 +10,16 @@ from __future__ import annotations
 import base64
 import json
 import re
+import socket
 import zipfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from statistics import geometric_mean
+from urllib.parse import urlsplit
 
 import numpy
+import psutil
 import pytest
 import requests
 import torch
@@ -54,10 +57,25 @@ def png(data: bytes) -> dict:
     return {"data": data, "headers": {"Content-Type": "image/png"}}
 
 
+def listening(server: Server) -> set[tuple[str, int]]:
+    """Every address the frontend, its workers and our gateway accept connections or datagrams on (read from /proc/net)."""
+    frontend = psutil.Process(int(server.torchserve_pid_file.read_text()))
+    processes = [frontend, *frontend.children(recursive=True), psutil.Process(int(server.gateway_pid_file.read_text()))]
+    sockets = [s for process in processes for s in process.net_connections(kind="inet")]
+    bound = [s.laddr for s in sockets if s.status == psutil.CONN_LISTEN or s.type == socket.SOCK_DGRAM]
+    return {(ip.removeprefix("::ffff:"), port) for ip, port in bound}  # The JVM holds IPv4 addresses as IPv4-mapped IPv6.
+
+
 def test_server_binds_loopback_and_uses_shipped_settings(server: Server) -> None:
-    for address in (server.inference, server.management, server.setting("metrics_address")):
-        assert address.startswith("http://127.0.0.1:")
+    """CVE-2024-35199 bound gRPC to every interface: here each listener is one the config names, on loopback."""
+    addresses = [server.inference, server.management, server.setting("metrics_address"), server.gateway]
+    grpc_ports = [int(server.setting(key)) for key in ("grpc_inference_port", "grpc_management_port")]
+    assert all(address.startswith("http://127.0.0.1:") for address in addresses)
+    assert [server.setting("grpc_inference_address"), server.setting("grpc_management_address")] == ["127.0.0.1", "127.0.0.1"]
     assert server.setting("allowed_urls") == "(?!)"
+    expected = {("127.0.0.1", urlsplit(address).port) for address in addresses} | {("127.0.0.1", port) for port in grpc_ports}
+    assert len(expected) == 6
+    assert listening(server) == expected
 
 
 def test_registered_ensemble_describes_itself(server: Server) -> None:

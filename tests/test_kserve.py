@@ -16,7 +16,9 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from pathlib import Path
+from importlib.metadata import version
+from pathlib import Path, PurePosixPath
+from urllib.parse import urlsplit
 
 import grpc
 import pytest
@@ -46,6 +48,11 @@ from tests.protocol_clients import (
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parent.parent
 INFERENCE_SERVICE = ROOT / "deploy" / "kserve" / "inferenceservice.yaml"
+SERVING_RUNTIME = ROOT / "deploy" / "kserve" / "servingruntime.yaml"
+# Where KServe's storage initializer puts the InferenceService's storageUri: the layout's root.
+MOUNT = PurePosixPath("/mnt/models")
+# The KServe wrapper in pytorch/torchserve-kfs 0.12.0 (kserve_wrapper/__main__.py) serves HTTP on 8080, gRPC on 8081.
+WRAPPER_PORTS = {8080, 8081}
 TIMEOUT = 60
 # Port shifts tried for the test's listeners, away from test_integration's (10100) and the benchmarks'.
 OFFSETS = range(10400, 10600, 20)
@@ -356,3 +363,102 @@ def test_inference_service_scaling(field: str, value: object) -> None:
 def test_container_concurrency_fills_every_workers_batch() -> None:
     batching = load_ensembles(ROOT / "ensembles.yaml", check_files=False)["shapes"].batching
     assert inference_service()["spec"]["predictor"]["containerConcurrency"] == batching.workers * batching.batch_size
+
+
+def serving_runtime() -> dict:
+    return yaml.safe_load(SERVING_RUNTIME.read_text())
+
+
+def runtime_container() -> dict:
+    [container] = serving_runtime()["spec"]["containers"]
+    return container
+
+
+def pinned(package: str) -> str:
+    """The version requirements.txt pins `package` to."""
+    [line] = [line for line in (ROOT / "requirements.txt").read_text().splitlines() if line.startswith(f"{package}==")]
+    return line.removeprefix(f"{package}==")
+
+
+def listeners(config: dict[str, str]) -> dict[str, tuple[str, int]]:
+    """Every listener a config.properties sets up, as (host, port); every address or port key is one of them."""
+    found = {
+        key.removesuffix("_address"): (urlsplit(value).hostname, urlsplit(value).port)
+        for key, value in config.items()
+        if key.endswith("_address") and "://" in value
+    }
+    for api in ("grpc_inference", "grpc_management"):
+        found[api] = (config[f"{api}_address"], int(config[f"{api}_port"]))
+    named = {key for key in config if key.endswith(("_address", "_port"))}
+    assert named == {f"{key}_address" for key in found} | {"grpc_inference_port", "grpc_management_port"}, named
+    return found
+
+
+def test_inference_service_names_our_runtime() -> None:
+    """KServe's built-in TorchServe runtime is going away: the InferenceService must select ours by name."""
+    runtime = serving_runtime()
+    assert (runtime["apiVersion"], runtime["kind"]) == ("serving.kserve.io/v1alpha1", "ServingRuntime")
+    assert runtime["metadata"]["name"] == "ensemble-torchserve"
+    assert inference_service()["spec"]["predictor"]["model"]["runtime"] == runtime["metadata"]["name"]
+
+
+def test_runtime_serves_the_inference_services_format_and_protocol() -> None:
+    """KServe refuses a runtime that lacks the model's format or protocol; the wrapper must speak that protocol too."""
+    spec, model = serving_runtime()["spec"], inference_service()["spec"]["predictor"]["model"]
+    assert spec["supportedModelFormats"] == [{"name": model["modelFormat"]["name"], "version": "1", "autoSelect": False}]
+    assert spec["protocolVersions"] == [model["protocolVersion"]] == ["v2"]
+    env = {variable["name"]: variable["value"] for variable in runtime_container()["env"]}
+    assert env == {"PROTOCOL_VERSION": "v2", "CONFIG_PATH": "/mnt/models/config/config.properties"}
+
+
+def test_runtime_image_is_the_pinned_torchserve() -> None:
+    """The pod runs the TorchServe the tests run: SECURITY.md's CVE table is written for this version."""
+    assert pinned("torchserve") == version("torchserve") == "0.12.0"
+    assert runtime_container()["image"] == f"pytorch/torchserve-kfs:{pinned('torchserve')}"
+
+
+def test_runtime_starts_torchserve_on_the_exported_layout(test_store: Path, tmp_path: Path) -> None:
+    """Every path the runtime hands TorchServe and the wrapper is one `make kserve` writes, once mounted at /mnt/models."""
+    layout = export(source_spec(test_store, "trio"), test_store, tmp_path)
+    container = runtime_container()
+    command, start_flag, *options = container["args"]
+    assert (command, start_flag) == ("torchserve", "--start")
+    paths = dict(option.removeprefix("--").split("=", 1) for option in options)
+    assert paths == {"model-store": "/mnt/models/model-store", "ts-config": "/mnt/models/config/config.properties"}
+    on_disk = {name: layout / PurePosixPath(path).relative_to(MOUNT) for name, path in paths.items()}
+    assert sorted(archive.name for archive in on_disk["model-store"].iterdir()) == ["trio.mar"]
+    config = properties(on_disk["ts-config"].read_text())
+    assert config["model_store"] == paths["model-store"]
+    assert (layout / PurePosixPath(config["metrics_config"]).relative_to(MOUNT)).is_file()
+    assert {variable["name"]: variable["value"] for variable in container["env"]}["CONFIG_PATH"] == paths["ts-config"]
+
+
+def test_only_the_scraped_metrics_listener_leaves_loopback() -> None:
+    """In the pod, TorchServe's APIs stay on loopback behind the wrapper; only the metrics port Prometheus scrapes is open."""
+    found = listeners(properties(PROFILE.read_text()))
+    assert found == {
+        "inference": ("127.0.0.1", 8085),
+        "management": ("127.0.0.1", 8085),
+        "metrics": ("0.0.0.0", 8082),
+        "oip_gateway": ("127.0.0.1", 8083),
+        "grpc_inference": ("127.0.0.1", 7070),
+        "grpc_management": ("127.0.0.1", 7071),
+    }
+    annotations = serving_runtime()["spec"]["annotations"]
+    assert annotations == {"prometheus.kserve.io/port": "8082", "prometheus.kserve.io/path": "/metrics"}
+    open_to_pod = {(host, port) for host, port in found.values() if host != "127.0.0.1"}
+    assert open_to_pod == {("0.0.0.0", int(annotations["prometheus.kserve.io/port"]))}
+    assert {port for _, port in found.values()}.isdisjoint(WRAPPER_PORTS)
+    assert runtime_container()["ports"] == [{"containerPort": 8080, "protocol": "TCP"}]
+
+
+def test_runtime_runs_unprivileged_with_guaranteed_resources() -> None:
+    container = runtime_container()
+    assert container["securityContext"] == {
+        "runAsUser": 1000,
+        "runAsNonRoot": True,
+        "allowPrivilegeEscalation": False,
+        "privileged": False,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    assert container["resources"] == {"requests": {"cpu": "2", "memory": "3Gi"}, "limits": {"cpu": "2", "memory": "3Gi"}}
