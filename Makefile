@@ -99,7 +99,7 @@ monitor-report: $(EVAL_INSTALLED)
 test: $(INSTALLED) $(EVAL_INSTALLED) $(TUNE_INSTALLED) $(PROMETHEUS_UNPACKED)
 	$(PY) -m pytest
 
-# The inner loop: every test that starts no server and trains nothing.
+# The inner loop: the unit tests. No server starts, nothing trains, no archive is built and no plan is timed (pytest.ini markers).
 test-fast: $(INSTALLED) $(EVAL_INSTALLED) $(TUNE_INSTALLED) $(PROMETHEUS_UNPACKED)
 	$(PY) -m pytest -m "not integration and not slow"
 

@@ -131,6 +131,13 @@ def ensemble_yaml(tmp_path: Path) -> Callable[..., Path]:
     return lambda **kw: write_ensemble(tmp_path / "ensemble", **kw)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test on the session's built archives (`test_store`) is slow: building them takes tens of seconds."""
+    for item in items:
+        if "test_store" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 TEST_ENSEMBLES = {
     "trio": {"task": "multiclass"},
     "pair": {"task": "binary", "policy": {"name": "majority"}},

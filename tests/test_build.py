@@ -20,6 +20,9 @@ from handlers.weights.loading import sha256_of
 from tests.conftest import source_spec
 from tests.fixture_models import PoolNet
 
+# Builds real archives with torch-model-archiver: seconds per test.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

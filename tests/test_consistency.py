@@ -21,6 +21,9 @@ from handlers.ensemble import Ensemble
 from handlers.inputs.images import decode_image
 from tests.conftest import assert_same_predictions, image_bytes, write_ensemble
 
+# Times plans and compares bits across batch positions and thread counts: seconds per test.
+pytestmark = pytest.mark.slow
+
 TIMEOUT = 60
 TARGET = image_bytes(71, size=(45, 38))
 NEIGHBOURS = [image_bytes(seed, size=(30 + seed % 20, 40)) for seed in range(100, 124)]

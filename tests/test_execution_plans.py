@@ -20,6 +20,9 @@ from handlers.inputs.images import decode_image
 from tests.conftest import extract, image_bytes, instances, write_ensemble, write_tensor_ensemble
 from tests.fixture_models import BranchyNet, LayoutSensitiveNet
 
+# Times candidate plans on real modules: seconds per test.
+pytestmark = pytest.mark.slow
+
 CPU = torch.device("cpu")
 
 

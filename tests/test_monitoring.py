@@ -23,6 +23,9 @@ from PIL import Image
 from monitoring import prometheus_ctl, report
 from monitoring.prometheus_ctl import ALERTS, PROMTOOL, ROOT, Prometheus, PrometheusError, query, write_test_config
 
+# Starts a real Prometheus on 127.0.0.1 and runs promtool.
+pytestmark = pytest.mark.integration
+
 MONITORING = ROOT / "monitoring"
 DASHBOARD = MONITORING / "grafana-dashboard.json"
 ALERT_NAMES = [
