@@ -96,11 +96,18 @@ monitor-traffic: $(INSTALLED)
 monitor-report: $(EVAL_INSTALLED)
 	$(PY) -m monitoring.report --minutes $(MINUTES) --out docs/monitor_report.png
 
-test: $(INSTALLED) $(EVAL_INSTALLED) $(TUNE_INSTALLED) $(PROMETHEUS_UNPACKED)
+# The docs site's own stack (docs/requirements.txt) in the same venv: tests/test_docs.py runs the docs' hook.
+DOCS_INSTALLED := $(VENV)/.docs-$(shell sha256sum docs/requirements.txt | cut -c1-12)
+
+$(DOCS_INSTALLED): $(INSTALLED) docs/requirements.txt
+	$(PY) -m pip install -q -r docs/requirements.txt
+	@rm -f $(VENV)/.docs-* && touch $@
+
+test: $(INSTALLED) $(EVAL_INSTALLED) $(TUNE_INSTALLED) $(DOCS_INSTALLED) $(PROMETHEUS_UNPACKED)
 	$(PY) -m pytest
 
 # The inner loop: every test that starts no server and trains nothing.
-test-fast: $(INSTALLED) $(EVAL_INSTALLED) $(TUNE_INSTALLED) $(PROMETHEUS_UNPACKED)
+test-fast: $(INSTALLED) $(EVAL_INSTALLED) $(TUNE_INSTALLED) $(DOCS_INSTALLED) $(PROMETHEUS_UNPACKED)
 	$(PY) -m pytest -m "not integration and not slow"
 
 register: $(INSTALLED)
