@@ -140,7 +140,7 @@ validation:
 @pytest.mark.parametrize(
     ("schema", "exit_code", "message"),
     [
-        pytest.param(SCHEMA, 0, "", id="built"),
+        pytest.param(SCHEMA, 0, "Documentation built in", id="built"),
         pytest.param(None, 1, "reference.md: the schema file.schema.json is missing", id="schema-missing"),
     ],
 )
