@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
-from docs.hooks.schema_reference import render_schema
-
 ROOT = Path(__file__).resolve().parent.parent
+HOOK = ROOT / "docs" / "hooks" / "schema_reference.py"
+
+
+def _load_hook() -> ModuleType:
+    """The hook by its path, as mkdocs loads it: docs/ is no package, and a `docs` on sys.path must not shadow it."""
+    spec = importlib.util.spec_from_file_location("schema_reference", HOOK)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+render_schema = _load_hook().render_schema
 
 # What pydantic v2's model_json_schema() writes for frozen, extra="forbid" models: $defs and $ref, anyOf for
 # optional fields, enum for Literal and Enum, const for a one-value Literal, prefixItems for a tuple.
@@ -128,7 +140,7 @@ site_name: reference
 docs_dir: docs
 site_dir: site
 hooks:
-  - {ROOT / "docs" / "hooks" / "schema_reference.py"}
+  - {HOOK}
 markdown_extensions:
   - attr_list
   - tables
