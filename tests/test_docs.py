@@ -26,8 +26,10 @@ def _load_hook() -> ModuleType:
 render_schema = _load_hook().render_schema
 
 # What pydantic v2's model_json_schema() writes for frozen, extra="forbid" models: $defs and $ref, anyOf for
-# optional fields, enum for Literal and Enum, const for a one-value Literal, prefixItems for a tuple.
+# optional fields, enum for Literal and Enum, const for a one-value Literal, prefixItems for a tuple; and what a
+# model's json_schema_extra adds for cross-key rules: allOf of if/then/else, anyOf of required keys, named maps.
 SCHEMA = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
     "$defs": {
         "Unused": {"description": "Reached from no key, so listed last.", "type": "string"},
         "Task": {"description": "What the members predict.", "enum": ["binary", "multilabel"], "title": "Task", "type": "string"},
@@ -39,34 +41,58 @@ SCHEMA = {
                 "weight": {"default": 1.0, "description": "Its weight in `mean`: w | 0 < w.", "exclusiveMinimum": 0, "title": "Weight", "type": "number"},
                 "kwargs": {"additionalProperties": True, "default": {}, "title": "Kwargs", "type": "object"},
                 "sha256": {"anyOf": [{"maxLength": 64, "minLength": 64, "type": "string"}, {"type": "null"}], "default": None, "title": "Sha256"},
+                "tags": {"additionalProperties": {"type": "string"}, "maxProperties": 4, "propertyNames": {"pattern": "^[a-z]+$"}, "type": "object"},
             },
             "required": ["name"],
+            "allOf": [
+                {"not": {"properties": {"name": {"const": "x"}}, "required": ["name"]}},
+                {"if": {"properties": {"weight": {"exclusiveMaximum": 1}}}, "then": {"properties": {"tags": {"type": "object"}}}},
+            ],
             "title": "Member",
             "type": "object",
         },
         "Spec": {
             "additionalProperties": False,
-            "description": "One ensemble.",
+            "description": "One ensemble, served as <name>.",
             "properties": {
                 "version": {"description": "A quoted\n   string.", "title": "Version", "type": "string"},
                 "task": {"$ref": "#/$defs/Task"},
                 "kind": {"const": "image", "default": "image", "title": "Kind", "type": "string"},
                 "size": {"maxItems": 2, "minItems": 2, "prefixItems": [{"minimum": 8, "type": "integer"}, {"maximum": 4096, "type": "integer"}], "title": "Size", "type": "array"},
                 "labels": {"items": {"type": "string"}, "maxItems": 64, "minItems": 1, "title": "Labels", "type": "array"},
+                "positive_label": {"type": "string"},
                 "threshold": {"anyOf": [{"maximum": 1, "minimum": 0, "type": "number"}, {"type": "null"}], "default": None, "title": "Threshold"},
                 "members": {"items": {"$ref": "#/$defs/Member"}, "minItems": 1, "title": "Members", "type": "array"},
-                "tags": {"items": {"maxLength": 8, "type": "string"}, "title": "Tags", "type": "array"},
+                "input": {"$ref": "#/$defs/Member", "anyOf": [{"required": ["size"]}, {"properties": {"kind": {"const": "tensor"}}, "required": ["kind"]}]},
                 "extra": {"type": ["string", "integer"], "title": "Extra"},
-                "anything": {"title": "Anything"},
+                "anything": {"title": "Anything", "description": "`<kept>` in code, <escaped> outside."},
             },
             "required": ["version", "task", "members"],
+            "allOf": [
+                {
+                    "if": {"properties": {"task": {"const": "binary"}}},
+                    "then": {"properties": {"labels": {"maxItems": 2, "minItems": 2}}, "required": ["positive_label"]},
+                    "else": {"not": {"required": ["positive_label"]}},
+                },
+                {"if": {"properties": {"task": {"enum": ["multilabel"]}}, "required": ["task"]}, "then": {"properties": {"threshold": {"minimum": 0.1}}}},
+            ],
             "title": "Spec",
             "type": "object",
         },
     },
     "additionalProperties": {"$ref": "#/$defs/Spec"},
     "description": "The whole file.",
-    "properties": {"ensembles": {"additionalProperties": {"$ref": "#/$defs/Spec"}, "description": "By name.", "title": "Ensembles", "type": "object"}},
+    "properties": {
+        "ensembles": {
+            "description": "By name.",
+            "minProperties": 1,
+            "patternProperties": {"^[a-z]+$": {"$ref": "#/$defs/Spec"}},
+            "propertyNames": {"pattern": "^[a-z]+$"},
+            "title": "Ensembles",
+            "type": "object",
+        },
+        "aliases": {"additionalProperties": {"type": "string"}, "type": "object"},
+    },
     "required": ["ensembles"],
     "title": "File",
     "type": "object",
@@ -79,13 +105,14 @@ The whole file.
 
 | key | type | required | default | description |
 |---|---|---|---|---|
-| `ensembles` | map of names to [Spec](#Spec) | yes |  | By name. |
+| `ensembles` | map (at least 1 entry) of names matching `^[a-z]+$` to [Spec](#Spec) | yes |  | By name. |
+| `aliases` | map of names to string | no |  |  |
 
 Other keys: [Spec](#Spec).
 
 ## Spec { #Spec }
 
-One ensemble.
+One ensemble, served as &lt;name&gt;.
 
 | key | type | required | default | description |
 |---|---|---|---|---|
@@ -94,11 +121,17 @@ One ensemble.
 | `kind` | `"image"` | no | `"image"` |  |
 | `size` | [integer (≥ 8), integer (≤ 4096)] | no |  |  |
 | `labels` | list (1 to 64 items) of string | no |  |  |
+| `positive_label` | string | no |  |  |
 | `threshold` | number (≥ 0, ≤ 1) or null | no | `null` |  |
 | `members` | list (at least 1 item) of [Member](#Member) | yes |  |  |
-| `tags` | list of string (at most 8 characters) | no |  |  |
+| `input` | [Member](#Member), where `size` is required or `kind` is `"tensor"` | no |  |  |
 | `extra` | string or integer | no |  |  |
-| `anything` | any | no |  |  |
+| `anything` | any | no |  | `<kept>` in code, &lt;escaped&gt; outside. |
+
+Rules:
+
+- If `task` is `"binary"`: `positive_label` is required and `labels` has exactly 2 items; otherwise `positive_label` is not allowed.
+- If `task` is required and `task` is one of `"multilabel"`: `threshold` is ≥ 0.1.
 
 No other keys are allowed.
 
@@ -117,9 +150,15 @@ Its weights are pinned.
 | key | type | required | default | description |
 |---|---|---|---|---|
 | `name` | string (matching `^[a-z]+(_[a-z]+)*$|^x$`) | yes |  |  |
-| `weight` | number (> 0) | no | `1.0` | Its weight in `mean`: w \\| 0 < w. |
+| `weight` | number (> 0) | no | `1.0` | Its weight in `mean`: w \\| 0 &lt; w. |
 | `kwargs` | object | no | `{}` |  |
 | `sha256` | string (exactly 64 characters) or null | no | `null` |  |
+| `tags` | map (at most 4 entries) of names matching `^[a-z]+$` to string | no |  |  |
+
+Rules:
+
+- not (`name` is `"x"`).
+- If `weight` is < 1: `tags` is object.
 
 No other keys are allowed.
 
