@@ -1,4 +1,5 @@
-"""The demo pipeline end to end: generate data, train both demos' members, evaluate them, build the archives.
+"""The demo pipeline end to end: the demos `make demo` trained (`make test` trains them on a clean clone) are
+evaluated on held-out data and built into archives.
 
 The multilabel demo's members are written in three published checkpoint layouts and read back by
 their `state_dict:` rules, so building it exercises the same path as a user's own checkpoints.
@@ -7,21 +8,19 @@ their `state_dict:` rules, so building it exercises the same path as a user's ow
 from __future__ import annotations
 
 import json
-import shutil
 import zipfile
 from pathlib import Path
 
 import pytest
-import torch
 
 from archive_scripts.build_archives import build_archive
 from archive_scripts.demo_data import MULTILABEL_LABELS, make_multilabel_split, make_split
 from archive_scripts.evaluate_demo import TTA_MODES, evaluate, plot, tta_table
-from archive_scripts.train_demo import train
 from handlers.config.files import load_ensembles
 from handlers.weights.loading import sha256_of
 
 pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_same_seed_same_data() -> None:
@@ -34,15 +33,9 @@ def test_same_seed_same_data() -> None:
     assert {len(s.labels) for s in multi} == {len(MULTILABEL_LABELS)}
 
 
-def test_demos_train_evaluate_and_build(tmp_path: Path) -> None:
-    shutil.copyfile("ensembles.yaml", tmp_path / "ensembles.yaml")
-    (tmp_path / "archive_scripts").mkdir()
-    shutil.copyfile("archive_scripts/demo_models.py", tmp_path / "archive_scripts" / "demo_models.py")
-    unbuilt = load_ensembles(tmp_path / "ensembles.yaml", check_files=False)
-    for name in ("shapes", "multishape"):
-        assert list(train(unbuilt[name], threads=torch.get_num_threads())) == [m.name for m in unbuilt[name].members]
-
-    specs = load_ensembles(tmp_path / "ensembles.yaml")
+def test_trained_demos_evaluate_and_build(tmp_path: Path) -> None:
+    assert (ROOT / "artifacts" / "weights" / ".trained").exists(), "the demos are not trained: run `make demo` (`make test` does)"
+    specs = load_ensembles(ROOT / "ensembles.yaml")
     results = evaluate([specs["shapes"], specs["multishape"]], 1000)
     binary = results["shapes"]["scores"]
     for member in ("resnet18", "strided", "tinycnn_gray"):
@@ -74,7 +67,7 @@ def test_demos_train_evaluate_and_build(tmp_path: Path) -> None:
         with zipfile.ZipFile(archive) as packed:
             sources = json.loads(packed.read("ensemble.json"))["sources"]
         assert sources == {
-            m.name: {"file": m.weights, "sha256": sha256_of(tmp_path / m.weights), "state_dict": m.state_dict.to_dict()}
+            m.name: {"file": m.weights, "sha256": sha256_of(ROOT / m.weights), "state_dict": m.state_dict.to_dict()}
             for m in specs[name].members
         }
     layouts = {m.name: (Path(m.weights).suffix, m.state_dict.to_dict()) for m in specs["multishape"].members}

@@ -35,7 +35,7 @@ def ranked(key: torch.Tensor, shown: torch.Tensor, k: int) -> list[list[dict[str
 
 
 def expected_top(probs: torch.Tensor, policy: str, k: int) -> list[list[dict[str, Any]]]:
-    """The README's semantics, computed here from the members' probabilities."""
+    """The semantics docs/http/answer.md states for `top`, computed here from the members' probabilities."""
     if policy == "mean":
         mean = (probs * WEIGHTS).sum(dim=0) / WEIGHTS.sum()
         return ranked(mean, mean, k)
