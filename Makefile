@@ -7,7 +7,7 @@ INSTALLED := $(VENV)/.installed-$(shell sha256sum requirements.txt | cut -c1-12)
 TRAINED := artifacts/weights/.trained
 NAME ?= shapes
 
-.PHONY: setup demo build kserve gpu-check serve stop test test-fast register unregister rebuild evaluate inspect bench bench-quick bench-mlp bench-profile bench-batching bench-fused bench-options tune reliability reliability-full clean prometheus monitor monitor-stop monitor-traffic monitor-report
+.PHONY: setup demo build kserve gpu-check serve stop test test-fast schema register unregister rebuild evaluate inspect bench bench-quick bench-mlp bench-profile bench-batching bench-fused bench-options tune reliability reliability-full clean prometheus monitor monitor-stop monitor-traffic monitor-report
 
 $(INSTALLED): requirements.txt
 	@command -v java >/dev/null 2>&1 || { echo "installing a Java runtime for TorchServe"; \
@@ -96,11 +96,22 @@ monitor-traffic: $(INSTALLED)
 monitor-report: $(EVAL_INSTALLED)
 	$(PY) -m monitoring.report --minutes $(MINUTES) --out docs/monitor_report.png
 
-test: $(INSTALLED) $(EVAL_INSTALLED) $(TUNE_INSTALLED) $(PROMETHEUS_UNPACKED)
+# Test-only tools (check-jsonschema, which tests/test_schema.py runs on every shipped ensembles file).
+TESTS_INSTALLED := $(VENV)/.tests-$(shell sha256sum tests/requirements.txt | cut -c1-12)
+
+$(TESTS_INSTALLED): $(INSTALLED) tests/requirements.txt
+	$(PY) -m pip install -q -r tests/requirements.txt
+	@rm -f $(VENV)/.tests-* && touch $@
+
+# ensembles.schema.json from the config models (handlers/config/schema.py); a test fails while it is stale.
+schema: $(INSTALLED)
+	$(PY) -m archive_scripts.write_schema
+
+test: $(INSTALLED) $(TESTS_INSTALLED) $(EVAL_INSTALLED) $(TUNE_INSTALLED) $(PROMETHEUS_UNPACKED)
 	$(PY) -m pytest
 
 # The inner loop: every test that starts no server and trains nothing.
-test-fast: $(INSTALLED) $(EVAL_INSTALLED) $(TUNE_INSTALLED) $(PROMETHEUS_UNPACKED)
+test-fast: $(INSTALLED) $(TESTS_INSTALLED) $(EVAL_INSTALLED) $(TUNE_INSTALLED) $(PROMETHEUS_UNPACKED)
 	$(PY) -m pytest -m "not integration and not slow"
 
 register: $(INSTALLED)

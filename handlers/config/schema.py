@@ -1,4 +1,4 @@
-"""The pydantic models of ensembles.yaml and the archive manifest.
+"""The pydantic models of ensembles.yaml and the archive manifest, and the JSON Schema editors check the yaml with.
 
 Both files hold the same ensemble: ensembles.yaml as `ensembles: {<name>: <ensemble>}`, the manifest
 inside a `.mar` as one resolved ensemble plus digests and provenance. The models check every rule,
@@ -12,7 +12,9 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 
-from pydantic import BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic.json_schema import GenerateJsonSchema, JsonSchemaMode, JsonSchemaValue
+from pydantic_core import core_schema
 
 from handlers.config.fields import Strict, choice, expect_integer, fail, integer, keyed, listed, maybe, text, within
 from handlers.config.members import NAME, SHA256, MemberConfig
@@ -225,3 +227,28 @@ class ManifestFile(Strict):
             build=dict(self.build),
             sources=dict(self.sources),
         )
+
+
+class _FileSchema(GenerateJsonSchema):
+    """The schema of the file as written: no null where a key may be absent, defaults as a file would write them."""
+
+    def nullable_schema(self, schema: core_schema.NullableSchema) -> JsonSchemaValue:
+        return self.generate_inner(schema["schema"])
+
+    def default_schema(self, schema: core_schema.WithDefaultSchema) -> JsonSchemaValue:
+        if "default" in schema and schema["default"] is None:
+            return self.generate_inner(schema["schema"])
+        return super().default_schema(schema)
+
+    def encode_default(self, dft: Any) -> Any:
+        if isinstance(dft, BaseModel):
+            return dft.model_dump(mode="json", exclude_none=True)
+        return super().encode_default(dft)
+
+    def generate(self, schema: core_schema.CoreSchema, mode: JsonSchemaMode = "validation") -> JsonSchemaValue:
+        return {"$schema": self.schema_dialect, **super().generate(schema, mode)}
+
+
+def ensembles_json_schema() -> dict[str, Any]:
+    """The JSON Schema of ensembles.yaml, as committed in ensembles.schema.json."""
+    return EnsemblesFile.model_json_schema(schema_generator=_FileSchema)
