@@ -7,7 +7,7 @@ INSTALLED := $(VENV)/.installed-$(shell sha256sum requirements.txt | cut -c1-12)
 TRAINED := artifacts/weights/.trained
 NAME ?= shapes
 
-.PHONY: setup demo build kserve gpu-check serve stop test test-fast docs register unregister rebuild evaluate inspect bench bench-quick bench-mlp bench-profile bench-batching bench-fused bench-options tune reliability reliability-full clean prometheus monitor monitor-stop monitor-traffic monitor-report
+.PHONY: setup demo build kserve gpu-check serve stop test test-fast docs schema register unregister rebuild evaluate inspect bench bench-quick bench-mlp bench-profile bench-batching bench-fused bench-options tune reliability reliability-full clean prometheus monitor monitor-stop monitor-traffic monitor-report
 
 $(INSTALLED): requirements.txt
 	@command -v java >/dev/null 2>&1 || { echo "installing a Java runtime for TorchServe"; \
@@ -109,15 +109,26 @@ $(DOCS_INSTALLED): $(INSTALLED) docs/requirements.txt
 docs: $(DOCS_INSTALLED)
 	$(MKDOCS) build --strict
 
+# Test-only tools (check-jsonschema, which tests/test_schema.py runs on every shipped ensembles file).
+TESTS_INSTALLED := $(VENV)/.tests-$(shell sha256sum tests/requirements.txt | cut -c1-12)
+
+$(TESTS_INSTALLED): $(INSTALLED) tests/requirements.txt
+	$(PY) -m pip install -q -r tests/requirements.txt
+	@rm -f $(VENV)/.tests-* && touch $@
+
+# ensembles.schema.json from the config models (handlers/config/schema.py); a test fails while it is stale.
+schema: $(INSTALLED)
+	$(PY) -m archive_scripts.write_schema
+
 # The docs are built first (seconds), so a broken link fails before the suite runs. The docs' examples run
 # against the trained demos: trained here when absent (a clean clone), never retrained by the tests.
-test: $(INSTALLED) $(EVAL_INSTALLED) $(TUNE_INSTALLED) $(DOCS_INSTALLED) $(PROMETHEUS_UNPACKED)
+test: $(INSTALLED) $(TESTS_INSTALLED) $(EVAL_INSTALLED) $(TUNE_INSTALLED) $(DOCS_INSTALLED) $(PROMETHEUS_UNPACKED)
 	$(MKDOCS) build --strict
 	@test -e $(TRAINED) || $(MAKE) demo
 	$(PY) -m pytest
 
 # The inner loop: the unit tests. No server starts, nothing trains, no archive is built and no plan is timed (pytest.ini markers).
-test-fast: $(INSTALLED) $(EVAL_INSTALLED) $(TUNE_INSTALLED) $(DOCS_INSTALLED) $(PROMETHEUS_UNPACKED)
+test-fast: $(INSTALLED) $(TESTS_INSTALLED) $(EVAL_INSTALLED) $(TUNE_INSTALLED) $(DOCS_INSTALLED) $(PROMETHEUS_UNPACKED)
 	$(PY) -m pytest -m "not integration and not slow"
 
 register: $(INSTALLED)

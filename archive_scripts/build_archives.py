@@ -30,7 +30,8 @@ import yaml
 from model_archiver.model_archiver_config import ModelArchiverConfig
 from model_archiver.model_packaging import generate_model_archive
 
-from handlers.config.files import MANIFEST_FORMAT, MANIFEST_NAME, load_ensembles
+from handlers.config.files import MANIFEST_NAME, load_ensembles
+from handlers.config.schema import MANIFEST_FORMAT
 from handlers.config.specs import EnsembleSpec, MemberSpec, StateDictRules
 from handlers.ensemble import Ensemble
 from handlers.errors import ConfigError, EnsembleError

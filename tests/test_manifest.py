@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -9,7 +10,8 @@ from typing import Any
 import pytest
 import yaml
 
-from handlers.config.files import load_ensembles
+from handlers.config.files import load_ensembles, read_archive_manifest
+from handlers.config.members import NAME
 from handlers.config.policy import PolicySpec
 from handlers.config.specs import Execution, InputSpec, StateDictRules, TensorSpec
 from handlers.errors import ConfigError
@@ -92,7 +94,7 @@ RULES = f"{PREFIX}.members[0].state_dict"
         pytest.param(lambda e: e["input"].update(std=[0.2, 0.2, 0]), f"{PREFIX}.input.std[2]: expected a number in [1e-06, 10.0], got 0", id="std-zero"),
         pytest.param(lambda e: e["input"].update(type="audio"), f"{PREFIX}.input.type: expected one of image, tensor, got 'audio'", id="input-type"),
         pytest.param(lambda e: e["members"][1].update(input={"type": "tensor", "shape": [8]}), f"{PREFIX}.members[1].input: only a whole ensemble takes tensor input; members of an image ensemble take images", id="member-tensor"),
-        pytest.param(lambda e: e.update(policy={"name": "vote"}), f"{PREFIX}.policy: unknown policy 'vote'; valid policies: all, any, k_of_n, majority, max, mean", id="bad-policy"),
+        pytest.param(lambda e: e.update(policy={"name": "vote"}), f"{PREFIX}.policy.name: expected one of all, any, k_of_n, majority, max, mean, got 'vote'", id="bad-policy"),
         pytest.param(lambda e: e.update(policy={"name": "k_of_n", "k": 5}), f"{PREFIX}.policy: k must be an integer from 1 to 3, got 5", id="k-out-of-range"),
         pytest.param(lambda e: e.update(batching={"batch_size": 0}), f"{PREFIX}.batching.batch_size: expected an integer from 1 to 1024, got 0", id="batch-size"),
         pytest.param(lambda e: e.update(batching={"fuse_members": "yes"}), f"{PREFIX}.batching.fuse_members: expected true or false, got 'yes'", id="fuse-not-bool"),
@@ -224,3 +226,88 @@ def test_to_dict_round_trips(ensemble_yaml: Callable[..., Path], tmp_path: Path)
     again = tmp_path / "ensemble" / "again.yaml"
     again.write_text(yaml.safe_dump({"ensembles": {"trio": spec.to_dict()}}))
     assert load_ensembles(again)["trio"] == spec
+
+
+def test_every_error_is_reported_one_line_each(ensemble_yaml: Callable[..., Path]) -> None:
+    def change(e: dict[str, Any]) -> None:
+        e["members"][0]["weight"] = -1
+        e["members"][2]["name"] = "bad name"
+        e["batching"]["workers"] = 0
+
+    with pytest.raises(ConfigError) as caught:
+        load_ensembles(edit(ensemble_yaml(), change))
+    assert str(caught.value).splitlines() == [
+        f"{PREFIX}.batching.workers: expected an integer from 1 to 64, got 0",
+        f"{PREFIX}.members[0].weight: expected a number in (0.0, 1000000.0], got -1",
+        f"{PREFIX}.members[2].name: expected a name matching [A-Za-z][A-Za-z0-9_-]{{0,63}}, got 'bad name'",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("document", "message"),
+    [
+        pytest.param([1], "ensembles.yaml: expected a mapping, got list", id="not-a-mapping"),
+        pytest.param({}, "ensembles.yaml: missing key 'ensembles'", id="no-ensembles"),
+        pytest.param({"ensembles": {}, "x": 1}, "ensembles.yaml: x: unknown key; valid keys here: ensembles", id="unknown-top-key"),
+        pytest.param({"ensembles": {}}, "ensembles.yaml: ensembles: expected a mapping of ensemble names to ensembles", id="empty"),
+        pytest.param({"ensembles": {1: {}}}, "ensembles.yaml: ensembles: expected a mapping of ensemble names to ensembles", id="number-as-name"),
+    ],
+)
+def test_invalid_top_level_is_rejected(tmp_path: Path, document: Any, message: str) -> None:
+    path = tmp_path / "ensembles.yaml"
+    path.write_text(yaml.safe_dump(document))
+    with pytest.raises(ConfigError) as caught:
+        load_ensembles(path)
+    assert str(caught.value) == message
+
+
+def test_an_unknown_input_type_is_named_before_the_keys_it_would_take(tmp_path: Path) -> None:
+    path = edit_vectors(write_tensor_ensemble(tmp_path / "src"), lambda e: e["input"].update(type=None))
+    with pytest.raises(ConfigError) as caught:
+        load_ensembles(path)
+    assert str(caught.value) == f"{VECTORS}.input.type: expected one of image, tensor, got None"
+
+
+def write_manifest(folder: Path, change: Callable[[dict[str, Any]], None]) -> Path:
+    """An ensemble.json as the build writes it, for the test ensemble whose files are in `folder`."""
+    spec = load_ensembles(folder / "ensembles.yaml")["trio"]
+    manifest = {
+        "format": 2,
+        "name": "trio",
+        "ensemble": spec.to_dict(),
+        "digests": {"members/mobile.safetensors": "0" * 64},
+        "build": {"torch": "2.14.1"},
+        "sources": {member.name: {"file": member.weights} for member in spec.members},
+    }
+    change(manifest)
+    (folder / "ensemble.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def test_archive_manifest_is_read_by_the_same_models(ensemble_yaml: Callable[..., Path]) -> None:
+    folder = write_manifest(ensemble_yaml().parent, lambda m: None)
+    manifest = read_archive_manifest(folder)
+    assert manifest.ensemble == load_ensembles(folder / "ensembles.yaml")["trio"]
+    assert (dict(manifest.digests), dict(manifest.build)) == ({"members/mobile.safetensors": "0" * 64}, {"torch": "2.14.1"})
+    assert dict(manifest.sources) == {"mobile": {"file": "mobile.pt"}, "pool_rgb": {"file": "pool_rgb.pt"}, "pool_gray": {"file": "pool_gray.pt"}}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        pytest.param(lambda m: m.update(format=3), "format: unsupported manifest format 3; expected 2", id="format"),
+        pytest.param(lambda m: m.pop("build"), "missing key 'build'", id="missing-key"),
+        pytest.param(lambda m: m.update(name="bad name"), f"name: ensemble name 'bad name' must match {NAME} (it is the TorchServe model name)", id="name"),
+        pytest.param(lambda m: m["digests"].update(x="abc"), "digests.x: expected a lowercase hex sha256, got 'abc'", id="digest"),
+        pytest.param(lambda m: m.update(build=[]), "build: expected a mapping", id="build-not-mapping"),
+        pytest.param(lambda m: m["sources"].pop("mobile"), "sources: expected one entry per member ['mobile', 'pool_rgb', 'pool_gray']", id="sources"),
+        pytest.param(lambda m: m["ensemble"]["members"][1].update(weights="gone.pt"), "ensemble.members[1].weights: file not found: {folder}/gone.pt", id="weights"),
+    ],
+)
+def test_invalid_archive_manifest_is_rejected_with_key_path(
+    ensemble_yaml: Callable[..., Path], change: Callable[[dict[str, Any]], None], message: str
+) -> None:
+    folder = write_manifest(ensemble_yaml().parent, change)
+    with pytest.raises(ConfigError) as caught:
+        read_archive_manifest(folder)
+    assert str(caught.value) == "ensemble.json: " + message.replace("{folder}", str(folder))

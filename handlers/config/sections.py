@@ -1,0 +1,230 @@
+"""The sections of an ensemble as pydantic models: input, execution, limits, batching, policy.
+
+Each model checks its own keys; the rules that need the ensemble around it (a member's input against
+the ensemble's, a policy's k against the member count) are methods the ensemble calls, failing at the
+key path below the section. Class docstrings and field descriptions are the help editors show.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Annotated, Any
+
+from PIL import Image
+from pydantic import AfterValidator, Field
+
+from handlers.config.fields import Strict, boolean, choice, fail, integer, listed, maybe, number
+from handlers.config.policy import PolicySpec, policy_names, resolve_policy
+from handlers.config.specs import (
+    CHANNELS,
+    DEFAULT_FORMATS,
+    DEFAULT_NORM,
+    INPUT_TYPES,
+    KNOWN_FORMATS,
+    MAX_TENSOR_DIMS,
+    MAX_TENSOR_ELEMENTS,
+    PLANS,
+    RESIZE_MODES,
+    TTA_VIEWS,
+    Batching,
+    Execution,
+    InputSpec,
+    Limits,
+    MemberInput,
+    TensorSpec,
+)
+from handlers.errors import InvalidPolicy
+
+TENSOR_KEYS = ["shape", "type"]
+
+
+def _at_most_elements(shape: tuple[int, ...]) -> tuple[int, ...]:
+    if math.prod(shape) > MAX_TENSOR_ELEMENTS:
+        fail(f"{math.prod(shape)} elements per instance; at most {MAX_TENSOR_ELEMENTS}")
+    return shape
+
+
+class InputConfig(Strict):
+    """How a request becomes member input: images resized and normalized, or float32 tensors of one shape.
+    Under a member, every key given overrides the ensemble's input and the others are inherited."""
+
+    type: choice(INPUT_TYPES) = Field(
+        "image",
+        description="`image`: requests carry images, turned into tensors by the keys below. `tensor`: requests carry "
+        "float32 arrays of `shape` (a whole ensemble only; its members share it, and only `shape` goes with it). "
+        "Default: image.",
+    )
+    size: maybe(listed(integer(8, 4096), "a list of 2 integers", min_len=2, max_len=2)) = Field(
+        None,
+        description="[height, width] in pixels, 8 to 4096 each, that every image is resized to. Required in an "
+        "ensemble's image input; a member without it takes the ensemble's.",
+    )
+    resize: choice(RESIZE_MODES) = Field(
+        "stretch",
+        description="`stretch`: resize to `size`, ignoring the aspect ratio. `center_crop`: scale the shorter side to fit, "
+        "then cut the middle. Default: stretch (a member: the ensemble's).",
+    )
+    color_mode: choice(tuple(CHANNELS)) = Field(
+        "RGB",
+        description="`RGB` (3 channels) or `L` (greyscale, 1 channel). Changing it resets `mean` and `std` to the "
+        "mode's defaults unless they are given too. Default: RGB (a member: the ensemble's).",
+    )
+    mean: maybe(listed(number(-10.0, 10.0), "a list of 1 to 3 numbers", min_len=1, max_len=3)) = Field(
+        None,
+        description="Per-channel mean subtracted after scaling pixels to [0, 1], one number per channel (-10 to 10). "
+        "Default: ImageNet's [0.485, 0.456, 0.406] for RGB, [0.5] for L.",
+    )
+    std: maybe(listed(number(1e-6, 10.0), "a list of 1 to 3 numbers", min_len=1, max_len=3)) = Field(
+        None,
+        description="Per-channel standard deviation divided by after the mean, one number per channel (1e-6 to 10). "
+        "Default: ImageNet's [0.229, 0.224, 0.225] for RGB, [0.5] for L.",
+    )
+    tta: choice(tuple(TTA_VIEWS)) = Field(
+        "none",
+        description="Test-time augmentation: `none` (1 view), `hflip` (the image and its mirror, 2), `five_crop` "
+        "(corners and centre cut from the image resized to size / 0.875, 5), `ten_crop` (those and the mirror's, 10). "
+        "A member's probabilities are the mean over its views. Default: none (a member: the ensemble's).",
+    )
+    shape: maybe(
+        Annotated[
+            listed(
+                integer(1, MAX_TENSOR_ELEMENTS), f"a list of 1 to {MAX_TENSOR_DIMS} integers", min_len=1, max_len=MAX_TENSOR_DIMS
+            ),
+            AfterValidator(_at_most_elements),
+        ]
+    ) = Field(
+        None,
+        description=f"Tensor input only, and required there: the shape of one instance, 1 to {MAX_TENSOR_DIMS} dimensions "
+        f"of at most {MAX_TENSOR_ELEMENTS} elements in all. Members receive [N, *shape] float32.",
+    )
+
+    @classmethod
+    def allowed_keys(cls, data: dict[Any, Any]) -> tuple[list[str], list[str]]:
+        """Tensor input takes `type` and `shape`; image input every key but `shape`; an unknown type is named by its own check."""
+        kind = data.get("type", "image")
+        if kind == "tensor":
+            return TENSOR_KEYS, ["shape"]
+        if kind == "image":
+            return sorted(set(cls.model_fields) - {"shape"}), []
+        return sorted(cls.model_fields), []
+
+    def ensemble_input(self) -> MemberInput:
+        """The ensemble's own input; the ensemble has already insisted on `size` for images."""
+        if self.type == "tensor":
+            return TensorSpec(shape=self.shape)
+        return self.over(InputSpec(size=self.size))
+
+    def over(self, base: InputSpec) -> InputSpec:
+        """`base` with the keys this mapping gives; a new color_mode brings its own mean and std unless given."""
+        given = self.model_fields_set
+        spec = base
+        for key in ("size", "resize", "tta"):
+            if key in given:
+                spec = replace(spec, **{key: getattr(self, key)})
+        if "color_mode" in given and self.color_mode != spec.color_mode:
+            mean, std = DEFAULT_NORM[self.color_mode]
+            spec = replace(spec, color_mode=self.color_mode, mean=mean, std=std)
+        for key in ("mean", "std"):
+            if key in given:
+                values = getattr(self, key)
+                if len(values) != spec.channels:
+                    fail(f"expected a list of {spec.channels} numbers, got {list(values)!r}", key)
+                spec = replace(spec, **{key: values})
+        return spec
+
+
+class ExecutionConfig(Strict):
+    """How members' forward calls run. Under a member, every key given overrides the ensemble's."""
+
+    plan: choice(PLANS) = Field(
+        Execution().plan,
+        description="`auto`: chosen when a worker starts by measuring every candidate verified against eager. "
+        "A fixed plan (eager, channels_last, frozen, frozen_channels_last, compiled) is verified the same way and "
+        "refused if it does not reproduce eager. Default: auto (a member: the ensemble's).",
+    )
+    compile: boolean() = Field(
+        Execution().compile,
+        description="Let `auto` also try torch.compile, which costs seconds to minutes per member at every worker "
+        "start. Default: false (a member: the ensemble's).",
+    )
+
+    def over(self, base: Execution) -> Execution:
+        """`base` with the keys this mapping gives."""
+        return replace(base, **{key: getattr(self, key) for key in self.model_fields_set})
+
+
+class LimitsConfig(Strict):
+    """What one request may carry."""
+
+    max_images_per_request: integer(1, 4096) = Field(
+        Limits().max_images_per_request,
+        description="Images (or tensor instances) one request may carry, 1 to 4096. Default: 64.",
+    )
+    max_image_pixels: integer(64, Image.MAX_IMAGE_PIXELS or 200_000_000) = Field(
+        Limits().max_image_pixels,
+        description="Pixels (width x height) one image may have, read from its header before decoding; at most "
+        "Pillow's own bomb limit. Default: 16000000.",
+    )
+    formats: listed(choice(KNOWN_FORMATS, unknown="image format"), "a list of at least 1 string(s)", min_len=1) = Field(
+        DEFAULT_FORMATS,
+        description=f"Image formats accepted, of {', '.join(KNOWN_FORMATS)} (GIF: the first frame). "
+        f"Default: {', '.join(DEFAULT_FORMATS)}.",
+    )
+
+    def to_limits(self) -> Limits:
+        return Limits(
+            max_images_per_request=self.max_images_per_request, max_image_pixels=self.max_image_pixels, formats=self.formats
+        )
+
+
+class BatchingConfig(Strict):
+    """TorchServe's batching and workers for the archive, and rows per member forward call."""
+
+    batch_size: integer(1, 1024) = Field(
+        Batching().batch_size, description="TorchServe batchSize: requests handled together, 1 to 1024. Default: 8."
+    )
+    max_batch_delay_ms: integer(0, 10_000) = Field(
+        Batching().max_batch_delay_ms,
+        description="TorchServe maxBatchDelay in milliseconds, 0 to 10000, that a batch waits to fill (0 is not "
+        "'no wait': TorchServe then waits about 100 ms). Default: 2.",
+    )
+    micro_batch_size: integer(1, 4096) = Field(
+        Batching().micro_batch_size,
+        description="At most this many rows (images, or their test-time views) per member forward call, 1 to 4096. "
+        "Default: 32.",
+    )
+    workers: integer(1, 64) = Field(
+        Batching().workers,
+        description="TorchServe workers (min = max), 1 to 64; each runs cores / workers member threads. Default: 1.",
+    )
+    response_timeout_s: integer(1, 3600) = Field(
+        Batching().response_timeout_s, description="TorchServe responseTimeout in seconds, 1 to 3600. Default: 60."
+    )
+    fuse_members: boolean() = Field(
+        Batching().fuse_members, description="Run members of the same architecture in one vmap call. Default: false."
+    )
+
+    def to_batching(self) -> Batching:
+        return Batching(**{key: getattr(self, key) for key in type(self).model_fields})
+
+
+class PolicyConfig(Strict):
+    """The default policy combining the members' votes, and its parameters; a request may choose another."""
+
+    name: choice(tuple(policy_names())) = Field(description="The policy: " + ", ".join(policy_names()) + ".")
+    k: maybe(integer(1)) = Field(
+        None, description="k_of_n only, and required there: members that must vote yes, 1 to the member count."
+    )
+    threshold: maybe(number(0.0, 1.0)) = Field(
+        None, description="Binary and multilabel only: the probability, 0 to 1, from which a label is yes. Default: 0.5."
+    )
+
+    def resolve(self, task: str, n_members: int) -> PolicySpec:
+        """The policy's rules across keys (k for k_of_n only, within the member count; threshold not for multiclass)."""
+        params = {key: getattr(self, key) for key in ("k", "threshold") if getattr(self, key) is not None}
+        requested = {"policy": self.name, **params}
+        try:
+            return resolve_policy(requested, default=None, task=task, n_members=n_members)
+        except InvalidPolicy as e:
+            fail(str(e))
