@@ -196,7 +196,7 @@ _SHAPES = {
 
 
 def write_samples(folder: Path) -> list[Path]:
-    """Write a few example images (PNG and JPEG, with and without a triangle) for curl and the README."""
+    """Write a few example images (PNG and JPEG, with and without a triangle) for curl and the docs."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(424242)
     written = []
@@ -208,7 +208,7 @@ def write_samples(folder: Path) -> list[Path]:
 
 
 def write_multilabel_samples(folder: Path) -> list[Path]:
-    """Write a few multilabel example PNGs, named after the shapes they hold, for curl and the README."""
+    """Write a few multilabel example PNGs, named after the shapes they hold, for curl and the docs."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(424243)
     written = []

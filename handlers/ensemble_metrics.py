@@ -6,7 +6,7 @@ the frontend keeps only metrics declared in its metrics config (`metrics_config`
 over a second, and each (counter, labels) pair is emitted once per second at most; a counter the
 config does not declare is not emitted at all, and the worker says once, at start, which ones it
 skips. TorchServe adds the `ModelName`, `Level` and `Hostname` labels; the others are ours
-(README, "Monitoring").
+(docs/monitoring.md).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ A policy is one function registered with `@register_policy`. It takes the member
 chosen labels and a score per label. Multiclass and binary decisions choose at most one label
 (none means the ensemble abstains); multilabel decisions choose any number.
 
-Semantics (README "Policies" repeats them with examples):
+Semantics (docs/policies.md repeats them with examples):
 - A member's vote. multiclass: its argmax label (lowest index on ties). binary / multilabel: every
   label whose probability is >= `threshold` (binary: the positive label, else the negative one).
 - `any`, `all`, `majority`, `k_of_n` are k-of-n votes with k = 1, n, floor(n/2)+1 and the given k.

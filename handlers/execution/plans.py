@@ -203,7 +203,7 @@ def _frozen(module: nn.Module, example: torch.Tensor, *, channels_last: bool) ->
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", torch.jit.TracerWarning)
         # TorchScript is deprecated upstream in favour of torch.export, yet on CPUs it is still the fastest
-        # verified plan for many members (README, "Execution plans"); the plan is kept while that holds.
+        # verified plan for many members (docs/execution-plans.md); the plan is kept while that holds.
         warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=FutureWarning)
         try:
             with torch.no_grad():
