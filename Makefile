@@ -146,7 +146,7 @@ evaluate: $(TRAINED) $(EVAL_INSTALLED)
 	$(PY) -m archive_scripts.evaluate_demo --plot docs/demo_precision_recall.png --json artifacts/evaluation.json --tta
 
 inspect: $(INSTALLED)
-	@test -n "$(FILE)" -a -n "$(ARCH)" || { echo "usage: make inspect FILE=path/to/checkpoint ARCH=torchvision:<builder>|<file.py>:<Class> [KWARGS='{\"num_classes\": 14}']"; exit 2; }
+	@test -n "$(FILE)" -a -n "$(ARCH)" || { echo "usage: make inspect FILE=path/to/checkpoint ARCH=torchvision:<builder>|timm:<model>|<file.py>:<Class> [KWARGS='{\"num_classes\": 14}']"; exit 2; }
 	$(PY) -m archive_scripts.inspect_checkpoint "$(FILE)" --arch "$(ARCH)" --kwargs '$(or $(KWARGS),{})'
 
 BENCH_INSTALLED := $(VENV)/.bench-$(shell sha256sum bench/requirements.txt | cut -c1-12)

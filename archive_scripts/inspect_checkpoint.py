@@ -62,7 +62,7 @@ def inspect(path: Path, arch: str, kwargs: dict) -> tuple[str, bool]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("file", type=Path)
-    parser.add_argument("--arch", required=True, help="torchvision:<builder> or <path/to/file.py>:<Class>")
+    parser.add_argument("--arch", required=True, help="torchvision:<builder>, timm:<model> or <path/to/file.py>:<Class>")
     parser.add_argument("--kwargs", default="{}", help="constructor keyword arguments as a JSON object")
     args = parser.parse_args()
     try:

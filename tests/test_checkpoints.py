@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import timm
 import torch
 import torchvision
 import yaml
@@ -434,13 +435,33 @@ def test_a_one_element_vector_loads_into_a_scalar_as_torch_loads_it(folder: Path
     assert loaded["norm.num_batches_tracked"].shape == () and loaded["norm.num_batches_tracked"].item() == 5
 
 
-@pytest.mark.parametrize("kwargs", [pytest.param({"pretrained": True}, id="pretrained"), pytest.param({"weights": "DEFAULT"}, id="weights")])
-def test_torchvision_kwargs_that_download_weights_are_refused(folder: Path, kwargs: dict[str, Any]) -> None:
+@pytest.mark.parametrize(
+    ("arch", "kwargs"),
+    [
+        pytest.param("torchvision:resnet18", {"pretrained": True}, id="torchvision-pretrained"),
+        pytest.param("torchvision:resnet18", {"weights": "DEFAULT"}, id="torchvision-weights"),
+        pytest.param("timm:resnet10t", {"pretrained": True}, id="timm-pretrained"),
+        pytest.param("timm:resnet10t", {"checkpoint_path": "r.pt"}, id="timm-checkpoint-path"),
+        pytest.param("timm:resnet10t", {"pretrained_cfg_overlay": {"file": "r.pt"}}, id="timm-cfg-overlay"),
+    ],
+)
+def test_zoo_kwargs_that_load_pretrained_weights_are_refused(folder: Path, arch: str, kwargs: dict[str, Any]) -> None:
     torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), folder / "r.pt")
-    assert message(folder, "r.pt", {}, arch="torchvision:resnet18", kwargs={"num_classes": 3, **kwargs}) == (
-        f"member 'm': kwargs {sorted(kwargs)} would make torchvision download pretrained weights; "
+    zoo = arch.split(":")[0]
+    assert message(folder, "r.pt", {}, arch=arch, kwargs={"num_classes": 3, **kwargs}) == (
+        f"member 'm': kwargs {sorted(kwargs)} would make {zoo} load pretrained weights; "
         "remove them: a member's weights come only from its `weights:` file"
     )
+
+
+def test_a_timm_model_loads_the_state_dict_timm_saves_exactly(folder: Path) -> None:
+    """`timm:<model>` is built with pretrained=False and takes a checkpoint as timm's own models save it."""
+    torch.manual_seed(11)
+    published_model = layouts.randomize(timm.create_model("resnet10t", pretrained=False, num_classes=3), 11)
+    torch.save(published_model.state_dict(), folder / "resnet10t.pth")
+    loaded = load(folder, "resnet10t.pth", {}, arch="timm:resnet10t")
+    assert loaded.keys() == published_model.state_dict().keys()
+    assert all(torch.equal(loaded[key], value) for key, value in published_model.state_dict().items())
 
 
 def test_a_detection_builder_gets_no_backbone_download(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import re
+from difflib import get_close_matches
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -76,7 +77,7 @@ def files_context(info: ValidationInfo) -> tuple[Path, bool]:
 
 
 def check_arch(arch: str, base_dir: Path) -> None:
-    """A torchvision builder that exists, or a model file that defines the class (parsed, never run)."""
+    """A zoo's model that exists (torchvision builder, timm model), or a model file that defines the class (parsed, never run)."""
     if arch.startswith("torchvision:"):
         import torchvision.models
 
@@ -84,9 +85,18 @@ def check_arch(arch: str, base_dir: Path) -> None:
         if builder not in torchvision.models.list_models():
             fail(f"unknown torchvision model {builder!r}")
         return
+    if arch.startswith("timm:"):
+        import timm
+
+        model = arch.split(":", 1)[1]
+        known = timm.list_models()
+        if model not in known:
+            close = get_close_matches(model, known, n=3)
+            fail(f"unknown timm model {model!r}" + (f"; closest: {', '.join(close)}" if close else ""))
+        return
     file_name, sep, class_name = arch.rpartition(":")
     if not sep or not file_name.endswith(".py") or not class_name.isidentifier():
-        fail(f"expected 'torchvision:<builder>' or '<path/to/file.py>:<Class>', got {arch!r}")
+        fail(f"expected 'torchvision:<builder>', 'timm:<model>' or '<path/to/file.py>:<Class>', got {arch!r}")
     path = base_dir / file_name
     try:
         tree = ast.parse(path.read_text(), filename=str(path))
@@ -101,8 +111,9 @@ class MemberConfig(Strict):
 
     name: text(NAME, f"a name matching {NAME}") = Field(description=f"The member's name, unique in the ensemble: {NAME}.")
     arch: text() = Field(
-        description="`torchvision:<builder>` (checked against torchvision.models.list_models()) or "
-        "`<path/to/file.py>:<Class>`, relative to this file (parsed for the class, never run)."
+        description="`torchvision:<builder>` (checked against torchvision.models.list_models()), `timm:<model>` "
+        "(checked against timm.list_models(), built with pretrained=False) or `<path/to/file.py>:<Class>`, "
+        "relative to this file (parsed for the class, never run)."
     )
     weights: text() = Field(description="The checkpoint (.pt, .pth, .ckpt, .safetensors), relative to this file.")
     kwargs: keyed(str, Any, "a mapping of keyword argument names to values") = Field(

@@ -24,6 +24,8 @@ DEFAULT_NORM = {"RGB": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), "L": ((0.
 DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
 KNOWN_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 MAX_TENSOR_DIMS = 4
+# Architectures named by a model zoo rather than a model file: `<zoo>:<name>`.
+ZOOS = ("torchvision:", "timm:")
 MAX_TENSOR_ELEMENTS = 16_000_000
 
 
@@ -161,8 +163,8 @@ class MemberSpec:
 
     @property
     def arch_file(self) -> str | None:
-        """The model file of a `<path.py>:<Class>` architecture, None for torchvision builders."""
-        return None if self.arch.startswith("torchvision:") else self.arch.rsplit(":", 1)[0]
+        """The model file of a `<path.py>:<Class>` architecture, None for a zoo's model (`torchvision:`, `timm:`)."""
+        return None if self.arch.startswith(ZOOS) else self.arch.rsplit(":", 1)[0]
 
 
 @dataclass(frozen=True)

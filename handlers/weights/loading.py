@@ -29,8 +29,11 @@ from handlers.weights.checkpoints import (
 )
 from handlers.weights.diagnosis import explain
 
-# torchvision builder arguments that load pretrained weights by downloading them.
-DOWNLOADING_KWARGS = ("weights", "pretrained", "weights_backbone", "pretrained_backbone")
+# Per zoo, the constructor arguments that load pretrained weights (by downloading them, or from a file of their own).
+DOWNLOADING_KWARGS = {
+    "torchvision": ("weights", "pretrained", "weights_backbone", "pretrained_backbone"),
+    "timm": ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path"),
+}
 
 
 def sha256_of(path: Path) -> str:
@@ -70,22 +73,29 @@ def build_member(member: MemberSpec, base_dir: Path) -> nn.Module:
     """Instantiate the member's architecture with random weights (never downloads any).
 
     torchvision's detection and segmentation builders would fetch an ImageNet backbone even with
-    `weights=None`, so `weights_backbone=None` is passed wherever a builder takes it, and kwargs that
-    ask torchvision for pretrained weights are refused: a member's weights come from its file only.
+    `weights=None`, so `weights_backbone=None` is passed wherever a builder takes it; timm models are
+    created with `pretrained=False`. kwargs that ask a zoo for pretrained weights are refused: a member's
+    weights come from its `weights:` file only.
     """
-    if member.arch_file is None:
-        asked = sorted(set(member.kwargs) & set(DOWNLOADING_KWARGS))
+    zoo = member.arch.split(":", 1)[0] if member.arch_file is None else None
+    if zoo is not None:
+        asked = sorted(set(member.kwargs) & set(DOWNLOADING_KWARGS[zoo]))
         if asked:
             raise MemberLoadError(
-                f"member {member.name!r}: kwargs {asked} would make torchvision download pretrained weights; "
+                f"member {member.name!r}: kwargs {asked} would make {zoo} load pretrained weights; "
                 "remove them: a member's weights come only from its `weights:` file"
             )
+    name = member.arch.rsplit(":", 1)[1]
     try:
-        if member.arch_file is None:
-            builder = torchvision.models.get_model_builder(member.arch.split(":", 1)[1])
+        if zoo == "torchvision":
+            builder = torchvision.models.get_model_builder(name)
             backbone = {"weights_backbone": None} if "weights_backbone" in inspect.signature(builder).parameters else {}
             return builder(weights=None, **backbone, **member.kwargs)
-        cls = getattr(_import_file(base_dir / member.arch_file), member.arch.rsplit(":", 1)[1])
+        if zoo == "timm":
+            import timm
+
+            return timm.create_model(name, pretrained=False, **member.kwargs)
+        cls = getattr(_import_file(base_dir / member.arch_file), name)
         return cls(**member.kwargs)
     except Exception as e:  # Any failure to construct is reported against the member that caused it.
         raise MemberLoadError(f"member {member.name!r}: cannot build {member.arch} with {dict(member.kwargs)}: {e}") from e
