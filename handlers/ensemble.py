@@ -121,8 +121,8 @@ class Ensemble:
 
     def output_names(self) -> list[str]:
         """The v2 output tensors this ensemble answers with (docs, "Open Inference Protocol v2")."""
-        labels_key = "labels" if self.spec.task == "multilabel" else "label"
-        return output_names(labels_key, [member.name for member in self.spec.members], ranked=self.spec.task == "multiclass")
+        names = [member.name for member in self.spec.members]
+        return output_names(self.answers.labels_key, names, ranked=self.spec.task == "multiclass")
 
     def probabilities(
         self,
