@@ -146,8 +146,8 @@ evaluate: $(TRAINED) $(EVAL_INSTALLED)
 	$(PY) -m archive_scripts.evaluate_demo --plot docs/demo_precision_recall.png --json artifacts/evaluation.json --tta
 
 inspect: $(INSTALLED)
-	@test -n "$(FILE)" -a -n "$(ARCH)" || { echo "usage: make inspect FILE=path/to/checkpoint ARCH=torchvision:<builder>|timm:<model>|<file.py>:<Class> [KWARGS='{\"num_classes\": 14}']"; exit 2; }
-	$(PY) -m archive_scripts.inspect_checkpoint "$(FILE)" --arch "$(ARCH)" --kwargs '$(or $(KWARGS),{})'
+	@test -n "$(FILE)" -a -n "$(ARCH)" || { echo "usage: make inspect FILE=path/to/checkpoint ARCH=torchvision:<builder>|timm:<model>|<package.module>:<Name>|<file.py>:<Class> [KWARGS='{\"num_classes\": 14}'] [INPUT=3,48,48]"; exit 2; }
+	$(PY) -m archive_scripts.inspect_checkpoint "$(FILE)" --arch "$(ARCH)" --kwargs '$(or $(KWARGS),{})' $(if $(INPUT),--input $(INPUT))
 
 BENCH_INSTALLED := $(VENV)/.bench-$(shell sha256sum bench/requirements.txt | cut -c1-12)
 

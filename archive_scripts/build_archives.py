@@ -20,6 +20,7 @@ import platform
 import shutil
 import tempfile
 import zipfile
+from collections.abc import Iterable
 from dataclasses import replace
 from datetime import UTC, datetime
 from importlib.metadata import version
@@ -32,7 +33,7 @@ from model_archiver.model_packaging import generate_model_archive
 
 from handlers.config.files import MANIFEST_NAME, load_ensembles
 from handlers.config.schema import MANIFEST_FORMAT
-from handlers.config.specs import EnsembleSpec, MemberSpec, StateDictRules
+from handlers.config.specs import Arch, EnsembleSpec, MemberSpec, StateDictRules
 from handlers.ensemble import Ensemble
 from handlers.errors import ConfigError, EnsembleError
 from handlers.weights.checkpoints import save_normalized
@@ -110,12 +111,14 @@ def _stage_members(spec: EnsembleSpec, payload: Path) -> tuple[tuple[MemberSpec,
         arch = member.arch
         if member.arch_file is not None:
             source = (spec.base_dir / member.arch_file).resolve()
-            packed = f"code/{source.name}"
+            hugging_face = Arch.parse(member.arch).kind == "transformers"
+            packed = f"code/{member.name}/{source.name}" if hugging_face else f"code/{source.name}"
             if code_sources.setdefault(packed, source) != source:
                 raise ConfigError(f"members {member.name!r}: two different model files are named {source.name}")
+            (payload / packed).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, payload / packed)
             digests[packed] = sha256_of(payload / packed)
-            arch = f"{packed}:{member.arch.rsplit(':', 1)[1]}"
+            arch = f"transformers:code/{member.name}" if hugging_face else f"{packed}:{member.arch.rsplit(':', 1)[1]}"
         members.append(replace(member, arch=arch, weights=weights, sha256=digests[weights], state_dict=StateDictRules()))
     return tuple(members), digests, sources
 
@@ -138,6 +141,11 @@ def forgiven_lines(archive: Path) -> list[str]:
                 why = FORGIVEN_WHY[kind]
                 lines.append(f"member {member!r}: {kind} {count} {buffer} buffers {why} (recorded in its provenance)")
     return lines
+
+
+def required_packages(specs: Iterable[EnsembleSpec]) -> list[str]:
+    """The `<distribution>==<version>` pins the members' code comes from (timm, transformers, installed packages)."""
+    return sorted({member.requires for spec in specs for member in spec.members if member.requires})
 
 
 def model_config(spec: EnsembleSpec) -> dict[str, int]:
@@ -174,11 +182,16 @@ def main() -> None:
         unknown = sorted(set(args.names) - set(specs))
         if unknown:
             raise ConfigError(f"{args.config.name}: no ensemble named {unknown}; declared: {sorted(specs)}")
-        for name in args.names or list(specs):
+        built = args.names or list(specs)
+        for name in built:
             target = build_archive(specs[name], args.store)
             print(f"built {target} ({target.stat().st_size / 1e6:.1f} MB, {len(specs[name].members)} members)")
             for line in forgiven_lines(target):
                 print(f"  {line}")
+        needed = required_packages(specs[name] for name in built)
+        if needed:
+            print("TorchServe's environment needs these packages, at these versions (the archives pin them):")
+            print("  pip install " + " ".join(f"'{pin}'" for pin in needed))
     except EnsembleError as e:
         raise SystemExit(f"build failed: {e}") from e
 

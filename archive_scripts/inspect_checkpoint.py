@@ -3,8 +3,9 @@
 Usage: python -m archive_scripts.inspect_checkpoint FILE --arch ARCH [--kwargs JSON]
        (or make inspect FILE=... ARCH=... KWARGS='{"num_classes": 14}')
 
-ARCH is written as in ensembles.yaml: `torchvision:<builder>` or `<path/to/file.py>:<Class>` (relative
-to the current folder). The file is read exactly as the build reads it (weights_only=True or
+ARCH is written as in ensembles.yaml (`torchvision:<builder>`, `timm:<model>`, `<package.module>:<Name>`,
+`<path/to/file.py>:<Class>` relative to the current folder). With --input C,H,W it also shows what the
+forward returns and proposes the `output:` blocks that select scores from a structure. The file is read exactly as the build reads it (weights_only=True or
 safetensors); nothing is downloaded and nothing pickled is run. Exit status 0 when a block that fits
 every tensor was found, 1 when something is still missing, 2 when the file or architecture is unusable.
 """
@@ -16,8 +17,11 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 from handlers.config.specs import MemberSpec, StateDictRules
 from handlers.errors import MemberLoadError
+from handlers.execution.outputs import PROBE_ROWS, describe, output_blocks
 from handlers.weights.checkpoints import (
     CheckpointError,
     Target,
@@ -32,10 +36,34 @@ from handlers.weights.diagnosis import SHAPE_HINT, layout, propose
 from handlers.weights.loading import build_member, sha256_of
 
 
-def inspect(path: Path, arch: str, kwargs: dict) -> tuple[str, bool]:
-    """The report, and whether a block that loads every tensor strictly was found."""
+def inspect(path: Path, arch: str, kwargs: dict, input_shape: tuple[int, ...] | None = None) -> tuple[str, bool]:
+    """The report, and whether a block that loads every tensor strictly was found; with `input_shape`, also what
+    the forward returns for a probe of that shape, and the `output:` blocks that select scores from it."""
     content = read_checkpoint(path)
-    target = Target.of(build_member(MemberSpec(name="inspected", arch=arch, weights=str(path), kwargs=kwargs), Path.cwd()))
+    module = build_member(MemberSpec(name="inspected", arch=arch, weights=str(path), kwargs=kwargs), Path.cwd())
+    report, fits = _weights_report(path, content, Target.of(module), arch, kwargs)
+    if input_shape is not None:
+        report += "\n\n" + _outputs_report(module, input_shape)
+    return report, fits
+
+
+def _outputs_report(module: torch.nn.Module, input_shape: tuple[int, ...]) -> str:
+    """What the forward returns (with random weights: only the structure and shapes count) and the blocks that fit."""
+    probe = torch.randn(PROBE_ROWS, *input_shape, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        returned = module.eval()(probe)
+    lines = [f"its forward returns {describe(returned)} for a probe of {PROBE_ROWS} rows of {list(input_shape)}"]
+    if isinstance(returned, torch.Tensor):
+        lines.append("  a tensor: no output: block is needed when its last dimension is one score per label")
+        return "\n".join(lines)
+    blocks = output_blocks(returned, "multiclass")
+    if not blocks:
+        lines.append("  no part of it is [N, C] scores (after dropping trailing dimensions of size 1)")
+    lines += [f"  {block}   # {count} labels" for block, count in blocks]
+    return "\n".join(lines)
+
+
+def _weights_report(path: Path, content: object, target: Target, arch: str, kwargs: dict) -> tuple[str, bool]:
     lines = [f"{path}: {path.stat().st_size / 1e6:.1f} MB, sha256 {sha256_of(path)}", *layout(content), ""]
     lines.append(f"against {arch} {json.dumps(kwargs)} ({len(target.state)} tensors):")
     if is_state_dict(content):
@@ -64,12 +92,14 @@ def main() -> None:
     parser.add_argument("file", type=Path)
     parser.add_argument("--arch", required=True, help="torchvision:<builder>, timm:<model> or <path/to/file.py>:<Class>")
     parser.add_argument("--kwargs", default="{}", help="constructor keyword arguments as a JSON object")
+    parser.add_argument("--input", default=None, help="one input's shape, e.g. 3,48,48: also show what the forward returns")
     args = parser.parse_args()
     try:
         kwargs = json.loads(args.kwargs)
         if not isinstance(kwargs, dict):
             raise ValueError("expected a JSON object")
-        report, fits = inspect(args.file, args.arch, kwargs)
+        shape = None if args.input is None else tuple(int(size) for size in args.input.split(","))
+        report, fits = inspect(args.file, args.arch, kwargs, shape)
     except (CheckpointError, MemberLoadError, ValueError) as e:
         print(f"{args.file}: {e}", file=sys.stderr)
         raise SystemExit(2) from e

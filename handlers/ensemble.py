@@ -24,6 +24,7 @@ from handlers.config.files import read_archive_manifest
 from handlers.config.policy import PolicySpec, policy_names
 from handlers.config.specs import EnsembleSpec, TensorSpec
 from handlers.errors import EnsembleError
+from handlers.execution.outputs import label_mapping
 from handlers.execution.plan_store import shared_plans
 from handlers.execution.runner import Inputs, MemberRunner, usable_cores
 from handlers.inputs.prepare import PreparedRequest, RequestPreparer
@@ -196,6 +197,8 @@ class Ensemble:
                     "weight": m.weight,
                     "input": raw.get("input", spec["input"]),
                     "execution": choices.get(m.name, {"plan": "eager", "fused": True}),
+                    "outputs": label_mapping(m, self.spec.labels),
+                    "requires": m.requires,
                 }
                 for m, raw in zip(self.spec.members, spec["members"], strict=True)
             ],

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
@@ -56,3 +59,50 @@ class NormNet(PoolNet):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(torch.relu(self.norm(self.conv(x))).amax(dim=(2, 3)))
+
+
+@dataclass
+class Scores:
+    """A dataclass output, as some libraries return."""
+
+    logits: torch.Tensor
+    embedding: torch.Tensor
+
+
+class StructuredNet(PoolNet):
+    """PoolNet whose forward returns what published models return; `form` picks the structure:
+    `tuple` (MTCNN's stage networks: boxes, then softmax probabilities), `dict`, `dataclass`, `nested`
+    (a dict inside a tuple) or `map` (a fully convolutional net's [N, C, 1, 1]). `activation` (softmax or
+    sigmoid) makes the model apply its own."""
+
+    def __init__(self, *, num_classes: int, form: str, activation: str | None = None) -> None:
+        super().__init__(num_classes=num_classes)
+        self.form = form
+        self.activation = activation
+
+    def forward(self, x: torch.Tensor) -> Any:
+        logits = super().forward(x)
+        scores = {None: logits, "softmax": torch.softmax(logits, dim=1), "sigmoid": torch.sigmoid(logits)}[self.activation]
+        boxes = x.mean(dim=(2, 3)).repeat(1, 2)[:, :4]
+        if self.form == "tuple":
+            return boxes, scores
+        if self.form == "dict":
+            return {"boxes": boxes, "logits": scores}
+        if self.form == "dataclass":
+            return Scores(logits=scores, embedding=boxes)
+        if self.form == "nested":
+            return {"logits": scores, "boxes": boxes}, boxes.sum(dim=1)
+        if self.form == "map":
+            return scores[:, :, None, None]
+        raise ValueError(f"unknown form {self.form!r}")
+
+
+class FixedNet(nn.Module):
+    """Returns the same row for every input: known values for the checks on what a member returns."""
+
+    def __init__(self, *, values: list[float]) -> None:
+        super().__init__()
+        self.values = nn.Parameter(torch.tensor(values))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.values.expand(x.shape[0], -1) + 0 * x.mean()

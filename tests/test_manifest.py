@@ -81,7 +81,21 @@ RULES = f"{PREFIX}.members[0].state_dict"
         pytest.param(lambda e: e["members"][2].update(arch="torchvision:resnet19"), f"{PREFIX}.members[2].arch: unknown torchvision model 'resnet19'", id="unknown-torchvision"),
         pytest.param(lambda e: e["members"][2].update(arch="timm:resnet19"), f"{PREFIX}.members[2].arch: unknown timm model 'resnet19'; closest: resnet18, resnet61q, resnet51q", id="unknown-timm"),
         pytest.param(lambda e: e["members"][1].update(arch="fixture_models.py:Missing"), f"{PREFIX}.members[1].arch: model file fixture_models.py defines no top-level class 'Missing'", id="unknown-class"),
-        pytest.param(lambda e: e["members"][1].update(arch="resnet18"), f"{PREFIX}.members[1].arch: expected 'torchvision:<builder>', 'timm:<model>' or '<path/to/file.py>:<Class>', got 'resnet18'", id="arch-form"),
+        pytest.param(lambda e: e["members"][1].update(arch="resnet18"), f"{PREFIX}.members[1].arch: expected 'torchvision:<builder>', 'timm:<model>', 'transformers:<path/to/folder>', '<path/to/file.py>:<Class>' or '<package.module>:<Name>', got 'resnet18'", id="arch-form"),
+        pytest.param(lambda e: e["members"][1].update(arch="transformers:no_such_folder"), f"{PREFIX}.members[1].arch: cannot read the Hugging Face config {{dir}}/no_such_folder/config.json: [Errno 2] No such file or directory: '{{dir}}/no_such_folder/config.json'; a transformers: member names a folder save_pretrained wrote", id="transformers-no-folder"),
+        pytest.param(lambda e: e["members"][1].update(arch="no_such_package.models:Net"), f"{PREFIX}.members[1].requires: cannot tell which package to pin for module 'no_such_package': no installed distribution provides it; install it, or name it with requires: '<distribution>==<version>'", id="package-not-installed"),
+        pytest.param(lambda e: e["members"][1].update(arch="no_such_package.models:Net", requires="no-such-package==1.0"), f"{PREFIX}.members[1].requires: package member needs no-such-package==1.0, and this environment does not have no-such-package; install it where the ensemble runs: pip install 'no-such-package==1.0'", id="package-requirement-missing"),
+        pytest.param(lambda e: e["members"][0].update(arch="timm:resnet18", requires="timm==0.9.0"), f"{PREFIX}.members[0].requires: timm member needs timm==0.9.0, and this environment has timm 1.0.31; install it where the ensemble runs: pip install 'timm==0.9.0'", id="package-other-version"),
+        pytest.param(lambda e: e["members"][0].update(requires="torchvision==0.29.1"), f"{PREFIX}.members[0].requires: requires is for timm, transformers and package members; torchvision members run code this project pins", id="requires-torchvision"),
+        pytest.param(lambda e: e["members"][1].update(arch="torch.nn:NoSuchLayer"), f"{PREFIX}.members[1].arch: module torch.nn defines no class or function 'NoSuchLayer'", id="package-no-name"),
+        pytest.param(lambda e: e["members"][0].pop("weights"), f"{PREFIX}.members[0]: missing key 'weights'", id="weights-absent"),
+        pytest.param(lambda e: e["members"][0].update(output={"select": -1}), f"{PREFIX}.members[0].output.select: expected a tuple or list index (an integer from 0) or a key or attribute name, got -1", id="select-negative"),
+        pytest.param(lambda e: e["members"][0].update(output={"select": []}), f"{PREFIX}.members[0].output.select: expected an index, a name, or a non-empty list of them, e.g. [0, logits]", id="select-empty"),
+        pytest.param(lambda e: e["members"][0].update(output={"kind": "softmax"}), f"{PREFIX}.members[0].output.kind: expected one of logits, probabilities, got 'softmax'", id="output-kind"),
+        pytest.param(lambda e: e["members"][0].update(labels=["cat", "dog"]), f"{PREFIX}.members[0].labels: member 'mobile' has no output for ['fox']: a multiclass member scores every label of the ensemble ['cat', 'dog', 'fox'], and may have more", id="member-label-missing"),
+        pytest.param(lambda e: e["members"][0].update(labels=["cat", "dog", "cat"]), f"{PREFIX}.members[0].labels: duplicate labels in ['cat', 'dog', 'cat']", id="member-label-twice"),
+        pytest.param(lambda e: (e.update(task="multilabel"), e["members"][0].update(labels=["cat", "wolf"])), f"{PREFIX}.members[0].labels: unknown labels ['wolf']; this ensemble's labels are ['cat', 'dog', 'fox']", id="multilabel-unknown-label"),
+        pytest.param(lambda e: (e.update(task="multilabel"), [m.update(labels=["cat", "dog"]) for m in e["members"]]), f"{PREFIX}.labels: no member scores ['fox']; every label needs at least one member", id="multilabel-uncovered"),
         pytest.param(lambda e: e["members"][0].update(weights="gone.pt"), "gone.pt", id="missing-weights"),
         pytest.param(lambda e: e["members"][1].update(name="mobile"), f"{PREFIX}.members[1].name: duplicate member name 'mobile'", id="duplicate-member"),
         pytest.param(lambda e: e["members"][0].update(weight=0), f"{PREFIX}.members[0].weight: expected a number in (0.0, 1000000.0], got 0", id="zero-weight"),
@@ -125,7 +139,7 @@ def test_invalid_ensemble_is_rejected_with_key_path(
     with pytest.raises(ConfigError) as caught:
         load_ensembles(path)
     if message.startswith(PREFIX):
-        assert str(caught.value) == message
+        assert str(caught.value) == message.format(dir=path.parent)
     else:
         assert str(caught.value) == f"{PREFIX}.members[0].weights: file not found: {path.parent / message}"
 

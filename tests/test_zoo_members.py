@@ -1,18 +1,23 @@
-"""Members named by a model zoo (`timm:<model>`), archived and served by the real handler with their own scores."""
+"""Members named by a model zoo (`timm:<model>`) or an installed package (`<package.module>:<Name>`), archived and
+served by the real handler with their own scores; a worker without the pinned package refuses to load."""
 
 from __future__ import annotations
 
 import json
 import zipfile
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
 import timm
 import torch
+import torchvision
 import yaml
 
 from archive_scripts.build_archives import build_archive
 from handlers.config.files import load_ensembles
+from handlers.ensemble import Ensemble
+from handlers.errors import ConfigError
 from handlers.inputs.images import batch_tensors, decode_image
 from tests.checkpoint_layouts import randomize
 from tests.conftest import image_bytes, load_handler, serve
@@ -61,3 +66,74 @@ def test_a_timm_member_is_served_with_the_scores_of_the_published_module(tmp_pat
         served = body["predictions"][0]["members"]["tiny_resnet"]
         assert served["label"] == LABELS[int(want.argmax())]
         assert served["score"] == pytest.approx(float(want.max()), abs=1e-4)
+
+
+def write_package_ensemble(folder: Path) -> tuple[Path, torch.nn.Module]:
+    """A member named by an installed package's factory (`<package.module>:<Name>`), with weights saved as published."""
+    folder.mkdir(parents=True)
+    torch.manual_seed(4)
+    published = randomize(torchvision.models.squeezenet1_1(num_classes=len(LABELS)), 4).eval()
+    torch.save(published.state_dict(), folder / "squeeze.pth")
+    ensemble = {
+        "version": "1.0",
+        "task": "multiclass",
+        "labels": LABELS,
+        "input": {"size": [48, 48]},
+        "execution": {"plan": "eager"},
+        "members": [
+            {"name": "squeeze", "arch": "torchvision.models.squeezenet:squeezenet1_1", "kwargs": {"num_classes": len(LABELS)},
+             "weights": "squeeze.pth"},
+        ],
+    }
+    path = folder / "ensembles.yaml"
+    path.write_text(yaml.safe_dump({"ensembles": {"pkg": ensemble}}, sort_keys=False))
+    return path, published
+
+
+@pytest.fixture(scope="module")
+def package_archive(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, torch.nn.Module]:
+    root = tmp_path_factory.mktemp("package")
+    path, published = write_package_ensemble(root / "src")
+    return path, build_archive(load_ensembles(path)["pkg"], root / "store"), published
+
+
+def test_a_package_member_is_pinned_to_its_distribution_and_served_with_its_own_scores(
+    package_archive: tuple[Path, Path, torch.nn.Module], tmp_path: Path
+) -> None:
+    path, archive, published = package_archive
+    with zipfile.ZipFile(archive) as packed:
+        member = json.loads(packed.read("ensemble.json"))["ensemble"]["members"][0]
+    assert (member["arch"], member["requires"]) == ("torchvision.models.squeezenet:squeezenet1_1", f"torchvision=={version('torchvision')}")
+    handler, context = load_handler(archive.parent, "pkg", tmp_path / "model")
+    images = [image_bytes(seed, size=(50, 41)) for seed in (4, 5)]
+    replies = serve(handler, context, [({"body": data}, {"Content-Type": "image/png"}) for data in images])
+    spec = load_ensembles(path)["pkg"]
+    rows = batch_tensors([decode_image(data, spec.limits) for data in images], [spec.input])[spec.input]
+    with torch.inference_mode():
+        expected = torch.softmax(published(rows), dim=-1)
+    for (status, body, _), want in zip(replies, expected, strict=True):
+        assert status == 200
+        assert body["predictions"][0]["members"]["squeeze"]["score"] == pytest.approx(float(want.max()), abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("requires", "says"),
+    [
+        pytest.param("torchvision==0.28.0", f"this environment has torchvision {version('torchvision')}", id="other-version"),
+        pytest.param("facenet-pytorch-nonexistent==2.6.0", "this environment does not have facenet-pytorch-nonexistent", id="missing"),
+    ],
+)
+def test_a_worker_without_the_pinned_package_refuses_with_the_pip_line(
+    package_archive: tuple[Path, Path, torch.nn.Module], tmp_path: Path, requires: str, says: str
+) -> None:
+    with zipfile.ZipFile(package_archive[1]) as packed:
+        packed.extractall(tmp_path)
+    manifest = json.loads((tmp_path / "ensemble.json").read_text())
+    manifest["ensemble"]["members"][0]["requires"] = requires
+    (tmp_path / "ensemble.json").write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError) as caught:
+        Ensemble.from_model_dir(tmp_path, torch.device("cpu"))
+    assert str(caught.value) == (
+        f"ensemble.json: ensemble.members[0].requires: package member needs {requires}, and {says}; "
+        f"install it where the ensemble runs: pip install '{requires}'"
+    )

@@ -9,6 +9,8 @@ Semantics (docs/policies.md repeats them with examples):
 - A member's vote. multiclass: its argmax label (lowest index on ties). binary / multilabel: every
   label whose probability is >= `threshold` (binary: the positive label, else the negative one).
 - `any`, `all`, `majority`, `k_of_n` are k-of-n votes with k = 1, n, floor(n/2)+1 and the given k.
+  In multilabel, a member may score only some labels (its own `labels:`); a label it does not score is
+  NaN in `probs`, and n, the votes and `mean`'s weights count, per label, only the members that score it.
   binary: positive iff at least k members vote positive. multilabel: each label on iff at least k
   members vote for it. multiclass: the label with the most votes (ties: higher mean probability,
   then lower index) if it has at least k votes, else no label. Score: share of members that voted
@@ -91,12 +93,14 @@ def member_votes(probs: torch.Tensor, votes: Votes) -> torch.Tensor:
     return probs >= threshold
 
 
-def _k_of_n(probs: torch.Tensor, votes: Votes, k: int) -> Decision:
-    n_members = probs.shape[0]
+def _k_of_n(probs: torch.Tensor, votes: Votes, k_of: Callable[[torch.Tensor], torch.Tensor | int]) -> Decision:
+    """A k-of-n vote; `k_of` gives k from n, the members that score each label (multilabel members may score some)."""
+    scoring = (~probs.isnan()).sum(dim=0)
+    k = k_of(scoring) + torch.zeros_like(scoring)
     counts = member_votes(probs, votes).sum(dim=0)
-    share = counts.to(probs.dtype) / n_members
+    share = counts.to(probs.dtype) / scoring
     if votes.task == "binary":
-        positive = counts[..., _positive(votes)] >= k
+        positive = counts[..., _positive(votes)] >= k[..., _positive(votes)]
         return Decision(_binary_mask(positive, votes), share)
     if votes.task == "multilabel":
         return Decision(counts >= k, share)
@@ -111,33 +115,34 @@ def _k_of_n(probs: torch.Tensor, votes: Votes, k: int) -> Decision:
 @register_policy("any")
 def any_member(probs: torch.Tensor, votes: Votes) -> Decision:
     """OR: positive when at least one member says so (maximum sensitivity)."""
-    return _k_of_n(probs, votes, 1)
+    return _k_of_n(probs, votes, lambda n: 1)
 
 
 @register_policy("all")
 def all_members(probs: torch.Tensor, votes: Votes) -> Decision:
     """AND: positive only when every member says so (maximum precision)."""
-    return _k_of_n(probs, votes, probs.shape[0])
+    return _k_of_n(probs, votes, lambda n: n)
 
 
 @register_policy("majority")
 def majority(probs: torch.Tensor, votes: Votes) -> Decision:
     """Strict majority: more than half of the members; an even split is not a majority."""
-    return _k_of_n(probs, votes, probs.shape[0] // 2 + 1)
+    return _k_of_n(probs, votes, lambda n: n // 2 + 1)
 
 
 @register_policy("k_of_n")
 def k_of_n(probs: torch.Tensor, votes: Votes) -> Decision:
     """At least k members agree."""
-    assert votes.policy.k is not None, "resolve_policy guarantees k for k_of_n"
-    return _k_of_n(probs, votes, votes.policy.k)
+    k = votes.policy.k
+    assert k is not None, "resolve_policy guarantees k for k_of_n"
+    return _k_of_n(probs, votes, lambda n: k)
 
 
 @register_policy("mean")
 def mean(probs: torch.Tensor, votes: Votes) -> Decision:
     """Weighted soft vote over the members' probabilities."""
-    weights = votes.weights.to(probs.dtype).view(-1, 1, 1)
-    avg = (probs * weights).sum(dim=0) / weights.sum()
+    weights = votes.weights.to(probs.dtype).view(-1, 1, 1) * ~probs.isnan()
+    avg = (probs.nan_to_num(0.0) * weights).sum(dim=0) / weights.sum(dim=0)
     if votes.task == "multiclass":
         picked = avg.argmax(dim=-1, keepdim=True)
         return Decision(torch.zeros_like(avg, dtype=torch.bool).scatter_(-1, picked, True), avg)
@@ -152,7 +157,7 @@ def most_confident(probs: torch.Tensor, votes: Votes) -> Decision:
     """The most confident member decides; the first declared member wins ties."""
     own = member_votes(probs, votes)
     if votes.task == "multilabel":
-        confidence = torch.maximum(probs, 1 - probs)
+        confidence = torch.maximum(probs, 1 - probs).nan_to_num(-1.0)
         best = confidence.argmax(dim=0, keepdim=True)
         return Decision(own.gather(0, best)[0], probs.gather(0, best)[0])
     confidence = probs.max(dim=-1).values

@@ -32,7 +32,8 @@ def render_v2(
     """A v2 response. `combined` and each member's entry are (chosen [N, L] bools, scores [N, L]);
     `top`, when a request asked for top_k, is (label indices [N, k] best first, their scores [N, k]).
 
-    Scores are rounded to `digits`, as in our JSON answer, so the two forms carry the same numbers.
+    Scores are rounded to `digits`, as in our JSON answer, so the two forms carry the same numbers. A label a
+    multilabel member does not score is null in its scores (JSON has no NaN; numpy clients read it as NaN).
     """
     tensors: dict[str, dict[str, Any]] = {}
     for prefix, (chosen, scores) in (("", combined), *((f"{m}.", pair) for m, pair in members.items())):
@@ -43,7 +44,7 @@ def render_v2(
             first = chosen.to(torch.uint8).argmax(dim=-1).tolist()
             picked = [labels[i] if any_on else "" for i, any_on in zip(first, chosen.any(dim=-1).tolist(), strict=True)]
             tensors[f"{prefix}label"] = _tensor(f"{prefix}label", "BYTES", [count], picked)
-        values = [round(v, digits) for v in scores.flatten().tolist()]
+        values = [round(v, digits) if v == v else None for v in scores.flatten().tolist()]
         tensors[f"{prefix}scores"] = _tensor(f"{prefix}scores", "FP64", [count, len(labels)], values)
         if not prefix and top is not None:
             indices, best = top

@@ -6,17 +6,16 @@ weights must exist yet from the validation context, so ensembles.yaml and the ma
 
 from __future__ import annotations
 
-import ast
 import re
-from difflib import get_close_matches
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Self
 
-from pydantic import BeforeValidator, Field, ValidationInfo, field_validator
+from pydantic import AfterValidator, BeforeValidator, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
 
-from handlers.config.fields import Strict, fail, keyed, listed, mapping, maybe, number, regex, text, within
+from handlers.config.archs import HF_WEIGHTS, check_arch, check_package_member, hf_labels, requirement
+from handlers.config.fields import Strict, choice, fail, keyed, listed, mapping, maybe, number, regex, text, within
 from handlers.config.sections import ExecutionConfig, InputConfig
-from handlers.config.specs import Execution, MemberInput, MemberSpec, StateDictRules, TensorSpec
+from handlers.config.specs import OUTPUT_KINDS, Arch, Execution, MemberInput, MemberSpec, OutputSpec, StateDictRules, TensorSpec
 
 NAME = r"[A-Za-z][A-Za-z0-9_-]{0,63}"
 SHA256 = r"[0-9a-f]{64}"
@@ -76,34 +75,54 @@ def files_context(info: ValidationInfo) -> tuple[Path, bool]:
     return info.context["base_dir"], info.context["check_files"]
 
 
-def check_arch(arch: str, base_dir: Path) -> None:
-    """A zoo's model that exists (torchvision builder, timm model), or a model file that defines the class (parsed, never run)."""
-    if arch.startswith("torchvision:"):
-        import torchvision.models
+SELECT_STEP = r"[A-Za-z_][A-Za-z0-9_]*"
 
-        builder = arch.split(":", 1)[1]
-        if builder not in torchvision.models.list_models():
-            fail(f"unknown torchvision model {builder!r}")
-        return
-    if arch.startswith("timm:"):
-        import timm
 
-        model = arch.split(":", 1)[1]
-        known = timm.list_models()
-        if model not in known:
-            close = get_close_matches(model, known, n=3)
-            fail(f"unknown timm model {model!r}" + (f"; closest: {', '.join(close)}" if close else ""))
-        return
-    file_name, sep, class_name = arch.rpartition(":")
-    if not sep or not file_name.endswith(".py") or not class_name.isidentifier():
-        fail(f"expected 'torchvision:<builder>', 'timm:<model>' or '<path/to/file.py>:<Class>', got {arch!r}")
-    path = base_dir / file_name
-    try:
-        tree = ast.parse(path.read_text(), filename=str(path))
-    except (OSError, SyntaxError, ValueError) as e:
-        fail(f"cannot read model file {path}: {e}")
-    if not any(isinstance(node, ast.ClassDef) and node.name == class_name for node in tree.body):
-        fail(f"model file {file_name} defines no top-level class {class_name!r}")
+def _select_step(step: Any) -> Any:
+    if isinstance(step, bool) or not (isinstance(step, int) and step >= 0 or isinstance(step, str) and re.fullmatch(SELECT_STEP, step)):
+        fail(f"expected a tuple or list index (an integer from 0) or a key or attribute name, got {step!r}")
+    return step
+
+
+def _select_path(value: Any) -> Any:
+    """One step, or a list of steps walked in order; a single step is kept as a one-step path."""
+    steps = value if isinstance(value, list) else [value]
+    if not steps:
+        fail("expected an index, a name, or a non-empty list of them, e.g. [0, logits]")
+    return tuple(_select_step(step) for step in steps)
+
+
+SelectPath = Annotated[
+    tuple[int | str, ...],
+    BeforeValidator(_select_path),
+    Field(json_schema_extra={"anyOf": [{"type": "integer", "minimum": 0}, {"type": "string"}, {"type": "array", "minItems": 1}]}),
+]
+
+
+class OutputConfig(Strict):
+    """Which part of the member's forward output holds its scores, and what they are. After selection, trailing
+    dimensions of size 1 are dropped ([N, C, 1, 1] becomes [N, C]); the rest must be [N, the member's labels]."""
+
+    select: maybe(SelectPath) = Field(
+        None,
+        description="An integer indexes a tuple or list, a name picks a dict key or an attribute (a Hugging Face "
+        "ModelOutput's `logits`), a list walks nested structures, e.g. `[0, logits]`. Default: the output itself, "
+        "which must then be a tensor (transformers: members: `logits`).",
+    )
+    kind: choice(OUTPUT_KINDS) = Field(
+        "logits",
+        description="`logits`: softmax (binary, multiclass) or sigmoid (multilabel) is applied. `probabilities`: the "
+        "model applies its own, and its outputs are used as they are, never activated twice. Default: logits.",
+    )
+
+    def to_output(self, default: OutputSpec) -> OutputSpec:
+        return OutputSpec(select=default.select if self.select is None else self.select, kind=self.kind)
+
+
+def _distinct(labels: tuple[str, ...]) -> tuple[str, ...]:
+    if len(set(labels)) != len(labels):
+        fail(f"duplicate labels in {list(labels)}")
+    return labels
 
 
 class MemberConfig(Strict):
@@ -112,10 +131,16 @@ class MemberConfig(Strict):
     name: text(NAME, f"a name matching {NAME}") = Field(description=f"The member's name, unique in the ensemble: {NAME}.")
     arch: text() = Field(
         description="`torchvision:<builder>` (checked against torchvision.models.list_models()), `timm:<model>` "
-        "(checked against timm.list_models(), built with pretrained=False) or `<path/to/file.py>:<Class>`, "
-        "relative to this file (parsed for the class, never run)."
+        "(checked against timm.list_models(), built with pretrained=False), `transformers:<path/to/folder>` (a Hugging "
+        "Face image classifier as save_pretrained wrote it, built from its config.json), `<path/to/file.py>:<Class>` "
+        "(relative to this file, parsed for the class, never run) or `<package.module>:<Name>` (a class or factory of "
+        "an installed package)."
     )
-    weights: text() = Field(description="The checkpoint (.pt, .pth, .ckpt, .safetensors), relative to this file.")
+    weights: maybe(text()) = Field(
+        None,
+        description="The checkpoint (.pt, .pth, .ckpt, .safetensors), relative to this file. Required, except for "
+        "transformers: members, whose default is the folder's model.safetensors.",
+    )
     kwargs: keyed(str, Any, "a mapping of keyword argument names to values") = Field(
         default_factory=dict, description="Keyword arguments for the architecture's constructor. Default: none."
     )
@@ -136,6 +161,22 @@ class MemberConfig(Strict):
     execution: section(ExecutionConfig) = Field(
         None, description="Execution keys that differ from the ensemble's. Default: the ensemble's execution."
     )
+    output: section(OutputConfig) = Field(
+        None, description="Where the scores are in the forward's output, and their kind. Default: the output is a tensor of logits."
+    )
+    labels: maybe(Annotated[listed(text(), "a list of at least 1 string(s)", min_len=1), AfterValidator(_distinct)]) = Field(
+        None,
+        description="The member's outputs by name, in its own order, matched to the ensemble's labels by name: extra "
+        "outputs are dropped (binary, multiclass: the rest renormalised); in multilabel a member may cover some labels. "
+        "Default: the ensemble's labels (transformers: the config's id2label).",
+    )
+    requires: maybe(text()) = Field(
+        None,
+        description="timm, transformers and package members: the pip requirement their code comes from, e.g. "
+        "`facenet-pytorch==2.6.0`, checked against the environment. Default: the installed distribution's version, "
+        "which the archive pins.",
+    )
+    _found: dict[str, Any] = PrivateAttr(default_factory=dict)
 
     @field_validator("arch")
     @classmethod
@@ -143,13 +184,24 @@ class MemberConfig(Strict):
         check_arch(arch, files_context(info)[0])
         return arch
 
-    @field_validator("weights")
-    @classmethod
-    def _weights_exist(cls, weights: str, info: ValidationInfo) -> str:
+    @model_validator(mode="after")
+    def _arch_resolved(self, info: ValidationInfo) -> Self:
+        """What the architecture brings: a package's pinned version, a Hugging Face folder's weights and labels."""
         base_dir, check_files = files_context(info)
+        arch = Arch.parse(self.arch)
+        self._found["requires"] = within(("requires",), lambda: requirement(arch, self.requires))
+        if arch.kind == "package":
+            within(("arch",), lambda: check_package_member(arch))
+        weights = self.weights
+        if arch.kind == "transformers":
+            self._found["labels"] = within(("arch",), lambda: hf_labels(base_dir / arch.target))
+            weights = weights or f"{arch.target}/{HF_WEIGHTS}"
+        elif weights is None:
+            fail("missing key 'weights'")
         if check_files and not (base_dir / weights).is_file():
-            fail(f"file not found: {base_dir / weights}")
-        return weights
+            fail(f"file not found: {base_dir / weights}", "weights")
+        self._found["weights"] = weights
+        return self
 
     def to_spec(self, ensemble_input: MemberInput, ensemble_execution: Execution) -> MemberSpec:
         """The member with its input and execution resolved against the ensemble's (None where they are equal)."""
@@ -161,14 +213,45 @@ class MemberConfig(Strict):
                 fail("only a whole ensemble takes tensor input; members of an image ensemble take images", "input")
             member_input = within(("input",), lambda: self.input.over(ensemble_input))
         execution = None if self.execution is None else self.execution.over(ensemble_execution)
+        default_output = OutputSpec(select=("logits",)) if Arch.parse(self.arch).kind == "transformers" else OutputSpec()
         return MemberSpec(
             name=self.name,
             arch=self.arch,
-            weights=self.weights,
+            weights=self._found["weights"],
             kwargs=dict(self.kwargs),
             sha256=self.sha256,
             weight=self.weight,
             input=None if member_input == ensemble_input else member_input,
             state_dict=self.state_dict.to_rules(),
             execution=None if execution == ensemble_execution else execution,
+            output=default_output if self.output is None else self.output.to_output(default_output),
+            labels=self.labels or self._found.get("labels"),
+            requires=self._found["requires"],
         )
+
+
+def check_member_labels(task: str, labels: tuple[str, ...], members: tuple[MemberSpec, ...]) -> None:
+    """Members' own labels against the ensemble's, matched by name (binary and multiclass members score every
+    ensemble label, multilabel members some); every ensemble label must be scored by some member."""
+    covered: set[str] = set()
+    for i, member in enumerate(members):
+        own = member.labels or labels
+        covered.update(own)
+        if task == "multilabel":
+            unknown = [label for label in own if label not in labels]
+            if unknown:
+                fail(f"unknown labels {unknown}; this ensemble's labels are {list(labels)}", "members", i, "labels")
+            continue
+        missing = [label for label in labels if label not in own]
+        if missing:
+            hint = "; name the member's outputs with labels:" if member.labels is None else ""
+            fail(
+                f"member {member.name!r} has no output for {missing}: a {task} member scores every label of the "
+                f"ensemble {list(labels)}, and may have more{hint}",
+                "members",
+                i,
+                "labels",
+            )
+    uncovered = [label for label in labels if label not in covered]
+    if uncovered:
+        fail(f"no member scores {uncovered}; every label needs at least one member", "labels")

@@ -17,7 +17,7 @@ from pydantic.json_schema import GenerateJsonSchema, JsonSchemaMode, JsonSchemaV
 from pydantic_core import core_schema
 
 from handlers.config.fields import Strict, choice, expect_integer, fail, integer, keyed, listed, maybe, text, within
-from handlers.config.members import NAME, SHA256, MemberConfig
+from handlers.config.members import NAME, SHA256, MemberConfig, check_member_labels
 from handlers.config.policy import TASKS
 from handlers.config.sections import BatchingConfig, ExecutionConfig, InputConfig, LimitsConfig, PolicyConfig
 from handlers.config.specs import CONSISTENCY, ArchiveManifest, EnsembleSpec, Execution
@@ -160,6 +160,7 @@ class EnsembleConfig(Strict):
         for i, name in enumerate(names):
             if name in names[:i]:
                 fail(f"duplicate member name {name!r}", "members", i, "name")
+        check_member_labels(self.task, self.labels, members)
         return {
             "version": self.version,
             "task": self.task,

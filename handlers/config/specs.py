@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -25,7 +26,10 @@ DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
 KNOWN_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 MAX_TENSOR_DIMS = 4
 # Architectures named by a model zoo rather than a model file: `<zoo>:<name>`.
-ZOOS = ("torchvision:", "timm:")
+ZOOS = ("torchvision:", "timm:", "transformers:")
+OUTPUT_KINDS = ("logits", "probabilities")
+# A `<package.module>:<Name>` architecture: dotted Python identifiers, a colon, an identifier.
+PACKAGE_ARCH = r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*"
 MAX_TENSOR_ELEMENTS = 16_000_000
 
 
@@ -148,6 +152,48 @@ class StateDictRules:
 
 
 @dataclass(frozen=True)
+class Arch:
+    """A member's `arch:` taken apart. `kind` is torchvision, timm, transformers (`target` is the model's folder),
+    package (`target` is the module) or file (`target` is the model file); `name` is the builder, model or class."""
+
+    kind: str
+    target: str
+    name: str
+
+    @classmethod
+    def parse(cls, arch: str) -> Arch:
+        """The form `arch` is written in; ValueError naming the forms when it is none of them."""
+        zoo, sep, rest = arch.partition(":")
+        if sep and f"{zoo}:" in ZOOS and rest:
+            return cls(zoo, rest, rest)
+        target, sep, name = arch.rpartition(":")
+        if sep and target.endswith(".py") and name.isidentifier():
+            return cls("file", target, name)
+        if re.fullmatch(PACKAGE_ARCH, arch):
+            return cls("package", target, name)
+        raise ValueError(
+            "expected 'torchvision:<builder>', 'timm:<model>', 'transformers:<path/to/folder>', "
+            f"'<path/to/file.py>:<Class>' or '<package.module>:<Name>', got {arch!r}"
+        )
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """Which part of a member's forward output holds its scores (`select`, a path of tuple indices, dict keys or
+    attributes; empty: the output itself), and whether they are logits or already probabilities."""
+
+    select: tuple[int | str, ...] = ()
+    kind: str = "logits"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The `output:` block ensembles.yaml would write for it."""
+        data: dict[str, Any] = {"kind": self.kind}
+        if self.select:
+            data["select"] = self.select[0] if len(self.select) == 1 else list(self.select)
+        return data
+
+
+@dataclass(frozen=True)
 class MemberSpec:
     """One member: architecture, constructor kwargs, weights file, its pinned digest and how to read it."""
 
@@ -160,11 +206,18 @@ class MemberSpec:
     input: MemberInput | None = None
     state_dict: StateDictRules = StateDictRules()
     execution: Execution | None = None
+    output: OutputSpec = OutputSpec()
+    labels: tuple[str, ...] | None = None
+    requires: str | None = None
 
     @property
     def arch_file(self) -> str | None:
-        """The model file of a `<path.py>:<Class>` architecture, None for a zoo's model (`torchvision:`, `timm:`)."""
-        return None if self.arch.startswith(ZOOS) else self.arch.rsplit(":", 1)[0]
+        """The file an architecture is defined by: a `<path.py>:<Class>` model file, or a Hugging Face folder's
+        config.json; None for the models of torchvision, timm and installed packages."""
+        arch = Arch.parse(self.arch)
+        if arch.kind == "file":
+            return arch.target
+        return f"{arch.target}/config.json" if arch.kind == "transformers" else None
 
 
 @dataclass(frozen=True)
@@ -224,12 +277,13 @@ class EnsembleSpec:
         del data["name"], data["base_dir"]
         data["policy"] = {"name": self.policy.name, **self.policy.params()}
         for member, spec in zip(data["members"], self.members, strict=True):
-            for key in ("input", "sha256", "execution"):
+            for key in ("input", "sha256", "execution", "labels", "requires"):
                 if member[key] is None:
                     del member[key]
             member["state_dict"] = spec.state_dict.to_dict()
             if not member["state_dict"]:
                 del member["state_dict"]
+            member["output"] = spec.output.to_dict()
         for key in ("positive_label", "top_k"):
             if data[key] is None:
                 del data[key]

@@ -21,6 +21,7 @@ from torch.func import functional_call, stack_module_state
 
 from handlers.config.specs import Execution, MemberInput, MemberSpec
 from handlers.errors import MemberLoadError
+from handlers.execution.outputs import largest_difference
 from handlers.execution.plans import Choice, PlanRejected, choose
 
 FUSE_TOLERANCE = 1e-5
@@ -44,11 +45,10 @@ class Group:
 
 @dataclass(frozen=True)
 class PlanContext:
-    """What choosing a member's plan needs besides the member: its execution settings, the rows per call to time, the activation."""
+    """What choosing a member's plan needs besides the member: its execution settings and the rows per call to time."""
 
     executions: Sequence[Execution]
     sizes: Sequence[Sequence[int]]
-    activation: Callable[[torch.Tensor], torch.Tensor]
     remembered: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
@@ -73,11 +73,12 @@ def plan_groups(
 
     if not fuse:
         return [single(i) for i in range(len(modules))]
-    by_kind: dict[tuple[str, str, MemberInput], list[int]] = {}
+    by_kind: dict[tuple[Any, ...], list[int]] = {}
     for i, (member, spec) in enumerate(zip(members, specs, strict=True)):
-        by_kind.setdefault((member.arch, json.dumps(member.kwargs, sort_keys=True), spec), []).append(i)
+        kind = (spec, member.arch, json.dumps(member.kwargs, sort_keys=True), member.output, member.labels)
+        by_kind.setdefault(kind, []).append(i)
     groups = []
-    for (_, _, spec), indices in by_kind.items():
+    for (spec, *_), indices in by_kind.items():
         if len(indices) == 1:
             groups.append(single(indices[0]))
             continue
@@ -102,7 +103,6 @@ def _planned(index: int, member: MemberSpec, module: nn.Module, spec: MemberInpu
             plans.executions[index],
             sizes=plans.sizes[index],
             device=device,
-            activation=plans.activation,
             remembered=plans.remembered.get(member.name),
         )
     except PlanRejected as e:
@@ -131,4 +131,4 @@ def _matches_sequential(group: Group, modules: list[nn.Module], spec: MemberInpu
         except Exception:  # vmap refuses some modules (data-dependent control flow, .item()): do not fuse them.
             logger.warning("vmap cannot run members %s", group.indices, exc_info=True)
             return False
-    return fused.shape == sequential.shape and bool((fused - sequential).abs().max() <= FUSE_TOLERANCE)
+    return largest_difference(fused, sequential) <= FUSE_TOLERANCE

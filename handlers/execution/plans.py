@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from handlers.config.specs import Execution
+from handlers.execution.outputs import largest_difference
 
 TOLERANCE = 1e-4
 MIN_GAIN = 1.03
@@ -99,7 +100,6 @@ def choose(
     *,
     sizes: Sequence[int],
     device: torch.device,
-    activation: Callable[[torch.Tensor], torch.Tensor],
     remembered: Mapping[str, Any] | None = None,
 ) -> Choice:
     """The plan `execution` asks for; with `auto`, the fastest candidate that reproduces eager.
@@ -116,10 +116,10 @@ def choose(
         return Choice("eager", module)
     probes = {size: _probe(size, instance_shape, device) for size in sizes}
     with torch.inference_mode():
-        reference = {size: activation(module(probe)) for size, probe in probes.items()}
+        reference = {size: module(probe) for size, probe in probes.items()}
     wanted = AUTO_PLANS + (("compiled",) if execution.compile else ()) if execution.plan == "auto" else (execution.plan,)
     if execution.plan == "auto" and remembered is not None:
-        reused = _reuse(remembered, module, probes, reference, activation, wanted)
+        reused = _reuse(remembered, module, probes, reference, wanted)
         if reused is not None:
             return replace(reused, build_s=time.perf_counter() - began)
     forwards: dict[str, Forward] = {"eager": module}
@@ -129,7 +129,7 @@ def choose(
             continue
         try:
             forward = build(plan, module, probes[max(sizes)])
-            _verify(forward, probes, reference, activation)
+            _verify(forward, probes, reference)
         except PlanRejected as e:
             rejected[plan] = str(e)
             continue
@@ -150,7 +150,6 @@ def _reuse(
     module: nn.Module,
     probes: dict[int, torch.Tensor],
     reference: dict[int, torch.Tensor],
-    activation: Callable[[torch.Tensor], torch.Tensor],
     allowed: Sequence[str],
 ) -> Choice | None:
     """The remembered choice, rebuilt and verified; None when it does not apply here or no longer verifies."""
@@ -164,7 +163,7 @@ def _reuse(
         return None
     try:
         forward = module if plan == "eager" else build(plan, module, probes[max(probes)])
-        _verify(forward, probes, reference, activation)
+        _verify(forward, probes, reference)
     except PlanRejected:
         return None
     return Choice(plan, forward, ms=ms, rejected=rejected, remembered=True)
@@ -222,19 +221,18 @@ def _verify(
     forward: Forward,
     probes: dict[int, torch.Tensor],
     reference: dict[int, torch.Tensor],
-    activation: Callable[[torch.Tensor], torch.Tensor],
 ) -> None:
     """Every probe size twice (TorchScript optimises on its first calls): probabilities within TOLERANCE of eager."""
     for _ in range(2):
         for size, probe in probes.items():
             try:
                 with torch.inference_mode():
-                    got = activation(forward(probe))
+                    got = forward(probe)
             except Exception as e:
                 raise PlanRejected(f"fails at batch {size}: {type(e).__name__}: {e}") from e
             if got.shape != reference[size].shape:
                 raise PlanRejected(f"outputs shape {tuple(got.shape)} at batch {size}; eager gives {tuple(reference[size].shape)}")
-            difference = float((got - reference[size]).abs().max()) if got.numel() else 0.0
+            difference = largest_difference(got, reference[size])
             if not difference <= TOLERANCE:
                 raise PlanRejected(f"probabilities differ from eager by {difference:.2e} at batch {size} (limit {TOLERANCE:g})")
 

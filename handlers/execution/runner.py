@@ -22,8 +22,8 @@ from PIL import Image
 from torch import nn
 
 from handlers.config.specs import EnsembleSpec
-from handlers.errors import MemberLoadError
 from handlers.execution.groups import Group, PlanContext, plan_groups
+from handlers.execution.outputs import fit_head
 from handlers.inputs.images import batch_tensors
 
 T = TypeVar("T")
@@ -86,18 +86,20 @@ class MemberRunner:
         plans = PlanContext(
             executions=[spec.member_execution(member) for member in spec.members],
             sizes=[spec.slice_sizes(parallelism, given.views) for given in member_inputs],
-            activation=self._activation,
             remembered=remembered_plans or {},
         )
+        heads = [
+            fit_head(member, module, given.instance_shape, spec.task, spec.labels, device)
+            for member, module, given in zip(spec.members, modules, member_inputs, strict=True)
+        ]
         self.groups: list[Group] = plan_groups(
             spec.members,
-            [module.to(device).eval() for module in modules],
+            heads,
             member_inputs,
             fuse=spec.batching.fuse_members,
             device=device,
             plans=plans,
         )
-        self._check_outputs()
 
     def plan_choices(self) -> dict[str, dict[str, Any]]:
         """Each planned member's execution choice, as `describe` shows it (fused members run eager under vmap)."""
@@ -199,33 +201,15 @@ class MemberRunner:
         group, chunk = task
         began = time.perf_counter()
         with torch.inference_mode():
-            probs = self._activation(group.run(chunk))
+            probs = group.run(chunk)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return probs, time.perf_counter() - began
-
-    def _activation(self, logits: torch.Tensor) -> torch.Tensor:
-        if self.spec.task == "multilabel":
-            return torch.sigmoid(logits.float())
-        return torch.softmax(logits.float(), dim=-1)
 
     def _to_device(self, batch: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cuda":
             return batch.pin_memory().to(self.device, non_blocking=True)
         return batch
-
-    def _check_outputs(self) -> None:
-        """Run one blank image through every member: each must return one score per label."""
-        for group in self.groups:
-            blank = torch.zeros(1, *group.spec.instance_shape, device=self.device)
-            with torch.inference_mode():
-                shape = tuple(group.run(blank).shape[1:])
-            if shape != (1, len(self.spec.labels)):
-                member = self.spec.members[group.indices[0]]
-                raise MemberLoadError(
-                    f"member {member.name!r}: outputs shape {shape} for one image; "
-                    f"expected (1, {len(self.spec.labels)}) for labels {list(self.spec.labels)}"
-                )
 
 
 def _rows_needing(group: Sequence[int], wanted: Sequence[Collection[int]] | None, count: int) -> torch.Tensor | None:

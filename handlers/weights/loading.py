@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.util
 import inspect
 import sys
@@ -14,7 +15,7 @@ from typing import Any
 import torchvision.models
 from torch import nn
 
-from handlers.config.specs import ArchiveManifest, EnsembleSpec, MemberSpec
+from handlers.config.specs import Arch, ArchiveManifest, EnsembleSpec, MemberSpec
 from handlers.errors import IntegrityError, MemberLoadError
 from handlers.weights.checkpoints import (
     CheckpointError,
@@ -74,29 +75,31 @@ def build_member(member: MemberSpec, base_dir: Path) -> nn.Module:
 
     torchvision's detection and segmentation builders would fetch an ImageNet backbone even with
     `weights=None`, so `weights_backbone=None` is passed wherever a builder takes it; timm models are
-    created with `pretrained=False`. kwargs that ask a zoo for pretrained weights are refused: a member's
-    weights come from its `weights:` file only.
+    created with `pretrained=False`, Hugging Face models from their folder's config.json alone. kwargs that ask
+    a zoo for pretrained weights are refused: a member's weights come from its `weights:` file only. A package's
+    class or factory is called with the member's kwargs (its code runs: SECURITY.md says who allows which).
     """
-    zoo = member.arch.split(":", 1)[0] if member.arch_file is None else None
-    if zoo is not None:
-        asked = sorted(set(member.kwargs) & set(DOWNLOADING_KWARGS[zoo]))
-        if asked:
-            raise MemberLoadError(
-                f"member {member.name!r}: kwargs {asked} would make {zoo} load pretrained weights; "
-                "remove them: a member's weights come only from its `weights:` file"
-            )
-    name = member.arch.rsplit(":", 1)[1]
+    arch = Arch.parse(member.arch)
+    asked = sorted(set(member.kwargs) & set(DOWNLOADING_KWARGS.get(arch.kind, ())))
+    if asked:
+        raise MemberLoadError(
+            f"member {member.name!r}: kwargs {asked} would make {arch.kind} load pretrained weights; "
+            "remove them: a member's weights come only from its `weights:` file"
+        )
     try:
-        if zoo == "torchvision":
-            builder = torchvision.models.get_model_builder(name)
+        if arch.kind == "torchvision":
+            builder = torchvision.models.get_model_builder(arch.name)
             backbone = {"weights_backbone": None} if "weights_backbone" in inspect.signature(builder).parameters else {}
             return builder(weights=None, **backbone, **member.kwargs)
-        if zoo == "timm":
+        if arch.kind == "timm":
             import timm
 
-            return timm.create_model(name, pretrained=False, **member.kwargs)
-        cls = getattr(_import_file(base_dir / member.arch_file), name)
-        return cls(**member.kwargs)
+            return timm.create_model(arch.name, pretrained=False, **member.kwargs)
+        if arch.kind == "transformers":
+            return _hugging_face_model(base_dir / arch.target, member.kwargs)
+        if arch.kind == "package":
+            return getattr(importlib.import_module(arch.target), arch.name)(**member.kwargs)
+        return getattr(_import_file(base_dir / arch.target), arch.name)(**member.kwargs)
     except Exception as e:  # Any failure to construct is reported against the member that caused it.
         raise MemberLoadError(f"member {member.name!r}: cannot build {member.arch} with {dict(member.kwargs)}: {e}") from e
 
@@ -161,6 +164,14 @@ def member_weights(member: MemberSpec, base_dir: Path, module: nn.Module) -> Fit
     except CheckpointError as e:
         what = f"weights do not fit {member.arch} (strict loading): {e}" if isinstance(e, WeightsDoNotFit) else str(e)
         raise MemberLoadError(f"{where}: {what}{explain(content, target, member.state_dict)}") from e
+
+
+def _hugging_face_model(folder: Path, kwargs: Mapping[str, Any]) -> nn.Module:
+    """An image classifier built from a save_pretrained folder's config.json, offline, with random weights."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+    return transformers.AutoModelForImageClassification.from_config(config, **kwargs)
 
 
 def _import_file(path: Path) -> object:
