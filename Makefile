@@ -3,7 +3,10 @@ SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
-INSTALLED := $(VENV)/.installed-$(shell sha256sum requirements.txt | cut -c1-12)
+# facenet-pytorch ships MTCNN's trained networks (the `faces` demo). Its own pins (torch<2.3, numpy<2) are older
+# than our stack, and its networks need only torch: it is installed without its dependencies.
+NO_DEPS := facenet-pytorch==2.6.0
+INSTALLED := $(VENV)/.installed-$(shell (cat requirements.txt; echo $(NO_DEPS)) | sha256sum | cut -c1-12)
 TRAINED := artifacts/weights/.trained
 NAME ?= shapes
 
@@ -16,11 +19,14 @@ $(INSTALLED): requirements.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps $(NO_DEPS)
 	@rm -f $(VENV)/.installed-* && touch $@
 
 setup: $(INSTALLED)
 
-$(TRAINED): $(INSTALLED) ensembles.yaml archive_scripts/demo_data.py archive_scripts/demo_models.py archive_scripts/train_demo.py archive_scripts/checkpoint_layouts.py
+EVAL_INSTALLED := $(VENV)/.eval-$(shell sha256sum archive_scripts/requirements-eval.txt | cut -c1-12)
+
+$(TRAINED): $(INSTALLED) $(EVAL_INSTALLED) ensembles.yaml archive_scripts/demo_data.py archive_scripts/demo_models.py archive_scripts/train_demo.py archive_scripts/checkpoint_layouts.py
 	$(PY) -m archive_scripts.train_demo
 	$(PY) -m archive_scripts.demo_data artifacts/samples
 	@touch $@
@@ -49,8 +55,6 @@ TUNE_INSTALLED := $(VENV)/.tune-$(shell sha256sum bench/requirements-tune.txt | 
 $(TUNE_INSTALLED): $(INSTALLED) bench/requirements-tune.txt
 	$(PY) -m pip install -q -r bench/requirements-tune.txt
 	@rm -f $(VENV)/.tune-* && touch $@
-
-EVAL_INSTALLED := $(VENV)/.eval-$(shell sha256sum archive_scripts/requirements-eval.txt | cut -c1-12)
 
 $(EVAL_INSTALLED): $(INSTALLED) archive_scripts/requirements-eval.txt
 	$(PY) -m pip install -q -r archive_scripts/requirements-eval.txt

@@ -137,3 +137,53 @@ def test_a_worker_without_the_pinned_package_refuses_with_the_pip_line(
         f"ensemble.json: ensemble.members[0].requires: package member needs {requires}, and {says}; "
         f"install it where the ensemble runs: pip install '{requires}'"
     )
+
+
+def write_hugging_face_ensemble(folder: Path) -> tuple[Path, torch.nn.Module]:
+    """A tiny ViT image classifier as save_pretrained writes it (config.json, model.safetensors in the original key
+    layout), whose id2label orders the classes differently from the ensemble."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(6)
+    order = ["fox", "cat", "dog"]
+    config = ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=64, num_labels=3, id2label=dict(enumerate(order)), label2id={label: i for i, label in enumerate(order)})
+    published = ViTForImageClassification(config).eval()
+    with torch.no_grad():
+        published.classifier.weight.mul_(20.0)
+    published.save_pretrained(folder / "vit")
+    ensemble = {
+        "version": "1.0",
+        "task": "multiclass",
+        "labels": LABELS,
+        "input": {"size": [16, 16]},
+        "members": [{"name": "vit", "arch": "transformers:vit"}],
+    }
+    path = folder / "ensembles.yaml"
+    path.write_text(yaml.safe_dump({"ensembles": {"hf": ensemble}}, sort_keys=False))
+    return path, published
+
+
+def test_a_hugging_face_folder_is_served_with_its_logits_in_the_ensemble_label_order(tmp_path: Path) -> None:
+    path, published = write_hugging_face_ensemble(tmp_path / "src")
+    spec = load_ensembles(path)["hf"]
+    assert (spec.members[0].labels, spec.members[0].weights, spec.members[0].requires) == (
+        ("fox", "cat", "dog"), "vit/model.safetensors", f"transformers=={version('transformers')}"
+    )
+    archive = build_archive(spec, tmp_path / "store")
+    with zipfile.ZipFile(archive) as packed:
+        manifest = json.loads(packed.read("ensemble.json"))
+        assert json.loads(packed.read("code/vit/config.json"))["id2label"] == {"0": "fox", "1": "cat", "2": "dog"}
+    assert manifest["ensemble"]["members"][0]["arch"] == "transformers:code/vit"
+    assert manifest["ensemble"]["members"][0]["output"] == {"select": "logits", "kind": "logits"}
+    handler, context = load_handler(tmp_path / "store", "hf", tmp_path / "model")
+    images = [image_bytes(seed, size=(20, 18)) for seed in (7, 8, 9)]
+    replies = serve(handler, context, [({"body": data, "top_k": b"3"}, {"Content-Type": "image/png"}) for data in images])
+    rows = batch_tensors([decode_image(data, spec.limits) for data in images], [spec.input])[spec.input]
+    with torch.inference_mode():
+        logits = published(rows).logits[:, [1, 2, 0]]  # fox, cat, dog -> cat, dog, fox
+    expected = torch.softmax(logits, dim=-1)
+    for (status, body, _), want in zip(replies, expected, strict=True):
+        assert status == 200
+        served = {entry["label"]: entry["score"] for entry in body["predictions"][0]["members"]["vit"]["top"]}
+        assert served == pytest.approx(dict(zip(LABELS, want.tolist(), strict=True)), abs=1e-4)

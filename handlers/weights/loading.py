@@ -6,7 +6,9 @@ import hashlib
 import importlib
 import importlib.util
 import inspect
+import shutil
 import sys
+import tempfile
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -15,7 +17,8 @@ from typing import Any
 import torchvision.models
 from torch import nn
 
-from handlers.config.specs import Arch, ArchiveManifest, EnsembleSpec, MemberSpec
+from handlers.config.archs import HF_CONFIG, HF_WEIGHTS
+from handlers.config.specs import Arch, ArchiveManifest, EnsembleSpec, MemberSpec, StateDictRules
 from handlers.errors import IntegrityError, MemberLoadError
 from handlers.weights.checkpoints import (
     CheckpointError,
@@ -159,11 +162,37 @@ def member_weights(member: MemberSpec, base_dir: Path, module: nn.Module) -> Fit
         raise MemberLoadError(f"{where}: {e}") from e
     target = Target.of(module)
     rules = member.state_dict
+    arch = Arch.parse(member.arch)
+    if arch.kind == "transformers" and rules == StateDictRules() and isinstance(content, dict) and set(content) != set(target.state):
+        content = _published_hugging_face_state(where, base_dir / arch.target, base_dir / member.weights)
     try:
         return fit_weights(remap_keys(select_weights(content, rules.key), rules), target, saved_versions(content, rules.key))
     except CheckpointError as e:
         what = f"weights do not fit {member.arch} (strict loading): {e}" if isinstance(e, WeightsDoNotFit) else str(e)
         raise MemberLoadError(f"{where}: {what}{explain(content, target, member.state_dict)}") from e
+
+
+def _published_hugging_face_state(where: str, folder: Path, weights: Path) -> dict[str, Any]:
+    """A save_pretrained checkpoint's weights under the module's own names.
+
+    transformers 5 writes its checkpoints in the original key layout (`vit.encoder.layer.0.attention.attention.query`)
+    and converts them when loading (renames, and fused or split tensors). Its own loader reads the
+    safetensors file (no pickle) and must account for every key: nothing missing, unexpected or of another
+    shape, as `strict=True` would demand. The archive then stores the result under the module's names.
+    """
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    with tempfile.TemporaryDirectory() as folder_copy:
+        shutil.copyfile(folder / HF_CONFIG, Path(folder_copy) / HF_CONFIG)
+        (Path(folder_copy) / HF_WEIGHTS).symlink_to(weights.resolve())
+        model, info = transformers.AutoModelForImageClassification.from_pretrained(
+            folder_copy, local_files_only=True, use_safetensors=True, output_loading_info=True
+        )
+    problems = {kind: sorted(map(str, keys))[:5] for kind, keys in info.items() if keys}
+    if problems:
+        raise MemberLoadError(f"{where}: the weights do not fit {folder / HF_CONFIG}: {problems}")
+    return model.state_dict()
 
 
 def _hugging_face_model(folder: Path, kwargs: Mapping[str, Any]) -> nn.Module:
