@@ -26,9 +26,11 @@ setup: $(INSTALLED)
 
 EVAL_INSTALLED := $(VENV)/.eval-$(shell sha256sum archive_scripts/requirements-eval.txt | cut -c1-12)
 
-$(TRAINED): $(INSTALLED) $(EVAL_INSTALLED) ensembles.yaml archive_scripts/demo_data.py archive_scripts/demo_models.py archive_scripts/train_demo.py archive_scripts/checkpoint_layouts.py
+$(TRAINED): $(INSTALLED) $(EVAL_INSTALLED) ensembles.yaml archive_scripts/demo_data.py archive_scripts/demo_models.py archive_scripts/train_demo.py archive_scripts/checkpoint_layouts.py archive_scripts/digits_demo.py archive_scripts/faces_demo.py
+	$(PY) -m archive_scripts.faces_demo
 	$(PY) -m archive_scripts.train_demo
 	$(PY) -m archive_scripts.demo_data artifacts/samples
+	$(PY) -m archive_scripts.digits_demo artifacts/samples
 	@touch $@
 
 demo: $(TRAINED)
@@ -147,7 +149,7 @@ rebuild: $(TRAINED)
 	$(PY) -m archive_scripts.torchserve_ctl register $(NAME)
 
 evaluate: $(TRAINED) $(EVAL_INSTALLED)
-	$(PY) -m archive_scripts.evaluate_demo --plot docs/demo_precision_recall.png --json artifacts/evaluation.json --tta
+	$(PY) -m archive_scripts.evaluate_demo --plot docs/demo_precision_recall.png --faces-plot docs/faces_corruptions.png --json artifacts/evaluation.json --tta
 
 inspect: $(INSTALLED)
 	@test -n "$(FILE)" -a -n "$(ARCH)" || { echo "usage: make inspect FILE=path/to/checkpoint ARCH=torchvision:<builder>|timm:<model>|<package.module>:<Name>|<file.py>:<Class> [KWARGS='{\"num_classes\": 14}'] [INPUT=3,48,48]"; exit 2; }

@@ -58,9 +58,20 @@ def safetensors_file(module: nn.Module, path: Path) -> dict[str, Any]:
     return {}
 
 
+def hugging_face(module: nn.Module, path: Path) -> dict[str, Any]:
+    """`save_pretrained` into the weights' folder: config.json and model.safetensors, as transformers publishes
+    a model (its original key layout, which a `transformers:` member reads back without rules)."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    module.save_pretrained(path.parent)
+    return {}
+
+
 LAYOUTS: dict[str, Writer] = {
     "data_parallel": data_parallel,
     "compiled": compiled,
     "lightning": lightning,
     "safetensors": safetensors_file,
+    "hugging_face": hugging_face,
 }

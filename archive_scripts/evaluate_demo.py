@@ -29,7 +29,10 @@ from matplotlib.lines import Line2D
 from sklearn.metrics import accuracy_score, precision_recall_fscore_support, roc_auc_score
 
 from archive_scripts.demo_data import make_multilabel_split, make_split
-from handlers.answers.policies import Votes, combine, member_votes
+from archive_scripts.digits_demo import split as digits_split
+from archive_scripts.faces_demo import CORRUPTIONS, corrupted
+from archive_scripts.faces_demo import crops as face_crops
+from handlers.answers.policies import Decision, Votes, combine, member_votes
 from handlers.config.files import load_ensembles
 from handlers.config.policy import policy_names, resolve_policy
 from handlers.config.specs import EnsembleSpec
@@ -39,45 +42,77 @@ from handlers.inputs.images import decode_image
 HELD_OUT_SEED = 7_000_001
 TTA_MODES = ("none", "hflip", "five_crop", "ten_crop")
 K_OF_N = 2
+DEMOS = ("shapes", "multishape", "faces", "digits")
 Table = dict[str, dict[str, float]]
 
 
-def held_out(ensemble: Ensemble, count: int) -> tuple[torch.Tensor, numpy.ndarray]:
-    """probs[member, image, label] of `count` held-out images through the serving decode, and their true labels."""
+def held_out_samples(spec: EnsembleSpec, count: int) -> Sequence[Any]:
+    """The demo's held-out images with their truth: generated from an unused seed (`count` of them) for the
+    synthetic demos, the fixed held-out split for `digits`, and lfw_subset's 200 crops for `faces`."""
+    if spec.name == "digits":
+        return digits_split()[1]
+    if spec.name == "faces":
+        return face_crops()
+    return make_multilabel_split(count, HELD_OUT_SEED) if spec.task == "multilabel" else make_split(count, HELD_OUT_SEED)
+
+
+def held_out(ensemble: Ensemble, count: int, samples: Sequence[Any] | None = None) -> tuple[torch.Tensor, numpy.ndarray]:
+    """probs[member, image, label] of the held-out images (or `samples`), each sent as a PNG through the serving
+    decode, and their true labels."""
     spec = ensemble.spec
-    multilabel = spec.task == "multilabel"
-    samples = make_multilabel_split(count, HELD_OUT_SEED) if multilabel else make_split(count, HELD_OUT_SEED)
+    samples = held_out_samples(spec, count) if samples is None else samples
     images = []
     for sample in samples:
         buffer = io.BytesIO()
         sample.image.save(buffer, format="PNG")
         images.append(decode_image(buffer.getvalue(), spec.limits))
-    truth = numpy.array([s.labels for s in samples] if multilabel else [s.label for s in samples])
+    truth = numpy.array([s.labels for s in samples] if spec.task == "multilabel" else [s.label for s in samples])
     return ensemble.probabilities(images), truth
 
 
-def decisions(spec: EnsembleSpec, probs: torch.Tensor) -> dict[str, numpy.ndarray]:
-    """Each member's own decisions and each policy's (k_of_n at k=2), as chosen[image, label] at threshold 0.5."""
+def decisions(spec: EnsembleSpec, probs: torch.Tensor, *, scores: bool = False, ranks: bool = False) -> dict[str, Any]:
+    """Each member's own decisions and each policy's (k_of_n at k=2), as chosen[image, label]; with `scores`, paired
+    with the score[image, label] each ranks by, with `ranks` with label indices best first."""
     weights = torch.tensor([m.weight for m in spec.members], dtype=torch.float64)
     n = len(spec.members)
     default = resolve_policy({}, default=spec.policy, task=spec.task, n_members=n)
-    own = member_votes(probs, Votes(spec.task, weights, spec.positive_index, default))
-    rows = {f"member {m.name}": own[i].numpy().astype(int) for i, m in enumerate(spec.members)}
+    votes = Votes(spec.task, weights, spec.positive_index, default)
+    own = member_votes(probs, votes)
+    made = {f"member {m.name}": Decision(own[i], probs[i]) for i, m in enumerate(spec.members)}
     for name in policy_names():
         requested = {"policy": name, **({"k": str(K_OF_N)} if name == "k_of_n" else {})}
         policy = resolve_policy(requested, default=None, task=spec.task, n_members=n)
         label = name + (f" (k={K_OF_N})" if name == "k_of_n" else "")
-        rows[f"policy {label}"] = combine(probs, Votes(spec.task, weights, spec.positive_index, policy)).chosen.numpy().astype(int)
-    return rows
+        made[f"policy {label}"] = combine(probs, Votes(spec.task, weights, spec.positive_index, policy))
+    if scores:
+        return {row: (d.chosen.numpy().astype(int), d.score.numpy()) for row, d in made.items()}
+    if ranks:
+        return {row: (d.chosen.numpy(), d.order().numpy()) for row, d in made.items()}
+    return {row: d.chosen.numpy().astype(int) for row, d in made.items()}
 
 
 def binary_table(spec: EnsembleSpec, probs: torch.Tensor, truth: numpy.ndarray) -> Table:
-    """Accuracy, precision and recall of the positive label for every member and policy."""
+    """Accuracy, precision, recall and AUROC of the positive label for every member and policy; a policy's AUROC
+    ranks images by its own score (a vote's share of positive votes, the mean probability, the deciding member's)."""
     table = {}
-    for row, chosen in decisions(spec, probs).items():
+    for row, (chosen, score) in decisions(spec, probs, scores=True).items():
         predicted = chosen[:, spec.positive_index]
         precision, recall, _, _ = precision_recall_fscore_support(truth, predicted, average="binary", zero_division=0)
-        table[row] = {"accuracy": accuracy_score(truth, predicted), "precision": precision, "recall": recall}
+        auroc = roc_auc_score(truth, score[:, spec.positive_index])
+        table[row] = {"accuracy": accuracy_score(truth, predicted), "precision": precision, "recall": recall, "auroc": auroc}
+    return table
+
+
+def multiclass_table(spec: EnsembleSpec, probs: torch.Tensor, truth: numpy.ndarray) -> Table:
+    """Accuracy (an abstaining vote counts as wrong) and top-1/2/3 accuracy, ranked by each member's probabilities
+    or each policy's own order, for every member and policy."""
+    table = {}
+    for row, (chosen, ranked) in decisions(spec, probs, ranks=True).items():
+        answered = chosen.any(axis=1)
+        correct = answered & (chosen.argmax(axis=1) == truth)
+        table[row] = {"accuracy": float(correct.mean())} | {
+            f"top-{k}": float((ranked[:, :k] == truth[:, None]).any(axis=1).mean()) for k in (1, 2, 3)
+        }
     return table
 
 
@@ -141,48 +176,98 @@ def plot(points: dict[str, Table], path: Path) -> None:
     figure.savefig(path, dpi=110)
 
 
+def corruption_table(spec: EnsembleSpec, ensemble: Ensemble, metric: str) -> Table:
+    """`faces` under each corruption at each strength: one row per (corruption, strength), one column per member and
+    policy, the `metric` of the positive label."""
+    table = {}
+    for name, (_, _, strengths) in CORRUPTIONS.items():
+        for strength in strengths:
+            probs, truth = held_out(ensemble, 0, corrupted(name, strength))
+            scores = binary_table(spec, probs, truth)
+            table[f"{name} {strength:g}"] = {row.split(" ", 1)[1]: values[metric] for row, values in scores.items()}
+    return table
+
+
 def evaluate(specs: Sequence[EnsembleSpec], count: int) -> dict[str, Any]:
     """Every table for every demo ensemble in `specs`, keyed by ensemble name."""
     results: dict[str, Any] = {}
     for spec in specs:
-        probs, truth = held_out(Ensemble.from_spec(spec, torch.device("cpu")), count)
+        ensemble = Ensemble.from_spec(spec, torch.device("cpu"))
+        probs, truth = held_out(ensemble, count)
         if spec.task == "multilabel":
             auroc, macro = multilabel_tables(spec, probs, truth)
             results[spec.name] = {"task": spec.task, "auroc": auroc, "macro": macro}
+        elif spec.task == "multiclass":
+            results[spec.name] = {"task": spec.task, "scores": multiclass_table(spec, probs, truth)}
         else:
             results[spec.name] = {"task": spec.task, "scores": binary_table(spec, probs, truth)}
+        results[spec.name]["images"] = len(truth)
+        if spec.name == "faces":
+            for metric in ("accuracy", "recall"):
+                results[spec.name][f"corrupted {metric}"] = corruption_table(spec, ensemble, metric)
     return results
+
+
+def plot_corruptions(table: Table, clean: Table, members: Sequence[str], path: Path) -> None:
+    """Accuracy against each corruption's strength (clean first), one panel per corruption: members dashed, policies solid."""
+    figure = Figure(figsize=(4.2 * len(CORRUPTIONS), 4.2))
+    axes = figure.subplots(1, len(CORRUPTIONS), squeeze=False)[0]
+    for axis, (name, (meaning, _, strengths)) in zip(axes, CORRUPTIONS.items(), strict=True):
+        ticks = ["clean", *(f"{s:g}" for s in strengths)]
+        for who in next(iter(table.values())):
+            if who.startswith("k_of_n"):
+                continue
+            member = who in members
+            values = [clean[("member " if member else "policy ") + who]["accuracy"]]
+            values += [table[f"{name} {s:g}"][who] for s in strengths]
+            marker = "o^v<>"[members.index(who) % 5] if member else "s"
+            axis.plot(ticks, values, ls="--" if member else "-", marker=marker, label=who,
+                      color="tab:grey" if member else None, alpha=0.7 if member else 1.0)  # fmt: skip
+        axis.set(title=f"faces: {name}", xlabel=meaning, ylabel="accuracy", ylim=(0.45, 1.02))
+        axis.grid(alpha=0.3)
+    axes[0].legend(fontsize=8, loc="lower left")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=Path("ensembles.yaml"))
-    parser.add_argument("--ensemble", action="append", help="default: shapes and multishape")
-    parser.add_argument("--count", type=int, default=2000)
+    parser.add_argument("--ensemble", action="append", help=f"default: {', '.join(DEMOS)}")
+    parser.add_argument("--count", type=int, default=2000, help="held-out images of each synthetic demo")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--plot", type=Path, help="draw precision against recall for every member and policy here")
+    parser.add_argument("--faces-plot", type=Path, help="draw faces' accuracy under each corruption here")
     parser.add_argument("--tta", action="store_true", help="also score multishape with each test-time augmentation")
     args = parser.parse_args()
     specs = load_ensembles(args.config)
-    results = evaluate([specs[name] for name in args.ensemble or ["shapes", "multishape"]], args.count)
+    results = evaluate([specs[name] for name in args.ensemble or DEMOS], args.count)
     if args.tta and "multishape" in results:
         results["multishape"]["tta"] = tta_table(specs["multishape"], args.count)
     for name, result in results.items():
-        print(f"\n{name}: {args.count} held-out images")
+        print(f"\n{name}: {result['images']} held-out images")
         if result["task"] == "multilabel":
             print(markdown(result["auroc"], "AUROC by label") + "\n\n" + markdown(result["macro"], "macro average"))
             if "tta" in result:
                 print("\n" + markdown(result["tta"], "test-time augmentation: who"))
         else:
-            print(markdown(result["scores"], f"held-out ({args.count} images)"))
+            print(markdown(result["scores"], "who"))
+        for metric in ("accuracy", "recall"):
+            if f"corrupted {metric}" in result:
+                print("\n" + markdown(result[f"corrupted {metric}"], f"{metric} under"))
     if args.plot:
         panels = {
             f"{name}: " + ("macro precision / recall" if r["task"] == "multilabel" else "precision / recall of the positive label"):
             r["macro"] if r["task"] == "multilabel" else r["scores"]
-            for name, r in results.items()
+            for name, r in results.items() if r["task"] != "multiclass"
         }  # fmt: skip
         plot(panels, args.plot)
         print(f"\nwrote {args.plot}")
+    if args.faces_plot and "faces" in results:
+        members = [m.name for m in specs["faces"].members]
+        plot_corruptions(results["faces"]["corrupted accuracy"], results["faces"]["scores"], members, args.faces_plot)
+        print(f"wrote {args.faces_plot}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"count": args.count, "results": results}, indent=2) + "\n")

@@ -39,7 +39,12 @@ GATEWAY_TIMEOUT_S = 30
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_CONFIG = ROOT / "config.properties"
 LOG_CONFIG = Path(__file__).resolve().parent / "log4j2.xml"
-DEMO_SAMPLES = {"shapes": "artifacts/samples/present.png", "multishape": "artifacts/samples/multi-triangle-disc-cross.png"}
+DEMO_SAMPLES = {
+    "shapes": "artifacts/samples/present.png",
+    "multishape": "artifacts/samples/multi-triangle-disc-cross.png",
+    "faces": "artifacts/samples/face.png",
+    "digits": "artifacts/samples/digit-7.png",
+}
 
 
 @dataclass(frozen=True)

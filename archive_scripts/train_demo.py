@@ -2,8 +2,9 @@
 
 Usage: python -m archive_scripts.train_demo [--ensemble shapes] [--config ensembles.yaml]
 
-Two demos: `shapes` (binary: is there a triangle?) and `multishape` (multilabel, in the CheXNet mould:
-which of five kinds of shapes are in the image?). Each member is trained on the tensors the serving
+Three demos: `shapes` (binary: is there a triangle?), `multishape` (multilabel, in the CheXNet mould:
+which of five kinds of shapes are in the image?) and `digits` (multiclass, on scikit-learn's real
+handwriting: a timm member, a Hugging Face ViT published with save_pretrained, and one of our own). Each member is trained on the tensors the serving
 code itself produces (`handlers.inputs.images`), so training and serving see identical inputs. The
 multilabel demo writes each member's checkpoint in a different published layout (DataParallel,
 Lightning-style, safetensors), read back by its `state_dict:` rules in ensembles.yaml. Nothing is
@@ -24,8 +25,12 @@ from torch import nn
 
 from archive_scripts.checkpoint_layouts import LAYOUTS
 from archive_scripts.demo_data import LABELS, MULTILABEL_LABELS, POSITIVE, make_multilabel_split, make_split
+from archive_scripts.digits_demo import LABELS as DIGIT_LABELS
+from archive_scripts.digits_demo import split as digits_split
+from archive_scripts.digits_demo import vit as digits_vit
 from handlers.config.files import load_ensembles
 from handlers.config.specs import EnsembleSpec, MemberSpec
+from handlers.execution.outputs import pick
 from handlers.inputs.images import batch_tensors
 from handlers.weights.loading import build_member
 
@@ -40,6 +45,8 @@ class Recipe:
     lr: float = 3e-3
     batch_size: int = 64
     layout: str | None = None
+    # A member whose architecture is written by training itself (a Hugging Face folder's config.json) is created here.
+    create: Callable[[], nn.Module] | None = None
 
 
 @dataclass(frozen=True)
@@ -79,6 +86,19 @@ DEMOS = {
             "tinycnn_gray": Recipe(epochs=3, lr=1e-2, batch_size=16, layout="lightning"),
         },
     ),
+    "digits": Demo(
+        labels=DIGIT_LABELS,
+        positive_label=None,
+        samples=lambda count, seed: digits_split()[0],
+        targets=lambda samples: torch.tensor([s.label for s in samples]),
+        loss=nn.CrossEntropyLoss,
+        train_size=0,
+        recipes={
+            "timm_resnet": Recipe(epochs=10),
+            "vit": Recipe(epochs=30, layout="hugging_face", create=digits_vit),
+            "tinycnn": Recipe(epochs=15),
+        },
+    ),
 }
 
 
@@ -98,16 +118,27 @@ def train(spec: EnsembleSpec, *, threads: int) -> dict[str, float]:
     for index, (member, member_input) in enumerate(zip(spec.members, specs, strict=True)):
         start = time.perf_counter()
         torch.manual_seed(TRAIN_SEED + index)
-        module = build_member(member, spec.base_dir)
         recipe = demo.recipes.get(member.name, Recipe())
-        _fit(module, inputs[member_input], targets, recipe, demo.loss(), label=f"{spec.name}/{member.name}")
+        module = recipe.create() if recipe.create else build_member(member, spec.base_dir)
+        scores = lambda batch, module=module, member=member: pick(module(batch), member.output.select)  # noqa: E731
+        _fit(module, scores, inputs[member_input], targets, recipe, demo.loss(), label=f"{spec.name}/{member.name}")
         _save(module, member, spec.base_dir, recipe)
         seconds[member.name] = time.perf_counter() - start
         print(f"trained {member.name} ({member.arch}) in {seconds[member.name]:.1f}s -> {member.weights}", flush=True)
     return seconds
 
 
-def _fit(module: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, recipe: Recipe, loss_fn: nn.Module, *, label: str) -> None:
+def _fit(
+    module: nn.Module,
+    scores: Callable[[torch.Tensor], torch.Tensor],
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    recipe: Recipe,
+    loss_fn: nn.Module,
+    *,
+    label: str,
+) -> None:
+    """Train `module` on `scores` (its forward's output, selected as the member's `output:` says)."""
     optimiser = torch.optim.AdamW(module.parameters(), lr=recipe.lr, weight_decay=1e-4)
     steps = recipe.epochs * -(-len(inputs) // recipe.batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=recipe.lr, total_steps=steps)
@@ -118,7 +149,7 @@ def _fit(module: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, recipe:
         total, batches = 0.0, 0
         for batch in order.split(recipe.batch_size):
             optimiser.zero_grad(set_to_none=True)
-            loss = loss_fn(module(inputs[batch]), targets[batch])
+            loss = loss_fn(scores(inputs[batch]), targets[batch])
             loss.backward()
             optimiser.step()
             schedule.step()

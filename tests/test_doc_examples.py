@@ -6,7 +6,7 @@ marks it, and the next code block, folded under an admonition or not, is what it
 folder; `<!-- not tested: REASON -->` marks an example the demos cannot answer. A shown output matches
 what the example printed when it has the same keys, strings and integers, and every other number within
 TOLERANCE; digests and timestamps, which change with every build, stand for any digest and timestamp.
-One TorchServe (with its v2 gateway) serves both demos for the whole module, with the shipped settings
+One TorchServe (with its v2 gateway) serves the four demos for the whole module, with the shipped settings
 and the real token; only its ports differ, and the examples' addresses are rewritten to them.
 """
 
@@ -29,7 +29,7 @@ from archive_scripts.torchserve_ctl import SHIPPED_CONFIG, Server, private_serve
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
-DEMOS = ("shapes", "multishape")
+DEMOS = ("shapes", "multishape", "faces", "digits")
 TOLERANCE = 1e-3
 RUN_TIMEOUT_S = 180
 MARK = re.compile(r"<!-- example: (?P<name>[\w-]+)(?P<options>(?:; \w+: [\w-]+)*) -->")

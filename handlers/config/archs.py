@@ -28,8 +28,9 @@ HF_WEIGHTS = "model.safetensors"
 ZOO_DISTRIBUTIONS = {"timm": "timm", "transformers": "transformers"}
 
 
-def check_arch(arch: str, base_dir: Path) -> Arch:
-    """The architecture taken apart, once what can be checked without running its code holds."""
+def check_arch(arch: str, base_dir: Path, check_files: bool = True) -> Arch:
+    """The architecture taken apart, once what can be checked without running its code holds; `check_files=False`
+    lets a Hugging Face folder be absent (training writes it)."""
     try:
         parsed = Arch.parse(arch)
     except ValueError as e:
@@ -46,7 +47,7 @@ def check_arch(arch: str, base_dir: Path) -> Arch:
         if parsed.name not in known:
             close = get_close_matches(parsed.name, known, n=3)
             fail(f"unknown timm model {parsed.name!r}" + (f"; closest: {', '.join(close)}" if close else ""))
-    elif parsed.kind == "transformers":
+    elif parsed.kind == "transformers" and (check_files or (base_dir / parsed.target / HF_CONFIG).exists()):
         hf_config(base_dir / parsed.target)
     elif parsed.kind == "file":
         path = base_dir / parsed.target
@@ -71,8 +72,11 @@ def hf_config(folder: Path) -> dict:
     return config
 
 
-def hf_labels(folder: Path) -> tuple[str, ...] | None:
-    """The labels a Hugging Face config's id2label gives, in output order; None when it gives none."""
+def hf_labels(folder: Path, check_files: bool = True) -> tuple[str, ...] | None:
+    """The labels a Hugging Face config's id2label gives, in output order; None when it gives none (or, without
+    `check_files`, when the folder is not written yet)."""
+    if not check_files and not (folder / HF_CONFIG).exists():
+        return None
     id2label = hf_config(folder).get("id2label")
     if not isinstance(id2label, dict) or not id2label:
         return None

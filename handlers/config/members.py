@@ -181,7 +181,7 @@ class MemberConfig(Strict):
     @field_validator("arch")
     @classmethod
     def _arch_exists(cls, arch: str, info: ValidationInfo) -> str:
-        check_arch(arch, files_context(info)[0])
+        check_arch(arch, *files_context(info))
         return arch
 
     @model_validator(mode="after")
@@ -194,7 +194,7 @@ class MemberConfig(Strict):
             within(("arch",), lambda: check_package_member(arch))
         weights = self.weights
         if arch.kind == "transformers":
-            self._found["labels"] = within(("arch",), lambda: hf_labels(base_dir / arch.target))
+            self._found["labels"] = within(("arch",), lambda: hf_labels(base_dir / arch.target, check_files))
             weights = weights or f"{arch.target}/{HF_WEIGHTS}"
         elif weights is None:
             fail("missing key 'weights'")
