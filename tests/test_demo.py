@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import json
 import zipfile
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
 
 from archive_scripts.build_archives import build_archive
 from archive_scripts.demo_data import MULTILABEL_LABELS, make_multilabel_split, make_split
-from archive_scripts.evaluate_demo import TTA_MODES, evaluate, plot, tta_table
+from archive_scripts.evaluate_demo import TTA_MODES, evaluate, plot, plot_corruptions, tta_table
+from archive_scripts.faces_demo import CORRUPTIONS
 from handlers.config.files import load_ensembles
 from handlers.weights.loading import sha256_of
 
@@ -75,3 +77,47 @@ def test_trained_demos_evaluate_and_build(tmp_path: Path) -> None:
         [(".pt", {"strip_prefix": ["module."]}), (".ckpt", {"key": "state_dict", "strip_prefix": ["model."]}), (".safetensors", {})],
         key=str,
     )
+
+
+def test_the_real_data_demos_evaluate_and_build(tmp_path: Path) -> None:
+    """faces: published MTCNN weights on lfw_subset, clean and corrupted; digits: three kinds of member on real
+    handwriting. Both build, with every package their members' code comes from pinned."""
+    specs = load_ensembles(ROOT / "ensembles.yaml")
+    results = evaluate([specs["faces"], specs["digits"]], 0)
+
+    faces = results["faces"]
+    assert faces["images"] == 200
+    for member in ("pnet", "rnet", "onet"):
+        assert faces["scores"][f"member {member}"]["accuracy"] >= 0.95, faces["scores"]
+    blurred = faces["corrupted recall"]["blur 2"]
+    assert blurred["any"] >= blurred["majority"] >= blurred["all"], blurred
+    assert blurred["any"] > blurred["all"] + 0.3, blurred
+    assert list(faces["corrupted accuracy"]) == [f"{name} {s:g}" for name, (_, _, strengths) in CORRUPTIONS.items() for s in strengths]
+
+    digits = results["digits"]
+    assert digits["images"] == 450
+    for member in ("timm_resnet", "vit", "tinycnn"):
+        assert digits["scores"][f"member {member}"]["accuracy"] >= 0.9, digits["scores"]
+    mean = digits["scores"]["policy mean"]
+    assert mean["accuracy"] >= 0.98 and mean["top-1"] <= mean["top-2"] <= mean["top-3"], mean
+
+    picture = tmp_path / "faces.png"
+    plot_corruptions(faces["corrupted accuracy"], faces["scores"], ["pnet", "rnet", "onet"], picture)
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    pins = {}
+    for name in ("faces", "digits"):
+        with zipfile.ZipFile(build_archive(specs[name], tmp_path / "store")) as packed:
+            members = json.loads(packed.read("ensemble.json"))["ensemble"]["members"]
+        pins[name] = {m["name"]: (m["arch"], m.get("requires"), m["output"]) for m in members}
+    probabilities = {"kind": "probabilities"}
+    assert pins["faces"] == {
+        "pnet": ("facenet_pytorch.models.mtcnn:PNet", "facenet-pytorch==2.6.0", {"select": 1, **probabilities}),
+        "rnet": ("facenet_pytorch.models.mtcnn:RNet", "facenet-pytorch==2.6.0", {"select": 1, **probabilities}),
+        "onet": ("facenet_pytorch.models.mtcnn:ONet", "facenet-pytorch==2.6.0", {"select": 2, **probabilities}),
+    }
+    assert pins["digits"] == {
+        "timm_resnet": ("timm:test_resnet", f"timm=={version('timm')}", {"kind": "logits"}),
+        "vit": ("transformers:code/vit", f"transformers=={version('transformers')}", {"select": "logits", "kind": "logits"}),
+        "tinycnn": ("code/demo_models.py:TinyConvNet", None, {"kind": "logits"}),
+    }
