@@ -24,12 +24,16 @@ import pytest
 import requests
 import torch
 
+from archive_scripts.build_archives import build_archive
 from archive_scripts.torchserve_ctl import Server, private_server, register, start, stop, unregister
+from handlers.config.files import load_ensembles
 from handlers.execution.plans import AUTO_PLANS
-from handlers.inputs.images import decode_image, to_tensor
+from handlers.inputs.images import batch_tensors, decode_image, to_tensor
 from handlers.weights.checkpoints import read_checkpoint
 from tests.checkpoint_layouts import CHEXNET_LABELS, chexnet
 from tests.conftest import assert_same_predictions, image_bytes, instances, npy_bytes, reference, source_spec, tensor_reference
+from tests.test_member_outputs import TASKS as OUTPUT_TASKS
+from tests.test_member_outputs import expected_scores, write_members
 
 pytestmark = pytest.mark.integration
 TIMEOUT = 60
@@ -322,3 +326,26 @@ def test_logs_go_once_to_their_own_files_without_debug(server: Server) -> None:
     assert len(access) - before == 3
     assert "[DEBUG]" not in ts_log
     assert "POST /predictions/trio" not in ts_log
+
+
+def test_members_with_structured_outputs_and_their_own_labels_answer_on_torchserve(server: Server, test_store: Path, tmp_path: Path) -> None:
+    """Tuple, dict, dataclass, nested and [N, C, 1, 1] outputs, reordered labels and extra ones, through the real
+    TorchServe: every member's scores are its own module's, mapped onto the ensemble's labels."""
+    labels, members, policy = OUTPUT_TASKS["multiclass"]
+    path, modules = write_members(tmp_path / "src", "multiclass", members, labels, policy)
+    spec = load_ensembles(path)["multiclass"]
+    build_archive(spec, test_store)
+    register(server, "multiclass", workers=1)
+    try:
+        images = [image_bytes(seed, size=(31, 26)) for seed in (21, 22)]
+        rows = batch_tensors([decode_image(data, spec.limits) for data in images], [spec.input])[spec.input]
+        for image, row in zip(images, rows, strict=True):
+            response = predict(server, "multiclass", data=image, headers={"Content-Type": "image/png", "X-Ensemble-Top-K": "3"})
+            assert response.status_code == 200, response.text
+            answer = response.json()["predictions"][0]["members"]
+            for name, (_, own, output) in members.items():
+                with torch.inference_mode():
+                    [want] = expected_scores(modules[name], row[None], "multiclass", own or labels, labels, output)
+                assert {entry["label"]: entry["score"] for entry in answer[name]["top"]} == pytest.approx(want, abs=1e-4)
+    finally:
+        unregister(server, "multiclass")

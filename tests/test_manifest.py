@@ -60,8 +60,13 @@ def test_answer_options_default_to_one_label_fast_and_no_views(ensemble_yaml: Ca
 
 def test_shipped_ensembles_yaml_is_valid() -> None:
     specs = load_ensembles(Path("ensembles.yaml"), check_files=False)
-    assert sorted(specs) == ["multishape", "shapes"]
+    assert sorted(specs) == ["digits", "faces", "multishape", "shapes"]
     assert specs["shapes"].task == "binary" and specs["shapes"].positive_label == "present"
+    assert [(m.output.select, m.output.kind, m.requires) for m in specs["faces"].members] == [
+        ((1,), "probabilities", "facenet-pytorch==2.6.0"),
+        ((1,), "probabilities", "facenet-pytorch==2.6.0"),
+        ((2,), "probabilities", "facenet-pytorch==2.6.0"),
+    ]
 
 
 PREFIX = "ensembles.yaml: ensembles.trio"

@@ -7,6 +7,8 @@ word for word.
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -106,9 +108,11 @@ def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     handler, context = load_handler(root / "store", task, root / "model")
     images = [image_bytes(seed, size=(31, 26)) for seed in range(4)]
     replies = serve(handler, context, [({"body": data}, {"Content-Type": "image/png"}) for data in images])
+    v2 = {"inputs": [{"name": "images", "shape": [len(images)], "datatype": "BYTES", "data": [base64.b64encode(d).decode() for d in images]}]}
+    [v2_reply] = serve(handler, context, [({"body": json.dumps(v2).encode()}, {"Content-Type": "application/json"})])
     rows = batch_tensors([decode_image(data, spec.limits) for data in images], [spec.input])[spec.input]
     return {"task": task, "labels": labels, "members": members, "modules": modules, "replies": replies, "rows": rows,
-            "describe": handler.ensemble.describe()}
+            "describe": handler.ensemble.describe(), "v2": v2_reply}
 
 
 @pytest.mark.slow
@@ -126,6 +130,23 @@ def test_each_member_is_served_with_its_module_scores_in_the_ensemble_label_orde
             else:
                 assert member["label"] == max(want, key=want.get)
                 assert member["score"] == pytest.approx(max(want.values()), abs=1e-4)
+
+
+@pytest.mark.slow
+def test_v2_gives_every_member_score_in_the_ensemble_label_order_with_null_where_a_member_scores_none(served: dict[str, Any]) -> None:
+    task, labels = served["task"], served["labels"]
+    status, body, _ = served["v2"]
+    assert status == 200
+    outputs = {output["name"]: output for output in body["outputs"]}
+    for name, (_, own, output) in served["members"].items():
+        with torch.inference_mode():
+            expected = expected_scores(served["modules"][name], served["rows"], task, own or labels, labels, output)
+        scores = outputs[f"{name}.scores"]
+        assert scores["shape"] == [4, len(labels)]
+        rows = [scores["data"][i * len(labels) : (i + 1) * len(labels)] for i in range(4)]
+        for row, want in zip(rows, expected, strict=True):
+            assert [value is None for value in row] == [label not in want for label in labels]
+            assert [v for v in row if v is not None] == pytest.approx([want[label] for label in labels if label in want], abs=1e-4)
 
 
 @pytest.mark.slow

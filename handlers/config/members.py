@@ -10,7 +10,16 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Self
 
-from pydantic import AfterValidator, BeforeValidator, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    Field,
+    PrivateAttr,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 from handlers.config.archs import HF_WEIGHTS, check_arch, check_package_member, hf_labels, requirement
 from handlers.config.fields import Strict, choice, fail, keyed, listed, mapping, maybe, number, regex, text, within
@@ -92,11 +101,12 @@ def _select_path(value: Any) -> Any:
     return tuple(_select_step(step) for step in steps)
 
 
-SelectPath = Annotated[
-    tuple[int | str, ...],
-    BeforeValidator(_select_path),
-    Field(json_schema_extra={"anyOf": [{"type": "integer", "minimum": 0}, {"type": "string"}, {"type": "array", "minItems": 1}]}),
-]
+SELECT_SCHEMA = {"anyOf": [
+    {"type": "integer", "minimum": 0},
+    {"type": "string", "pattern": f"^{SELECT_STEP}$"},
+    {"type": "array", "minItems": 1, "items": {"anyOf": [{"type": "integer", "minimum": 0}, {"type": "string", "pattern": f"^{SELECT_STEP}$"}]}},
+]}  # fmt: skip
+SelectPath = Annotated[tuple[int | str, ...], BeforeValidator(_select_path), WithJsonSchema(SELECT_SCHEMA)]
 
 
 class OutputConfig(Strict):
@@ -107,7 +117,7 @@ class OutputConfig(Strict):
         None,
         description="An integer indexes a tuple or list, a name picks a dict key or an attribute (a Hugging Face "
         "ModelOutput's `logits`), a list walks nested structures, e.g. `[0, logits]`. Default: the output itself, "
-        "which must then be a tensor (transformers: members: `logits`).",
+        "which must then be a tensor (for a transformers: member, `logits`).",
     )
     kind: choice(OUTPUT_KINDS) = Field(
         "logits",
