@@ -101,7 +101,10 @@ def requirement(arch: Arch, requires: str | None) -> str | None:
         return None
     if requires is None:
         distribution = ZOO_DISTRIBUTIONS.get(arch.kind) or _distribution_of(arch.target.split(".")[0])
-        return f"{distribution}=={version(distribution)}"
+        try:
+            return f"{distribution}=={version(distribution)}"
+        except PackageNotFoundError:
+            fail(f"{arch.kind} members need {distribution}, which this environment does not have; install it: pip install {distribution}")
     try:
         wanted = Requirement(requires)
     except InvalidRequirement as e:

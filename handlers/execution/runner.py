@@ -89,7 +89,7 @@ class MemberRunner:
             remembered=remembered_plans or {},
         )
         heads = [
-            fit_head(member, module, given.instance_shape, spec.task, spec.labels, device)
+            fit_head(member, module, given.instance_shape, spec.task, spec.labels, device).to(device)
             for member, module, given in zip(spec.members, modules, member_inputs, strict=True)
         ]
         self.groups: list[Group] = plan_groups(
