@@ -328,24 +328,28 @@ def test_logs_go_once_to_their_own_files_without_debug(server: Server) -> None:
     assert "POST /predictions/trio" not in ts_log
 
 
-def test_members_with_structured_outputs_and_their_own_labels_answer_on_torchserve(server: Server, test_store: Path, tmp_path: Path) -> None:
-    """Tuple, dict, dataclass, nested and [N, C, 1, 1] outputs, reordered labels and extra ones, through the real
-    TorchServe: every member's scores are its own module's, mapped onto the ensemble's labels."""
-    labels, members, policy = OUTPUT_TASKS["multiclass"]
-    path, modules = write_members(tmp_path / "src", "multiclass", members, labels, policy)
-    spec = load_ensembles(path)["multiclass"]
+@pytest.mark.parametrize("task", ["multiclass", "multilabel"])
+def test_members_with_structured_outputs_and_their_own_labels_answer_on_torchserve(
+    server: Server, test_store: Path, tmp_path: Path, task: str
+) -> None:
+    """Tuple, dict, dataclass, nested and [N, C, 1, 1] outputs, reordered labels, extra ones and (multilabel) some
+    labels only, through the real TorchServe: every member's scores are its own module's, on the ensemble's labels."""
+    labels, members, policy = OUTPUT_TASKS[task]
+    path, modules = write_members(tmp_path / "src", task, members, labels, policy)
+    spec = load_ensembles(path)[task]
     build_archive(spec, test_store)
-    register(server, "multiclass", workers=1)
+    register(server, task, workers=1)
     try:
         images = [image_bytes(seed, size=(31, 26)) for seed in (21, 22)]
         rows = batch_tensors([decode_image(data, spec.limits) for data in images], [spec.input])[spec.input]
         for image, row in zip(images, rows, strict=True):
-            response = predict(server, "multiclass", data=image, headers={"Content-Type": "image/png", "X-Ensemble-Top-K": "3"})
+            response = predict(server, task, data=image, headers={"Content-Type": "image/png", "X-Ensemble-Top-K": "3"} if task == "multiclass" else {"Content-Type": "image/png"})
             assert response.status_code == 200, response.text
             answer = response.json()["predictions"][0]["members"]
             for name, (_, own, output) in members.items():
                 with torch.inference_mode():
-                    [want] = expected_scores(modules[name], row[None], "multiclass", own or labels, labels, output)
-                assert {entry["label"]: entry["score"] for entry in answer[name]["top"]} == pytest.approx(want, abs=1e-4)
+                    [want] = expected_scores(modules[name], row[None], task, own or labels, labels, output)
+                served = answer[name]["scores"] if task == "multilabel" else {entry["label"]: entry["score"] for entry in answer[name]["top"]}
+                assert served == pytest.approx(want, abs=1e-4)
     finally:
-        unregister(server, "multiclass")
+        unregister(server, task)

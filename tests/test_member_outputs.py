@@ -11,6 +11,7 @@ import base64
 import json
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -97,11 +98,26 @@ def expected_scores(module: torch.nn.Module, rows: torch.Tensor, task: str, own:
     return [dict(zip(labels, row.tolist(), strict=True)) for row in probs]
 
 
-@pytest.fixture(scope="module", params=list(TASKS))
-def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    task = request.param
+@pytest.fixture(scope="module")
+def serve_task(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], dict[str, Any]]:
+    """Build, load and ask the ensemble of one task kind's members, once per task for the module."""
+    done: dict[str, dict[str, Any]] = {}
+
+    def served(task: str) -> dict[str, Any]:
+        if task not in done:
+            done[task] = _serve(task, tmp_path_factory.mktemp(f"outputs-{task}"))
+        return done[task]
+
+    return served
+
+
+@pytest.fixture(params=list(TASKS))
+def served(request: pytest.FixtureRequest, serve_task: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
+    return serve_task(request.param)
+
+
+def _serve(task: str, root: Path) -> dict[str, Any]:
     labels, members, policy = TASKS[task]
-    root = tmp_path_factory.mktemp(f"outputs-{task}")
     path, modules = write_members(root / "src", task, members, labels, policy)
     spec = load_ensembles(path)[task]
     build_archive(spec, root / "store")
@@ -150,9 +166,8 @@ def test_v2_gives_every_member_score_in_the_ensemble_label_order_with_null_where
 
 
 @pytest.mark.slow
-def test_multilabel_votes_count_only_the_members_that_score_each_label(served: dict[str, Any]) -> None:
-    if served["task"] != "multilabel":
-        pytest.skip("multilabel only: binary and multiclass members score every label")
+def test_multilabel_votes_count_only_the_members_that_score_each_label(serve_task: Callable[[str], dict[str, Any]]) -> None:
+    served = serve_task("multilabel")
     labels, members = served["labels"], served["members"]
     for (_, body, _), i in zip(served["replies"], range(4), strict=True):
         with torch.inference_mode():
@@ -167,10 +182,8 @@ def test_multilabel_votes_count_only_the_members_that_score_each_label(served: d
 
 
 @pytest.mark.slow
-def test_describe_shows_each_member_mapping(served: dict[str, Any]) -> None:
-    if served["task"] != "multiclass":
-        pytest.skip("one task kind shows the mapping")
-    mapping = {member["name"]: member["outputs"] for member in served["describe"]["members"]}
+def test_describe_shows_each_member_mapping(serve_task: Callable[[str], dict[str, Any]]) -> None:
+    mapping = {member["name"]: member["outputs"] for member in serve_task("multiclass")["describe"]["members"]}
     assert mapping["extra_logits"] == {"select": [0, "logits"], "kind": "logits", "columns": {"cat": 2, "dog": 0, "fox": 3},
                                        "dropped": ["wolf"], "not_scored": []}
     assert mapping["conv_map"] == {"select": [], "kind": "logits", "columns": {"cat": 0, "dog": 1, "fox": 2}, "dropped": [], "not_scored": []}

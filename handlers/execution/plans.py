@@ -1,6 +1,6 @@
 """Execution plans: the ways one member's forward call can run, and the choice among them by measurement.
 
-A plan turns a loaded module into a function `[n, *input] -> logits`:
+A plan turns a loaded member (behind its `outputs.MemberHead`) into a function `[n, *input] -> probabilities`:
 - `eager`: the module as loaded;
 - `channels_last`: weights and input in NHWC order (4-D inputs only), which many CPU and GPU
   convolution kernels run faster;
