@@ -14,6 +14,7 @@ the way TorchServe will load it, and only then renamed into place: a failure lea
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -36,11 +37,15 @@ from handlers.config.schema import MANIFEST_FORMAT
 from handlers.config.specs import Arch, EnsembleSpec, MemberSpec, StateDictRules
 from handlers.ensemble import Ensemble
 from handlers.errors import ConfigError, EnsembleError
-from handlers.weights.checkpoints import save_normalized
+from handlers.execution.engines import Export, export_onnx
+from handlers.execution.outputs import fit_head
+from handlers.weights.checkpoints import Fitted, save_normalized
 from handlers.weights.loading import build_member, member_weights, sha256_of, source_digest
 
 HANDLERS_DIR = Path(__file__).resolve().parent.parent / "handlers"
 HANDLER_FILE = "ensemble_handler.py"
+EXPORT_CACHE = HANDLERS_DIR.parent / "build" / "onnx-cache"
+EXPORT_CODE = ("engines.py", "outputs.py")
 FORGIVEN_WHY = {
     "filled": "with 0: its checkpoint predates PyTorch 0.4.1, and torch's strict loading fills them the same way",
     "discarded": "of FrozenBatchNorm2d layers, which have no place for them; torchvision drops them the same way",
@@ -54,7 +59,7 @@ def build_archive(spec: EnsembleSpec, store: Path) -> Path:
     try:
         payload = staging / "payload"
         shutil.copytree(HANDLERS_DIR, payload / "handlers", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        members, digests, sources = _stage_members(spec, payload)
+        members, digests, sources, engines = _stage_members(spec, payload)
         packed = replace(spec, members=members)
         digests.update({p.relative_to(payload).as_posix(): sha256_of(p) for p in sorted((payload / "handlers").rglob("*.py"))})
         manifest = {
@@ -63,6 +68,7 @@ def build_archive(spec: EnsembleSpec, store: Path) -> Path:
             "ensemble": packed.to_dict(),
             "digests": digests,
             "sources": sources,
+            "engines": engines,
             "build": _build_info(),
         }
         (payload / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -89,25 +95,34 @@ def build_archive(spec: EnsembleSpec, store: Path) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _stage_members(spec: EnsembleSpec, payload: Path) -> tuple[tuple[MemberSpec, ...], dict[str, str], dict[str, dict]]:
+def _stage_members(
+    spec: EnsembleSpec, payload: Path
+) -> tuple[tuple[MemberSpec, ...], dict[str, str], dict[str, dict], dict[str, dict]]:
     """Write normalized weights and copy model files into the payload.
 
     Returns the members as the archive declares them (archive paths, no rules left to apply), the
-    digest of every staged file, and each member's source checkpoint.
+    digest of every staged file, each member's source checkpoint, and its ONNX export (or why there is none).
     """
     (payload / "members").mkdir()
     (payload / "code").mkdir()
     digests: dict[str, str] = {}
     sources: dict[str, dict] = {}
+    engines: dict[str, dict] = {}
     code_sources: dict[str, Path] = {}
     members = []
     for member in spec.members:
         source_sha256 = source_digest(member, spec.base_dir)
         weights = f"members/{member.name}.safetensors"
-        fitted = member_weights(member, spec.base_dir, build_member(member, spec.base_dir))
+        module = build_member(member, spec.base_dir)
+        fitted = member_weights(member, spec.base_dir, module)
         save_normalized(fitted.state, payload / weights)
         digests[weights] = sha256_of(payload / weights)
         sources[member.name] = {"file": member.weights, "sha256": source_sha256, "state_dict": member.state_dict.to_dict(), **fitted.record()}
+        onnx = f"members/{member.name}.onnx"
+        export = _export(spec, member, module, fitted, payload / onnx, payload / weights)
+        if export.exporter is not None:
+            digests[onnx] = sha256_of(payload / onnx)
+        engines[member.name] = export.record(onnx)
         arch = member.arch
         if member.arch_file is not None:
             source = (spec.base_dir / member.arch_file).resolve()
@@ -120,7 +135,26 @@ def _stage_members(spec: EnsembleSpec, payload: Path) -> tuple[tuple[MemberSpec,
             digests[packed] = sha256_of(payload / packed)
             arch = f"transformers:code/{member.name}" if hugging_face else f"{packed}:{member.arch.rsplit(':', 1)[1]}"
         members.append(replace(member, arch=arch, weights=weights, sha256=digests[weights], state_dict=StateDictRules()))
-    return tuple(members), digests, sources
+    return tuple(members), digests, sources, engines
+
+
+def _export(spec: EnsembleSpec, member: MemberSpec, module: torch.nn.Module, fitted: Fitted, path: Path, weights: Path) -> Export:
+    """The member, behind the head that serves it, exported to ONNX and proven against eager at the slice sizes.
+
+    Exports are cached in build/onnx-cache under a key of everything the graph depends on (the normalized weights,
+    the member's architecture, kwargs, output and labels, the ensemble's labels and task, the input, the code that
+    exports and torch's version): rebuilding an unchanged member proves the cached file instead of exporting again.
+    """
+    module.load_state_dict(fitted.state, strict=True)
+    given = spec.member_input(member)
+    head = fit_head(member, module.eval(), given.instance_shape, spec.task, spec.labels, torch.device("cpu"))
+    key = json.dumps(
+        [sha256_of(weights), member.arch, dict(member.kwargs), member.output.to_dict(), member.labels, spec.labels,
+         spec.task, given.instance_shape, torch.__version__, [sha256_of(HANDLERS_DIR / "execution" / f) for f in EXPORT_CODE]],
+        sort_keys=True, default=list,
+    )  # fmt: skip
+    cache = EXPORT_CACHE / hashlib.sha256(key.encode()).hexdigest()[:32]
+    return export_onnx(head, given.instance_shape, path, spec.slice_sizes(1, given.views), cache)
 
 
 def _load_back(archive: Path, where: Path) -> None:
@@ -131,11 +165,15 @@ def _load_back(archive: Path, where: Path) -> None:
 
 
 def forgiven_lines(archive: Path) -> list[str]:
-    """One line per member whose weights torch's loading rules completed, read back from the archive's manifest."""
+    """One line per member whose weights torch's loading rules completed, or that ONNX could not take, read back
+    from the archive's manifest."""
     with zipfile.ZipFile(archive) as zipped:
-        sources = json.loads(zipped.read(MANIFEST_NAME))["sources"]
+        manifest = json.loads(zipped.read(MANIFEST_NAME))
     lines = []
-    for member, source in sources.items():
+    for member, onnx in manifest.get("engines", {}).items():
+        if "refused" in onnx:
+            lines.append(f"member {member!r}: not exported to ONNX, served by the other plans: {onnx['refused']}")
+    for member, source in manifest["sources"].items():
         for kind, counts in (("filled", source.get("filled", {})), ("discarded", source.get("discarded", {}))):
             for buffer, count in counts.items():
                 why = FORGIVEN_WHY[kind]

@@ -24,8 +24,10 @@ from handlers.config.files import read_archive_manifest
 from handlers.config.policy import PolicySpec, policy_names
 from handlers.config.specs import EnsembleSpec, TensorSpec
 from handlers.errors import EnsembleError
+from handlers.execution.engines import archived_exports
 from handlers.execution.outputs import label_mapping
 from handlers.execution.plan_store import shared_plans
+from handlers.execution.plans import Exported
 from handlers.execution.runner import Inputs, MemberRunner, usable_cores
 from handlers.inputs.prepare import PreparedRequest, RequestPreparer
 from handlers.inputs.v2 import V2Form
@@ -79,13 +81,16 @@ class Ensemble:
         *,
         parallelism: int = 1,
         remembered_plans: Mapping[str, Mapping[str, Any]] | None = None,
+        exported: Mapping[str, Exported] | None = None,
     ) -> None:
         """`sources` says which checkpoint each member came from; see MemberRunner for the rest."""
         self.spec = spec
         self.device = device
         self.build = dict(build)
         self.sources = dict(sources)
-        self.runner = MemberRunner(spec, modules, device, parallelism=parallelism, remembered_plans=remembered_plans)
+        self.runner = MemberRunner(
+            spec, modules, device, parallelism=parallelism, remembered_plans=remembered_plans, exported=exported
+        )
         self.answers = Renderer(spec, build, {name: source["sha256"] for name, source in self.sources.items()})
         self.requests = RequestPreparer(spec, self.output_names())
 
@@ -102,7 +107,11 @@ class Ensemble:
         modules = load_archived_members(manifest, model_dir)
         context = {"torch": torch.__version__, "device": device.type, "member_threads": parallelism}
         with shared_plans(model_dir, context) as plans:
-            ensemble = cls(spec, modules, device, manifest.build, manifest.sources, parallelism=parallelism, remembered_plans=plans.remembered)
+            ensemble = cls(
+                spec, modules, device, manifest.build, manifest.sources,
+                parallelism=parallelism, remembered_plans=plans.remembered,
+                exported=archived_exports(manifest.engines, model_dir),
+            )  # fmt: skip
             plans.record(ensemble.plan_choices())
         return ensemble
 

@@ -70,7 +70,8 @@ def test_auto_times_every_candidate_and_keeps_a_verified_faster_one(tmp_path: Pa
     ]
     for member in described["members"]:
         chosen = member["execution"]
-        assert set(chosen["ms_per_call"]) == set(AUTO_PLANS)
+        # Loaded from ensembles.yaml, not an archive: there is no ONNX export to time (tests/test_engines.py times it).
+        assert set(chosen["ms_per_call"]) == set(AUTO_PLANS) - {"onnxruntime"}
         assert set(chosen["ms_per_call"]["eager"]) == {"1", "4"}  # One image, and batch 8 capped by micro_batch_size 4.
         assert chosen["rejected"] == {}
         assert chosen["plan"] in AUTO_PLANS

@@ -213,6 +213,9 @@ class ManifestFile(Strict):
     sources: keyed(str, Any, "a mapping") = Field(
         description="Per member: the checkpoint it was built from and the rules applied."
     )
+    engines: keyed(str, Any, "a mapping") = Field(
+        default_factory=dict, description="Per member: its ONNX export (file and exporter), or why the build could not export it."
+    )
 
     @model_validator(mode="after")
     def _one_source_per_member(self) -> Self:
@@ -227,6 +230,7 @@ class ManifestFile(Strict):
             digests=dict(self.digests),
             build=dict(self.build),
             sources=dict(self.sources),
+            engines=dict(self.engines),
         )
 
 

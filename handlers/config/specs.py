@@ -15,7 +15,7 @@ from handlers.config.policy import PolicySpec
 from handlers.errors import ConfigError
 
 INPUT_TYPES = ("image", "tensor")
-PLANS = ("auto", "eager", "channels_last", "frozen", "frozen_channels_last", "compiled")
+PLANS = ("auto", "eager", "channels_last", "frozen", "frozen_channels_last", "onnxruntime", "compiled")
 RESIZE_MODES = ("stretch", "center_crop")
 TTA_VIEWS = {"none": 1, "hflip": 2, "five_crop": 5, "ten_crop": 10}
 CROP_FRACTION = 0.875
@@ -297,13 +297,15 @@ class ArchiveManifest:
     `sources` maps each member to the checkpoint it was built from: `{"file", "sha256", "state_dict"}`,
     the digest `sha256:` in ensembles.yaml pins and the rules the build applied, plus `filled` /
     `discarded` (buffer name -> count) when torch's loading rules filled or dropped buffers. The archived weights
-    are already normalized, so the archived members carry no rules of their own.
+    are already normalized, so the archived members carry no rules of their own. `engines` maps each member to
+    its ONNX export, `{"file", "exporter"}`, or `{"refused": why}`.
     """
 
     ensemble: EnsembleSpec
     digests: Mapping[str, str]
     build: Mapping[str, Any]
     sources: Mapping[str, Mapping[str, Any]]
+    engines: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
 def _lists(value: Any) -> Any:

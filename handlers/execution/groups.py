@@ -22,7 +22,7 @@ from torch.func import functional_call, stack_module_state
 from handlers.config.specs import Execution, MemberInput, MemberSpec
 from handlers.errors import MemberLoadError
 from handlers.execution.outputs import largest_difference
-from handlers.execution.plans import Choice, PlanRejected, choose
+from handlers.execution.plans import Choice, Exported, PlanRejected, choose
 
 FUSE_TOLERANCE = 1e-5
 logger = logging.getLogger(__name__)
@@ -49,6 +49,7 @@ class PlanContext:
 
     executions: Sequence[Execution]
     sizes: Sequence[Sequence[int]]
+    exported: Sequence[Exported | None] = ()
     remembered: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
@@ -104,6 +105,7 @@ def _planned(index: int, member: MemberSpec, module: nn.Module, spec: MemberInpu
             sizes=plans.sizes[index],
             device=device,
             remembered=plans.remembered.get(member.name),
+            exported=plans.exported[index] if plans.exported else None,
         )
     except PlanRejected as e:
         raise MemberLoadError(f"member {member.name!r}: {e}; choose another execution plan, or plan: auto") from e

@@ -8,6 +8,8 @@ A plan turns a loaded member (behind its `outputs.MemberHead`) into a function `
   convolutions) and passed through `optimize_for_inference`; the interpreter runs without the GIL,
   so members on different threads no longer take turns at Python;
 - `frozen_channels_last`: both;
+- `onnxruntime`: the ONNX file the build exported and proved (`execution.engines`), run by ONNX Runtime
+  on one intra-op thread;
 - `compiled`: `torch.compile`, tried by `auto` only with `compile: true` (it takes seconds to
   minutes per member, paid again at every worker start).
 
@@ -27,20 +29,24 @@ import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from handlers.config.specs import Execution
+from handlers.execution.engines import EngineUnavailable, onnxruntime_forward
 from handlers.execution.outputs import largest_difference
 
 TOLERANCE = 1e-4
 MIN_GAIN = 1.03
 TIMED_CALLS = 5
 TIME_BUDGET_S = 1.0
-FIXED_PLANS = ("eager", "channels_last", "frozen", "frozen_channels_last", "compiled")
-AUTO_PLANS = FIXED_PLANS[:4]
+FIXED_PLANS = ("eager", "channels_last", "frozen", "frozen_channels_last", "onnxruntime", "compiled")
+AUTO_PLANS = FIXED_PLANS[:5]
+# What the archive holds for a member's ONNX plan: the exported file, or why the build could not export it.
+Exported = Path | str
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -101,6 +107,7 @@ def choose(
     sizes: Sequence[int],
     device: torch.device,
     remembered: Mapping[str, Any] | None = None,
+    exported: Exported | None = None,
 ) -> Choice:
     """The plan `execution` asks for; with `auto`, the fastest candidate that reproduces eager.
 
@@ -118,8 +125,10 @@ def choose(
     with torch.inference_mode():
         reference = {size: module(probe) for size, probe in probes.items()}
     wanted = AUTO_PLANS + (("compiled",) if execution.compile else ()) if execution.plan == "auto" else (execution.plan,)
+    if execution.plan == "auto" and exported is None:  # Loaded from ensembles.yaml, not an archive: nothing was exported.
+        wanted = tuple(plan for plan in wanted if plan != "onnxruntime")
     if execution.plan == "auto" and remembered is not None:
-        reused = _reuse(remembered, module, probes, reference, wanted)
+        reused = _reuse(remembered, module, probes, reference, wanted, exported)
         if reused is not None:
             return replace(reused, build_s=time.perf_counter() - began)
     forwards: dict[str, Forward] = {"eager": module}
@@ -128,7 +137,7 @@ def choose(
         if plan == "eager":
             continue
         try:
-            forward = build(plan, module, probes[max(sizes)])
+            forward = build(plan, module, probes[max(sizes)], exported)
             _verify(forward, probes, reference)
         except PlanRejected as e:
             rejected[plan] = str(e)
@@ -151,6 +160,7 @@ def _reuse(
     probes: dict[int, torch.Tensor],
     reference: dict[int, torch.Tensor],
     allowed: Sequence[str],
+    exported: Exported | None,
 ) -> Choice | None:
     """The remembered choice, rebuilt and verified; None when it does not apply here or no longer verifies."""
     try:
@@ -162,15 +172,23 @@ def _reuse(
     if plan not in allowed or any(set(sizes) != set(probes) for sizes in ms.values()) or plan not in ms:
         return None
     try:
-        forward = module if plan == "eager" else build(plan, module, probes[max(probes)])
+        forward = module if plan == "eager" else build(plan, module, probes[max(probes)], exported)
         _verify(forward, probes, reference)
     except PlanRejected:
         return None
     return Choice(plan, forward, ms=ms, rejected=rejected, remembered=True)
 
 
-def build(plan: str, module: nn.Module, example: torch.Tensor) -> Forward:
-    """The forward function of `plan` for an eval-mode `module` (on the device of `example`); PlanRejected when it cannot apply."""
+def build(plan: str, module: nn.Module, example: torch.Tensor, exported: Exported | None = None) -> Forward:
+    """The forward function of `plan` for an eval-mode `module` (on the device of `example`); PlanRejected when it
+    cannot apply. `exported` is what the archive holds for the ONNX plan."""
+    if plan == "onnxruntime":
+        if not isinstance(exported, Path):
+            raise PlanRejected(f"no ONNX export: {exported}" if exported else "no ONNX export (not loaded from an archive that has one)")
+        try:
+            return onnxruntime_forward(exported, example.device)
+        except EngineUnavailable as e:
+            raise PlanRejected(str(e)) from e
     channels_last = plan.endswith("channels_last")
     if channels_last and example.dim() != 4:
         raise PlanRejected(f"channels_last needs 4-D (N, C, H, W) input; this member takes {example.dim()}-D")

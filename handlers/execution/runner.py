@@ -24,6 +24,7 @@ from torch import nn
 from handlers.config.specs import EnsembleSpec
 from handlers.execution.groups import Group, PlanContext, plan_groups
 from handlers.execution.outputs import fit_head
+from handlers.execution.plans import Exported
 from handlers.inputs.images import batch_tensors
 
 T = TypeVar("T")
@@ -70,13 +71,14 @@ class MemberRunner:
         *,
         parallelism: int = 1,
         remembered_plans: Mapping[str, Mapping[str, Any]] | None = None,
+        exported: Mapping[str, Exported] | None = None,
     ) -> None:
         """`parallelism` > 1 runs (member group, slice) tasks on that many threads at once (the caller's included).
 
         PyTorch releases the GIL inside its kernels, so with one intra-op thread per task the members
         of one batch spread over the cores: a single image's members run side by side, and a large
         batch is cut into one slice per thread. `remembered_plans` are plan choices another worker
-        made (see `execution.plan_store`).
+        made (see `execution.plan_store`); `exported` is what the archive holds for each member's ONNX plan.
         """
         self.spec = spec
         self.device = device
@@ -86,6 +88,7 @@ class MemberRunner:
         plans = PlanContext(
             executions=[spec.member_execution(member) for member in spec.members],
             sizes=[spec.slice_sizes(parallelism, given.views) for given in member_inputs],
+            exported=[(exported or {}).get(member.name) for member in spec.members],
             remembered=remembered_plans or {},
         )
         heads = [

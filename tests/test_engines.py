@@ -1,0 +1,99 @@
+"""The `onnxruntime` plan: every member exported to ONNX at build time, proven against eager, pinned by digest,
+and run by ONNX Runtime; a member no exporter takes is served by the other plans, saying why."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from archive_scripts.build_archives import build_archive, forgiven_lines
+from handlers.config.files import load_ensembles, read_archive_manifest
+from handlers.ensemble import Ensemble
+from handlers.errors import IntegrityError
+from handlers.execution.engines import archived_exports
+from handlers.inputs.images import decode_image
+from handlers.weights.loading import load_archived_members
+from tests.conftest import extract, image_bytes, instances
+from tests.fixture_models import PoolNet, SvdNet
+
+HERE = Path(__file__).parent
+CPU = torch.device("cpu")
+
+
+def on_plan(model_dir: Path, plan: str, tta: str | None = None) -> Ensemble:
+    """The archived ensemble with every member on one fixed plan (and, for image ensembles, test-time views)."""
+    manifest = read_archive_manifest(model_dir)
+    spec = manifest.ensemble.with_plan(plan)
+    spec = spec.with_views(tta) if tta else spec
+    modules = load_archived_members(manifest, model_dir)
+    exported = archived_exports(manifest.engines, model_dir)
+    return Ensemble(spec, modules, CPU, manifest.build, manifest.sources, exported=exported)
+
+
+@pytest.mark.parametrize(
+    ("name", "tta"),
+    [
+        pytest.param("trio", None, id="torchvision-and-file-classes"),
+        pytest.param("tags", "hflip", id="multilabel-with-views"),
+        pytest.param("pair", "five_crop", id="binary-with-crops"),
+        pytest.param("vectors", None, id="tensor-mlp"),
+    ],
+)
+def test_onnxruntime_reproduces_eager_on_every_member_kind(test_store: Path, tmp_path: Path, name: str, tta: str | None) -> None:
+    model_dir = extract(test_store, name, tmp_path)
+    engines = read_archive_manifest(model_dir).engines
+    assert {member: onnx["exporter"] for member, onnx in engines.items()} == dict.fromkeys(engines, "dynamo")
+    engine, eager = on_plan(model_dir, "onnxruntime", tta), on_plan(model_dir, "eager", tta)
+    assert {group["plan"] for group in engine.runner.describe()} == {"onnxruntime"}
+    if name == "vectors":
+        inputs = torch.from_numpy(instances(3, 5))
+    else:
+        inputs = [decode_image(image_bytes(seed, size=(37, 29)), engine.spec.limits) for seed in range(5)]
+    difference = (engine.probabilities(inputs) - eager.probabilities(inputs)).abs().max()
+    assert float(difference) <= 1e-4
+
+
+def test_a_member_no_exporter_takes_is_served_by_the_other_plans_and_says_why(tmp_path: Path) -> None:
+    source = tmp_path / "src"
+    source.mkdir()
+    shutil.copyfile(HERE / "fixture_models.py", source / "fixture_models.py")
+    torch.manual_seed(2)
+    torch.save(SvdNet(num_classes=3).state_dict(), source / "svd.pt")
+    torch.save(PoolNet(num_classes=3).state_dict(), source / "pool.pt")
+    members = [
+        {"name": "svd", "arch": "fixture_models.py:SvdNet", "kwargs": {"num_classes": 3}, "weights": "svd.pt"},
+        {"name": "pool", "arch": "fixture_models.py:PoolNet", "kwargs": {"num_classes": 3}, "weights": "pool.pt"},
+    ]
+    ensemble = {"version": "1.0", "task": "multiclass", "labels": ["cat", "dog", "fox"], "input": {"size": [20, 20]}, "members": members}
+    (source / "ensembles.yaml").write_text(yaml.safe_dump({"ensembles": {"svd": ensemble}}, sort_keys=False))
+    archive = build_archive(load_ensembles(source / "ensembles.yaml")["svd"], tmp_path / "store")
+    why = (
+        "dynamo: DispatchError: No ONNX function found for <OpOverload(op='aten._linalg_svd', overload='default')>. Failure "
+        "message: No decompositions registered for the real-valued input; torchscript: UnsupportedOperatorError: Exporting "
+        "the operator 'aten::linalg_svdvals' to ONNX opset version 18 is not supported"
+    )
+    assert forgiven_lines(archive) == [f"member 'svd': not exported to ONNX, served by the other plans: {why}"]
+    with zipfile.ZipFile(archive) as packed:
+        assert sorted(name for name in packed.namelist() if name.endswith(".onnx")) == ["members/pool.onnx"]
+        packed.extractall(tmp_path / "model")
+    described = Ensemble.from_model_dir(tmp_path / "model", CPU).plan_choices()
+    assert described["svd"]["rejected"]["onnxruntime"] == f"no ONNX export: {why}"
+    assert described["svd"]["plan"] != "onnxruntime"
+    assert "onnxruntime" in described["pool"]["ms_per_call"]
+
+
+def test_a_tampered_onnx_file_is_refused_before_anything_loads(test_store: Path, tmp_path: Path) -> None:
+    model_dir = extract(test_store, "trio", tmp_path)
+    manifest = json.loads((model_dir / "ensemble.json").read_text())
+    pinned = manifest["digests"]["members/pool_rgb.onnx"]
+    with (model_dir / "members" / "pool_rgb.onnx").open("ab") as onnx:
+        onnx.write(b"\0")
+    with pytest.raises(IntegrityError) as caught:
+        Ensemble.from_model_dir(model_dir, CPU)
+    assert str(caught.value).startswith(f"members/pool_rgb.onnx: sha256 mismatch: manifest pins {pinned}, file has ")
