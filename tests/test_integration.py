@@ -99,8 +99,10 @@ def test_registered_ensemble_describes_itself(server: Server) -> None:
         chosen = member["execution"]
         assert chosen["plan"] in AUTO_PLANS
         assert set(chosen["ms_per_call"]) == set(AUTO_PLANS)  # Every candidate was verified and timed in the worker.
+        # describe rounds ms to 0.001: for plans under 0.1 ms per call (onnxruntime's PoolNets) that alone moves the
+        # recomputed ratio by up to 2%, so it is compared relatively, with room for that rounding.
         assert chosen["speedup_vs_eager"] == pytest.approx(
-            geometric_mean([chosen["ms_per_call"]["eager"][s] / chosen["ms_per_call"][chosen["plan"]][s] for s in ("1", "4")]), abs=0.01
+            geometric_mean([chosen["ms_per_call"]["eager"][s] / chosen["ms_per_call"][chosen["plan"]][s] for s in ("1", "4")]), rel=0.03
         )
 
 
