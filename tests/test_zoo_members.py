@@ -27,25 +27,22 @@ pytestmark = pytest.mark.slow
 LABELS = ["cat", "dog", "fox"]
 
 
+def write_one_member(folder: Path, name: str, size: int, member: dict, **ensemble: object) -> Path:
+    """An ensembles.yaml declaring ensemble `name`: one member over LABELS at size x size; returns its path."""
+    declared = {"version": "1.0", "task": "multiclass", "labels": LABELS, "input": {"size": [size, size]}, **ensemble, "members": [member]}
+    path = folder / "ensembles.yaml"
+    path.write_text(yaml.safe_dump({"ensembles": {name: declared}}, sort_keys=False))
+    return path
+
+
 def write_timm_ensemble(folder: Path) -> tuple[Path, torch.nn.Module]:
     """A timm resnet10t saved as timm's own models save their state_dict, next to a torchvision member."""
     folder.mkdir(parents=True)
     torch.manual_seed(3)
     published = randomize(timm.create_model("resnet10t", pretrained=False, num_classes=len(LABELS)), 3).eval()
     torch.save(published.state_dict(), folder / "resnet10t.pth")
-    ensemble = {
-        "version": "1.0",
-        "task": "multiclass",
-        "labels": LABELS,
-        "input": {"size": [40, 40]},
-        "execution": {"plan": "eager"},
-        "members": [
-            {"name": "tiny_resnet", "arch": "timm:resnet10t", "kwargs": {"num_classes": len(LABELS)}, "weights": "resnet10t.pth"},
-        ],
-    }
-    path = folder / "ensembles.yaml"
-    path.write_text(yaml.safe_dump({"ensembles": {"zoo": ensemble}}, sort_keys=False))
-    return path, published
+    member = {"name": "tiny_resnet", "arch": "timm:resnet10t", "kwargs": {"num_classes": len(LABELS)}, "weights": "resnet10t.pth"}
+    return write_one_member(folder, "zoo", 40, member, execution={"plan": "eager"}), published
 
 
 def test_a_timm_member_is_served_with_the_scores_of_the_published_module(tmp_path: Path) -> None:
@@ -74,20 +71,9 @@ def write_package_ensemble(folder: Path) -> tuple[Path, torch.nn.Module]:
     torch.manual_seed(4)
     published = randomize(torchvision.models.squeezenet1_1(num_classes=len(LABELS)), 4).eval()
     torch.save(published.state_dict(), folder / "squeeze.pth")
-    ensemble = {
-        "version": "1.0",
-        "task": "multiclass",
-        "labels": LABELS,
-        "input": {"size": [48, 48]},
-        "execution": {"plan": "eager"},
-        "members": [
-            {"name": "squeeze", "arch": "torchvision.models.squeezenet:squeezenet1_1", "kwargs": {"num_classes": len(LABELS)},
-             "weights": "squeeze.pth"},
-        ],
-    }
-    path = folder / "ensembles.yaml"
-    path.write_text(yaml.safe_dump({"ensembles": {"pkg": ensemble}}, sort_keys=False))
-    return path, published
+    member = {"name": "squeeze", "arch": "torchvision.models.squeezenet:squeezenet1_1", "kwargs": {"num_classes": len(LABELS)},
+              "weights": "squeeze.pth"}  # fmt: skip
+    return write_one_member(folder, "pkg", 48, member, execution={"plan": "eager"}), published
 
 
 @pytest.fixture(scope="module")
@@ -152,16 +138,7 @@ def write_hugging_face_ensemble(folder: Path) -> tuple[Path, torch.nn.Module]:
     with torch.no_grad():
         published.classifier.weight.mul_(20.0)
     published.save_pretrained(folder / "vit")
-    ensemble = {
-        "version": "1.0",
-        "task": "multiclass",
-        "labels": LABELS,
-        "input": {"size": [16, 16]},
-        "members": [{"name": "vit", "arch": "transformers:vit"}],
-    }
-    path = folder / "ensembles.yaml"
-    path.write_text(yaml.safe_dump({"ensembles": {"hf": ensemble}}, sort_keys=False))
-    return path, published
+    return write_one_member(folder, "hf", 16, {"name": "vit", "arch": "transformers:vit"}), published
 
 
 def test_a_hugging_face_folder_is_served_with_its_logits_in_the_ensemble_label_order(tmp_path: Path) -> None:
