@@ -26,6 +26,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -33,12 +34,14 @@ from model_archiver.model_archiver_config import ModelArchiverConfig
 from model_archiver.model_packaging import generate_model_archive
 
 from handlers.config.files import MANIFEST_NAME, load_ensembles
+from handlers.config.policy import DEFAULT_THRESHOLD
 from handlers.config.schema import MANIFEST_FORMAT
-from handlers.config.specs import Arch, EnsembleSpec, MemberSpec, StateDictRules
+from handlers.config.specs import Arch, EnsembleSpec, InputSpec, MemberSpec, StateDictRules
 from handlers.ensemble import Ensemble
 from handlers.errors import ConfigError, EnsembleError
-from handlers.execution.engines import Export, export_onnx
+from handlers.execution.engines import Export, export_onnx, precision_unsupported
 from handlers.execution.outputs import fit_head
+from handlers.execution.precision import calibration_rows, lossy_forward, measure, quantize_int8, refuse_below
 from handlers.weights.checkpoints import Fitted, save_normalized
 from handlers.weights.loading import build_member, member_weights, sha256_of, source_digest
 
@@ -119,10 +122,15 @@ def _stage_members(
         digests[weights] = sha256_of(payload / weights)
         sources[member.name] = {"file": member.weights, "sha256": source_sha256, "state_dict": member.state_dict.to_dict(), **fitted.record()}
         onnx = f"members/{member.name}.onnx"
-        export = _export(spec, member, module, fitted, payload / onnx, payload / weights)
+        head, export = _export(spec, member, module, fitted, payload / onnx, payload / weights)
         if export.exporter is not None:
             digests[onnx] = sha256_of(payload / onnx)
         engines[member.name] = export.record(onnx)
+        if spec.member_execution(member).precision != "fp32":
+            lossy = _lossy(spec, member, head, export, payload / onnx)
+            engines[member.name].update(lossy)
+            if "int8" in lossy:
+                digests[lossy["int8"]] = sha256_of(payload / lossy["int8"])
         arch = member.arch
         if member.arch_file is not None:
             source = (spec.base_dir / member.arch_file).resolve()
@@ -138,7 +146,9 @@ def _stage_members(
     return tuple(members), digests, sources, engines
 
 
-def _export(spec: EnsembleSpec, member: MemberSpec, module: torch.nn.Module, fitted: Fitted, path: Path, weights: Path) -> Export:
+def _export(
+    spec: EnsembleSpec, member: MemberSpec, module: torch.nn.Module, fitted: Fitted, path: Path, weights: Path
+) -> tuple[torch.nn.Module, Export]:
     """The member, behind the head that serves it, exported to ONNX and proven against eager at the slice sizes.
 
     Exports are cached in build/onnx-cache under a key of everything the graph depends on (the normalized weights,
@@ -154,7 +164,35 @@ def _export(spec: EnsembleSpec, member: MemberSpec, module: torch.nn.Module, fit
         sort_keys=True, default=list,
     )  # fmt: skip
     cache = EXPORT_CACHE / hashlib.sha256(key.encode()).hexdigest()[:32]
-    return export_onnx(head, given.instance_shape, path, spec.slice_sizes(1, given.views), cache)
+    return head, export_onnx(head, given.instance_shape, path, spec.slice_sizes(1, given.views), cache)
+
+
+def _lossy(spec: EnsembleSpec, member: MemberSpec, head: torch.nn.Module, export: Export, onnx: Path) -> dict[str, Any]:
+    """A lossy precision measured against fp32 on the calibration images, refused below min_agreement; for int8, the
+    quantised export (archived next to the fp32 one). Returns what the manifest's `engines` entry gains."""
+    execution = spec.member_execution(member)
+    precision = execution.precision
+    where = f"members {member.name!r}: precision {precision}"
+    if execution.plan != "auto":
+        raise ConfigError(f"{where} runs on the engines measured for it: leave execution.plan at auto, not {execution.plan!r}")
+    if export.exporter is None:
+        raise ConfigError(f"{where} runs on the member's ONNX export, and the member could not be exported: {export.reason}")
+    given = spec.member_input(member)
+    if not isinstance(given, InputSpec):
+        raise ConfigError(f"{where} is calibrated on images, and this member takes tensors; serve it in fp32")
+    if execution.calibration is None:
+        raise ConfigError(f"{where} needs execution.calibration: a folder of images like the ones it will serve")
+    unsupported = precision_unsupported(precision)
+    if unsupported is not None:
+        print(f"warning: {where}: measured here, but {unsupported}; workers on such CPUs serve it in fp32")
+    rows = calibration_rows(spec.base_dir / execution.calibration, given, spec.limits)
+    int8 = onnx.with_name(f"{member.name}.int8.onnx") if precision == "int8" else None
+    if int8 is not None:
+        quantize_int8(onnx, int8, rows)
+    threshold = spec.policy.threshold if spec.policy.threshold is not None else DEFAULT_THRESHOLD
+    agreement = measure(precision, head, lossy_forward(precision, onnx, int8), rows, given.views, spec.task, threshold)
+    refuse_below(agreement, execution.min_agreement, member.name)
+    return {"precision": agreement.record(), **({} if int8 is None else {"int8": f"members/{int8.name}"})}
 
 
 def _load_back(archive: Path, where: Path) -> None:
@@ -173,6 +211,12 @@ def forgiven_lines(archive: Path) -> list[str]:
     for member, onnx in manifest.get("engines", {}).items():
         if "refused" in onnx:
             lines.append(f"member {member!r}: not exported to ONNX, served by the other plans: {onnx['refused']}")
+        if "precision" in onnx:
+            measured = onnx["precision"]
+            lines.append(
+                f"member {member!r}: {measured['precision']} agrees with fp32 on {measured['agreement']:.4f} of "
+                f"{measured['images']} calibration images (largest probability difference {measured['largest_difference']:g})"
+            )
     for member, source in manifest["sources"].items():
         for kind, counts in (("filled", source.get("filled", {})), ("discarded", source.get("discarded", {}))):
             for buffer, count in counts.items():

@@ -21,6 +21,7 @@ import sys
 import tempfile
 import threading
 import time
+import zipfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -62,10 +63,14 @@ def _post(session: requests.Session, url: str, images: list[bytes], headers: dic
     return response.json()
 
 
-def ceiling(workload: Workload, batch: int, processes: int, threads: int, total_images: int, *, plan: str = "eager") -> LoadPoint:
+def ceiling(
+    workload: Workload, batch: int, processes: int, threads: int, total_images: int, *, plan: str = "eager", archive: Path | None = None
+) -> LoadPoint:
     """Images/s of decode + transform + all members in `processes` processes, no HTTP; latency per batch.
 
-    `plan` is every member's execution plan: `eager` for (A), `auto` for (A'), the plans ours chooses.
+    `plan` is every member's execution plan: `eager` for (A). With `archive` (an extracted .mar), (A') loads it
+    as a worker does: members side by side on `threads` threads of one intra-op thread, each on the plan `auto`
+    finds fastest among every plan and engine the archive holds.
     """
     context = multiprocessing.get_context("spawn")
     ready = context.Barrier(processes)
@@ -73,7 +78,7 @@ def ceiling(workload: Workload, batch: int, processes: int, threads: int, total_
     indices = [i % len(workload.images) for i in range(total_images)]
     shares = [indices[p::processes] for p in range(processes)]
     workers = [
-        context.Process(target=_ceiling_worker, args=(workload, share, batch, threads, plan, ready, results))
+        context.Process(target=_ceiling_worker, args=(workload, share, batch, threads, plan, archive, ready, results))
         for share in shares
     ]
     for worker in workers:
@@ -96,12 +101,18 @@ def ceiling(workload: Workload, batch: int, processes: int, threads: int, total_
     )
 
 
-def _ceiling_worker(workload: Workload, share: list[int], batch: int, threads: int, plan: str, ready: Any, results: Any) -> None:
+def _ceiling_worker(
+    workload: Workload, share: list[int], batch: int, threads: int, plan: str, archive: Path | None, ready: Any, results: Any
+) -> None:
     from handlers.ensemble import Ensemble
     from handlers.inputs.images import decode_image
 
-    torch.set_num_threads(threads)
-    ensemble = Ensemble.from_spec(workload.spec.with_plan(plan), torch.device("cpu"))
+    if archive is None:
+        torch.set_num_threads(threads)
+        ensemble = Ensemble.from_spec(workload.spec.with_plan(plan), torch.device("cpu"))
+    else:
+        torch.set_num_threads(1)
+        ensemble = Ensemble.from_model_dir(archive, torch.device("cpu"), parallelism=threads)
     ensemble.probabilities([decode_image(workload.images[share[0]], workload.spec.limits)])
     ready.wait()
     begin = time.time()
@@ -114,6 +125,16 @@ def _ceiling_worker(workload: Workload, share: list[int], batch: int, threads: i
         latencies.append(time.perf_counter() - tick)
         mismatches += sum(got != workload.expected[i] for got, i in zip(labels, chunk, strict=True))
     results.put({"begin": begin, "end": time.time(), "latencies": latencies, "mismatches": mismatches})
+
+
+@contextmanager
+def extracted_archive(workload: Workload) -> Iterator[Path]:
+    """The workload's ensemble built into a .mar (ONNX exports included) and extracted as TorchServe would."""
+    with tempfile.TemporaryDirectory(prefix="bench-archive-") as folder:
+        archive = build_archive(workload.spec, Path(folder) / "store")
+        with zipfile.ZipFile(archive) as packed:
+            packed.extractall(Path(folder) / "model")
+        yield Path(folder) / "model"
 
 
 @contextmanager
@@ -226,12 +247,14 @@ def triton(
     threads: int = 1,
     max_batch_size: int = 64,
     queue_delay_us: int = 0,
+    model_dir: Path | None = None,
 ) -> Iterator[Send]:
     """(E) Triton with dynamic batching through PyTriton (bench/triton_server.py, in .venv-triton).
 
     One request of N images is one KServe v2 inference request of N rows of the BYTES input `image`
     (binary tensor extension); each row of the output `result` is that image's rendered prediction.
-    The defaults are the configuration bench/triton_server.py's docstring explains.
+    The defaults are the configuration bench/triton_server.py's docstring explains. With `model_dir` (an extracted
+    archive) the members run as ONNX Runtime sessions on its exports: `triton_onnxruntime`.
     """
     if not TRITON_PYTHON.exists():
         raise RuntimeError(f"{TRITON_PYTHON} is missing: `make bench` builds .venv-triton from bench/requirements-triton.txt")
@@ -244,6 +267,8 @@ def triton(
     }
     env = {**os.environ, "BENCH_ENSEMBLES": str(workload.config), "BENCH_ENSEMBLE": workload.spec.name}
     env.update({key: str(value) for key, value in settings.items()})
+    if model_dir is not None:
+        env["BENCH_TRITON_MODEL_DIR"] = str(model_dir)
     command = [str(TRITON_PYTHON), "-m", "bench.triton_server"]
     base = f"http://127.0.0.1:{TRITON_PORT}/v2/models/ensemble"
     # Triton.serve() shuts the server and its Python stubs down on SIGINT.

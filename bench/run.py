@@ -2,6 +2,11 @@
 
 Usage: python -m bench.run [--quick]   (`make bench`, `make bench-quick`)
 
+`ours_frozen` is ours with every member on `frozen`, the fastest plan before the engines; `ours_bf16` every member
+at `precision: bf16`, calibrated on the workload's images (its mismatches are labels that differ from fp32).
+`ceiling_optimized` and `triton_onnxruntime` run the ensemble's archive (its ONNX exports included): the first
+with every member on the fastest plan or engine `auto` finds, the second with every member on ONNX Runtime.
+
 For each workload and load point it prints images/s, p50 and p99 latency, errors and mismatches
 (answers whose member labels differ from the in-process reference), with ratios of ours against every
 other contender measured in this same invocation, and writes bench/results/latest.json.
@@ -21,12 +26,12 @@ from pathlib import Path
 
 import torch
 
-from bench.contenders import ceiling, flask_gunicorn, ray_serve, torchserve, triton
+from bench.contenders import ceiling, extracted_archive, flask_gunicorn, ray_serve, torchserve, triton
 from bench.loadgen import LoadPoint, requests_for, run_load
 from bench.workloads import Workload, demo, torchvision_trio
 
 RESULTS = Path(__file__).parent / "results" / "latest.json"
-CONTENDERS = ("ceiling", "ceiling_optimized", "ours", "flask", "fanout", "triton", "ray")
+CONTENDERS = ("ceiling", "ceiling_optimized", "ours", "ours_frozen", "ours_bf16", "flask", "fanout", "triton", "triton_onnxruntime", "ray")
 IN_PROCESS = {"ceiling": "eager", "ceiling_optimized": "auto"}
 
 
@@ -52,6 +57,11 @@ POINTS = (
 
 def measure(workload: Workload, quick: bool) -> dict[str, dict[str, LoadPoint]]:
     """Every contender at every load point, one contender at a time so each has every core."""
+    with extracted_archive(workload) as archive:
+        return _measure(workload, quick, archive)
+
+
+def _measure(workload: Workload, quick: bool, archive: Path) -> dict[str, dict[str, LoadPoint]]:
     results: dict[str, dict[str, LoadPoint]] = {p.name: {} for p in POINTS}
     cores = torch.get_num_threads()
     for point in POINTS:
@@ -59,14 +69,18 @@ def measure(workload: Workload, quick: bool) -> dict[str, dict[str, LoadPoint]]:
         threads = max(1, cores // point.ceiling_processes)
         for name, plan in IN_PROCESS.items():
             results[point.name][name] = ceiling(
-                workload, point.ceiling_batch, point.ceiling_processes, threads, count * point.images, plan=plan
-            )
+                workload, point.ceiling_batch, point.ceiling_processes, threads, count * point.images, plan=plan,
+                archive=archive if name == "ceiling_optimized" else None,
+            )  # fmt: skip
             print(f"  {workload.name} / {point.name} / {name}: {results[point.name][name].images_per_s:.1f} images/s", flush=True)
     servers = {
         "ours": lambda: torchserve(workload, fan_out=False),
+        "ours_frozen": lambda: torchserve(workload.on_plan("frozen"), fan_out=False),
+        "ours_bf16": lambda: torchserve(workload.at_precision("bf16", archive.parent / "calibration"), fan_out=False),
         "flask": lambda: flask_gunicorn(workload, workload.config),
         "fanout": lambda: torchserve(workload, fan_out=True),
         "triton": lambda: triton(workload),
+        "triton_onnxruntime": lambda: triton(workload, model_dir=archive),
         "ray": lambda: ray_serve(workload),
     }
     for name, serve in servers.items():

@@ -20,6 +20,7 @@ from handlers.config.specs import EnsembleSpec
 from handlers.ensemble import Ensemble
 from handlers.inputs.images import decode_image
 
+PNG_SIGNATURE = b"\x89PNG"
 TORCHVISION_TRIO = {"resnet18": "resnet18", "mobilenet": "mobilenet_v3_small", "squeezenet": "squeezenet1_1"}
 
 
@@ -32,6 +33,23 @@ class Workload:
     spec: EnsembleSpec
     images: tuple[bytes, ...]
     expected: tuple[dict[str, str], ...]
+
+    def on_plan(self, plan: str) -> Workload:
+        """The same workload with every member on one fixed plan (`frozen`: today's plans, the engines' baseline)."""
+        return replace(self, spec=self.spec.with_plan(plan))
+
+    def at_precision(self, precision: str, folder: Path) -> Workload:
+        """The same workload with every member at a lossy `precision`, calibrated on the workload's own images
+        (written to `folder`)."""
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, data in enumerate(self.images):
+            suffix = ".png" if data.startswith(PNG_SIGNATURE) else ".jpg"
+            (folder / f"{i:03d}{suffix}").write_bytes(data)
+        # Not gated here (min_agreement 0): the benchmark reports the agreement the build measured and the labels
+        # that differ from fp32 (its mismatches), where a user's build would refuse below 0.99.
+        execution = replace(self.spec.execution, plan="auto", precision=precision, calibration=str(folder.resolve()), min_agreement=0.0)
+        members = tuple(replace(member, execution=None) for member in self.spec.members)
+        return replace(self, spec=replace(self.spec, execution=execution, members=members))
 
     def member_specs(self) -> list[EnsembleSpec]:
         """One single-member ensemble per member: what TorchServe fan-out serves, one .mar each."""

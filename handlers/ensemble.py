@@ -95,15 +95,17 @@ class Ensemble:
         self.requests = RequestPreparer(spec, self.output_names())
 
     @classmethod
-    def from_model_dir(cls, model_dir: Path, device: torch.device) -> Ensemble:
+    def from_model_dir(cls, model_dir: Path, device: torch.device, *, parallelism: int | None = None) -> Ensemble:
         """Load from an extracted archive: every file's digest is verified before anything is loaded.
 
-        On the CPU the members run side by side on this worker's share of the usable cores; on a GPU they
-        run one after another, since each kernel already uses the whole device.
+        On the CPU the members run side by side on this worker's share of the usable cores (or on `parallelism`
+        threads, for a process that shares the cores otherwise); on a GPU they run one after another, since
+        each kernel already uses the whole device.
         """
         manifest = read_archive_manifest(model_dir)
         spec = manifest.ensemble
-        parallelism = spec.batching.threads_per_worker(usable_cores()) if device.type == "cpu" else 1
+        if parallelism is None:
+            parallelism = spec.batching.threads_per_worker(usable_cores()) if device.type == "cpu" else 1
         modules = load_archived_members(manifest, model_dir)
         context = {"torch": torch.__version__, "device": device.type, "member_threads": parallelism}
         with shared_plans(model_dir, context) as plans:

@@ -114,3 +114,17 @@ class SvdNet(PoolNet):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = torch.relu(self.conv(x)).amax(dim=(2, 3))
         return self.head(features) + 0 * torch.linalg.svdvals(features).sum(dim=-1, keepdim=True)
+
+
+class KnifeEdgeNet(nn.Module):
+    """Two classes decided by a difference far below int8's resolution (its two channels' weights differ by ~1e-4),
+    so that quantisation flips its labels: the lossy precision the build must refuse."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.conv(x).mean(dim=(2, 3))
+        edge = 1000 * (features[:, 0] - features[:, 1])
+        return torch.stack([edge, -edge], dim=1)

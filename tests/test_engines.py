@@ -1,5 +1,5 @@
-"""The `onnxruntime` plan: every member exported to ONNX at build time, proven against eager, pinned by digest,
-and run by ONNX Runtime; a member no exporter takes is served by the other plans, saying why."""
+"""The engine plans: every member exported to ONNX at build time, proven against eager, pinned by digest, and run by
+ONNX Runtime or OpenVINO; a member no exporter takes is served by the other plans, saying why."""
 
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ def on_plan(model_dir: Path, plan: str, tta: str | None = None) -> Ensemble:
     return Ensemble(spec, modules, CPU, manifest.build, manifest.sources, exported=exported)
 
 
+@pytest.mark.parametrize("plan", ["onnxruntime", "openvino"])
 @pytest.mark.parametrize(
     ("name", "tta"),
     [
@@ -45,12 +46,12 @@ def on_plan(model_dir: Path, plan: str, tta: str | None = None) -> Ensemble:
         pytest.param("vectors", None, id="tensor-mlp"),
     ],
 )
-def test_onnxruntime_reproduces_eager_on_every_member_kind(test_store: Path, tmp_path: Path, name: str, tta: str | None) -> None:
+def test_each_engine_reproduces_eager_on_every_member_kind(test_store: Path, tmp_path: Path, name: str, tta: str | None, plan: str) -> None:
     model_dir = extract(test_store, name, tmp_path)
     engines = read_archive_manifest(model_dir).engines
     assert {member: onnx["exporter"] for member, onnx in engines.items()} == dict.fromkeys(engines, "dynamo")
-    engine, eager = on_plan(model_dir, "onnxruntime", tta), on_plan(model_dir, "eager", tta)
-    assert {group["plan"] for group in engine.runner.describe()} == {"onnxruntime"}
+    engine, eager = on_plan(model_dir, plan, tta), on_plan(model_dir, "eager", tta)
+    assert {group["plan"] for group in engine.runner.describe()} == {plan}
     if name == "vectors":
         inputs = torch.from_numpy(instances(3, 5))
     else:
@@ -83,9 +84,12 @@ def test_a_member_no_exporter_takes_is_served_by_the_other_plans_and_says_why(tm
         assert sorted(name for name in packed.namelist() if name.endswith(".onnx")) == ["members/pool.onnx"]
         packed.extractall(tmp_path / "model")
     described = Ensemble.from_model_dir(tmp_path / "model", CPU).plan_choices()
-    assert described["svd"]["rejected"]["onnxruntime"] == f"no ONNX export: {why}"
-    assert described["svd"]["plan"] != "onnxruntime"
-    assert "onnxruntime" in described["pool"]["ms_per_call"]
+    assert {plan: described["svd"]["rejected"][plan] for plan in ("onnxruntime", "openvino")} == {
+        "onnxruntime": f"no ONNX export: {why}",
+        "openvino": f"no ONNX export: {why}",
+    }
+    assert described["svd"]["plan"] not in ("onnxruntime", "openvino")
+    assert {"onnxruntime", "openvino"} <= set(described["pool"]["ms_per_call"])
 
 
 def test_a_tampered_onnx_file_is_refused_before_anything_loads(test_store: Path, tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from handlers.config.files import load_ensembles, read_archive_manifest
 from handlers.ensemble import Ensemble
 from handlers.errors import MemberLoadError
 from handlers.execution.plan_store import PLANS_FILE
-from handlers.execution.plans import AUTO_PLANS, MIN_GAIN, TOLERANCE, prepare_cuda
+from handlers.execution.plans import AUTO_PLANS, ENGINE_PLANS, MIN_GAIN, TOLERANCE, prepare_cuda
 from handlers.inputs.images import decode_image
 from tests.conftest import extract, image_bytes, instances, write_ensemble, write_tensor_ensemble
 from tests.fixture_models import BranchyNet, LayoutSensitiveNet
@@ -71,7 +71,7 @@ def test_auto_times_every_candidate_and_keeps_a_verified_faster_one(tmp_path: Pa
     for member in described["members"]:
         chosen = member["execution"]
         # Loaded from ensembles.yaml, not an archive: there is no ONNX export to time (tests/test_engines.py times it).
-        assert set(chosen["ms_per_call"]) == set(AUTO_PLANS) - {"onnxruntime"}
+        assert set(chosen["ms_per_call"]) == set(AUTO_PLANS) - set(ENGINE_PLANS)
         assert set(chosen["ms_per_call"]["eager"]) == {"1", "4"}  # One image, and batch 8 capped by micro_batch_size 4.
         assert chosen["rejected"] == {}
         assert chosen["plan"] in AUTO_PLANS

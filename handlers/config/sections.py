@@ -12,9 +12,9 @@ from dataclasses import replace
 from typing import Annotated, Any
 
 from PIL import Image
-from pydantic import AfterValidator, Field
+from pydantic import AfterValidator, Field, model_validator
 
-from handlers.config.fields import Strict, boolean, choice, fail, integer, listed, maybe, number
+from handlers.config.fields import Strict, boolean, choice, fail, integer, listed, maybe, number, text
 from handlers.config.policy import PolicySpec, policy_names, resolve_policy
 from handlers.config.specs import (
     CHANNELS,
@@ -25,6 +25,7 @@ from handlers.config.specs import (
     MAX_TENSOR_DIMS,
     MAX_TENSOR_ELEMENTS,
     PLANS,
+    PRECISIONS,
     RESIZE_MODES,
     TTA_VIEWS,
     Batching,
@@ -148,6 +149,29 @@ class ExecutionConfig(Strict):
         description="Let `auto` also try torch.compile, which costs seconds to minutes per member at every worker "
         "start. Default: false (a member: the ensemble's).",
     )
+    precision: choice(PRECISIONS) = Field(
+        Execution().precision,
+        description="fp32, or a lossy precision, opt-in: bf16 (OpenVINO's bf16 inference) or int8 (static "
+        "quantisation by ONNX Runtime's quantiser). A lossy precision needs plan: auto and `calibration`; the build "
+        "refuses it when its labels agree with fp32 on fewer calibration images than `min_agreement`. A CPU without "
+        "AVX-512 BF16 / AMX (bf16) or VNNI / AMX (int8) serves fp32 and logs why. Default: fp32 (a member: the ensemble's).",
+    )
+    calibration: maybe(text()) = Field(
+        Execution().calibration,
+        description="A folder of images (relative to ensembles.yaml) a lossy precision is calibrated and measured on, "
+        "preprocessed as requests are. Default: none (a member: the ensemble's).",
+    )
+    min_agreement: number(0.0, 1.0) = Field(
+        Execution().min_agreement,
+        description="The fraction of calibration images whose labels a lossy precision must give as fp32 does. "
+        "Default: 0.99 (a member: the ensemble's).",
+    )
+
+    @model_validator(mode="after")
+    def _lossy_needs_auto(self) -> ExecutionConfig:
+        if self.precision != "fp32" and self.plan != "auto":
+            fail(f"precision {self.precision} runs on the engines measured for it: leave plan at auto, not {self.plan!r}", "plan")
+        return self
 
     def over(self, base: Execution) -> Execution:
         """`base` with the keys this mapping gives."""

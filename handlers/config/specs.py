@@ -15,7 +15,8 @@ from handlers.config.policy import PolicySpec
 from handlers.errors import ConfigError
 
 INPUT_TYPES = ("image", "tensor")
-PLANS = ("auto", "eager", "channels_last", "frozen", "frozen_channels_last", "onnxruntime", "compiled")
+PLANS = ("auto", "eager", "channels_last", "frozen", "frozen_channels_last", "onnxruntime", "openvino", "compiled")
+PRECISIONS = ("fp32", "bf16", "int8")
 RESIZE_MODES = ("stretch", "center_crop")
 TTA_VIEWS = {"none": 1, "hflip": 2, "five_crop": 5, "ten_crop": 10}
 CROP_FRACTION = 0.875
@@ -122,11 +123,15 @@ class Execution:
     """How a member's forward call runs: `plan` is a fixed plan or `auto` (chosen at load by measurement).
 
     `compile` lets `auto` also try torch.compile, which takes seconds to minutes per member and so
-    slows every worker (re)start; a fixed `plan: compiled` needs no flag.
+    slows every worker (re)start; a fixed `plan: compiled` needs no flag. `precision` other than fp32 is
+    lossy and opt-in: the build measures it on the `calibration` images and refuses it below `min_agreement`.
     """
 
     plan: str = "auto"
     compile: bool = False
+    precision: str = "fp32"
+    calibration: str | None = None
+    min_agreement: float = 0.99
 
 
 @dataclass(frozen=True)
@@ -287,6 +292,9 @@ class EnsembleSpec:
         for key in ("positive_label", "top_k"):
             if data[key] is None:
                 del data[key]
+        for execution in [data["execution"], *(member.get("execution") for member in data["members"])]:
+            if execution is not None and execution["calibration"] is None:
+                del execution["calibration"]
         return _lists(data)
 
 

@@ -1,4 +1,4 @@
-"""Inference engines besides PyTorch: a member exported to ONNX at build time, and ONNX Runtime running it.
+"""Inference engines besides PyTorch: a member exported to ONNX at build time, run by ONNX Runtime or OpenVINO.
 
 The build exports each member behind its `outputs.MemberHead` (so the graph returns probabilities in
 the ensemble's label order) with a dynamic batch axis: torch's dynamo exporter first, the TorchScript-based
@@ -6,8 +6,13 @@ one when dynamo fails. An export counts only when ONNX Runtime reproduces eager'
 `TOLERANCE` at one row and at the largest slice size; otherwise the reason is recorded and the member is
 served by the other plans. The `.onnx` is archived next to the member's weights and pinned by its sha256.
 
-ONNX Runtime runs each session on one intra-op thread: members already run side by side on the member
-threads, one per core.
+Both engines run each member on one inference thread: members already run side by side on the member
+threads, one per core. OpenVINO compiles the archived ONNX when a worker starts, into a cache in the model
+directory, so a worker that restarts on the same machine skips the compilation.
+
+Lossy precisions (`execution.precision`) run on these engines too: bf16 is OpenVINO's bf16 inference of the
+fp32 export, int8 a statically quantised copy of it (ONNX Runtime's quantiser, calibrated on the member's
+calibration images; see `handlers.execution.precision`).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -36,6 +42,11 @@ EXPORTERS = ("dynamo", "torchscript")
 OPSET = 18
 CACHE_RECORD = "export.json"
 CACHE_MODEL = "model.onnx"
+OPENVINO_CACHE = ".openvino-cache"
+OPENVINO_PRECISION = {"fp32": "f32", "int8": "f32", "bf16": "bf16"}
+# The CPU flags a precision needs to run faster than fp32 (Linux /proc/cpuinfo names): without them OpenVINO and
+# ONNX Runtime emulate it, slower than fp32.
+PRECISION_FLAGS = {"bf16": ("avx512_bf16", "amx_bf16"), "int8": ("avx512_vnni", "avx_vnni", "amx_int8")}
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 logger = logging.getLogger(__name__)
 
@@ -114,11 +125,27 @@ def _to_cache(cache: Path | None, export: Export, path: Path) -> Export:
     return export
 
 
-def archived_exports(engines: Mapping[str, Mapping[str, Any]], model_dir: Path) -> dict[str, Path | str]:
-    """Per member, from an archive's `engines`: its ONNX file (digest-verified with the archive), or why there is none."""
+@dataclass(frozen=True)
+class Archived:
+    """What an archive holds for one member's engines: its fp32 ONNX file or why there is none, its int8 file,
+    and how its lossy precision measured against fp32 at build time (`precision.Agreement.record()`)."""
+
+    onnx: Path | None
+    refused: str | None = None
+    int8: Path | None = None
+    measured: Mapping[str, Any] | None = None
+
+
+def archived_exports(engines: Mapping[str, Mapping[str, Any]], model_dir: Path) -> dict[str, Archived]:
+    """Per member, from an archive's `engines` (its files digest-verified with the archive)."""
     return {
-        member: model_dir / onnx["file"] if "file" in onnx else str(onnx.get("refused"))
-        for member, onnx in engines.items()
+        member: Archived(
+            onnx=model_dir / record["file"] if "file" in record else None,
+            refused=None if "file" in record else str(record.get("refused")),
+            int8=model_dir / record["int8"] if "int8" in record else None,
+            measured=record.get("precision"),
+        )
+        for member, record in engines.items()
     }
 
 
@@ -141,6 +168,64 @@ def onnxruntime_forward(path: Path, device: torch.device) -> Callable[[torch.Ten
         return torch.from_numpy(session.run(None, {name: batch.contiguous().numpy()})[0])
 
     return forward
+
+
+def openvino_forward(
+    path: Path, device: torch.device, *, precision: str = "fp32", cache: Path | None = None
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A forward function running an ONNX file with OpenVINO on one inference thread.
+
+    Workers pass `cache` (`OPENVINO_CACHE` in the model directory), so a restarted worker loads the compiled model.
+    The precision is set explicitly: on CPUs with AMX, OpenVINO's default is bf16, which is lossy.
+    """
+    try:
+        import openvino
+    except ImportError as e:
+        raise EngineUnavailable(f"openvino is not installed: {e}") from e
+    if device.type != "cpu":
+        raise EngineUnavailable(f"this plan runs OpenVINO on the CPU only, and the member is on {device}")
+    core = openvino.Core()
+    config = {
+        **({} if cache is None else {"CACHE_DIR": str(cache)}),
+        "INFERENCE_NUM_THREADS": 1,
+        "NUM_STREAMS": 1,
+        "PERFORMANCE_HINT": "LATENCY",
+        "INFERENCE_PRECISION_HINT": OPENVINO_PRECISION[precision],
+        "ENABLE_CPU_PINNING": False,
+    }
+    try:
+        compiled = core.compile_model(str(path), "CPU", config)
+    except RuntimeError as e:
+        raise EngineUnavailable(f"OpenVINO cannot compile {path.name}: {_why(e)}") from e
+    requests = threading.local()  # An infer request serves one call at a time: one per member thread.
+
+    def forward(batch: torch.Tensor) -> torch.Tensor:
+        request = getattr(requests, "request", None)
+        if request is None:
+            request = requests.request = compiled.create_infer_request()
+        return torch.from_numpy(request.infer({0: batch.contiguous().numpy()})[0])
+
+    return forward
+
+
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags as Linux names them; empty where /proc/cpuinfo cannot be read."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    return frozenset(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), ()))
+
+
+def precision_unsupported(precision: str, flags: frozenset[str] | None = None) -> str | None:
+    """Why this CPU cannot run `precision` faster than fp32, or None when it can (fp32 always can)."""
+    needed = PRECISION_FLAGS.get(precision)
+    if needed is None:
+        return None
+    flags = cpu_flags() if flags is None else flags
+    if any(flag in flags for flag in needed):
+        return None
+    return f"{precision} needs one of the CPU features {', '.join(needed)} to run faster than fp32, and this CPU has none"
 
 
 def _why(error: BaseException) -> str:

@@ -76,7 +76,9 @@ def plan_groups(
         return [single(i) for i in range(len(modules))]
     by_kind: dict[tuple[Any, ...], list[int]] = {}
     for i, (member, spec) in enumerate(zip(members, specs, strict=True)):
-        kind = (spec, member.arch, json.dumps(member.kwargs, sort_keys=True), member.output, member.labels)
+        # A lossy precision runs on its own engine, never fused: the key gives such a member a group of its own.
+        lossy = member.name if plans is not None and plans.executions[i].precision != "fp32" else None
+        kind = (spec, member.arch, json.dumps(member.kwargs, sort_keys=True), member.output, member.labels, lossy)
         by_kind.setdefault(kind, []).append(i)
     groups = []
     for (spec, *_), indices in by_kind.items():

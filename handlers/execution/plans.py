@@ -8,8 +8,9 @@ A plan turns a loaded member (behind its `outputs.MemberHead`) into a function `
   convolutions) and passed through `optimize_for_inference`; the interpreter runs without the GIL,
   so members on different threads no longer take turns at Python;
 - `frozen_channels_last`: both;
-- `onnxruntime`: the ONNX file the build exported and proved (`execution.engines`), run by ONNX Runtime
+- `onnxruntime`: the ONNX file the build exported and proved (the manifest's `engines`), run by ONNX Runtime
   on one intra-op thread;
+- `openvino`: the same file compiled by OpenVINO at worker start (fp32, one inference thread);
 - `compiled`: `torch.compile`, tried by `auto` only with `compile: true` (it takes seconds to
   minutes per member, paid again at every worker start).
 
@@ -19,35 +20,51 @@ data-dependent control flow was frozen into one branch), times it at the slice s
 runs, and keeps the fastest verified one when it beats eager by at least `MIN_GAIN`. A choice another
 worker of the same model already measured (`remembered`) is rebuilt and verified, not timed again:
 workers of one model then run the same plans, and a restarted worker is back sooner.
+
+A member with a lossy `execution.precision` (bf16, int8) was measured against fp32 by the build
+(`handlers.execution.precision`); `auto` then times only the engines of that precision (`LOSSY_PLANS`) and
+keeps the fastest, checked for output shape and finite values here, since its agreement was measured there.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from handlers.config.specs import Execution
-from handlers.execution.engines import EngineUnavailable, onnxruntime_forward
+from handlers.execution.engines import (
+    OPENVINO_CACHE,
+    Archived,
+    EngineUnavailable,
+    onnxruntime_forward,
+    openvino_forward,
+    precision_unsupported,
+)
 from handlers.execution.outputs import largest_difference
+from handlers.execution.precision import LOSSY_PLANS
 
 TOLERANCE = 1e-4
 MIN_GAIN = 1.03
 TIMED_CALLS = 5
 TIME_BUDGET_S = 1.0
-FIXED_PLANS = ("eager", "channels_last", "frozen", "frozen_channels_last", "onnxruntime", "compiled")
-AUTO_PLANS = FIXED_PLANS[:5]
-# What the archive holds for a member's ONNX plan: the exported file, or why the build could not export it.
-Exported = Path | str
+FIXED_PLANS = ("eager", "channels_last", "frozen", "frozen_channels_last", "onnxruntime", "openvino", "compiled")
+AUTO_PLANS = FIXED_PLANS[:6]
+ENGINE_PLANS = ("onnxruntime", "openvino")
+# The engines of each lossy precision, run from the archive's exports.
+ENGINE_FILES = {"onnxruntime": "onnx", "openvino": "onnx", "openvino_bf16": "onnx", "onnxruntime_int8": "int8", "openvino_int8": "int8"}
+# What the archive holds for a member's engines.
+Exported = Archived
 Forward = Callable[[torch.Tensor], torch.Tensor]
+logger = logging.getLogger(__name__)
 
 
 class PlanRejected(Exception):
@@ -64,6 +81,7 @@ class Choice:
     rejected: dict[str, str] = field(default_factory=dict)
     build_s: float = 0.0
     remembered: bool = False
+    precision: Mapping[str, Any] = field(default_factory=lambda: {"precision": "fp32"})
 
     @property
     def speedup(self) -> float | None:
@@ -82,6 +100,7 @@ class Choice:
             "rejected": self.rejected,
             "load_s": round(self.build_s, 2),
             "measured_by": "another worker" if self.remembered else "this worker",
+            "precision": dict(self.precision),
         }
 
 
@@ -126,11 +145,14 @@ def choose(
         reference = {size: module(probe) for size, probe in probes.items()}
     wanted = AUTO_PLANS + (("compiled",) if execution.compile else ()) if execution.plan == "auto" else (execution.plan,)
     if execution.plan == "auto" and exported is None:  # Loaded from ensembles.yaml, not an archive: nothing was exported.
-        wanted = tuple(plan for plan in wanted if plan != "onnxruntime")
+        wanted = tuple(plan for plan in wanted if plan not in ENGINE_PLANS)
+    precision, lossy = _precision(execution, exported)
+    if lossy:
+        wanted = ("eager", *LOSSY_PLANS[execution.precision])
     if execution.plan == "auto" and remembered is not None:
-        reused = _reuse(remembered, module, probes, reference, wanted, exported)
+        reused = _reuse(remembered, module, probes, reference, wanted, exported, lossy=lossy)
         if reused is not None:
-            return replace(reused, build_s=time.perf_counter() - began)
+            return replace(reused, build_s=time.perf_counter() - began, precision=precision)
     forwards: dict[str, Forward] = {"eager": module}
     rejected: dict[str, str] = {}
     for plan in wanted:
@@ -138,7 +160,7 @@ def choose(
             continue
         try:
             forward = build(plan, module, probes[max(sizes)], exported)
-            _verify(forward, probes, reference)
+            _verify(forward, probes, reference, lossy=plan in lossy)
         except PlanRejected as e:
             rejected[plan] = str(e)
             continue
@@ -148,10 +170,33 @@ def choose(
             raise PlanRejected(f"plan {execution.plan!r}: {rejected[execution.plan]}")
         return Choice(execution.plan, forwards[execution.plan], rejected=rejected, build_s=time.perf_counter() - began)
     ms = _time(forwards, probes, device)
-    best = max(ms, key=lambda plan: _gain(ms["eager"], ms[plan]))
-    if _gain(ms["eager"], ms[best]) < MIN_GAIN:
-        best = "eager"
-    return Choice(best, forwards[best], ms=ms, rejected=rejected, build_s=time.perf_counter() - began)
+    if lossy and any(plan in forwards for plan in lossy):  # The precision was asked for: its fastest engine runs.
+        best = max((plan for plan in ms if plan in lossy), key=lambda plan: _gain(ms["eager"], ms[plan]))
+    else:
+        best = max(ms, key=lambda plan: _gain(ms["eager"], ms[plan]))
+        if _gain(ms["eager"], ms[best]) < MIN_GAIN:
+            best = "eager"
+        if lossy:
+            precision = {"precision": "fp32", "fallback": f"no {execution.precision} engine runs here: {rejected}"}
+    elapsed = time.perf_counter() - began
+    return Choice(best, forwards[best], ms=ms, rejected=rejected, build_s=elapsed, precision=precision)
+
+
+def _precision(execution: Execution, exported: Exported | None) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """The precision a member runs at, as `describe` shows it, and the plans of that precision (none for fp32).
+
+    A lossy precision applies only where the build measured it and this CPU runs it faster than fp32; otherwise the
+    member runs in fp32, and the reason is logged and shown.
+    """
+    if execution.precision == "fp32":
+        return {"precision": "fp32"}, ()
+    why = precision_unsupported(execution.precision)
+    if why is None and (exported is None or exported.measured is None):
+        why = f"the archive holds no measured {execution.precision} export (the build measures it; a spec loaded from ensembles.yaml has none)"
+    if why is not None:
+        logger.warning("served in fp32, not %s: %s", execution.precision, why)
+        return {"precision": "fp32", "fallback": why}, ()
+    return dict(exported.measured), LOSSY_PLANS[execution.precision]
 
 
 def _reuse(
@@ -161,6 +206,8 @@ def _reuse(
     reference: dict[int, torch.Tensor],
     allowed: Sequence[str],
     exported: Exported | None,
+    *,
+    lossy: Sequence[str] = (),
 ) -> Choice | None:
     """The remembered choice, rebuilt and verified; None when it does not apply here or no longer verifies."""
     try:
@@ -173,7 +220,7 @@ def _reuse(
         return None
     try:
         forward = module if plan == "eager" else build(plan, module, probes[max(probes)], exported)
-        _verify(forward, probes, reference)
+        _verify(forward, probes, reference, lossy=plan in lossy)
     except PlanRejected:
         return None
     return Choice(plan, forward, ms=ms, rejected=rejected, remembered=True)
@@ -182,13 +229,8 @@ def _reuse(
 def build(plan: str, module: nn.Module, example: torch.Tensor, exported: Exported | None = None) -> Forward:
     """The forward function of `plan` for an eval-mode `module` (on the device of `example`); PlanRejected when it
     cannot apply. `exported` is what the archive holds for the ONNX plan."""
-    if plan == "onnxruntime":
-        if not isinstance(exported, Path):
-            raise PlanRejected(f"no ONNX export: {exported}" if exported else "no ONNX export (not loaded from an archive that has one)")
-        try:
-            return onnxruntime_forward(exported, example.device)
-        except EngineUnavailable as e:
-            raise PlanRejected(str(e)) from e
+    if plan in ENGINE_FILES:
+        return _engine(plan, exported, example.device)
     channels_last = plan.endswith("channels_last")
     if channels_last and example.dim() != 4:
         raise PlanRejected(f"channels_last needs 4-D (N, C, H, W) input; this member takes {example.dim()}-D")
@@ -209,6 +251,22 @@ def build(plan: str, module: nn.Module, example: torch.Tensor, exported: Exporte
             raise PlanRejected(f"torch.compile failed: {type(e).__name__}: {e}") from e
         return compiled
     raise PlanRejected(f"unknown plan {plan!r}; known: {', '.join(FIXED_PLANS)}")
+
+
+def _engine(plan: str, exported: Exported | None, device: torch.device) -> Forward:
+    """An engine plan's forward function, from the file the archive holds for it."""
+    if exported is None:
+        raise PlanRejected("no ONNX export (not loaded from an archive that has one)")
+    path = exported.int8 if ENGINE_FILES[plan] == "int8" else exported.onnx
+    if path is None:
+        raise PlanRejected(f"no ONNX export: {exported.refused}" if ENGINE_FILES[plan] == "onnx" else "no int8 export in the archive")
+    engine, _, precision = plan.partition("_")
+    try:
+        if engine == "onnxruntime":
+            return onnxruntime_forward(path, device)
+        return openvino_forward(path, device, precision=precision or "fp32", cache=path.parent.parent / OPENVINO_CACHE)
+    except EngineUnavailable as e:
+        raise PlanRejected(str(e)) from e
 
 
 def _frozen(module: nn.Module, example: torch.Tensor, *, channels_last: bool) -> torch.jit.ScriptModule:
@@ -239,8 +297,13 @@ def _verify(
     forward: Forward,
     probes: dict[int, torch.Tensor],
     reference: dict[int, torch.Tensor],
+    *,
+    lossy: bool = False,
 ) -> None:
-    """Every probe size twice (TorchScript optimises on its first calls): probabilities within TOLERANCE of eager."""
+    """Every probe size twice (TorchScript optimises on its first calls): probabilities within TOLERANCE of eager.
+
+    A `lossy` plan's agreement was measured by the build on calibration images: here its shape and finite values are.
+    """
     for _ in range(2):
         for size, probe in probes.items():
             try:
@@ -250,6 +313,10 @@ def _verify(
                 raise PlanRejected(f"fails at batch {size}: {type(e).__name__}: {e}") from e
             if got.shape != reference[size].shape:
                 raise PlanRejected(f"outputs shape {tuple(got.shape)} at batch {size}; eager gives {tuple(reference[size].shape)}")
+            if lossy:
+                if not torch.isfinite(got).all():
+                    raise PlanRejected(f"non-finite probabilities at batch {size}")
+                continue
             difference = largest_difference(got, reference[size])
             if not difference <= TOLERANCE:
                 raise PlanRejected(f"probabilities differ from eager by {difference:.2e} at batch {size} (limit {TOLERANCE:g})")
