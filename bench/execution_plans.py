@@ -3,11 +3,13 @@
 Usage: python -m bench.execution_plans [--quick]   (`make bench-plans`; needs `make demo`)
 
 For the torchvision trio and both demos, loads each ensemble as a worker on this machine would (one
-intra-op thread, member threads = cores), once with every member on eager and once with `auto`,
-then times `probabilities` (members side by side on the member threads, inputs already decoded) at
-1 and 8 images, both ensembles interleaved so that noise hits them alike. Writes
-bench/results/execution_plans.json: per member the plan chosen, its speed-up and every candidate's
-ms per call; per ensemble the load time both ways and the whole ensemble's speed-up.
+intra-op thread, member threads = cores) four ways: every member on eager; every member on `frozen`, the
+fastest plan before the engines; `auto` on the built archive (ONNX Runtime and OpenVINO among the
+candidates); and `auto` at `precision: bf16` (calibrated on the workload's images). It then times
+`probabilities` (members side by side on the member threads, inputs already decoded) at 1 and 8 images, the
+four interleaved so that noise hits them alike. Writes bench/results/execution_plans.json: per member the plan
+chosen, its speed-up and every candidate's ms per call, and its bf16 engine and agreement; per ensemble the load
+times and the whole ensemble's speed-ups against `frozen`.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 
 import torch
 
+from bench.contenders import extracted_archive
 from bench.workloads import Workload, demo, torchvision_trio
 from handlers.config.files import load_ensembles
 from handlers.ensemble import Ensemble
@@ -34,14 +37,24 @@ RESULTS = Path(__file__).parent / "results" / "execution_plans.json"
 BATCHES = (1, 8)
 
 
-def measure(workload: Workload, rounds: int) -> dict[str, Any]:
+def measure(workload: Workload, rounds: int, folder: Path) -> dict[str, Any]:
+    """The ensemble loaded four ways, timed interleaved: eager, every member on `frozen` (the fastest plan before
+    the engines), `auto` on its archive (engines included), and `auto` at `precision: bf16` on its archive."""
     threads = usable_cores()
+    cpu = torch.device("cpu")
     loaded: dict[str, Ensemble] = {}
     load_s: dict[str, float] = {}
-    for plan in ("eager", "auto"):
-        began = time.perf_counter()
-        loaded[plan] = Ensemble.from_spec(workload.spec.with_plan(plan), torch.device("cpu"), parallelism=threads)
-        load_s[plan] = time.perf_counter() - began
+    with extracted_archive(workload) as fp32, extracted_archive(workload.at_precision("bf16", folder / workload.name)) as bf16:
+        loaders = {
+            "eager": lambda: Ensemble.from_spec(workload.spec.with_plan("eager"), cpu, parallelism=threads),
+            "frozen": lambda: Ensemble.from_spec(workload.spec.with_plan("frozen"), cpu, parallelism=threads),
+            "auto": lambda: Ensemble.from_model_dir(fp32, cpu, parallelism=threads),
+            "bf16": lambda: Ensemble.from_model_dir(bf16, cpu, parallelism=threads),
+        }
+        for name, load in loaders.items():
+            began = time.perf_counter()
+            loaded[name] = load()
+            load_s[name] = time.perf_counter() - began
     images = [decode_image(data, workload.spec.limits) for data in workload.images[: max(BATCHES)]]
     ms: dict[str, dict[int, list[float]]] = {plan: {b: [] for b in BATCHES} for plan in loaded}
     for _ in range(rounds):
@@ -50,13 +63,19 @@ def measure(workload: Workload, rounds: int) -> dict[str, Any]:
                 began = time.perf_counter()
                 ensemble.probabilities(images[:batch])
                 ms[plan][batch].append(1000 * (time.perf_counter() - began))
-    difference = float((loaded["auto"].probabilities(images) - loaded["eager"].probabilities(images)).abs().max())
+    reference = loaded["eager"].probabilities(images)
+    median = {plan: {b: statistics.median(v) for b, v in sizes.items()} for plan, sizes in ms.items()}
     return {
         "load_s": {plan: round(s, 2) for plan, s in load_s.items()},
         "members": {m["name"]: m["execution"] for m in loaded["auto"].describe()["members"]},
-        "ensemble_ms_median": {plan: {str(b): round(statistics.median(v), 2) for b, v in sizes.items()} for plan, sizes in ms.items()},
-        "ensemble_speedup": {str(b): round(statistics.median(ms["eager"][b]) / statistics.median(ms["auto"][b]), 2) for b in BATCHES},
-        "max_probability_difference": difference,
+        "bf16_members": {m["name"]: m["execution"] for m in loaded["bf16"].describe()["members"]},
+        "ensemble_ms_median": {plan: {str(b): round(v, 2) for b, v in sizes.items()} for plan, sizes in median.items()},
+        "speedup_vs_frozen": {
+            plan: {str(b): round(median["frozen"][b] / median[plan][b], 2) for b in BATCHES} for plan in ("eager", "auto", "bf16")
+        },
+        "max_probability_difference": {
+            plan: float(f"{float((loaded[plan].probabilities(images) - reference).abs().max()):.2g}") for plan in ("frozen", "auto", "bf16")
+        },
     }
 
 
@@ -69,23 +88,33 @@ def multishape(count: int) -> Workload:
 
 def markdown(results: dict[str, dict[str, Any]]) -> str:
     lines = [
-        "| workload | member | plan chosen | speed-up vs eager | eager ms (1 / slice) | chosen ms (1 / slice) | rejected |",
+        "| workload | member | plan chosen (fp32) | speed-up vs eager | eager ms (1 / slice) | chosen ms (1 / slice) | bf16: plan, agreement |",
         "|---|---|---|---:|---:|---:|---|",
     ]
     for workload, result in results.items():
         for member, chosen in result["members"].items():
             eager, mine = chosen["ms_per_call"]["eager"], chosen["ms_per_call"][chosen["plan"]]
+            lossy = result["bf16_members"][member]
+            agreement = lossy["precision"].get("agreement", lossy["precision"].get("fallback"))
             lines.append(
                 f"| {workload} | {member} | {chosen['plan']} | {chosen['speedup_vs_eager']:.2f}x | "
                 f"{' / '.join(f'{v:.1f}' for v in eager.values())} | {' / '.join(f'{v:.1f}' for v in mine.values())} | "
-                f"{', '.join(chosen['rejected']) or '-'} |"
+                f"{lossy['plan']}, {agreement} |"
             )
-    lines += ["", "| workload | load s (eager / auto) | ensemble ms at 1 image (eager / auto) | at 8 images | speed-up 1 / 8 | max difference |", "|---|---:|---:|---:|---:|---:|"]
+    lines += [
+        "",
+        "| workload | load s (eager / frozen / auto / bf16) | ensemble ms at 1 image (frozen / auto / bf16) | at 8 images | "
+        "auto vs frozen, 1 / 8 | bf16 vs frozen, 1 / 8 | largest difference from eager (frozen / auto / bf16) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for workload, r in results.items():
-        e, a = r["ensemble_ms_median"]["eager"], r["ensemble_ms_median"]["auto"]
+        ms, up = r["ensemble_ms_median"], r["speedup_vs_frozen"]
         lines.append(
-            f"| {workload} | {r['load_s']['eager']:.1f} / {r['load_s']['auto']:.1f} | {e['1']:.1f} / {a['1']:.1f} | {e['8']:.1f} / {a['8']:.1f} | "
-            f"{r['ensemble_speedup']['1']:.2f}x / {r['ensemble_speedup']['8']:.2f}x | {r['max_probability_difference']:.1e} |"
+            f"| {workload} | {' / '.join(f'{v:.1f}' for v in r['load_s'].values())} | "
+            + " | ".join(" / ".join(f"{ms[p][b]:.1f}" for p in ("frozen", "auto", "bf16")) for b in ("1", "8"))
+            + f" | {up['auto']['1']:.2f}x / {up['auto']['8']:.2f}x | {up['bf16']['1']:.2f}x / {up['bf16']['8']:.2f}x | "
+            + " / ".join(f"{v:.1e}" for v in r["max_probability_difference"].values())
+            + " |"
         )
     return "\n".join(lines)
 
@@ -97,8 +126,8 @@ def main() -> None:
     torch.set_num_threads(1)
     began = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-plans-") as folder:
-        workloads = [torchvision_trio(Path(folder), 8), demo(8), multishape(8)]
-        results = {w.name: measure(w, 5 if args.quick else 20) for w in workloads}
+        workloads = [torchvision_trio(Path(folder) / "trio", 32), demo(32), multishape(32)]
+        results = {w.name: measure(w, 5 if args.quick else 20, Path(folder) / "calibration") for w in workloads}
     print(markdown(results))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     machine = {"cores": os.cpu_count(), "processor": platform.processor() or platform.machine(), "torch": torch.__version__}
