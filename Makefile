@@ -10,7 +10,7 @@ INSTALLED := $(VENV)/.installed-$(shell (cat requirements.txt; echo $(NO_DEPS)) 
 TRAINED := artifacts/weights/.trained
 NAME ?= shapes
 
-.PHONY: setup demo build kserve gpu-check serve stop test test-fast docs schema register unregister rebuild evaluate inspect bench bench-quick bench-mlp bench-profile bench-batching bench-fused bench-options bench-engines tune reliability reliability-full clean prometheus monitor monitor-stop monitor-traffic monitor-report
+.PHONY: setup demo build kserve gpu-check serve stop test test-fast docs schema register unregister rebuild evaluate inspect bench bench-quick bench-mlp bench-profile bench-batching bench-fused bench-options bench-engines bench-request-profile tune reliability reliability-full clean prometheus monitor monitor-stop monitor-traffic monitor-report
 
 $(INSTALLED): requirements.txt
 	@command -v java >/dev/null 2>&1 || { echo "installing a Java runtime for TorchServe"; \
@@ -203,6 +203,10 @@ bench-plans: demo
 # Every engine and precision per member of the trio and the demos, one thread, next to this machine's peak.
 bench-engines: demo
 	$(PY) -m bench.engines
+
+# Where a 16-image request's time goes in our worker (decode, resize, members, render), on `shapes`.
+bench-request-profile: demo
+	$(PY) -m bench.request_profile
 
 bench-metrics: demo
 	$(PY) -m bench.metrics_cost

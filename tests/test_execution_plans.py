@@ -138,6 +138,18 @@ def test_workers_of_one_model_share_the_measured_plans(test_store: Path, tmp_pat
     assert [(m["execution"]["plan"], m["execution"]["ms_per_call"]) for m in again] == [
         (m["execution"]["plan"], m["execution"]["ms_per_call"]) for m in first
     ]
+    assert all(set(ENGINE_PLANS) <= set(m["execution"]["ms_per_call"]) for m in first)
+
+
+@pytest.mark.parametrize("engine", ENGINE_PLANS)
+def test_a_worker_rebuilds_an_engine_plan_another_worker_chose(test_store: Path, tmp_path: Path, engine: str) -> None:
+    model_dir = extract(test_store, "trio", tmp_path)
+    Ensemble.from_model_dir(model_dir, CPU)
+    saved = json.loads((model_dir / PLANS_FILE).read_text())
+    saved["members"]["mobile"]["plan"] = engine
+    (model_dir / PLANS_FILE).write_text(json.dumps(saved))
+    members = {m["name"]: m["execution"] for m in Ensemble.from_model_dir(model_dir, CPU).describe()["members"]}
+    assert (members["mobile"]["plan"], members["mobile"]["measured_by"]) == (engine, "another worker")
 
 
 @pytest.mark.parametrize(

@@ -60,6 +60,7 @@ def lossy_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_archive(spec, root / "store")
 
 
+@pytest.mark.slow
 def test_the_build_measures_each_lossy_precision_and_archives_the_int8_export(lossy_archive: Path, tmp_path: Path) -> None:
     with zipfile.ZipFile(lossy_archive) as packed:
         packed.extractall(tmp_path)
@@ -69,7 +70,9 @@ def test_the_build_measures_each_lossy_precision_and_archives_the_int8_export(lo
         "squeeze": ("bf16", CALIBRATION_IMAGES),
         "pool": ("int8", CALIBRATION_IMAGES),
     }
-    assert all(0.5 <= m["agreement"] <= 1.0 and m["largest_difference"] > 0 for m in measured.values())
+    assert all(0.5 <= m["agreement"] <= 1.0 for m in measured.values())
+    assert measured["pool"]["largest_difference"] > 0  # int8 is lossy on every CPU; bf16 only where the CPU runs it.
+    assert (measured["squeeze"]["largest_difference"] > 1e-4) == (precision_unsupported("bf16") is None)
     assert manifest.engines["pool"]["int8"] == "members/pool.int8.onnx"
     assert "members/pool.int8.onnx" in manifest.digests
     assert [line for line in forgiven_lines(lossy_archive) if "calibration images" in line] == [
@@ -79,9 +82,14 @@ def test_the_build_measures_each_lossy_precision_and_archives_the_int8_export(lo
     ]
 
 
-def test_a_worker_serves_each_member_on_an_engine_of_its_precision_and_shows_the_measurement(lossy_archive: Path, tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_a_worker_serves_each_member_on_an_engine_of_its_precision_and_shows_the_measurement(
+    lossy_archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     with zipfile.ZipFile(lossy_archive) as packed:
         packed.extractall(tmp_path)
+    # As on a CPU with the features (this one has AMX); without them the engines emulate the precision, as tested.
+    monkeypatch.setattr(plans, "precision_unsupported", lambda precision: precision_unsupported(precision, frozenset({"amx_bf16", "amx_int8"})))
     ensemble = Ensemble.from_model_dir(tmp_path, CPU)
     described = ensemble.plan_choices()
     assert described["squeeze"]["plan"] == "openvino_bf16"
@@ -95,6 +103,7 @@ def test_a_worker_serves_each_member_on_an_engine_of_its_precision_and_shows_the
     assert torch.allclose(probabilities.sum(dim=-1), torch.ones(2, 3, dtype=probabilities.dtype), atol=1e-2)
 
 
+@pytest.mark.slow
 def test_a_cpu_without_the_precision_serves_fp32_and_says_why(lossy_archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with zipfile.ZipFile(lossy_archive) as packed:
         packed.extractall(tmp_path)
@@ -121,6 +130,7 @@ def test_which_cpus_run_a_precision(flags: set[str], precision: str, expected: s
     assert precision_unsupported(precision, frozenset(flags)) == expected
 
 
+@pytest.mark.slow
 def test_a_precision_that_flips_labels_is_refused_at_build_time_with_both_numbers(tmp_path: Path) -> None:
     torch.manual_seed(5)
     knife = KnifeEdgeNet()
@@ -142,6 +152,7 @@ def test_a_precision_that_flips_labels_is_refused_at_build_time_with_both_number
     assert float(match.group(1)) < 0.99 and float(match.group(2)) > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("execution", "message"),
     [
