@@ -247,14 +247,15 @@ def triton(
     threads: int = 1,
     max_batch_size: int = 64,
     queue_delay_us: int = 0,
-    model_dir: Path | None = None,
+    model_dir: Path,
+    plan: str = "eager",
 ) -> Iterator[Send]:
     """(E) Triton with dynamic batching through PyTriton (bench/triton_server.py, in .venv-triton).
 
     One request of N images is one KServe v2 inference request of N rows of the BYTES input `image`
     (binary tensor extension); each row of the output `result` is that image's rendered prediction.
-    The defaults are the configuration bench/triton_server.py's docstring explains. With `model_dir` (an extracted
-    archive) the members run as ONNX Runtime sessions on its exports: `triton_onnxruntime`.
+    The defaults are the configuration bench/triton_server.py's docstring explains. `model_dir` is the ensemble's
+    archive, extracted; `plan` is every member's: eager for (E), `onnxruntime` for `triton_onnxruntime`.
     """
     if not TRITON_PYTHON.exists():
         raise RuntimeError(f"{TRITON_PYTHON} is missing: `make bench` builds .venv-triton from bench/requirements-triton.txt")
@@ -265,10 +266,8 @@ def triton(
         "BENCH_TRITON_MAX_BATCH": max_batch_size,
         "BENCH_TRITON_DELAY_US": queue_delay_us,
     }
-    env = {**os.environ, "BENCH_ENSEMBLES": str(workload.config), "BENCH_ENSEMBLE": workload.spec.name}
+    env = {**os.environ, "BENCH_TRITON_MODEL_DIR": str(model_dir), "BENCH_TRITON_PLAN": plan}
     env.update({key: str(value) for key, value in settings.items()})
-    if model_dir is not None:
-        env["BENCH_TRITON_MODEL_DIR"] = str(model_dir)
     command = [str(TRITON_PYTHON), "-m", "bench.triton_server"]
     base = f"http://127.0.0.1:{TRITON_PORT}/v2/models/ensemble"
     # Triton.serve() shuts the server and its Python stubs down on SIGINT.

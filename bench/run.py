@@ -79,8 +79,8 @@ def _measure(workload: Workload, quick: bool, archive: Path) -> dict[str, dict[s
         "ours_bf16": lambda: torchserve(workload.at_precision("bf16", archive.parent / "calibration"), fan_out=False),
         "flask": lambda: flask_gunicorn(workload, workload.config),
         "fanout": lambda: torchserve(workload, fan_out=True),
-        "triton": lambda: triton(workload),
-        "triton_onnxruntime": lambda: triton(workload, model_dir=archive),
+        "triton": lambda: triton(workload, model_dir=archive),
+        "triton_onnxruntime": lambda: triton(workload, model_dir=archive, plan="onnxruntime"),
         "ray": lambda: ray_serve(workload),
     }
     for name, serve in servers.items():

@@ -1,13 +1,13 @@
 """Contender (E): Triton Inference Server with dynamic batching, through PyTriton, all members in one Python model.
 
-Run by bench/contenders.py as `.venv-triton/bin/python -m bench.triton_server [config [name]]` (or with
-BENCH_ENSEMBLES / BENCH_ENSEMBLE, like bench/flask_server.py), in its own venv made with Debian's
+Run by bench/contenders.py as `.venv-triton/bin/python -m bench.triton_server` with BENCH_TRITON_MODEL_DIR (the
+ensemble's archive, extracted) and BENCH_TRITON_PLAN (`eager` or `onnxruntime`), in its own venv made with Debian's
 /usr/bin/python3.11 (`make bench` builds it from bench/requirements-triton.txt): PyTriton's Python
 backend stub links the system libpython3.11 and fails under another 3.11 build. It uses the same
 decode, transform, member and rendering code as our handler and the Flask baseline, so the comparison
-isolates the serving stack; like Flask's, its members run as given (eager), or with BENCH_TRITON_MODEL_DIR (an
-extracted archive) as ONNX Runtime sessions on the archive's exports, the `triton_onnxruntime` contender: what a
-Triton user would deploy. CPU only; HTTP on 127.0.0.1:38200, gRPC on :38201, metrics on :38202.
+isolates the serving stack; like Flask's, its members run as given (eager), or as ONNX Runtime sessions on the
+archive's exports, the `triton_onnxruntime` contender: what a Triton user would deploy. Loading the archive
+rather than ensembles.yaml keeps the venv free of the packages other ensembles' members need (timm, transformers). CPU only; HTTP on 127.0.0.1:38200, gRPC on :38201, metrics on :38202.
 
 Model `ensemble`: input `image`, BYTES [-1, 1], one row per encoded image (a request of N images is N
 rows); output `result`, BYTES [-1, 1], per image the JSON of its entry in `ensemble.render(...)`'s
@@ -41,7 +41,6 @@ import json
 import logging
 import os
 import signal
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +49,7 @@ import torch
 from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
 from pytriton.triton import Triton, TritonConfig
 
-from handlers.config.files import load_ensembles, read_archive_manifest
+from handlers.config.files import read_archive_manifest
 from handlers.ensemble import Ensemble
 from handlers.execution.engines import archived_exports
 from handlers.inputs.images import decode_image
@@ -82,9 +81,9 @@ def make_infer(ensemble: Ensemble):  # noqa: ANN201 (PyTriton's callable type is
     return infer
 
 
-def on_engine(model_dir: Path, plan: str, member_threads: int) -> Ensemble:
-    """The extracted archive's members, every one on `plan` (its ONNX export on ONNX Runtime): Triton's own
-    backend for such models, so the peer runs what a Triton user would deploy."""
+def on_plan(model_dir: Path, plan: str, member_threads: int) -> Ensemble:
+    """The extracted archive's members, every one on `plan`: `eager` (as given), or `onnxruntime` (its ONNX export on
+    ONNX Runtime, Triton's own backend for such models, so the peer runs what a Triton user would deploy)."""
     manifest = read_archive_manifest(model_dir)
     return Ensemble(
         manifest.ensemble.with_plan(plan), load_archived_members(manifest, model_dir), torch.device("cpu"),
@@ -93,20 +92,12 @@ def on_engine(model_dir: Path, plan: str, member_threads: int) -> Ensemble:
     )  # fmt: skip
 
 
-def main(argv: list[str]) -> None:
-    config = Path(argv[0] if argv else os.environ["BENCH_ENSEMBLES"])
-    name = argv[1] if len(argv) > 1 else os.environ["BENCH_ENSEMBLE"]
+def main() -> None:
     instances = _setting("BENCH_TRITON_INSTANCES", 1)
     torch.set_num_threads(_setting("BENCH_THREADS", 1))
     member_threads = _setting("BENCH_TRITON_MEMBER_THREADS", 2)
-    engine_dir = os.environ.get("BENCH_TRITON_MODEL_DIR")
-    if engine_dir:
-        ensembles = [on_engine(Path(engine_dir), "onnxruntime", member_threads) for _ in range(instances)]
-    else:
-        spec = load_ensembles(config)[name]
-        ensembles = [
-            Ensemble.from_spec(spec.with_plan("eager"), torch.device("cpu"), parallelism=member_threads) for _ in range(instances)
-        ]
+    model_dir, plan = Path(os.environ["BENCH_TRITON_MODEL_DIR"]), os.environ.get("BENCH_TRITON_PLAN", "eager")
+    ensembles = [on_plan(model_dir, plan, member_threads) for _ in range(instances)]
     model_config = ModelConfig(
         max_batch_size=_setting("BENCH_TRITON_MAX_BATCH", 64),
         batcher=DynamicBatcher(max_queue_delay_microseconds=_setting("BENCH_TRITON_DELAY_US", 0)),
@@ -141,4 +132,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    main(sys.argv[1:])
+    main()
