@@ -39,7 +39,7 @@ from handlers.config.schema import MANIFEST_FORMAT
 from handlers.config.specs import Arch, EnsembleSpec, InputSpec, MemberSpec, StateDictRules
 from handlers.ensemble import Ensemble
 from handlers.errors import ConfigError, EnsembleError
-from handlers.execution.engines import Export, export_onnx, precision_unsupported
+from handlers.execution.engines import EngineUnavailable, Export, export_onnx, precision_unsupported
 from handlers.execution.outputs import fit_head
 from handlers.execution.precision import calibration_rows, lossy_forward, measure, quantize_int8, refuse_below
 from handlers.weights.checkpoints import Fitted, save_normalized
@@ -190,7 +190,11 @@ def _lossy(spec: EnsembleSpec, member: MemberSpec, head: torch.nn.Module, export
     if int8 is not None:
         quantize_int8(onnx, int8, rows)
     threshold = spec.policy.threshold if spec.policy.threshold is not None else DEFAULT_THRESHOLD
-    agreement = measure(precision, head, lossy_forward(precision, onnx, int8), rows, given.views, spec.task, threshold)
+    try:
+        lossy = lossy_forward(precision, onnx, int8)
+    except EngineUnavailable as e:
+        raise ConfigError(f"{where} cannot be measured here: {e}; serve it in fp32") from e
+    agreement = measure(precision, head, lossy, rows, given.views, spec.task, threshold)
     refuse_below(agreement, execution.min_agreement, member.name)
     return {"precision": agreement.record(), **({} if int8 is None else {"int8": f"members/{int8.name}"})}
 
