@@ -186,7 +186,7 @@ bench-mlp: $(BENCH_INSTALLED)
 	$(PY) -m bench.mlp_table
 
 bench-profile: $(INSTALLED)
-	$(PY) -m bench.cpu_profile
+	$(PY) -m bench.cpu_profile $(PROFILE_ARGS)
 
 bench-batching: demo
 	$(PY) -m bench.batching_defaults

@@ -1,12 +1,14 @@
-"""Where the cores go when our ensemble serves single images at concurrency 8: a CPU profile by process.
+"""Where the cores go when our ensemble serves a load: a CPU profile by process.
 
-Usage: python -m bench.cpu_profile [--requests N]   (`make bench-profile`)
+Usage: python -m bench.cpu_profile [--requests N] [--workload trio|shapes] [--clients C] [--images I]
+(`make bench-profile`: the trio, 8 clients x 1 image; `make bench-profile PROFILE_ARGS='--workload shapes
+--clients 2 --images 16'`: the demo at 2 clients x 16 images)
 
-Serves the torchvision trio (as in `make bench`) on a private TorchServe, sends N single-image
-requests from 8 client threads, and reads the CPU time each process spent meanwhile: the load
-generator (this process), TorchServe's Java frontend, and the Python worker. The worker's time is
-compared with the in-process cost of the same images (decode, transform, three members at batch 8,
-one thread), measured in this same run. Writes bench/results/cpu_profile.json.
+Serves the workload (as in `make bench`) on a private TorchServe, sends N requests of I images from C
+client threads, and reads the CPU time each process spent meanwhile: the load generator (this process),
+TorchServe's Java frontend, and the Python workers. The workers' time is compared with the in-process
+cost of the same images (decode, transform, the members at batch 8, one thread, the plans the archive's
+workers choose), measured in this same run. Writes bench/results/cpu_profile[-<workload>].json.
 """
 
 from __future__ import annotations
@@ -22,14 +24,13 @@ import psutil
 import requests
 import torch
 
-from bench.contenders import ensemble_sender, serving
+from bench.contenders import ensemble_sender, extracted_archive, serving
 from bench.loadgen import requests_for, run_load
-from bench.workloads import torchvision_trio
+from bench.workloads import demo, torchvision_trio
 from handlers.ensemble import Ensemble
 from handlers.inputs.images import decode_image
 
-RESULTS = Path(__file__).parent / "results" / "cpu_profile.json"
-CLIENTS = 8
+RESULTS = Path(__file__).parent / "results"
 
 
 def cpu_s(process: psutil.Process) -> float:
@@ -52,45 +53,53 @@ def in_process_cpu_ms_per_image(ensemble: Ensemble, images: tuple[bytes, ...], b
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=400)
+    parser.add_argument("--workload", choices=("trio", "shapes"), default="trio")
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--images", type=int, default=1)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-profile-") as folder:
-        workload = torchvision_trio(Path(folder), 64)
-        reference = in_process_cpu_ms_per_image(Ensemble.from_spec(workload.spec, torch.device("cpu")), workload.images)
+        workload = torchvision_trio(Path(folder), 64) if args.workload == "trio" else demo(64)
+        with extracted_archive(workload) as model_dir:
+            torch.set_num_threads(1)
+            reference = in_process_cpu_ms_per_image(Ensemble.from_model_dir(model_dir, torch.device("cpu"), parallelism=1), workload.images)
         with serving([workload.spec]) as server:
             models = requests.get(f"{server.management}/models/{workload.spec.name}", headers=server.headers("management"), timeout=30)
-            worker = psutil.Process(int(models.json()[0]["workers"][0]["pid"]))
+            workers = [psutil.Process(int(worker["pid"])) for worker in models.json()[0]["workers"]]
             [frontend] = [p for p in psutil.process_iter(["cmdline"]) if "org.pytorch.serve.ModelServer" in " ".join(p.info["cmdline"] or [])]
             here = psutil.Process()
+            processes = {"clients": [here], "frontend": [frontend], "workers": workers}
             send = ensemble_sender(server, workload.spec.name, workload.images)
-            batches = requests_for(args.requests, 1, len(workload.images))
-            run_load(send, batches[: 2 * CLIENTS], workload.expected, clients=CLIENTS, deadline_s=60)
-            before = {name: cpu_s(p) for name, p in (("clients", here), ("frontend", frontend), ("worker", worker))}
+            batches = requests_for(args.requests, args.images, len(workload.images))
+            run_load(send, batches[: 2 * args.clients], workload.expected, clients=args.clients, deadline_s=60)
+            before = {name: sum(cpu_s(p) for p in group) for name, group in processes.items()}
             began = time.perf_counter()
-            point = run_load(send, batches, workload.expected, clients=CLIENTS, deadline_s=600)
+            point = run_load(send, batches, workload.expected, clients=args.clients, deadline_s=600)
             wall = time.perf_counter() - began
-            spent = {name: cpu_s(p) - before[name] for name, p in (("clients", here), ("frontend", frontend), ("worker", worker))}
-    images = point.requests - point.errors
+            spent = {name: sum(cpu_s(p) for p in group) - before[name] for name, group in processes.items()}
+    images = (point.requests - point.errors) * args.images
     cores = psutil.cpu_count()
     rows = {name: {"cpu_ms_per_image": 1000 * seconds / images, "share_of_cores": seconds / (wall * cores)} for name, seconds in spent.items()}
     rows["idle"] = {"cpu_ms_per_image": None, "share_of_cores": 1 - sum(r["share_of_cores"] for r in rows.values())}
     lines = ["| process | CPU ms per image | share of the cores |", "|---|---:|---:|"]
     for name, row in rows.items():
-        per_image = "" if row["cpu_ms_per_image"] is None else f"{row['cpu_ms_per_image']:.1f}"
+        per_image = "" if row["cpu_ms_per_image"] is None else f"{row['cpu_ms_per_image']:.2f}"
         lines.append(f"| {name} | {per_image} | {100 * row['share_of_cores']:.0f}% |")
-    lines.append(f"| in-process reference (decode + transform + members, batch 8, 1 thread) | {reference:.1f} | |")
+    lines.append(f"| in-process reference (decode + transform + members, batch 8, 1 thread) | {reference:.2f} | |")
     print("\n".join(lines))
-    print(f"{point.images_per_s:.1f} images/s at concurrency {CLIENTS}, {point.errors} errors, {point.mismatches} mismatches")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({
+    print(f"{point.images_per_s:.1f} images/s at {args.clients} clients x {args.images} images, {point.errors} errors, {point.mismatches} mismatches")
+    out = RESULTS / ("cpu_profile.json" if args.workload == "trio" and args.images == 1 else f"cpu_profile-{args.workload}-c{args.clients}x{args.images}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "cores": cores,
+        "load": {"workload": args.workload, "clients": args.clients, "images_per_request": args.images, "workers": len(workers)},
         "images_per_s": point.images_per_s,
         "errors": point.errors,
         "mismatches": point.mismatches,
         "in_process_cpu_ms_per_image": reference,
         "processes": rows,
     }, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
