@@ -39,7 +39,7 @@ from bench.workloads import Workload
 from handlers.config.specs import EnsembleSpec
 
 TIMEOUT_S = 60
-FLASK_PORT = 38180
+FLASK_PORT = 38190  # not 38180: the private TorchServes of the other contenders listen there (8080 + 30100)
 TRITON_PORT = 38200  # HTTP; gRPC on 38201, metrics on 38202 (bench/triton_server.py)
 RAY_PORT = 38300
 ROOT = Path(__file__).parent.parent
