@@ -21,10 +21,12 @@ import yaml
 
 from archive_scripts.build_archives import build_archive
 from archive_scripts.inspect_checkpoint import inspect
-from handlers.config.files import load_ensembles
+from handlers.config.files import load_ensembles, read_archive_manifest
 from handlers.ensemble import Ensemble
 from handlers.errors import MemberLoadError
+from handlers.execution.engines import archived_exports
 from handlers.inputs.images import batch_tensors, decode_image
+from handlers.weights.loading import load_archived_members
 from tests.conftest import image_bytes, load_handler, serve
 from tests.fixture_models import FixedNet, StructuredNet
 
@@ -128,7 +130,26 @@ def _serve(task: str, root: Path) -> dict[str, Any]:
     [v2_reply] = serve(handler, context, [({"body": json.dumps(v2).encode()}, {"Content-Type": "application/json"})])
     rows = batch_tensors([decode_image(data, spec.limits) for data in images], [spec.input])[spec.input]
     return {"task": task, "labels": labels, "members": members, "modules": modules, "replies": replies, "rows": rows,
-            "describe": handler.ensemble.describe(), "v2": v2_reply}
+            "describe": handler.ensemble.describe(), "v2": v2_reply, "model_dir": root / "model"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])
+def test_each_engine_serves_structured_outputs_and_own_labels_as_eager(served: dict[str, Any], engine: str) -> None:
+    """The ONNX export holds the member behind its head: selection, activation and label mapping run in the engine."""
+    model_dir = served["model_dir"]
+    manifest = read_archive_manifest(model_dir)
+    assert set(manifest.engines) == set(served["members"])
+    on = {
+        plan: Ensemble(manifest.ensemble.with_plan(plan), load_archived_members(manifest, model_dir), CPU, manifest.build,
+                       manifest.sources, exported=archived_exports(manifest.engines, model_dir))
+        for plan in (engine, "eager")
+    }  # fmt: skip
+    assert {group["plan"] for group in on[engine].runner.describe()} == {engine}
+    images = [decode_image(image_bytes(seed, size=(31, 26)), manifest.ensemble.limits) for seed in range(5)]
+    got, expected = on[engine].probabilities(images), on["eager"].probabilities(images)
+    assert torch.equal(got.isnan(), expected.isnan())  # A multilabel member's uncovered labels stay unknown.
+    assert float((got - expected).nan_to_num().abs().max()) <= 1e-4
 
 
 @pytest.mark.slow
