@@ -352,8 +352,8 @@ def test_inference_service_serves_the_layout_over_v2() -> None:
         pytest.param("minReplicas", 1, id="min-replicas"),
         pytest.param("maxReplicas", 4, id="max-replicas"),
         pytest.param("scaleMetric", "concurrency", id="scale-metric"),
-        pytest.param("scaleTarget", 8, id="scale-target"),
-        pytest.param("containerConcurrency", 8, id="container-concurrency"),
+        pytest.param("scaleTarget", 2, id="scale-target"),
+        pytest.param("containerConcurrency", 2, id="container-concurrency"),
     ],
 )
 def test_inference_service_scaling(field: str, value: object) -> None:
