@@ -17,6 +17,7 @@ calibration images; see `handlers.execution.precision`).
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
@@ -208,8 +209,9 @@ def openvino_forward(
     return forward
 
 
+@functools.cache
 def cpu_flags() -> frozenset[str]:
-    """This CPU's feature flags as Linux names them; empty where /proc/cpuinfo cannot be read."""
+    """This CPU's feature flags as Linux names them (read once per process); empty where /proc/cpuinfo cannot be read."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:

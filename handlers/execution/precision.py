@@ -15,8 +15,7 @@ member in fp32 and logs why.
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,12 +29,10 @@ from handlers.execution.engines import onnxruntime_forward, openvino_forward
 from handlers.execution.outputs import largest_difference
 from handlers.inputs.images import batch_tensors, decode_image
 
-LOSSY = ("bf16", "int8")
 # The engines a lossy precision runs on, as plans `auto` times against each other.
 LOSSY_PLANS = {"bf16": ("openvino_bf16",), "int8": ("onnxruntime_int8", "openvino_int8")}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 CALIBRATION_ROWS = 64
-logger = logging.getLogger(__name__)
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -130,12 +127,3 @@ def refuse_below(agreement: Agreement, minimum: float, member: str) -> None:
 def _per_image(probabilities: torch.Tensor, views: int) -> torch.Tensor:
     return probabilities.reshape(-1, views, *probabilities.shape[1:]).mean(dim=1)
 
-
-def plans_for(precision: str, unsupported: str | None, member: str) -> Sequence[str] | None:
-    """The lossy plans `auto` chooses among for `precision`; None (fp32) when it is fp32 or this CPU lacks it."""
-    if precision not in LOSSY:
-        return None
-    if unsupported is not None:
-        logger.warning("member %r: served in fp32, not %s: %s", member, precision, unsupported)
-        return None
-    return LOSSY_PLANS[precision]
