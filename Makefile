@@ -10,7 +10,7 @@ INSTALLED := $(VENV)/.installed-$(shell (cat requirements.txt; echo $(NO_DEPS)) 
 TRAINED := artifacts/weights/.trained
 NAME ?= shapes
 
-.PHONY: setup demo build kserve gpu-check serve stop test test-fast docs schema register unregister rebuild evaluate inspect bench bench-quick bench-mlp bench-profile bench-batching bench-fused bench-options bench-engines bench-request-profile tune reliability reliability-full clean prometheus monitor monitor-stop monitor-traffic monitor-report
+.PHONY: setup demo build kserve gpu-check serve stop test test-fast docs schema register unregister rebuild evaluate inspect bench bench-quick bench-mlp bench-profile bench-batching bench-fused bench-options bench-early-exit bench-engines bench-request-profile tune reliability reliability-full clean prometheus monitor monitor-stop monitor-traffic monitor-report
 
 $(INSTALLED): requirements.txt
 	@command -v java >/dev/null 2>&1 || { echo "installing a Java runtime for TorchServe"; \
@@ -149,7 +149,8 @@ rebuild: $(TRAINED)
 	$(PY) -m archive_scripts.torchserve_ctl register $(NAME)
 
 evaluate: $(TRAINED) $(EVAL_INSTALLED)
-	$(PY) -m archive_scripts.evaluate_demo --plot docs/demo_precision_recall.png --faces-plot docs/faces_corruptions.png --json artifacts/evaluation.json --tta
+	$(PY) -m archive_scripts.evaluate_demo --plot docs/demo_precision_recall.png --faces-plot docs/faces_corruptions.png --json artifacts/evaluation.json --tta \
+		--cascade-plot docs/cascade_cost.png --risk-plot docs/risk_coverage.png
 
 inspect: $(INSTALLED)
 	@test -n "$(FILE)" -a -n "$(ARCH)" || { echo "usage: make inspect FILE=path/to/checkpoint ARCH=torchvision:<builder>|timm:<model>|<package.module>:<Name>|<file.py>:<Class> [KWARGS='{\"num_classes\": 14}'] [INPUT=3,48,48]"; exit 2; }
@@ -213,6 +214,10 @@ bench-metrics: demo
 
 bench-options: demo
 	$(PY) -m bench.answer_options
+
+# Exact early exit under any and all against running every member, and what uncertainty=true costs, on shapes.
+bench-early-exit: demo
+	$(PY) -m bench.early_exit
 
 # On a machine with CUDA: plans chosen there, answers against the CPU's, v2 and JSON in one batch, timings.
 gpu-check: $(INSTALLED)

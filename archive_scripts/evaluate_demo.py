@@ -9,7 +9,10 @@ serving code, so the figures are those of the served ensembles. Metrics come fro
   reports it), and macro precision, recall and F1 of each member's and each policy's decisions.
 The picture puts every member and policy of both demos on precision against recall, so the OR / AND /
 vote trade-off shows at a glance. `--tta` also scores `multishape` with each test-time augmentation
-on every member (macro AUROC and F1 of each member and of the mean policy), to show what the views buy. scikit-learn and matplotlib are evaluation-only dependencies
+on every member (macro AUROC and F1 of each member and of the mean policy), to show what the views buy.
+Every demo also gets what its answers cost (the cascade against mean and the members, early exit against
+the full vote) and its risk–coverage table (archive_scripts/evaluate_cascade.py), drawn with `--cascade-plot`
+and `--risk-plot`. scikit-learn and matplotlib are evaluation-only dependencies
 (archive_scripts/requirements-eval.txt).
 """
 
@@ -30,6 +33,7 @@ from sklearn.metrics import accuracy_score, precision_recall_fscore_support, roc
 
 from archive_scripts.demo_data import make_multilabel_split, make_split
 from archive_scripts.digits_demo import split as digits_split
+from archive_scripts.evaluate_cascade import cost_table, plot_costs, plot_risk, risk_coverage, risk_markdown, without_curves
 from archive_scripts.faces_demo import CORRUPTIONS, corrupted
 from archive_scripts.faces_demo import crops as face_crops
 from handlers.answers.policies import Decision, Votes, combine, member_votes
@@ -80,6 +84,8 @@ def decisions(spec: EnsembleSpec, probs: torch.Tensor, *, scores: bool = False, 
     own = member_votes(probs, votes)
     made = {f"member {m.name}": Decision(own[i], probs[i]) for i, m in enumerate(spec.members)}
     for name in policy_names():
+        if name == "cascade":  # Its answers depend on the members' costs: the cost table (evaluate_cascade) has them.
+            continue
         requested = {"policy": name, **({"k": str(K_OF_N)} if name == "k_of_n" else {})}
         policy = resolve_policy(requested, default=None, task=spec.task, n_members=n)
         label = name + (f" (k={K_OF_N})" if name == "k_of_n" else "")
@@ -202,6 +208,8 @@ def evaluate(specs: Sequence[EnsembleSpec], count: int) -> dict[str, Any]:
         else:
             results[spec.name] = {"task": spec.task, "scores": binary_table(spec, probs, truth)}
         results[spec.name]["images"] = len(truth)
+        results[spec.name]["cost"] = cost_table(spec, ensemble, probs, truth)
+        results[spec.name]["risk_coverage"] = risk_coverage(spec, probs, truth)
         if spec.name == "faces":
             for metric in ("accuracy", "recall"):
                 results[spec.name][f"corrupted {metric}"] = corruption_table(spec, ensemble, metric)
@@ -240,6 +248,8 @@ def main() -> None:
     parser.add_argument("--plot", type=Path, help="draw precision against recall for every member and policy here")
     parser.add_argument("--faces-plot", type=Path, help="draw faces' accuracy under each corruption here")
     parser.add_argument("--tta", action="store_true", help="also score multishape with each test-time augmentation")
+    parser.add_argument("--cascade-plot", type=Path, help="draw each demo's quality against member-forward cost here")
+    parser.add_argument("--risk-plot", type=Path, help="draw each demo's risk against coverage here")
     args = parser.parse_args()
     specs = load_ensembles(args.config)
     results = evaluate([specs[name] for name in args.ensemble or DEMOS], args.count)
@@ -256,6 +266,16 @@ def main() -> None:
         for metric in ("accuracy", "recall"):
             if f"corrupted {metric}" in result:
                 print("\n" + markdown(result[f"corrupted {metric}"], f"{metric} under"))
+        print("\n" + markdown(result["cost"], "what it costs (quality: accuracy, multilabel macro F1; ms: member-forward per image)"))
+    print("\nrisk-coverage of each demo's own policy\n" + risk_markdown({name: r["risk_coverage"] for name, r in results.items()}))
+    if args.cascade_plot:
+        plot_costs({name: r["cost"] for name, r in results.items()}, args.cascade_plot)
+        print(f"wrote {args.cascade_plot}")
+    if args.risk_plot:
+        plot_risk({name: r["risk_coverage"] for name, r in results.items()}, args.risk_plot)
+        print(f"wrote {args.risk_plot}")
+    for result in results.values():
+        result["risk_coverage"] = without_curves(result["risk_coverage"])
     if args.plot:
         # faces, near perfect on clean crops, has its own picture: accuracy under corruptions (--faces-plot).
         panels = {

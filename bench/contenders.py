@@ -53,7 +53,7 @@ def members_view(body: dict[str, Any]) -> Labels:
     return [{member: labels[i] for member, labels in view.items()} for i in range(count)]
 
 
-def _post(session: requests.Session, url: str, images: list[bytes], headers: dict[str, str]) -> dict[str, Any]:
+def post_images(session: requests.Session, url: str, images: list[bytes], headers: dict[str, str]) -> dict[str, Any]:
     if len(images) == 1:
         response = session.post(url, data=images[0], headers={**headers, "Content-Type": "application/octet-stream"}, timeout=TIMEOUT_S)
     else:
@@ -168,7 +168,7 @@ def serving(specs: list[EnsembleSpec]) -> Iterator[Server]:
 def ensemble_sender(server: Server, name: str, images: tuple[bytes, ...]) -> Send:
     url = f"{server.inference}/predictions/{name}"
     headers = server.headers("inference")
-    return lambda indices: members_view(_post(_session(), url, [images[i] for i in indices], headers))
+    return lambda indices: members_view(post_images(thread_session(), url, [images[i] for i in indices], headers))
 
 
 def _fan_out_sender(server: Server, names: list[str], images: tuple[bytes, ...], pool: ThreadPoolExecutor) -> Send:
@@ -188,13 +188,13 @@ def _fan_out_sender(server: Server, names: list[str], images: tuple[bytes, ...],
 
 
 def _post_fresh(url: str, images: list[bytes], headers: dict[str, str]) -> dict[str, Any]:
-    return _post(_session(), url, images, headers)
+    return post_images(thread_session(), url, images, headers)
 
 
 _local = threading.local()
 
 
-def _session() -> requests.Session:
+def thread_session() -> requests.Session:
     """One keep-alive session per client thread (requests sessions are not thread-safe)."""
     if not hasattr(_local, "session"):
         _local.session = requests.Session()
@@ -205,7 +205,7 @@ def _session() -> requests.Session:
 def flask_gunicorn(workload: Workload, config: Path, *, workers: int = 2) -> Iterator[Send]:
     """The FlexServe-style baseline on gunicorn, `workers` processes of 1 torch thread each."""
     with gunicorn(config, workload.spec.name, workers=workers) as url:
-        yield lambda indices: members_view(_post(_session(), url, [workload.images[i] for i in indices], {}))
+        yield lambda indices: members_view(post_images(thread_session(), url, [workload.images[i] for i in indices], {}))
 
 
 @contextmanager
@@ -273,7 +273,7 @@ def triton(
     # Triton.serve() shuts the server and its Python stubs down on SIGINT.
     ports = (TRITON_PORT, TRITON_PORT + 1, TRITON_PORT + 2)
     with _server(command, env, f"{base}/ready", "triton", ports=ports, stop_signal=signal.SIGINT):
-        yield lambda indices: _triton_infer(_session(), f"{base}/infer", [workload.images[i] for i in indices])
+        yield lambda indices: _triton_infer(thread_session(), f"{base}/infer", [workload.images[i] for i in indices])
 
 
 def _triton_infer(session: requests.Session, url: str, images: list[bytes]) -> Labels:
@@ -338,7 +338,7 @@ def ray_serve(
     with tempfile.TemporaryDirectory(prefix="bench-ray-") as folder:  # Short: Ray's socket paths live under it.
         env["BENCH_RAY_TMP"] = folder
         with _server(command, env, f"{url}/health", "ray serve", ports=(RAY_PORT,), stop_signal=signal.SIGTERM):
-            yield lambda indices: members_view(_post(_session(), f"{url}/predict", [workload.images[i] for i in indices], {}))
+            yield lambda indices: members_view(post_images(thread_session(), f"{url}/predict", [workload.images[i] for i in indices], {}))
 
 
 @contextmanager

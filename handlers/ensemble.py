@@ -9,7 +9,7 @@ and the bench's Triton, Ray and Flask contenders run it in-process.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from handlers.answers.render import Renderer
+from handlers.answers.render import Answer, Renderer
 from handlers.answers.v2 import output_names, v2_metadata
 from handlers.config.files import read_archive_manifest
 from handlers.config.policy import PolicySpec, policy_names
@@ -39,8 +39,8 @@ class Reply:
     """What one request gets back: an HTTP status, a JSON body, and how many images or instances it carried.
 
     For the metrics (`handlers.ensemble_metrics`): an answered request's policy, the members that
-    answered, their own votes `[member, image, label]` and the combined choice `[image, label]`; a
-    refused one's error type.
+    answered, their own votes `[member, image, label]`, the combined choice `[image, label]`, which
+    members ran on which images `[member, image]` and how many answers were deferred; a refused one's error type.
     """
 
     status: int
@@ -51,6 +51,8 @@ class Reply:
     votes: torch.Tensor | None = None
     chosen: torch.Tensor | None = None
     error: str | None = None
+    ran: torch.Tensor | None = None
+    deferred: int = 0
 
 
 @dataclass(frozen=True)
@@ -141,9 +143,10 @@ class Ensemble:
         inputs: Inputs,
         forward_seconds: dict[str, float] | None = None,
         wanted: Sequence[Collection[int]] | None = None,
+        settle: Callable[[torch.Tensor], Sequence[Collection[int]]] | None = None,
     ) -> torch.Tensor:
         """probs[member, input, label] as float64 on the CPU (MemberRunner.probabilities says how)."""
-        return self.runner.probabilities(inputs, forward_seconds, wanted)
+        return self.runner.probabilities(inputs, forward_seconds, wanted, settle)
 
     def answer_batch(self, prepared: Sequence[PreparedRequest | EnsembleError]) -> BatchAnswer:
         """One reply per request, in order; the good requests' inputs run together as one batch."""
@@ -153,7 +156,8 @@ class Ensemble:
         if any(p.members != everyone for p in good):
             wanted = [set(p.members) for p in good for _ in range(len(p.inputs))]
         forward_seconds = {member.name: 0.0 for member in self.spec.members}
-        probs = self.probabilities(self._flatten([p.inputs for p in good]), forward_seconds, wanted) if good else None
+        settle = self._settler(good) if any(p.policy.stops_early for p in good) else None
+        probs = self.probabilities(self._flatten([p.inputs for p in good]), forward_seconds, wanted, settle) if good else None
         replies, offset = [], 0
         for item in prepared:
             if isinstance(item, EnsembleError):
@@ -161,27 +165,60 @@ class Ensemble:
                 continue
             assert probs is not None, "a prepared request always carries inputs"
             count = len(item.inputs)
-            answer = self.answers.decide(probs[:, offset : offset + count], item.policy, item.members)
+            stages = self.stages() if item.policy.stops_early else None
+            answer = self.answers.decide(probs[:, offset : offset + count], item.policy, item.members, stages=stages, uncertainty=item.uncertainty)
             if item.v2 is None:
                 body = self.answers.json_body(answer, item.top_k, item.min_run)
             else:
                 body = self.answers.v2_body(answer, item.v2, item.top_k)
-            reply = Reply(200, body, count, policy=item.policy.name, members=answer.names, votes=answer.own, chosen=answer.decision.chosen)
+            deferred = sum(reason is not None for reason in answer.deferred or ())
+            reply = Reply(
+                200, body, count, policy=item.policy.name, members=answer.names, votes=answer.own,
+                chosen=answer.decision.chosen, ran=answer.ran, deferred=deferred,
+            )  # fmt: skip
             replies.append(reply)
             offset += count
         return BatchAnswer(replies, forward_seconds)
+
+    def stages(self) -> tuple[tuple[int, ...], ...]:
+        """Member positions in the order members run when a policy stops early: cheapest first (`MemberRunner.stages`)."""
+        return tuple(group.indices for group in self.runner.stages)
+
+    def _settler(self, good: Sequence[PreparedRequest]) -> Callable[[torch.Tensor], list[tuple[int, ...]]]:
+        """After each stage: the members each input still needs. A request that stops early needs none once its
+        image is settled; any other request needs all of its members."""
+        stages = self.stages()
+
+        def still_needed(probs: torch.Tensor) -> list[tuple[int, ...]]:
+            needed: list[tuple[int, ...]] = []
+            offset = 0
+            for item in good:
+                count = len(item.inputs)
+                if item.policy.stops_early:
+                    done = self.answers.settled(probs[:, offset : offset + count], item.policy, item.members, stages).tolist()
+                    needed += [() if finished else item.members for finished in done]
+                else:
+                    needed += [item.members] * count
+                offset += count
+            return needed
+
+        return still_needed
 
     def render(self, probs: torch.Tensor, policy: PolicySpec, *, members: Sequence[str] | None = None, top_k: int | None = None) -> dict[str, Any]:
         """The response body for one request's probabilities (every member's) under `policy`, from `members` (default all).
 
         `top_k` defaults to the ensemble's, as for a request that does not name it.
         """
-        answer = self.answers.decide(probs, policy, self.answers.positions(members))
+        answer = self._decide(probs, policy, members)
         return self.answers.json_body(answer, top_k or self.spec.top_k)
 
     def render_v2(self, probs: torch.Tensor, policy: PolicySpec, form: V2Form, *, members: Sequence[str] | None = None) -> dict[str, Any]:
         """The Open Inference Protocol v2 response body for one request: the same answer as tensors."""
-        return self.answers.v2_body(self.answers.decide(probs, policy, self.answers.positions(members)), form)
+        return self.answers.v2_body(self._decide(probs, policy, members), form)
+
+    def _decide(self, probs: torch.Tensor, policy: PolicySpec, members: Sequence[str] | None) -> Answer:
+        stages = self.stages() if policy.stops_early else None
+        return self.answers.decide(probs, policy, self.answers.positions(members), stages=stages)
 
     def describe(self) -> dict[str, Any]:
         """What `GET /models/<name>?customized=true` shows: members, digests, labels and policies."""
@@ -198,7 +235,7 @@ class Ensemble:
             "policies": policy_names(),
             "parameters": self.requests.parameters(),
             "v2_outputs": self.output_names(),
-            "v2_metadata": v2_metadata(self.output_names(), len(self.spec.labels), tensor),
+            "v2_metadata": v2_metadata(self.output_names(), len(self.spec.labels), tensor, multilabel=self.spec.task == "multilabel"),
             "members": [
                 {
                     "name": m.name,
@@ -220,6 +257,7 @@ class Ensemble:
             "device": str(self.device),
             "member_threads": self.runner.parallelism,
             "execution": self.runner.describe(),
+            "early_exit_stages": self.runner.stage_order(),
             "build": self.build,
         }
 

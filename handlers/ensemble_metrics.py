@@ -32,10 +32,12 @@ COUNTERS: dict[str, tuple[str, ...]] = {
     "ensemble_images_total": (),
     "ensemble_errors_total": ("ErrorType",),
     "ensemble_member_images_total": ("Member",),
+    "ensemble_member_skipped_total": ("Member",),
     "ensemble_member_forward_seconds_total": ("Member",),
     "ensemble_member_positive_total": ("Member", "Label"),
     "ensemble_disagreements_total": (),
     "ensemble_abstentions_total": (),
+    "ensemble_deferrals_total": (),
     "ensemble_batch_images_total": (),
     "ensemble_batches_total": (),
 }
@@ -49,11 +51,13 @@ Counts = Counter[tuple[str, tuple[str, ...]]]
 def batch_counts(answer: BatchAnswer, *, members: Sequence[str], labels: Sequence[str], single_label: bool) -> Counts:
     """Every counter's increment for one batch, keyed by (name, our label values in COUNTERS order).
 
-    A member's images and votes count the requests it answered (a request may name `members`);
-    `members` lists all of them, for their forward seconds.
+    A member's images and votes count the images it ran on for the requests it answered (a request may
+    name `members`); the images an early exit spared it count as skipped. `members` lists all of them,
+    for their forward seconds.
 
-    Disagreement: the members' own votes for an image are not all the same. Abstention (binary and
-    multiclass only; an empty multilabel answer is an answer): the combined choice has no label.
+    Disagreement: the own votes of the members that ran on an image are not all the same. Abstention
+    (binary and multiclass only; an empty multilabel answer is an answer): the combined choice has no
+    label. Deferral: the answer crossed a `defer:` threshold.
     """
     counts: Counts = Counter()
     images = 0
@@ -61,16 +65,23 @@ def batch_counts(answer: BatchAnswer, *, members: Sequence[str], labels: Sequenc
         if reply.error is not None:
             counts["ensemble_errors_total", (reply.error,)] += 1
             continue
-        assert reply.policy is not None and reply.votes is not None and reply.chosen is not None, "an answered reply carries its votes"
+        answered = reply.policy is not None and reply.votes is not None and reply.chosen is not None and reply.ran is not None
+        assert answered, "an answered reply carries its votes"
         images += reply.images
         counts["ensemble_requests_total", (reply.policy,)] += 1
-        votes = reply.votes
-        for m, member in enumerate(reply.members):
-            counts["ensemble_member_images_total", (member,)] += reply.images
+        votes, ran = reply.votes, reply.ran
+        for m, (member, ran_on) in enumerate(zip(reply.members, ran.sum(dim=1).tolist(), strict=True)):
+            counts["ensemble_member_images_total", (member,)] += ran_on
+            if ran_on < reply.images:
+                counts["ensemble_member_skipped_total", (member,)] += reply.images - ran_on
             for label, count in zip(labels, votes[m].sum(dim=0).tolist(), strict=True):
                 if count:
                     counts["ensemble_member_positive_total", (member, label)] += count
-        counts["ensemble_disagreements_total", ()] += int((votes != votes[:1]).any(dim=2).any(dim=0).sum())
+        someone = (votes & ran[..., None]).any(dim=0)
+        everyone = (votes | ~ran[..., None]).all(dim=0)
+        counts["ensemble_disagreements_total", ()] += int((someone & ~everyone).any(dim=-1).sum())
+        if reply.deferred:
+            counts["ensemble_deferrals_total", ()] += reply.deferred
         if single_label:
             counts["ensemble_abstentions_total", ()] += int((~reply.chosen.any(dim=-1)).sum())
     counts["ensemble_batches_total", ()] += 1
@@ -91,6 +102,7 @@ def zero_series(*, members: Sequence[str], labels: Sequence[str], policies: Sequ
         zeros["ensemble_errors_total", (error,)] = 0
     for member in members:
         zeros["ensemble_member_images_total", (member,)] = 0
+        zeros["ensemble_member_skipped_total", (member,)] = 0
         zeros["ensemble_member_forward_seconds_total", (member,)] = 0
         for label in labels:
             zeros["ensemble_member_positive_total", (member, label)] = 0

@@ -45,6 +45,8 @@ TRIO_OUTPUTS = [
     ("mobile.label", "BYTES", [-1]), ("mobile.scores", "FP64", [-1, 3]),
     ("pool_rgb.label", "BYTES", [-1]), ("pool_rgb.scores", "FP64", [-1, 3]),
     ("pool_gray.label", "BYTES", [-1]), ("pool_gray.scores", "FP64", [-1, 3]),
+    ("skipped", "BYTES", [-1]), ("deferred", "BOOL", [-1]), ("entropy", "FP64", [-1]), ("expected_entropy", "FP64", [-1]),
+    ("mutual_information", "FP64", [-1]), ("vote_margin", "FP64", [-1]),
 ]
 IMAGES_INPUT = ("data", "BYTES", [-1])
 

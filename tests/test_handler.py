@@ -65,7 +65,7 @@ def test_mixed_batch_isolates_bad_requests(trio: tuple[EnsembleHandler, Context]
     assert replies[3][1] == {
         "code": 400,
         "type": "InvalidPolicy",
-        "message": "unknown policy 'vote'; valid policies: all, any, k_of_n, majority, max, mean",
+        "message": "unknown policy 'vote'; valid policies: all, any, cascade, k_of_n, majority, max, mean",
     }
     assert replies[5][1]["type"] == "RequestError"
     assert [len(body["predictions"]) for status, body, _ in replies if status == 200] == [1, 2, 2]
@@ -101,7 +101,7 @@ def test_describe_lists_members_digests_and_policies(trio: tuple[EnsembleHandler
     context.request_processor = [RequestProcessor({"describe": "True"})]
     described = json.loads(handler.handle([{"body": b""}], context)[0])
     spec = source_spec(test_store, "trio")
-    assert described["policies"] == ["all", "any", "k_of_n", "majority", "max", "mean"]
+    assert described["policies"] == ["all", "any", "cascade", "k_of_n", "majority", "max", "mean"]
     assert described["default_policy"] == {"name": "mean", "params": {}}
     assert described["labels"] == ["cat", "dog", "fox"]
     model_dir = handler.ensemble.spec.base_dir
@@ -120,11 +120,17 @@ def test_describe_lists_members_digests_and_policies(trio: tuple[EnsembleHandler
     ]
     assert described["members"][2]["input"]["color_mode"] == "L"
     assert described["device"] == "cpu"
+    stages = described["early_exit_stages"]
+    assert sorted(name for stage in stages for name in stage["members"]) == ["mobile", "pool_gray", "pool_rgb"]
+    assert [stage["ms_per_input"] for stage in stages] == sorted(stage["ms_per_input"] for stage in stages)
     assert described["parameters"] == {
-        "policy": {"values": ["all", "any", "k_of_n", "majority", "max", "mean"], "default": "mean"},
+        "policy": {"values": ["all", "any", "cascade", "k_of_n", "majority", "max", "mean"], "default": "mean"},
         "k": {"range": [1, 3], "default": None, "for": "k_of_n"},
         "top_k": {"range": [1, 3], "default": 1},
         "members": {"values": ["mobile", "pool_rgb", "pool_gray"], "default": ["mobile", "pool_rgb", "pool_gray"], "format": "comma-separated names"},
+        "confidence": {"range": [0.0, 1.0], "default": 0.9, "for": "cascade"},
+        "early_exit": {"values": [True, False], "default": False, "for": "any, all, majority, k_of_n"},
+        "uncertainty": {"values": [True, False], "default": False},
         "sequence": {"values": [True, False], "default": False},
         "min_run": {"range": [1, 64], "default": 1, "for": "sequence=true"},
     }

@@ -94,7 +94,7 @@ def test_registered_ensemble_describes_itself(server: Server) -> None:
     assert isinstance(custom, dict), custom
     assert [m["name"] for m in custom["members"]] == ["mobile", "pool_rgb", "pool_gray"]
     assert all(re.fullmatch(r"[0-9a-f]{64}", m["sha256"]) for m in custom["members"])
-    assert custom["policies"] == ["all", "any", "k_of_n", "majority", "max", "mean"]
+    assert custom["policies"] == ["all", "any", "cascade", "k_of_n", "majority", "max", "mean"]
     for member in custom["members"]:
         chosen = member["execution"]
         assert chosen["plan"] in AUTO_PLANS
@@ -191,6 +191,32 @@ def test_per_request_policy(server: Server, test_store: Path, how: str, policy: 
     assert_same_predictions(response.json()["predictions"], reference(test_store, "pair", images, **policy))
 
 
+@pytest.mark.parametrize("how", ["invoke-query", "headers"])
+def test_early_exit_gives_the_exhaustive_labels_and_says_what_ran(server: Server, test_store: Path, how: str) -> None:
+    images = [image_bytes(seed) for seed in (55, 56, 57, 58)]
+    files = [(f"i{i}", image) for i, image in enumerate(images)]
+    early = {"policy": "any", "early_exit": "true", "uncertainty": "true"}
+    if how == "headers":
+        headers = {f"X-Ensemble-{key.replace('_', '-').title()}": value for key, value in early.items()}
+        response = predict(server, "pair", files=files, headers=headers)
+    else:
+        response = predict(server, "pair", path="invoke", params=early, files=files)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["policy"] == {"name": "any", "params": {"threshold": 0.5, "early_exit": True}}
+    exhaustive = reference(test_store, "pair", images, policy="any")
+    assert [p["label"] for p in body["predictions"]] == [p["label"] for p in exhaustive]
+    for prediction in body["predictions"]:
+        assert prediction["early_exit"] is True
+        assert sorted([*prediction["members"], *prediction["skipped"]]) == ["mobile", "pool_gray", "pool_rgb"]
+        if prediction["label"] == "absent":  # Under any, a no needs every member's no.
+            assert prediction["skipped"] == []
+        assert sorted(prediction["uncertainty"]) == ["entropy", "expected_entropy", "mutual_information", "vote_margin"]
+    refused = predict(server, "pair", path="invoke", params={"policy": "mean", "early_exit": "true"}, files=files[:1])
+    assert refused.status_code == 400
+    assert "early_exit cannot be exact for policy 'mean'" in refused.json()["message"]
+
+
 def test_members_and_top_k_in_the_invoke_query(server: Server, test_store: Path) -> None:
     images = [image_bytes(53), image_bytes(54)]
     params = {"members": "pool_gray,mobile", "policy": "all", "top_k": "2"}
@@ -209,7 +235,7 @@ def test_unknown_policy_lists_valid_names(server: Server) -> None:
     assert response.json() == {
         "code": 400,
         "type": "InvalidPolicy",
-        "message": "unknown policy 'vote'; valid policies: all, any, k_of_n, majority, max, mean",
+        "message": "unknown policy 'vote'; valid policies: all, any, cascade, k_of_n, majority, max, mean",
     }
 
 

@@ -76,7 +76,7 @@ RULES = f"{PREFIX}.members[0].state_dict"
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        pytest.param(lambda e: e.update(colour="red"), f"{PREFIX}.colour: unknown key; valid keys here: batching, consistency, execution, input, labels, limits, members, policy, positive_label, task, top_k, version", id="unknown-key"),
+        pytest.param(lambda e: e.update(colour="red"), f"{PREFIX}.colour: unknown key; valid keys here: batching, consistency, defer, execution, input, labels, limits, members, policy, positive_label, task, top_k, version", id="unknown-key"),
         pytest.param(lambda e: e.pop("labels"), f"{PREFIX}: missing key 'labels'", id="missing-key"),
         pytest.param(lambda e: e.update(version=2.1), f"{PREFIX}.version: expected a quoted version string like '1.0', got 2.1", id="version-not-string"),
         pytest.param(lambda e: e.update(task="regression"), f"{PREFIX}.task: expected one of multiclass, binary, multilabel, got 'regression'", id="bad-task"),
@@ -114,7 +114,7 @@ RULES = f"{PREFIX}.members[0].state_dict"
         pytest.param(lambda e: e["input"].update(std=[0.2, 0.2, 0]), f"{PREFIX}.input.std[2]: expected a number in [1e-06, 10.0], got 0", id="std-zero"),
         pytest.param(lambda e: e["input"].update(type="audio"), f"{PREFIX}.input.type: expected one of image, tensor, got 'audio'", id="input-type"),
         pytest.param(lambda e: e["members"][1].update(input={"type": "tensor", "shape": [8]}), f"{PREFIX}.members[1].input: only a whole ensemble takes tensor input; members of an image ensemble take images", id="member-tensor"),
-        pytest.param(lambda e: e.update(policy={"name": "vote"}), f"{PREFIX}.policy.name: expected one of all, any, k_of_n, majority, max, mean, got 'vote'", id="bad-policy"),
+        pytest.param(lambda e: e.update(policy={"name": "vote"}), f"{PREFIX}.policy.name: expected one of all, any, cascade, k_of_n, majority, max, mean, got 'vote'", id="bad-policy"),
         pytest.param(lambda e: e.update(policy={"name": "k_of_n", "k": 5}), f"{PREFIX}.policy: k must be an integer from 1 to 3, got 5", id="k-out-of-range"),
         pytest.param(lambda e: e.update(batching={"batch_size": 0}), f"{PREFIX}.batching.batch_size: expected an integer from 1 to 1024, got 0", id="batch-size"),
         pytest.param(lambda e: e.update(batching={"fuse_members": "yes"}), f"{PREFIX}.batching.fuse_members: expected true or false, got 'yes'", id="fuse-not-bool"),

@@ -50,7 +50,7 @@ def emitted(caplog: pytest.LogCaptureFixture, handler: EnsembleHandler | None = 
     return lines
 
 
-POLICIES = ("all", "any", "k_of_n", "majority", "max", "mean")
+POLICIES = ("all", "any", "cascade", "k_of_n", "majority", "max", "mean")
 ERROR_TYPES = ("RequestError", "InvalidImage", "UnsupportedMediaType", "PayloadTooLarge", "InvalidPolicy", "EnsembleError")
 
 
@@ -60,7 +60,7 @@ def first_batch_zeros(*members: str, labels: tuple[str, ...]) -> dict[tuple[str,
     zeros |= {("ensemble_requests_total", (("Policy", p),)): 0 for p in POLICIES}
     zeros |= {("ensemble_errors_total", (("ErrorType", e),)): 0 for e in ERROR_TYPES}
     for member in members:
-        zeros |= {(name, (("Member", member),)): 0 for name in ("ensemble_member_images_total", "ensemble_member_forward_seconds_total")}
+        zeros |= {(name, (("Member", member),)): 0 for name in ("ensemble_member_images_total", "ensemble_member_skipped_total", "ensemble_member_forward_seconds_total")}
         zeros |= {("ensemble_member_positive_total", (("Label", label), ("Member", member))): 0 for label in labels}
     return zeros
 

@@ -20,7 +20,8 @@ from tests.conftest import image_bytes, instances, load_handler, reference, refe
 
 JSON = {"Content-Type": "application/json"}
 TRIO_OUTPUTS = ["label", "scores", "mobile.label", "mobile.scores", "pool_rgb.label", "pool_rgb.scores", "pool_gray.label", "pool_gray.scores"]
-TRIO_OUTPUT_NAMES = [*TRIO_OUTPUTS[:2], "top_labels", "top_scores", *TRIO_OUTPUTS[2:]]
+ANSWER_OUTPUTS = ["skipped", "deferred", "entropy", "expected_entropy", "mutual_information", "vote_margin"]
+TRIO_OUTPUT_NAMES = [*TRIO_OUTPUTS[:2], "top_labels", "top_scores", *TRIO_OUTPUTS[2:], *ANSWER_OUTPUTS]
 
 
 @pytest.fixture(scope="module")
@@ -135,8 +136,8 @@ BAD_V2 = [
         "65 images in one request; this ensemble accepts at most 64", id="too-many-images",
     ),
     pytest.param({**v2_images([image_bytes(1)]), "inputz": 1}, {}, 400, "unknown v2 request field(s) ['inputz']; valid: id, parameters, inputs, outputs", id="unknown-field"),
-    pytest.param(v2_images([image_bytes(1)], parameters={"colour": "red"}), {}, 400, "unknown parameter(s) ['colour']; valid: policy, k, threshold, members, top_k, sequence, min_run", id="unknown-parameter"),
-    pytest.param(v2_images([image_bytes(1)], parameters={"policy": "vote"}), {}, 400, "unknown policy 'vote'; valid policies: all, any, k_of_n, majority, max, mean", id="unknown-policy"),
+    pytest.param(v2_images([image_bytes(1)], parameters={"colour": "red"}), {}, 400, "unknown parameter(s) ['colour']; valid: policy, k, threshold, confidence, early_exit, members, top_k, sequence, min_run, uncertainty", id="unknown-parameter"),
+    pytest.param(v2_images([image_bytes(1)], parameters={"policy": "vote"}), {}, 400, "unknown policy 'vote'; valid policies: all, any, cascade, k_of_n, majority, max, mean", id="unknown-policy"),
     pytest.param(
         v2_images([image_bytes(1)], parameters={"policy": "any"}), {"X-Ensemble-Policy": "all"}, 400,
         "policy given twice with different values: 'all' and 'any'", id="body-and-header-disagree",
@@ -272,6 +273,9 @@ def test_describe_lists_the_v2_outputs(trio: tuple[EnsembleHandler, Context]) ->
                     {"name": "top_scores", "datatype": "FP64", "shape": [-1, -1]},
                     {"name": "a.label", "datatype": "BYTES", "shape": [-1]},
                     {"name": "a.scores", "datatype": "FP64", "shape": [-1, 3]},
+                    {"name": "skipped", "datatype": "BYTES", "shape": [-1]},
+                    {"name": "deferred", "datatype": "BOOL", "shape": [-1]},
+                    *({"name": measure, "datatype": "FP64", "shape": [-1]} for measure in ANSWER_OUTPUTS[2:]),
                 ],
             },
             id="multiclass-images",
@@ -285,6 +289,9 @@ def test_describe_lists_the_v2_outputs(trio: tuple[EnsembleHandler, Context]) ->
                     {"name": "scores", "datatype": "FP64", "shape": [-1, 2]},
                     {"name": "m.labels", "datatype": "BOOL", "shape": [-1, 2]},
                     {"name": "m.scores", "datatype": "FP64", "shape": [-1, 2]},
+                    {"name": "skipped", "datatype": "BYTES", "shape": [-1]},
+                    {"name": "deferred", "datatype": "BOOL", "shape": [-1]},
+                    *({"name": measure, "datatype": "FP64", "shape": [-1, 2]} for measure in ANSWER_OUTPUTS[2:]),
                 ],
             },
             id="multilabel-tensors",
@@ -292,4 +299,4 @@ def test_describe_lists_the_v2_outputs(trio: tuple[EnsembleHandler, Context]) ->
     ],
 )
 def test_v2_metadata_lists_the_input_and_every_output(names: list[str], labels: int, tensor: TensorSpec | None, expected: dict) -> None:
-    assert v2_metadata(names, labels, tensor) == expected
+    assert v2_metadata(names, labels, tensor, multilabel=names[0] == "labels") == expected

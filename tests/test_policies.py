@@ -116,7 +116,7 @@ def test_resolve_policy(requested: dict, default: PolicySpec | None, task: str, 
     [
         pytest.param(
             {"policy": "vote"}, "binary",
-            "unknown policy 'vote'; valid policies: all, any, k_of_n, majority, max, mean", id="unknown-name",
+            "unknown policy 'vote'; valid policies: all, any, cascade, k_of_n, majority, max, mean", id="unknown-name",
         ),
         pytest.param({"policy": "k_of_n"}, "binary", "policy 'k_of_n' needs parameter k (an integer from 1 to 3)", id="k-missing"),
         pytest.param({"policy": "k_of_n", "k": "4"}, "binary", "k must be an integer from 1 to 3, got '4'", id="k-too-big"),
@@ -130,7 +130,7 @@ def test_resolve_policy(requested: dict, default: PolicySpec | None, task: str, 
             {"policy": "mean", "threshold": "0.5"}, "multiclass",
             "threshold applies to binary and multilabel ensembles; this one is multiclass", id="threshold-multiclass",
         ),
-        pytest.param({"polcy": "any"}, "binary", "unknown policy parameter(s) ['polcy']; valid: policy, k, threshold", id="typo"),
+        pytest.param({"polcy": "any"}, "binary", "unknown policy parameter(s) ['polcy']; valid: policy, k, threshold, confidence, early_exit", id="typo"),
     ],
 )
 def test_resolve_policy_rejects(requested: dict, task: str, message: str) -> None:

@@ -177,7 +177,7 @@ def test_grpc_from_8_clients(server: Server, test_store: Path, stubs: tuple[Modu
     ("inputs", "expected"),
     [
         pytest.param({"data": b"not an image"}, {"code": 400, "type": "InvalidImage", "message": "not a decodable image of an accepted format (JPEG, PNG, WEBP, BMP)"}, id="bad-image"),
-        pytest.param({"image": b"x"}, {"code": 400, "type": "RequestError", "message": "unknown parameter(s) ['image']; valid: policy, k, threshold, members, top_k, sequence, min_run, and the body (over gRPC an input named body or data)"}, id="wrong-input-name"),
+        pytest.param({"image": b"x"}, {"code": 400, "type": "RequestError", "message": "unknown parameter(s) ['image']; valid: policy, k, threshold, confidence, early_exit, members, top_k, sequence, min_run, uncertainty, and the body (over gRPC an input named body or data)"}, id="wrong-input-name"),
         pytest.param({"data": json.dumps({"inputs": []}).encode()}, {"error": "inputs must be a list of exactly one tensor object, got 0"}, id="bad-v2"),
     ],
 )
@@ -207,10 +207,14 @@ TAGS_OUTPUTS = [
     ("mobile.labels", "BOOL", [-1, 2]), ("mobile.scores", "FP64", [-1, 2]),
     ("pool_rgb.labels", "BOOL", [-1, 2]), ("pool_rgb.scores", "FP64", [-1, 2]),
     ("pool_gray.labels", "BOOL", [-1, 2]), ("pool_gray.scores", "FP64", [-1, 2]),
+    ("skipped", "BYTES", [-1]), ("deferred", "BOOL", [-1]), ("entropy", "FP64", [-1, 2]), ("expected_entropy", "FP64", [-1, 2]),
+    ("mutual_information", "FP64", [-1, 2]), ("vote_margin", "FP64", [-1, 2]),
 ]
 VECTORS_OUTPUTS = [
     ("label", "BYTES", [-1]), ("scores", "FP64", [-1, 3]), ("top_labels", "BYTES", [-1, -1]), ("top_scores", "FP64", [-1, -1]),
     ("narrow.label", "BYTES", [-1]), ("narrow.scores", "FP64", [-1, 3]), ("wide.label", "BYTES", [-1]), ("wide.scores", "FP64", [-1, 3]),
+    ("skipped", "BYTES", [-1]), ("deferred", "BOOL", [-1]), ("entropy", "FP64", [-1]), ("expected_entropy", "FP64", [-1]),
+    ("mutual_information", "FP64", [-1]), ("vote_margin", "FP64", [-1]),
 ]
 REFUSED = {
     "error": "Token Authorization failed: send TorchServe's inference key (key_file.json, inference.key) "

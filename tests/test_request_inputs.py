@@ -109,7 +109,7 @@ def test_parse_request(row: dict, headers: dict, expected: RequestInput) -> None
         ),
         pytest.param(
             {"body": json.dumps({"instances": [{"b64": b64(A)}], "parameters": {"colour": "red"}}).encode()},
-            {"Content-Type": "application/json"}, RequestError, "unknown parameter(s) ['colour']; valid: policy, k, threshold, members, top_k, sequence, min_run",
+            {"Content-Type": "application/json"}, RequestError, "unknown parameter(s) ['colour']; valid: policy, k, threshold, confidence, early_exit, members, top_k, sequence, min_run, uncertainty",
             id="json-body-unknown-parameter",
         ),
         pytest.param(
@@ -122,18 +122,18 @@ def test_parse_request(row: dict, headers: dict, expected: RequestInput) -> None
         ),
         pytest.param(
             {"polcy": b"any", "body": A}, {}, RequestError,
-            "unknown parameter(s) ['polcy'] (closest valid: 'polcy' -> 'policy'); valid: policy, k, threshold, members, top_k, sequence, "
-            "min_run, and the body (over gRPC an input named body or data)", id="unknown-query",
+            "unknown parameter(s) ['polcy'] (closest valid: 'polcy' -> 'policy'); valid: policy, k, threshold, confidence, early_exit, members, top_k, sequence, "
+            "min_run, uncertainty, and the body (over gRPC an input named body or data)", id="unknown-query",
         ),
         pytest.param(
             {"img": A, "polcy": b"any"}, {"Content-Type": MULTIPART}, RequestError,
-            "unknown parameter(s) ['polcy'] (closest valid: 'polcy' -> 'policy'); valid: policy, k, threshold, members, top_k, sequence, "
-            "min_run; an image part must hold an image's bytes ('polcy' holds 3 bytes of text)", id="multipart-misspelt-query-parameter",
+            "unknown parameter(s) ['polcy'] (closest valid: 'polcy' -> 'policy'); valid: policy, k, threshold, confidence, early_exit, members, top_k, sequence, "
+            "min_run, uncertainty; an image part must hold an image's bytes ('polcy' holds 3 bytes of text)", id="multipart-misspelt-query-parameter",
         ),
         pytest.param(
             {"img": A, "colour": "red", "treshold": b"0.3"}, {"Content-Type": MULTIPART}, RequestError,
-            "unknown parameter(s) ['colour', 'treshold'] (closest valid: 'treshold' -> 'threshold'); valid: policy, k, threshold, members, "
-            "top_k, sequence, min_run; an image part must hold an image's bytes ('colour' holds 3 bytes of text, 'treshold' holds 3 bytes of text)",
+            "unknown parameter(s) ['colour', 'treshold'] (closest valid: 'treshold' -> 'threshold'); valid: policy, k, threshold, confidence, "
+            "early_exit, members, top_k, sequence, min_run, uncertainty; an image part must hold an image's bytes ('colour' holds 3 bytes of text, 'treshold' holds 3 bytes of text)",
             id="multipart-text-fields-as-str-and-bytes",
         ),
         pytest.param(

@@ -96,7 +96,7 @@ def binary_without_positive_label(doc: dict[str, Any]) -> None:
     del doc["ensembles"]["shapes"]["positive_label"]
 
 
-SHAPES_KEYS = "batching, consistency, execution, input, labels, limits, members, policy, positive_label, task, top_k, version"
+SHAPES_KEYS = "batching, consistency, defer, execution, input, labels, limits, members, policy, positive_label, task, top_k, version"
 
 
 @pytest.mark.parametrize(

@@ -116,7 +116,7 @@ def test_bad_json_instances_are_refused(body: bytes, error: type[RequestError], 
         pytest.param({"body": b"\x89PNG"}, {"Content-Type": "image/png"}, UnsupportedMediaType, "content type 'image/png': this ensemble takes tensors as application/x-npy", id="image"),
         pytest.param({"body": b"x"}, {}, UnsupportedMediaType, "content type 'none': this ensemble takes tensors", id="no-content-type"),
         pytest.param({"body": b""}, NPY, RequestError, "empty request body: send an application/x-npy array, JSON instances or a v2 request", id="empty"),
-        pytest.param({"body": npy_bytes(GOOD), "colour": b"red"}, NPY, RequestError, "unknown parameter(s) ['colour']; valid: policy, k, threshold, members, top_k, sequence, min_run, and the body (over gRPC an input named body or data)", id="unknown-param"),
+        pytest.param({"body": npy_bytes(GOOD), "colour": b"red"}, NPY, RequestError, "unknown parameter(s) ['colour']; valid: policy, k, threshold, confidence, early_exit, members, top_k, sequence, min_run, uncertainty, and the body (over gRPC an input named body or data)", id="unknown-param"),
     ],
 )
 def test_tensor_requests_need_a_tensor_content_type(

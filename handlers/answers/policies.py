@@ -19,16 +19,24 @@ Semantics (docs/policies.md repeats them with examples):
   binary / multilabel: labels whose mean probability >= threshold. Score: the mean probability.
 - `max`: the most confident member decides (confidence = its highest class probability; per label,
   max(p, 1 - p) for multilabel); ties go to the member declared first. Score: that member's probability.
+- `cascade`: the members' stages in cost order (`Votes.stages`), stopping at the first stage after which
+  the running weighted mean is confident: its top probability reaches `confidence` (multilabel: every
+  label's is at least `confidence` or at most 1 - `confidence`). Then decided as `mean` over the members that ran.
+
+Early exit. A member that did not run on an image has NaN probabilities there: it casts no vote. For
+the votes (any, all, majority, k_of_n) k still counts every member of the request (`Votes.scoring`),
+so an answer settled early (`settled`) is the one every member would have given.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from handlers.config.policy import POLICIES, PolicySpec
+from handlers.config.policy import DEFAULT_CONFIDENCE, POLICIES, PolicySpec
 
 
 @dataclass(frozen=True)
@@ -39,6 +47,16 @@ class Votes:
     weights: torch.Tensor
     positive: int | None
     policy: PolicySpec
+    scoring: torch.Tensor | None = None
+    stages: tuple[tuple[int, ...], ...] | None = None
+
+    def members_scoring(self, probs: torch.Tensor) -> torch.Tensor:
+        """n per label: the members of the request that score it (`scoring`), else those with a score in `probs`."""
+        return self.scoring if self.scoring is not None else (~probs.isnan()).sum(dim=0)
+
+    def in_stages(self, members: int) -> tuple[tuple[int, ...], ...]:
+        """The order members run in when they run in stages: `stages`, else one member at a time as declared."""
+        return self.stages if self.stages is not None else tuple((m,) for m in range(members))
 
 
 @dataclass(frozen=True)
@@ -83,22 +101,73 @@ def combine(probs: torch.Tensor, votes: Votes) -> Decision:
 
 
 def member_votes(probs: torch.Tensor, votes: Votes) -> torch.Tensor:
-    """Each member's own decision, `[member, image, label]` booleans, by the rules in the module doc."""
+    """Each member's own decision, `[member, image, label]` booleans, by the rules in the module doc;
+    none where the member has no score (it did not run on that image, or does not score that label)."""
     if votes.task == "multiclass":
         picked = probs.argmax(dim=-1, keepdim=True)
-        return torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, picked, True)
-    threshold = _threshold(votes)
-    if votes.task == "binary":
-        return _binary_mask(probs[..., _positive(votes)] >= threshold, votes)
-    return probs >= threshold
+        own = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, picked, True)
+    else:
+        threshold = _threshold(votes)
+        own = _binary_mask(probs[..., _positive(votes)] >= threshold, votes) if votes.task == "binary" else probs >= threshold
+    return own & ~probs.isnan()
 
 
-def _k_of_n(probs: torch.Tensor, votes: Votes, k_of: Callable[[torch.Tensor], torch.Tensor | int]) -> Decision:
-    """A k-of-n vote; `k_of` gives k from n, the members that score each label (multilabel members may score some)."""
-    scoring = (~probs.isnan()).sum(dim=0)
-    k = k_of(scoring) + torch.zeros_like(scoring)
+def settled(probs: torch.Tensor, votes: Votes) -> torch.Tensor:
+    """Per image, whether the members that ran (the others are NaN) settle the answer: members not run yet cannot change it.
+
+    For the votes it is exact: settled once k votes are in, or k can no longer be reached (multiclass: the
+    leader has k votes and more than any other label could reach). For cascade: the running mean is confident.
+    Every image all of whose members ran is settled.
+    """
+    n = votes.members_scoring(probs)
+    remaining = n - (~probs.isnan()).sum(dim=0)
+    everyone = (remaining == 0).all(dim=-1)
+    if votes.policy.name == "cascade":
+        return everyone | _cascade(probs, votes)[1]
+    k = _k(votes, n) + torch.zeros_like(probs[0], dtype=torch.long)
     counts = member_votes(probs, votes).sum(dim=0)
-    share = counts.to(probs.dtype) / scoring
+    if votes.task == "binary":
+        p = _positive(votes)
+        return everyone | (counts[:, p] >= k[:, p]) | (counts[:, p] + remaining[:, p] < k[:, p])
+    if votes.task == "multilabel":
+        return everyone | ((counts >= k) | (counts + remaining < k)).all(dim=-1)
+    top = counts.topk(2, dim=-1).values
+    lead, second, left, need = top[:, 0], top[:, 1], remaining[:, 0], k[:, 0]
+    return everyone | ((lead >= need) & (lead > second + left)) | (lead + left < need)
+
+
+def simulate_stages(probs: torch.Tensor, votes: Votes) -> torch.Tensor:
+    """What running in `votes.stages` leaves of `probs` (every member's): NaN for each member an image stopped before.
+
+    The runner does this for real (`MemberRunner.probabilities` with `settle`); evaluations use it to count the cost.
+    """
+    ran = torch.full_like(probs, math.nan)
+    going = torch.ones(probs.shape[1], dtype=torch.bool)
+    for stage in votes.in_stages(probs.shape[0]):
+        for m in stage:
+            ran[m, going] = probs[m, going]
+        going &= ~settled(ran, votes)
+    return ran
+
+
+def _k(votes: Votes, n: torch.Tensor) -> torch.Tensor:
+    """k per label for a vote over n members (`n` members score that label)."""
+    name = votes.policy.name
+    if name == "any":
+        return torch.ones_like(n)
+    if name == "all":
+        return n
+    if name == "majority":
+        return n // 2 + 1
+    assert name == "k_of_n" and votes.policy.k is not None, "resolve_policy guarantees k for k_of_n"
+    return torch.full_like(n, votes.policy.k)
+
+
+def _k_of_n(probs: torch.Tensor, votes: Votes) -> Decision:
+    """A k-of-n vote; k follows from n, the members that score each label (multilabel members may score some)."""
+    k = _k(votes, votes.members_scoring(probs)) + torch.zeros_like(probs[0], dtype=torch.long)
+    counts = member_votes(probs, votes).sum(dim=0)
+    share = counts.to(probs.dtype) / (~probs.isnan()).sum(dim=0)
     if votes.task == "binary":
         positive = counts[..., _positive(votes)] >= k[..., _positive(votes)]
         return Decision(_binary_mask(positive, votes), share)
@@ -106,7 +175,7 @@ def _k_of_n(probs: torch.Tensor, votes: Votes, k_of: Callable[[torch.Tensor], to
         return Decision(counts >= k, share)
     # Vote counts are integers and mean probabilities lie in [0, 1], so counts + mean / 2 orders
     # labels by votes first and mean probability second; argmax then breaks exact ties by index.
-    rank = counts.to(probs.dtype) + probs.mean(dim=0) / 2
+    rank = counts.to(probs.dtype) + probs.nanmean(dim=0) / 2
     winner = rank.argmax(dim=-1, keepdim=True)
     chosen = torch.zeros_like(counts, dtype=torch.bool).scatter_(-1, winner, True)
     return Decision(chosen & (counts >= k), share, rank)
@@ -115,34 +184,70 @@ def _k_of_n(probs: torch.Tensor, votes: Votes, k_of: Callable[[torch.Tensor], to
 @register_policy("any")
 def any_member(probs: torch.Tensor, votes: Votes) -> Decision:
     """OR: positive when at least one member says so (maximum sensitivity)."""
-    return _k_of_n(probs, votes, lambda n: 1)
+    return _k_of_n(probs, votes)
 
 
 @register_policy("all")
 def all_members(probs: torch.Tensor, votes: Votes) -> Decision:
     """AND: positive only when every member says so (maximum precision)."""
-    return _k_of_n(probs, votes, lambda n: n)
+    return _k_of_n(probs, votes)
 
 
 @register_policy("majority")
 def majority(probs: torch.Tensor, votes: Votes) -> Decision:
     """Strict majority: more than half of the members; an even split is not a majority."""
-    return _k_of_n(probs, votes, lambda n: n // 2 + 1)
+    return _k_of_n(probs, votes)
 
 
 @register_policy("k_of_n")
 def k_of_n(probs: torch.Tensor, votes: Votes) -> Decision:
     """At least k members agree."""
-    k = votes.policy.k
-    assert k is not None, "resolve_policy guarantees k for k_of_n"
-    return _k_of_n(probs, votes, lambda n: k)
+    return _k_of_n(probs, votes)
 
 
 @register_policy("mean")
 def mean(probs: torch.Tensor, votes: Votes) -> Decision:
     """Weighted soft vote over the members' probabilities."""
-    weights = votes.weights.to(probs.dtype).view(-1, 1, 1) * ~probs.isnan()
-    avg = (probs.nan_to_num(0.0) * weights).sum(dim=0) / weights.sum(dim=0)
+    return _by_mean(weighted_mean(probs, votes.weights), votes)
+
+
+@register_policy("cascade")
+def cascade(probs: torch.Tensor, votes: Votes) -> Decision:
+    """Cheapest stages first, until the running weighted mean is confident; then `mean` over the members that ran."""
+    return _by_mean(_cascade(probs, votes)[0], votes)
+
+
+def weighted_mean(probs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """sum(w_m * p_m) / sum(w_m) per image and label, over the members with a score there (NaN where none has)."""
+    present = ~probs.isnan()
+    w = weights.to(probs.dtype).view(-1, 1, 1) * present
+    return (probs.nan_to_num(0.0) * w).sum(dim=0) / w.sum(dim=0)
+
+
+def _cascade(probs: torch.Tensor, votes: Votes) -> tuple[torch.Tensor, torch.Tensor]:
+    """The running weighted mean where each image stopped, and whether it stopped because it was confident."""
+    confidence = DEFAULT_CONFIDENCE if votes.policy.confidence is None else votes.policy.confidence
+    weights = votes.weights.to(probs.dtype)
+    total = torch.zeros_like(probs[0])
+    mass = torch.zeros_like(probs[0])
+    stopped = torch.zeros(probs.shape[1], dtype=torch.bool)
+    for stage in votes.in_stages(probs.shape[0]):
+        going = ~stopped[:, None]
+        for m in stage:
+            present = going & ~probs[m].isnan()
+            total += torch.where(present, probs[m] * weights[m], 0.0)
+            mass += torch.where(present, weights[m], 0.0)
+        avg = total / mass
+        if votes.task == "multilabel":
+            sure = ((avg >= confidence) | (avg <= 1 - confidence)).all(dim=-1)
+        else:
+            sure = avg.max(dim=-1).values >= confidence
+        stopped |= sure
+    return total / mass, stopped
+
+
+def _by_mean(avg: torch.Tensor, votes: Votes) -> Decision:
+    """The decision of a mean probability per image and label: argmax, or the labels at or above the threshold."""
     if votes.task == "multiclass":
         picked = avg.argmax(dim=-1, keepdim=True)
         return Decision(torch.zeros_like(avg, dtype=torch.bool).scatter_(-1, picked, True), avg)

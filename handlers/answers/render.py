@@ -13,8 +13,9 @@ from typing import Any
 
 import torch
 
-from handlers.answers.policies import Decision, Votes, combine, member_votes
+from handlers.answers.policies import Decision, Votes, combine, member_votes, settled
 from handlers.answers.sequences import summarize
+from handlers.answers.uncertainty import Uncertainty, deferrals, measure
 from handlers.answers.v2 import render_v2
 from handlers.config.policy import PolicySpec
 from handlers.config.specs import EnsembleSpec
@@ -26,13 +27,18 @@ SCORE_DIGITS = 6
 @dataclass(frozen=True)
 class Answer:
     """One request's answer before rendering: the members that answered, their probabilities and own
-    votes `[member, image, label]`, the policy and its decision."""
+    votes `[member, image, label]`, the policy and its decision; which members ran on each image
+    `[member, image]` (all of them unless the policy stops early), the uncertainty when asked for, and
+    why each image's answer is deferred (None where it is not) when the ensemble defers."""
 
     names: tuple[str, ...]
     probs: torch.Tensor
     own: torch.Tensor
     decision: Decision
     policy: PolicySpec
+    ran: torch.Tensor
+    uncertainty: Uncertainty | None = None
+    deferred: list[str | None] | None = None
 
 
 class Renderer:
@@ -45,18 +51,65 @@ class Renderer:
         self._digests = {member.name: member.sha256 for member in spec.members}
         self._source_digests = dict(source_digests)
         self.labels_key = "labels" if spec.task == "multilabel" else "label"
+        scored = [member.labels or spec.labels for member in spec.members]
+        self._scoring = torch.tensor([[label in own for label in spec.labels] for own in scored], dtype=torch.long)
+        self._contexts: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor, tuple[tuple[int, ...], ...] | None]] = {}
 
     def positions(self, members: Sequence[str] | None) -> tuple[int, ...]:
         """The declaration positions of the named members (all of them for None)."""
         names = [member.name for member in self.spec.members]
         return tuple(range(len(names))) if members is None else tuple(sorted(names.index(name) for name in members))
 
-    def decide(self, probs: torch.Tensor, policy: PolicySpec, members: tuple[int, ...]) -> Answer:
-        """The answer of `members` (positions) from every member's `probs` [member, image, label], for either form."""
+    def decide(
+        self,
+        probs: torch.Tensor,
+        policy: PolicySpec,
+        members: tuple[int, ...],
+        *,
+        stages: Sequence[Sequence[int]] | None = None,
+        uncertainty: bool = False,
+    ) -> Answer:
+        """The answer of `members` (positions) from every member's `probs` [member, image, label], for either form.
+
+        `stages` (member positions, in the order early exit runs them) are what cascade simulates; NaN marks a member
+        that did not run on an image. `uncertainty` measures how sure the answer is; a `defer:` always does.
+        """
         mine = probs[list(members)]
-        votes = Votes(task=self.spec.task, weights=self._weights[list(members)], positive=self.spec.positive_index, policy=policy)
+        votes = self._votes(policy, members, stages)
+        own = member_votes(mine, votes)
+        measured = deferred = None
+        if uncertainty or self.spec.defer:
+            measured = measure(mine, own, votes.weights, multilabel=self.spec.task == "multilabel")
+            deferred = deferrals(measured, self.spec.defer, self.spec.labels) if self.spec.defer else None
         names = tuple(self.spec.members[m].name for m in members)
-        return Answer(names, mine, member_votes(mine, votes), combine(mine, votes), policy)
+        ran = ~mine.isnan().all(dim=-1)
+        return Answer(names, mine, own, combine(mine, votes), policy, ran, measured if uncertainty else None, deferred)
+
+    def settled(self, probs: torch.Tensor, policy: PolicySpec, members: tuple[int, ...], stages: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Per image, whether the members that ran so far (`probs` NaN for the others) settle its answer under `policy`."""
+        return settled(probs[list(members)], self._votes(policy, members, stages))
+
+    def _votes(self, policy: PolicySpec, members: tuple[int, ...], stages: Sequence[Sequence[int]] | None) -> Votes:
+        """The policy's context for `members`; their stages renumbered to their positions among `members`."""
+        weights, scoring, within = self._context(members, None if stages is None else tuple(map(tuple, stages)))
+        return Votes(self.spec.task, weights, self.spec.positive_index, policy, scoring=scoring, stages=within)
+
+    def _context(
+        self, members: tuple[int, ...], stages: tuple[tuple[int, ...], ...] | None
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[tuple[int, ...], ...] | None]:
+        """`members`' weights, how many of them score each label, and `stages` among them: the same for every request
+        that names the same members, so computed once (early exit asks after every stage)."""
+        known = self._contexts.get((members, stages))
+        if known is not None:
+            return known
+        mine = list(members)
+        within = None
+        if stages is not None:
+            where = {m: i for i, m in enumerate(mine)}
+            within = tuple(kept for stage in stages if (kept := tuple(where[m] for m in stage if m in where)))
+        context = self._weights[mine], self._scoring[mine].sum(dim=0), within
+        self._contexts[members, stages] = context
+        return context
 
     def json_body(self, answer: Answer, top_k: int | None = None, min_run: int | None = None) -> dict[str, Any]:
         """Our JSON answer; `top_k` adds each prediction's ranking, `min_run` the `sequence` summary."""
@@ -67,9 +120,27 @@ class Renderer:
             self._add_top(predictions, decision, top_k)
             for m, name in enumerate(names):
                 self._add_top(member_views[name], Decision(own[m], probs[m]), top_k)
+        ran = answer.ran.tolist()
+        stops = answer.policy.stops_early
         for i, entry in enumerate(predictions):
-            entry["members"] = {name: views[i] for name, views in member_views.items()}
-        per_member = {name: [p["members"][name][self.labels_key] for p in predictions] for name in names}
+            entry["members"] = {name: views[i] for m, (name, views) in enumerate(member_views.items()) if ran[m][i]}
+            if stops:
+                entry["skipped"] = [name for m, name in enumerate(names) if not ran[m][i]]
+                entry["early_exit"] = True
+        per_member = {
+            name: [view[self.labels_key] if ran[m][i] else None for i, view in enumerate(views)]
+            for m, (name, views) in enumerate(member_views.items())
+        }
+        if answer.uncertainty is not None:
+            for entry, measured in zip(predictions, self._uncertainty_views(answer.uncertainty), strict=True):
+                entry["uncertainty"] = measured
+        if answer.deferred is not None:
+            score_key = "scores" if self.spec.task == "multilabel" else "score"
+            for entry, reason in zip(predictions, answer.deferred, strict=True):
+                entry["deferred"] = reason is not None
+                if reason is not None:
+                    entry[self.labels_key] = entry[score_key] = None
+                    entry["reason"] = reason
         body = {
             "ensemble": self.spec.name,
             "version": self.spec.version,
@@ -89,23 +160,54 @@ class Renderer:
         return body
 
     def v2_body(self, answer: Answer, form: V2Form, top_k: int | None = None) -> dict[str, Any]:
-        """The Open Inference Protocol v2 answer: the same decision as tensors, provenance as parameters."""
+        """The Open Inference Protocol v2 answer: the same decision as tensors, provenance as parameters.
+
+        Besides the labels and scores: `skipped` when the policy stops early, the uncertainty measures when
+        asked for, and `deferred` when the ensemble defers (a deferred image's label is "", no labels).
+        """
         decision, names = answer.decision, answer.names
         parameters: dict[str, Any] = {"policy": answer.policy.name, **answer.policy.params(), "ensemble_version": self.spec.version}
         parameters["members"] = ",".join(names)
         parameters.update({f"{name}.sha256": self._digests[name] for name in names})
+        chosen = decision.chosen
+        extra: dict[str, tuple[str, torch.Tensor | list[Any]]] = {}
+        ran = answer.ran.tolist()
+        skipped = [",".join(name for m, name in enumerate(names) if not ran[m][i]) for i in range(chosen.shape[0])]
+        extra["skipped"] = ("BYTES", skipped)
+        deferred = [reason is not None for reason in answer.deferred or [None] * chosen.shape[0]]
+        extra["deferred"] = ("BOOL", deferred)
+        if any(deferred):
+            chosen = chosen & ~torch.tensor(deferred)[:, None]
+        if answer.uncertainty is not None:
+            extra.update({name: ("FP64", values) for name, values in answer.uncertainty.measures().items()})
+        default = [name for name in extra if name != "skipped" or answer.policy.stops_early]
+        if answer.deferred is None:
+            default.remove("deferred")
         return render_v2(
             name=self.spec.name,
             version=self.spec.version,
             form=form,
             labels=self.spec.labels,
             multilabel=self.spec.task == "multilabel",
-            combined=(decision.chosen, decision.score),
+            combined=(chosen, decision.score),
             members={name: (answer.own[m], answer.probs[m]) for m, name in enumerate(names)},
             parameters=parameters,
             digits=SCORE_DIGITS,
             top=None if top_k is None else _top(decision, top_k),
+            extra=extra,
+            default_extra=default,
         )
+
+    def _uncertainty_views(self, uncertainty: Uncertainty) -> list[dict[str, Any]]:
+        """Per image, each measure rounded (multilabel: per label, leaving out a label no member that ran scores)."""
+        values = {name: tensor.tolist() for name, tensor in uncertainty.measures().items()}
+        count = len(uncertainty.entropy)
+        if self.spec.task != "multilabel":
+            return [{name: round(v[i], SCORE_DIGITS) for name, v in values.items()} for i in range(count)]
+        return [
+            {name: {label: round(x, SCORE_DIGITS) for label, x in zip(self.spec.labels, v[i], strict=True) if x == x} for name, v in values.items()}
+            for i in range(count)
+        ]
 
     def _add_top(self, views: list[dict[str, Any]], decision: Decision, k: int) -> None:
         """Each view gets `top`: its k best labels in the decision's order, with their scores."""

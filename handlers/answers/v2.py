@@ -12,8 +12,12 @@ from typing import Any
 
 import torch
 
+from handlers.answers.uncertainty import MEASURES
 from handlers.config.specs import TensorSpec
 from handlers.inputs.v2 import TOP_OUTPUTS, V2Form
+
+# Outputs about the answer as a whole: which members an early exit skipped, whether it was deferred, how sure it is.
+ANSWER_OUTPUTS = ("skipped", "deferred", *MEASURES)
 
 
 def render_v2(
@@ -28,9 +32,13 @@ def render_v2(
     parameters: Mapping[str, Any],
     digits: int,
     top: tuple[torch.Tensor, torch.Tensor] | None = None,
+    extra: Mapping[str, tuple[str, torch.Tensor | list[Any]]] | None = None,
+    default_extra: Sequence[str] = (),
 ) -> dict[str, Any]:
     """A v2 response. `combined` and each member's entry are (chosen [N, L] bools, scores [N, L]);
     `top`, when a request asked for top_k, is (label indices [N, k] best first, their scores [N, k]).
+    `extra` are further outputs by name, (datatype, values [N] or [N, L]), answered when asked for by name;
+    those in `default_extra` are answered too when a request names no outputs.
 
     Scores are rounded to `digits`, as in our JSON answer, so the two forms carry the same numbers. A label a
     multilabel member does not score is null in its scores (JSON has no NaN; numpy clients read it as NaN).
@@ -51,7 +59,14 @@ def render_v2(
             shape = list(indices.shape)
             tensors["top_labels"] = _tensor("top_labels", "BYTES", shape, [labels[i] for i in indices.flatten().tolist()])
             tensors["top_scores"] = _tensor("top_scores", "FP64", shape, [round(v, digits) for v in best.flatten().tolist()])
-    wanted = form.outputs if form.outputs is not None else tuple(tensors)
+    defaults = [*tensors, *default_extra]
+    for output, (datatype, values) in (extra or {}).items():
+        data = values if isinstance(values, list) else values.flatten().tolist()
+        shape = [len(values)] if isinstance(values, list) else list(values.shape)
+        if datatype == "FP64":
+            data = [round(v, digits) if v == v else None for v in data]
+        tensors[output] = _tensor(output, datatype, shape, data)
+    wanted = form.outputs if form.outputs is not None else tuple(defaults)
     return {
         "model_name": name,
         "model_version": version,
@@ -65,10 +80,11 @@ def output_names(labels_key: str, members: Sequence[str], *, ranked: bool) -> li
     """Every output tensor's name: what describe lists and `outputs` may ask for. `ranked` (multiclass)
     adds TOP_OUTPUTS, answered when a request names top_k or asks for them."""
     top = list(TOP_OUTPUTS) if ranked else []
-    return [labels_key, "scores", *top] + [f"{m}.{suffix}" for m in members for suffix in (labels_key, "scores")]
+    members_outputs = [f"{m}.{suffix}" for m in members for suffix in (labels_key, "scores")]
+    return [labels_key, "scores", *top, *members_outputs, *ANSWER_OUTPUTS]
 
 
-def v2_metadata(names: Sequence[str], labels: int, tensor: TensorSpec | None) -> dict[str, list[dict[str, Any]]]:
+def v2_metadata(names: Sequence[str], labels: int, tensor: TensorSpec | None, *, multilabel: bool = False) -> dict[str, list[dict[str, Any]]]:
     """The model metadata the protocol's `GET /v2/models/<name>` returns: our one input and every output in `names`
     (as `output_names` lists them), each with its datatype and shape; -1 marks a size each request chooses."""
     if tensor is None:
@@ -81,6 +97,9 @@ def v2_metadata(names: Sequence[str], labels: int, tensor: TensorSpec | None) ->
         "scores": ("FP64", [-1, labels]),
         "top_labels": ("BYTES", [-1, -1]),
         "top_scores": ("FP64", [-1, -1]),
+        "skipped": ("BYTES", [-1]),
+        "deferred": ("BOOL", [-1]),
+        **{measure: ("FP64", [-1, labels] if multilabel else [-1]) for measure in MEASURES},
     }
     outputs = []
     for name in names:

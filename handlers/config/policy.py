@@ -12,10 +12,16 @@ from dataclasses import dataclass
 from handlers.errors import InvalidPolicy
 
 TASKS = ("multiclass", "binary", "multilabel")
-POLICY_PARAMETERS = ("policy", "k", "threshold")
+POLICY_PARAMETERS = ("policy", "k", "threshold", "confidence", "early_exit")
 DEFAULT_THRESHOLD = 0.5
+DEFAULT_CONFIDENCE = 0.9
 # Every policy, and whether it reads the `k` parameter.
-POLICIES = {"all": False, "any": False, "k_of_n": True, "majority": False, "max": False, "mean": False}
+POLICIES = {"all": False, "any": False, "cascade": False, "k_of_n": True, "majority": False, "max": False, "mean": False}
+# The votes whose answer can be settled before every member has voted: early exit is exact for them.
+VOTE_POLICIES = ("any", "all", "majority", "k_of_n")
+# How unsure an answer is (answers/uncertainty.py computes them); `defer:` thresholds name them.
+UNCERTAINTY_MEASURES = ("entropy", "expected_entropy", "mutual_information", "vote_margin")
+TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes"), ("false", "0", "no")
 
 
 def policy_names() -> list[str]:
@@ -25,19 +31,31 @@ def policy_names() -> list[str]:
 
 @dataclass(frozen=True)
 class PolicySpec:
-    """A policy with its parameters fully resolved: `k` for k_of_n, `threshold` for binary/multilabel."""
+    """A policy with its parameters fully resolved: `k` for k_of_n, `threshold` for binary/multilabel,
+    `confidence` for cascade, and `early_exit` for the vote policies."""
 
     name: str
     k: int | None = None
     threshold: float | None = None
+    confidence: float | None = None
+    early_exit: bool = False
 
-    def params(self) -> dict[str, int | float]:
-        """The parameters that apply, as they appear in responses and manifests."""
-        out: dict[str, int | float] = {}
+    @property
+    def stops_early(self) -> bool:
+        """Whether members run in stages, cheapest first, and an image stops once its answer is settled."""
+        return self.early_exit or self.name == "cascade"
+
+    def params(self) -> dict[str, int | float | bool]:
+        """The parameters that apply, as they appear in responses and manifests (`early_exit` only when on)."""
+        out: dict[str, int | float | bool] = {}
         if self.k is not None:
             out["k"] = self.k
         if self.threshold is not None:
             out["threshold"] = self.threshold
+        if self.confidence is not None:
+            out["confidence"] = self.confidence
+        if self.early_exit:
+            out["early_exit"] = True
         return out
 
 
@@ -65,7 +83,7 @@ def resolve_policy(
     if not isinstance(name, str) or name not in POLICIES:
         raise InvalidPolicy(f"unknown policy {name!r}; valid policies: {', '.join(policy_names())}")
     inherited = default.params() if default is not None and default.name == name else {}
-    params = {**inherited, **{key: requested[key] for key in ("k", "threshold") if key in requested}}
+    params = {**inherited, **{key: requested[key] for key in POLICY_PARAMETERS[1:] if key in requested}}
 
     k = None
     if POLICIES[name]:
@@ -80,8 +98,42 @@ def resolve_policy(
         if "threshold" in params:
             raise InvalidPolicy("threshold applies to binary and multilabel ensembles; this one is multiclass")
     else:
-        threshold = _parse_threshold(params.get("threshold", DEFAULT_THRESHOLD))
-    return PolicySpec(name=name, k=k, threshold=threshold)
+        threshold = _parse_unit("threshold", params.get("threshold", DEFAULT_THRESHOLD))
+
+    confidence = None
+    if name == "cascade":
+        confidence = _parse_unit("confidence", params.get("confidence", DEFAULT_CONFIDENCE))
+    elif "confidence" in params:
+        raise InvalidPolicy(f"policy {name!r} takes no parameter confidence; only cascade does")
+
+    early_exit = _parse_early_exit(params.get("early_exit", False))
+    if early_exit and name not in VOTE_POLICIES:
+        raise InvalidPolicy(EARLY_EXIT_REFUSED.get(name, f"early_exit applies to {', '.join(VOTE_POLICIES)}"))
+    return PolicySpec(name=name, k=k, threshold=threshold, confidence=confidence, early_exit=early_exit)
+
+
+# Why early exit cannot be exact for the policies that are not votes: the request's 400 says it.
+EARLY_EXIT_REFUSED = {
+    "mean": (
+        "early_exit cannot be exact for policy 'mean': the weighted mean moves with every member's probability, so no"
+        " subset of members settles it; use a vote policy (any, all, majority, k_of_n) with early_exit, or policy=cascade"
+        " to stop at a confidence you choose"
+    ),
+    "max": (
+        "early_exit cannot be exact for policy 'max': any member not yet run may be the most confident and decide the"
+        " answer; use a vote policy (any, all, majority, k_of_n) with early_exit, or policy=cascade"
+    ),
+    "cascade": "cascade always runs members cheapest first and stops at its confidence; it takes no early_exit",
+}
+
+
+def _parse_early_exit(raw: object) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower() if isinstance(raw, (str, int)) else ""
+    if text in TRUE_WORDS or text in FALSE_WORDS:
+        return text in TRUE_WORDS
+    raise InvalidPolicy(f"early_exit must be true or false ({'/'.join(TRUE_WORDS)} or {'/'.join(FALSE_WORDS)}), got {raw!r}")
 
 
 def _parse_k(raw: object, n_members: int) -> int:
@@ -96,13 +148,14 @@ def _parse_k(raw: object, n_members: int) -> int:
     return k
 
 
-def _parse_threshold(raw: object) -> float:
+def _parse_unit(name: str, raw: object) -> float:
+    """A parameter that must be a number in [0, 1], or InvalidPolicy naming it."""
     if isinstance(raw, bool):
-        raise InvalidPolicy(f"threshold must be a number in [0, 1], got {raw!r}")
+        raise InvalidPolicy(f"{name} must be a number in [0, 1], got {raw!r}")
     try:
         value = float(raw) if isinstance(raw, (int, float, str)) else math.nan
     except ValueError:
         value = math.nan
     if not 0.0 <= value <= 1.0:
-        raise InvalidPolicy(f"threshold must be a number in [0, 1], got {raw!r}")
+        raise InvalidPolicy(f"{name} must be a number in [0, 1], got {raw!r}")
     return value

@@ -19,7 +19,7 @@ from pydantic_core import core_schema
 from handlers.config.fields import Strict, choice, expect_integer, fail, integer, keyed, listed, maybe, text, within
 from handlers.config.members import NAME, SHA256, MemberConfig, check_member_labels
 from handlers.config.policy import TASKS
-from handlers.config.sections import BatchingConfig, ExecutionConfig, InputConfig, LimitsConfig, PolicyConfig
+from handlers.config.sections import BatchingConfig, DeferConfig, ExecutionConfig, InputConfig, LimitsConfig, PolicyConfig
 from handlers.config.specs import CONSISTENCY, ArchiveManifest, EnsembleSpec, Execution
 
 MANIFEST_FORMAT = 2
@@ -55,6 +55,11 @@ class EnsembleConfig(Strict):
     )
     policy: PolicyConfig = Field(
         PolicyConfig(name="mean"), description="The default policy and its parameters (k, threshold). Default: mean."
+    )
+    defer: DeferConfig = Field(
+        DeferConfig(),
+        description="Thresholds on the answer's uncertainty (docs: policies, When the members disagree): an answer beyond "
+        "any of them becomes `label: null` with `deferred: true` and the reason. Default: never defer.",
     )
     consistency: choice(CONSISTENCY) = Field(
         "fast",
@@ -174,6 +179,7 @@ class EnsembleConfig(Strict):
             "execution": execution,
             "top_k": (self.top_k or 1) if self.task == "multiclass" else None,
             "consistency": self.consistency,
+            "defer": self.defer.to_thresholds(),
         }
 
     def to_spec(self, name: str, base_dir: Path) -> EnsembleSpec:

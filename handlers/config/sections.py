@@ -233,6 +233,24 @@ class BatchingConfig(Strict):
         return Batching(**{key: getattr(self, key) for key in type(self).model_fields})
 
 
+class DeferConfig(Strict):
+    """When an answer goes to a person instead: a threshold per uncertainty measure (nats; vote_margin a share)."""
+
+    entropy: maybe(number(0.0, 100.0)) = Field(None, description="Defer when the mean distribution's entropy is above it.")
+    expected_entropy: maybe(number(0.0, 100.0)) = Field(
+        None, description="Defer when the weighted mean of the members' entropies is above it."
+    )
+    mutual_information: maybe(number(0.0, 100.0)) = Field(
+        None, description="Defer when the members disagree by more than it: entropy minus expected_entropy."
+    )
+    vote_margin: maybe(number(0.0, 1.0)) = Field(
+        None, description="Defer when the top vote share minus the second is below it."
+    )
+
+    def to_thresholds(self) -> dict[str, float]:
+        return {key: getattr(self, key) for key in type(self).model_fields if getattr(self, key) is not None}
+
+
 class PolicyConfig(Strict):
     """The default policy combining the members' votes, and its parameters; a request may choose another."""
 
@@ -243,10 +261,21 @@ class PolicyConfig(Strict):
     threshold: maybe(number(0.0, 1.0)) = Field(
         None, description="Binary and multilabel only: the probability, 0 to 1, from which a label is yes. Default: 0.5."
     )
+    confidence: maybe(number(0.0, 1.0)) = Field(
+        None,
+        description="cascade only: members run cheapest first until the running weighted mean's top probability reaches "
+        "it (multilabel: every label's is at least it or at most 1 minus it). Default: 0.9.",
+    )
+    early_exit: maybe(boolean()) = Field(
+        None,
+        description="any, all, majority and k_of_n only: run members cheapest first and stop an image once its vote is "
+        "settled; the labels are exactly those of running every member. Default: false.",
+    )
 
     def resolve(self, task: str, n_members: int) -> PolicySpec:
         """The policy's rules across keys (k for k_of_n only, within the member count; threshold not for multiclass)."""
-        params = {key: getattr(self, key) for key in ("k", "threshold") if getattr(self, key) is not None}
+        keys = ("k", "threshold", "confidence", "early_exit")
+        params = {key: getattr(self, key) for key in keys if getattr(self, key) is not None}
         requested = {"policy": self.name, **params}
         try:
             return resolve_policy(requested, default=None, task=task, n_members=n_members)

@@ -243,6 +243,7 @@ class EnsembleSpec:
     execution: Execution = Execution()
     top_k: int | None = None
     consistency: str = "fast"
+    defer: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def positive_index(self) -> int | None:
@@ -292,6 +293,9 @@ class EnsembleSpec:
         for key in ("positive_label", "top_k"):
             if data[key] is None:
                 del data[key]
+        data["defer"] = dict(self.defer)
+        if not data["defer"]:
+            del data["defer"]
         for execution in [data["execution"], *(member.get("execution") for member in data["members"])]:
             if execution is not None and execution["calibration"] is None:
                 del execution["calibration"]

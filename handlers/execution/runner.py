@@ -8,6 +8,7 @@ one row, so an image's scores never depend on what shares its batch.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import threading
@@ -119,6 +120,7 @@ class MemberRunner:
         inputs: Inputs,
         forward_seconds: dict[str, float] | None = None,
         wanted: Sequence[Collection[int]] | None = None,
+        settle: Callable[[torch.Tensor], Sequence[Collection[int]]] | None = None,
     ) -> torch.Tensor:
         """probs[member, input, label] as float64 on the CPU; each image is transformed once per input spec.
 
@@ -129,44 +131,110 @@ class MemberRunner:
         for the others are NaN. Given `forward_seconds`, each member's time in its forward calls is
         added to it (fused members share their group's time equally; on CUDA each call is
         synchronized so the time is the kernels').
+
+        With `settle`, the groups run one after another in `stages` order, and after each `settle(probs)`
+        says what every input still needs: an input settled early is not even transformed for the later stages.
         """
         count = len(inputs)
-        if isinstance(inputs, torch.Tensor):
-            batches = {self.spec.input: inputs}
-        else:
-            batches = batch_tensors(inputs, [group.spec for group in self.groups])
         probs = torch.full((len(self.spec.members), count, len(self.spec.labels)), math.nan, dtype=torch.float64)
         with torch.inference_mode():
+            if settle is not None:
+                stages = self.stages
+                for position, group in enumerate(stages):
+                    rows = _rows_needing(group.indices, wanted, count)
+                    if rows is None or len(rows):
+                        self._run_groups([(group, rows, self._batch(inputs, group, rows))], probs, forward_seconds)
+                        if position < len(stages) - 1:
+                            wanted = settle(probs)
+                return probs
+            if isinstance(inputs, torch.Tensor):
+                batches = {self.spec.input: inputs}
+            else:
+                batches = batch_tensors(inputs, [group.spec for group in self.groups])
             on_device = {spec: self._to_device(batch) for spec, batch in batches.items()}
-            jobs, tasks = [], []
+            jobs = []
             for group in self.groups:
                 rows = _rows_needing(group.indices, wanted, count)
                 batch = on_device[group.spec]
                 if rows is not None:
                     batch = batch.unflatten(0, (count, group.spec.views))[rows.to(batch.device)].flatten(0, 1)
-                chunks = batch.split(self.spec.rows_per_call(len(batch), self.parallelism)) if len(batch) else ()
-                jobs.append((group, rows, len(chunks)))
-                tasks += [(group, chunk) for chunk in chunks]
-            results = iter(self._map(self._run, tasks))
-            for group, rows, calls in jobs:
-                if not calls:
-                    continue
-                done = [next(results) for _ in range(calls)]
-                scores = torch.cat([part for part, _ in done], dim=1).to("cpu", torch.float64)
-                views = group.spec.views
-                if views > 1:
-                    scores = scores.unflatten(1, (-1, views)).mean(dim=2)
-                members = torch.tensor(group.indices)
-                if rows is None:
-                    probs[members] = scores
-                else:
-                    probs[members[:, None], rows[None, :]] = scores
-                if forward_seconds is not None:
-                    seconds = sum(spent for _, spent in done) / len(group.indices)
-                    for member in group.indices:
-                        name = self.spec.members[member].name
-                        forward_seconds[name] = forward_seconds.get(name, 0.0) + seconds
+                jobs.append((group, rows, batch))
+            self._run_groups(jobs, probs, forward_seconds)
             return probs
+
+    @functools.cached_property
+    def _staging(self) -> list[tuple[Group, float]]:
+        """The groups in the order early exit runs them, with their ms per call for one input: cheapest first, ties as declared.
+
+        A member's cost is its plan's own timing for one input where `auto` measured it; other groups are
+        timed here, once, when the first request that stops early arrives.
+        """
+        costed = [(group, self._cost(group)) for group in self.groups]
+        return sorted(costed, key=lambda pair: (pair[1], pair[0].indices[0]))
+
+    @property
+    def stages(self) -> list[Group]:
+        """The groups in early exit's order (`_staging`)."""
+        return [group for group, _ in self._staging]
+
+    def stage_order(self) -> list[dict[str, Any]]:
+        """The stages as describe shows them: their members and ms per call for one input."""
+        names = [member.name for member in self.spec.members]
+        return [{"members": [names[i] for i in group.indices], "ms_per_input": round(cost, 3)} for group, cost in self._staging]
+
+    def _cost(self, group: Group) -> float:
+        """ms per call on one input's rows: the plan's timing when it has one, else the median of five calls here."""
+        size = group.spec.views
+        timed = group.choice.ms.get(group.choice.plan, {}) if group.choice is not None else {}
+        if size in timed:
+            return timed[size]
+        probe = torch.randn(size, *group.spec.instance_shape, generator=torch.Generator().manual_seed(0)).to(self.device)
+        spent = []
+        with torch.inference_mode():
+            group.run(probe)
+            for _ in range(5):
+                began = time.perf_counter()
+                group.run(probe)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                spent.append((time.perf_counter() - began) * 1000)
+        return sorted(spent)[2]
+
+    def _batch(self, inputs: Inputs, group: Group, rows: torch.Tensor | None) -> torch.Tensor:
+        """The rows of `inputs` (all for None) transformed for `group`'s input spec, on the device."""
+        if isinstance(inputs, torch.Tensor):
+            return self._to_device(inputs if rows is None else inputs[rows])
+        picked = inputs if rows is None else [inputs[i] for i in rows.tolist()]
+        return self._to_device(batch_tensors(picked, [group.spec])[group.spec])
+
+    def _run_groups(
+        self, jobs: Sequence[tuple[Group, torch.Tensor | None, torch.Tensor]], probs: torch.Tensor, forward_seconds: dict[str, float] | None
+    ) -> None:
+        """Each (group, rows, batch of those rows) in slices on the member threads; the scores go to `probs` at those rows."""
+        tasks, calls = [], []
+        for group, _, batch in jobs:
+            chunks = batch.split(self.spec.rows_per_call(len(batch), self.parallelism)) if len(batch) else ()
+            calls.append(len(chunks))
+            tasks += [(group, chunk) for chunk in chunks]
+        results = iter(self._map(self._run, tasks))
+        for (group, rows, _), count in zip(jobs, calls, strict=True):
+            if not count:
+                continue
+            done = [next(results) for _ in range(count)]
+            scores = torch.cat([part for part, _ in done], dim=1).to("cpu", torch.float64)
+            views = group.spec.views
+            if views > 1:
+                scores = scores.unflatten(1, (-1, views)).mean(dim=2)
+            members = torch.tensor(group.indices)
+            if rows is None:
+                probs[members] = scores
+            else:
+                probs[members[:, None], rows[None, :]] = scores
+            if forward_seconds is not None:
+                seconds = sum(spent for _, spent in done) / len(group.indices)
+                for member in group.indices:
+                    name = self.spec.members[member].name
+                    forward_seconds[name] = forward_seconds.get(name, 0.0) + seconds
 
     def _map(self, work: Callable[[T], R], items: Sequence[T]) -> list[R]:
         """`work` on every item, in order, on the member threads; the calling thread works too.

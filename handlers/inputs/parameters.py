@@ -8,15 +8,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from difflib import get_close_matches
 
-from handlers.config.policy import POLICY_PARAMETERS
+from handlers.config.policy import FALSE_WORDS, POLICY_PARAMETERS, TRUE_WORDS
 from handlers.errors import RequestError
 
 # Every parameter a request may carry, on any channel: the policy's, and what else the answer shows.
-REQUEST_PARAMETERS = (*POLICY_PARAMETERS, "members", "top_k", "sequence", "min_run")
+REQUEST_PARAMETERS = (*POLICY_PARAMETERS, "members", "top_k", "sequence", "min_run", "uncertainty")
 # Parameters that are true or false. A JSON body's `parameters` (ours or v2's, whose values are typed)
 # gives them as JSON booleans or as the strings every other channel carries (boolean_parameter).
-BOOLEAN_PARAMETERS = ("sequence",)
-TRUE, FALSE = ("true", "1", "yes"), ("false", "0", "no")
+BOOLEAN_PARAMETERS = ("sequence", "early_exit", "uncertainty")
+TRUE, FALSE = TRUE_WORDS, FALSE_WORDS
 
 
 def unknown_parameters(names: Sequence[str]) -> str:

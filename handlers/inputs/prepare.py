@@ -1,7 +1,7 @@
 """A request made ready to run: its inputs decoded and its parameters resolved against the ensemble.
 
-The parameters are `members` (which members answer), the policy with `k` and `threshold`, `top_k`, and
-`sequence` with `min_run`. Any of them may come as a query parameter (`/models/<name>/invoke`), an
+The parameters are `members` (which members answer), the policy with `k`, `threshold`, `confidence` and
+`early_exit`, `top_k`, `uncertainty`, and `sequence` with `min_run`. Any of them may come as a query parameter (`/models/<name>/invoke`), an
 `X-Ensemble-*` header (`_` as `-`), a multipart field, a gRPC input, or in a JSON body's `parameters`.
 """
 
@@ -15,11 +15,18 @@ from typing import Any
 import torch
 from PIL import Image
 
-from handlers.config.policy import PolicySpec, policy_names, resolve_policy
+from handlers.config.policy import (
+    DEFAULT_CONFIDENCE,
+    UNCERTAINTY_MEASURES,
+    VOTE_POLICIES,
+    PolicySpec,
+    policy_names,
+    resolve_policy,
+)
 from handlers.config.specs import EnsembleSpec, TensorSpec
 from handlers.errors import InvalidPolicy, RequestError
 from handlers.inputs.images import decode_image
-from handlers.inputs.parameters import int_parameter, read_sequence
+from handlers.inputs.parameters import boolean_parameter, int_parameter, read_sequence
 from handlers.inputs.requests import parse_request, parse_tensor_request
 from handlers.inputs.v2 import TOP_OUTPUTS, V2Form, v2_errors
 
@@ -38,6 +45,7 @@ class PreparedRequest:
     v2: V2Form | None = None
     top_k: int | None = None
     min_run: int | None = None
+    uncertainty: bool = False
 
 
 class RequestPreparer:
@@ -73,6 +81,9 @@ class RequestPreparer:
         else:
             parameters["top_k"] = {"range": [1, len(self.spec.labels)], "default": self.spec.top_k}
         parameters["members"] = {"values": self._names, "default": self._names, "format": "comma-separated names"}
+        parameters["confidence"] = {"range": [0.0, 1.0], "default": default.confidence or DEFAULT_CONFIDENCE, "for": "cascade"}
+        parameters["early_exit"] = {"values": [True, False], "default": default.early_exit, "for": ", ".join(VOTE_POLICIES)}
+        parameters["uncertainty"] = {"values": [True, False], "default": False}
         parameters["sequence"] = {"values": [True, False], "default": False}
         parameters["min_run"] = {"range": [1, self.spec.limits.max_images_per_request], "default": 1, "for": "sequence=true"}
         return parameters
@@ -85,7 +96,10 @@ class RequestPreparer:
         min_run = read_sequence(rest.pop("sequence", None), rest.pop("min_run", None), self.spec.limits.max_images_per_request)
         if min_run is not None and v2 is not None:
             raise RequestError("sequence is for our JSON answer; read a v2 answer's label outputs frame by frame")
-        return PreparedRequest(inputs, self._policy(rest, members), members, v2, top_k, min_run)
+        uncertainty = boolean_parameter("uncertainty", rest.pop("uncertainty", None))
+        if v2 is not None and not set(v2.outputs or ()).isdisjoint(UNCERTAINTY_MEASURES):
+            uncertainty = True
+        return PreparedRequest(inputs, self._policy(rest, members), members, v2, top_k, min_run, uncertainty)
 
     def _members(self, raw: str | None, v2: V2Form | None) -> tuple[int, ...]:
         """The positions of the members a request named in `members=a,b` (all without it), in declaration order."""

@@ -1,0 +1,144 @@
+"""What exact early exit saves on the `shapes` demo served by one TorchServe, and what `uncertainty=true` costs.
+
+Usage: python -m bench.early_exit [--quick]   (`make bench-early-exit`; needs `make demo`)
+
+One archive of `shapes` as shipped, one private TorchServe on 127.0.0.1. The variants differ only in the
+request's parameters: `any` and `all`, each exhaustive and with `early_exit=true`, and `any` with
+`uncertainty=true`. Two loads on the demo's held-out images: single-image requests from 8 clients, and
+16-image requests from 2 clients. Rounds alternate the variants' order. Every answer's combined label is
+checked against the exhaustive label computed in-process (eager, every member); the early-exit answers also
+tally which members each image skipped. Writes bench/results/early_exit.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from archive_scripts.build_archives import build_archive
+from archive_scripts.torchserve_ctl import private_server, register, start, stop
+from bench.contenders import post_images, thread_session
+from bench.loadgen import Labels, Send, requests_for, run_load
+from bench.workloads import Workload, demo
+from handlers.ensemble import Ensemble
+from handlers.inputs.images import decode_image
+
+RESULTS = Path(__file__).parent / "results" / "early_exit.json"
+IMAGES = 256
+LOADS = {"c8 x 1 image": (8, 1), "c2 x 16 images": (2, 16)}
+VARIANTS = {
+    "any": {"policy": "any"},
+    "any early_exit": {"policy": "any", "early_exit": "true"},
+    "all": {"policy": "all"},
+    "all early_exit": {"policy": "all", "early_exit": "true"},
+    "any uncertainty": {"policy": "any", "uncertainty": "true"},
+}
+# Each variant's baseline: the same policy, every member, no uncertainty.
+BASELINES = {"any early_exit": "any", "all early_exit": "all", "any uncertainty": "any"}
+
+
+def exhaustive_labels(workload: Workload, policy: str) -> list[dict[str, str]]:
+    """The combined label per image with every member run, in-process on eager."""
+    ensemble = Ensemble.from_spec(workload.spec.with_plan("eager"), torch.device("cpu"))
+    prepared = ensemble.prepare({"body": workload.images[0], "policy": policy.encode()}, {})
+    probs = ensemble.probabilities([decode_image(data, workload.spec.limits) for data in workload.images])
+    return [{"label": p["label"]} for p in ensemble.render(probs, prepared.policy)["predictions"]]
+
+
+class Tally:
+    """Member-images run and skipped, summed over the answers of one variant (thread-safe)."""
+
+    def __init__(self) -> None:
+        self.ran: Counter[str] = Counter()
+        self.skipped: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def add(self, body: dict) -> None:
+        with self._lock:
+            for prediction in body["predictions"]:
+                self.ran.update(list(prediction["members"]))
+                self.skipped.update(prediction.get("skipped", ()))
+
+    def fractions(self) -> dict[str, float]:
+        return {m: round(self.skipped[m] / (self.ran[m] + self.skipped[m]), 4) for m in sorted(self.ran | self.skipped)}
+
+
+def sender(url: str, headers: dict[str, str], images: tuple[bytes, ...], params: dict[str, str], tally: Tally) -> Send:
+    """Posts the images with the variant's parameters as X-Ensemble-* headers; answers each image's combined label."""
+    asked = {**headers, **{f"X-Ensemble-{key.replace('_', '-')}": value for key, value in params.items()}}
+
+    def send(indices: list[int]) -> Labels:
+        body = post_images(thread_session(), url, [images[i] for i in indices], asked)
+        tally.add(body)
+        return [{"label": p["label"]} for p in body["predictions"]]
+
+    return send
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer, shorter rounds")
+    args = parser.parse_args()
+    rounds, seconds = (2, 5.0) if args.quick else (4, 10.0)
+    began = time.perf_counter()
+    workload = demo(IMAGES)
+    expected = {policy: exhaustive_labels(workload, policy) for policy in ("any", "all")}
+    tallies = {load: {name: Tally() for name in VARIANTS} for load in LOADS}
+    points: dict[str, dict[str, list[dict[str, float]]]] = {load: {name: [] for name in VARIANTS} for load in LOADS}
+    with tempfile.TemporaryDirectory(prefix="bench-early-exit-") as folder:
+        store = Path(folder) / "model_store"
+        build_archive(workload.spec, store)
+        server = private_server(Path(folder) / "server", store, port_offset=30600)
+        try:
+            start(server, store)
+            register(server, workload.spec.name, workload.spec.batching.workers)
+            url, headers = f"{server.inference}/predictions/{workload.spec.name}", server.headers("inference")
+            for load, (clients, per_request) in LOADS.items():
+                senders = {
+                    name: sender(url, headers, workload.images, params, tallies[load][name]) for name, params in VARIANTS.items()
+                }
+                for name, send in senders.items():
+                    run_load(send, requests_for(16, per_request, IMAGES), expected[VARIANTS[name]["policy"]], clients=clients, deadline_s=20)
+                plan = requests_for(100_000, per_request, IMAGES)
+                for r in range(rounds):
+                    order = list(VARIANTS) if r % 2 == 0 else list(reversed(VARIANTS))
+                    for name in order:
+                        labels = expected[VARIANTS[name]["policy"]]
+                        point = run_load(senders[name], plan, labels, clients=clients, deadline_s=seconds)
+                        points[load][name].append(point.to_json())
+                        print(f"{load} round {r + 1} {name}: {point.images_per_s:.1f} images/s, p50 {point.p50_ms:.1f} ms, "
+                              f"errors {point.errors}, mismatches {point.mismatches}")  # fmt: skip
+        finally:
+            stop(server)
+    medians = {load: {name: statistics.median(p["images_per_s"] for p in pts) for name, pts in by.items()} for load, by in points.items()}
+    p50 = {load: {name: statistics.median(p["p50_ms"] for p in pts) for name, pts in by.items()} for load, by in points.items()}
+    result = {
+        "machine": {"processor": platform.processor() or platform.machine(), "torch": torch.__version__},
+        "quick": args.quick,
+        "seconds": round(time.perf_counter() - began, 1),
+        "images": IMAGES,
+        "positives": {policy: sum(e["label"] == workload.spec.positive_label for e in labels) for policy, labels in expected.items()},
+        "median_images_per_s": {load: {n: round(v, 1) for n, v in by.items()} for load, by in medians.items()},
+        "median_p50_ms": {load: {n: round(v, 1) for n, v in by.items()} for load, by in p50.items()},
+        "speedup": {load: {n: round(by[n] / by[base], 3) for n, base in BASELINES.items()} for load, by in medians.items()},
+        "skipped_fraction": {load: {n: tallies[load][n].fractions() for n in ("any early_exit", "all early_exit")} for load in LOADS},
+        "errors": sum(p["errors"] for by in points.values() for pts in by.values() for p in pts),
+        "mismatches": sum(p["mismatches"] for by in points.values() for pts in by.values() for p in pts),
+        "rounds": points,
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k != "rounds"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
