@@ -6,8 +6,8 @@
   members in); an answer's cost is the sum over the members that ran on the image.
 - Risk–coverage of the ensemble's own policy: answers ordered from most to least certain by
   `mutual_information` and by `entropy`; the error rate of the answers kept at each coverage, and its
-  area (AURC, the mean risk over every coverage k/N). A multilabel image counts as wrong when any of its labels is,
-  and its uncertainty is the sum over its labels.
+  area (AURC, the mean risk over every coverage k/N). In a multilabel ensemble each label of each image is an
+  answer (yes or no) with its own uncertainty, so the risk at full coverage is the label error rate.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def risk_coverage(spec: EnsembleSpec, probs: torch.Tensor, truth: numpy.ndarray)
     votes = Votes(spec.task, weights, spec.positive_index, policy)
     chosen = combine(probs, votes).chosen.numpy()
     if spec.task == "multilabel":
-        wrong = (chosen != truth.astype(bool)).any(axis=1)
+        wrong = (chosen != truth.astype(bool)).flatten()
     elif spec.task == "binary":
         wrong = chosen[:, spec.positive_index] != truth.astype(bool)
     else:
@@ -91,7 +91,7 @@ def risk_coverage(spec: EnsembleSpec, probs: torch.Tensor, truth: numpy.ndarray)
     out: dict[str, dict[str, Any]] = {}
     for ordering in ORDERINGS:
         values = measured[ordering]
-        uncertainty = (values.sum(dim=-1) if values.dim() == 2 else values).numpy()
+        uncertainty = values.flatten().numpy()
         order = numpy.argsort(uncertainty, kind="stable")
         kept_wrong = numpy.cumsum(wrong[order])
         counts = numpy.arange(1, len(order) + 1)
@@ -134,7 +134,8 @@ def plot_costs(tables: Mapping[str, Mapping[str, Mapping[str, float]]], path: An
 
 
 def plot_risk(results: Mapping[str, Mapping[str, dict[str, Any]]], path: Any) -> None:
-    """Risk against coverage per demo, one line per ordering."""
+    """Risk against coverage per demo, one line per ordering; a demo without a wrong answer has no curve to draw."""
+    results = {demo: orderings for demo, orderings in results.items() if any(v["risk"]["100%"] for v in orderings.values())}
     figure = Figure(figsize=(4.2 * len(results), 3.8))
     axes = figure.subplots(1, len(results), squeeze=False)[0]
     for axis, (demo, orderings) in zip(axes, results.items(), strict=True):
