@@ -25,7 +25,7 @@ from handlers.ensemble import Ensemble
 from handlers.ensemble_metrics import batch_counts
 from handlers.errors import ConfigError, EnsembleError, InvalidPolicy
 from handlers.inputs.prepare import PreparedRequest
-from tests.conftest import image_bytes, write_ensemble
+from tests.conftest import NPY, image_bytes, instances, npy_bytes, write_ensemble, write_tensor_ensemble
 
 PNG = {"Content-Type": "image/png"}
 IMAGES = [image_bytes(seed) for seed in range(60, 66)]
@@ -313,3 +313,16 @@ def test_defer_in_json_v2_and_metrics(pair: Ensemble) -> None:
     assert "mutual_information" not in outputs
     counts = batch_counts(answer, members=[m.name for m in pair.spec.members], labels=pair.spec.labels, single_label=True)
     assert counts["ensemble_deferrals_total", ()] == 3
+
+
+@pytest.mark.parametrize("policy", ["any", "all"])
+def test_tensor_instances_stop_early_with_the_exhaustive_labels(tmp_path: Path, policy: str) -> None:
+    spec = load_ensembles(write_tensor_ensemble(tmp_path / "v"))["vectors"]
+    ensemble = Ensemble.from_spec(spec.with_plan("eager"), torch.device("cpu"))
+    body = npy_bytes(instances(5, 12))
+    early, exhaustive = (
+        ensemble.answer_batch([ensemble.prepare({"body": body, "policy": policy.encode(), **extra}, NPY)]).replies[0].body
+        for extra in ({"early_exit": b"true"}, {})
+    )
+    assert [p["label"] for p in early["predictions"]] == [p["label"] for p in exhaustive["predictions"]]
+    assert all(len(p["members"]) + len(p["skipped"]) == 2 for p in early["predictions"])

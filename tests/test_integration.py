@@ -244,14 +244,14 @@ def test_unknown_policy_lists_valid_names(server: Server) -> None:
     [
         pytest.param(
             {"files": [("a", image_bytes(62))]},
-            "unknown parameter(s) ['polcy'] (closest valid: 'polcy' -> 'policy'); valid: policy, k, threshold, members, top_k, sequence, "
-            "min_run; an image part must hold an image's bytes ('polcy' holds 3 bytes of text)",
+            "unknown parameter(s) ['polcy'] (closest valid: 'polcy' -> 'policy'); valid: policy, k, threshold, confidence, early_exit, "
+            "members, top_k, sequence, min_run, uncertainty; an image part must hold an image's bytes ('polcy' holds 3 bytes of text)",
             id="multipart",
         ),
         pytest.param(
             png(image_bytes(62)),
-            "unknown parameter(s) ['polcy'] (closest valid: 'polcy' -> 'policy'); valid: policy, k, threshold, members, top_k, sequence, "
-            "min_run, and the body (over gRPC an input named body or data)",
+            "unknown parameter(s) ['polcy'] (closest valid: 'polcy' -> 'policy'); valid: policy, k, threshold, confidence, early_exit, "
+            "members, top_k, sequence, min_run, uncertainty, and the body (over gRPC an input named body or data)",
             id="raw-body",
         ),
     ],
