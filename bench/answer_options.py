@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import tempfile
 import time
 from dataclasses import replace
@@ -27,7 +26,7 @@ import torch
 from archive_scripts.build_archives import build_archive
 from archive_scripts.torchserve_ctl import private_server, register, start, stop
 from bench.contenders import ensemble_sender
-from bench.loadgen import requests_for, run_load
+from bench.loadgen import alternating_rounds, medians, requests_for, run_load
 from bench.workloads import Workload, demo, with_expected
 
 RESULTS = Path(__file__).parent / "results" / "answer_options.json"
@@ -68,25 +67,20 @@ def main() -> None:
             for name, send in senders.items():
                 run_load(send, requests_for(32, 1, 64), loads[name].expected, clients=8, deadline_s=30)
             for load, (clients, per_request) in LOADS.items():
-                plan = requests_for(100_000, per_request, 64)
-                for r in range(rounds):
-                    order = list(loads) if r % 2 == 0 else list(reversed(loads))
-                    for name in order:
-                        point = run_load(senders[name], plan, loads[name].expected, clients=clients, deadline_s=seconds)
-                        points[load][name].append(point.to_json())
-                        print(f"{load} round {r + 1} {name}: {point.images_per_s:.1f} images/s, p50 {point.p50_ms:.1f} ms, "
-                              f"errors {point.errors}, mismatches {point.mismatches}")  # fmt: skip
+                expected = {name: workload.expected for name, workload in loads.items()}
+                points[load] = alternating_rounds(
+                    senders, expected, requests_for(100_000, per_request, 64), clients=clients, rounds=rounds, seconds=seconds, load=load
+                )
         finally:
             stop(server)
-    medians = {load: {name: statistics.median(p["images_per_s"] for p in pts) for name, pts in by.items()} for load, by in points.items()}
-    p50 = {load: {name: statistics.median(p["p50_ms"] for p in pts) for name, pts in by.items()} for load, by in points.items()}
+    throughput, p50 = medians(points, "images_per_s"), medians(points, "p50_ms")
     result = {
         "machine": {"processor": platform.processor() or platform.machine(), "torch": torch.__version__},
         "quick": args.quick,
         "seconds": round(time.perf_counter() - began, 1),
-        "median_images_per_s": {load: {n: round(v, 1) for n, v in by.items()} for load, by in medians.items()},
+        "median_images_per_s": {load: {n: round(v, 1) for n, v in by.items()} for load, by in throughput.items()},
         "median_p50_ms": {load: {n: round(v, 1) for n, v in by.items()} for load, by in p50.items()},
-        "throughput_vs_fast": {load: {n: round(v / by[BASELINE], 3) for n, v in by.items()} for load, by in medians.items()},
+        "throughput_vs_fast": {load: {n: round(v / by[BASELINE], 3) for n, v in by.items()} for load, by in throughput.items()},
         "errors": sum(p["errors"] for by in points.values() for pts in by.values() for p in pts),
         "mismatches": sum(p["mismatches"] for by in points.values() for pts in by.values() for p in pts),
         "rounds": points,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shlex
 import statistics
 import sys
 import tempfile
@@ -32,7 +33,7 @@ import torch
 from archive_scripts.build_archives import build_archive
 from archive_scripts.torchserve_ctl import private_server, register, start, stop
 from bench.contenders import post_images, thread_session
-from bench.loadgen import Labels, Send, requests_for, run_load
+from bench.loadgen import Labels, Send, alternating_rounds, medians, requests_for, run_load
 from bench.workloads import Workload, demo
 from handlers.ensemble import Ensemble
 from handlers.inputs.images import decode_image
@@ -83,11 +84,11 @@ def in_worker(archive: Path, workload: Workload, expected: dict[str, list[dict[s
                 for name, seconds in spent.items():
                     timings[load][name].append(seconds * 1000 / len(plan))
         stages = ensemble.runner.stage_order()
-    medians = {load: {name: statistics.median(ms) for name, ms in by.items()} for load, by in timings.items()}
+    typical = {load: {name: statistics.median(ms) for name, ms in by.items()} for load, by in timings.items()}
     return {
         "stages": stages,
-        "median_ms_per_request": {load: {n: round(v, 3) for n, v in by.items()} for load, by in medians.items()},
-        "speedup": {load: {n: round(by[base] / by[n], 3) for n, base in BASELINES.items()} for load, by in medians.items()},
+        "median_ms_per_request": {load: {n: round(v, 3) for n, v in by.items()} for load, by in typical.items()},
+        "speedup": {load: {n: round(by[base] / by[n], 3) for n, base in BASELINES.items()} for load, by in typical.items()},
         "mismatches": mismatches,
     }
 
@@ -162,29 +163,23 @@ def main() -> None:
                 }
                 for name, send in senders.items():
                     run_load(send, requests_for(16, per_request, IMAGES), expected[VARIANTS[name]["policy"]], clients=clients, deadline_s=20)
-                plan = requests_for(100_000, per_request, IMAGES)
-                for r in range(rounds):
-                    order = list(VARIANTS) if r % 2 == 0 else list(reversed(VARIANTS))
-                    for name in order:
-                        labels = expected[VARIANTS[name]["policy"]]
-                        point = run_load(senders[name], plan, labels, clients=clients, deadline_s=seconds)
-                        points[load][name].append(point.to_json())
-                        print(f"{load} round {r + 1} {name}: {point.images_per_s:.1f} images/s, p50 {point.p50_ms:.1f} ms, "
-                              f"errors {point.errors}, mismatches {point.mismatches}")  # fmt: skip
+                labels = {name: expected[params["policy"]] for name, params in VARIANTS.items()}
+                points[load] = alternating_rounds(
+                    senders, labels, requests_for(100_000, per_request, IMAGES), clients=clients, rounds=rounds, seconds=seconds, load=load
+                )
         finally:
             stop(server)
-    medians = {load: {name: statistics.median(p["images_per_s"] for p in pts) for name, pts in by.items()} for load, by in points.items()}
-    p50 = {load: {name: statistics.median(p["p50_ms"] for p in pts) for name, pts in by.items()} for load, by in points.items()}
+    throughput, p50 = medians(points, "images_per_s"), medians(points, "p50_ms")
     result = {
-        "command": "python -m bench.early_exit " + " ".join(sys.argv[1:]),
+        "command": "python -m bench.early_exit " + shlex.join(sys.argv[1:]),
         "machine": {"processor": platform.processor() or platform.machine(), "torch": torch.__version__},
         "quick": args.quick,
         "seconds": round(time.perf_counter() - began, 1),
         "images": IMAGES,
         "positives": {policy: sum(e["label"] == workload.spec.positive_label for e in labels) for policy, labels in expected.items()},
-        "median_images_per_s": {load: {n: round(v, 1) for n, v in by.items()} for load, by in medians.items()},
+        "median_images_per_s": {load: {n: round(v, 1) for n, v in by.items()} for load, by in throughput.items()},
         "median_p50_ms": {load: {n: round(v, 1) for n, v in by.items()} for load, by in p50.items()},
-        "speedup": {load: {n: round(by[n] / by[base], 3) for n, base in BASELINES.items()} for load, by in medians.items()},
+        "speedup": {load: {n: round(by[n] / by[base], 3) for n, base in BASELINES.items()} for load, by in throughput.items()},
         "skipped_fraction": {load: {n: tallies[load][n].fractions() for n in ("any early_exit", "all early_exit")} for load in loads},
         "in_one_worker": worker,
         "errors": sum(p["errors"] for by in points.values() for pts in by.values() for p in pts),

@@ -6,9 +6,10 @@ every answer is compared with the workload's expected labels.
 
 from __future__ import annotations
 
+import statistics
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
@@ -88,3 +89,24 @@ def run_load(
         mismatches=mismatches,
         requests=done + errors,
     )
+
+
+def alternating_rounds(
+    senders: Mapping[str, Send], expected: Mapping[str, Sequence[dict[str, str]]], plan: Sequence[list[int]], *,
+    clients: int, rounds: int, seconds: float, load: str,
+) -> dict[str, list[dict[str, float | int]]]:  # fmt: skip
+    """Each sender's load points over `rounds` of `seconds`, their order reversed every other round so that the
+    machine's drift falls on all of them alike; each point is printed as it is measured."""
+    points: dict[str, list[dict[str, float | int]]] = {name: [] for name in senders}
+    for r in range(rounds):
+        for name in list(senders) if r % 2 == 0 else list(reversed(senders)):
+            point = run_load(senders[name], plan, expected[name], clients=clients, deadline_s=seconds)
+            points[name].append(point.to_json())
+            print(f"{load} round {r + 1} {name}: {point.images_per_s:.1f} images/s, p50 {point.p50_ms:.1f} ms, "
+                  f"errors {point.errors}, mismatches {point.mismatches}")  # fmt: skip
+    return points
+
+
+def medians(points: Mapping[str, Mapping[str, Sequence[Mapping[str, float | int]]]], key: str) -> dict[str, dict[str, float]]:
+    """The median of `key` over each (load, variant)'s rounds."""
+    return {load: {name: statistics.median(p[key] for p in pts) for name, pts in by.items()} for load, by in points.items()}
