@@ -57,6 +57,8 @@ PANEL_TITLES = [
     "Images/s",
     "Batch fill (images per TorchServe batch)",
     "Member positive share by label",
+    "Member images skipped by early exit (share)",
+    "Deferral rate",
 ]
 WAIT_S = 30
 
