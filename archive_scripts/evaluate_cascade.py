@@ -47,12 +47,15 @@ def cost_table(spec: EnsembleSpec, ensemble: Ensemble, probs: torch.Tensor, trut
     for stage in ensemble.runner.stage_order():
         for name in stage["members"]:
             costs[[m.name for m in spec.members].index(name)] = stage["ms_per_input"] / len(stage["members"])
-    weights = torch.tensor([m.weight for m in spec.members], dtype=torch.float64)
-    scoring = torch.tensor([[label in (m.labels or spec.labels) for label in spec.labels] for m in spec.members]).sum(dim=0)
+    everyone = tuple(range(len(spec.members)))
 
     def votes(requested: Mapping[str, Any]) -> Votes:
         policy = resolve_policy(requested, default=spec.policy, task=spec.task, n_members=len(spec.members))
-        return Votes(spec.task, weights, spec.positive_index, policy, scoring=scoring, stages=stages)
+        return ensemble.answers.votes(policy, everyone, stages)
+
+    def spent(ran: torch.Tensor) -> float:
+        """Mean member-forward ms per image: each member's cost where it ran (its probabilities are not NaN)."""
+        return float(((~ran.isnan().all(dim=-1)).to(torch.float64).T @ costs).mean())
 
     table: dict[str, dict[str, float]] = {}
     own = member_votes(probs, votes({}))
@@ -63,15 +66,13 @@ def cost_table(spec: EnsembleSpec, ensemble: Ensemble, probs: torch.Tensor, trut
     for confidence in CONFIDENCES:
         asked = votes({"policy": "cascade", "confidence": confidence})
         ran = simulate_stages(probs, asked)
-        spent = (~ran.isnan().all(dim=-1)).to(torch.float64).T @ costs
-        table[f"cascade {confidence:g}"] = {"quality": quality(spec, combine(ran, asked).chosen.numpy(), truth), "ms": float(spent.mean())}
+        table[f"cascade {confidence:g}"] = {"quality": quality(spec, combine(ran, asked).chosen.numpy(), truth), "ms": spent(ran)}
     if spec.policy.name in VOTE_POLICIES:
         name = spec.policy.name
         early = votes({"policy": name, "early_exit": True})
         ran = simulate_stages(probs, early)
-        spent = (~ran.isnan().all(dim=-1)).to(torch.float64).T @ costs
         table[name] = {"quality": quality(spec, combine(probs, votes({"policy": name})).chosen.numpy(), truth), "ms": full}
-        table[f"{name} early_exit"] = {"quality": quality(spec, combine(ran, early).chosen.numpy(), truth), "ms": float(spent.mean())}
+        table[f"{name} early_exit"] = {"quality": quality(spec, combine(ran, early).chosen.numpy(), truth), "ms": spent(ran)}
     return table
 
 

@@ -64,6 +64,7 @@ def in_worker(archive: Path, workload: Workload, expected: dict[str, list[dict[s
             packed.extractall(folder)
         ensemble = Ensemble.from_model_dir(Path(folder), torch.device("cpu"), parallelism=1)
         timings: dict[str, dict[str, list[float]]] = {load: {name: [] for name in VARIANTS} for load in LOADS}
+        encoded = {name: {key: value.encode() for key, value in params.items()} for name, params in VARIANTS.items()}
         mismatches = 0
         for load, (_, per_request) in LOADS.items():
             plan = requests_for(64 // per_request * 2, per_request, IMAGES)
@@ -71,7 +72,7 @@ def in_worker(archive: Path, workload: Workload, expected: dict[str, list[dict[s
                 spent = dict.fromkeys(VARIANTS, 0.0)
                 for number, indices in enumerate(plan):
                     for name in list(VARIANTS) if number % 2 == 0 else list(reversed(VARIANTS)):
-                        params = {key: value.encode() for key, value in VARIANTS[name].items()}
+                        params = encoded[name]
                         if per_request == 1:
                             row, kind = {"body": workload.images[indices[0]]} | params, {"Content-Type": "image/png"}
                         else:

@@ -124,7 +124,7 @@ def settled(probs: torch.Tensor, votes: Votes) -> torch.Tensor:
     everyone = (remaining == 0).all(dim=-1)
     if votes.policy.name == "cascade":
         return everyone | _cascade(probs, votes)[1]
-    k = _k(votes, n) + torch.zeros_like(probs[0], dtype=torch.long)
+    k = _k(votes, n, probs)
     counts = member_votes(probs, votes).sum(dim=0)
     if votes.task == "binary":
         p = _positive(votes)
@@ -150,22 +150,24 @@ def simulate_stages(probs: torch.Tensor, votes: Votes) -> torch.Tensor:
     return ran
 
 
-def _k(votes: Votes, n: torch.Tensor) -> torch.Tensor:
-    """k per label for a vote over n members (`n` members score that label)."""
+def _k(votes: Votes, n: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """k per image and label for a vote over n members (`n` members score that label), shaped like `probs[0]`."""
     name = votes.policy.name
     if name == "any":
-        return torch.ones_like(n)
-    if name == "all":
-        return n
-    if name == "majority":
-        return n // 2 + 1
-    assert name == "k_of_n" and votes.policy.k is not None, "resolve_policy guarantees k for k_of_n"
-    return torch.full_like(n, votes.policy.k)
+        k = torch.ones_like(n)
+    elif name == "all":
+        k = n
+    elif name == "majority":
+        k = n // 2 + 1
+    else:
+        assert name == "k_of_n" and votes.policy.k is not None, "resolve_policy guarantees k for k_of_n"
+        k = torch.full_like(n, votes.policy.k)
+    return k + torch.zeros_like(probs[0], dtype=torch.long)
 
 
 def _k_of_n(probs: torch.Tensor, votes: Votes) -> Decision:
     """A k-of-n vote; k follows from n, the members that score each label (multilabel members may score some)."""
-    k = _k(votes, votes.members_scoring(probs)) + torch.zeros_like(probs[0], dtype=torch.long)
+    k = _k(votes, votes.members_scoring(probs), probs)
     counts = member_votes(probs, votes).sum(dim=0)
     share = counts.to(probs.dtype) / (~probs.isnan()).sum(dim=0)
     if votes.task == "binary":

@@ -75,7 +75,7 @@ class Renderer:
         that did not run on an image. `uncertainty` measures how sure the answer is; a `defer:` always does.
         """
         mine = probs[list(members)]
-        votes = self._votes(policy, members, stages)
+        votes = self.votes(policy, members, stages)
         own = member_votes(mine, votes)
         measured = deferred = None
         if uncertainty or self.spec.defer:
@@ -87,10 +87,11 @@ class Renderer:
 
     def settled(self, probs: torch.Tensor, policy: PolicySpec, members: tuple[int, ...], stages: Sequence[Sequence[int]]) -> torch.Tensor:
         """Per image, whether the members that ran so far (`probs` NaN for the others) settle its answer under `policy`."""
-        return settled(probs[list(members)], self._votes(policy, members, stages))
+        return settled(probs[list(members)], self.votes(policy, members, stages))
 
-    def _votes(self, policy: PolicySpec, members: tuple[int, ...], stages: Sequence[Sequence[int]] | None) -> Votes:
-        """The policy's context for `members`; their stages renumbered to their positions among `members`."""
+    def votes(self, policy: PolicySpec, members: tuple[int, ...], stages: Sequence[Sequence[int]] | None = None) -> Votes:
+        """The policy's context for `members`: their weights, how many score each label, and their stages renumbered
+        to their positions among `members`."""
         weights, scoring, within = self._context(members, None if stages is None else tuple(map(tuple, stages)))
         return Votes(self.spec.task, weights, self.spec.positive_index, policy, scoring=scoring, stages=within)
 
@@ -170,19 +171,16 @@ class Renderer:
         parameters["members"] = ",".join(names)
         parameters.update({f"{name}.sha256": self._digests[name] for name in names})
         chosen = decision.chosen
-        extra: dict[str, tuple[str, torch.Tensor | list[Any]]] = {}
         ran = answer.ran.tolist()
         skipped = [",".join(name for m, name in enumerate(names) if not ran[m][i]) for i in range(chosen.shape[0])]
-        extra["skipped"] = ("BYTES", skipped)
         deferred = [reason is not None for reason in answer.deferred or [None] * chosen.shape[0]]
-        extra["deferred"] = ("BOOL", deferred)
         if any(deferred):
             chosen = chosen & ~torch.tensor(deferred)[:, None]
+        extra: dict[str, tuple[str, torch.Tensor | list[Any]]] = {"skipped": ("BYTES", skipped), "deferred": ("BOOL", deferred)}
         if answer.uncertainty is not None:
             extra.update({name: ("FP64", values) for name, values in answer.uncertainty.measures().items()})
-        default = [name for name in extra if name != "skipped" or answer.policy.stops_early]
-        if answer.deferred is None:
-            default.remove("deferred")
+        default = [*(["skipped"] if answer.policy.stops_early else []), *(["deferred"] if answer.deferred is not None else [])]
+        default += [name for name in extra if name not in ("skipped", "deferred")]
         return render_v2(
             name=self.spec.name,
             version=self.spec.version,

@@ -9,7 +9,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from handlers.errors import InvalidPolicy
+from handlers.errors import InvalidPolicy, RequestError
 
 TASKS = ("multiclass", "binary", "multilabel")
 POLICY_PARAMETERS = ("policy", "k", "threshold", "confidence", "early_exit")
@@ -106,7 +106,7 @@ def resolve_policy(
     elif "confidence" in params:
         raise InvalidPolicy(f"policy {name!r} takes no parameter confidence; only cascade does")
 
-    early_exit = _parse_early_exit(params.get("early_exit", False))
+    early_exit = parse_boolean("early_exit", params.get("early_exit", False))
     if early_exit and name not in VOTE_POLICIES:
         raise InvalidPolicy(EARLY_EXIT_REFUSED.get(name, f"early_exit applies to {', '.join(VOTE_POLICIES)}"))
     return PolicySpec(name=name, k=k, threshold=threshold, confidence=confidence, early_exit=early_exit)
@@ -127,13 +127,14 @@ EARLY_EXIT_REFUSED = {
 }
 
 
-def _parse_early_exit(raw: object) -> bool:
+def parse_boolean(name: str, raw: object, error: type[RequestError] = InvalidPolicy) -> bool:
+    """A true-or-false parameter: a bool (from a config file) or one of the words every request channel carries."""
     if isinstance(raw, bool):
         return raw
     text = str(raw).strip().lower() if isinstance(raw, (str, int)) else ""
     if text in TRUE_WORDS or text in FALSE_WORDS:
         return text in TRUE_WORDS
-    raise InvalidPolicy(f"early_exit must be true or false ({'/'.join(TRUE_WORDS)} or {'/'.join(FALSE_WORDS)}), got {raw!r}")
+    raise error(f"{name} must be true or false ({'/'.join(TRUE_WORDS)} or {'/'.join(FALSE_WORDS)}), got {raw!r}")
 
 
 def _parse_k(raw: object, n_members: int) -> int:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from difflib import get_close_matches
 
-from handlers.config.policy import FALSE_WORDS, POLICY_PARAMETERS, TRUE_WORDS
+from handlers.config.policy import POLICY_PARAMETERS, parse_boolean
 from handlers.errors import RequestError
 
 # Every parameter a request may carry, on any channel: the policy's, and what else the answer shows.
@@ -16,7 +16,6 @@ REQUEST_PARAMETERS = (*POLICY_PARAMETERS, "members", "top_k", "sequence", "min_r
 # Parameters that are true or false. A JSON body's `parameters` (ours or v2's, whose values are typed)
 # gives them as JSON booleans or as the strings every other channel carries (boolean_parameter).
 BOOLEAN_PARAMETERS = ("sequence", "early_exit", "uncertainty")
-TRUE, FALSE = TRUE_WORDS, FALSE_WORDS
 
 
 def unknown_parameters(names: Sequence[str]) -> str:
@@ -39,11 +38,7 @@ def int_parameter(name: str, raw: str, high: int) -> int:
 
 def boolean_parameter(name: str, raw: str | None) -> bool:
     """A true-or-false request parameter as text (absent is false), or a RequestError naming the accepted words."""
-    if raw is None or raw.lower() in FALSE:
-        return False
-    if raw.lower() not in TRUE:
-        raise RequestError(f"{name} must be true or false ({'/'.join(TRUE)} or {'/'.join(FALSE)}), got {raw!r}")
-    return True
+    return raw is not None and parse_boolean(name, raw, RequestError)
 
 
 def read_sequence(sequence: str | None, min_run: str | None, max_frames: int) -> int | None:

@@ -1,8 +1,9 @@
 """A request made ready to run: its inputs decoded and its parameters resolved against the ensemble.
 
 The parameters are `members` (which members answer), the policy with `k`, `threshold`, `confidence` and
-`early_exit`, `top_k`, `uncertainty`, and `sequence` with `min_run`. Any of them may come as a query parameter (`/models/<name>/invoke`), an
-`X-Ensemble-*` header (`_` as `-`), a multipart field, a gRPC input, or in a JSON body's `parameters`.
+`early_exit`, `top_k`, `uncertainty`, and `sequence` with `min_run`. Any of them may come as a query
+parameter (`/models/<name>/invoke`), an `X-Ensemble-*` header (`_` as `-`), a multipart field, a gRPC
+input, or in a JSON body's `parameters`.
 """
 
 from __future__ import annotations
