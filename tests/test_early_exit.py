@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import io
 import json
 import math
 from pathlib import Path
@@ -18,6 +19,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from archive_scripts.faces_demo import corrupted
+from archive_scripts.faces_demo import crops as face_crops
 from handlers.answers.policies import Votes, combine, settled, simulate_stages
 from handlers.config.files import load_ensembles
 from handlers.config.policy import VOTE_POLICIES, PolicySpec, resolve_policy
@@ -326,3 +329,22 @@ def test_tensor_instances_stop_early_with_the_exhaustive_labels(tmp_path: Path, 
     )
     assert [p["label"] for p in early["predictions"]] == [p["label"] for p in exhaustive["predictions"]]
     assert all(len(p["members"]) + len(p["skipped"]) == 2 for p in early["predictions"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("corruption", [None, ("blur", 2.0), ("downscale", 8)], ids=["clean", "blur-2", "downscale-8"])
+def test_published_mtcnn_weights_on_real_faces_stop_early_with_the_exhaustive_labels(corruption: tuple[str, float] | None) -> None:
+    """facenet-pytorch's shipped MTCNN weights (`make demo` copies them, digests pinned) on lfw_subset's 200 photographs:
+    under `any` and `all`, early exit answers every crop as running every member does, and skips members on real data."""
+    spec = load_ensembles(Path(__file__).resolve().parent.parent / "ensembles.yaml")["faces"]
+    ensemble = Ensemble.from_spec(spec, torch.device("cpu"))
+    samples = face_crops() if corruption is None else corrupted(*corruption)
+    encoded = []
+    for sample in samples:
+        buffer = io.BytesIO()
+        sample.image.save(buffer, format="PNG")
+        encoded.append(buffer.getvalue())
+    for policy in ("any", "all"):
+        early, exhaustive = ask(ensemble, [{"policy": policy, "early_exit": "true"}, {"policy": policy}], encoded)
+        assert [p["label"] for p in early["predictions"]] == [p["label"] for p in exhaustive["predictions"]]
+        assert sum(len(p["skipped"]) for p in early["predictions"]) > 0
