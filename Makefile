@@ -7,10 +7,12 @@ PY := $(VENV)/bin/python
 # than our stack, and its networks need only torch: it is installed without its dependencies.
 NO_DEPS := facenet-pytorch==2.6.0
 INSTALLED := $(VENV)/.installed-$(shell (cat requirements.txt; echo $(NO_DEPS)) | sha256sum | cut -c1-12)
+# The demos train under pinned kernels (archive_scripts/pinned_kernels.py), so every x86-64 CPU with AVX2 trains the
+# weights pinned in archive_scripts/demo_weights.json; ACCEPT_OTHER_WEIGHTS=1 keeps weights that differ from them.
 TRAINED := artifacts/weights/.trained
 NAME ?= shapes
 
-.PHONY: setup demo build kserve gpu-check serve stop test test-fast docs schema register unregister rebuild evaluate inspect bench bench-quick bench-mlp bench-profile bench-batching bench-fused bench-options bench-early-exit bench-engines bench-request-profile tune reliability reliability-full clean prometheus monitor monitor-stop monitor-traffic monitor-report
+.PHONY: setup demo build kserve gpu-check serve stop test test-fast docs schema register unregister rebuild evaluate inspect bench bench-quick bench-mlp bench-profile bench-batching bench-fused bench-options bench-early-exit bench-pinned-training bench-engines bench-request-profile tune reliability reliability-full clean prometheus monitor monitor-stop monitor-traffic monitor-report
 
 $(INSTALLED): requirements.txt
 	@command -v java >/dev/null 2>&1 || { echo "installing a Java runtime for TorchServe"; \
@@ -26,9 +28,10 @@ setup: $(INSTALLED)
 
 EVAL_INSTALLED := $(VENV)/.eval-$(shell sha256sum archive_scripts/requirements-eval.txt | cut -c1-12)
 
-$(TRAINED): $(INSTALLED) $(EVAL_INSTALLED) ensembles.yaml archive_scripts/demo_data.py archive_scripts/demo_models.py archive_scripts/train_demo.py archive_scripts/checkpoint_layouts.py archive_scripts/digits_demo.py archive_scripts/faces_demo.py
+$(TRAINED): $(INSTALLED) $(EVAL_INSTALLED) ensembles.yaml archive_scripts/demo_data.py archive_scripts/demo_models.py archive_scripts/train_demo.py archive_scripts/checkpoint_layouts.py archive_scripts/digits_demo.py archive_scripts/faces_demo.py \
+		archive_scripts/pinned_kernels.py archive_scripts/demo_weights.py archive_scripts/demo_weights.json
 	$(PY) -m archive_scripts.faces_demo
-	$(PY) -m archive_scripts.train_demo
+	$(PY) -m archive_scripts.train_demo $(if $(ACCEPT_OTHER_WEIGHTS),--accept-other-weights)
 	$(PY) -m archive_scripts.demo_data artifacts/samples
 	$(PY) -m archive_scripts.digits_demo artifacts/samples
 	@touch $@
@@ -218,6 +221,10 @@ bench-options: demo
 # Exact early exit under any and all against running every member, and what uncertainty=true costs, on shapes.
 bench-early-exit: demo
 	$(PY) -m bench.early_exit
+
+# The demos trained without and with the pinned kernels under two CPUs' kernel choices: digests and training time.
+bench-pinned-training: $(INSTALLED) $(EVAL_INSTALLED)
+	$(PY) -m bench.pinned_training $(PINNED_ARGS)
 
 # On a machine with CUDA: plans chosen there, answers against the CPU's, v2 and JSON in one batch, timings.
 gpu-check: $(INSTALLED)

@@ -1,6 +1,6 @@
 """Train the demo ensembles' members on generated data and save their weights where ensembles.yaml says.
 
-Usage: python -m archive_scripts.train_demo [--ensemble shapes] [--config ensembles.yaml]
+Usage: python -m archive_scripts.train_demo [--ensemble shapes] [--config ensembles.yaml] [--record-digests]
 
 Three demos: `shapes` (binary: is there a triangle?), `multishape` (multilabel, in the CheXNet mould:
 which of five kinds of shapes are in the image?) and `digits` (multiclass, on scikit-learn's real
@@ -9,11 +9,17 @@ code itself produces (`handlers.inputs.images`), so training and serving see ide
 multilabel demo writes each member's checkpoint in a different published layout (DataParallel,
 Lightning-style, safetensors), read back by its `state_dict:` rules in ensembles.yaml. Nothing is
 downloaded; every run with the same seeds gives the same data.
+
+Training runs under pinned kernels (`archive_scripts.pinned_kernels`), so every x86-64 CPU with AVX2 trains
+the same weights bit for bit; the script restarts itself under them. What it trained is then checked
+against the digests committed in `archive_scripts/demo_weights.json` (`archive_scripts.demo_weights`).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from archive_scripts import demo_weights, pinned_kernels
 from archive_scripts.checkpoint_layouts import LAYOUTS
 from archive_scripts.demo_data import LABELS, MULTILABEL_LABELS, POSITIVE, make_multilabel_split, make_split
 from archive_scripts.digits_demo import LABELS as DIGIT_LABELS
@@ -102,19 +109,27 @@ DEMOS = {
 }
 
 
-def train(spec: EnsembleSpec, *, threads: int) -> dict[str, float]:
-    """Train every member of `spec` (a demo of DEMOS), write its weights, and return seconds spent per member."""
+@dataclass(frozen=True)
+class Trained:
+    """One member as training left it: seconds spent and the digest of its tensors (demo_weights.state_digest)."""
+
+    seconds: float
+    digest: str
+
+
+def train(spec: EnsembleSpec, *, save: bool = True) -> dict[str, Trained]:
+    """Train every member of `spec` (a demo of DEMOS), write its weights unless `save` is False, and return each one's
+    seconds and digest. The caller chooses the kernels and threads (pinned_kernels.apply, or torch's defaults)."""
     demo = DEMOS[spec.name]
     if spec.labels != demo.labels or spec.positive_label != demo.positive_label:
         raise SystemExit(f"{spec.name}: the demo data has labels {demo.labels} with positive {demo.positive_label!r}")
-    torch.set_num_threads(threads)
     start = time.perf_counter()
     samples = demo.samples(demo.train_size, TRAIN_SEED)
     targets = demo.targets(samples)
     specs = [spec.member_input(m) for m in spec.members]
     inputs = batch_tensors([s.image for s in samples], specs)
     print(f"{spec.name}: generated {len(samples)} training images in {time.perf_counter() - start:.1f}s", flush=True)
-    seconds = {}
+    trained = {}
     for index, (member, member_input) in enumerate(zip(spec.members, specs, strict=True)):
         start = time.perf_counter()
         torch.manual_seed(TRAIN_SEED + index)
@@ -122,10 +137,12 @@ def train(spec: EnsembleSpec, *, threads: int) -> dict[str, float]:
         module = recipe.create() if recipe.create else build_member(member, spec.base_dir)
         scores = lambda batch, module=module, member=member: pick(module(batch), member.output.select)  # noqa: E731
         _fit(module, scores, inputs[member_input], targets, recipe, demo.loss(), label=f"{spec.name}/{member.name}")
-        _save(module, member, spec.base_dir, recipe)
-        seconds[member.name] = time.perf_counter() - start
-        print(f"trained {member.name} ({member.arch}) in {seconds[member.name]:.1f}s -> {member.weights}", flush=True)
-    return seconds
+        if save:
+            _save(module, member, spec.base_dir, recipe)
+        trained[member.name] = Trained(time.perf_counter() - start, demo_weights.state_digest(module.state_dict()))
+        where = f" -> {member.weights}" if save else " (not saved)"
+        print(f"trained {member.name} ({member.arch}) in {trained[member.name].seconds:.1f}s{where}", flush=True)
+    return trained
 
 
 def _fit(
@@ -178,12 +195,56 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=Path("ensembles.yaml"))
     parser.add_argument("--ensemble", action="append", choices=sorted(DEMOS), help="default: every demo")
-    parser.add_argument("--threads", type=int, default=max(1, torch.get_num_threads()))
+    parser.add_argument("--record-digests", action="store_true", help="pin what this run trains in demo_weights.json")
+    parser.add_argument("--accept-other-weights", action="store_true", help="keep weights that differ from the pinned ones")
+    parser.add_argument("--no-save", action="store_true", help="train and report digests, write no weights")
+    parser.add_argument("--unpinned", action="store_true", help="torch's own kernel choice (bench/pinned_training.py)")
+    parser.add_argument("--json", type=Path, help="write each member's seconds and digest, and the kernels, here")
     args = parser.parse_args()
+    if not args.unpinned:
+        pinned_kernels.reexec_pinned("archive_scripts.train_demo", sys.argv[1:])
+        try:
+            pinned_kernels.apply()
+        except pinned_kernels.PinUnavailable as e:
+            if not args.accept_other_weights:
+                raise SystemExit(f"cannot train the pinned demo weights: {e}. `make demo ACCEPT_OTHER_WEIGHTS=1` trains anyway.") from e
+            print(f"warning: {e}", file=sys.stderr)
+    kernels = pinned_kernels.describe()
+    print(f"training under {kernels}", flush=True)
     specs = load_ensembles(args.config, check_files=False)
+    trained: dict[str, dict[str, Trained]] = {}
     for name in args.ensemble or list(DEMOS):
-        total = sum(train(specs[name], threads=args.threads).values())
-        print(f"trained {len(specs[name].members)} members of {name} in {total:.1f}s", flush=True)
+        trained[name] = train(specs[name], save=not args.no_save)
+        print(f"trained {len(specs[name].members)} members of {name} in {sum(t.seconds for t in trained[name].values()):.1f}s", flush=True)
+    digests = {name: {member: t.digest for member, t in members.items()} for name, members in trained.items()}
+    if args.json:
+        report = {name: {member: vars(t) for member, t in members.items()} for name, members in trained.items()}
+        args.json.write_text(json.dumps({"kernels": kernels, "members": report}, indent=2) + "\n")
+    if not args.no_save:
+        _check_saved(specs, digests)
+    if args.record_digests:
+        demo_weights.record(digests, kernels)
+        print(f"recorded the digests of {sum(map(len, digests.values()))} members in {demo_weights.PINNED}")
+        return
+    if args.no_save or args.unpinned:
+        return
+    mismatched = demo_weights.differences(digests, demo_weights.pinned())
+    if mismatched:
+        message = demo_weights.mismatch_message(mismatched, kernels)
+        if not args.accept_other_weights:
+            raise SystemExit(message)
+        print(f"warning: {message}", file=sys.stderr)
+    else:
+        print(f"the weights of {sum(map(len, digests.values()))} members are the pinned ones ({demo_weights.PINNED.name})")
+
+
+def _check_saved(specs: dict[str, EnsembleSpec], digests: dict[str, dict[str, str]]) -> None:
+    """Every saved file must read back, under its member's rules, to the tensors training left in memory."""
+    for name, members in digests.items():
+        read = demo_weights.read_back(specs[name])
+        wrong = sorted(member for member, digest in members.items() if read[member] != digest)
+        if wrong:
+            raise SystemExit(f"{name}: the weights files of {wrong} do not read back to the trained tensors")
 
 
 if __name__ == "__main__":
