@@ -12,7 +12,7 @@ INSTALLED := $(VENV)/.installed-$(shell (cat requirements.txt; echo $(NO_DEPS)) 
 TRAINED := artifacts/weights/.trained
 NAME ?= shapes
 
-.PHONY: setup demo build kserve gpu-check serve stop test test-fast docs schema register unregister rebuild evaluate inspect bench bench-quick bench-mlp bench-profile bench-batching bench-fused bench-options bench-early-exit bench-pinned-training bench-engines bench-request-profile tune reliability reliability-full clean prometheus monitor monitor-stop monitor-traffic monitor-report
+.PHONY: setup demo build kserve gpu-check serve stop test test-fast docs schema register unregister rebuild evaluate inspect bench bench-quick bench-mlp bench-profile bench-batching bench-fused bench-options bench-early-exit bench-pinned-training bench-auto bench-engines bench-request-profile tune reliability reliability-full clean prometheus monitor monitor-stop monitor-traffic monitor-report
 
 $(INSTALLED): requirements.txt
 	@command -v java >/dev/null 2>&1 || { echo "installing a Java runtime for TorchServe"; \
@@ -225,6 +225,11 @@ bench-early-exit: demo
 # The demos trained without and with the pinned kernels under two CPUs' kernel choices: digests and training time.
 bench-pinned-training: $(INSTALLED) $(EVAL_INSTALLED)
 	$(PY) -m bench.pinned_training $(PINNED_ARGS)
+
+# plan: auto against each fixed plan (frozen, onnxruntime, openvino), served: the trio and shapes at two batchings and
+# three loads, digits and faces at their shipped batching; AUTO_ARGS=--quick for shorter rounds.
+bench-auto: demo
+	$(PY) -m bench.auto_plans $(AUTO_ARGS)
 
 # On a machine with CUDA: plans chosen there, answers against the CPU's, v2 and JSON in one batch, timings.
 gpu-check: $(INSTALLED)

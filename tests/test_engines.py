@@ -4,9 +4,15 @@ ONNX Runtime or OpenVINO; a member no exporter takes is served by the other plan
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import statistics
+import threading
+import time
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -16,7 +22,7 @@ from archive_scripts.build_archives import build_archive, forgiven_lines
 from handlers.config.files import load_ensembles, read_archive_manifest
 from handlers.ensemble import Ensemble
 from handlers.errors import IntegrityError
-from handlers.execution.engines import archived_exports
+from handlers.execution.engines import archived_exports, export_onnx, openvino_forward
 from handlers.inputs.images import decode_image
 from handlers.weights.loading import load_archived_members
 from tests.conftest import extract, image_bytes, instances
@@ -101,3 +107,51 @@ def test_a_tampered_onnx_file_is_refused_before_anything_loads(test_store: Path,
     with pytest.raises(IntegrityError) as caught:
         Ensemble.from_model_dir(model_dir, CPU)
     assert str(caught.value).startswith(f"members/pool_rgb.onnx: sha256 mismatch: manifest pins {pinned}, file has ")
+
+
+class _Convolutions(torch.nn.Module):
+    """Enough arithmetic per call (about 10 ms on one core) that two calls side by side and two in turn differ."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        layers: list[torch.nn.Module] = [torch.nn.Conv2d(3, 48, 3, padding=1), torch.nn.ReLU()]
+        for _ in range(3):
+            layers += [torch.nn.Conv2d(48, 48, 3, padding=1), torch.nn.ReLU()]
+        self.body = torch.nn.Sequential(*layers, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(48, 4))
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.body(batch).softmax(-1)
+
+
+def _alone_and_side_by_side(forward: Any, batch: torch.Tensor, rounds: int = 7) -> tuple[float, float]:
+    """Median seconds of one call, and of a round of two calls on two threads started together."""
+    alone, together = [], []
+    with ThreadPoolExecutor(1) as other:
+        for _ in range(rounds):
+            began = time.perf_counter()
+            forward(batch)
+            alone.append(time.perf_counter() - began)
+            start = threading.Barrier(2)
+            began = time.perf_counter()
+            second = other.submit(lambda: (start.wait(), forward(batch.clone())))
+            start.wait()
+            forward(batch)
+            second.result()
+            together.append(time.perf_counter() - began)
+    return statistics.median(alone), statistics.median(together)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.cpu_count() is not None and os.cpu_count() < 2, reason="two calls side by side need two cores")
+def test_two_member_threads_calling_one_openvino_plan_run_side_by_side(tmp_path: Path) -> None:
+    """With one stream (the configuration before issue 30) the second call queued behind the first: a round of two
+    took twice one call. With a stream per member thread the two run side by side."""
+    torch.manual_seed(0)
+    head = _Convolutions().eval()
+    export = export_onnx(head, (3, 64, 64), tmp_path / "member.onnx", sizes=[4])
+    assert export.exporter is not None, export.reason
+    batch = torch.randn(4, 3, 64, 64)
+    one_stream = _alone_and_side_by_side(openvino_forward(tmp_path / "member.onnx", CPU, streams=1), batch)
+    two_streams = _alone_and_side_by_side(openvino_forward(tmp_path / "member.onnx", CPU, streams=2), batch)
+    assert one_stream[1] / one_stream[0] >= 1.6, one_stream
+    assert two_streams[1] / two_streams[0] <= 1.3, two_streams

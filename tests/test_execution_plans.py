@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +18,7 @@ from handlers.config.files import load_ensembles, read_archive_manifest
 from handlers.ensemble import Ensemble
 from handlers.errors import MemberLoadError
 from handlers.execution.plan_store import PLANS_FILE
-from handlers.execution.plans import AUTO_PLANS, ENGINE_PLANS, MIN_GAIN, TOLERANCE, prepare_cuda
+from handlers.execution.plans import AUTO_PLANS, ENGINE_PLANS, MIN_GAIN, TOLERANCE, prepare_cuda, time_plans
 from handlers.inputs.images import decode_image
 from tests.conftest import extract, image_bytes, instances, write_ensemble, write_tensor_ensemble
 from tests.fixture_models import BranchyNet, LayoutSensitiveNet
@@ -139,6 +142,29 @@ def test_workers_of_one_model_share_the_measured_plans(test_store: Path, tmp_pat
         (m["execution"]["plan"], m["execution"]["ms_per_call"]) for m in first
     ]
     assert all(set(ENGINE_PLANS) <= set(m["execution"]["ms_per_call"]) for m in first)
+    assert [m["execution"]["timed_as"]["threads_at_once"] for m in first] == [member_threads(model_dir)] * 3
+
+
+def _sleeper(seconds: float, lock: threading.Lock | None) -> Any:
+    """A stand-in plan whose call takes `seconds` and, with a `lock`, lets one caller in at a time (one engine stream)."""
+
+    def forward(batch: torch.Tensor) -> torch.Tensor:
+        with lock or contextlib.nullcontext():
+            time.sleep(seconds)
+        return batch
+
+    return forward
+
+
+def test_auto_times_plans_with_the_member_threads_calling_at_once() -> None:
+    """A plan that is faster alone but queues its callers is the slower one once every member thread calls it."""
+    forwards = {"queues": _sleeper(0.02, threading.Lock()), "side_by_side": _sleeper(0.03, None)}
+    probes = {4: torch.zeros(4, 3)}
+    alone = time_plans(forwards, probes, CPU, concurrency=1)
+    together = time_plans(forwards, probes, CPU, concurrency=2)
+    assert alone["queues"][4] < alone["side_by_side"][4]
+    assert together["queues"][4] > together["side_by_side"][4]
+    assert together["queues"][4] >= 40 and together["side_by_side"][4] < 40, together
 
 
 @pytest.mark.parametrize("engine", ENGINE_PLANS)
@@ -159,6 +185,10 @@ def test_a_worker_rebuilds_an_engine_plan_another_worker_chose(test_store: Path,
         pytest.param(lambda saved: {**saved, "context": {**saved["context"], "torch": "0.0"}}, id="other-torch"),
         pytest.param(lambda saved: {**saved, "members": {"mobile": {**saved["members"]["mobile"], "plan": "compiled"}}}, id="plan-not-allowed"),
         pytest.param(lambda saved: {**saved, "members": {"mobile": {**saved["members"]["mobile"], "ms_per_call": {"eager": {"3": 1.0}}}}}, id="other-sizes"),
+        pytest.param(
+            lambda saved: {**saved, "members": {"mobile": {**saved["members"]["mobile"], "timed_as": {"threads_at_once": 7}}}},
+            id="timed-with-other-threads",
+        ),
     ],
 )
 def test_a_record_that_does_not_apply_is_measured_afresh(test_store: Path, tmp_path: Path, record: Any) -> None:

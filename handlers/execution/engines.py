@@ -172,10 +172,13 @@ def onnxruntime_forward(path: Path, device: torch.device) -> Callable[[torch.Ten
 
 
 def openvino_forward(
-    path: Path, device: torch.device, *, precision: str = "fp32", cache: Path | None = None
+    path: Path, device: torch.device, *, precision: str = "fp32", cache: Path | None = None, streams: int = 1
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A forward function running an ONNX file with OpenVINO on one inference thread.
+    """A forward function running an ONNX file with OpenVINO: `streams` streams of one inference thread each.
 
+    The worker's member threads call one member at once (a batch is cut into one slice per thread), each
+    through an infer request of its own; a request runs on a stream, and requests beyond the streams queue.
+    One stream per member thread lets the slices run side by side, as ONNX Runtime's shared session does.
     Workers pass `cache` (`OPENVINO_CACHE` in the model directory), so a restarted worker loads the compiled model.
     The precision is set explicitly: on CPUs with AMX, OpenVINO's default is bf16, which is lossy.
     """
@@ -188,8 +191,8 @@ def openvino_forward(
     core = openvino.Core()
     config = {
         **({} if cache is None else {"CACHE_DIR": str(cache)}),
-        "INFERENCE_NUM_THREADS": 1,
-        "NUM_STREAMS": 1,
+        "INFERENCE_NUM_THREADS": streams,
+        "NUM_STREAMS": streams,
         "PERFORMANCE_HINT": "LATENCY",
         "INFERENCE_PRECISION_HINT": OPENVINO_PRECISION[precision],
         "ENABLE_CPU_PINNING": False,

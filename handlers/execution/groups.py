@@ -45,12 +45,14 @@ class Group:
 
 @dataclass(frozen=True)
 class PlanContext:
-    """What choosing a member's plan needs besides the member: its execution settings and the rows per call to time."""
+    """What choosing a member's plan needs besides the member: its execution settings, the rows per call to time, and
+    how many member threads call a member at once."""
 
     executions: Sequence[Execution]
     sizes: Sequence[Sequence[int]]
     exported: Sequence[Exported | None] = ()
     remembered: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    concurrency: int = 1
 
 
 def plan_groups(
@@ -108,6 +110,7 @@ def _planned(index: int, member: MemberSpec, module: nn.Module, spec: MemberInpu
             device=device,
             remembered=plans.remembered.get(member.name),
             exported=plans.exported[index] if plans.exported else None,
+            concurrency=plans.concurrency,
         )
     except PlanRejected as e:
         raise MemberLoadError(f"member {member.name!r}: {e}; choose another execution plan, or plan: auto") from e

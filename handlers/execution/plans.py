@@ -10,14 +10,17 @@ A plan turns a loaded member (behind its `outputs.MemberHead`) into a function `
 - `frozen_channels_last`: both;
 - `onnxruntime`: the ONNX file the build exported and proved (the manifest's `engines`), run by ONNX Runtime
   on one intra-op thread;
-- `openvino`: the same file compiled by OpenVINO at worker start (fp32, one inference thread);
+- `openvino`: the same file compiled by OpenVINO at worker start (fp32, one stream of one thread per member thread);
 - `compiled`: `torch.compile`, tried by `auto` only with `compile: true` (it takes seconds to
   minutes per member, paid again at every worker start).
 
 `auto` builds each candidate, checks it against eager on a probe batch (probabilities within
 `TOLERANCE` at every timed size, and a trace the tracer did not warn about, since a warning means
-data-dependent control flow was frozen into one branch), times it at the slice sizes the worker
-runs, and keeps the fastest verified one when it beats eager by at least `MIN_GAIN`. A choice another
+data-dependent control flow was frozen into one branch), times it as the worker will call it, and keeps
+the fastest verified one when it beats eager by at least `MIN_GAIN`. As the worker calls it: at the slice
+sizes its batching produces, and with every member thread calling the plan at once, each on its own
+slice (a served batch keeps all the threads busy). A plan that is fast alone but queues its callers (an
+engine with one stream) or shares the cores badly loses there, as it would when served. A choice another
 worker of the same model already measured (`remembered`) is rebuilt and verified, not timed again:
 workers of one model then run the same plans, and a restarted worker is back sooner.
 
@@ -31,8 +34,10 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import threading
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -82,6 +87,7 @@ class Choice:
     build_s: float = 0.0
     remembered: bool = False
     precision: Mapping[str, Any] = field(default_factory=lambda: {"precision": "fp32"})
+    concurrency: int = 1
 
     @property
     def speedup(self) -> float | None:
@@ -100,6 +106,10 @@ class Choice:
             "rejected": self.rejected,
             "load_s": round(self.build_s, 2),
             "measured_by": "another worker" if self.remembered else "this worker",
+            "timed_as": {
+                "threads_at_once": self.concurrency,
+                "ms_per_call": "wall time of a round in which every thread calls the plan once on its own slice; best round",
+            },
             "precision": dict(self.precision),
         }
 
@@ -127,8 +137,12 @@ def choose(
     device: torch.device,
     remembered: Mapping[str, Any] | None = None,
     exported: Exported | None = None,
+    concurrency: int = 1,
 ) -> Choice:
     """The plan `execution` asks for; with `auto`, the fastest candidate that reproduces eager.
+
+    `concurrency` is how many member threads call a member at once when a batch is served: engines get as
+    many streams, and `auto` times every candidate with that many threads calling it at once.
 
     A fixed plan is checked the same way and refused (MemberLoadError at the caller) when it does
     not reproduce eager, since serving different numbers than the checkpoint's would be silent.
@@ -150,7 +164,7 @@ def choose(
     if lossy:
         wanted = ("eager", *LOSSY_PLANS[execution.precision])
     if execution.plan == "auto" and remembered is not None:
-        reused = _reuse(remembered, module, probes, reference, wanted, exported, lossy=lossy)
+        reused = _reuse(remembered, module, probes, reference, wanted, exported, lossy=lossy, concurrency=concurrency)
         if reused is not None:
             return replace(reused, build_s=time.perf_counter() - began, precision=precision)
     forwards: dict[str, Forward] = {"eager": module}
@@ -159,7 +173,7 @@ def choose(
         if plan == "eager":
             continue
         try:
-            forward = build(plan, module, probes[max(sizes)], exported)
+            forward = build(plan, module, probes[max(sizes)], exported, concurrency=concurrency)
             _verify(forward, probes, reference, lossy=plan in lossy)
         except PlanRejected as e:
             rejected[plan] = str(e)
@@ -168,8 +182,10 @@ def choose(
     if execution.plan != "auto":
         if execution.plan in rejected:
             raise PlanRejected(f"plan {execution.plan!r}: {rejected[execution.plan]}")
-        return Choice(execution.plan, forwards[execution.plan], rejected=rejected, build_s=time.perf_counter() - began)
-    ms = _time(forwards, probes, device)
+        return Choice(
+            execution.plan, forwards[execution.plan], rejected=rejected, build_s=time.perf_counter() - began, concurrency=concurrency
+        )
+    ms = time_plans(forwards, probes, device, concurrency)
     if lossy and any(plan in forwards for plan in lossy):  # The precision was asked for: its fastest engine runs.
         best = max((plan for plan in ms if plan in lossy), key=lambda plan: _gain(ms["eager"], ms[plan]))
     else:
@@ -179,7 +195,7 @@ def choose(
         if lossy:
             precision = {"precision": "fp32", "fallback": f"no {execution.precision} engine runs here: {rejected}"}
     elapsed = time.perf_counter() - began
-    return Choice(best, forwards[best], ms=ms, rejected=rejected, build_s=elapsed, precision=precision)
+    return Choice(best, forwards[best], ms=ms, rejected=rejected, build_s=elapsed, precision=precision, concurrency=concurrency)
 
 
 def _precision(execution: Execution, exported: Exported | None) -> tuple[dict[str, Any], tuple[str, ...]]:
@@ -208,29 +224,32 @@ def _reuse(
     exported: Exported | None,
     *,
     lossy: Sequence[str] = (),
+    concurrency: int = 1,
 ) -> Choice | None:
-    """The remembered choice, rebuilt and verified; None when it does not apply here or no longer verifies."""
+    """The remembered choice, rebuilt and verified; None when it does not apply here (other sizes, another number of
+    threads at once) or no longer verifies."""
     try:
         plan = remembered["plan"]
         ms = {name: {int(size): float(v) for size, v in sizes.items()} for name, sizes in remembered["ms_per_call"].items()}
         rejected = {str(name): str(reason) for name, reason in remembered["rejected"].items()}
+        timed_at_once = int(remembered["timed_as"]["threads_at_once"])
     except (KeyError, TypeError, ValueError, AttributeError):
         return None
-    if plan not in allowed or any(set(sizes) != set(probes) for sizes in ms.values()) or plan not in ms:
+    if plan not in allowed or any(set(sizes) != set(probes) for sizes in ms.values()) or plan not in ms or timed_at_once != concurrency:
         return None
     try:
-        forward = module if plan == "eager" else build(plan, module, probes[max(probes)], exported)
+        forward = module if plan == "eager" else build(plan, module, probes[max(probes)], exported, concurrency=concurrency)
         _verify(forward, probes, reference, lossy=plan in lossy)
     except PlanRejected:
         return None
-    return Choice(plan, forward, ms=ms, rejected=rejected, remembered=True)
+    return Choice(plan, forward, ms=ms, rejected=rejected, remembered=True, concurrency=concurrency)
 
 
-def build(plan: str, module: nn.Module, example: torch.Tensor, exported: Exported | None = None) -> Forward:
+def build(plan: str, module: nn.Module, example: torch.Tensor, exported: Exported | None = None, *, concurrency: int = 1) -> Forward:
     """The forward function of `plan` for an eval-mode `module` (on the device of `example`); PlanRejected when it
-    cannot apply. `exported` is what the archive holds for the ONNX plan."""
+    cannot apply. `exported` is what the archive holds for the ONNX plan; `concurrency` threads may call it at once."""
     if plan in ENGINE_FILES:
-        return _engine(plan, exported, example.device)
+        return _engine(plan, exported, example.device, concurrency)
     channels_last = plan.endswith("channels_last")
     if channels_last and example.dim() != 4:
         raise PlanRejected(f"channels_last needs 4-D (N, C, H, W) input; this member takes {example.dim()}-D")
@@ -253,7 +272,7 @@ def build(plan: str, module: nn.Module, example: torch.Tensor, exported: Exporte
     raise PlanRejected(f"unknown plan {plan!r}; known: {', '.join(FIXED_PLANS)}")
 
 
-def _engine(plan: str, exported: Exported | None, device: torch.device) -> Forward:
+def _engine(plan: str, exported: Exported | None, device: torch.device, concurrency: int = 1) -> Forward:
     """An engine plan's forward function, from the file the archive holds for it."""
     if exported is None:
         raise PlanRejected("no ONNX export (not loaded from an archive that has one)")
@@ -264,7 +283,7 @@ def _engine(plan: str, exported: Exported | None, device: torch.device) -> Forwa
     try:
         if engine == "onnxruntime":
             return onnxruntime_forward(path, device)
-        return openvino_forward(path, device, precision=precision or "fp32", cache=path.parent.parent / OPENVINO_CACHE)
+        return openvino_forward(path, device, precision=precision or "fp32", cache=path.parent.parent / OPENVINO_CACHE, streams=concurrency)
     except EngineUnavailable as e:
         raise PlanRejected(str(e)) from e
 
@@ -322,22 +341,49 @@ def _verify(
                 raise PlanRejected(f"probabilities differ from eager by {difference:.2e} at batch {size} (limit {TOLERANCE:g})")
 
 
-def _time(forwards: dict[str, Forward], probes: dict[int, torch.Tensor], device: torch.device) -> dict[str, dict[int, float]]:
-    """Best-of-n ms per call for every plan at every size, plans interleaved so that noise hits them alike.
+def time_plans(
+    forwards: dict[str, Forward], probes: dict[int, torch.Tensor], device: torch.device, concurrency: int = 1
+) -> dict[str, dict[int, float]]:
+    """Best-of-n ms per call for every plan at every size, with `concurrency` threads calling it at once (each round's
+    wall time), plans interleaved so that noise hits them alike.
 
-    Stops early (after at least two calls each) once TIME_BUDGET_S per size is spent.
+    Stops early (after at least two rounds each) once TIME_BUDGET_S per size is spent.
     """
     best: dict[str, dict[int, float]] = {plan: {} for plan in forwards}
-    for size, probe in probes.items():
-        spent = 0.0
-        for round_number in range(TIMED_CALLS):
-            for plan, forward in forwards.items():
-                elapsed = _timed_call(forward, probe, device)
-                spent += elapsed
-                best[plan][size] = min(best[plan].get(size, math.inf), 1000 * elapsed)
-            if round_number >= 1 and spent > TIME_BUDGET_S:
-                break
+    pool = ThreadPoolExecutor(concurrency - 1, thread_name_prefix="plan-timing") if concurrency > 1 else None
+    try:
+        for size, probe in probes.items():
+            spent = 0.0
+            for round_number in range(TIMED_CALLS):
+                for plan, forward in forwards.items():
+                    elapsed = _timed_round(forward, probe, device, pool, concurrency)
+                    spent += elapsed
+                    best[plan][size] = min(best[plan].get(size, math.inf), 1000 * elapsed)
+                if round_number >= 1 and spent > TIME_BUDGET_S:
+                    break
+    finally:
+        if pool is not None:
+            pool.shutdown()
     return best
+
+
+def _timed_round(forward: Forward, probe: torch.Tensor, device: torch.device, pool: ThreadPoolExecutor | None, concurrency: int) -> float:
+    """Seconds for `concurrency` calls of `forward` started together: the calling thread's and the pool's."""
+    if pool is None:
+        return _timed_call(forward, probe, device)
+    start = threading.Barrier(concurrency)
+    began = time.perf_counter()
+    others = [pool.submit(_call_after, start, forward, probe.clone()) for _ in range(concurrency - 1)]
+    _call_after(start, forward, probe)
+    for other in others:
+        other.result()
+    return time.perf_counter() - began
+
+
+def _call_after(start: threading.Barrier, forward: Forward, probe: torch.Tensor) -> None:
+    start.wait()
+    with torch.inference_mode():
+        forward(probe)
 
 
 def _timed_call(forward: Forward, probe: torch.Tensor, device: torch.device) -> float:

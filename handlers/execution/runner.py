@@ -91,6 +91,7 @@ class MemberRunner:
             sizes=[spec.slice_sizes(parallelism, given.views) for given in member_inputs],
             exported=[(exported or {}).get(member.name) for member in spec.members],
             remembered=remembered_plans or {},
+            concurrency=parallelism,
         )
         heads = [
             fit_head(member, module, given.instance_shape, spec.task, spec.labels, device).to(device)

@@ -1,0 +1,170 @@
+"""`plan: auto` against every fixed plan, served by TorchServe: auto must never serve slower than a plan picked by hand.
+
+Usage: python -m bench.auto_plans [--quick]   (`make bench-auto`; needs `make demo`)
+
+The torchvision trio (resnet18, mobilenet_v3_small, squeezenet1_1, 10 classes, fixed random weights, 224x224)
+and `shapes` are each built four times, every member on `auto`, `frozen`, `onnxruntime` and `openvino`, at two
+batchings (batch 8 with a 5 ms delay on one worker; batch 1 on two workers), registered together on one private
+TorchServe on 127.0.0.1 and loaded at 1, 8 and 2x16 clients (16 images a request); `digits` and `faces` the same
+way at their shipped batching, 8 clients. The four plans take turns in alternating rounds of the same run, and
+every answer's member labels are checked against the members run in-process (eager): a point with an error or a
+mismatch is not a number. Each point reports auto's images/s over the best fixed plan's, the median over rounds
+with the lowest and highest per-round ratio, and what each auto member chose (`describe`).
+Writes bench/results/auto_plans.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import requests
+import torch
+
+from archive_scripts.digits_demo import split
+from archive_scripts.faces_demo import crops
+from bench.contenders import ensemble_sender, serving
+from bench.loadgen import alternating_rounds, requests_for, run_load
+from bench.workloads import Workload, demo, torchvision_trio, with_expected
+from handlers.config.files import load_ensembles
+from handlers.config.specs import EnsembleSpec
+
+RESULTS = Path(__file__).parent / "results" / "auto_plans.json"
+PLANS = ("auto", "frozen", "onnxruntime", "openvino")
+BATCHINGS = {
+    "batch 8, 1 worker": {"batch_size": 8, "max_batch_delay_ms": 5, "workers": 1},
+    "batch 1, 2 workers": {"batch_size": 1, "max_batch_delay_ms": 0, "workers": 2},
+}
+LOADS = {"c1": (1, 1), "c8": (8, 1), "c2x16": (2, 16)}
+TARGET = 0.97
+
+
+def variants(spec: EnsembleSpec, batching: dict[str, int] | None) -> dict[str, EnsembleSpec]:
+    """The ensemble once per plan, every member on it, under its own name and the given batching."""
+    found = {}
+    for plan in PLANS:
+        planned = spec.with_plan(plan)
+        found[plan] = replace(
+            planned,
+            name=f"{spec.name}-{plan}",
+            batching=replace(planned.batching, **batching) if batching else planned.batching,
+        )
+    return found
+
+
+def encoded(images: list[Any]) -> tuple[bytes, ...]:
+    """PNG bytes of PIL images, as a client sends them."""
+    found = []
+    for image in images:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        found.append(buffer.getvalue())
+    return tuple(found)
+
+
+def demo_workload(name: str, images: tuple[bytes, ...]) -> Workload:
+    config = Path("ensembles.yaml").resolve()
+    return with_expected(f"demo-{name}", config, load_ensembles(config)[name], images)
+
+
+def served(
+    workload: Workload, batching: dict[str, int] | None, loads: dict[str, tuple[int, int]], rounds: int, seconds: float
+) -> dict[str, Any]:
+    """Every plan of `workload` served at once; images/s per load and plan, per round; auto's choices."""
+    specs = variants(workload.spec, batching)
+    expected = {plan: list(workload.expected) for plan in specs}
+    with serving(list(specs.values())) as server:
+        senders = {plan: ensemble_sender(server, spec.name, workload.images) for plan, spec in specs.items()}
+        for plan, send in senders.items():  # Warm every worker (first calls, caches) before anything is timed.
+            run_load(send, requests_for(16, 1, len(workload.images)), expected[plan], clients=2, deadline_s=30)
+        points = {
+            load: alternating_rounds(
+                senders, expected, requests_for(100_000, per_request, len(workload.images)),
+                clients=clients, rounds=rounds, seconds=seconds, load=f"{workload.name} {load}",
+            )  # fmt: skip
+            for load, (clients, per_request) in loads.items()
+        }
+        choices = _describe(server, specs["auto"].name)
+    return {"points": points, "auto_chose": choices, "batching": batching or "shipped"}
+
+
+def _describe(server: Any, name: str) -> dict[str, Any]:
+    """Each auto member's plan and what was timed, from the management API's describe."""
+    response = requests.get(f"{server.management}/models/{name}?customized=true", headers=server.headers("management"), timeout=30)
+    response.raise_for_status()
+    metadata = response.json()[0]["customizedMetadata"]
+    described = json.loads(metadata) if isinstance(metadata, str) else metadata
+    keep = ("plan", "ms_per_call", "timed_as", "rejected")
+    return {m["name"]: {key: m["execution"].get(key) for key in keep} for m in described["members"]}
+
+
+def verdicts(measured: dict[str, Any]) -> dict[str, Any]:
+    """Per load: auto over the best fixed plan (median over rounds of per-round ratios, with their range)."""
+    found = {}
+    for load, by_plan in measured["points"].items():
+        invalid = {plan: sum(p["errors"] + p["mismatches"] for p in pts) for plan, pts in by_plan.items()}
+        medians = {plan: statistics.median(p["images_per_s"] for p in pts) for plan, pts in by_plan.items()}
+        best = max((plan for plan in PLANS if plan != "auto"), key=lambda plan: medians[plan])
+        ratios = [a["images_per_s"] / b["images_per_s"] for a, b in zip(by_plan["auto"], by_plan[best], strict=True)]
+        found[load] = {
+            "images_per_s": {plan: round(value, 1) for plan, value in medians.items()},
+            "best_fixed": best,
+            "auto_over_best": round(statistics.median(ratios), 3),
+            "per_round_range": [round(min(ratios), 3), round(max(ratios), 3)],
+            "auto_over_frozen": round(medians["auto"] / medians["frozen"], 3),
+            "met": statistics.median(ratios) >= TARGET,
+            "errors_and_mismatches": invalid,
+        }
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="3 rounds of 4 s (default: 3 rounds of 8 s)")
+    args = parser.parse_args()
+    rounds, seconds = (3, 4.0) if args.quick else (3, 8.0)
+    began = time.perf_counter()
+    runs: dict[str, Callable[[], dict[str, Any]]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-auto-") as folder:
+        trio, shapes = torchvision_trio(Path(folder) / "trio", 64), demo(64)
+        for workload in (trio, shapes):
+            for label, batching in BATCHINGS.items():
+                runs[f"{workload.name}, {label}"] = lambda w=workload, b=batching: served(w, b, LOADS, rounds, seconds)
+        others = {
+            "digits": encoded([digit.image for digit in split()[1][:64]]),
+            "faces": encoded([crop.image for crop in crops()[::3]]),
+        }
+        for name, images in others.items():
+            runs[f"demo-{name}, shipped batching"] = lambda n=name, i=images: served(demo_workload(n, i), None, {"c8": LOADS["c8"]}, rounds, seconds)
+        results = {}
+        for label, run in runs.items():
+            print(f"serving {label}", flush=True)
+            measured = run()
+            results[label] = {**measured, "verdicts": verdicts(measured)}
+            print(json.dumps(results[label]["verdicts"]), flush=True)
+    report = {
+        "command": "python -m bench.auto_plans " + shlex.join(sys.argv[1:]),
+        "machine": {"processor": platform.processor() or platform.machine(), "torch": torch.__version__},
+        "seconds": round(time.perf_counter() - began, 1),
+        "rounds": rounds,
+        "seconds_per_round": seconds,
+        "target": f"auto >= {TARGET}x the best fixed plan at every point",
+        "results": results,
+    }
+    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {RESULTS} in {report['seconds']} s")
+
+
+if __name__ == "__main__":
+    main()
