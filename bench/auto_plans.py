@@ -24,7 +24,8 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -32,13 +33,16 @@ from typing import Any
 import requests
 import torch
 
+from archive_scripts.build_archives import build_archive
 from archive_scripts.digits_demo import split
 from archive_scripts.faces_demo import crops
-from bench.contenders import ensemble_sender, serving
+from archive_scripts.torchserve_ctl import Server, private_server, register, start, stop
+from bench.contenders import ensemble_sender
 from bench.loadgen import alternating_rounds, requests_for, run_load
 from bench.workloads import Workload, demo, torchvision_trio, with_expected
 from handlers.config.files import load_ensembles
 from handlers.config.specs import EnsembleSpec
+from handlers.errors import MemberLoadError
 
 RESULTS = Path(__file__).parent / "results" / "auto_plans.json"
 PLANS = ("auto", "frozen", "onnxruntime", "openvino")
@@ -78,13 +82,36 @@ def demo_workload(name: str, images: tuple[bytes, ...]) -> Workload:
     return with_expected(f"demo-{name}", config, load_ensembles(config)[name], images)
 
 
+@contextmanager
+def serving(specs: dict[str, EnsembleSpec]) -> Iterator[tuple[Server, dict[str, str]]]:
+    """A private TorchServe on 127.0.0.1 with every plan's archive that builds registered; and the plans a member
+    refuses, with the reason (a fixed plan a user could not pick is no baseline)."""
+    with tempfile.TemporaryDirectory(prefix="bench-auto-ts-") as folder:
+        store, refused = Path(folder) / "model_store", {}
+        for plan, spec in specs.items():
+            try:
+                build_archive(spec, store)
+            except MemberLoadError as e:
+                refused[plan] = str(e)
+        server = private_server(Path(folder) / "server", store, port_offset=30100)
+        try:
+            start(server, store)
+            for plan, spec in specs.items():
+                if plan not in refused:
+                    register(server, spec.name, spec.batching.workers)
+            yield server, refused
+        finally:
+            stop(server)
+
+
 def served(
     workload: Workload, batching: dict[str, int] | None, loads: dict[str, tuple[int, int]], rounds: int, seconds: float
 ) -> dict[str, Any]:
     """Every plan of `workload` served at once; images/s per load and plan, per round; auto's choices."""
     specs = variants(workload.spec, batching)
-    expected = {plan: list(workload.expected) for plan in specs}
-    with serving(list(specs.values())) as server:
+    with serving(specs) as (server, refused):
+        specs = {plan: spec for plan, spec in specs.items() if plan not in refused}
+        expected = {plan: list(workload.expected) for plan in specs}
         senders = {plan: ensemble_sender(server, spec.name, workload.images) for plan, spec in specs.items()}
         for plan, send in senders.items():  # Warm every worker (first calls, caches) before anything is timed.
             run_load(send, requests_for(16, 1, len(workload.images)), expected[plan], clients=2, deadline_s=30)
@@ -96,7 +123,7 @@ def served(
             for load, (clients, per_request) in loads.items()
         }
         choices = _describe(server, specs["auto"].name)
-    return {"points": points, "auto_chose": choices, "batching": batching or "shipped"}
+    return {"points": points, "auto_chose": choices, "refused": refused, "batching": batching or "shipped"}
 
 
 def _describe(server: Any, name: str) -> dict[str, Any]:
@@ -115,14 +142,14 @@ def verdicts(measured: dict[str, Any]) -> dict[str, Any]:
     for load, by_plan in measured["points"].items():
         invalid = {plan: sum(p["errors"] + p["mismatches"] for p in pts) for plan, pts in by_plan.items()}
         medians = {plan: statistics.median(p["images_per_s"] for p in pts) for plan, pts in by_plan.items()}
-        best = max((plan for plan in PLANS if plan != "auto"), key=lambda plan: medians[plan])
+        best = max((plan for plan in medians if plan != "auto"), key=lambda plan: medians[plan])
         ratios = [a["images_per_s"] / b["images_per_s"] for a, b in zip(by_plan["auto"], by_plan[best], strict=True)]
         found[load] = {
             "images_per_s": {plan: round(value, 1) for plan, value in medians.items()},
             "best_fixed": best,
             "auto_over_best": round(statistics.median(ratios), 3),
             "per_round_range": [round(min(ratios), 3), round(max(ratios), 3)],
-            "auto_over_frozen": round(medians["auto"] / medians["frozen"], 3),
+            "auto_over_frozen": round(medians["auto"] / medians["frozen"], 3) if "frozen" in medians else None,
             "met": statistics.median(ratios) >= TARGET,
             "errors_and_mismatches": invalid,
         }
@@ -132,6 +159,7 @@ def verdicts(measured: dict[str, Any]) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3 rounds of 4 s (default: 3 rounds of 8 s)")
+    parser.add_argument("--only", action="append", help="only the runs whose label contains this (default: all)")
     args = parser.parse_args()
     rounds, seconds = (3, 4.0) if args.quick else (3, 8.0)
     began = time.perf_counter()
@@ -149,10 +177,17 @@ def main() -> None:
             runs[f"demo-{name}, shipped batching"] = lambda n=name, i=images: served(demo_workload(n, i), None, {"c8": LOADS["c8"]}, rounds, seconds)
         results = {}
         for label, run in runs.items():
+            if args.only and not any(part in label for part in args.only):
+                continue
             print(f"serving {label}", flush=True)
             measured = run()
             results[label] = {**measured, "verdicts": verdicts(measured)}
             print(json.dumps(results[label]["verdicts"]), flush=True)
+            _write(results, rounds, seconds, began)
+
+
+def _write(results: dict[str, Any], rounds: int, seconds: float, began: float) -> None:
+    """The results so far, rewritten after every run: a run that fails later loses nothing measured before."""
     report = {
         "command": "python -m bench.auto_plans " + shlex.join(sys.argv[1:]),
         "machine": {"processor": platform.processor() or platform.machine(), "torch": torch.__version__},
@@ -163,7 +198,7 @@ def main() -> None:
         "results": results,
     }
     RESULTS.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {RESULTS} in {report['seconds']} s")
+    print(f"wrote {RESULTS} ({len(results)} runs, {report['seconds']} s)")
 
 
 if __name__ == "__main__":

@@ -129,11 +129,11 @@ def test_recorded_digests_merge_over_the_pinned_ones(tmp_path: Path) -> None:
     assert json.loads(path.read_text()) == {"kernels": {"threads": 2}, "weights": {"digits": {"vit": "3" * 64}, "shapes": {"a": "1" * 64}}}
 
 
-@pytest.mark.parametrize("choice", CPU_CHOICES, ids=list(CPU_CHOICES))
-def test_a_process_started_under_any_kernel_choice_trains_under_the_pin(choice: str) -> None:
-    """`python -m archive_scripts.pinned_kernels` restarts itself under the pin, as train_demo does, and reports it."""
+def test_a_process_started_under_another_kernel_choice_trains_under_the_pin() -> None:
+    """`python -m archive_scripts.pinned_kernels`, started under a choice that differs from the pin in every library,
+    restarts itself under the pin, as train_demo does, and reports it."""
     done = subprocess.run(
-        [sys.executable, "-m", "archive_scripts.pinned_kernels"], cwd=ROOT, env=ambient(**CPU_CHOICES[choice]),
+        [sys.executable, "-m", "archive_scripts.pinned_kernels"], cwd=ROOT, env=ambient(**CPU_CHOICES["sse41-1-core"]),
         capture_output=True, text=True, check=True, timeout=120,
     )
     assert json.loads(done.stdout) == PINNED_DESCRIPTION
