@@ -18,7 +18,8 @@ from handlers.config.files import load_ensembles, read_archive_manifest
 from handlers.ensemble import Ensemble
 from handlers.errors import MemberLoadError
 from handlers.execution.plan_store import PLANS_FILE
-from handlers.execution.plans import AUTO_PLANS, ENGINE_PLANS, MIN_GAIN, TOLERANCE, prepare_cuda, time_plans
+from handlers.execution.plan_timing import time_plans
+from handlers.execution.plans import AUTO_PLANS, ENGINE_PLANS, MIN_GAIN, TOLERANCE, prepare_cuda
 from handlers.inputs.images import decode_image
 from tests.conftest import extract, image_bytes, instances, write_ensemble, write_tensor_ensemble
 from tests.fixture_models import BranchyNet, LayoutSensitiveNet

@@ -34,10 +34,8 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import threading
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -55,12 +53,11 @@ from handlers.execution.engines import (
     precision_unsupported,
 )
 from handlers.execution.outputs import largest_difference
+from handlers.execution.plan_timing import time_plans
 from handlers.execution.precision import LOSSY_PLANS
 
 TOLERANCE = 1e-4
 MIN_GAIN = 1.03
-TIMED_CALLS = 5
-TIME_BUDGET_S = 1.0
 FIXED_PLANS = ("eager", "channels_last", "frozen", "frozen_channels_last", "onnxruntime", "openvino", "compiled")
 AUTO_PLANS = FIXED_PLANS[:6]
 ENGINE_PLANS = ("onnxruntime", "openvino")
@@ -339,62 +336,6 @@ def _verify(
             difference = largest_difference(got, reference[size])
             if not difference <= TOLERANCE:
                 raise PlanRejected(f"probabilities differ from eager by {difference:.2e} at batch {size} (limit {TOLERANCE:g})")
-
-
-def time_plans(
-    forwards: dict[str, Forward], probes: dict[int, torch.Tensor], device: torch.device, concurrency: int = 1
-) -> dict[str, dict[int, float]]:
-    """Best-of-n ms per call for every plan at every size, with `concurrency` threads calling it at once (each round's
-    wall time), plans interleaved so that noise hits them alike.
-
-    Stops early (after at least two rounds each) once TIME_BUDGET_S per size is spent.
-    """
-    best: dict[str, dict[int, float]] = {plan: {} for plan in forwards}
-    pool = ThreadPoolExecutor(concurrency - 1, thread_name_prefix="plan-timing") if concurrency > 1 else None
-    try:
-        for size, probe in probes.items():
-            spent = 0.0
-            for round_number in range(TIMED_CALLS):
-                for plan, forward in forwards.items():
-                    elapsed = _timed_round(forward, probe, device, pool, concurrency)
-                    spent += elapsed
-                    best[plan][size] = min(best[plan].get(size, math.inf), 1000 * elapsed)
-                if round_number >= 1 and spent > TIME_BUDGET_S:
-                    break
-    finally:
-        if pool is not None:
-            pool.shutdown()
-    return best
-
-
-def _timed_round(forward: Forward, probe: torch.Tensor, device: torch.device, pool: ThreadPoolExecutor | None, concurrency: int) -> float:
-    """Seconds for `concurrency` calls of `forward` started together: the calling thread's and the pool's."""
-    if pool is None:
-        return _timed_call(forward, probe, device)
-    start = threading.Barrier(concurrency)
-    began = time.perf_counter()
-    others = [pool.submit(_call_after, start, forward, probe.clone()) for _ in range(concurrency - 1)]
-    _call_after(start, forward, probe)
-    for other in others:
-        other.result()
-    return time.perf_counter() - began
-
-
-def _call_after(start: threading.Barrier, forward: Forward, probe: torch.Tensor) -> None:
-    start.wait()
-    with torch.inference_mode():
-        forward(probe)
-
-
-def _timed_call(forward: Forward, probe: torch.Tensor, device: torch.device) -> float:
-    with torch.inference_mode():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        began = time.perf_counter()
-        forward(probe)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - began
 
 
 def _gain(eager: dict[int, float], other: dict[int, float]) -> float:
