@@ -150,7 +150,7 @@ def verdicts(measured: dict[str, Any]) -> dict[str, Any]:
             "auto_over_best": round(statistics.median(ratios), 3),
             "per_round_range": [round(min(ratios), 3), round(max(ratios), 3)],
             "auto_over_frozen": round(medians["auto"] / medians["frozen"], 3) if "frozen" in medians else None,
-            "met": statistics.median(ratios) >= TARGET,
+            "met": statistics.median(ratios) >= TARGET if not any(invalid.values()) else "invalid: errors or mismatches",
             "errors_and_mismatches": invalid,
         }
     return found
