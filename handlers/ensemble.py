@@ -257,6 +257,7 @@ class Ensemble:
             "device": str(self.device),
             "member_threads": self.runner.parallelism,
             "execution": self.runner.describe(),
+            "execution_schedule": None if self.runner.schedule is None else self.runner.schedule.describe(),
             "early_exit_stages": self.runner.stage_order(),
             "build": self.build,
         }

@@ -12,7 +12,7 @@ import copy
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -41,6 +41,20 @@ class Group:
     def describe(self, names: Sequence[str]) -> dict[str, object]:
         """The group as `describe` lists it: its members, whether fused, and the plan it runs."""
         return {"members": [names[i] for i in self.indices], "fused": self.fused, "plan": self.choice.plan if self.choice else "eager"}
+
+    def on_plan(self, plan: str) -> Group:
+        """This member on another plan `auto` built, verified and timed for it (one of `choice.candidates`)."""
+        if self.choice is None or plan not in self.choice.candidates:
+            raise KeyError(f"plan {plan!r} was not built for members {self.indices}")
+        choice = replace(self.choice, plan=plan, forward=self.choice.candidates[plan])
+        return _single(self.indices[0], choice.forward, self.spec, choice)
+
+    def settled(self) -> Group:
+        """The group with its plan final: the candidates it no longer needs are let go (their memory, their engines)."""
+        if self.choice is None or not self.choice.candidates:
+            return self
+        choice = replace(self.choice, candidates={})
+        return _single(self.indices[0], choice.forward, self.spec, choice)
 
 
 @dataclass(frozen=True)

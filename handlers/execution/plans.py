@@ -20,7 +20,9 @@ data-dependent control flow was frozen into one branch), times it as the worker 
 the fastest verified one when it beats eager by at least `MIN_GAIN`. As the worker calls it: at the slice
 sizes its batching produces, and with every member thread calling the plan at once, each on its own
 slice (a served batch keeps all the threads busy). A plan that is fast alone but queues its callers (an
-engine with one stream) or shares the cores badly loses there, as it would when served. A choice another
+engine with one stream) or shares the cores badly loses there, as it would when served. The members'
+choices are then settled together (`execution.schedule`): a served batch with every member on its own
+choice against every member on one plan, and the faster kept. A choice another
 worker of the same model already measured (`remembered`) is rebuilt and verified, not timed again:
 workers of one model then run the same plans, and a restarted worker is back sooner.
 
@@ -85,6 +87,9 @@ class Choice:
     remembered: bool = False
     precision: Mapping[str, Any] = field(default_factory=lambda: {"precision": "fp32"})
     concurrency: int = 1
+    candidates: Mapping[str, Forward] = field(default_factory=dict, compare=False, repr=False)
+    """Every fp32 plan `auto` built, verified and timed here, so the served schedule can still pick another
+    (`execution.schedule`); emptied once it has."""
 
     @property
     def speedup(self) -> float | None:
@@ -192,7 +197,10 @@ def choose(
         if lossy:
             precision = {"precision": "fp32", "fallback": f"no {execution.precision} engine runs here: {rejected}"}
     elapsed = time.perf_counter() - began
-    return Choice(best, forwards[best], ms=ms, rejected=rejected, build_s=elapsed, precision=precision, concurrency=concurrency)
+    candidates = {} if lossy else forwards
+    return Choice(
+        best, forwards[best], ms=ms, rejected=rejected, build_s=elapsed, precision=precision, concurrency=concurrency, candidates=candidates
+    )
 
 
 def _precision(execution: Execution, exported: Exported | None) -> tuple[dict[str, Any], tuple[str, ...]]:

@@ -22,10 +22,11 @@ import torch
 from PIL import Image
 from torch import nn
 
-from handlers.config.specs import EnsembleSpec
+from handlers.config.specs import EnsembleSpec, MemberInput
 from handlers.execution.groups import Group, PlanContext, plan_groups
 from handlers.execution.outputs import fit_head
 from handlers.execution.plans import Exported
+from handlers.execution.schedule import settle
 from handlers.inputs.images import batch_tensors
 
 T = TypeVar("T")
@@ -97,19 +98,30 @@ class MemberRunner:
             fit_head(member, module, given.instance_shape, spec.task, spec.labels, device).to(device)
             for member, module, given in zip(spec.members, modules, member_inputs, strict=True)
         ]
-        self.groups: list[Group] = plan_groups(
-            spec.members,
-            heads,
-            member_inputs,
-            fuse=spec.batching.fuse_members,
-            device=device,
-            plans=plans,
-        )
+        groups = plan_groups(spec.members, heads, member_inputs, fuse=spec.batching.fuse_members, device=device, plans=plans)
+        self._probes: dict[tuple[MemberInput, int], torch.Tensor] = {}
+        self.groups: list[Group]
+        self.groups, self.schedule = settle(groups, self._serve_probe, sorted({1, spec.batching.batch_size}))
+        self._probes.clear()
 
     def plan_choices(self) -> dict[str, dict[str, Any]]:
         """Each planned member's execution choice, as `describe` shows it (fused members run eager under vmap)."""
         names = [member.name for member in self.spec.members]
         return {names[group.indices[0]]: group.choice.describe() for group in self.groups if group.choice is not None}
+
+    def _serve_probe(self, groups: Sequence[Group], images: int) -> None:
+        """One batch of `images` random inputs through `groups`, as `probabilities` serves a batch (no early exit)."""
+        jobs = []
+        for group in groups:
+            key = (group.spec, images)
+            if key not in self._probes:
+                generator = torch.Generator().manual_seed(images)
+                probe = torch.randn(images * group.spec.views, *group.spec.instance_shape, generator=generator)
+                self._probes[key] = self._to_device(probe)
+            jobs.append((group, None, self._probes[key]))
+        probs = torch.empty(len(self.spec.members), images, len(self.spec.labels), dtype=torch.float64)
+        with torch.inference_mode():
+            self._run_groups(jobs, probs, None)
 
     def describe(self) -> list[dict[str, Any]]:
         """Each group's members, plan and fusion, in run order."""

@@ -1,0 +1,103 @@
+"""Members' plans settled together, timed as a served batch runs them: every member's slices on the member threads.
+
+`plans.choose` times one member's candidates with that member on every member thread. Served, a batch
+runs all members' slices on the threads at once, so a member's plan shares the cores with the other
+members' plans: other engines' thread pools, caches and memory traffic. Before a worker keeps the
+per-member choices, it times them as whole served batches against each plan that every member could
+run (the ensemble a user who picked one plan by hand would serve), and keeps the fastest when it beats the
+per-member choices by `MIN_GAIN`, the margin a plan needs to replace eager. A uniform plan whose members' own
+timings put it over `WITHIN` times the per-member choices' is not timed.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from handlers.execution.groups import Group
+from handlers.execution.plans import AUTO_PLANS, MIN_GAIN
+
+PER_MEMBER = "per member"
+WITHIN = 1.25
+ROUNDS = 5
+TIME_BUDGET_S = 1.5
+RunBatch = Callable[[Sequence[Group], int], None]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """What settling measured: ms per served batch of each combination of plans, at each number of images."""
+
+    kept: str
+    ms: dict[str, dict[int, float]]
+    estimated: dict[str, float]
+
+    def describe(self) -> dict[str, Any]:
+        """What `describe` shows as `execution_schedule`."""
+        return {
+            "kept": self.kept,
+            "members_own_timings_vs_per_member": self.estimated,
+            "ms_per_batch": {name: {str(images): round(ms, 3) for images, ms in sizes.items()} for name, sizes in self.ms.items()},
+            "timed_as": "every member's slices of a batch of that many images on the member threads, as served; best round",
+        }
+
+
+def settle(groups: Sequence[Group], run: RunBatch, images: Sequence[int]) -> tuple[list[Group], Schedule | None]:
+    """The groups on the fastest combination of plans for batches of `images`, and what was measured (None when there
+    is nothing to choose: one group, or no member whose plan `auto` chose here).
+
+    `run(groups, n)` serves one batch of `n` images through `groups` as the worker would.
+    """
+    open_ = [i for i, group in enumerate(groups) if group.choice is not None and group.choice.candidates]
+    if not open_ or len(groups) < 2:
+        return [group.settled() for group in groups], None
+    own = _estimate([groups[i] for i in open_], None)
+    combinations, estimated = {PER_MEMBER: list(groups)}, {}
+    for plan in AUTO_PLANS:
+        if not all(plan in groups[i].choice.candidates for i in open_):
+            continue
+        estimated[f"all {plan}"] = round(_estimate([groups[i] for i in open_], plan) / own, 3)
+        if estimated[f"all {plan}"] <= WITHIN and not all(groups[i].choice.plan == plan for i in open_):
+            combinations[f"all {plan}"] = [group.on_plan(plan) if i in open_ else group for i, group in enumerate(groups)]
+    ms = _time(combinations, run, images) if len(combinations) > 1 else {}
+    kept = PER_MEMBER
+    if ms:
+        fastest = min(combinations, key=lambda name: _geometric_mean(ms[name].values()))
+        if _geometric_mean(ms[PER_MEMBER].values()) >= MIN_GAIN * _geometric_mean(ms[fastest].values()):
+            kept = fastest
+    return [group.settled() for group in combinations[kept]], Schedule(kept, ms, estimated)
+
+
+def _estimate(groups: Sequence[Group], plan: str | None) -> float:
+    """The members' own ms per call on `plan` (None: each on its chosen plan), summed over members and timed sizes."""
+    return sum(sum(group.choice.ms[plan or group.choice.plan].values()) for group in groups)
+
+
+def _time(combinations: dict[str, list[Group]], run: RunBatch, images: Sequence[int]) -> dict[str, dict[int, float]]:
+    """Best-of-rounds ms per batch for each combination at each size, combinations interleaved (their order reversed
+    every other round) so that noise and drift hit them alike; after two rounds, stops once TIME_BUDGET_S per size
+    is spent."""
+    best: dict[str, dict[int, float]] = {name: {} for name in combinations}
+    for count in images:
+        for groups in combinations.values():  # First calls warm caches and engines' pools.
+            run(groups, count)
+        spent = 0.0
+        for round_number in range(ROUNDS):
+            order = list(combinations.items())
+            for name, groups in order if round_number % 2 == 0 else reversed(order):
+                began = time.perf_counter()
+                run(groups, count)
+                elapsed = time.perf_counter() - began
+                spent += elapsed
+                best[name][count] = min(best[name].get(count, math.inf), 1000 * elapsed)
+            if round_number >= 1 and spent > TIME_BUDGET_S:
+                break
+    return best
+
+
+def _geometric_mean(values: Any) -> float:
+    values = list(values)
+    return math.exp(sum(math.log(v) for v in values) / len(values))
