@@ -228,7 +228,7 @@ bench-pinned-training: $(INSTALLED) $(EVAL_INSTALLED)
 
 # plan: auto against each fixed plan (frozen, onnxruntime, openvino), served: the trio and shapes at two batchings and
 # three loads, digits and faces at their shipped batching; AUTO_ARGS=--quick for shorter rounds.
-bench-auto: demo
+bench-auto: demo $(BENCH_INSTALLED)
 	$(PY) -m bench.auto_plans $(AUTO_ARGS)
 
 # On a machine with CUDA: plans chosen there, answers against the CPU's, v2 and JSON in one batch, timings.

@@ -8,8 +8,9 @@ batchings (batch 8 with a 5 ms delay on one worker; batch 1 on two workers), reg
 TorchServe on 127.0.0.1 and loaded at 1, 8 and 2x16 clients (16 images a request); `digits` and `faces` the same
 way at their shipped batching, 8 clients. The four plans take turns in alternating rounds of the same run, and
 every answer's member labels are checked against the members run in-process (eager): a point with an error or a
-mismatch is not a number. Each point reports auto's images/s over the best fixed plan's, the median over rounds
-with the lowest and highest per-round ratio, and what each auto member chose (`describe`).
+mismatch is not a number. Each point reports auto's images/s over the best fixed plan's and over `frozen`'s, each
+the median of per-round ratios with its 95% bootstrap interval and verdict (`bench.intervals`), the fixed plans
+auto serves exactly (every member chose it), and what each auto member chose (`describe`).
 Writes bench/results/auto_plans.json.
 """
 
@@ -38,6 +39,7 @@ from archive_scripts.digits_demo import split
 from archive_scripts.faces_demo import crops
 from archive_scripts.torchserve_ctl import Server, private_server, register, start, stop
 from bench.contenders import ensemble_sender
+from bench.intervals import ratio_interval
 from bench.loadgen import alternating_rounds, requests_for, run_load
 from bench.workloads import Workload, demo, torchvision_trio, with_expected
 from handlers.config.files import load_ensembles
@@ -52,6 +54,7 @@ BATCHINGS = {
 }
 LOADS = {"c1": (1, 1), "c8": (8, 1), "c2x16": (2, 16)}
 TARGET = 0.97
+TRIO_OVER_FROZEN = 1.1  # At 8 clients, batch 8 on one worker (the configuration the issue that asked for this used).
 
 
 def variants(spec: EnsembleSpec, batching: dict[str, int] | None) -> dict[str, EnsembleSpec]:
@@ -122,46 +125,57 @@ def served(
             )  # fmt: skip
             for load, (clients, per_request) in loads.items()
         }
-        choices = _describe(server, specs["auto"].name)
-    return {"points": points, "auto_chose": choices, "refused": refused, "batching": batching or "shipped"}
+        choices, schedule = _describe(server, specs["auto"].name)
+    return {"points": points, "auto_chose": choices, "auto_schedule": schedule, "refused": refused, "batching": batching or "shipped"}
 
 
-def _describe(server: Any, name: str) -> dict[str, Any]:
-    """Each auto member's plan and what was timed, from the management API's describe."""
+def _describe(server: Any, name: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Each auto member's plan and what was timed, and how the plans were settled together, from describe."""
     response = requests.get(f"{server.management}/models/{name}?customized=true", headers=server.headers("management"), timeout=30)
     response.raise_for_status()
     metadata = response.json()[0]["customizedMetadata"]
     described = json.loads(metadata) if isinstance(metadata, str) else metadata
     keep = ("plan", "ms_per_call", "timed_as", "rejected")
-    return {m["name"]: {key: m["execution"].get(key) for key in keep} for m in described["members"]}
+    return {m["name"]: {key: m["execution"].get(key) for key in keep} for m in described["members"]}, described["execution_schedule"]
 
 
-def verdicts(measured: dict[str, Any]) -> dict[str, Any]:
-    """Per load: auto over the best fixed plan (median over rounds of per-round ratios, with their range)."""
+def verdicts(measured: dict[str, Any], frozen_target: float | None = None) -> dict[str, Any]:
+    """Per load: auto over the best fixed plan (by median images/s) and over `frozen`, each the median of per-round
+    ratios with its 95% bootstrap interval and verdict; and the fixed plans auto serves exactly (every member on it)."""
     found = {}
+    chose = {choice["plan"] for choice in measured["auto_chose"].values()}
     for load, by_plan in measured["points"].items():
         invalid = {plan: sum(p["errors"] + p["mismatches"] for p in pts) for plan, pts in by_plan.items()}
         medians = {plan: statistics.median(p["images_per_s"] for p in pts) for plan, pts in by_plan.items()}
         best = max((plan for plan in medians if plan != "auto"), key=lambda plan: medians[plan])
-        ratios = [a["images_per_s"] / b["images_per_s"] for a, b in zip(by_plan["auto"], by_plan[best], strict=True)]
         found[load] = {
             "images_per_s": {plan: round(value, 1) for plan, value in medians.items()},
             "best_fixed": best,
-            "auto_over_best": round(statistics.median(ratios), 3),
-            "per_round_range": [round(min(ratios), 3), round(max(ratios), 3)],
-            "auto_over_frozen": round(medians["auto"] / medians["frozen"], 3) if "frozen" in medians else None,
-            "met": statistics.median(ratios) >= TARGET if not any(invalid.values()) else "invalid: errors or mismatches",
+            "auto_over_best": _over(by_plan, best, TARGET),
+            "auto_over_frozen": _over(by_plan, "frozen", frozen_target) if "frozen" in by_plan else None,
+            "auto_serves_the_same_plans_as": sorted(plan for plan in by_plan if plan != "auto" and chose == {plan}),
             "errors_and_mismatches": invalid,
         }
+        if any(invalid.values()):
+            found[load]["auto_over_best"]["verdict"] = "invalid: errors or mismatches"
+    return found
+
+
+def _over(by_plan: dict[str, list[dict[str, Any]]], baseline: str, target: float | None) -> dict[str, Any]:
+    """Auto's images/s over `baseline`'s, round by round, as a median with its interval (verdict against `target`)."""
+    ratios = [a["images_per_s"] / b["images_per_s"] for a, b in zip(by_plan["auto"], by_plan[baseline], strict=True)]
+    found = ratio_interval(ratios, target if target is not None else 1.0)
+    if target is None:
+        del found["verdict"]
     return found
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="3 rounds of 4 s (default: 3 rounds of 8 s)")
+    parser.add_argument("--quick", action="store_true", help="3 rounds of 3 s (default: 5 rounds of 3 s)")
     parser.add_argument("--only", action="append", help="only the runs whose label contains this (default: all)")
     args = parser.parse_args()
-    rounds, seconds = (3, 4.0) if args.quick else (3, 8.0)
+    rounds, seconds = (3, 3.0) if args.quick else (5, 3.0)
     began = time.perf_counter()
     runs: dict[str, Callable[[], dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-auto-") as folder:
@@ -181,7 +195,8 @@ def main() -> None:
                 continue
             print(f"serving {label}", flush=True)
             measured = run()
-            results[label] = {**measured, "verdicts": verdicts(measured)}
+            frozen_target = TRIO_OVER_FROZEN if label.startswith("torchvision-trio, batch 8") else None
+            results[label] = {**measured, "verdicts": verdicts(measured, frozen_target)}
             print(json.dumps(results[label]["verdicts"]), flush=True)
             _write(results, rounds, seconds, began)
 
