@@ -51,32 +51,42 @@ def requests_for(count: int, images_per_request: int, total_images: int) -> list
 def run_load(
     send: Send, requests: Sequence[list[int]], expected: Sequence[dict[str, str]], *, clients: int, deadline_s: float
 ) -> LoadPoint:
-    """Send every request from `clients` threads (none started after the deadline); time and check each."""
+    """Send the requests in order from `clients` threads, each taking the next one when its last is answered, until
+    they run out or the deadline passes (none started after it); time and check each.
+
+    The clients pull from one shared list rather than queueing every request up front: a long list (a round is
+    bounded by time, not count) then costs nothing, and the wall time ends with the last answer.
+    """
     latencies: list[float] = []
     errors = mismatches = images = 0
     lock = threading.Lock()
+    pending = iter(requests)
     stop_at = time.monotonic() + deadline_s
 
-    def one(indices: list[int]) -> None:
+    def client() -> None:
         nonlocal errors, mismatches, images
-        if time.monotonic() > stop_at:
-            return
-        begin = time.perf_counter()
-        try:
-            labels = send(indices)
-        except Exception:  # Any failure of a contender counts as an error, the run goes on.
+        while True:
             with lock:
-                errors += 1
-            return
-        elapsed = time.perf_counter() - begin
-        with lock:
-            latencies.append(elapsed)
-            images += len(indices)
-            mismatches += sum(got != expected[i] for got, i in zip(labels, indices, strict=False)) + abs(len(labels) - len(indices))
+                indices = next(pending, None)
+            if indices is None or time.monotonic() > stop_at:
+                return
+            begin = time.perf_counter()
+            try:
+                labels = send(indices)
+            except Exception:  # Any failure of a contender counts as an error, the run goes on.
+                with lock:
+                    errors += 1
+                continue
+            elapsed = time.perf_counter() - begin
+            with lock:
+                latencies.append(elapsed)
+                images += len(indices)
+                mismatches += sum(got != expected[i] for got, i in zip(labels, indices, strict=False)) + abs(len(labels) - len(indices))
 
     begin = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
-        list(pool.map(one, requests))
+        for running in [pool.submit(client) for _ in range(clients)]:
+            running.result()
     wall = time.perf_counter() - begin
     done = len(latencies)
     p50, p99 = p50_p99_ms(latencies)
