@@ -18,7 +18,7 @@ import torch
 
 from handlers.config.specs import TensorSpec
 from handlers.execution.groups import Group
-from handlers.execution.plans import Choice
+from handlers.execution.plans import Choice, fastest
 from handlers.execution.schedule import PER_MEMBER, WITHIN, settle
 
 SPEC = TensorSpec(shape=(3,))
@@ -81,6 +81,22 @@ def test_per_member_choices_that_serve_faster_are_kept() -> None:
     assert set(schedule.ms) == {PER_MEMBER, "all eager"}
 
 
+@pytest.mark.parametrize(
+    ("eager_s", "expected"),
+    [
+        pytest.param(0.026, ["frozen", "channels_last"], id="mix-30%-faster-kept"),
+        pytest.param(0.020, ["eager", "eager"], id="mix-no-faster-one-plan-served"),
+    ],
+)
+def test_a_mix_of_plans_is_kept_only_when_clearly_faster_than_one_plan_for_all(eager_s: float, expected: list[str]) -> None:
+    """Two members on two plans, side by side (20 ms a batch), against both on eager: the mix must win by MIX_GAIN."""
+    first = member(0, "frozen", {"frozen": sleeper(0.02), "eager": sleeper(eager_s)}, {"frozen": 20.0, "eager": 24.0})
+    second = member(1, "channels_last", {"channels_last": sleeper(0.02), "eager": sleeper(eager_s)}, {"channels_last": 20.0, "eager": 24.0})
+    groups, schedule = settle([first, second], Served(), [1])
+    assert [group.choice.plan for group in groups] == expected
+    assert schedule is not None and schedule.kept == (PER_MEMBER if expected[0] == "frozen" else "all eager")
+
+
 def test_a_uniform_plan_the_members_own_timings_rule_out_is_not_timed() -> None:
     slow = 10.0 * (WITHIN + 0.25)
     first = member(0, "frozen", {"frozen": sleeper(0.001), "eager": sleeper(0.001)}, {"frozen": 10.0, "eager": slow})
@@ -114,3 +130,28 @@ def test_nothing_to_settle_times_nothing(groups: Any) -> None:
     assert (schedule, served.batches) == (None, 0)
     assert [group.choice.plan for group in settled] == [group.choice.plan for group in given]
     assert all(not group.choice.candidates for group in settled)
+
+
+@pytest.mark.parametrize(
+    ("costs", "expected"),
+    [
+        pytest.param({"eager": 1.0, "frozen": 0.8, "onnxruntime": 0.5}, "onnxruntime", id="cheapest"),
+        pytest.param({"eager": 1.0, "onnxruntime": 0.5, "openvino": 0.48}, "onnxruntime", id="openvino-4%-cheaper-not-enough"),
+        pytest.param({"eager": 1.0, "onnxruntime": 0.5, "openvino": 0.45}, "openvino", id="openvino-10%-cheaper"),
+        pytest.param({"openvino_bf16": 0.3}, "openvino_bf16", id="nothing-else-runs"),
+        pytest.param({"onnxruntime_int8": 0.3, "openvino_int8": 0.2}, "openvino_int8", id="int8-a-third-cheaper"),
+    ],
+)
+def test_a_plan_that_hands_calls_to_its_own_threads_must_be_clearly_cheaper(costs: dict[str, float], expected: str) -> None:
+    assert fastest(costs) == expected
+
+
+def test_the_served_schedule_prefers_the_calling_thread_plan_over_a_near_tie_on_openvino() -> None:
+    """Both members on ONNX Runtime (104 ms a batch) against both on OpenVINO (100 ms): 4% is enough to replace one
+    plan by another (MIN_GAIN, 3%), not to hand the calls to OpenVINO's threads (5%): ONNX Runtime stays."""
+    forwards = {"onnxruntime": sleeper(0.104), "openvino": sleeper(0.100)}
+    first = member(0, "onnxruntime", dict(forwards), {"onnxruntime": 104.0, "openvino": 100.0})
+    second = member(1, "onnxruntime", dict(forwards), {"onnxruntime": 104.0, "openvino": 100.0})
+    groups, schedule = settle([first, second], Served(), [1])
+    assert [group.choice.plan for group in groups] == ["onnxruntime", "onnxruntime"]
+    assert schedule is not None and schedule.kept == PER_MEMBER and set(schedule.ms) == {PER_MEMBER, "all openvino"}
