@@ -5,8 +5,8 @@ Usage: python -m bench.auto_plans [--quick]   (`make bench-auto`; needs `make de
 The torchvision trio (resnet18, mobilenet_v3_small, squeezenet1_1, 10 classes, fixed random weights, 224x224)
 and `shapes` are each built four times, every member on `auto`, `frozen`, `onnxruntime` and `openvino`, at two
 batchings (batch 8 with a 5 ms delay on one worker; batch 1 on two workers), registered together on one private
-TorchServe on 127.0.0.1 and loaded at 1, 8 and 2x16 clients (16 images a request); `digits` and `faces` the same
-way at their shipped batching, 8 clients. The four plans take turns in alternating rounds of the same run, and
+TorchServe on 127.0.0.1 and loaded at 1, 8 and 2x16 clients (16 images a request); `multishape`, `digits` and
+`faces` the same way at their shipped batching, 8 clients. The four plans take turns in alternating rounds, and
 every answer's member labels are checked against the members run in-process (eager): a point with an error or a
 mismatch is not a number. Each point reports auto's images/s over the best fixed plan's and over `frozen`'s, each
 the median of per-round ratios with its 95% bootstrap interval and verdict (`bench.intervals`), the fixed plans
@@ -35,6 +35,7 @@ import requests
 import torch
 
 from archive_scripts.build_archives import build_archive
+from archive_scripts.demo_data import make_multilabel_split
 from archive_scripts.digits_demo import split
 from archive_scripts.faces_demo import crops
 from archive_scripts.torchserve_ctl import Server, private_server, register, start, stop
@@ -172,10 +173,10 @@ def _over(by_plan: dict[str, list[dict[str, Any]]], baseline: str, target: float
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="3 rounds of 3 s (default: 5 rounds of 3 s)")
+    parser.add_argument("--quick", action="store_true", help="4 rounds of 2 s (default: 8 rounds of 2 s)")
     parser.add_argument("--only", action="append", help="only the runs whose label contains this (default: all)")
     args = parser.parse_args()
-    rounds, seconds = (3, 3.0) if args.quick else (5, 3.0)
+    rounds, seconds = (4, 2.0) if args.quick else (8, 2.0)
     began = time.perf_counter()
     runs: dict[str, Callable[[], dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-auto-") as folder:
@@ -184,12 +185,14 @@ def main() -> None:
             for label, batching in BATCHINGS.items():
                 runs[f"{workload.name}, {label}"] = lambda w=workload, b=batching: served(w, b, LOADS, rounds, seconds)
         others = {
+            "multishape": encoded([sample.image for sample in make_multilabel_split(64, 4242)]),
             "digits": encoded([digit.image for digit in split()[1][:64]]),
             "faces": encoded([crop.image for crop in crops()[::3]]),
         }
         for name, images in others.items():
             runs[f"demo-{name}, shipped batching"] = lambda n=name, i=images: served(demo_workload(n, i), None, {"c8": LOADS["c8"]}, rounds, seconds)
-        results = {}
+        # With --only, the other runs of the last results file are kept: one run can be redone alone.
+        results = json.loads(RESULTS.read_text())["results"] if args.only and RESULTS.exists() else {}
         for label, run in runs.items():
             if args.only and not any(part in label for part in args.only):
                 continue

@@ -105,11 +105,16 @@ def alternating_rounds(
     senders: Mapping[str, Send], expected: Mapping[str, Sequence[dict[str, str]]], plan: Sequence[list[int]], *,
     clients: int, rounds: int, seconds: float, load: str,
 ) -> dict[str, list[dict[str, float | int]]]:  # fmt: skip
-    """Each sender's load points over `rounds` of `seconds`, their order reversed every other round so that the
-    machine's drift falls on all of them alike; each point is printed as it is measured."""
+    """Each sender's load points over `rounds` of `seconds`, the order rotated by one every round, so that over as
+    many rounds as senders each takes every position once; each point is printed as it is measured.
+
+    Position matters: three archives of `multishape`, two of them identical, served in reversed order every other
+    round put whichever stood first and last 4% behind the others; placed in the middle, the same one was level.
+    """
     points: dict[str, list[dict[str, float | int]]] = {name: [] for name in senders}
+    names = list(senders)
     for r in range(rounds):
-        for name in list(senders) if r % 2 == 0 else list(reversed(senders)):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             point = run_load(senders[name], plan, expected[name], clients=clients, deadline_s=seconds)
             points[name].append(point.to_json())
             print(f"{load} round {r + 1} {name}: {point.images_per_s:.1f} images/s, p50 {point.p50_ms:.1f} ms, "

@@ -108,5 +108,8 @@ def with_expected(name: str, config: Path, spec: EnsembleSpec, images: tuple[byt
     for data in images:
         probs = ensemble.probabilities([decode_image(data, spec.limits)])
         votes = member_votes(probs, Votes(spec.task, torch.ones(len(spec.members)), spec.positive_index, policy))
-        expected.append({m.name: spec.labels[int(votes[i, 0].nonzero()[0])] for i, m in enumerate(spec.members)})
+        chosen = [[spec.labels[j] for j in votes[i, 0].nonzero().flatten().tolist()] for i in range(len(spec.members))]
+        # The members view holds one label per member, or for multilabel its list of labels, in label order.
+        labels = chosen if spec.task == "multilabel" else [found[0] for found in chosen]
+        expected.append({m.name: member_labels for m, member_labels in zip(spec.members, labels, strict=True)})
     return Workload(name=name, config=config, spec=spec, images=images, expected=tuple(expected))

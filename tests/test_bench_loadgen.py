@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
-from bench.loadgen import requests_for, run_load
+from bench.loadgen import alternating_rounds, requests_for, run_load
 
 EXPECTED = [{"m": "yes"}, {"m": "no"}, {"m": "yes"}, {"m": "no"}, {"m": "yes"}, {"m": "no"}]
 
@@ -33,3 +34,22 @@ def test_a_round_is_bounded_by_its_deadline_not_by_its_list() -> None:
     assert time.perf_counter() - began < 1.0
     assert 2 <= point.requests <= 2 * (0.2 / 0.01 + 1)
     assert (point.errors, point.mismatches) == (0, 0)
+
+
+def test_alternating_rounds_put_every_sender_in_every_position() -> None:
+    calls: list[str] = []
+
+    def sender(name: str) -> Any:
+        def send(indices: list[int]) -> list[dict[str, str]]:
+            calls.append(name)
+            return [EXPECTED[i] for i in indices]
+
+        return send
+
+    names = ["a", "b", "c", "d"]
+    points = alternating_rounds(
+        {name: sender(name) for name in names}, {name: EXPECTED for name in names}, requests_for(1, 1, 6),
+        clients=1, rounds=4, seconds=5, load="test",
+    )  # fmt: skip
+    assert calls == ["a", "b", "c", "d", "b", "c", "d", "a", "c", "d", "a", "b", "d", "a", "b", "c"]
+    assert [len(points[name]) for name in names] == [4, 4, 4, 4]
