@@ -137,7 +137,9 @@ def _describe(server: Any, name: str) -> tuple[dict[str, Any], dict[str, Any] | 
     metadata = response.json()[0]["customizedMetadata"]
     described = json.loads(metadata) if isinstance(metadata, str) else metadata
     keep = ("plan", "ms_per_call", "timed_as", "rejected")
-    return {m["name"]: {key: m["execution"].get(key) for key in keep} for m in described["members"]}, described["execution_schedule"]
+    if "execution_schedule" not in described:
+        print(f"describe of {name} has no execution_schedule: {sorted(described)}", flush=True)
+    return {m["name"]: {key: m["execution"].get(key) for key in keep} for m in described["members"]}, described.get("execution_schedule")
 
 
 def verdicts(measured: dict[str, Any], frozen_target: float | None = None) -> dict[str, Any]:

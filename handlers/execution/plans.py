@@ -212,8 +212,8 @@ def fastest(costs: Mapping[str, float]) -> str:
 
     The member thread hands an OpenVINO call to OpenVINO's stream thread and waits. Timed in a quiet worker that
     costs nothing; served, with TorchServe's frontend and the clients keeping the cores busy, every hand-off waits
-    for a core: on a 2-core AMD EPYC, every trio member on OpenVINO served 0.93x-0.97x the images/s of every member
-    on ONNX Runtime (`make bench-auto`), though the worker had timed them within 3% of each other.
+    for a core: on a 2-core AMD EPYC, every trio member on OpenVINO served 0.96x-0.99x the images/s of every member
+    on ONNX Runtime (`make bench-auto`, batch 8), though the worker had timed OpenVINO up to 3% ahead.
     """
     best = min(costs, key=lambda plan: costs[plan])
     inline = [plan for plan in costs if plan not in HANDOFF_PLANS]
