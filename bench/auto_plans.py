@@ -17,7 +17,6 @@ Writes bench/results/auto_plans.json.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import platform
 import shlex
@@ -25,8 +24,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -34,18 +32,16 @@ from typing import Any
 import requests
 import torch
 
-from archive_scripts.build_archives import build_archive
 from archive_scripts.demo_data import make_multilabel_split
 from archive_scripts.digits_demo import split
 from archive_scripts.faces_demo import crops
-from archive_scripts.torchserve_ctl import Server, private_server, register, start, stop
-from bench.contenders import ensemble_sender
+from bench.bad_inputs import encoded as png
+from bench.contenders import ensemble_sender, serving
 from bench.intervals import ratio_interval
 from bench.loadgen import alternating_rounds, requests_for, run_load
 from bench.workloads import Workload, demo, torchvision_trio, with_expected
 from handlers.config.files import load_ensembles
 from handlers.config.specs import EnsembleSpec
-from handlers.errors import MemberLoadError
 
 RESULTS = Path(__file__).parent / "results" / "auto_plans.json"
 PLANS = ("auto", "frozen", "onnxruntime", "openvino")
@@ -73,12 +69,7 @@ def variants(spec: EnsembleSpec, batching: dict[str, int] | None) -> dict[str, E
 
 def encoded(images: list[Any]) -> tuple[bytes, ...]:
     """PNG bytes of PIL images, as a client sends them."""
-    found = []
-    for image in images:
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        found.append(buffer.getvalue())
-    return tuple(found)
+    return tuple(png(image) for image in images)
 
 
 def demo_workload(name: str, images: tuple[bytes, ...]) -> Workload:
@@ -86,34 +77,13 @@ def demo_workload(name: str, images: tuple[bytes, ...]) -> Workload:
     return with_expected(f"demo-{name}", config, load_ensembles(config)[name], images)
 
 
-@contextmanager
-def serving(specs: dict[str, EnsembleSpec]) -> Iterator[tuple[Server, dict[str, str]]]:
-    """A private TorchServe on 127.0.0.1 with every plan's archive that builds registered; and the plans a member
-    refuses, with the reason (a fixed plan a user could not pick is no baseline)."""
-    with tempfile.TemporaryDirectory(prefix="bench-auto-ts-") as folder:
-        store, refused = Path(folder) / "model_store", {}
-        for plan, spec in specs.items():
-            try:
-                build_archive(spec, store)
-            except MemberLoadError as e:
-                refused[plan] = str(e)
-        server = private_server(Path(folder) / "server", store, port_offset=30100)
-        try:
-            start(server, store)
-            for plan, spec in specs.items():
-                if plan not in refused:
-                    register(server, spec.name, spec.batching.workers)
-            yield server, refused
-        finally:
-            stop(server)
-
-
 def served(
     workload: Workload, batching: dict[str, int] | None, loads: dict[str, tuple[int, int]], rounds: int, seconds: float
 ) -> dict[str, Any]:
     """Every plan of `workload` served at once; images/s per load and plan, per round; auto's choices."""
-    specs = variants(workload.spec, batching)
-    with serving(specs) as (server, refused):
+    specs, refused_by_name = variants(workload.spec, batching), {}
+    with serving(list(specs.values()), refused_by_name) as server:
+        refused = {plan: refused_by_name[spec.name] for plan, spec in specs.items() if spec.name in refused_by_name}
         specs = {plan: spec for plan, spec in specs.items() if plan not in refused}
         expected = {plan: list(workload.expected) for plan in specs}
         senders = {plan: ensemble_sender(server, spec.name, workload.images) for plan, spec in specs.items()}

@@ -37,6 +37,7 @@ from archive_scripts.torchserve_ctl import Server, private_server, register, sta
 from bench.loadgen import Labels, LoadPoint, Send, p50_p99_ms
 from bench.workloads import Workload
 from handlers.config.specs import EnsembleSpec
+from handlers.errors import MemberLoadError
 
 TIMEOUT_S = 60
 FLASK_PORT = 38190  # not 38180: the private TorchServes of the other contenders listen there (8080 + 30100)
@@ -149,16 +150,27 @@ def torchserve(workload: Workload, *, fan_out: bool) -> Iterator[Send]:
 
 
 @contextmanager
-def serving(specs: list[EnsembleSpec]) -> Iterator[Server]:
-    """A private TorchServe on 127.0.0.1 with each ensemble built and registered with its own workers."""
+def serving(specs: list[EnsembleSpec], refused: dict[str, str] | None = None) -> Iterator[Server]:
+    """A private TorchServe on 127.0.0.1 with each ensemble built and registered with its own workers.
+
+    Given `refused`, an ensemble whose build a member refuses (a plan it cannot run) is left out and the reason
+    recorded there under its name; otherwise the build's MemberLoadError propagates.
+    """
     with tempfile.TemporaryDirectory(prefix="bench-ts-") as folder:
-        store = Path(folder) / "model_store"
+        store, built = Path(folder) / "model_store", []
         for spec in specs:
-            build_archive(spec, store)
+            try:
+                build_archive(spec, store)
+            except MemberLoadError as e:
+                if refused is None:
+                    raise
+                refused[spec.name] = str(e)
+                continue
+            built.append(spec)
         server = private_server(Path(folder) / "server", store, port_offset=30100)
         try:
             start(server, store)
-            for spec in specs:
+            for spec in built:
                 register(server, spec.name, spec.batching.workers)
             yield server
         finally:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -24,25 +24,35 @@ def time_plans(
     forwards: dict[str, Forward], probes: dict[int, torch.Tensor], device: torch.device, concurrency: int = 1
 ) -> dict[str, dict[int, float]]:
     """Best-of-n ms per call for every plan at every size, with `concurrency` threads calling it at once (each round's
-    wall time), plans interleaved so that noise hits them alike.
-
-    Stops early (after at least two rounds each) once TIME_BUDGET_S per size is spent.
-    """
-    best: dict[str, dict[int, float]] = {plan: {} for plan in forwards}
+    wall time); see `best_of_rounds`."""
     pool = ThreadPoolExecutor(concurrency - 1, thread_name_prefix="plan-timing") if concurrency > 1 else None
     try:
-        for size, probe in probes.items():
-            spent = 0.0
-            for round_number in range(TIMED_CALLS):
-                for plan, forward in forwards.items():
-                    elapsed = _timed_round(forward, probe, device, pool, concurrency)
-                    spent += elapsed
-                    best[plan][size] = min(best[plan].get(size, math.inf), 1000 * elapsed)
-                if round_number >= 1 and spent > TIME_BUDGET_S:
-                    break
+        return best_of_rounds(
+            list(forwards), list(probes), lambda plan, size: _timed_round(forwards[plan], probes[size], device, pool, concurrency)
+        )
     finally:
         if pool is not None:
             pool.shutdown()
+
+
+def best_of_rounds(
+    names: Sequence[str], sizes: Sequence[int], timed: Callable[[str, int], float], *, rounds: int = TIMED_CALLS, budget_s: float = TIME_BUDGET_S
+) -> dict[str, dict[int, float]]:
+    """Best-of-rounds ms for every name at every size, where `timed(name, size)` returns one run's seconds.
+
+    The names are interleaved, their order reversed every other round, so that noise and drift hit them alike;
+    after two rounds a size stops once `budget_s` is spent on it.
+    """
+    best: dict[str, dict[int, float]] = {name: {} for name in names}
+    for size in sizes:
+        spent = 0.0
+        for round_number in range(rounds):
+            for name in names if round_number % 2 == 0 else list(reversed(names)):
+                elapsed = timed(name, size)
+                spent += elapsed
+                best[name][size] = min(best[name].get(size, math.inf), 1000 * elapsed)
+            if round_number >= 1 and spent > budget_s:
+                break
     return best
 
 

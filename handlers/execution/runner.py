@@ -99,26 +99,28 @@ class MemberRunner:
             for member, module, given in zip(spec.members, modules, member_inputs, strict=True)
         ]
         groups = plan_groups(spec.members, heads, member_inputs, fuse=spec.batching.fuse_members, device=device, plans=plans)
-        self._probes: dict[tuple[MemberInput, int], torch.Tensor] = {}
+        probes: dict[tuple[MemberInput, int], torch.Tensor] = {}
         self.groups: list[Group]
-        self.groups, self.schedule = settle(groups, self._serve_probe, sorted({1, spec.batching.batch_size}))
-        self._probes.clear()
+        self.groups, self.schedule = settle(
+            groups, lambda chosen, images: self._serve_probe(chosen, images, probes), sorted({1, spec.batching.batch_size})
+        )
 
     def plan_choices(self) -> dict[str, dict[str, Any]]:
         """Each planned member's execution choice, as `describe` shows it (fused members run eager under vmap)."""
         names = [member.name for member in self.spec.members]
         return {names[group.indices[0]]: group.choice.describe() for group in self.groups if group.choice is not None}
 
-    def _serve_probe(self, groups: Sequence[Group], images: int) -> None:
-        """One batch of `images` random inputs through `groups`, as `probabilities` serves a batch (no early exit)."""
+    def _serve_probe(self, groups: Sequence[Group], images: int, probes: dict[tuple[MemberInput, int], torch.Tensor]) -> None:
+        """One batch of `images` random inputs through `groups`, as `probabilities` serves a batch (no early exit);
+        the inputs are made once per input spec and size, in `probes`."""
         jobs = []
         for group in groups:
             key = (group.spec, images)
-            if key not in self._probes:
+            if key not in probes:
                 generator = torch.Generator().manual_seed(images)
                 probe = torch.randn(images * group.spec.views, *group.spec.instance_shape, generator=generator)
-                self._probes[key] = self._to_device(probe)
-            jobs.append((group, None, self._probes[key]))
+                probes[key] = self._to_device(probe)
+            jobs.append((group, None, probes[key]))
         probs = torch.empty(len(self.spec.members), images, len(self.spec.labels), dtype=torch.float64)
         with torch.inference_mode():
             self._run_groups(jobs, probs, None)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from handlers.execution.groups import Group
+from handlers.execution.plan_timing import best_of_rounds
 from handlers.execution.plans import AUTO_PLANS, MIN_GAIN, fastest
 
 PER_MEMBER = "per member"
@@ -93,25 +94,18 @@ def _estimate(groups: Sequence[Group], plan: str | None) -> float:
 
 
 def _time(combinations: dict[str, list[Group]], run: RunBatch, images: Sequence[int]) -> dict[str, dict[int, float]]:
-    """Best-of-rounds ms per batch for each combination at each size, combinations interleaved (their order reversed
-    every other round) so that noise and drift hit them alike; after two rounds, stops once TIME_BUDGET_S per size
-    is spent."""
-    best: dict[str, dict[int, float]] = {name: {} for name in combinations}
+    """Best-of-rounds ms per batch for each combination at each size (`plan_timing.best_of_rounds`), after one
+    untimed batch each that warms caches and engines' pools."""
     for count in images:
-        for groups in combinations.values():  # First calls warm caches and engines' pools.
+        for groups in combinations.values():
             run(groups, count)
-        spent = 0.0
-        for round_number in range(ROUNDS):
-            order = list(combinations.items())
-            for name, groups in order if round_number % 2 == 0 else reversed(order):
-                began = time.perf_counter()
-                run(groups, count)
-                elapsed = time.perf_counter() - began
-                spent += elapsed
-                best[name][count] = min(best[name].get(count, math.inf), 1000 * elapsed)
-            if round_number >= 1 and spent > TIME_BUDGET_S:
-                break
-    return best
+
+    def timed(name: str, count: int) -> float:
+        began = time.perf_counter()
+        run(combinations[name], count)
+        return time.perf_counter() - began
+
+    return best_of_rounds(list(combinations), images, timed, rounds=ROUNDS, budget_s=TIME_BUDGET_S)
 
 
 def _geometric_mean(values: Any) -> float:
