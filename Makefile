@@ -12,7 +12,7 @@ INSTALLED := $(VENV)/.installed-$(shell (cat requirements.txt; echo $(NO_DEPS)) 
 TRAINED := artifacts/weights/.trained
 NAME ?= shapes
 
-.PHONY: setup demo build kserve gpu-check serve stop test test-fast docs schema register unregister rebuild evaluate inspect bench bench-quick bench-mlp bench-profile bench-batching bench-fused bench-options bench-early-exit bench-pinned-training bench-auto bench-engines bench-request-profile tune reliability reliability-full clean prometheus monitor monitor-stop monitor-traffic monitor-report
+.PHONY: setup demo build kserve gpu-check serve stop test test-fast docs schema register unregister rebuild evaluate inspect bench bench-quick bench-tune bench-eager bench-mlp bench-profile bench-batching bench-fused bench-options bench-early-exit bench-pinned-training bench-auto bench-engines bench-request-profile tune reliability reliability-full clean prometheus monitor monitor-stop monitor-traffic monitor-report
 
 $(INSTALLED): requirements.txt
 	@command -v java >/dev/null 2>&1 || { echo "installing a Java runtime for TorchServe"; \
@@ -180,11 +180,19 @@ $(TRITON_INSTALLED): bench/requirements-triton.txt
 	$(TRITON_VENV)/bin/python -m pip install -q -r bench/requirements-triton.txt
 	@rm -f $(TRITON_VENV)/.installed-* && touch $@
 
+# make bench-tune searches every contender's setup alike (bench/results/bench_tuning.json, committed); make bench,
+# make bench-quick (the engine phase) and make bench-eager (every member eager) measure with it (docs/benchmarks.md).
 bench: build $(BENCH_INSTALLED) $(TRITON_INSTALLED)
 	$(PY) -m bench.run
 
 bench-quick: build $(BENCH_INSTALLED) $(TRITON_INSTALLED)
 	$(PY) -m bench.run --quick
+
+bench-tune: build $(BENCH_INSTALLED) $(TRITON_INSTALLED)
+	$(PY) -m bench.search
+
+bench-eager: build $(BENCH_INSTALLED) $(TRITON_INSTALLED)
+	$(PY) -m bench.run --variants eager
 
 bench-mlp: $(BENCH_INSTALLED)
 	$(PY) -m bench.mlp_table

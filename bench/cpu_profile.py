@@ -59,7 +59,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-profile-") as folder:
         workload = torchvision_trio(Path(folder), 64) if args.workload == "trio" else demo(64)
-        with extracted_archive(workload) as model_dir:
+        with extracted_archive(workload.spec) as model_dir:
             torch.set_num_threads(1)
             reference = in_process_cpu_ms_per_image(Ensemble.from_model_dir(model_dir, torch.device("cpu"), parallelism=1), workload.images)
         with serving([workload.spec]) as server:

@@ -44,7 +44,7 @@ def measure(workload: Workload, rounds: int, folder: Path) -> dict[str, Any]:
     cpu = torch.device("cpu")
     loaded: dict[str, Ensemble] = {}
     load_s: dict[str, float] = {}
-    with extracted_archive(workload) as fp32, extracted_archive(workload.at_precision("bf16", folder / workload.name)) as bf16:
+    with extracted_archive(workload.spec) as fp32, extracted_archive(workload.at_precision("bf16", folder / workload.name).spec) as bf16:
         loaders = {
             "eager": lambda: Ensemble.from_spec(workload.spec.with_plan("eager"), cpu, parallelism=threads),
             "frozen": lambda: Ensemble.from_spec(workload.spec.with_plan("frozen"), cpu, parallelism=threads),

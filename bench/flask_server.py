@@ -1,29 +1,24 @@
 """The FlexServe-style baseline: one Flask app with every member in its process, served by gunicorn.
 
-Run by bench/contenders.py as `gunicorn -w 2 'bench.flask_server:create_app()'`. It uses the same
-decode, transform, tensor parsing and member code as our handler, so the comparison isolates the
-serving stack; its members run as given (eager), as a hand-written app would run them.
+Run by bench/contenders.py as `gunicorn -w <workers> 'bench.flask_server:create_app()'` with the ensemble's
+extracted archive and each member's plan in the environment (bench/archived.py): the same member files,
+plans and thread settings as ours, and the same decode, transform and rendering code, so the comparison
+isolates the serving stack. Flask has no batching: each request is one call of the members.
 """
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
-import torch
 from flask import Flask, Response, jsonify, request
 
-from handlers.config.files import load_ensembles
+from bench.archived import from_environment
 from handlers.config.specs import TensorSpec
-from handlers.ensemble import Ensemble
 from handlers.inputs.images import decode_image
 from handlers.inputs.tensors import read_json_instances, read_npy
 
 
 def create_app() -> Flask:
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
-    spec = load_ensembles(Path(os.environ["BENCH_ENSEMBLES"]))[os.environ["BENCH_ENSEMBLE"]]
-    ensemble = Ensemble.from_spec(spec.with_plan("eager"), torch.device("cpu"))
+    ensemble = from_environment()
+    spec = ensemble.spec
     app = Flask(__name__)
 
     @app.get("/health")

@@ -35,7 +35,7 @@ def ratio_interval(ratios: Sequence[float], target: float, seed: int = 0) -> dic
         "ci_low": round(low, 3),
         "ci_high": round(high, 3),
         "rounds": len(ratios),
-        "verdict": verdict(low, high, target),
+        "verdict": verdict(low, high, target) if len(ratios) > 1 else "inconclusive",  # One round has no interval.
     }
 
 

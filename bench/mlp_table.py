@@ -33,7 +33,8 @@ import requests
 import torch
 import yaml
 
-from bench.contenders import TIMEOUT_S, gunicorn, serving
+from bench.archived import every_member
+from bench.contenders import TIMEOUT_S, Setup, extracted_archive, gunicorn, serving
 from bench.emnist_mlp import EmnistMLP
 from handlers.config.files import load_ensembles
 from handlers.config.specs import EnsembleSpec
@@ -128,9 +129,9 @@ def ours(spec: EnsembleSpec) -> Iterator[tuple[str, dict[str, str]]]:
 
 
 @contextmanager
-def flask(config: Path) -> Iterator[tuple[str, dict[str, str]]]:
-    """The same ensemble in the Flask + gunicorn baseline (2 workers)."""
-    with gunicorn(config, NAME) as url:
+def flask(spec: EnsembleSpec) -> Iterator[tuple[str, dict[str, str]]]:
+    """The same ensemble in the Flask + gunicorn baseline (2 workers, members eager)."""
+    with extracted_archive(spec) as model_dir, gunicorn(model_dir, every_member(spec, "eager"), Setup(units=2)) as url:
         yield url, {}
 
 
@@ -151,7 +152,7 @@ def main() -> None:
             n: reference.render(reference.probabilities(torch.from_numpy(values)), spec.policy)["members"]["mlp"]
             for n, values in batches.items()
         }
-        contenders = {"ours": lambda: ours(spec), "flask": lambda: flask(Path(folder) / "ensembles.yaml")}
+        contenders = {"ours": lambda: ours(spec), "flask": lambda: flask(spec)}
         for contender, serve in contenders.items():
             with serve() as (url, headers):
                 floors[contender] = floor(url, {**headers, "Content-Type": "image/png"}, seconds=seconds / 2)

@@ -29,7 +29,8 @@ import requests
 
 from archive_scripts.build_archives import build_archive
 from archive_scripts.torchserve_ctl import private_server, register, start, stop
-from bench.contenders import gunicorn
+from bench.archived import every_member
+from bench.contenders import Setup, extracted_archive, gunicorn
 from bench.cpu_profile import cpu_s
 from bench.mlp_table import NAME, _npy, single_client, write_workload
 
@@ -88,7 +89,7 @@ def main() -> None:
         store = Path(folder) / "store"
         build_archive(spec, store)
         for round_number in range(2):
-            with gunicorn(Path(folder) / "workload" / "ensembles.yaml", NAME) as url:
+            with extracted_archive(spec) as model_dir, gunicorn(model_dir, every_member(spec, "eager"), Setup(units=2)) as url:
                 expected = requests.post(url, data=body, headers=NPY, timeout=30).json()["members"]["mlp"]
                 parent = psutil.Process(next(p.pid for p in psutil.process_iter(["cmdline"]) if "bench.flask_server:create_app()" in " ".join(p.info["cmdline"] or []) and p.children()))
                 rows.setdefault("Flask + gunicorn", []).append(profile(url, NPY, body, expected, {"server": [parent, *parent.children()]}, args.seconds))

@@ -60,7 +60,7 @@ def main() -> None:
     torch.set_num_threads(1)
     workload = demo(64)
     threads = usable_cores()
-    with extracted_archive(workload) as model_dir:
+    with extracted_archive(workload.spec) as model_dir:
         loaded = {
             "ours (auto, engines)": Ensemble.from_model_dir(model_dir, torch.device("cpu"), parallelism=threads),
             "eager, as the baselines": Ensemble.from_spec(workload.spec.with_plan("eager"), torch.device("cpu"), parallelism=threads),

@@ -13,7 +13,7 @@ configurations from that cost, serve each one from a real TorchServe and keep th
    with no model.
 2. Sweep. A private TorchServe on 127.0.0.1 (shifted ports, its own folder). Each candidate is built as
    its own archive with its `batching` replaced, registered, warmed, driven at the benchmark's load points
-   (`bench.run.POINTS`: 1 client x 1 image, 8 clients x 1 image, 2 clients x 16 images) with
+   (`bench.points.POINTS`: 1 client x 1 image, 8 clients x 1 image, 2 clients x 16 images) with
    `bench.loadgen.run_load`, and unregistered. Every answer is checked against each member's label
    computed in-process. The first candidate is the reference (1 worker, batch 1): its c1 p50 sizes the
    delays of the grid. The current batching is measured once more at the end: how far its two geometric
@@ -87,7 +87,7 @@ from archive_scripts.demo_data import make_split
 from archive_scripts.torchserve_ctl import Server, private_server, register, start, stop, unregister
 from bench.contenders import ensemble_sender, members_view
 from bench.loadgen import requests_for, run_load
-from bench.run import POINTS, Point
+from bench.points import POINTS, Point
 from bench.workloads import Workload
 from handlers.config.files import load_ensembles
 from handlers.config.specs import EnsembleSpec

@@ -60,7 +60,7 @@ class Workload:
         ]
 
 
-def torchvision_trio(folder: Path, count: int) -> Workload:
+def torchvision_trio(folder: Path, count: int, seed: int = 31337) -> Workload:
     """resnet18 + mobilenet_v3_small + squeezenet1_1, 10 classes, fixed random weights; 256x256 JPEGs in."""
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
@@ -78,16 +78,16 @@ def torchvision_trio(folder: Path, count: int) -> Workload:
     (folder / "ensembles.yaml").write_text(yaml.safe_dump({"ensembles": {"tvtrio": ensemble}}))
     spec = load_ensembles(folder / "ensembles.yaml")["tvtrio"]
     rng = random.Random(1)
-    images = tuple(_jpeg(sample.image.resize((256, 256)), rng) for sample in make_split(count, 31337))
+    images = tuple(_jpeg(sample.image.resize((256, 256)), rng) for sample in make_split(count, seed))
     return with_expected("torchvision-trio", folder / "ensembles.yaml", spec, images)
 
 
-def demo(count: int) -> Workload:
+def demo(count: int, seed: int = 4242) -> Workload:
     """The trained demo ensemble of ensembles.yaml, on held-out PNGs (run `make demo` first)."""
     config = Path("ensembles.yaml").resolve()
     spec = load_ensembles(config)["shapes"]
     images = []
-    for sample in make_split(count, 4242):
+    for sample in make_split(count, seed):
         buffer = io.BytesIO()
         sample.image.save(buffer, format="PNG")
         images.append(buffer.getvalue())

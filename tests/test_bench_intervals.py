@@ -35,5 +35,9 @@ def test_a_spread_of_rounds_widens_the_interval_around_their_median() -> None:
     assert ratio_interval(rounds, 0.97) == found  # Seeded: the same rounds give the same interval.
 
 
+def test_one_round_judges_nothing() -> None:
+    assert ratio_interval([1.5], 0.97) == {"ratio": 1.5, "ci_low": 1.5, "ci_high": 1.5, "rounds": 1, "verdict": "inconclusive"}
+
+
 def test_every_round_below_target_is_missed() -> None:
     assert ratio_interval([0.70, 0.72, 0.71, 0.69], 0.97)["verdict"] == "missed"

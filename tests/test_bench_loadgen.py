@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
-from bench.loadgen import alternating_rounds, requests_for, run_load
+from bench.loadgen import alternating_rounds, labels_judge, open_loop, requests_for, run_load
 
 EXPECTED = [{"m": "yes"}, {"m": "no"}, {"m": "yes"}, {"m": "no"}, {"m": "yes"}, {"m": "no"}]
 
@@ -53,3 +54,35 @@ def test_alternating_rounds_put_every_sender_in_every_position() -> None:
     )  # fmt: skip
     assert calls == ["a", "b", "c", "d", "b", "c", "d", "a", "c", "d", "a", "b", "d", "a", "b", "c"]
     assert [len(points[name]) for name in names] == [4, 4, 4, 4]
+
+
+def one_at_a_time(service_s: float) -> Any:
+    """A stand-in server that answers one request at a time, each taking `service_s`."""
+    busy = threading.Lock()
+
+    def send(indices: list[int]) -> list[dict[str, str]]:
+        with busy:
+            time.sleep(service_s)
+        return [EXPECTED[i] for i in indices]
+
+    return send
+
+
+def test_open_loop_charges_a_server_that_falls_behind_for_the_whole_wait() -> None:
+    """100 arrivals/s for 0.5 s at a server of 50/s: about 50 arrive, the last ones after a backlog of about
+    0.5 s. Timed from the scheduled arrival, p99 shows that wait; a closed-loop client would see 20 ms."""
+    point = open_loop(one_at_a_time(0.02), requests_for(6, 1, 6), labels_judge(EXPECTED), rate_per_s=100, seconds=0.5, seed=3)
+    assert 30 <= point.requests <= 80 and (point.errors, point.mismatches) == (0, 0)
+    assert point.p99_ms > 250
+    assert point.images_per_s < 55
+
+
+def test_open_loop_below_capacity_waits_little() -> None:
+    point = open_loop(one_at_a_time(0.005), requests_for(6, 1, 6), labels_judge(EXPECTED), rate_per_s=20, seconds=0.5, seed=3)
+    assert point.requests >= 3 and (point.errors, point.mismatches) == (0, 0)
+    assert point.p50_ms < 50
+
+
+def test_open_loop_counts_answers_after_the_drain_as_errors() -> None:
+    point = open_loop(one_at_a_time(0.3), requests_for(6, 1, 6), labels_judge(EXPECTED), rate_per_s=40, seconds=0.2, seed=1, drain_s=0.1)
+    assert point.errors >= 1 and point.errors + point.latency_samples == point.requests
