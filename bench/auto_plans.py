@@ -29,14 +29,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import requests
 import torch
 
 from archive_scripts.demo_data import make_multilabel_split
 from archive_scripts.digits_demo import split
 from archive_scripts.faces_demo import crops
 from bench.bad_inputs import encoded as png
-from bench.contenders import ensemble_sender, serving
+from bench.contenders import describe, ensemble_sender, serving
 from bench.intervals import ratio_interval
 from bench.loadgen import alternating_rounds, requests_for, run_load
 from bench.workloads import Workload, demo, torchvision_trio, with_expected
@@ -102,10 +101,7 @@ def served(
 
 def _describe(server: Any, name: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Each auto member's plan and what was timed, and how the plans were settled together, from describe."""
-    response = requests.get(f"{server.management}/models/{name}?customized=true", headers=server.headers("management"), timeout=30)
-    response.raise_for_status()
-    metadata = response.json()[0]["customizedMetadata"]
-    described = json.loads(metadata) if isinstance(metadata, str) else metadata
+    described = describe(server, name)
     keep = ("plan", "ms_per_call", "timed_as", "rejected")
     if "execution_schedule" not in described:
         print(f"describe of {name} has no execution_schedule: {sorted(described)}", flush=True)

@@ -116,7 +116,7 @@ def post_images(session: requests.Session, url: str, images: list[bytes], header
 
 class CeilingPool:
     """The in-process ceiling: `processes` spawned processes, each with the archive's members on `plans` on
-    cores / processes member threads, calling the members on batches of decoded images back to back.
+    cores / processes member threads, decoding batches of images and calling the members on them back to back.
 
     Kept alive across rounds (a round is a command on a queue), so it is measured in the same alternating rounds
     as the servers; each process checks every answer with the gate, outside the timed calls.
@@ -126,7 +126,7 @@ class CeilingPool:
         context = multiprocessing.get_context("spawn")
         self.commands = [context.Queue() for _ in range(processes)]
         self.results = context.Queue()
-        member_threads = max(1, CORES // processes)
+        member_threads = Setup(processes).member_threads
         self.workers = [
             context.Process(target=_ceiling_worker, args=(model_dir, dict(plans), member_threads, images, expected, share, processes, queue, self.results), daemon=True)
             for share, queue in enumerate(self.commands)
@@ -253,7 +253,7 @@ def served(
         with serving([on_setup(spec, setup, plans, spec.name)], port_offset=PORT_OFFSETS[contender]) as server:
             yield answers_sender(server, spec.name, images), served_plans(server, spec.name)
     elif contender == "fanout":
-        members = {m.name: on_setup(single, setup, plans, f"{spec.name}-{m.name}") for m, single in zip(spec.members, member_specs(spec), strict=True)}
+        members = {single.members[0].name: on_setup(single, setup, plans, single.name) for single in member_specs(spec)}
         with serving(list(members.values()), port_offset=PORT_OFFSETS[contender]) as server, ThreadPoolExecutor(64, thread_name_prefix="fan-out") as pool:
             yield fan_out_sender(server, {member: s.name for member, s in members.items()}, images, gate, pool), dict(plans)
     else:
@@ -269,13 +269,17 @@ def member_specs(spec: EnsembleSpec) -> list[EnsembleSpec]:
     return [replace(spec, name=f"{spec.name}-{member.name}", members=(member,), policy=single) for member in spec.members]
 
 
-def served_plans(server: Server, name: str) -> dict[str, str]:
-    """The plan each member of ensemble `name` serves on `server`, from `describe`."""
+def describe(server: Server, name: str) -> dict[str, Any]:
+    """Ensemble `name`'s `describe` on `server` (its customized metadata)."""
     response = requests.get(f"{server.management}/models/{name}?customized=true", headers=server.headers("management"), timeout=30)
     response.raise_for_status()
     metadata = response.json()[0]["customizedMetadata"]
-    described = json.loads(metadata) if isinstance(metadata, str) else metadata
-    return {member["name"]: member["execution"]["plan"] for member in described["members"]}
+    return json.loads(metadata) if isinstance(metadata, str) else metadata
+
+
+def served_plans(server: Server, name: str) -> dict[str, str]:
+    """The plan each member of ensemble `name` serves on `server`, from `describe`."""
+    return {member["name"]: member["execution"]["plan"] for member in describe(server, name)["members"]}
 
 
 def ensemble_sender(server: Server, name: str, images: tuple[bytes, ...]) -> Send:
@@ -392,6 +396,7 @@ def pytriton(model_dir: Path, plans: Mapping[str, str], setup: Setup, images: Se
     settings = {
         "BENCH_TRITON_INSTANCES": setup.units,
         "BENCH_TRITON_BATCHER": int(setup.max_batch > 1),
+        # Rows: `max_batch` requests of the largest request's images, and never under 64, the most a request may carry.
         "BENCH_TRITON_MAX_BATCH": max(setup.max_batch, 4) * LARGEST_REQUEST,
         "BENCH_TRITON_DELAY_US": setup.delay_ms * 1000,
     }

@@ -212,12 +212,18 @@ def alternating_rounds(
     points: dict[str, list[dict[str, float | int]]] = {name: [] for name in senders}
     names = list(senders)
     for r in range(rounds):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
+        for name in rotated(names, r):
             point = run_load(senders[name], plan, expected[name], clients=clients, deadline_s=seconds)
             points[name].append(point.to_json())
             print(f"{load} round {r + 1} {name}: {point.images_per_s:.1f} images/s, p50 {point.p50_ms:.1f} ms, "
                   f"errors {point.errors}, mismatches {point.mismatches}")  # fmt: skip
     return points
+
+
+def rotated(names: Sequence[str], by: int) -> list[str]:
+    """`names` rotated left by `by`: over as many rounds as names, each takes every position once."""
+    shift = by % len(names)
+    return [*names[shift:], *names[:shift]]
 
 
 def medians(points: Mapping[str, Mapping[str, Sequence[Mapping[str, float | int]]]], key: str) -> dict[str, dict[str, float]]:

@@ -38,6 +38,7 @@ POINTS = (
     Point("c2 x16 images", clients=2, images=16, requests=40, quick_requests=10),
 )
 CURVE_CLIENTS = (1, 2, 4, 8, 16, 32)
+WARM = Point("warm", clients=4, images=1, requests=0, quick_requests=0)  # before anything is timed
 
 
 @dataclass(frozen=True)

@@ -43,10 +43,10 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from bench.contenders import CORES, SERVED, TRITON_PYTHON, CeilingPool, Setup, extracted_archive, served
+from bench.contenders import CORES, TRITON_PYTHON, CeilingPool, Setup, extracted_archive, served
 from bench.intervals import ratio_interval
-from bench.loadgen import LoadPoint, open_loop, requests_for
-from bench.points import BENCHES, CURVE_CLIENTS, IMAGES, POINTS, Point, ceiling_closed, closed
+from bench.loadgen import LoadPoint, open_loop, requests_for, rotated
+from bench.points import BENCHES, CURVE_CLIENTS, IMAGES, POINTS, WARM, Point, ceiling_closed, closed
 from bench.reference import Gate, GateJudge, reference_answers
 from bench.search import RESULTS as TUNING
 
@@ -66,7 +66,7 @@ NAMES = {
     "flask": "Flask 3.1 app on gunicorn (FlexServe-style), no batching",
     "pytriton": "Triton's frontend and dynamic batcher via PyTriton 0.7 (Python backend calling our member code)",
     "ray": "Ray Serve 2.60 with @serve.batch",
-    "ceiling": "in-process ceiling: members called on batches, no HTTP",
+    "ceiling": "in-process ceiling: images decoded and the members called on batches, no HTTP",
 }
 Measure = Callable[[Point, float], tuple[LoadPoint, list[str]]]
 
@@ -85,14 +85,12 @@ def run_phase(name: str, variant: str, mode: str, folder: Path, tuning: Mapping[
         sends, judges, plans = {}, {}, {}
         order = [first, *(["ours_eager"] if variant == "engine" else []), *PEERS]
         for contender in order:
-            wanted: str | dict[str, str] = {"ours": "auto", "ours_eager": "eager"}.get(contender, plans.get(first, "eager"))
-            if variant == "eager":
-                wanted = "eager"
+            wanted = "eager" if variant == "eager" or contender == "ours_eager" else "auto" if contender == "ours" else plans["ours"]
             judges[contender] = GateJudge(gate, expected)
             sends[contender], plans[contender] = stack.enter_context(
                 served(contender, workload.spec, model_dir, wanted, setups[contender], workload.images, gate)
             )
-            closed(sends[contender], judges[contender], Point("warm", 4, 1, 0, 0), 2.0)
+            closed(sends[contender], judges[contender], WARM, 2.0)
             print(f"  {contender} up ({setups[contender]}; plans {plans[contender]})", flush=True)
         processes = {p.name: (tuning["ceiling"][p.name]["processes"] or 1) for p in POINTS}
         pools = {}
@@ -126,7 +124,7 @@ def _rounds(name: str, variant: str, point: Point, measures: Mapping[str, Measur
     found: dict[str, list[dict[str, Any]]] = {c: [] for c in measures}
     names = list(measures)
     for r in range(rounds):
-        for contender in names[r % len(names) :] + names[: r % len(names)]:
+        for contender in rotated(names, r):
             measured, problems = measures[contender](point, seconds)
             found[contender].append({**measured.to_json(), "problems": problems})
             print(f"  {name} / {variant} / {point.name} / round {r + 1} / {contender}: {measured.images_per_s:.1f} images/s, "
@@ -171,7 +169,7 @@ def _curve(name: str, variant: str, sends: Mapping[str, Any], judges: Mapping[st
     found: dict[str, list[dict[str, Any]]] = {c: [] for c in sends}
     names = list(sends)
     for level, clients in enumerate(CURVE_CLIENTS):
-        for contender in names[level % len(names) :] + names[: level % len(names)]:
+        for contender in rotated(names, level):
             measured = closed(sends[contender], judges[contender], Point(f"c{clients}", clients, 1, 0, 0), seconds)
             found[contender].append({"clients": clients, **measured.to_json()})
             print(f"  {name} / {variant} / curve c{clients} / {contender}: {measured.images_per_s:.1f} images/s, p99 {measured.p99_ms:.1f} ms", flush=True)
@@ -187,7 +185,7 @@ def _open(
     names = list(sends)
     single = requests_for(IMAGES, 1, IMAGES)
     for level, fraction in enumerate(fractions):
-        for contender in names[level % len(names) :] + names[: level % len(names)]:
+        for contender in rotated(names, level):
             rate = fraction * max(p["images_per_s"] for p in curve[contender])
             if rate <= 0:  # It answered nothing in closed loop: its points are invalid already.
                 continue

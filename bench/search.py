@@ -37,13 +37,12 @@ from typing import Any
 
 from bench.contenders import SERVED, CeilingPool, Setup, extracted_archive, served
 from bench.loadgen import LoadPoint
-from bench.points import BENCHES, POINTS, Point, ceiling_closed, closed
+from bench.points import BENCHES, POINTS, WARM, ceiling_closed, closed
 from bench.reference import Gate, GateJudge, reference_answers
 
 RESULTS = Path(__file__).parent / "results" / "bench_tuning.json"
 SETUPS = (Setup(1), Setup(2), Setup(1, 8, 2), Setup(2, 8, 2))
 SLACK = 0.5
-WARM = Point("warm", clients=4, images=1, requests=0, quick_requests=0)
 
 
 def grid(contender: str) -> tuple[Setup, ...]:

@@ -51,14 +51,6 @@ class Workload:
         members = tuple(replace(member, execution=None) for member in self.spec.members)
         return replace(self, spec=replace(self.spec, execution=execution, members=members))
 
-    def member_specs(self) -> list[EnsembleSpec]:
-        """One single-member ensemble per member: what TorchServe fan-out serves, one .mar each."""
-        single = resolve_policy({"policy": "mean"}, default=None, task=self.spec.task, n_members=1)
-        return [
-            replace(self.spec, name=f"{self.spec.name}-{member.name}", members=(member,), policy=single)
-            for member in self.spec.members
-        ]
-
 
 def torchvision_trio(folder: Path, count: int, seed: int = 31337) -> Workload:
     """resnet18 + mobilenet_v3_small + squeezenet1_1, 10 classes, fixed random weights; 256x256 JPEGs in."""
