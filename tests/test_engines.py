@@ -6,9 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import statistics
 import threading
-import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,7 +20,7 @@ from archive_scripts.build_archives import build_archive, forgiven_lines
 from handlers.config.files import load_ensembles, read_archive_manifest
 from handlers.ensemble import Ensemble
 from handlers.errors import IntegrityError
-from handlers.execution.engines import archived_exports, export_onnx, openvino_forward
+from handlers.execution.engines import archived_exports, export_onnx, openvino_compiled, openvino_forward
 from handlers.inputs.images import decode_image
 from handlers.weights.loading import load_archived_members
 from tests.conftest import extract, image_bytes, instances
@@ -110,7 +108,7 @@ def test_a_tampered_onnx_file_is_refused_before_anything_loads(test_store: Path,
 
 
 class _Convolutions(torch.nn.Module):
-    """Enough arithmetic per call (about 10 ms on one core) that two calls side by side and two in turn differ."""
+    """A small convolutional head that OpenVINO compiles and eager PyTorch answers to compare with."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -123,35 +121,35 @@ class _Convolutions(torch.nn.Module):
         return self.body(batch).softmax(-1)
 
 
-def _alone_and_side_by_side(forward: Any, batch: torch.Tensor, rounds: int = 7) -> tuple[float, float]:
-    """Median seconds of one call, and of a round of two calls on two threads started together."""
-    alone, together = [], []
-    with ThreadPoolExecutor(1) as other:
-        for _ in range(rounds):
-            began = time.perf_counter()
-            forward(batch)
-            alone.append(time.perf_counter() - began)
-            start = threading.Barrier(2)
-            began = time.perf_counter()
-            second = other.submit(lambda: (start.wait(), forward(batch.clone())))
-            start.wait()
-            forward(batch)
-            second.result()
-            together.append(time.perf_counter() - began)
-    return statistics.median(alone), statistics.median(together)
+@pytest.mark.slow
+@pytest.mark.parametrize("streams", [1, 2], ids=["one-member-thread", "two-member-threads"])
+def test_an_openvino_plan_has_one_stream_and_one_thread_per_member_thread(tmp_path: Path, streams: int) -> None:
+    """With one stream (the configuration before issue 30) a second member thread's slice queued behind the first.
+    Whether the streams pay is the benchmarks' question (`make bench`); here, that the plan asks OpenVINO for them."""
+    torch.manual_seed(0)
+    export = export_onnx(_Convolutions().eval(), (3, 64, 64), tmp_path / "member.onnx", sizes=[4])
+    assert export.exporter is not None, export.reason
+    compiled = openvino_compiled(tmp_path / "member.onnx", CPU, streams=streams)
+    assert {name: compiled.get_property(name) for name in ("NUM_STREAMS", "INFERENCE_NUM_THREADS")} == {
+        "NUM_STREAMS": streams,
+        "INFERENCE_NUM_THREADS": streams,
+    }
+    assert compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS") == streams
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.cpu_count() is not None and os.cpu_count() < 2, reason="two calls side by side need two cores")
-def test_two_member_threads_calling_one_openvino_plan_run_side_by_side(tmp_path: Path) -> None:
-    """With one stream (the configuration before issue 30) the second call queued behind the first: a round of two
-    took twice one call. With a stream per member thread the two run side by side."""
+def test_two_member_threads_calling_one_openvino_plan_at_once_each_get_their_own_answer(tmp_path: Path) -> None:
+    """Each calling thread has an infer request of its own: two slices called together come back to their callers."""
     torch.manual_seed(0)
     head = _Convolutions().eval()
     export = export_onnx(head, (3, 64, 64), tmp_path / "member.onnx", sizes=[4])
     assert export.exporter is not None, export.reason
-    batch = torch.randn(4, 3, 64, 64)
-    one_stream = _alone_and_side_by_side(openvino_forward(tmp_path / "member.onnx", CPU, streams=1), batch)
-    two_streams = _alone_and_side_by_side(openvino_forward(tmp_path / "member.onnx", CPU, streams=2), batch)
-    assert one_stream[1] / one_stream[0] >= 1.6, one_stream
-    assert two_streams[1] / two_streams[0] <= 1.3, two_streams
+    forward = openvino_forward(tmp_path / "member.onnx", CPU, streams=2)
+    slices = [torch.randn(4, 3, 64, 64) for _ in range(2)]
+    start = threading.Barrier(2)
+    with ThreadPoolExecutor(2) as threads:
+        answers = list(threads.map(lambda batch: (start.wait(), [forward(batch) for _ in range(20)])[1], slices))
+    with torch.no_grad():
+        expected = [head(batch) for batch in slices]
+    for answered, wanted in zip(answers, expected, strict=True):
+        assert max(float((got - wanted).abs().max()) for got in answered) <= 1e-5

@@ -171,10 +171,10 @@ def onnxruntime_forward(path: Path, device: torch.device) -> Callable[[torch.Ten
     return forward
 
 
-def openvino_forward(
+def openvino_compiled(
     path: Path, device: torch.device, *, precision: str = "fp32", cache: Path | None = None, streams: int = 1
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A forward function running an ONNX file with OpenVINO: `streams` streams of one inference thread each.
+) -> Any:
+    """An ONNX file compiled by OpenVINO for the CPU: `streams` streams of one inference thread each.
 
     The worker's member threads call one member at once (a batch is cut into one slice per thread), each
     through an infer request of its own; a request runs on a stream, and requests beyond the streams queue.
@@ -188,7 +188,6 @@ def openvino_forward(
         raise EngineUnavailable(f"openvino is not installed: {e}") from e
     if device.type != "cpu":
         raise EngineUnavailable(f"this plan runs OpenVINO on the CPU only, and the member is on {device}")
-    core = openvino.Core()
     config = {
         **({} if cache is None else {"CACHE_DIR": str(cache)}),
         "INFERENCE_NUM_THREADS": streams,
@@ -198,9 +197,16 @@ def openvino_forward(
         "ENABLE_CPU_PINNING": False,
     }
     try:
-        compiled = core.compile_model(str(path), "CPU", config)
+        return openvino.Core().compile_model(str(path), "CPU", config)
     except RuntimeError as e:
         raise EngineUnavailable(f"OpenVINO cannot compile {path.name}: {_why(e)}") from e
+
+
+def openvino_forward(
+    path: Path, device: torch.device, *, precision: str = "fp32", cache: Path | None = None, streams: int = 1
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A forward function running `openvino_compiled(...)`, through one infer request per calling thread."""
+    compiled = openvino_compiled(path, device, precision=precision, cache=cache, streams=streams)
     requests = threading.local()  # An infer request serves one call at a time: one per member thread.
 
     def forward(batch: torch.Tensor) -> torch.Tensor:
