@@ -51,7 +51,7 @@ def cost_table(spec: EnsembleSpec, ensemble: Ensemble, probs: torch.Tensor, trut
 
     def votes(requested: Mapping[str, Any]) -> Votes:
         policy = resolve_policy(requested, default=spec.policy, task=spec.task, n_members=len(spec.members))
-        return ensemble.answers.votes(policy, everyone, stages)
+        return ensemble.decider.votes(policy, everyone, stages)
 
     def spent(ran: torch.Tensor) -> float:
         """Mean member-forward ms per image: each member's cost where it ran (its probabilities are not NaN)."""

@@ -3,7 +3,7 @@
 The facade over the concern packages. A request is prepared (`inputs.prepare`: decoded, parameters
 resolved) or refused with its own error; the good requests' inputs are flattened and run together
 (`execution.runner`), then split back per request and each answer is decided by that request's policy
-and rendered (`answers.render`). Nothing here depends on TorchServe: `ensemble_handler` adapts it,
+(`answers.decide`) and rendered (`answers.render`). Nothing here depends on TorchServe: `ensemble_handler` adapts it,
 and the bench's Triton, Ray and Flask contenders run it in-process.
 """
 
@@ -18,7 +18,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from handlers.answers.render import Answer, Renderer
+from handlers.answers.decide import Answer, Decider
+from handlers.answers.render import Renderer
 from handlers.answers.v2 import output_names, v2_metadata
 from handlers.config.files import read_archive_manifest
 from handlers.config.policy import PolicySpec, policy_names
@@ -93,7 +94,8 @@ class Ensemble:
         self.runner = MemberRunner(
             spec, modules, device, parallelism=parallelism, remembered_plans=remembered_plans, exported=exported
         )
-        self.answers = Renderer(spec, build, {name: source["sha256"] for name, source in self.sources.items()})
+        self.decider = Decider(spec)
+        self.renderer = Renderer(spec, build, {name: source["sha256"] for name, source in self.sources.items()})
         self.requests = RequestPreparer(spec, self.output_names())
 
     @classmethod
@@ -136,7 +138,7 @@ class Ensemble:
     def output_names(self) -> list[str]:
         """The v2 output tensors this ensemble answers with (docs, "Open Inference Protocol v2")."""
         names = [member.name for member in self.spec.members]
-        return output_names(self.answers.labels_key, names, ranked=self.spec.task == "multiclass")
+        return output_names(self.renderer.labels_key, names, ranked=self.spec.task == "multiclass")
 
     def probabilities(
         self,
@@ -166,11 +168,11 @@ class Ensemble:
             assert probs is not None, "a prepared request always carries inputs"
             count = len(item.inputs)
             stages = self.stages() if item.policy.stops_early else None
-            answer = self.answers.decide(probs[:, offset : offset + count], item.policy, item.members, stages=stages, uncertainty=item.uncertainty)
+            answer = self.decider.decide(probs[:, offset : offset + count], item.policy, item.members, stages=stages, uncertainty=item.uncertainty)
             if item.v2 is None:
-                body = self.answers.json_body(answer, item.top_k, item.min_run)
+                body = self.renderer.json_body(answer, item.top_k, item.min_run)
             else:
-                body = self.answers.v2_body(answer, item.v2, item.top_k)
+                body = self.renderer.v2_body(answer, item.v2, item.top_k)
             deferred = sum(reason is not None for reason in answer.deferred or ())
             reply = Reply(
                 200, body, count, policy=item.policy.name, members=answer.names, votes=answer.own,
@@ -195,7 +197,7 @@ class Ensemble:
             for item in good:
                 count = len(item.inputs)
                 if item.policy.stops_early:
-                    done = self.answers.settled(probs[:, offset : offset + count], item.policy, item.members, stages).tolist()
+                    done = self.decider.settled(probs[:, offset : offset + count], item.policy, item.members, stages).tolist()
                     needed += [() if finished else item.members for finished in done]
                 else:
                     needed += [item.members] * count
@@ -210,15 +212,15 @@ class Ensemble:
         `top_k` defaults to the ensemble's, as for a request that does not name it.
         """
         answer = self._decide(probs, policy, members)
-        return self.answers.json_body(answer, top_k or self.spec.top_k)
+        return self.renderer.json_body(answer, top_k or self.spec.top_k)
 
     def render_v2(self, probs: torch.Tensor, policy: PolicySpec, form: V2Form, *, members: Sequence[str] | None = None) -> dict[str, Any]:
         """The Open Inference Protocol v2 response body for one request: the same answer as tensors."""
-        return self.answers.v2_body(self._decide(probs, policy, members), form)
+        return self.renderer.v2_body(self._decide(probs, policy, members), form)
 
     def _decide(self, probs: torch.Tensor, policy: PolicySpec, members: Sequence[str] | None) -> Answer:
         stages = self.stages() if policy.stops_early else None
-        return self.answers.decide(probs, policy, self.answers.positions(members), stages=stages)
+        return self.decider.decide(probs, policy, self.decider.positions(members), stages=stages)
 
     def describe(self) -> dict[str, Any]:
         """What `GET /models/<name>?customized=true` shows: members, digests, labels and policies."""

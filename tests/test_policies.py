@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from handlers.answers.policies import Votes, combine, register_policy
-from handlers.config.policy import PolicySpec, policy_names, resolve_policy
+from handlers.answers.policies import Votes, combine
+from handlers.config.policy import POLICY_TABLE, VOTE_POLICIES, PolicySpec, policy_names, resolve_policy
 from handlers.errors import InvalidPolicy
 
 # probs[member, image, label]
@@ -153,6 +153,19 @@ def test_every_policy_gives_one_decision_per_image(name: str, task: str) -> None
         assert all(len(labels) == 1 for labels in chosen)
 
 
-def test_registering_a_name_twice_fails() -> None:
-    with pytest.raises(ValueError, match="policy 'any' is already registered"):
-        register_policy("any")(lambda probs, votes: None)  # type: ignore[arg-type,return-value]
+@pytest.mark.parametrize(
+    ("n", "expected"),
+    [
+        pytest.param(1, {"any": 1, "all": 1, "majority": 1, "k_of_n": 2}, id="one-member"),
+        pytest.param(4, {"any": 1, "all": 4, "majority": 3, "k_of_n": 2}, id="four-members"),
+        pytest.param(5, {"any": 1, "all": 5, "majority": 3, "k_of_n": 2}, id="five-members"),
+    ],
+)
+def test_the_table_derives_each_votes_k_from_n(n: int, expected: dict[str, int]) -> None:
+    """docs/policies.md: k = 1, n, floor(n/2)+1 and the given k (here 2)."""
+    assert {name: POLICY_TABLE[name].k(n, 2) for name in VOTE_POLICIES} == expected  # type: ignore[misc]
+
+
+def test_early_exit_is_refused_with_a_reason_exactly_where_the_policy_is_no_vote() -> None:
+    refused = {name for name, policy in POLICY_TABLE.items() if policy.early_exit_refused is not None}
+    assert (VOTE_POLICIES, refused) == (("any", "all", "majority", "k_of_n"), {"mean", "max", "cascade"})

@@ -1,6 +1,7 @@
 """Combination policies: how the members' probabilities become one answer per image.
 
-A policy is one function registered with `@register_policy`. It takes the members' probabilities
+A policy is one record in `config.policy.POLICY_TABLE`; its `combines` picks one of the four decisions
+here (`vote`, `mean`, `cascade`, `max`). A decision takes the members' probabilities
 `probs[member, image, label]` and a `Votes` context, and returns a `Decision`: a boolean mask of the
 chosen labels and a score per label. Multiclass and binary decisions choose at most one label
 (none means the ensemble abstains); multilabel decisions choose any number.
@@ -36,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-from handlers.config.policy import DEFAULT_CONFIDENCE, POLICIES, PolicySpec
+from handlers.config.policy import DEFAULT_CONFIDENCE, POLICY_TABLE, PolicySpec
 
 
 @dataclass(frozen=True)
@@ -78,26 +79,9 @@ class Decision:
 PolicyFn = Callable[[torch.Tensor, Votes], Decision]
 
 
-_REGISTRY: dict[str, PolicyFn] = {}
-
-
-def register_policy(name: str) -> Callable[[PolicyFn], PolicyFn]:
-    """Implement the policy `name`, which config.policy.POLICIES declares with its parameters."""
-
-    def add(fn: PolicyFn) -> PolicyFn:
-        if name not in POLICIES:
-            raise ValueError(f"policy {name!r} is not declared in config.policy.POLICIES")
-        if name in _REGISTRY:
-            raise ValueError(f"policy {name!r} is already registered")
-        _REGISTRY[name] = fn
-        return fn
-
-    return add
-
-
 def combine(probs: torch.Tensor, votes: Votes) -> Decision:
-    """Apply `votes.policy` to `probs[member, image, label]`."""
-    return _REGISTRY[votes.policy.name](probs, votes)
+    """Apply `votes.policy` to `probs[member, image, label]`, by its table record's way of combining."""
+    return _COMBINERS[POLICY_TABLE[votes.policy.name].combines](probs, votes)
 
 
 def member_votes(probs: torch.Tensor, votes: Votes) -> torch.Tensor:
@@ -122,7 +106,7 @@ def settled(probs: torch.Tensor, votes: Votes) -> torch.Tensor:
     n = votes.members_scoring(probs)
     remaining = n - (~probs.isnan()).sum(dim=0)
     everyone = (remaining == 0).all(dim=-1)
-    if votes.policy.name == "cascade":
+    if POLICY_TABLE[votes.policy.name].combines == "cascade":
         return everyone | _cascade(probs, votes)[1]
     k = _k(votes, n, probs)
     counts = member_votes(probs, votes).sum(dim=0)
@@ -152,21 +136,13 @@ def simulate_stages(probs: torch.Tensor, votes: Votes) -> torch.Tensor:
 
 def _k(votes: Votes, n: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
     """k per image and label for a vote over n members (`n` members score that label), shaped like `probs[0]`."""
-    name = votes.policy.name
-    if name == "any":
-        k = torch.ones_like(n)
-    elif name == "all":
-        k = n
-    elif name == "majority":
-        k = n // 2 + 1
-    else:
-        assert name == "k_of_n" and votes.policy.k is not None, "resolve_policy guarantees k for k_of_n"
-        k = torch.full_like(n, votes.policy.k)
-    return k + torch.zeros_like(probs[0], dtype=torch.long)
+    rule = POLICY_TABLE[votes.policy.name].k
+    assert rule is not None, "only votes count against k"
+    return rule(n, votes.policy.k) + torch.zeros_like(probs[0], dtype=torch.long)
 
 
-def _k_of_n(probs: torch.Tensor, votes: Votes) -> Decision:
-    """A k-of-n vote; k follows from n, the members that score each label (multilabel members may score some)."""
+def _vote(probs: torch.Tensor, votes: Votes) -> Decision:
+    """A k-of-n vote (any, all, majority, k_of_n: the table says how k follows from n); k follows from n, the members that score each label (multilabel members may score some)."""
     k = _k(votes, votes.members_scoring(probs), probs)
     counts = member_votes(probs, votes).sum(dim=0)
     share = counts.to(probs.dtype) / (~probs.isnan()).sum(dim=0)
@@ -183,37 +159,11 @@ def _k_of_n(probs: torch.Tensor, votes: Votes) -> Decision:
     return Decision(chosen & (counts >= k), share, rank)
 
 
-@register_policy("any")
-def any_member(probs: torch.Tensor, votes: Votes) -> Decision:
-    """OR: positive when at least one member says so (maximum sensitivity)."""
-    return _k_of_n(probs, votes)
-
-
-@register_policy("all")
-def all_members(probs: torch.Tensor, votes: Votes) -> Decision:
-    """AND: positive only when every member says so (maximum precision)."""
-    return _k_of_n(probs, votes)
-
-
-@register_policy("majority")
-def majority(probs: torch.Tensor, votes: Votes) -> Decision:
-    """Strict majority: more than half of the members; an even split is not a majority."""
-    return _k_of_n(probs, votes)
-
-
-@register_policy("k_of_n")
-def k_of_n(probs: torch.Tensor, votes: Votes) -> Decision:
-    """At least k members agree."""
-    return _k_of_n(probs, votes)
-
-
-@register_policy("mean")
 def mean(probs: torch.Tensor, votes: Votes) -> Decision:
     """Weighted soft vote over the members' probabilities."""
     return _by_mean(weighted_mean(probs, votes.weights), votes)
 
 
-@register_policy("cascade")
 def cascade(probs: torch.Tensor, votes: Votes) -> Decision:
     """Cheapest stages first, until the running weighted mean is confident; then `mean` over the members that ran."""
     return _by_mean(_cascade(probs, votes)[0], votes)
@@ -259,7 +209,6 @@ def _by_mean(avg: torch.Tensor, votes: Votes) -> Decision:
     return Decision(avg >= threshold, avg)
 
 
-@register_policy("max")
 def most_confident(probs: torch.Tensor, votes: Votes) -> Decision:
     """The most confident member decides; the first declared member wins ties."""
     own = member_votes(probs, votes)
@@ -289,3 +238,6 @@ def _binary_mask(positive: torch.Tensor, votes: Votes) -> torch.Tensor:
     mask[..., _positive(votes)] = positive
     mask[..., 1 - _positive(votes)] = ~positive
     return mask
+
+
+_COMBINERS: dict[str, PolicyFn] = {"vote": _vote, "mean": mean, "cascade": cascade, "max": most_confident}
