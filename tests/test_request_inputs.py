@@ -10,7 +10,7 @@ import pytest
 from handlers.config.specs import Limits
 from handlers.errors import InvalidImage, PayloadTooLarge, RequestError, UnsupportedMediaType
 from handlers.inputs.images import decode_image
-from handlers.inputs.requests import RequestInput, parse_request
+from handlers.inputs.requests import WireRequest, read_request
 
 A, B, C = b"A" * 3000, b"B" * 5000, b"C" * 4000
 BOUNDARY = "----b0undary"
@@ -36,48 +36,48 @@ def b64(data: bytes) -> str:
 @pytest.mark.parametrize(
     ("row", "headers", "expected"),
     [
-        pytest.param({"body": A}, {"Content-Type": "image/png"}, RequestInput((A,), {}), id="raw"),
-        pytest.param({"body": bytearray(A)}, {}, RequestInput((A,), {}), id="raw-no-content-type"),
+        pytest.param({"body": A}, {"Content-Type": "image/png"}, WireRequest((A,), {}), id="raw"),
+        pytest.param({"body": bytearray(A)}, {}, WireRequest((A,), {}), id="raw-no-content-type"),
         pytest.param(
             {"policy": b"k_of_n", "k": b"2", "body": A}, {"Content-Type": "application/octet-stream"},
-            RequestInput((A,), {"policy": "k_of_n", "k": "2"}), id="raw-invoke-query",
+            WireRequest((A,), {"policy": "k_of_n", "k": "2"}), id="raw-invoke-query",
         ),
         pytest.param(
             {"body": A}, {"X-Ensemble-Policy": "any", "x-ensemble-threshold": " 0.3 "},
-            RequestInput((A,), {"policy": "any", "threshold": "0.3"}), id="raw-headers",
+            WireRequest((A,), {"policy": "any", "threshold": "0.3"}), id="raw-headers",
         ),
         pytest.param(
             {"first": A, "second": B, "third": C},
             {"Content-Type": MULTIPART, "Content-Length": multipart_length({"first": A, "second": B, "third": C})},
-            RequestInput((A, B, C), {}), id="multipart-in-part-order",
+            WireRequest((A, B, C), {}), id="multipart-in-part-order",
         ),
         pytest.param(
             {"policy": b"all", "img": B},
             {"Content-Type": MULTIPART, "Content-Length": multipart_length({"policy": b"all", "img": B})},
-            RequestInput((B,), {"policy": "all"}), id="multipart-policy-field",
+            WireRequest((B,), {"policy": "all"}), id="multipart-policy-field",
         ),
         pytest.param(
             {"body": json.dumps({"instances": [{"b64": b64(A)}, {"b64": "data:image/png;base64," + b64(B)}]}).encode()},
             {"Content-Type": "application/json; charset=utf-8"},
-            RequestInput((A, B), {}), id="json-instances",
+            WireRequest((A, B), {}), id="json-instances",
         ),
         pytest.param(
             {"body": {"instances": [{"b64": b64(C)}]}}, {"Content-Type": "application/json"},
-            RequestInput((C,), {}), id="json-already-decoded",
+            WireRequest((C,), {}), id="json-already-decoded",
         ),
         pytest.param(
             {"body": json.dumps({"instances": [{"b64": b64(A)}], "parameters": {"policy": "k_of_n", "k": 2}}).encode()},
-            {"Content-Type": "application/json"}, RequestInput((A,), {"policy": "k_of_n", "k": "2"}), id="json-body-parameters",
+            {"Content-Type": "application/json"}, WireRequest((A,), {"policy": "k_of_n", "k": 2}), id="json-body-parameters",
         ),
         pytest.param(
             {"body": json.dumps({"instances": [{"b64": b64(A)}], "parameters": {"policy": "any"}}).encode()},
             {"Content-Type": "application/json", "X-Ensemble-Policy": "any", "X-Ensemble-Threshold": "0.3"},
-            RequestInput((A,), {"policy": "any", "threshold": "0.3"}), id="json-body-and-headers-agree",
+            WireRequest((A,), {"policy": "any", "threshold": "0.3"}), id="json-body-and-headers-agree",
         ),
     ],
 )
-def test_parse_request(row: dict, headers: dict, expected: RequestInput) -> None:
-    assert parse_request(row, headers, Limits(max_images_per_request=3), ()) == expected
+def test_read_request(row: dict, headers: dict, expected: WireRequest) -> None:
+    assert read_request(row, headers, Limits(max_images_per_request=3), ()) == expected
 
 
 @pytest.mark.parametrize(
@@ -159,7 +159,7 @@ def test_parse_request(row: dict, headers: dict, expected: RequestInput) -> None
 )
 def test_parse_request_rejects(row: dict, headers: dict, error: type[Exception], message: str) -> None:
     with pytest.raises(error) as caught:
-        parse_request(row, headers, Limits(max_images_per_request=3), ())
+        read_request(row, headers, Limits(max_images_per_request=3), ())
     assert str(caught.value) == message
 
 
@@ -168,8 +168,8 @@ def test_parse_request_rejects(row: dict, headers: dict, error: type[Exception],
     [pytest.param(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", id="binary-bytes"), pytest.param(b"x" * 300, id="text-longer-than-a-parameter")],
 )
 def test_a_multipart_part_that_is_not_short_text_stays_an_image_and_keeps_its_message(part: bytes) -> None:
-    request = parse_request({"img": A, "file": part}, {"Content-Type": MULTIPART}, Limits(max_images_per_request=3), ())
-    assert request.images == (A, part)
+    request = read_request({"img": A, "file": part}, {"Content-Type": MULTIPART}, Limits(max_images_per_request=3), ())
+    assert request.inputs == (A, part)
     with pytest.raises(InvalidImage) as caught:
         decode_image(part, Limits())
     assert str(caught.value) == "not a decodable image of an accepted format (JPEG, PNG, WEBP, BMP)"

@@ -12,7 +12,7 @@ import torch
 
 from handlers.config.specs import Limits, TensorSpec
 from handlers.errors import PayloadTooLarge, RequestError, UnsupportedMediaType
-from handlers.inputs.requests import parse_tensor_request
+from handlers.inputs.requests import read_tensor_request
 from handlers.inputs.tensors import read_json_instances, read_npy
 from tests.conftest import NPY, instances, npy_bytes
 
@@ -83,6 +83,112 @@ def test_bad_npy_is_refused_with_a_clear_message(body: bytes, error: type[Reques
     assert str(caught.value).startswith(message)
 
 
+def test_npy_version_3_header_is_read() -> None:
+    values = instances(9, 2)
+    header = "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3, 4), }"
+    tensor = read_npy(npy_with_header(header, values.tobytes(), version=3), SPEC, LIMITS)
+    assert torch.equal(tensor, torch.from_numpy(values))
+
+
+@pytest.mark.parametrize(
+    ("body", "error", "message"),
+    [
+        pytest.param(
+            b"\x93NUMPY\x01\x01\x10\x00",
+            RequestError,
+            ".npy format version 1.1 is not supported; send version 1, 2 or 3",
+            id="minor-version",
+        ),
+        pytest.param(
+            b"\x93NUMPY\x02\x00\x10\x00",
+            RequestError,
+            ".npy file of 10 bytes ends inside its header length",
+            id="short-header-length",
+        ),
+        pytest.param(
+            npy_with_header("{" + " " * 4096 + "}", version=2),
+            RequestError,
+            ".npy header of 4098 bytes is truncated or longer than 4096",
+            id="header-too-long",
+        ),
+        pytest.param(
+            npy_with_header("[1, 2]"),
+            RequestError,
+            ".npy header must hold exactly 'descr', 'fortran_order' and 'shape'",
+            id="header-not-dict",
+        ),
+        pytest.param(
+            npy_with_header("{'descr': "),
+            RequestError,
+            ".npy header is not a Python literal: ('EOF in multi-line statement', (2, 0))",
+            id="header-syntax",
+        ),
+        pytest.param(
+            npy_with_header("-" * 4000 + "1"),
+            RequestError,
+            ".npy header is not a Python literal: maximum recursion depth exceeded",
+            id="header-deep",
+        ),
+        pytest.param(
+            npy_with_header(HEADER.format(descr="<f4", fortran=False, shape="(2, 'a', 4)")),
+            RequestError,
+            ".npy shape (2, 'a', 4) is not a tuple of non-negative integers",
+            id="text-dim",
+        ),
+        pytest.param(
+            npy_with_header(HEADER.format(descr="<f4", fortran=False, shape="(True, 3, 4)")),
+            RequestError,
+            ".npy shape (True, 3, 4) is not a tuple of non-negative integers",
+            id="bool-dim",
+        ),
+        pytest.param(
+            npy_with_header(HEADER.format(descr="<f4", fortran=1, shape="(2, 3, 4)"), GOOD.tobytes()),
+            RequestError,
+            ".npy array is in Fortran order; send a C-ordered array",
+            id="fortran-not-bool",
+        ),
+        pytest.param(
+            npy_with_header(HEADER.format(descr="<f9", fortran=False, shape="(2, 3, 4)")),
+            RequestError,
+            ".npy dtype '<f9' is not supported; send little-endian float32 ('<f4'), '<f8' or '<f2'",
+            id="unknown-dtype",
+        ),
+        pytest.param(
+            npy_with_header("{'descr': [('a', '<f4')], 'fortran_order': False, 'shape': (2, 3, 4)}"),
+            RequestError,
+            ".npy dtype '|V4' is not supported; send little-endian float32 ('<f4'), '<f8' or '<f2'",
+            id="structured-dtype",
+        ),
+        pytest.param(
+            npy_with_header(HEADER.format(descr="<f4", fortran=False, shape="(10**9, 3, 4)")),
+            RequestError,
+            ".npy header is not a Python literal: malformed node or string",
+            id="expression-dim",
+        ),
+        pytest.param(
+            npy_with_header(HEADER.format(descr="<f4", fortran=False, shape="(1000000000, 3, 4)")),
+            PayloadTooLarge,
+            "1000000000 instances in one request; this ensemble accepts at most 5",
+            id="huge-count-before-allocation",
+        ),
+        pytest.param(
+            npy_with_header(
+                HEADER.format(descr="<f4", fortran=False, shape="(2, 3, 4)") + " # \xff", GOOD.tobytes(), version=3
+            ),
+            RequestError,
+            ".npy file is not readable: 'utf-8' codec can't decode byte 0xff in position 65",
+            id="version-3-not-utf8",
+        ),
+    ],
+)
+def test_headers_numpy_refuses_keep_our_messages(body: bytes, error: type[RequestError], message: str) -> None:
+    """numpy reads the header; each way it refuses one reaches the client as the message it had before."""
+    with pytest.raises(RequestError) as caught:
+        read_npy(body, SPEC, LIMITS)
+    assert type(caught.value) is error
+    assert str(caught.value).startswith(message)
+
+
 def test_json_instances_equal_npy_instances() -> None:
     values = instances(7, 3)
     from_json = read_json_instances(json.dumps({"instances": values.tolist()}).encode(), SPEC, LIMITS)
@@ -123,19 +229,19 @@ def test_tensor_requests_need_a_tensor_content_type(
     row: dict[str, Any], headers: dict[str, str], error: type[RequestError], message: str
 ) -> None:
     with pytest.raises(RequestError) as caught:
-        parse_tensor_request(row, headers, LIMITS, SPEC, ())
+        read_tensor_request(row, headers, LIMITS, SPEC, ())
     assert type(caught.value) is error
     assert str(caught.value).startswith(message)
 
 
 def test_tensor_request_carries_its_policy() -> None:
-    parsed = parse_tensor_request({"body": npy_bytes(GOOD), "policy": b"max"}, {**NPY, "X-Ensemble-Threshold": "0.3"}, LIMITS, SPEC, ())
-    assert dict(parsed.policy_params) == {"policy": "max", "threshold": "0.3"}
-    assert torch.equal(parsed.instances, torch.from_numpy(GOOD))
+    parsed = read_tensor_request({"body": npy_bytes(GOOD), "policy": b"max"}, {**NPY, "X-Ensemble-Threshold": "0.3"}, LIMITS, SPEC, ())
+    assert dict(parsed.parameters) == {"policy": "max", "threshold": "0.3"}
+    assert torch.equal(parsed.inputs, torch.from_numpy(GOOD))
 
 
 def test_json_instances_carry_parameters_in_the_body() -> None:
     body = json.dumps({"instances": GOOD.tolist(), "parameters": {"policy": "k_of_n", "k": 1}}).encode()
-    parsed = parse_tensor_request({"body": body}, {"Content-Type": "application/json", "X-Ensemble-Policy": "k_of_n"}, LIMITS, SPEC, ())
-    assert dict(parsed.policy_params) == {"policy": "k_of_n", "k": "1"}
-    assert torch.equal(parsed.instances, torch.from_numpy(GOOD))
+    parsed = read_tensor_request({"body": body}, {"Content-Type": "application/json", "X-Ensemble-Policy": "k_of_n"}, LIMITS, SPEC, ())
+    assert dict(parsed.parameters) == {"policy": "k_of_n", "k": 1}
+    assert torch.equal(parsed.inputs, torch.from_numpy(GOOD))

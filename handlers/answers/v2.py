@@ -14,7 +14,8 @@ import torch
 
 from handlers.answers.uncertainty import MEASURES
 from handlers.config.specs import TensorSpec
-from handlers.inputs.v2 import TOP_OUTPUTS, V2Form
+from handlers.inputs.parameters import TOP_OUTPUTS
+from handlers.inputs.v2 import V2Form
 
 # Outputs about the answer as a whole: which members an early exit skipped, whether it was deferred, how sure it is.
 ANSWER_OUTPUTS = ("skipped", "deferred", *MEASURES)

@@ -8,7 +8,10 @@ differing only in their views share that resized tensor.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
+import re
 import warnings
 from collections.abc import Iterable, Sequence
 
@@ -22,6 +25,16 @@ from handlers.errors import InvalidImage, PayloadTooLarge
 WIDE_GRAY_MAX = 65535
 ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 BACKGROUND = (255, 255, 255, 255)
+# The one prefix base64 images may carry, in our JSON form and in v2 alike.
+DATA_URI = re.compile(r"\Adata:image/[A-Za-z0-9.+-]+;base64,")
+
+
+def decode_base64(text: str, where: str) -> bytes:
+    """An image's bytes from standard base64, optionally behind a `data:image/...;base64,` prefix."""
+    try:
+        return base64.b64decode(DATA_URI.sub("", text, count=1), validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise InvalidImage(f"{where}: invalid base64 ({e})") from e
 
 
 def decode_image(data: bytes, limits: Limits) -> Image.Image:

@@ -1,20 +1,17 @@
-"""Turn one TorchServe request (its parameter dict and headers) into images or tensors, and policy parameters.
+"""Read one TorchServe request (its row and headers) off the wire: its images or tensors, and its parameters.
 
 TorchServe hands the handler a dict per request: `body` for a plain REST body, one key per multipart
 part, one key per gRPC input (TorchServe's examples name it `data`), and, on `/models/<name>/invoke`
 only, one key per query parameter (`/predictions/<name>` drops the query string before it reaches
-the worker). Policy parameters therefore come from query parameters, form fields or gRPC inputs
-named `policy`, `k`, `threshold`, from `X-Ensemble-Policy`, `X-Ensemble-K`, `X-Ensemble-Threshold`
-headers, or from a JSON body's `parameters` object (our form's or a v2 request's). A JSON body is
-our `{"instances": ...}` form or, when it has `inputs`, an Open Inference Protocol v2 request
-(`handlers.inputs.v2`). gRPC carries no content type: a body starting with `{` is JSON, one
-starting with the `.npy` magic is an array.
+the worker). Request parameters therefore come from row keys, `X-Ensemble-*` headers and a JSON body's
+`parameters` (`inputs.parameters` reads and merges them). A JSON body is our `{"instances": ...}` form
+(KServe v1's; `ImageInstances`) or, when it has `inputs`, an Open Inference Protocol v2 request
+(`handlers.inputs.v2`). gRPC carries no content type: a body starting with `{` is JSON, one starting
+with the `.npy` magic is an array. Each form ends in one `WireRequest`, which `inputs.prepare` decodes.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -22,14 +19,22 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from handlers.config.specs import Limits, TensorSpec
-from handlers.errors import InvalidImage, PayloadTooLarge, RequestError, UnsupportedMediaType
-from handlers.inputs.parameters import REQUEST_PARAMETERS, unknown_parameters
+from handlers.errors import PayloadTooLarge, RequestError, UnsupportedMediaType
+from handlers.inputs.images import decode_base64
+from handlers.inputs.parameters import (
+    REQUEST_PARAMETERS,
+    Sent,
+    channel_parameters,
+    json_parameters,
+    merge,
+    unknown_parameters,
+)
 from handlers.inputs.tensors import NPY_MAGIC, read_json_instances, read_npy
-from handlers.inputs.v2 import V2Form, is_v2, read_parameters, read_v2, refuse_binary_extension, v2_errors
+from handlers.inputs.v2 import V2Form, is_v2, read_v2, refuse_binary_extension, v2_errors
 
-PARAMETER_HEADERS = {f"x-ensemble-{key.replace('_', '-')}": key for key in REQUEST_PARAMETERS}
 BODY_KEYS = ("body", "data")
 # Bytes one multipart part may spend on its boundary line and headers beyond those we can account
 # for exactly (file name, extra headers). A part dropped for a repeated name shows up as more body
@@ -38,25 +43,53 @@ PART_HEADER_SLACK = 1024
 TENSOR_CONTENT_TYPES = ("application/x-npy", "application/json")
 # The most bytes a multipart part may hold and still be read as a misspelt parameter's value, not an image.
 PARAMETER_TEXT_LIMIT = 256
-_DATA_URI = re.compile(r"data:image/[A-Za-z0-9.+-]+;base64,")
+IMAGES_SHAPE = 'expected {"instances": [{"b64": "<base64 image>"}, ...]}'
+
+
+class Base64Image(BaseModel):
+    """One image of our JSON form: `{"b64": "<base64>"}`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    b64: str
+
+
+class ImageInstances(BaseModel):
+    """Our JSON form for images, which is also KServe v1's: `{"instances": [{"b64": ...}, ...], "parameters": {...}}`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    instances: tuple[Base64Image, ...]
+    parameters: Any = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shape(cls, raw: Any) -> Any:
+        if not isinstance(raw, dict) or set(raw) - {"parameters"} != {"instances"} or not isinstance(raw["instances"], list):
+            raise RequestError(f'wrong JSON shape: {IMAGES_SHAPE} or a v2 request {{"inputs": [...]}}')
+        for i, instance in enumerate(raw["instances"]):
+            if not isinstance(instance, dict) or set(instance) != {"b64"} or not isinstance(instance["b64"], str):
+                raise RequestError(f"instances[{i}]: {IMAGES_SHAPE}")
+        return raw
 
 
 @dataclass(frozen=True)
-class RequestInput:
-    """The images of one request, in order, the policy parameters it asked for, and its v2 form if it was one."""
+class WireRequest:
+    """One request as read off the wire: its images' bytes (image ensembles) or instances [N, *shape] (tensor
+    ensembles), the parameters all its channels carried, merged, and its v2 form if it was a v2 request."""
 
-    images: tuple[bytes, ...]
-    policy_params: Mapping[str, str]
+    inputs: tuple[bytes, ...] | torch.Tensor
+    parameters: Mapping[str, Sent]
     v2: V2Form | None = None
 
 
-def parse_request(row: Mapping[str, Any], headers: Mapping[str, Any], limits: Limits, outputs: Sequence[str]) -> RequestInput:
-    """Read one request; raise a RequestError subclass saying exactly what is wrong with it.
+def read_request(
+    row: Mapping[str, Any], headers: Mapping[str, Any], limits: Limits, outputs: Sequence[str]
+) -> WireRequest:
+    """Read one request to an image ensemble; raise a RequestError subclass saying exactly what is wrong with it.
 
     `outputs` are the ensemble's v2 output names, which a v2 request may choose from.
     """
     lowered, content_type = _headers(headers)
-    params = _policy_params(row, lowered)
+    params = channel_parameters(row, lowered)
     payload = {key: value for key, value in row.items() if key not in REQUEST_PARAMETERS}
     if content_type == "multipart/form-data":
         _check_no_part_dropped(row, lowered)
@@ -76,10 +109,11 @@ def parse_request(row: Mapping[str, Any], headers: Mapping[str, Any], limits: Li
                 with v2_errors():
                     request = read_v2(doc, tensor=None, limits=limits, outputs=outputs)
                     assert request.images is not None, "an image ensemble's v2 request carries images"
-                    return RequestInput(request.images, _merged(params, request.policy_params), request.form)
-            doc, body_params = _split_parameters(doc)
-            params = _merged(params, body_params)
-            images = _json_images(doc)
+                    return WireRequest(request.images, merge(params, request.parameters), request.form)
+            instances = ImageInstances.model_validate(doc)
+            if "parameters" in doc:
+                params = merge(params, json_parameters(doc["parameters"]))
+            images = tuple(decode_base64(item.b64, f"instances[{i}].b64") for i, item in enumerate(instances.instances))
         else:
             images = (_as_bytes(body, "body"),)
     if not images:
@@ -88,43 +122,38 @@ def parse_request(row: Mapping[str, Any], headers: Mapping[str, Any], limits: Li
         raise PayloadTooLarge(
             f"{len(images)} images in one request; this ensemble accepts at most {limits.max_images_per_request}"
         )
-    return RequestInput(images=images, policy_params=params)
+    return WireRequest(images, params)
 
 
-@dataclass(frozen=True)
-class TensorRequestInput:
-    """The instances of one request to a tensor-input ensemble, [N, *shape], its policy parameters and v2 form."""
-
-    instances: torch.Tensor
-    policy_params: Mapping[str, str]
-    v2: V2Form | None = None
-
-
-def parse_tensor_request(
+def read_tensor_request(
     row: Mapping[str, Any], headers: Mapping[str, Any], limits: Limits, spec: TensorSpec, outputs: Sequence[str]
-) -> TensorRequestInput:
+) -> WireRequest:
     """Read one request to a tensor-input ensemble: an `application/x-npy` body, JSON instances or a v2 request."""
     lowered, content_type = _headers(headers)
-    params = _policy_params(row, lowered)
+    params = channel_parameters(row, lowered)
     refuse_binary_extension(lowered)
-    body = _body({key: value for key, value in row.items() if key not in REQUEST_PARAMETERS}, "an application/x-npy array, JSON instances or a v2 request")
+    payload = {key: value for key, value in row.items() if key not in REQUEST_PARAMETERS}
+    body = _body(payload, "an application/x-npy array, JSON instances or a v2 request")
     if not content_type:
-        content_type = "application/json" if _looks_like_json(body) else "application/x-npy" if _as_bytes(body, "body").startswith(NPY_MAGIC) else ""
+        npy = _as_bytes(body, "body").startswith(NPY_MAGIC)
+        content_type = "application/json" if _looks_like_json(body) else "application/x-npy" if npy else ""
     if content_type not in TENSOR_CONTENT_TYPES:
         raise UnsupportedMediaType(
             f"content type {content_type or 'none'!r}: this ensemble takes tensors as application/x-npy, "
             'application/json {"instances": [[...], ...]} or a v2 request'
         )
     if content_type == "application/x-npy":
-        return TensorRequestInput(read_npy(_as_bytes(body, "body"), spec, limits), params)
+        return WireRequest(read_npy(_as_bytes(body, "body"), spec, limits), params)
     doc = _json_document(body)
     if is_v2(doc):
         with v2_errors():
             request = read_v2(doc, tensor=spec, limits=limits, outputs=outputs)
             assert request.instances is not None, "a tensor ensemble's v2 request carries instances"
-            return TensorRequestInput(request.instances, _merged(params, request.policy_params), request.form)
-    doc, body_params = _split_parameters(doc)
-    return TensorRequestInput(read_json_instances(doc, spec, limits), _merged(params, body_params))
+            return WireRequest(request.instances, merge(params, request.parameters), request.form)
+    if isinstance(doc, dict) and "parameters" in doc:
+        params = merge(params, json_parameters(doc["parameters"]))
+        doc = {key: value for key, value in doc.items() if key != "parameters"}
+    return WireRequest(read_json_instances(doc, spec, limits), params)
 
 
 def _headers(headers: Mapping[str, Any]) -> tuple[dict[str, str], str]:
@@ -160,49 +189,6 @@ def _json_document(body: Any) -> Any:
         return json.loads(body) if isinstance(body, (bytes, bytearray, str)) else body
     except (ValueError, UnicodeDecodeError) as e:
         raise RequestError(f"malformed JSON body: {e}") from e
-
-
-def _split_parameters(doc: Any) -> tuple[Any, dict[str, str]]:
-    """Our JSON form without its optional `parameters` object, and the policy parameters that object carries."""
-    if not isinstance(doc, dict) or "parameters" not in doc:
-        return doc, {}
-    rest = {key: value for key, value in doc.items() if key != "parameters"}
-    return rest, read_parameters(doc["parameters"])
-
-
-def _merged(params: Mapping[str, str], body_params: Mapping[str, str]) -> dict[str, str]:
-    """Policy parameters from the channel (query, fields, headers) and from the body, which must agree."""
-    merged = dict(params)
-    for key, value in body_params.items():
-        if key in merged and merged[key] != value:
-            raise RequestError(f"{key} given twice with different values: {merged[key]!r} and {value!r}")
-        merged[key] = value
-    return merged
-
-
-def _policy_params(row: Mapping[str, Any], headers: Mapping[str, str]) -> dict[str, str]:
-    params: dict[str, str] = {}
-    for key in REQUEST_PARAMETERS:
-        if key in row:
-            params[key] = _as_text(row[key], key)
-    return _merged(params, {key: headers[header].strip() for header, key in PARAMETER_HEADERS.items() if header in headers})
-
-
-def _json_images(doc: Any) -> tuple[bytes, ...]:
-    """`{"instances": [{"b64": "<base64>"}, ...]}` to image bytes; anything else is a clear 400."""
-    shape = 'expected {"instances": [{"b64": "<base64 image>"}, ...]}'
-    if not isinstance(doc, dict) or set(doc) != {"instances"} or not isinstance(doc["instances"], list):
-        raise RequestError(f'wrong JSON shape: {shape} or a v2 request {{"inputs": [...]}}')
-    images = []
-    for i, instance in enumerate(doc["instances"]):
-        if not isinstance(instance, dict) or set(instance) != {"b64"} or not isinstance(instance["b64"], str):
-            raise RequestError(f"instances[{i}]: {shape}")
-        encoded = _DATA_URI.sub("", instance["b64"], count=1)
-        try:
-            images.append(base64.b64decode(encoded, validate=True))
-        except (binascii.Error, ValueError) as e:
-            raise InvalidImage(f"instances[{i}].b64: invalid base64 ({e})") from e
-    return tuple(images)
 
 
 def _is_raw_image_type(content_type: str) -> bool:
@@ -259,12 +245,3 @@ def _as_bytes(value: Any, what: str) -> bytes:
     if isinstance(value, str):
         return value.encode("utf-8")
     raise UnsupportedMediaType(f"{what}: expected image bytes, got {type(value).__name__}")
-
-
-def _as_text(value: Any, what: str) -> str:
-    if isinstance(value, str):
-        return value.strip()
-    try:
-        return bytes(value).decode("utf-8").strip()
-    except (TypeError, UnicodeDecodeError) as e:
-        raise RequestError(f"{what}: expected UTF-8 text") from e

@@ -1,57 +1,66 @@
 """Read tensor instances from untrusted bytes: `.npy` (compact, zero parsing per number) or JSON lists.
 
 JSON is the portable form, but parsing 128 x 784 decimal numbers costs far more than the model
-does; a `.npy` body is a short header plus raw little-endian floats. The header is read with
-`ast.literal_eval` on a bounded string and nothing is ever unpickled: object arrays are refused.
+does; a `.npy` body is a short header plus raw little-endian floats. numpy reads it, never unpickling
+(`allow_pickle=False`), and only once the header it parsed (a literal of at most MAX_NPY_HEADER bytes)
+has been held to the ensemble's shape, dtypes and instance limit, so numpy allocates no more than those allow.
 """
 
 from __future__ import annotations
 
-import ast
-import functools
+import io
 import json
 import math
 import struct
+import tokenize
 from typing import Any
 
+import numpy
 import torch
+from numpy.lib import format as npy_format
 
 from handlers.config.specs import Limits, TensorSpec
 from handlers.errors import PayloadTooLarge, RequestError
 
 NPY_MAGIC = b"\x93NUMPY"
-NPY_DTYPES = {"<f4": torch.float32, "<f8": torch.float64, "<f2": torch.float16}
+NPY_DTYPES = {"<f4", "<f8", "<f2"}
+NPY_VERSIONS = {(1, 0), (2, 0), (3, 0)}
 MAX_NPY_HEADER = 4096
 JSON_SHAPE = 'expected {"instances": [<instance>, ...]} where each instance is a nested list of numbers'
+LITERAL = ".npy header is not a Python literal: {}"
+KEYS = ".npy header must hold exactly 'descr', 'fortran_order' and 'shape'"
+SHAPE = ".npy shape {} is not a tuple of non-negative integers"
+DTYPE = ".npy dtype {} is not supported; send little-endian float32 ('<f4'), '<f8' or '<f2'"
+FORTRAN = ".npy array is in Fortran order; send a C-ordered array"
+# How numpy (pinned in requirements.txt) words a header it refuses, and the words our clients had before numpy read
+# the headers: the text after the prefix fills the {}. The tests hold every line, so a numpy that rewords one fails.
+NUMPY_HEADER_ERRORS = (
+    ("Header is not a dictionary", KEYS),
+    ("Header does not contain the correct keys", KEYS),
+    ("shape is not valid: ", SHAPE),
+    ("fortran_order is not a valid bool", FORTRAN),
+    ("descr is not a valid dtype descriptor: ", DTYPE),
+)
 
 
 def read_npy(data: bytes, spec: TensorSpec, limits: Limits) -> torch.Tensor:
     """A `.npy` body of shape [N, *spec.shape] (or one instance of spec.shape) as float32 [N, *spec.shape]."""
-    if not data.startswith(NPY_MAGIC) or len(data) < 10:
-        raise RequestError("not a .npy file: the body does not start with the \\x93NUMPY magic")
-    major = data[6]
-    if major == 1:
-        (header_len,), start = struct.unpack_from("<H", data, 8), 10
-    elif major in (2, 3) and len(data) >= 12:
-        (header_len,), start = struct.unpack_from("<I", data, 8), 12
-    else:
-        raise RequestError(f".npy format version {major} is not supported; send version 1, 2 or 3")
-    if header_len > MAX_NPY_HEADER or start + header_len > len(data):
-        raise RequestError(f".npy header of {header_len} bytes is truncated or longer than {MAX_NPY_HEADER}")
-    header = _npy_header(data[start : start + header_len])
-    descr, shape = header["descr"], header["shape"]
-    if descr not in NPY_DTYPES:
-        raise RequestError(f".npy dtype {descr!r} is not supported; send little-endian float32 ('<f4'), '<f8' or '<f2'")
-    if header["fortran_order"] is not False:
-        raise RequestError(".npy array is in Fortran order; send a C-ordered array")
+    shape, fortran_order, dtype, data_start = _npy_header(data)
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
+        raise RequestError(SHAPE.format(repr(shape)))
+    if dtype.str not in NPY_DTYPES:
+        raise RequestError(DTYPE.format(repr(dtype.str)))
+    if fortran_order:
+        raise RequestError(FORTRAN)
     count = _instance_count(shape, spec, limits)
-    dtype = NPY_DTYPES[descr]
-    payload = memoryview(data)[start + header_len :]
-    expected = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    if len(payload) != expected:
-        raise RequestError(f".npy data holds {len(payload)} bytes; shape {list(shape)} of {descr} needs {expected}")
-    values = torch.frombuffer(bytearray(payload), dtype=dtype).to(torch.float32)
-    return _finite(values.view(count, *spec.shape))
+    held, expected = len(data) - data_start, math.prod(shape) * dtype.itemsize
+    if held != expected:
+        raise RequestError(f".npy data holds {held} bytes; shape {list(shape)} of {dtype.str} needs {expected}")
+    try:
+        array = numpy.load(io.BytesIO(data), allow_pickle=False, max_header_size=MAX_NPY_HEADER)
+    except ValueError as e:  # numpy reads the header again, a version 3 one as UTF-8 where ours read Latin-1
+        raise RequestError(f".npy file is not readable: {e}") from e
+    return _finite(torch.from_numpy(array).to(torch.float32).view(count, *spec.shape))
 
 
 def read_json_instances(body: bytes | str | Any, spec: TensorSpec, limits: Limits) -> torch.Tensor:
@@ -67,7 +76,9 @@ def read_json_instances(body: bytes | str | Any, spec: TensorSpec, limits: Limit
     except (TypeError, ValueError, RuntimeError, OverflowError) as e:
         raise RequestError(f"instances are not nested lists of numbers of one shape: {e}") from e
     if values.dim() != len(spec.shape) + 1:
-        raise RequestError(f"instances have shape {list(values.shape)}; expected [N, {', '.join(map(str, spec.shape))}]")
+        raise RequestError(
+            f"instances have shape {list(values.shape)}; expected [N, {', '.join(map(str, spec.shape))}]"
+        )
     _instance_count(tuple(values.shape), spec, limits)
     return _finite(values)
 
@@ -89,19 +100,38 @@ def instances_from_values(
     return _finite(tensor.to(torch.float32).view(count, *spec.shape))
 
 
-@functools.lru_cache(maxsize=64)
-def _npy_header(raw: bytes) -> dict[str, Any]:
-    """The parsed header; cached because a client sends the same few headers again and again."""
+def _npy_header(data: bytes) -> tuple[tuple[int, ...], bool, numpy.dtype[Any], int]:
+    """Shape, Fortran order, dtype and where the data starts, read by numpy from a header of bounded length."""
+    if len(data) < 10 or not data.startswith(NPY_MAGIC):
+        raise RequestError("not a .npy file: the body does not start with the \\x93NUMPY magic")
+    stream = io.BytesIO(data)
+    major, minor = version = npy_format.read_magic(stream)
+    if version not in NPY_VERSIONS:
+        named = str(major) if minor == 0 else f"{major}.{minor}"
+        raise RequestError(f".npy format version {named} is not supported; send version 1, 2 or 3")
+    length_format = "<H" if major == 1 else "<I"
+    header_start = stream.tell() + struct.calcsize(length_format)
+    if header_start > len(data):
+        raise RequestError(f".npy file of {len(data)} bytes ends inside its header length")
+    (header_len,) = struct.unpack_from(length_format, data, stream.tell())
+    if header_len > MAX_NPY_HEADER or header_start + header_len > len(data):
+        raise RequestError(f".npy header of {header_len} bytes is truncated or longer than {MAX_NPY_HEADER}")
+    # Version 3 is version 2 with a UTF-8 header; every header we accept is ASCII, which both read alike.
+    read = npy_format.read_array_header_1_0 if major == 1 else npy_format.read_array_header_2_0
+    # A header that is no literal numpy reads again as Python 2 wrote it, through the tokenizer: TokenError.
     try:
-        header = ast.literal_eval(raw.decode("latin-1"))
-    except (ValueError, SyntaxError, MemoryError, RecursionError) as e:
-        raise RequestError(f".npy header is not a Python literal: {e}") from e
-    if not isinstance(header, dict) or set(header) != {"descr", "fortran_order", "shape"}:
-        raise RequestError(".npy header must hold exactly 'descr', 'fortran_order' and 'shape'")
-    shape = header["shape"]
-    if not isinstance(shape, tuple) or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
-        raise RequestError(f".npy shape {shape!r} is not a tuple of non-negative integers")
-    return header
+        shape, fortran_order, dtype = read(stream, max_header_size=MAX_NPY_HEADER)
+    except (ValueError, SyntaxError, tokenize.TokenError, RecursionError, MemoryError) as e:
+        raise RequestError(_refused_header(str(e))) from e
+    return shape, fortran_order, dtype, stream.tell()
+
+
+def _refused_header(reason: str) -> str:
+    """numpy's reason for refusing a header in our words; any other is a header Python cannot evaluate."""
+    for prefix, message in NUMPY_HEADER_ERRORS:
+        if reason.startswith(prefix):
+            return message.format(reason.removeprefix(prefix))
+    return LITERAL.format(reason)
 
 
 def _instance_count(shape: tuple[int, ...], spec: TensorSpec, limits: Limits) -> int:
@@ -113,7 +143,9 @@ def _instance_count(shape: tuple[int, ...], spec: TensorSpec, limits: Limits) ->
     if shape[0] == 0:
         raise RequestError("the request carried no instance")
     if shape[0] > limits.max_images_per_request:
-        raise PayloadTooLarge(f"{shape[0]} instances in one request; this ensemble accepts at most {limits.max_images_per_request}")
+        raise PayloadTooLarge(
+            f"{shape[0]} instances in one request; this ensemble accepts at most {limits.max_images_per_request}"
+        )
     return shape[0]
 
 
