@@ -170,7 +170,7 @@ class Ensemble:
             stages = self.stages() if item.policy.stops_early else None
             answer = self.decider.decide(probs[:, offset : offset + count], item.policy, item.members, stages=stages, uncertainty=item.uncertainty)
             if item.v2 is None:
-                body = self.renderer.json_body(answer, item.top_k, item.min_run)
+                body = self.renderer.json_body(answer, item.top_k, item.min_run, defaults_only=item.defaults_only)
             else:
                 body = self.renderer.v2_body(answer, item.v2, item.top_k)
             deferred = sum(reason is not None for reason in answer.deferred or ())

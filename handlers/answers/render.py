@@ -21,6 +21,14 @@ from handlers.config.specs import EnsembleSpec
 from handlers.inputs.v2 import V2Form
 
 SCORE_DIGITS = 6
+# The answer format's version (docs/contract.md): the major number changes only with a change that can break a client.
+ANSWER_FORMAT = "2.1"
+# Said in an answer no request parameter reached: TorchServe drops the query string of /predictions/<name> unseen.
+DEFAULTS_WARNING = (
+    "no request parameter reached the ensemble, so its defaults answered ({policy}); TorchServe drops the query"
+    " string of /predictions/<name> before the ensemble sees it: send parameters as X-Ensemble-* headers, in a JSON"
+    " body's \"parameters\", on /models/<name>/invoke, or through the gateway's /predictions"
+)
 
 
 class Renderer:
@@ -33,8 +41,11 @@ class Renderer:
         self._source_digests = dict(source_digests)
         self.labels_key = "labels" if spec.task == "multilabel" else "label"
 
-    def json_body(self, answer: Answer, top_k: int | None = None, min_run: int | None = None) -> dict[str, Any]:
-        """Our JSON answer; `top_k` adds each prediction's ranking, `min_run` the `sequence` summary."""
+    def json_body(
+        self, answer: Answer, top_k: int | None = None, min_run: int | None = None, *, defaults_only: bool = False
+    ) -> dict[str, Any]:
+        """Our JSON answer; `top_k` adds each prediction's ranking, `min_run` the `sequence` summary, and
+        `defaults_only` (no parameter reached the request) a `warning` saying which policy answered and why."""
         probs, own, decision, names = answer.probs, answer.own, answer.decision, list(answer.names)
         member_views = {name: self._views(own[m], probs[m]) for m, name in enumerate(names)}
         predictions = self._views(decision.chosen, decision.score)
@@ -63,7 +74,8 @@ class Renderer:
                 if reason is not None:
                     entry[self.labels_key] = entry[score_key] = None
                     entry["reason"] = reason
-        body = {
+        body: dict[str, Any] = {
+            "format": ANSWER_FORMAT,
             "ensemble": self.spec.name,
             "version": self.spec.version,
             "policy": {"name": answer.policy.name, "params": answer.policy.params()},
@@ -77,6 +89,9 @@ class Renderer:
                 "member_source_sha256": {name: self._source_digests[name] for name in names},
             },
         }
+        if defaults_only:
+            applied = " ".join([f"policy={answer.policy.name}", *(f"{k}={v}" for k, v in answer.policy.params().items())])
+            body["warning"] = DEFAULTS_WARNING.format(policy=applied)
         if min_run is not None:
             body["sequence"] = summarize(decision.chosen, self.spec.labels, only=self.spec.positive_index, min_run=min_run)
         return body
@@ -90,6 +105,7 @@ class Renderer:
         decision, names = answer.decision, answer.names
         parameters: dict[str, Any] = {"policy": answer.policy.name, **answer.policy.params(), "ensemble_version": self.spec.version}
         parameters["members"] = ",".join(names)
+        parameters["format"] = ANSWER_FORMAT
         parameters.update({f"{name}.sha256": self._digests[name] for name in names})
         chosen = decision.chosen
         ran = answer.ran.tolist()

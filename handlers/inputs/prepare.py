@@ -28,12 +28,14 @@ from handlers.inputs.v2 import V2Form, v2_errors
 class PreparedRequest:
     """A request whose images decoded (or tensor instances parsed) and whose parameters resolved: ready to run.
 
-    `v2` is set when the request was an Open Inference Protocol v2 body, and is answered as one.
+    `v2` is set when the request was an Open Inference Protocol v2 body, and is answered as one; `defaults_only`
+    when no parameter reached it on any channel (its answer says so: a query string TorchServe dropped is unseen).
     """
 
     inputs: tuple[Image.Image, ...] | torch.Tensor
     parameters: RequestParameters
     v2: V2Form | None = None
+    defaults_only: bool = False
 
     @property
     def policy(self) -> PolicySpec:
@@ -77,7 +79,8 @@ class RequestPreparer:
             if not isinstance(inputs, torch.Tensor):
                 inputs = tuple(decode_image(data, limits) for data in inputs)
             context = ParameterContext(self.spec, request.v2.outputs if request.v2 else None, request.v2 is not None)
-            return PreparedRequest(inputs, RequestParameters.resolve(request.parameters, context), request.v2)
+            parameters = RequestParameters.resolve(request.parameters, context)
+            return PreparedRequest(inputs, parameters, request.v2, defaults_only=not request.parameters)
 
     def parameters(self) -> dict[str, dict[str, Any]]:
         """Every request parameter this ensemble takes, with its values or range and its default (for describe)."""
