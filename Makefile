@@ -4,29 +4,35 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 # facenet-pytorch ships MTCNN's trained networks (the `faces` demo). Its own pins (torch<2.3, numpy<2) are older
-# than our stack, and its networks need only torch: it is installed without its dependencies.
+# than our stack, and its networks need only torch: it is installed without its dependencies (requirements-nodeps.lock,
+# which `make lock` writes from this line).
 NO_DEPS := facenet-pytorch==2.6.0
-INSTALLED := $(VENV)/.installed-$(shell (cat requirements.txt; echo $(NO_DEPS)) | sha256sum | cut -c1-12)
+# Every requirements set is an input edited by hand (requirements.txt, tests/requirements.txt, ...) and a lock beside it
+# (requirements.lock, tests/requirements.lock, ...) that `make lock` writes: every transitive dependency pinned, with
+# the sha256 of each of its files. The venvs install the locks only, and pip refuses a file whose hash is not there.
+# Each install marker is named after its lock's digest, so a venv installs again only when its lock changed.
+PIP_LOCKED = $(1) -m pip install -q --require-hashes
+INSTALLED := $(VENV)/.installed-$(shell cat requirements.lock requirements-nodeps.lock | sha256sum | cut -c1-12)
 # The demos train under pinned kernels (archive_scripts/pinned_kernels.py), so every x86-64 CPU with AVX2 trains the
 # weights pinned in archive_scripts/demo_weights.json; ACCEPT_OTHER_WEIGHTS=1 keeps weights that differ from them.
 TRAINED := artifacts/weights/.trained
 NAME ?= shapes
 
-.PHONY: setup demo build kserve gpu-check serve stop test test-fast docs schema register unregister rebuild evaluate inspect bench bench-quick bench-tune bench-eager bench-mlp bench-profile bench-batching bench-fused bench-options bench-early-exit bench-pinned-training bench-auto bench-engines bench-request-profile tune reliability reliability-full clean prometheus monitor monitor-stop monitor-traffic monitor-report
+.PHONY: setup demo build kserve gpu-check serve stop test test-fast lint lock lock-check docs schema register unregister rebuild evaluate inspect bench bench-quick bench-tune bench-eager bench-mlp bench-profile bench-batching bench-fused bench-options bench-early-exit bench-pinned-training bench-auto bench-engines bench-request-profile tune reliability reliability-full clean prometheus monitor monitor-stop monitor-traffic monitor-report
 
-$(INSTALLED): requirements.txt
+$(INSTALLED): requirements.lock requirements-nodeps.lock
 	@command -v java >/dev/null 2>&1 || { echo "installing a Java runtime for TorchServe"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless; }
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "$(PYTHON) not found: Python 3.11 is required"; exit 1; }
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements.txt
-	$(PY) -m pip install -q --no-deps $(NO_DEPS)
+	$(call PIP_LOCKED,$(PY)) -r requirements.lock
+	$(call PIP_LOCKED,$(PY)) --no-deps -r requirements-nodeps.lock
 	@rm -f $(VENV)/.installed-* && touch $@
 
 setup: $(INSTALLED)
 
-EVAL_INSTALLED := $(VENV)/.eval-$(shell sha256sum archive_scripts/requirements-eval.txt | cut -c1-12)
+EVAL_INSTALLED := $(VENV)/.eval-$(shell sha256sum archive_scripts/requirements-eval.lock | cut -c1-12)
 
 $(TRAINED): $(INSTALLED) $(EVAL_INSTALLED) ensembles.yaml archive_scripts/demo_data.py archive_scripts/demo_models.py archive_scripts/train_demo.py archive_scripts/checkpoint_layouts.py archive_scripts/digits_demo.py archive_scripts/faces_demo.py \
 		archive_scripts/pinned_kernels.py archive_scripts/demo_weights.py archive_scripts/demo_weights.json
@@ -55,14 +61,14 @@ serve: build
 stop: $(INSTALLED)
 	$(PY) -m archive_scripts.torchserve_ctl stop
 
-TUNE_INSTALLED := $(VENV)/.tune-$(shell sha256sum bench/requirements-tune.txt | cut -c1-12)
+TUNE_INSTALLED := $(VENV)/.tune-$(shell sha256sum bench/requirements-tune.lock | cut -c1-12)
 
-$(TUNE_INSTALLED): $(INSTALLED) bench/requirements-tune.txt
-	$(PY) -m pip install -q -r bench/requirements-tune.txt
+$(TUNE_INSTALLED): $(INSTALLED) bench/requirements-tune.lock
+	$(call PIP_LOCKED,$(PY)) -r bench/requirements-tune.lock
 	@rm -f $(VENV)/.tune-* && touch $@
 
-$(EVAL_INSTALLED): $(INSTALLED) archive_scripts/requirements-eval.txt
-	$(PY) -m pip install -q -r archive_scripts/requirements-eval.txt
+$(EVAL_INSTALLED): $(INSTALLED) archive_scripts/requirements-eval.lock
+	$(call PIP_LOCKED,$(PY)) -r archive_scripts/requirements-eval.lock
 	@rm -f $(VENV)/.eval-* && touch $@
 
 # Prometheus 2.42 and promtool from Debian 12's package, unpacked into .tools/prometheus like a venv: not
@@ -107,11 +113,11 @@ monitor-report: $(EVAL_INSTALLED)
 
 # The docs site's own stack (docs/requirements.txt) in the same venv. Material's build prints a banner about its
 # end of life (May 2027; docs/libraries.md records it): NO_MKDOCS_2_WARNING keeps it out of every test run.
-DOCS_INSTALLED := $(VENV)/.docs-$(shell sha256sum docs/requirements.txt | cut -c1-12)
+DOCS_INSTALLED := $(VENV)/.docs-$(shell sha256sum docs/requirements.lock | cut -c1-12)
 MKDOCS := NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs
 
-$(DOCS_INSTALLED): $(INSTALLED) docs/requirements.txt
-	$(PY) -m pip install -q -r docs/requirements.txt
+$(DOCS_INSTALLED): $(INSTALLED) docs/requirements.lock
+	$(call PIP_LOCKED,$(PY)) -r docs/requirements.lock
 	@rm -f $(VENV)/.docs-* && touch $@
 
 # make docs: the site (mkdocs.yml) into build/site. --strict: a broken link, anchor or missing page is an error.
@@ -119,11 +125,63 @@ docs: $(DOCS_INSTALLED)
 	$(MKDOCS) build --strict
 
 # Test-only tools (check-jsonschema, which tests/test_schema.py runs on every shipped ensembles file).
-TESTS_INSTALLED := $(VENV)/.tests-$(shell sha256sum tests/requirements.txt | cut -c1-12)
+TESTS_INSTALLED := $(VENV)/.tests-$(shell sha256sum tests/requirements.lock | cut -c1-12)
 
-$(TESTS_INSTALLED): $(INSTALLED) tests/requirements.txt
-	$(PY) -m pip install -q -r tests/requirements.txt
+$(TESTS_INSTALLED): $(INSTALLED) tests/requirements.lock
+	$(call PIP_LOCKED,$(PY)) -r tests/requirements.lock
 	@rm -f $(VENV)/.tests-* && touch $@
+
+# The development tools (requirements-dev.txt: ruff, mypy and the stubs it needs, uv), configured in pyproject.toml.
+LINT_INSTALLED := $(VENV)/.lint-$(shell sha256sum requirements-dev.lock | cut -c1-12)
+
+$(LINT_INSTALLED): $(INSTALLED) requirements-dev.lock
+	$(call PIP_LOCKED,$(PY)) -r requirements-dev.lock
+	@rm -f $(VENV)/.lint-* && touch $@
+
+# make lint: the locks against their inputs (lock-check below), ruff's formatter (check only: `.venv/bin/ruff format`
+# rewrites), ruff's linter and mypy; all four run and each reports. mypy reads the tests, the benchmarks and the scripts too, so the sets they import are installed first.
+lint: $(INSTALLED) $(LINT_INSTALLED) $(TESTS_INSTALLED) $(EVAL_INSTALLED) $(TUNE_INSTALLED) $(DOCS_INSTALLED)
+	@status=0; \
+	echo "lock-check"; $(MAKE) -s lock-check || status=1; \
+	echo "ruff format --check"; $(VENV)/bin/ruff format --check . || status=1; \
+	echo "ruff check"; $(VENV)/bin/ruff check . || status=1; \
+	echo "mypy"; $(PY) -m mypy || status=1; \
+	exit $$status
+
+# make lock: every lock written again from its input, keeping each locked version the inputs still allow (UPGRADE=1:
+# the newest versions they allow; UPGRADE_PACKAGES='name ...': only those). All of .venv's sets are resolved together
+# first (constraints.txt) and each of their locks is compiled against that, so the sets layer into .venv without
+# moving each other's pins. The Triton venv's lock takes the same pins but numpy and protobuf (PyTriton 0.7.0 needs
+# numpy<2, its Triton gRPC client protobuf<7), for Linux x86-64 with glibc 2.35 (PyTriton's wheel); the others for
+# glibc 2.28. Python 3.11.0 and later: Debian 12's interpreter (3.11.2) runs the Triton venv.
+VENV_SETS := requirements.txt requirements-dev.txt tests/requirements.txt docs/requirements.txt \
+	archive_scripts/requirements-eval.txt bench/requirements.txt bench/requirements-tune.txt
+UV_COMPILE = $(VENV)/bin/uv pip compile --quiet --custom-compile-command 'make lock' --python-version 3.11 \
+	$(if $(UPGRADE),--upgrade) $(foreach p,$(UPGRADE_PACKAGES),--upgrade-package $(p))
+LOCK_PLATFORM := --python-platform x86_64-manylinux_2_28
+
+# make lock-check (part of make lint, offline): every requirement of every input is in its lock, at the version the
+# input pins, so an input edited without `make lock` fails here rather than installing what it no longer says.
+LOCK_CHECK = awk 'FNR == NR { if (match($$0, /^[a-z0-9][a-z0-9._-]*==[^ ]+/)) { split(substr($$0, 1, RLENGTH), pin, "=="); \
+	locked[pin[1]] = pin[2] }; next } { c = index($$0, "\043"); if (c) $$0 = substr($$0, 1, c - 1); gsub(/[ \t]/, ""); \
+	sub(/\[[^]]*\]/, ""); if ($$0 == "") next; n = split($$0, req, "=="); name = tolower(req[1]); gsub(/[._]+/, "-", name); \
+	if (!(name in locked) || (n == 2 && locked[name] != req[2])) { print FILENAME ": " $$0 " is not in " ARGV[1] \
+	": run make lock"; stale = 1 } } END { exit stale }' $(1) $(2)
+
+lock-check:
+	@stale=0; for set in $(VENV_SETS) bench/requirements-triton.txt; do \
+		$(call LOCK_CHECK,$${set%.txt}.lock,$$set) || stale=1; done; \
+	echo '$(NO_DEPS)' | $(call LOCK_CHECK,requirements-nodeps.lock,-) || stale=1; \
+	exit $$stale
+
+lock: $(LINT_INSTALLED)
+	$(UV_COMPILE) $(LOCK_PLATFORM) $(VENV_SETS) -o constraints.txt
+	@for set in $(VENV_SETS); do echo "$${set%.txt}.lock"; \
+		$(UV_COMPILE) $(LOCK_PLATFORM) --generate-hashes -c constraints.txt $$set -o $${set%.txt}.lock || exit 1; done
+	echo '$(NO_DEPS)' | $(UV_COMPILE) $(LOCK_PLATFORM) --generate-hashes --no-deps --no-annotate - -o requirements-nodeps.lock
+	@mkdir -p build && grep -v -E '^(numpy|protobuf)==' constraints.txt > build/constraints-triton.txt
+	$(UV_COMPILE) --python-platform x86_64-manylinux_2_35 --generate-hashes -c build/constraints-triton.txt \
+		bench/requirements-triton.txt -o bench/requirements-triton.lock
 
 # ensembles.schema.json from the config models (handlers/config/schema.py); a test fails while it is stale.
 schema: $(INSTALLED)
@@ -136,8 +194,9 @@ test: $(INSTALLED) $(TESTS_INSTALLED) $(EVAL_INSTALLED) $(TUNE_INSTALLED) $(DOCS
 	@test -e $(TRAINED) || $(MAKE) demo
 	$(PY) -m pytest
 
-# The inner loop: the unit tests. No server starts, nothing trains, no archive is built and no plan is timed (pytest.ini markers).
-test-fast: $(INSTALLED) $(TESTS_INSTALLED) $(EVAL_INSTALLED) $(TUNE_INSTALLED) $(DOCS_INSTALLED) $(PROMETHEUS_UNPACKED)
+# The inner loop: `make lint`, then the unit tests. No server starts, nothing trains, no archive is built and no plan is
+# timed (the pytest markers in pyproject.toml). NO_LINT=1 leaves the lint out.
+test-fast: $(if $(NO_LINT),,lint) $(INSTALLED) $(TESTS_INSTALLED) $(EVAL_INSTALLED) $(TUNE_INSTALLED) $(DOCS_INSTALLED) $(PROMETHEUS_UNPACKED)
 	$(PY) -m pytest -m "not integration and not slow"
 
 register: $(INSTALLED)
@@ -159,25 +218,25 @@ inspect: $(INSTALLED)
 	@test -n "$(FILE)" -a -n "$(ARCH)" || { echo "usage: make inspect FILE=path/to/checkpoint ARCH=torchvision:<builder>|timm:<model>|<package.module>:<Name>|<file.py>:<Class> [KWARGS='{\"num_classes\": 14}'] [INPUT=3,48,48]"; exit 2; }
 	$(PY) -m archive_scripts.inspect_checkpoint "$(FILE)" --arch "$(ARCH)" --kwargs '$(or $(KWARGS),{})' $(if $(INPUT),--input $(INPUT))
 
-BENCH_INSTALLED := $(VENV)/.bench-$(shell sha256sum bench/requirements.txt | cut -c1-12)
+BENCH_INSTALLED := $(VENV)/.bench-$(shell sha256sum bench/requirements.lock | cut -c1-12)
 
-$(BENCH_INSTALLED): $(INSTALLED) bench/requirements.txt
-	$(PY) -m pip install -q -r bench/requirements.txt
+$(BENCH_INSTALLED): $(INSTALLED) bench/requirements.lock
+	$(call PIP_LOCKED,$(PY)) -r bench/requirements.lock
 	@rm -f $(VENV)/.bench-* && touch $@
 
 # The Triton contender's own venv: PyTriton's Python stub links the system libpython3.11, so the venv must
 # come from Debian's interpreter (with another 3.11 first on PATH the stub fails), and PyTriton needs numpy<2.
 TRITON_PYTHON := /usr/bin/python3.11
 TRITON_VENV := .venv-triton
-TRITON_INSTALLED := $(TRITON_VENV)/.installed-$(shell sha256sum bench/requirements-triton.txt | cut -c1-12)
+TRITON_INSTALLED := $(TRITON_VENV)/.installed-$(shell sha256sum bench/requirements-triton.lock | cut -c1-12)
 
-$(TRITON_INSTALLED): bench/requirements-triton.txt
+$(TRITON_INSTALLED): bench/requirements-triton.lock
 	@{ $(TRITON_PYTHON) -c 'import ensurepip' && ldconfig -p | grep -q 'libpython3\.11\.so\.1\.0'; } >/dev/null 2>&1 || { \
 		echo "installing Debian's python3.11, python3.11-venv and libpython3.11 for the Triton contender"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3.11 python3.11-venv libpython3.11; }
 	@grep -qx 'home = /usr/bin' $(TRITON_VENV)/pyvenv.cfg 2>/dev/null || { rm -rf $(TRITON_VENV) && $(TRITON_PYTHON) -m venv $(TRITON_VENV); }
 	$(TRITON_VENV)/bin/python -m pip install -q --upgrade pip
-	$(TRITON_VENV)/bin/python -m pip install -q -r bench/requirements-triton.txt
+	$(call PIP_LOCKED,$(TRITON_VENV)/bin/python) -r bench/requirements-triton.lock
 	@rm -f $(TRITON_VENV)/.installed-* && touch $@
 
 # make bench-tune searches every contender's setup alike (bench/results/bench_tuning.json, committed); make bench,
