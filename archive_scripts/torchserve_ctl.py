@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 import psutil
 import requests
 
-from handlers.config.files import load_ensembles
+from handlers.config.files import load_ensembles, read_properties
 
 READY_TIMEOUT_S = 120
 GATEWAY_TIMEOUT_S = 30
@@ -60,11 +60,11 @@ class Server:
     tmpdir: Path | None = None
 
     def setting(self, key: str) -> str:
-        for line in self.config.read_text().splitlines():
-            name, sep, value = line.partition("=")
-            if sep and name.strip() == key:
-                return value.strip()
-        raise KeyError(f"{self.config}: no {key}")
+        """`key`'s value as TorchServe reads it from the config; KeyError when the config does not set it."""
+        try:
+            return read_properties(self.config)[key]
+        except KeyError:
+            raise KeyError(f"{self.config}: no {key}") from None
 
     @property
     def inference(self) -> str:

@@ -1,7 +1,8 @@
-"""Reading ensembles.yaml and the archive manifest (`ensemble.json`) into validated specs, once.
+"""Reading ensembles.yaml and the archive manifest (`ensemble.json`) into validated specs, once; and
+TorchServe's `config.properties`, for the scripts, tests and gateway that must find what TorchServe finds there.
 
-Both files are checked by the models in schema.py. Every error names the file and the key path, e.g.
-`ensembles.yaml: ensembles.shapes.members[2].arch: unknown torchvision model 'resnet19'`, one line per error.
+ensembles.yaml and the manifest are checked by the models in schema.py. Every error names the file and the key
+path, e.g. `ensembles.yaml: ensembles.shapes.members[2].arch: unknown torchvision model 'resnet19'`, one line per error.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any, TypeVar
 
+import javaproperties
 import yaml
 from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
@@ -30,6 +32,20 @@ def load_ensembles(path: Path, *, check_files: bool = True) -> dict[str, Ensembl
     except (OSError, yaml.YAMLError) as e:
         raise ConfigError(f"{path.name}: cannot read: {e}") from e
     return _validate(EnsemblesFile, raw, path.name, base_dir=path.parent, check_files=check_files).to_specs(path.parent)
+
+
+def read_properties(source: Path | str) -> dict[str, str]:
+    """The settings of a Java `.properties` file (a Path) or text (a str), read by java.util.Properties' rules.
+
+    TorchServe reads its config.properties with java.util.Properties: `#` and `!` comments, `=`, `:` or blank
+    separators, continued lines and escapes all count, so a script that split lines on `=` could see other settings
+    than the server. A file is read as Latin-1, as Properties.load reads a stream.
+    """
+    name = source.name if isinstance(source, Path) else "properties text"
+    try:
+        return javaproperties.loads(source.read_text(encoding="latin-1") if isinstance(source, Path) else source)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{name}: cannot read: {e}") from e
 
 
 def read_archive_manifest(model_dir: Path) -> ArchiveManifest:
