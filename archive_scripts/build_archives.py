@@ -64,7 +64,9 @@ def build_archive(spec: EnsembleSpec, store: Path) -> Path:
         shutil.copytree(HANDLERS_DIR, payload / "handlers", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         members, digests, sources, engines = _stage_members(spec, payload)
         packed = replace(spec, members=members)
-        digests.update({p.relative_to(payload).as_posix(): sha256_of(p) for p in sorted((payload / "handlers").rglob("*.py"))})
+        digests.update(
+            {p.relative_to(payload).as_posix(): sha256_of(p) for p in sorted((payload / "handlers").rglob("*.py"))}
+        )
         manifest = {
             "format": MANIFEST_FORMAT,
             "name": spec.name,
@@ -120,7 +122,12 @@ def _stage_members(
         fitted = member_weights(member, spec.base_dir, module)
         save_normalized(fitted.state, payload / weights)
         digests[weights] = sha256_of(payload / weights)
-        sources[member.name] = {"file": member.weights, "sha256": source_sha256, "state_dict": member.state_dict.to_dict(), **fitted.record()}
+        sources[member.name] = {
+            "file": member.weights,
+            "sha256": source_sha256,
+            "state_dict": member.state_dict.to_dict(),
+            **fitted.record(),
+        }
         onnx = f"members/{member.name}.onnx"
         head, export = _export(spec, member, module, fitted, payload / onnx, payload / weights)
         if export.exporter is not None:
@@ -142,7 +149,9 @@ def _stage_members(
             shutil.copyfile(source, payload / packed)
             digests[packed] = sha256_of(payload / packed)
             arch = f"transformers:code/{member.name}" if hugging_face else f"{packed}:{member.arch.rsplit(':', 1)[1]}"
-        members.append(replace(member, arch=arch, weights=weights, sha256=digests[weights], state_dict=StateDictRules()))
+        members.append(
+            replace(member, arch=arch, weights=weights, sha256=digests[weights], state_dict=StateDictRules())
+        )
     return tuple(members), digests, sources, engines
 
 
@@ -159,10 +168,21 @@ def _export(
     given = spec.member_input(member)
     head = fit_head(member, module.eval(), given.instance_shape, spec.task, spec.labels, torch.device("cpu"))
     key = json.dumps(
-        [sha256_of(weights), member.arch, dict(member.kwargs), member.output.to_dict(), member.labels, spec.labels,
-         spec.task, given.instance_shape, torch.__version__, [sha256_of(HANDLERS_DIR / "execution" / f) for f in EXPORT_CODE]],
-        sort_keys=True, default=list,
-    )  # fmt: skip
+        [
+            sha256_of(weights),
+            member.arch,
+            dict(member.kwargs),
+            member.output.to_dict(),
+            member.labels,
+            spec.labels,
+            spec.task,
+            given.instance_shape,
+            torch.__version__,
+            [sha256_of(HANDLERS_DIR / "execution" / f) for f in EXPORT_CODE],
+        ],
+        sort_keys=True,
+        default=list,
+    )
     cache = EXPORT_CACHE / hashlib.sha256(key.encode()).hexdigest()[:32]
     return head, export_onnx(head, given.instance_shape, path, spec.slice_sizes(1, given.views), cache)
 
@@ -174,9 +194,13 @@ def _lossy(spec: EnsembleSpec, member: MemberSpec, head: torch.nn.Module, export
     precision = execution.precision
     where = f"members {member.name!r}: precision {precision}"
     if execution.plan != "auto":
-        raise ConfigError(f"{where} runs on the engines measured for it: leave execution.plan at auto, not {execution.plan!r}")
+        raise ConfigError(
+            f"{where} runs on the engines measured for it: leave execution.plan at auto, not {execution.plan!r}"
+        )
     if export.exporter is None:
-        raise ConfigError(f"{where} runs on the member's ONNX export, and the member could not be exported: {export.reason}")
+        raise ConfigError(
+            f"{where} runs on the member's ONNX export, and the member could not be exported: {export.reason}"
+        )
     given = spec.member_input(member)
     if not isinstance(given, InputSpec):
         raise ConfigError(f"{where} is calibrated on images, and this member takes tensors; serve it in fp32")

@@ -110,7 +110,9 @@ def _noise(image: Image.Image, rng: random.Random) -> Image.Image:
 def make_multilabel_split(count: int, seed: int) -> list[MultiSample]:
     """`count` samples, each kind of shape present on its own with probability PRESENT_RATE, reproducible from `seed`."""
     rng = random.Random(seed)
-    return [make_multi_sample(rng, tuple(int(rng.random() < PRESENT_RATE) for _ in MULTILABEL_LABELS)) for _ in range(count)]
+    return [
+        make_multi_sample(rng, tuple(int(rng.random() < PRESENT_RATE) for _ in MULTILABEL_LABELS)) for _ in range(count)
+    ]
 
 
 def make_multi_sample(rng: random.Random, labels: tuple[int, ...]) -> MultiSample:
@@ -137,7 +139,9 @@ def make_multi_sample(rng: random.Random, labels: tuple[int, ...]) -> MultiSampl
     return MultiSample(_noise(image, rng), labels)
 
 
-def _free_centre(rng: random.Random, radius: float, placed: list[tuple[tuple[float, float], float]]) -> tuple[float, float]:
+def _free_centre(
+    rng: random.Random, radius: float, placed: list[tuple[tuple[float, float], float]]
+) -> tuple[float, float]:
     """A centre that keeps the shape inside the frame, and 0.8 of the two radii from each placed one if 20 tries find it.
 
     So overlaps stay partial and every present shape stays recognisable; a crowded frame takes the last try.
@@ -152,22 +156,32 @@ def _free_centre(rng: random.Random, radius: float, placed: list[tuple[tuple[flo
 Colour = tuple[int, int, int]
 
 
-def _draw_triangle(draw: ImageDraw.ImageDraw, centre: tuple[float, float], radius: float, turn: float, fill: Colour) -> None:
+def _draw_triangle(
+    draw: ImageDraw.ImageDraw, centre: tuple[float, float], radius: float, turn: float, fill: Colour
+) -> None:
     draw.polygon(_polygon(centre, radius, [turn + k * 2 * math.pi / 3 for k in range(3)]), fill=fill)
 
 
-def _draw_ring(draw: ImageDraw.ImageDraw, centre: tuple[float, float], radius: float, turn: float, fill: Colour) -> None:
+def _draw_ring(
+    draw: ImageDraw.ImageDraw, centre: tuple[float, float], radius: float, turn: float, fill: Colour
+) -> None:
     """Hollow, unlike the disc: the hole tells them apart even when small (a square was too often taken for a disc)."""
     r = radius * 0.8
-    draw.ellipse([centre[0] - r, centre[1] - r, centre[0] + r, centre[1] + r], outline=fill, width=max(2, round(r * 0.35)))
+    draw.ellipse(
+        [centre[0] - r, centre[1] - r, centre[0] + r, centre[1] + r], outline=fill, width=max(2, round(r * 0.35))
+    )
 
 
-def _draw_disc(draw: ImageDraw.ImageDraw, centre: tuple[float, float], radius: float, turn: float, fill: Colour) -> None:
+def _draw_disc(
+    draw: ImageDraw.ImageDraw, centre: tuple[float, float], radius: float, turn: float, fill: Colour
+) -> None:
     r = radius * 0.75
     draw.ellipse([centre[0] - r, centre[1] - r, centre[0] + r, centre[1] + r], fill=fill)
 
 
-def _draw_star(draw: ImageDraw.ImageDraw, centre: tuple[float, float], radius: float, turn: float, fill: Colour) -> None:
+def _draw_star(
+    draw: ImageDraw.ImageDraw, centre: tuple[float, float], radius: float, turn: float, fill: Colour
+) -> None:
     """Five tips on the outer radius, interleaved with notches on an inner one."""
     step = 2 * math.pi / 5
     tips = _polygon(centre, radius, [turn + k * step for k in range(5)])
@@ -175,7 +189,9 @@ def _draw_star(draw: ImageDraw.ImageDraw, centre: tuple[float, float], radius: f
     draw.polygon([p for pair in zip(tips, notches, strict=True) for p in pair], fill=fill)
 
 
-def _draw_cross(draw: ImageDraw.ImageDraw, centre: tuple[float, float], radius: float, turn: float, fill: Colour) -> None:
+def _draw_cross(
+    draw: ImageDraw.ImageDraw, centre: tuple[float, float], radius: float, turn: float, fill: Colour
+) -> None:
     """A plus sign: for each arm, its two end corners, then the inner corner before the next arm."""
     half_width = radius * 0.3
     reach, spread = math.hypot(radius, half_width), math.atan2(half_width, radius)

@@ -42,7 +42,9 @@ def split() -> tuple[tuple[Digit, ...], tuple[Digit, ...]]:
     train, test, train_y, test_y = train_test_split(
         pixels, digits.target, test_size=HELD_OUT, random_state=SPLIT_SEED, stratify=digits.target
     )
-    as_digits = lambda images, labels: tuple(Digit(Image.fromarray(im, mode="L"), int(y)) for im, y in zip(images, labels, strict=True))  # noqa: E731
+    as_digits = lambda images, labels: tuple(
+        Digit(Image.fromarray(im, mode="L"), int(y)) for im, y in zip(images, labels, strict=True)
+    )
     return as_digits(train, train_y), as_digits(test, test_y)
 
 

@@ -40,7 +40,9 @@ def quality(spec: EnsembleSpec, chosen: numpy.ndarray, truth: numpy.ndarray) -> 
     return float((chosen.any(axis=1) & (chosen.argmax(axis=1) == truth)).mean())
 
 
-def cost_table(spec: EnsembleSpec, ensemble: Ensemble, probs: torch.Tensor, truth: numpy.ndarray) -> dict[str, dict[str, float]]:
+def cost_table(
+    spec: EnsembleSpec, ensemble: Ensemble, probs: torch.Tensor, truth: numpy.ndarray
+) -> dict[str, dict[str, float]]:
     """Quality and mean member-forward ms per image for the members, mean, cascade by confidence, and the default vote."""
     stages = ensemble.stages()
     costs = torch.tensor([0.0] * len(spec.members), dtype=torch.float64)
@@ -62,17 +64,29 @@ def cost_table(spec: EnsembleSpec, ensemble: Ensemble, probs: torch.Tensor, trut
     for i, member in enumerate(spec.members):
         table[f"member {member.name}"] = {"quality": quality(spec, own[i].numpy(), truth), "ms": float(costs[i])}
     full = float(costs.sum())
-    table["mean"] = {"quality": quality(spec, combine(probs, votes({"policy": "mean"})).chosen.numpy(), truth), "ms": full}
+    table["mean"] = {
+        "quality": quality(spec, combine(probs, votes({"policy": "mean"})).chosen.numpy(), truth),
+        "ms": full,
+    }
     for confidence in CONFIDENCES:
         asked = votes({"policy": "cascade", "confidence": confidence})
         ran = simulate_stages(probs, asked)
-        table[f"cascade {confidence:g}"] = {"quality": quality(spec, combine(ran, asked).chosen.numpy(), truth), "ms": spent(ran)}
+        table[f"cascade {confidence:g}"] = {
+            "quality": quality(spec, combine(ran, asked).chosen.numpy(), truth),
+            "ms": spent(ran),
+        }
     if spec.policy.name in VOTE_POLICIES:
         name = spec.policy.name
         early = votes({"policy": name, "early_exit": True})
         ran = simulate_stages(probs, early)
-        table[name] = {"quality": quality(spec, combine(probs, votes({"policy": name})).chosen.numpy(), truth), "ms": full}
-        table[f"{name} early_exit"] = {"quality": quality(spec, combine(ran, early).chosen.numpy(), truth), "ms": spent(ran)}
+        table[name] = {
+            "quality": quality(spec, combine(probs, votes({"policy": name})).chosen.numpy(), truth),
+            "ms": full,
+        }
+        table[f"{name} early_exit"] = {
+            "quality": quality(spec, combine(ran, early).chosen.numpy(), truth),
+            "ms": spent(ran),
+        }
     return table
 
 
@@ -105,10 +119,17 @@ def risk_coverage(spec: EnsembleSpec, probs: torch.Tensor, truth: numpy.ndarray)
 def risk_markdown(results: Mapping[str, Mapping[str, dict[str, Any]]]) -> str:
     """One row per demo and ordering: risk at each coverage and the AURC."""
     columns = [f"{c:.0%}" for c in COVERAGES]
-    lines = ["| demo | ordered by | " + " | ".join(f"risk at {c}" for c in columns) + " | AURC |", "|---|---|" + "---:|" * (len(columns) + 1)]
+    lines = [
+        "| demo | ordered by | " + " | ".join(f"risk at {c}" for c in columns) + " | AURC |",
+        "|---|---|" + "---:|" * (len(columns) + 1),
+    ]
     for demo, orderings in results.items():
         for ordering, values in orderings.items():
-            lines.append(f"| {demo} | {ordering} | " + " | ".join(f"{values['risk'][c]:.4f}" for c in columns) + f" | {values['aurc']:.4f} |")
+            lines.append(
+                f"| {demo} | {ordering} | "
+                + " | ".join(f"{values['risk'][c]:.4f}" for c in columns)
+                + f" | {values['aurc']:.4f} |"
+            )
     return "\n".join(lines)
 
 
@@ -118,16 +139,39 @@ def plot_costs(tables: Mapping[str, Mapping[str, Mapping[str, float]]], path: An
     axes = figure.subplots(1, len(tables), squeeze=False)[0]
     for axis, (demo, table) in zip(axes, tables.items(), strict=True):
         cascade = [(v["ms"], v["quality"], row.split()[1]) for row, v in table.items() if row.startswith("cascade ")]
-        axis.plot([c[0] for c in cascade], [c[1] for c in cascade], "-o", color="tab:blue", label="cascade (confidence)", zorder=2)
+        axis.plot(
+            [c[0] for c in cascade],
+            [c[1] for c in cascade],
+            "-o",
+            color="tab:blue",
+            label="cascade (confidence)",
+            zorder=2,
+        )
         for ms, value, confidence in cascade[:: max(1, len(cascade) // 4)]:
-            axis.annotate(confidence, (ms, value), textcoords="offset points", xytext=(4, -10), fontsize=7, color="tab:blue")
+            axis.annotate(
+                confidence, (ms, value), textcoords="offset points", xytext=(4, -10), fontsize=7, color="tab:blue"
+            )
         for row, v in table.items():
             if row.startswith("cascade "):
                 continue
             member = row.startswith("member ")
-            axis.scatter(v["ms"], v["quality"], marker="o" if member else "s", color="tab:grey" if member else "tab:orange", zorder=3)
-            axis.annotate(row.removeprefix("member "), (v["ms"], v["quality"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
-        axis.set(title=demo, xlabel="member-forward ms per image", ylabel="macro F1" if "multishape" in demo else "accuracy")
+            axis.scatter(
+                v["ms"],
+                v["quality"],
+                marker="o" if member else "s",
+                color="tab:grey" if member else "tab:orange",
+                zorder=3,
+            )
+            axis.annotate(
+                row.removeprefix("member "),
+                (v["ms"], v["quality"]),
+                textcoords="offset points",
+                xytext=(4, 4),
+                fontsize=7,
+            )
+        axis.set(
+            title=demo, xlabel="member-forward ms per image", ylabel="macro F1" if "multishape" in demo else "accuracy"
+        )
         axis.grid(alpha=0.3)
     axes[0].legend(fontsize=8, loc="lower right")
     figure.tight_layout()
@@ -136,7 +180,9 @@ def plot_costs(tables: Mapping[str, Mapping[str, Mapping[str, float]]], path: An
 
 def plot_risk(results: Mapping[str, Mapping[str, dict[str, Any]]], path: Any) -> None:
     """Risk against coverage per demo, one line per ordering; a demo without a wrong answer has no curve to draw."""
-    results = {demo: orderings for demo, orderings in results.items() if any(v["risk"]["100%"] for v in orderings.values())}
+    results = {
+        demo: orderings for demo, orderings in results.items() if any(v["risk"]["100%"] for v in orderings.values())
+    }
     figure = Figure(figsize=(4.2 * len(results), 3.8))
     axes = figure.subplots(1, len(results), squeeze=False)[0]
     for axis, (demo, orderings) in zip(axes, results.items(), strict=True):

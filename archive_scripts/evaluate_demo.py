@@ -33,7 +33,14 @@ from sklearn.metrics import accuracy_score, precision_recall_fscore_support, roc
 
 from archive_scripts.demo_data import make_multilabel_split, make_split
 from archive_scripts.digits_demo import split as digits_split
-from archive_scripts.evaluate_cascade import cost_table, plot_costs, plot_risk, risk_coverage, risk_markdown, without_curves
+from archive_scripts.evaluate_cascade import (
+    cost_table,
+    plot_costs,
+    plot_risk,
+    risk_coverage,
+    risk_markdown,
+    without_curves,
+)
 from archive_scripts.faces_demo import CORRUPTIONS, corrupted
 from archive_scripts.faces_demo import crops as face_crops
 from handlers.answers.policies import Decision, Votes, combine, member_votes
@@ -57,10 +64,14 @@ def held_out_samples(spec: EnsembleSpec, count: int) -> Sequence[Any]:
         return digits_split()[1]
     if spec.name == "faces":
         return face_crops()
-    return make_multilabel_split(count, HELD_OUT_SEED) if spec.task == "multilabel" else make_split(count, HELD_OUT_SEED)
+    return (
+        make_multilabel_split(count, HELD_OUT_SEED) if spec.task == "multilabel" else make_split(count, HELD_OUT_SEED)
+    )
 
 
-def held_out(ensemble: Ensemble, count: int, samples: Sequence[Any] | None = None) -> tuple[torch.Tensor, numpy.ndarray]:
+def held_out(
+    ensemble: Ensemble, count: int, samples: Sequence[Any] | None = None
+) -> tuple[torch.Tensor, numpy.ndarray]:
     """probs[member, image, label] of the held-out images (or `samples`), each sent as a PNG through the serving
     decode, and their true labels."""
     spec = ensemble.spec
@@ -105,7 +116,12 @@ def binary_table(spec: EnsembleSpec, probs: torch.Tensor, truth: numpy.ndarray) 
         predicted = chosen[:, spec.positive_index]
         precision, recall, _, _ = precision_recall_fscore_support(truth, predicted, average="binary", zero_division=0)
         auroc = roc_auc_score(truth, score[:, spec.positive_index])
-        table[row] = {"accuracy": accuracy_score(truth, predicted), "precision": precision, "recall": recall, "auroc": auroc}
+        table[row] = {
+            "accuracy": accuracy_score(truth, predicted),
+            "precision": precision,
+            "recall": recall,
+            "auroc": auroc,
+        }
     return table
 
 
@@ -146,7 +162,10 @@ def tta_table(spec: EnsembleSpec, count: int) -> Table:
         probs, truth = held_out(Ensemble.from_spec(views, torch.device("cpu")), count)
         auroc, macro = multilabel_tables(views, probs, truth)
         for who, row in [*((m.name, f"member {m.name}") for m in spec.members), ("policy mean", "policy mean")]:
-            table[f"{tta}: {row}"] = {"macro AUROC": float(numpy.mean([auroc[label][who] for label in spec.labels])), "macro F1": macro[row]["f1"]}
+            table[f"{tta}: {row}"] = {
+                "macro AUROC": float(numpy.mean([auroc[label][who] for label in spec.labels])),
+                "macro F1": macro[row]["f1"],
+            }
     return table
 
 
@@ -165,16 +184,32 @@ def plot(points: dict[str, Table], path: Path) -> None:
     for axis, (title, table) in zip(axes[0], points.items(), strict=True):
         spots: dict[tuple[float, float, bool], list[str]] = {}
         for row, values in table.items():
-            spots.setdefault((round(values["recall"], 3), round(values["precision"], 3), row.startswith("member ")), []).append(row.split(" ", 1)[1])
+            spots.setdefault(
+                (round(values["recall"], 3), round(values["precision"], 3), row.startswith("member ")), []
+            ).append(row.split(" ", 1)[1])
         for index, ((recall, precision, member), names) in enumerate(sorted(spots.items())):
-            axis.scatter(recall, precision, marker="o" if member else "s", s=60, color="tab:grey" if member else "tab:blue", zorder=3)
-            axis.annotate(" = ".join(names), (recall, precision), textcoords="offset points",
-                          xytext=(6, 5 if index % 2 else -11), fontsize=8)  # fmt: skip
+            axis.scatter(
+                recall,
+                precision,
+                marker="o" if member else "s",
+                s=60,
+                color="tab:grey" if member else "tab:blue",
+                zorder=3,
+            )
+            axis.annotate(
+                " = ".join(names),
+                (recall, precision),
+                textcoords="offset points",
+                xytext=(6, 5 if index % 2 else -11),
+                fontsize=8,
+            )
         axis.set(title=title, xlabel="recall", ylabel="precision", xlim=(0.4, 1.02), ylim=(0.4, 1.02))
         axis.grid(alpha=0.3)
     axes[0][0].legend(
-        handles=[Line2D([], [], marker="o", ls="", color="tab:grey", label="member"),
-                 Line2D([], [], marker="s", ls="", color="tab:blue", label="policy")],  # fmt: skip
+        handles=[
+            Line2D([], [], marker="o", ls="", color="tab:grey", label="member"),
+            Line2D([], [], marker="s", ls="", color="tab:blue", label="policy"),
+        ],
         loc="lower left",
     )
     figure.tight_layout()
@@ -212,7 +247,9 @@ def evaluate(specs: Sequence[EnsembleSpec], count: int) -> dict[str, Any]:
         results[spec.name]["risk_coverage"] = risk_coverage(spec, probs, truth)
         if spec.name == "faces":
             # Clean crops leave nothing to rank: every answer is right. Blurred (radius 2) ones are where faces errs.
-            results[spec.name]["risk_coverage_blurred"] = risk_coverage(spec, *held_out(ensemble, 0, corrupted("blur", 2.0)))
+            results[spec.name]["risk_coverage_blurred"] = risk_coverage(
+                spec, *held_out(ensemble, 0, corrupted("blur", 2.0))
+            )
             for metric in ("accuracy", "recall"):
                 results[spec.name][f"corrupted {metric}"] = corruption_table(spec, ensemble, metric)
     return results
@@ -231,8 +268,15 @@ def plot_corruptions(table: Table, clean: Table, members: Sequence[str], path: P
             values = [clean[("member " if member else "policy ") + who]["accuracy"]]
             values += [table[f"{name} {s:g}"][who] for s in strengths]
             marker = "o^v<>"[members.index(who) % 5] if member else "s"
-            axis.plot(ticks, values, ls="--" if member else "-", marker=marker, label=who,
-                      color="tab:grey" if member else None, alpha=0.7 if member else 1.0)  # fmt: skip
+            axis.plot(
+                ticks,
+                values,
+                ls="--" if member else "-",
+                marker=marker,
+                label=who,
+                color="tab:grey" if member else None,
+                alpha=0.7 if member else 1.0,
+            )
         axis.set(title=f"faces: {name}", xlabel=meaning, ylabel="accuracy", ylim=(0.45, 1.02))
         axis.grid(alpha=0.3)
     axes[0].legend(fontsize=8, loc="lower left")
@@ -268,7 +312,12 @@ def main() -> None:
         for metric in ("accuracy", "recall"):
             if f"corrupted {metric}" in result:
                 print("\n" + markdown(result[f"corrupted {metric}"], f"{metric} under"))
-        print("\n" + markdown(result["cost"], "what it costs (quality: accuracy, multilabel macro F1; ms: member-forward per image)"))
+        print(
+            "\n"
+            + markdown(
+                result["cost"], "what it costs (quality: accuracy, multilabel macro F1; ms: member-forward per image)"
+            )
+        )
     risks = {name: r["risk_coverage"] for name, r in results.items()}
     if "faces" in results:
         risks["faces, blurred (radius 2)"] = results["faces"]["risk_coverage_blurred"]
@@ -286,10 +335,13 @@ def main() -> None:
     if args.plot:
         # faces, near perfect on clean crops, has its own picture: accuracy under corruptions (--faces-plot).
         panels = {
-            f"{name}: " + ("macro precision / recall" if r["task"] == "multilabel" else "precision / recall of the positive label"):
-            r["macro"] if r["task"] == "multilabel" else r["scores"]
-            for name, r in results.items() if r["task"] != "multiclass" and "corrupted accuracy" not in r
-        }  # fmt: skip
+            f"{name}: "
+            + (
+                "macro precision / recall" if r["task"] == "multilabel" else "precision / recall of the positive label"
+            ): r["macro"] if r["task"] == "multilabel" else r["scores"]
+            for name, r in results.items()
+            if r["task"] != "multiclass" and "corrupted accuracy" not in r
+        }
         plot(panels, args.plot)
         print(f"\nwrote {args.plot}")
     if args.faces_plot and "faces" in results:

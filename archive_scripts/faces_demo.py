@@ -69,7 +69,10 @@ def crops() -> tuple[Crop, ...]:
     from skimage.data import lfw_subset
 
     images = lfw_subset()
-    return tuple(Crop(Image.fromarray(numpy.round(image * 255).astype(numpy.uint8), mode="L"), int(i < 100)) for i, image in enumerate(images))
+    return tuple(
+        Crop(Image.fromarray(numpy.round(image * 255).astype(numpy.uint8), mode="L"), int(i < 100))
+        for i, image in enumerate(images)
+    )
 
 
 def _downscale(image: Image.Image, size: float, rng: random.Random) -> Image.Image:
@@ -112,7 +115,9 @@ def corrupted(name: str, strength: float) -> tuple[Crop, ...]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--into", type=Path, default=Path("artifacts/weights/faces"))
-    parser.add_argument("--samples", type=Path, default=Path("artifacts/samples"), help="where face.png and not-face.png go")
+    parser.add_argument(
+        "--samples", type=Path, default=Path("artifacts/samples"), help="where face.png and not-face.png go"
+    )
     args = parser.parse_args()
     install_weights(args.into)
     args.samples.mkdir(parents=True, exist_ok=True)

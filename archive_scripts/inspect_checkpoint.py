@@ -80,7 +80,10 @@ def _weights_report(path: Path, content: object, target: Target, arch: str, kwar
         if forgiven:
             lines.append(f"  and torch's own loading rules complete it: {forgiven}")
         return "\n".join(lines), True
-    lines.append("  no block loads every tensor; the closest one still leaves " + proposal.mismatch.summary().replace("\n", "\n  "))
+    lines.append(
+        "  no block loads every tensor; the closest one still leaves "
+        + proposal.mismatch.summary().replace("\n", "\n  ")
+    )
     lines.append(proposal.block("    "))
     if proposal.mismatch.reshaped:
         lines.append("  " + SHAPE_HINT.strip())
@@ -90,9 +93,13 @@ def _weights_report(path: Path, content: object, target: Target, arch: str, kwar
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("file", type=Path)
-    parser.add_argument("--arch", required=True, help="torchvision:<builder>, timm:<model> or <path/to/file.py>:<Class>")
+    parser.add_argument(
+        "--arch", required=True, help="torchvision:<builder>, timm:<model> or <path/to/file.py>:<Class>"
+    )
     parser.add_argument("--kwargs", default="{}", help="constructor keyword arguments as a JSON object")
-    parser.add_argument("--input", default=None, help="one input's shape, e.g. 3,48,48: also show what the forward returns")
+    parser.add_argument(
+        "--input", default=None, help="one input's shape, e.g. 3,48,48: also show what the forward returns"
+    )
     args = parser.parse_args()
     try:
         kwargs = json.loads(args.kwargs)

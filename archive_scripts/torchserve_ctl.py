@@ -126,7 +126,11 @@ def private_server(
     """
     config = SHIPPED_CONFIG.read_text()
     config = re.sub(r"(?m)^model_store=.*$", f"model_store={model_store.resolve()}", config)
-    config = re.sub(r"(?m)^metrics_config=(.*)$", lambda m: f"metrics_config={(SHIPPED_CONFIG.parent / m.group(1)).resolve()}", config)
+    config = re.sub(
+        r"(?m)^metrics_config=(.*)$",
+        lambda m: f"metrics_config={(SHIPPED_CONFIG.parent / m.group(1)).resolve()}",
+        config,
+    )
     for key, value in (overrides or {}).items():
         config, found = re.subn(rf"(?m)^{re.escape(key)}=.*$", f"{key}={value}", config)
         if not found:
@@ -150,8 +154,15 @@ def start(server: Server, model_store: Path) -> None:
     with (server.workdir / "logs" / "torchserve.out").open("ab") as out:
         subprocess.run(
             [
-                _binary(), "--start", "--ts-config", str(server.config.resolve()), "--model-store", str(model_store.resolve()),
-                "--log-config", str(LOG_CONFIG), "--ncs",
+                _binary(),
+                "--start",
+                "--ts-config",
+                str(server.config.resolve()),
+                "--model-store",
+                str(model_store.resolve()),
+                "--log-config",
+                str(LOG_CONFIG),
+                "--ncs",
             ],
             cwd=server.workdir,
             env=server.env(),
@@ -200,15 +211,26 @@ def start_gateway(server: Server) -> None:
     listen = urlsplit(address)
     # Another server answering there (a gateway left from elsewhere) would pass for ours while ours fails to bind.
     with contextlib.suppress(OSError), socket.create_connection((listen.hostname, listen.port), timeout=1):
-        raise SystemExit(f"something already listens on {address} (oip_gateway_address): stop it (`make stop`) or choose another address")
+        raise SystemExit(
+            f"something already listens on {address} (oip_gateway_address): stop it (`make stop`) or choose another address"
+        )
     torchserve_pid = server.torchserve_pid_file.read_text().strip()
     log = server.workdir / "logs" / "gateway.log"
     command = [
-        sys.executable, "-m", "gateway.open_inference", "--config", str(server.config.resolve()),
-        "--key-file", str((server.workdir / "key_file.json").resolve()), "--torchserve-pid", torchserve_pid,
+        sys.executable,
+        "-m",
+        "gateway.open_inference",
+        "--config",
+        str(server.config.resolve()),
+        "--key-file",
+        str((server.workdir / "key_file.json").resolve()),
+        "--torchserve-pid",
+        torchserve_pid,
     ]
     with log.open("ab") as out:
-        process = subprocess.Popen(command, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            command, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
     _STARTED[server.gateway_pid_file] = process
     server.gateway_pid_file.write_text(f"{process.pid}\n")
     deadline = time.monotonic() + GATEWAY_TIMEOUT_S
@@ -217,7 +239,10 @@ def start_gateway(server: Server) -> None:
             stop_gateway(server)
             raise SystemExit(f"the gateway exited with {process.returncode}; see {log}")
         try:
-            if requests.get(f"{address}/v2/health/live", headers=server.headers("inference"), timeout=2).status_code == 200:
+            if (
+                requests.get(f"{address}/v2/health/live", headers=server.headers("inference"), timeout=2).status_code
+                == 200
+            ):
                 return
         except requests.ConnectionError:
             pass

@@ -171,7 +171,10 @@ def _fit(
             optimiser.step()
             schedule.step()
             total, batches = total + loss.item(), batches + 1
-        print(f"  {label}: epoch {epoch + 1}/{recipe.epochs}, loss {total / batches:.3f}, {time.perf_counter() - start:.1f}s", flush=True)
+        print(
+            f"  {label}: epoch {epoch + 1}/{recipe.epochs}, loss {total / batches:.3f}, {time.perf_counter() - start:.1f}s",
+            flush=True,
+        )
     module.eval()
 
 
@@ -196,7 +199,9 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=Path("ensembles.yaml"))
     parser.add_argument("--ensemble", action="append", choices=sorted(DEMOS), help="default: every demo")
     parser.add_argument("--record-digests", action="store_true", help="pin what this run trains in demo_weights.json")
-    parser.add_argument("--accept-other-weights", action="store_true", help="keep weights that differ from the pinned ones")
+    parser.add_argument(
+        "--accept-other-weights", action="store_true", help="keep weights that differ from the pinned ones"
+    )
     parser.add_argument("--no-save", action="store_true", help="train and report digests, write no weights")
     parser.add_argument("--unpinned", action="store_true", help="torch's own kernel choice (bench/pinned_training.py)")
     parser.add_argument("--json", type=Path, help="write each member's seconds and digest, and the kernels, here")
@@ -207,7 +212,9 @@ def main() -> None:
             pinned_kernels.apply()
         except pinned_kernels.PinUnavailable as e:
             if not args.accept_other_weights:
-                raise SystemExit(f"cannot train the pinned demo weights: {e}. `make demo ACCEPT_OTHER_WEIGHTS=1` trains anyway.") from e
+                raise SystemExit(
+                    f"cannot train the pinned demo weights: {e}. `make demo ACCEPT_OTHER_WEIGHTS=1` trains anyway."
+                ) from e
             print(f"warning: {e}", file=sys.stderr)
     kernels = pinned_kernels.describe()
     print(f"training under {kernels}", flush=True)
@@ -215,7 +222,10 @@ def main() -> None:
     trained: dict[str, dict[str, Trained]] = {}
     for name in args.ensemble or list(DEMOS):
         trained[name] = train(specs[name], save=not args.no_save)
-        print(f"trained {len(specs[name].members)} members of {name} in {sum(t.seconds for t in trained[name].values()):.1f}s", flush=True)
+        print(
+            f"trained {len(specs[name].members)} members of {name} in {sum(t.seconds for t in trained[name].values()):.1f}s",
+            flush=True,
+        )
     digests = {name: {member: t.digest for member, t in members.items()} for name, members in trained.items()}
     if args.json:
         report = {name: {member: vars(t) for member, t in members.items()} for name, members in trained.items()}
@@ -235,7 +245,9 @@ def main() -> None:
             raise SystemExit(message)
         print(f"warning: {message}", file=sys.stderr)
     else:
-        print(f"the weights of {sum(map(len, digests.values()))} members are the pinned ones ({demo_weights.PINNED.name})")
+        print(
+            f"the weights of {sum(map(len, digests.values()))} members are the pinned ones ({demo_weights.PINNED.name})"
+        )
 
 
 def _check_saved(specs: dict[str, EnsembleSpec], digests: dict[str, dict[str, str]]) -> None:

@@ -69,7 +69,13 @@ def main() -> None:
             for load, (clients, per_request) in LOADS.items():
                 expected = {name: workload.expected for name, workload in loads.items()}
                 points[load] = alternating_rounds(
-                    senders, expected, requests_for(100_000, per_request, 64), clients=clients, rounds=rounds, seconds=seconds, load=load
+                    senders,
+                    expected,
+                    requests_for(100_000, per_request, 64),
+                    clients=clients,
+                    rounds=rounds,
+                    seconds=seconds,
+                    load=load,
                 )
         finally:
             stop(server)
@@ -80,7 +86,9 @@ def main() -> None:
         "seconds": round(time.perf_counter() - began, 1),
         "median_images_per_s": {load: {n: round(v, 1) for n, v in by.items()} for load, by in throughput.items()},
         "median_p50_ms": {load: {n: round(v, 1) for n, v in by.items()} for load, by in p50.items()},
-        "throughput_vs_fast": {load: {n: round(v / by[BASELINE], 3) for n, v in by.items()} for load, by in throughput.items()},
+        "throughput_vs_fast": {
+            load: {n: round(v / by[BASELINE], 3) for n, v in by.items()} for load, by in throughput.items()
+        },
         "errors": sum(p["errors"] for by in points.values() for pts in by.values() for p in pts),
         "mismatches": sum(p["mismatches"] for by in points.values() for pts in by.values() for p in pts),
         "rounds": points,

@@ -42,14 +42,20 @@ def archived_ensemble(model_dir: Path, plans: Mapping[str, str], member_threads:
     torch.set_num_threads(1)
     manifest = read_archive_manifest(model_dir)
     return Ensemble(
-        with_member_plans(manifest.ensemble, plans), load_archived_members(manifest, model_dir), torch.device("cpu"),
-        manifest.build, manifest.sources, parallelism=member_threads,
+        with_member_plans(manifest.ensemble, plans),
+        load_archived_members(manifest, model_dir),
+        torch.device("cpu"),
+        manifest.build,
+        manifest.sources,
+        parallelism=member_threads,
         exported=archived_exports(manifest.engines, model_dir),
-    )  # fmt: skip
+    )
 
 
 def from_environment() -> Ensemble:
     """What a peer server process loads: BENCH_MODEL_DIR, BENCH_PLANS (JSON, member -> plan), BENCH_MEMBER_THREADS."""
     return archived_ensemble(
-        Path(os.environ["BENCH_MODEL_DIR"]), json.loads(os.environ[PLANS_ENV]), int(os.environ.get("BENCH_MEMBER_THREADS", "1"))
+        Path(os.environ["BENCH_MODEL_DIR"]),
+        json.loads(os.environ[PLANS_ENV]),
+        int(os.environ.get("BENCH_MEMBER_THREADS", "1")),
     )

@@ -90,13 +90,24 @@ def served(
             run_load(send, requests_for(16, 1, len(workload.images)), expected[plan], clients=2, deadline_s=30)
         points = {
             load: alternating_rounds(
-                senders, expected, requests_for(100_000, per_request, len(workload.images)),
-                clients=clients, rounds=rounds, seconds=seconds, load=f"{workload.name} {load}",
-            )  # fmt: skip
+                senders,
+                expected,
+                requests_for(100_000, per_request, len(workload.images)),
+                clients=clients,
+                rounds=rounds,
+                seconds=seconds,
+                load=f"{workload.name} {load}",
+            )
             for load, (clients, per_request) in loads.items()
         }
         choices, schedule = _describe(server, specs["auto"].name)
-    return {"points": points, "auto_chose": choices, "auto_schedule": schedule, "refused": refused, "batching": batching or "shipped"}
+    return {
+        "points": points,
+        "auto_chose": choices,
+        "auto_schedule": schedule,
+        "refused": refused,
+        "batching": batching or "shipped",
+    }
 
 
 def _describe(server: Any, name: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
@@ -105,7 +116,9 @@ def _describe(server: Any, name: str) -> tuple[dict[str, Any], dict[str, Any] | 
     keep = ("plan", "ms_per_call", "timed_as", "rejected")
     if "execution_schedule" not in described:
         print(f"describe of {name} has no execution_schedule: {sorted(described)}", flush=True)
-    return {m["name"]: {key: m["execution"].get(key) for key in keep} for m in described["members"]}, described.get("execution_schedule")
+    return {m["name"]: {key: m["execution"].get(key) for key in keep} for m in described["members"]}, described.get(
+        "execution_schedule"
+    )
 
 
 def verdicts(measured: dict[str, Any], frozen_target: float | None = None) -> dict[str, Any]:
@@ -158,7 +171,9 @@ def main() -> None:
             "faces": encoded([crop.image for crop in crops()[::3]]),
         }
         for name, images in others.items():
-            runs[f"demo-{name}, shipped batching"] = lambda n=name, i=images: served(demo_workload(n, i), None, {"c8": LOADS["c8"]}, rounds, seconds)
+            runs[f"demo-{name}, shipped batching"] = lambda n=name, i=images: served(
+                demo_workload(n, i), None, {"c8": LOADS["c8"]}, rounds, seconds
+            )
         # With --only, the other runs of the last results file are kept: one run can be redone alone.
         results = json.loads(RESULTS.read_text())["results"] if args.only and RESULTS.exists() else {}
         for label, run in runs.items():

@@ -56,7 +56,9 @@ def header_only_png(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 256)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 256)) + chunk(b"IEND", b"")
+    )
 
 
 def exif_rotated(upright: Image.Image) -> bytes:
@@ -105,22 +107,63 @@ def catalogue(max_images: int) -> list[BadInput]:
         BadInput("PNG header claiming 20000x10000", raw(header_only_png(20000, 10000)), 413, "PayloadTooLarge"),
         BadInput("PNG header claiming 10000x10000", raw(header_only_png(10000, 10000)), 413, "PayloadTooLarge"),
         BadInput("format not accepted (TIFF)", raw(encoded(photo(2), "TIFF"), "image/tiff"), 400, "InvalidImage"),
-        BadInput("CMYK JPEG", raw(encoded(photo(7).convert("CMYK"), "JPEG"), "image/jpeg"), 200, same_as=(encoded(photo(7).convert("CMYK"), "JPEG"),)),
-        BadInput("palette PNG with transparency", raw(encoded(palette, transparency=0)), 200, same_as=(encoded(palette, transparency=0),)),
+        BadInput(
+            "CMYK JPEG",
+            raw(encoded(photo(7).convert("CMYK"), "JPEG"), "image/jpeg"),
+            200,
+            same_as=(encoded(photo(7).convert("CMYK"), "JPEG"),),
+        ),
+        BadInput(
+            "palette PNG with transparency",
+            raw(encoded(palette, transparency=0)),
+            200,
+            same_as=(encoded(palette, transparency=0),),
+        ),
         BadInput("RGBA PNG, opaque", raw(encoded(rgba)), 200, same_as=(encoded(photo(3)),)),
         BadInput("16-bit greyscale PNG", raw(encoded(gray16)), 200, same_as=(encoded(gray8),)),
-        BadInput("animated GIF (first frame)", raw(animated_gif(gif_frames), "image/gif"), 200, same_as=(encoded(first_frame),)),
+        BadInput(
+            "animated GIF (first frame)",
+            raw(animated_gif(gif_frames), "image/gif"),
+            200,
+            same_as=(encoded(first_frame),),
+        ),
         BadInput("EXIF orientation 6", raw(exif_rotated(photo(8))), 200, same_as=(encoded(photo(8)),)),
         BadInput("base64 outside the alphabet", b64_json("iVBOR*w0KGgo="), 400, "InvalidImage"),
-        BadInput("base64 with a data: prefix", b64_json("data:image/png;base64," + base64.b64encode(good).decode()), 200, same_as=(good,)),
+        BadInput(
+            "base64 with a data: prefix",
+            b64_json("data:image/png;base64," + base64.b64encode(good).decode()),
+            200,
+            same_as=(good,),
+        ),
         BadInput("base64 missing padding", b64_json(unpadded_base64(good)), 400, "InvalidImage"),
         BadInput("JSON that is not JSON", raw(b'{"instances": [', "application/json"), 400, "RequestError"),
         BadInput("JSON of the wrong shape", {"json": {"images": [good.hex()]}}, 400, "RequestError"),
         BadInput("wrong content type", raw(good, "text/plain"), 415, "UnsupportedMediaType"),
-        BadInput(f"{max_images + 1} images, over max images per request", b64_json(*[base64.b64encode(good).decode()] * (max_images + 1)), 413, "PayloadTooLarge"),
+        BadInput(
+            f"{max_images + 1} images, over max images per request",
+            b64_json(*[base64.b64encode(good).decode()] * (max_images + 1)),
+            413,
+            "PayloadTooLarge",
+        ),
         BadInput("body over max_request_size", raw(b"\0" * OVER_MAX_REQUEST_BYTES), 413, json_error=False),
         BadInput("unknown policy", raw(good, **{"X-Ensemble-Policy": "vote"}), 400, "InvalidPolicy"),
-        BadInput("k out of range", {**raw(good), "params": {"policy": "k_of_n", "k": "9"}}, 400, "InvalidPolicy", path="invoke"),
-        BadInput("threshold not a number", raw(good, **{"X-Ensemble-Policy": "any", "X-Ensemble-Threshold": "high"}), 400, "InvalidPolicy"),
-        BadInput("threshold above 1", raw(good, **{"X-Ensemble-Policy": "any", "X-Ensemble-Threshold": "1.5"}), 400, "InvalidPolicy"),
+        BadInput(
+            "k out of range",
+            {**raw(good), "params": {"policy": "k_of_n", "k": "9"}},
+            400,
+            "InvalidPolicy",
+            path="invoke",
+        ),
+        BadInput(
+            "threshold not a number",
+            raw(good, **{"X-Ensemble-Policy": "any", "X-Ensemble-Threshold": "high"}),
+            400,
+            "InvalidPolicy",
+        ),
+        BadInput(
+            "threshold above 1",
+            raw(good, **{"X-Ensemble-Policy": "any", "X-Ensemble-Threshold": "1.5"}),
+            400,
+            "InvalidPolicy",
+        ),
     ]

@@ -93,7 +93,13 @@ def main() -> None:
                 for concurrency, count in counts.items():
                     point = measure(server, name, image, concurrency, count)
                     rows.append(
-                        {"workers": workers, "batch_size": batch_size, "max_batch_delay_ms": delay, "concurrency": concurrency, **point}
+                        {
+                            "workers": workers,
+                            "batch_size": batch_size,
+                            "max_batch_delay_ms": delay,
+                            "concurrency": concurrency,
+                            **point,
+                        }
                     )
                 unregister(server, name)
         finally:
@@ -105,7 +111,11 @@ def main() -> None:
         row["p50_vs_baseline"] = row["p50_ms"] / base["p50_ms"]
     print(markdown(rows))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    machine = {"cpus": torch.get_num_threads(), "processor": platform.processor() or platform.machine(), "torch": torch.__version__}
+    machine = {
+        "cpus": torch.get_num_threads(),
+        "processor": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+    }
     RESULTS.write_text(json.dumps({"machine": machine, "quick": args.quick, "rows": rows}, indent=2) + "\n")
 
 

@@ -83,7 +83,9 @@ def on_setup(spec: EnsembleSpec, setup: Setup, plans: str | Mapping[str, str], n
     """`spec` as TorchServe serves it under `setup`: its batching replaced, every member on `plans` (one plan for
     all, `auto` included, or one per member), registered as `name`."""
     planned = spec.with_plan(plans) if isinstance(plans, str) else with_member_plans(spec, plans)
-    batching = replace(planned.batching, workers=setup.units, batch_size=setup.max_batch, max_batch_delay_ms=setup.delay_ms)
+    batching = replace(
+        planned.batching, workers=setup.units, batch_size=setup.max_batch, max_batch_delay_ms=setup.delay_ms
+    )
     return replace(planned, name=name, batching=batching)
 
 
@@ -106,7 +108,9 @@ def members_view(body: dict[str, Any]) -> Labels:
 
 def post_images(session: requests.Session, url: str, images: list[bytes], headers: dict[str, str]) -> dict[str, Any]:
     if len(images) == 1:
-        response = session.post(url, data=images[0], headers={**headers, "Content-Type": "application/octet-stream"}, timeout=TIMEOUT_S)
+        response = session.post(
+            url, data=images[0], headers={**headers, "Content-Type": "application/octet-stream"}, timeout=TIMEOUT_S
+        )
     else:
         files = [(f"image{i}", (f"{i}.img", data, "application/octet-stream")) for i, data in enumerate(images)]
         response = session.post(url, files=files, headers=headers, timeout=TIMEOUT_S)
@@ -122,15 +126,26 @@ class CeilingPool:
     as the servers; each process checks every answer with the gate, outside the timed calls.
     """
 
-    def __init__(self, model_dir: Path, plans: Mapping[str, str], processes: int, images: Sequence[bytes], expected: Sequence[Expected]) -> None:
+    def __init__(
+        self,
+        model_dir: Path,
+        plans: Mapping[str, str],
+        processes: int,
+        images: Sequence[bytes],
+        expected: Sequence[Expected],
+    ) -> None:
         context = multiprocessing.get_context("spawn")
         self.commands = [context.Queue() for _ in range(processes)]
         self.results = context.Queue()
         member_threads = Setup(processes).member_threads
         self.workers = [
-            context.Process(target=_ceiling_worker, args=(model_dir, dict(plans), member_threads, images, expected, share, processes, queue, self.results), daemon=True)
+            context.Process(
+                target=_ceiling_worker,
+                args=(model_dir, dict(plans), member_threads, images, expected, share, processes, queue, self.results),
+                daemon=True,
+            )
             for share, queue in enumerate(self.commands)
-        ]  # fmt: skip
+        ]
         for worker in self.workers:
             worker.start()
         for _ in self.workers:
@@ -146,10 +161,17 @@ class CeilingPool:
         images = sum(o["images"] for o in outcomes)
         p50, p90, p99 = percentiles_ms(latencies)
         point = LoadPoint(
-            images_per_s=images / (end - begin), requests_per_s=len(latencies) / (end - begin), p50_ms=p50, p99_ms=p99,
-            errors=sum(o["errors"] for o in outcomes), mismatches=sum(o["mismatches"] for o in outcomes),
-            requests=len(latencies), p90_ms=p90, latency_samples=len(latencies), wall_s=round(end - begin, 3),
-        )  # fmt: skip
+            images_per_s=images / (end - begin),
+            requests_per_s=len(latencies) / (end - begin),
+            p50_ms=p50,
+            p99_ms=p99,
+            errors=sum(o["errors"] for o in outcomes),
+            mismatches=sum(o["mismatches"] for o in outcomes),
+            requests=len(latencies),
+            p90_ms=p90,
+            latency_samples=len(latencies),
+            wall_s=round(end - begin, 3),
+        )
         return point, [problem for o in outcomes for problem in o["problems"]][: GateJudge.KEPT]
 
     def close(self) -> None:
@@ -162,9 +184,16 @@ class CeilingPool:
 
 
 def _ceiling_worker(
-    model_dir: Path, plans: dict[str, str], member_threads: int, images: Sequence[bytes], expected: Sequence[Expected],
-    share: int, shares: int, commands: Any, results: Any,
-) -> None:  # fmt: skip
+    model_dir: Path,
+    plans: dict[str, str],
+    member_threads: int,
+    images: Sequence[bytes],
+    expected: Sequence[Expected],
+    share: int,
+    shares: int,
+    commands: Any,
+    results: Any,
+) -> None:
     from bench.archived import archived_ensemble
     from handlers.inputs.images import decode_image
 
@@ -184,7 +213,9 @@ def _ceiling_worker(
             at += per_call
             tick = time.perf_counter()
             try:
-                body = ensemble.render(ensemble.probabilities([decode_image(images[i], spec.limits) for i in chunk]), spec.policy)
+                body = ensemble.render(
+                    ensemble.probabilities([decode_image(images[i], spec.limits) for i in chunk]), spec.policy
+                )
             except Exception:  # Counted, as a server's failed request is.
                 errors += 1
                 continue
@@ -193,8 +224,17 @@ def _ceiling_worker(
             done += len(chunk)
         end = time.time()
         mismatches = sum(judge(chunk, body_answers(body)) for chunk, body in answered)
-        results.put({"begin": begin, "end": end, "latencies": latencies, "images": done, "errors": errors,
-                     "mismatches": mismatches, "problems": judge.problems[:]})  # fmt: skip
+        results.put(
+            {
+                "begin": begin,
+                "end": end,
+                "latencies": latencies,
+                "images": done,
+                "errors": errors,
+                "mismatches": mismatches,
+                "problems": judge.problems[:],
+            }
+        )
 
 
 @contextmanager
@@ -208,7 +248,9 @@ def extracted_archive(spec: EnsembleSpec) -> Iterator[Path]:
 
 
 @contextmanager
-def serving(specs: list[EnsembleSpec], refused: dict[str, str] | None = None, *, port_offset: int = 30100) -> Iterator[Server]:
+def serving(
+    specs: list[EnsembleSpec], refused: dict[str, str] | None = None, *, port_offset: int = 30100
+) -> Iterator[Server]:
     """A private TorchServe on 127.0.0.1 with each ensemble built and registered with its own workers.
 
     Given `refused`, an ensemble whose build a member refuses (a plan it cannot run) is left out and the reason
@@ -241,9 +283,14 @@ PORT_OFFSETS = {"ours": 30100, "ours_eager": 30300, "fanout": 30500}  # TorchSer
 
 @contextmanager
 def served(
-    contender: str, spec: EnsembleSpec, model_dir: Path, plans: str | Mapping[str, str], setup: Setup,
-    images: Sequence[bytes], gate: Gate,
-) -> Iterator[tuple[Send, dict[str, str]]]:  # fmt: skip
+    contender: str,
+    spec: EnsembleSpec,
+    model_dir: Path,
+    plans: str | Mapping[str, str],
+    setup: Setup,
+    images: Sequence[bytes],
+    gate: Gate,
+) -> Iterator[tuple[Send, dict[str, str]]]:
     """One served contender under `setup`, its members on `plans` (a plan for all, or one per member; the peers
     need one per member), until the block ends. Yields a sender of image indices that returns answers, and the
     plan each member serves (ours on `auto`: what its workers chose, from `describe`)."""
@@ -254,8 +301,14 @@ def served(
             yield answers_sender(server, spec.name, images), served_plans(server, spec.name)
     elif contender == "fanout":
         members = {single.members[0].name: on_setup(single, setup, plans, single.name) for single in member_specs(spec)}
-        with serving(list(members.values()), port_offset=PORT_OFFSETS[contender]) as server, ThreadPoolExecutor(64, thread_name_prefix="fan-out") as pool:
-            yield fan_out_sender(server, {member: s.name for member, s in members.items()}, images, gate, pool), dict(plans)
+        with (
+            serving(list(members.values()), port_offset=PORT_OFFSETS[contender]) as server,
+            ThreadPoolExecutor(64, thread_name_prefix="fan-out") as pool,
+        ):
+            yield (
+                fan_out_sender(server, {member: s.name for member, s in members.items()}, images, gate, pool),
+                dict(plans),
+            )
     else:
         assert not isinstance(plans, str), "the peers take one plan per member"
         launch = {"flask": flask, "pytriton": pytriton, "ray": ray}[contender]
@@ -266,12 +319,16 @@ def served(
 def member_specs(spec: EnsembleSpec) -> list[EnsembleSpec]:
     """One single-member ensemble per member (what TorchServe fan-out serves, one .mar each), scored by `mean`."""
     single = resolve_policy({"policy": "mean"}, default=None, task=spec.task, n_members=1)
-    return [replace(spec, name=f"{spec.name}-{member.name}", members=(member,), policy=single) for member in spec.members]
+    return [
+        replace(spec, name=f"{spec.name}-{member.name}", members=(member,), policy=single) for member in spec.members
+    ]
 
 
 def describe(server: Server, name: str) -> dict[str, Any]:
     """Ensemble `name`'s `describe` on `server` (its customized metadata)."""
-    response = requests.get(f"{server.management}/models/{name}?customized=true", headers=server.headers("management"), timeout=30)
+    response = requests.get(
+        f"{server.management}/models/{name}?customized=true", headers=server.headers("management"), timeout=30
+    )
     response.raise_for_status()
     metadata = response.json()[0]["customizedMetadata"]
     return json.loads(metadata) if isinstance(metadata, str) else metadata
@@ -296,11 +353,15 @@ def answers_sender(server: Server, name: str, images: Sequence[bytes]) -> Send:
     return lambda indices: body_answers(post_images(thread_session(), url, [images[i] for i in indices], headers))
 
 
-def fan_out_sender(server: Server, names: Mapping[str, str], images: Sequence[bytes], gate: Gate, pool: ThreadPoolExecutor) -> Send:
+def fan_out_sender(
+    server: Server, names: Mapping[str, str], images: Sequence[bytes], gate: Gate, pool: ThreadPoolExecutor
+) -> Send:
     """Every request goes to every member's own .mar at once (`names`: member -> registered name, on `pool`); the
     client combines their probabilities by the ensemble's policy, as a fan-out user's client must (multiclass
     members are asked for every label's probability, with `top_k`)."""
-    headers = server.headers("inference") | ({"X-Ensemble-Top-K": str(len(gate.spec.labels))} if gate.spec.task == "multiclass" else {})
+    headers = server.headers("inference") | (
+        {"X-Ensemble-Top-K": str(len(gate.spec.labels))} if gate.spec.task == "multiclass" else {}
+    )
 
     def send(indices: list[int]) -> list[Answer]:
         chosen = [images[i] for i in indices]
@@ -309,7 +370,10 @@ def fan_out_sender(server: Server, names: Mapping[str, str], images: Sequence[by
             for member, name in names.items()
         }
         per_member = {member: future.result()["predictions"] for member, future in futures.items()}
-        return [gate.combine({member: _probabilities(gate, entries[i]) for member, entries in per_member.items()}) for i in range(len(indices))]
+        return [
+            gate.combine({member: _probabilities(gate, entries[i]) for member, entries in per_member.items()})
+            for i in range(len(indices))
+        ]
 
     return send
 
@@ -341,10 +405,13 @@ def thread_session() -> requests.Session:
 def _archive_env(model_dir: Path, plans: Mapping[str, str], setup: Setup) -> dict[str, str]:
     """What a peer process needs to load the members (bench/archived.py)."""
     return {
-        **os.environ, "BENCH_MODEL_DIR": str(model_dir), PLANS_ENV: json.dumps(dict(plans)),
-        "BENCH_MEMBER_THREADS": str(setup.member_threads), "OMP_NUM_THREADS": "1",
+        **os.environ,
+        "BENCH_MODEL_DIR": str(model_dir),
+        PLANS_ENV: json.dumps(dict(plans)),
+        "BENCH_MEMBER_THREADS": str(setup.member_threads),
+        "OMP_NUM_THREADS": "1",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT.resolve()), os.environ.get("PYTHONPATH")])),
-    }  # fmt: skip
+    }
 
 
 @contextmanager
@@ -358,9 +425,24 @@ def flask(model_dir: Path, plans: Mapping[str, str], setup: Setup, images: Seque
 def gunicorn(model_dir: Path, plans: Mapping[str, str], setup: Setup) -> Iterator[str]:
     """bench/flask_server.py on the extracted archive `model_dir`, members on `plans`; yields its /predict URL."""
     executable = Path(sys.executable).parent / "gunicorn"
-    command = [str(executable), "-w", str(setup.units), "-b", f"127.0.0.1:{FLASK_PORT}", "--timeout", "120", "bench.flask_server:create_app()"]
+    command = [
+        str(executable),
+        "-w",
+        str(setup.units),
+        "-b",
+        f"127.0.0.1:{FLASK_PORT}",
+        "--timeout",
+        "120",
+        "bench.flask_server:create_app()",
+    ]
     with tempfile.TemporaryFile() as log:
-        process = subprocess.Popen(command, env=_archive_env(model_dir, plans, setup), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        process = subprocess.Popen(
+            command,
+            env=_archive_env(model_dir, plans, setup),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
         try:
             _wait_for(f"http://127.0.0.1:{FLASK_PORT}/health", process)
             yield f"http://127.0.0.1:{FLASK_PORT}/predict"
@@ -392,7 +474,9 @@ def pytriton(model_dir: Path, plans: Mapping[str, str], setup: Setup, images: Se
     Triton batches rows, not requests: `setup.max_batch` requests of the largest request's images.
     """
     if not TRITON_PYTHON.exists():
-        raise RuntimeError(f"{TRITON_PYTHON} is missing: `make bench` builds .venv-triton from bench/requirements-triton.txt")
+        raise RuntimeError(
+            f"{TRITON_PYTHON} is missing: `make bench` builds .venv-triton from bench/requirements-triton.txt"
+        )
     settings = {
         "BENCH_TRITON_INSTANCES": setup.units,
         "BENCH_TRITON_BATCHER": int(setup.max_batch > 1),
@@ -415,7 +499,12 @@ def _triton_infer(session: requests.Session, url: str, images: list[bytes]) -> l
     header = json.dumps(
         {
             "inputs": [
-                {"name": "image", "shape": [len(images), 1], "datatype": "BYTES", "parameters": {"binary_data_size": len(tensor)}}
+                {
+                    "name": "image",
+                    "shape": [len(images), 1],
+                    "datatype": "BYTES",
+                    "parameters": {"binary_data_size": len(tensor)},
+                }
             ],
             "outputs": [{"name": "result", "parameters": {"binary_data": False}}],
         }
@@ -450,7 +539,9 @@ def ray(model_dir: Path, plans: Mapping[str, str], setup: Setup, images: Sequenc
     with tempfile.TemporaryDirectory(prefix="bench-ray-") as folder:  # Short: Ray's socket paths live under it.
         env["BENCH_RAY_TMP"] = folder
         with _server(command, env, f"{url}/health", "ray serve", ports=(RAY_PORT,), stop_signal=signal.SIGTERM):
-            yield lambda indices: body_answers(post_images(thread_session(), f"{url}/predict", [images[i] for i in indices], {}))
+            yield lambda indices: body_answers(
+                post_images(thread_session(), f"{url}/predict", [images[i] for i in indices], {})
+            )
 
 
 @contextmanager
@@ -467,7 +558,13 @@ def _server(
         _check_free(port, name)
     with tempfile.TemporaryFile() as log:
         process = subprocess.Popen(
-            command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            command,
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
         )
         try:
             _wait_ready(ready_url, process, name, log)
@@ -496,7 +593,9 @@ def _check_free(port: int, name: str) -> None:
         try:
             probe.bind(("127.0.0.1", port))
         except OSError as error:
-            raise RuntimeError(f"{name}: port {port} on 127.0.0.1 is in use (a server left from an earlier run?)") from error
+            raise RuntimeError(
+                f"{name}: port {port} on 127.0.0.1 is in use (a server left from an earlier run?)"
+            ) from error
 
 
 def _wait_ready(url: str, process: subprocess.Popen[bytes], name: str, log: Any, limit_s: float = 180) -> None:

@@ -61,11 +61,19 @@ def main() -> None:
         workload = torchvision_trio(Path(folder), 64) if args.workload == "trio" else demo(64)
         with extracted_archive(workload.spec) as model_dir:
             torch.set_num_threads(1)
-            reference = in_process_cpu_ms_per_image(Ensemble.from_model_dir(model_dir, torch.device("cpu"), parallelism=1), workload.images)
+            reference = in_process_cpu_ms_per_image(
+                Ensemble.from_model_dir(model_dir, torch.device("cpu"), parallelism=1), workload.images
+            )
         with serving([workload.spec]) as server:
-            models = requests.get(f"{server.management}/models/{workload.spec.name}", headers=server.headers("management"), timeout=30)
+            models = requests.get(
+                f"{server.management}/models/{workload.spec.name}", headers=server.headers("management"), timeout=30
+            )
             workers = [psutil.Process(int(worker["pid"])) for worker in models.json()[0]["workers"]]
-            [frontend] = [p for p in psutil.process_iter(["cmdline"]) if "org.pytorch.serve.ModelServer" in " ".join(p.info["cmdline"] or [])]
+            [frontend] = [
+                p
+                for p in psutil.process_iter(["cmdline"])
+                if "org.pytorch.serve.ModelServer" in " ".join(p.info["cmdline"] or [])
+            ]
             here = psutil.Process()
             processes = {"clients": [here], "frontend": [frontend], "workers": workers}
             send = ensemble_sender(server, workload.spec.name, workload.images)
@@ -78,7 +86,10 @@ def main() -> None:
             spent = {name: sum(cpu_s(p) for p in group) - before[name] for name, group in processes.items()}
     images = (point.requests - point.errors) * args.images
     cores = psutil.cpu_count()
-    rows = {name: {"cpu_ms_per_image": 1000 * seconds / images, "share_of_cores": seconds / (wall * cores)} for name, seconds in spent.items()}
+    rows = {
+        name: {"cpu_ms_per_image": 1000 * seconds / images, "share_of_cores": seconds / (wall * cores)}
+        for name, seconds in spent.items()
+    }
     rows["idle"] = {"cpu_ms_per_image": None, "share_of_cores": 1 - sum(r["share_of_cores"] for r in rows.values())}
     lines = ["| process | CPU ms per image | share of the cores |", "|---|---:|---:|"]
     for name, row in rows.items():
@@ -86,19 +97,36 @@ def main() -> None:
         lines.append(f"| {name} | {per_image} | {100 * row['share_of_cores']:.0f}% |")
     lines.append(f"| in-process reference (decode + transform + members, batch 8, 1 thread) | {reference:.2f} | |")
     print("\n".join(lines))
-    print(f"{point.images_per_s:.1f} images/s at {args.clients} clients x {args.images} images, {point.errors} errors, {point.mismatches} mismatches")
-    out = RESULTS / ("cpu_profile.json" if args.workload == "trio" and args.images == 1 else f"cpu_profile-{args.workload}-c{args.clients}x{args.images}.json")
+    print(
+        f"{point.images_per_s:.1f} images/s at {args.clients} clients x {args.images} images, {point.errors} errors, {point.mismatches} mismatches"
+    )
+    out = RESULTS / (
+        "cpu_profile.json"
+        if args.workload == "trio" and args.images == 1
+        else f"cpu_profile-{args.workload}-c{args.clients}x{args.images}.json"
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "when": datetime.now(UTC).isoformat(timespec="seconds"),
-        "cores": cores,
-        "load": {"workload": args.workload, "clients": args.clients, "images_per_request": args.images, "workers": len(workers)},
-        "images_per_s": point.images_per_s,
-        "errors": point.errors,
-        "mismatches": point.mismatches,
-        "in_process_cpu_ms_per_image": reference,
-        "processes": rows,
-    }, indent=2) + "\n")
+    out.write_text(
+        json.dumps(
+            {
+                "when": datetime.now(UTC).isoformat(timespec="seconds"),
+                "cores": cores,
+                "load": {
+                    "workload": args.workload,
+                    "clients": args.clients,
+                    "images_per_request": args.images,
+                    "workers": len(workers),
+                },
+                "images_per_s": point.images_per_s,
+                "errors": point.errors,
+                "mismatches": point.mismatches,
+                "in_process_cpu_ms_per_image": reference,
+                "processes": rows,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"wrote {out}")
 
 

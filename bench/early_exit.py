@@ -52,7 +52,9 @@ VARIANTS = {
 BASELINES = {"any early_exit": "any", "all early_exit": "all", "any uncertainty": "any"}
 
 
-def in_worker(archive: Path, workload: Workload, expected: dict[str, list[dict[str, str]]], rounds: int) -> dict[str, Any]:
+def in_worker(
+    archive: Path, workload: Workload, expected: dict[str, list[dict[str, str]]], rounds: int
+) -> dict[str, Any]:
     """ms per request of each variant and load inside one worker loaded from `archive`; and label mismatches.
 
     The variants take turns request by request (the order flipping every request), so that the machine's
@@ -76,12 +78,18 @@ def in_worker(archive: Path, workload: Workload, expected: dict[str, list[dict[s
                         if per_request == 1:
                             row, kind = {"body": workload.images[indices[0]]} | params, {"Content-Type": "image/png"}
                         else:
-                            row, kind = {f"image{i}": workload.images[i] for i in indices} | params, {"Content-Type": "multipart/form-data"}
+                            row, kind = (
+                                {f"image{i}": workload.images[i] for i in indices} | params,
+                                {"Content-Type": "multipart/form-data"},
+                            )
                         began = time.perf_counter()
                         [reply] = ensemble.answer_batch([ensemble.prepare(row, kind)]).replies
                         spent[name] += time.perf_counter() - began
                         labels = [p["label"] for p in reply.body["predictions"]]
-                        mismatches += sum(got != expected[VARIANTS[name]["policy"]][i]["label"] for got, i in zip(labels, indices, strict=True))
+                        mismatches += sum(
+                            got != expected[VARIANTS[name]["policy"]][i]["label"]
+                            for got, i in zip(labels, indices, strict=True)
+                        )
                 for name, seconds in spent.items():
                     timings[load][name].append(seconds * 1000 / len(plan))
         stages = ensemble.runner.stage_order()
@@ -89,7 +97,9 @@ def in_worker(archive: Path, workload: Workload, expected: dict[str, list[dict[s
     return {
         "stages": stages,
         "median_ms_per_request": {load: {n: round(v, 3) for n, v in by.items()} for load, by in typical.items()},
-        "speedup": {load: {n: round(by[base] / by[n], 3) for n, base in BASELINES.items()} for load, by in typical.items()},
+        "speedup": {
+            load: {n: round(by[base] / by[n], 3) for n, base in BASELINES.items()} for load, by in typical.items()
+        },
         "mismatches": mismatches,
     }
 
@@ -160,13 +170,26 @@ def main() -> None:
             url, headers = f"{server.inference}/predictions/{workload.spec.name}", server.headers("inference")
             for load, (clients, per_request) in loads.items():
                 senders = {
-                    name: sender(url, headers, workload.images, params, tallies[load][name]) for name, params in VARIANTS.items()
+                    name: sender(url, headers, workload.images, params, tallies[load][name])
+                    for name, params in VARIANTS.items()
                 }
                 for name, send in senders.items():
-                    run_load(send, requests_for(16, per_request, IMAGES), expected[VARIANTS[name]["policy"]], clients=clients, deadline_s=20)
+                    run_load(
+                        send,
+                        requests_for(16, per_request, IMAGES),
+                        expected[VARIANTS[name]["policy"]],
+                        clients=clients,
+                        deadline_s=20,
+                    )
                 labels = {name: expected[params["policy"]] for name, params in VARIANTS.items()}
                 points[load] = alternating_rounds(
-                    senders, labels, requests_for(100_000, per_request, IMAGES), clients=clients, rounds=rounds, seconds=seconds, load=load
+                    senders,
+                    labels,
+                    requests_for(100_000, per_request, IMAGES),
+                    clients=clients,
+                    rounds=rounds,
+                    seconds=seconds,
+                    load=load,
                 )
         finally:
             stop(server)
@@ -177,11 +200,18 @@ def main() -> None:
         "quick": args.quick,
         "seconds": round(time.perf_counter() - began, 1),
         "images": IMAGES,
-        "positives": {policy: sum(e["label"] == workload.spec.positive_label for e in labels) for policy, labels in expected.items()},
+        "positives": {
+            policy: sum(e["label"] == workload.spec.positive_label for e in labels)
+            for policy, labels in expected.items()
+        },
         "median_images_per_s": {load: {n: round(v, 1) for n, v in by.items()} for load, by in throughput.items()},
         "median_p50_ms": {load: {n: round(v, 1) for n, v in by.items()} for load, by in p50.items()},
-        "speedup": {load: {n: round(by[n] / by[base], 3) for n, base in BASELINES.items()} for load, by in throughput.items()},
-        "skipped_fraction": {load: {n: tallies[load][n].fractions() for n in ("any early_exit", "all early_exit")} for load in loads},
+        "speedup": {
+            load: {n: round(by[n] / by[base], 3) for n, base in BASELINES.items()} for load, by in throughput.items()
+        },
+        "skipped_fraction": {
+            load: {n: tallies[load][n].fractions() for n in ("any early_exit", "all early_exit")} for load in loads
+        },
         "in_one_worker": worker,
         "errors": sum(p["errors"] for by in points.values() for pts in by.values() for p in pts),
         "mismatches": sum(p["mismatches"] for by in points.values() for pts in by.values() for p in pts),

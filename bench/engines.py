@@ -31,7 +31,7 @@ from handlers.config.files import load_ensembles
 from handlers.config.policy import DEFAULT_THRESHOLD
 from handlers.execution.engines import export_onnx, onnxruntime_forward, openvino_forward, precision_unsupported
 from handlers.execution.outputs import fit_head, largest_difference
-from handlers.execution.plans import build
+from handlers.execution.plan_forwards import build
 from handlers.execution.precision import measure, quantize_int8
 from handlers.inputs.images import batch_tensors, decode_image
 from handlers.weights.loading import build_member, member_weights
@@ -127,23 +127,33 @@ def _time(forwards: dict[str, Any], rows: torch.Tensor, rounds: int) -> dict[str
             for n in ROWS:
                 for name, forward in forwards.items():
                     samples[name][n].append(1000 * _seconds(lambda f=forward, n=n: f(rows[:n])))
-    return {name: {str(n): round(statistics.median(v), 2) for n, v in by_rows.items()} for name, by_rows in samples.items()}
+    return {
+        name: {str(n): round(statistics.median(v), 2) for n, v in by_rows.items()} for name, by_rows in samples.items()
+    }
 
 
 def table(results: dict[str, dict[str, Any]], peaks: dict[str, float]) -> str:
     engines = (*FP32, *LOSSY)
     lines = [
-        "| member, rows | " + " | ".join(engines) + " | GFLOP/s fp32 / lossy (8 rows) | agreement bf16 / int8 ORT / int8 OV |",
+        "| member, rows | "
+        + " | ".join(engines)
+        + " | GFLOP/s fp32 / lossy (8 rows) | agreement bf16 / int8 ORT / int8 OV |",
         "|---|" + "---:|" * len(engines) + "---|---|",
     ]
     for workload, members in results.items():
         for member, row in members.items():
             for n in ROWS:
                 ms = [f"{row['ms_per_call'][e][str(n)]:.2f}" for e in engines]
-                gflops = " / ".join(f"{v:.1f} {k.split(' ')[1]}" for k, v in row["gflops"].items()) if n == max(ROWS) else ""
-                agreement = " / ".join(f"{row['lossy_agreement'][e]['agreement']:.3f}" for e in LOSSY) if n == max(ROWS) else ""
+                gflops = (
+                    " / ".join(f"{v:.1f} {k.split(' ')[1]}" for k, v in row["gflops"].items()) if n == max(ROWS) else ""
+                )
+                agreement = (
+                    " / ".join(f"{row['lossy_agreement'][e]['agreement']:.3f}" for e in LOSSY) if n == max(ROWS) else ""
+                )
                 lines.append(f"| {workload}/{member}, {n} | " + " | ".join(ms) + f" | {gflops} | {agreement} |")
-    lines.append(f"\nPractical peak, one thread, 2048x2048 matmul: fp32 {peaks['fp32']:.1f} GFLOP/s, bf16 {peaks['bf16']:.1f} GFLOP/s.")
+    lines.append(
+        f"\nPractical peak, one thread, 2048x2048 matmul: fp32 {peaks['fp32']:.1f} GFLOP/s, bf16 {peaks['bf16']:.1f} GFLOP/s."
+    )
     return "\n".join(lines)
 
 
@@ -159,7 +169,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-engines-") as folder:
         trio = torchvision_trio(Path(folder) / "trio", 16)
         shapes = demo(16)
-        multishape = Workload("demo-multishape", shapes.config, load_ensembles(shapes.config)["multishape"], shapes.images, ())
+        multishape = Workload(
+            "demo-multishape", shapes.config, load_ensembles(shapes.config)["multishape"], shapes.images, ()
+        )
         for workload in (trio, shapes, multishape):
             results[workload.name] = member_engines(workload, Path(folder), rounds)
     print(table(results, peaks))

@@ -44,7 +44,10 @@ def measure(workload: Workload, rounds: int, folder: Path) -> dict[str, Any]:
     cpu = torch.device("cpu")
     loaded: dict[str, Ensemble] = {}
     load_s: dict[str, float] = {}
-    with extracted_archive(workload.spec) as fp32, extracted_archive(workload.at_precision("bf16", folder / workload.name).spec) as bf16:
+    with (
+        extracted_archive(workload.spec) as fp32,
+        extracted_archive(workload.at_precision("bf16", folder / workload.name).spec) as bf16,
+    ):
         loaders = {
             "eager": lambda: Ensemble.from_spec(workload.spec.with_plan("eager"), cpu, parallelism=threads),
             "frozen": lambda: Ensemble.from_spec(workload.spec.with_plan("frozen"), cpu, parallelism=threads),
@@ -71,10 +74,12 @@ def measure(workload: Workload, rounds: int, folder: Path) -> dict[str, Any]:
         "bf16_members": {m["name"]: m["execution"] for m in loaded["bf16"].describe()["members"]},
         "ensemble_ms_median": {plan: {str(b): round(v, 2) for b, v in sizes.items()} for plan, sizes in median.items()},
         "speedup_vs_frozen": {
-            plan: {str(b): round(median["frozen"][b] / median[plan][b], 2) for b in BATCHES} for plan in ("eager", "auto", "bf16")
+            plan: {str(b): round(median["frozen"][b] / median[plan][b], 2) for b in BATCHES}
+            for plan in ("eager", "auto", "bf16")
         },
         "max_probability_difference": {
-            plan: float(f"{float((loaded[plan].probabilities(images) - reference).abs().max()):.2g}") for plan in ("frozen", "auto", "bf16")
+            plan: float(f"{float((loaded[plan].probabilities(images) - reference).abs().max()):.2g}")
+            for plan in ("frozen", "auto", "bf16")
         },
     }
 
@@ -130,8 +135,23 @@ def main() -> None:
         results = {w.name: measure(w, 5 if args.quick else 20, Path(folder) / "calibration") for w in workloads}
     print(markdown(results))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    machine = {"cores": os.cpu_count(), "processor": platform.processor() or platform.machine(), "torch": torch.__version__}
-    RESULTS.write_text(json.dumps({"machine": machine, "quick": args.quick, "seconds": round(time.perf_counter() - began, 1), "workloads": results}, indent=2) + "\n")
+    machine = {
+        "cores": os.cpu_count(),
+        "processor": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+    }
+    RESULTS.write_text(
+        json.dumps(
+            {
+                "machine": machine,
+                "quick": args.quick,
+                "seconds": round(time.perf_counter() - began, 1),
+                "workloads": results,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
 
 
 if __name__ == "__main__":

@@ -66,15 +66,25 @@ def main() -> None:
             seq_s = seconds_per_call(sequential, batch, repeats)
             fused_s = seconds_per_call(fused.run, batch, repeats)
             rows.append(
-                {"workload": name, "batch": batch_size, "sequential_ms": 1000 * seq_s, "fused_ms": 1000 * fused_s,
-                 "speedup": seq_s / fused_s, "max_abs_difference": difference}
+                {
+                    "workload": name,
+                    "batch": batch_size,
+                    "sequential_ms": 1000 * seq_s,
+                    "fused_ms": 1000 * fused_s,
+                    "speedup": seq_s / fused_s,
+                    "max_abs_difference": difference,
+                }
             )
     print("| 4 members of | batch | one at a time ms | fused ms | fused speed-up | max difference |")
     print("|---|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['workload']} | {r['batch']} | {r['sequential_ms']:.1f} | {r['fused_ms']:.1f} | {r['speedup']:.2f}x | {r['max_abs_difference']:.1e} |")
+        print(
+            f"| {r['workload']} | {r['batch']} | {r['sequential_ms']:.1f} | {r['fused_ms']:.1f} | {r['speedup']:.2f}x | {r['max_abs_difference']:.1e} |"
+        )
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"threads": torch.get_num_threads(), "torch": torch.__version__, "rows": rows}, indent=2) + "\n")
+    RESULTS.write_text(
+        json.dumps({"threads": torch.get_num_threads(), "torch": torch.__version__, "rows": rows}, indent=2) + "\n"
+    )
 
 
 if __name__ == "__main__":

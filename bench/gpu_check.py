@@ -61,7 +61,10 @@ def check(spec: EnsembleSpec, images: tuple[bytes, ...], device: torch.device) -
     v2 = {"id": "gpu", "inputs": [{"name": "images", "shape": [3], "datatype": "BYTES", "data": encoded}]}
     rows = [
         ({"body": json.dumps(v2).encode()}, {"Content-Type": "application/json"}),
-        ({"body": json.dumps({"instances": [{"b64": e} for e in encoded[:2]]}).encode()}, {"Content-Type": "application/json"}),
+        (
+            {"body": json.dumps({"instances": [{"b64": e} for e in encoded[:2]]}).encode()},
+            {"Content-Type": "application/json"},
+        ),
         ({"body": json.dumps({"inputs": []}).encode()}, {"Content-Type": "application/json"}),
     ]
     prepared: list[Any] = []
@@ -71,10 +74,14 @@ def check(spec: EnsembleSpec, images: tuple[bytes, ...], device: torch.device) -
         except Exception as e:  # The handler turns request errors into replies the same way.
             prepared.append(e)
     replies = planned.answer_batch(prepared).replies
-    expected = cpu.render(cpu.probabilities(decoded[:3]), next(p for p in prepared if isinstance(p, PreparedRequest)).policy)
+    expected = cpu.render(
+        cpu.probabilities(decoded[:3]), next(p for p in prepared if isinstance(p, PreparedRequest)).policy
+    )
     outputs = {o["name"]: o["data"] for o in replies[0].body["outputs"]}
     if spec.task == "multilabel":
-        v2_agrees = outputs["labels"] == [label in p["labels"] for p in expected["predictions"] for label in spec.labels]
+        v2_agrees = outputs["labels"] == [
+            label in p["labels"] for p in expected["predictions"] for label in spec.labels
+        ]
     else:
         v2_agrees = outputs["label"] == [p["label"] for p in expected["predictions"]]
     progress(f"{spec.name}: compared and answered a mixed batch")
@@ -93,7 +100,10 @@ def check(spec: EnsembleSpec, images: tuple[bytes, ...], device: torch.device) -
     medians = {name: {b: statistics.median(v) for b, v in sizes.items()} for name, sizes in timings.items()}
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "plans": {m["name"]: {k: m["execution"].get(k) for k in ("plan", "speedup_vs_eager", "rejected")} for m in planned.describe()["members"]},
+        "plans": {
+            m["name"]: {k: m["execution"].get(k) for k in ("plan", "speedup_vs_eager", "rejected")}
+            for m in planned.describe()["members"]
+        },
         "load_s_with_plan_choice": round(load_s, 2),
         "max_probability_difference_vs_cpu": float((reference - got).abs().max()),
         "labels_agree_with_cpu": labels_agree,
@@ -131,8 +141,12 @@ def options(spec: EnsembleSpec, images: tuple[bytes, ...], device: torch.device)
     identical: dict[str, bool] = {}
     for name, ensemble in loaded.items():
         alone = ensemble.probabilities([target])[:, 0]
-        among = [ensemble.probabilities(neighbours[:count][:position] + [target] + neighbours[:count][position:])[:, position]
-                 for count, position in ((1, 1), (7, 3), (15, 15), (31, 9))]  # fmt: skip
+        among = [
+            ensemble.probabilities(neighbours[:count][:position] + [target] + neighbours[:count][position:])[
+                :, position
+            ]
+            for count, position in ((1, 1), (7, 3), (15, 15), (31, 9))
+        ]
         identical[name] = all(torch.equal(alone, other) for other in among)
         moved[name] = max(float((alone - other).abs().max()) for other in among)
     cpu_tta = Ensemble.from_spec(spec.with_views("ten_crop").with_plan("eager"), torch.device("cpu"))
@@ -141,11 +155,18 @@ def options(spec: EnsembleSpec, images: tuple[bytes, ...], device: torch.device)
     progress("options: ten_crop compared")
     fast = loaded["fast"]
     names = [m.name for m in spec.members]
-    rows = [fast.prepare({"body": data, "members": names[0].encode()}, {}) for data in images[:2]] + [fast.prepare({"body": images[2]}, {})]
+    rows = [fast.prepare({"body": data, "members": names[0].encode()}, {}) for data in images[:2]] + [
+        fast.prepare({"body": images[2]}, {})
+    ]
     replies = fast.answer_batch(rows).replies
     cpu = Ensemble.from_spec(spec.with_plan("eager"), torch.device("cpu"))
-    expected = [cpu.render(cpu.probabilities([d]), fast.spec.policy, members=m) for d, m in zip(decoded[:3], ([names[0]], [names[0]], None), strict=True)]
-    subset_labels_agree = [r.body["predictions"][0]["label"] for r in replies] == [e["predictions"][0]["label"] for e in expected]
+    expected = [
+        cpu.render(cpu.probabilities([d]), fast.spec.policy, members=m)
+        for d, m in zip(decoded[:3], ([names[0]], [names[0]], None), strict=True)
+    ]
+    subset_labels_agree = [r.body["predictions"][0]["label"] for r in replies] == [
+        e["predictions"][0]["label"] for e in expected
+    ]
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "bit_identical_amid_neighbours": identical,

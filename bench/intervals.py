@@ -26,9 +26,13 @@ def ratio_interval(ratios: Sequence[float], target: float, seed: int = 0) -> dic
         low = high = median
     else:
         result = stats.bootstrap(
-            (numpy.asarray(ratios, dtype=float),), numpy.median, confidence_level=CONFIDENCE,
-            n_resamples=RESAMPLES, method="percentile", random_state=numpy.random.default_rng(seed),
-        )  # fmt: skip
+            (numpy.asarray(ratios, dtype=float),),
+            numpy.median,
+            confidence_level=CONFIDENCE,
+            n_resamples=RESAMPLES,
+            method="percentile",
+            random_state=numpy.random.default_rng(seed),
+        )
         low, high = float(result.confidence_interval.low), float(result.confidence_interval.high)
     return {
         "ratio": round(median, 3),

@@ -61,18 +61,23 @@ def percentiles_ms(latencies_s: Sequence[float]) -> tuple[float, float, float]:
 
 def labels_judge(expected: Sequence[dict[str, str]]) -> Judge:
     """Mismatches of per-image member labels against `expected`, plus any image answered twice or not at all."""
-    return lambda indices, labels: sum(got != expected[i] for got, i in zip(labels, indices, strict=False)) + abs(len(labels) - len(indices))
+    return lambda indices, labels: (
+        sum(got != expected[i] for got, i in zip(labels, indices, strict=False)) + abs(len(labels) - len(indices))
+    )
 
 
 def requests_for(count: int, images_per_request: int, total_images: int) -> list[list[int]]:
     """`count` requests of consecutive image indices, wrapping around the workload's images."""
-    return [
-        [(r * images_per_request + i) % total_images for i in range(images_per_request)] for r in range(count)
-    ]
+    return [[(r * images_per_request + i) % total_images for i in range(images_per_request)] for r in range(count)]
 
 
 def run_load(
-    send: Send, requests: Sequence[list[int]], expected: Sequence[dict[str, str]] | Judge, *, clients: int, deadline_s: float
+    send: Send,
+    requests: Sequence[list[int]],
+    expected: Sequence[dict[str, str]] | Judge,
+    *,
+    clients: int,
+    deadline_s: float,
 ) -> LoadPoint:
     """Send the requests in order from `clients` threads, each taking the next one when its last is answered, until
     they run out or the deadline passes (none started after it); time and check each.
@@ -119,7 +124,13 @@ def run_load(
 
 
 def _point(
-    latencies: Sequence[float], images: int, wall: float, errors: int, mismatches: int, cpu_s: float, failures: Sequence[str]
+    latencies: Sequence[float],
+    images: int,
+    wall: float,
+    errors: int,
+    mismatches: int,
+    cpu_s: float,
+    failures: Sequence[str],
 ) -> LoadPoint:
     p50, p90, p99 = percentiles_ms(latencies)
     return LoadPoint(
@@ -139,9 +150,16 @@ def _point(
 
 
 def open_loop(
-    send: Send, requests: Sequence[list[int]], judge: Judge, *, rate_per_s: float, seconds: float, seed: int = 0,
-    connections: int = 64, drain_s: float = 30.0,
-) -> LoadPoint:  # fmt: skip
+    send: Send,
+    requests: Sequence[list[int]],
+    judge: Judge,
+    *,
+    rate_per_s: float,
+    seconds: float,
+    seed: int = 0,
+    connections: int = 64,
+    drain_s: float = 30.0,
+) -> LoadPoint:
     """Requests arriving as a Poisson process at `rate_per_s` for `seconds`, whatever the server's pace.
 
     Arrival times are drawn before the first is sent, and each latency runs from its request's scheduled
@@ -200,9 +218,15 @@ def open_loop(
 
 
 def alternating_rounds(
-    senders: Mapping[str, Send], expected: Mapping[str, Sequence[dict[str, str]] | Judge], plan: Sequence[list[int]], *,
-    clients: int, rounds: int, seconds: float, load: str,
-) -> dict[str, list[dict[str, float | int]]]:  # fmt: skip
+    senders: Mapping[str, Send],
+    expected: Mapping[str, Sequence[dict[str, str]] | Judge],
+    plan: Sequence[list[int]],
+    *,
+    clients: int,
+    rounds: int,
+    seconds: float,
+    load: str,
+) -> dict[str, list[dict[str, float | int]]]:
     """Each sender's load points over `rounds` of `seconds`, the order rotated by one every round, so that over as
     many rounds as senders each takes every position once; each point is printed as it is measured.
 
@@ -215,8 +239,10 @@ def alternating_rounds(
         for name in rotated(names, r):
             point = run_load(senders[name], plan, expected[name], clients=clients, deadline_s=seconds)
             points[name].append(point.to_json())
-            print(f"{load} round {r + 1} {name}: {point.images_per_s:.1f} images/s, p50 {point.p50_ms:.1f} ms, "
-                  f"errors {point.errors}, mismatches {point.mismatches}")  # fmt: skip
+            print(
+                f"{load} round {r + 1} {name}: {point.images_per_s:.1f} images/s, p50 {point.p50_ms:.1f} ms, "
+                f"errors {point.errors}, mismatches {point.mismatches}"
+            )
     return points
 
 
@@ -226,6 +252,10 @@ def rotated(names: Sequence[str], by: int) -> list[str]:
     return [*names[shift:], *names[:shift]]
 
 
-def medians(points: Mapping[str, Mapping[str, Sequence[Mapping[str, float | int]]]], key: str) -> dict[str, dict[str, float]]:
+def medians(
+    points: Mapping[str, Mapping[str, Sequence[Mapping[str, float | int]]]], key: str
+) -> dict[str, dict[str, float]]:
     """The median of `key` over each (load, variant)'s rounds."""
-    return {load: {name: statistics.median(p[key] for p in pts) for name, pts in by.items()} for load, by in points.items()}
+    return {
+        load: {name: statistics.median(p[key] for p in pts) for name, pts in by.items()} for load, by in points.items()
+    }

@@ -70,7 +70,9 @@ def main() -> None:
         store = Path(folder) / "model_store"
         build_archive(workload.spec, store)
         servers = {
-            name: stack.enter_context(served(Path(folder) / f"server{i}", store, 30300 + 40 * i, config, workload.spec.batching.workers))
+            name: stack.enter_context(
+                served(Path(folder) / f"server{i}", store, 30300 + 40 * i, config, workload.spec.batching.workers)
+            )
             for i, (name, config) in enumerate(VARIANTS.items())
         }
         senders = {name: ensemble_sender(server, "shapes", workload.images) for name, server in servers.items()}
@@ -83,7 +85,9 @@ def main() -> None:
             for name in order:
                 point = run_load(senders[name], load, workload.expected, clients=CLIENTS, deadline_s=seconds)
                 points[name].append(point.to_json())
-                print(f"round {r + 1} {name}: {point.images_per_s:.1f} images/s, p50 {point.p50_ms:.1f} ms, errors {point.errors}, mismatches {point.mismatches}")
+                print(
+                    f"round {r + 1} {name}: {point.images_per_s:.1f} images/s, p50 {point.p50_ms:.1f} ms, errors {point.errors}, mismatches {point.mismatches}"
+                )
         counted = {name: images_counted(server) for name, server in servers.items()}
     medians = {name: statistics.median(p["images_per_s"] for p in pts) for name, pts in points.items()}
     result = {

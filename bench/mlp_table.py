@@ -105,7 +105,12 @@ def single_client(
             mismatches += 1
     wall = time.perf_counter() - begin
     session.close()
-    return {"requests_per_s": ok / wall, "requests": ok + errors + mismatches, "errors": errors, "mismatches": mismatches}
+    return {
+        "requests_per_s": ok / wall,
+        "requests": ok + errors + mismatches,
+        "errors": errors,
+        "mismatches": mismatches,
+    }
 
 
 def floor(url: str, headers: dict[str, str], *, seconds: float) -> dict[str, float | int]:
@@ -164,11 +169,15 @@ def main() -> None:
                         single_client(url, send_headers, body, expected[n], seconds=0.5, limit=200)
                         cell = single_client(url, send_headers, body, expected[n], seconds=seconds, limit=100_000)
                         results[f"{contender}-{encoding_name}/{n}"] = cell
-                        print(f"  {contender} {encoding_name:4} x{n:<3}: {cell['requests_per_s']:8.1f} req/s", flush=True)
+                        print(
+                            f"  {contender} {encoding_name:4} x{n:<3}: {cell['requests_per_s']:8.1f} req/s", flush=True
+                        )
     table, data = report(results)
     print(table)
-    print("transport floor (an image sent to the tensor ensemble, answered 4xx at once): "
-          + ", ".join(f"{name} {cell['requests_per_s']:.0f} req/s" for name, cell in floors.items()))
+    print(
+        "transport floor (an image sent to the tensor ensemble, answered 4xx at once): "
+        + ", ".join(f"{name} {cell['requests_per_s']:.0f} req/s" for name, cell in floors.items())
+    )
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(
         json.dumps(

@@ -44,7 +44,9 @@ def inputs(workload: Workload, ensemble: Ensemble, mapper: Mapper) -> dict[Any, 
         image = decode_image(data, workload.spec.limits)
         modes: dict[str, Image.Image] = {}
         for spec in specs:
-            modes.setdefault(spec.color_mode, image if image.mode == spec.color_mode else image.convert(spec.color_mode))
+            modes.setdefault(
+                spec.color_mode, image if image.mode == spec.color_mode else image.convert(spec.color_mode)
+            )
         return [to_tensor(modes[spec.color_mode], spec) for spec in specs]
 
     per_image = list(mapper(one, workload.images[:IMAGES]))
@@ -71,7 +73,11 @@ def measure(workload: Workload, rounds: int) -> dict[str, Any]:
                 entry["inputs"].append(1000 * (prepared - began))
                 entry["total"].append(1000 * (done - began))
     return {
-        way: {f"{part}_{stat}_ms": round(fn(values), 2) for part, values in parts.items() for stat, fn in (("best", min), ("median", statistics.median))}
+        way: {
+            f"{part}_{stat}_ms": round(fn(values), 2)
+            for part, values in parts.items()
+            for stat, fn in (("best", min), ("median", statistics.median))
+        }
         for way, parts in times.items()
     }
 
@@ -84,7 +90,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-inputs-") as folder:
         workloads = [demo(IMAGES), torchvision_trio(Path(folder), IMAGES)]
         results = {w.name: measure(w, 10 if args.quick else 40) for w in workloads}
-    lines = ["| workload | decode + transform on | inputs ms (best / median) | with members ms (best / median) |", "|---|---|---:|---:|"]
+    lines = [
+        "| workload | decode + transform on | inputs ms (best / median) | with members ms (best / median) |",
+        "|---|---|---:|---:|",
+    ]
     for name, ways in results.items():
         for way, row in ways.items():
             lines.append(
@@ -92,7 +101,9 @@ def main() -> None:
             )
     print("\n".join(lines))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"images_per_request": IMAGES, "cores": os.cpu_count(), "results": results}, indent=2) + "\n")
+    RESULTS.write_text(
+        json.dumps({"images_per_request": IMAGES, "cores": os.cpu_count(), "results": results}, indent=2) + "\n"
+    )
 
 
 if __name__ == "__main__":

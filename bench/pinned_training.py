@@ -36,7 +36,12 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "pinned_training.json"
 SETTINGS: dict[str, dict[str, str]] = {
     "this CPU": {},
-    "AVX2, 1 core": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "OMP_NUM_THREADS": "1"},
+    "AVX2, 1 core": {
+        "ATEN_CPU_CAPABILITY": "avx2",
+        "ONEDNN_MAX_CPU_ISA": "AVX2",
+        "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+        "OMP_NUM_THREADS": "1",
+    },
 }
 
 
@@ -77,7 +82,9 @@ def summary(runs: dict[str, dict[str, Any]], pinned: demo_weights.Digests) -> di
                 "pinned_settings_agree": len(pinned_runs) == 1,
                 "pinned_equals_committed": pinned_runs == {pinned.get(ensemble, {}).get(member)},
             }
-    seconds = {run: round(sum(v["seconds"] for m in runs[run]["members"].values() for v in m.values()), 1) for run in runs}
+    seconds = {
+        run: round(sum(v["seconds"] for m in runs[run]["members"].values() for v in m.values()), 1) for run in runs
+    }
     return {"members": members, "seconds": seconds, "kernels": {run: value["kernels"] for run, value in runs.items()}}
 
 
@@ -103,7 +110,9 @@ def main() -> None:
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print(f"{'member':<24} {'unpinned: settings agree':>25} {'pinned: settings agree':>23} {'= committed':>12}")
     for member, row in result["members"].items():
-        print(f"{member:<24} {row['unpinned_settings_agree']!s:>25} {row['pinned_settings_agree']!s:>23} {row['pinned_equals_committed']!s:>12}")
+        print(
+            f"{member:<24} {row['unpinned_settings_agree']!s:>25} {row['pinned_settings_agree']!s:>23} {row['pinned_equals_committed']!s:>12}"
+        )
     print("training seconds:", json.dumps(result["seconds"]))
     print(f"wrote {RESULTS}")
 

@@ -51,7 +51,9 @@ def _setting(name: str, default: str) -> str:
 class EnsembleDeployment:
     """Every member of one ensemble in one replica."""
 
-    def __init__(self, model_dir: str, plans: dict[str, str], member_threads: int, max_batch: int, wait_s: float) -> None:
+    def __init__(
+        self, model_dir: str, plans: dict[str, str], member_threads: int, max_batch: int, wait_s: float
+    ) -> None:
         self.answer.set_max_batch_size(max_batch)
         self.answer.set_batch_wait_timeout_s(wait_s)
         self.ensemble = archived_ensemble(Path(model_dir), plans, member_threads)

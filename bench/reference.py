@@ -94,7 +94,9 @@ class Gate:
         if policy.name == "mean":
             weights = {m.name: m.weight for m in self.spec.members}
             total = sum(weights[name] for name in probs)
-            mean = [sum(weights[name] * p[j] for name, p in probs.items()) / total for j in range(len(self.spec.labels))]
+            mean = [
+                sum(weights[name] * p[j] for name, p in probs.items()) / total for j in range(len(self.spec.labels))
+            ]
             label, score = self.vote(mean)
             return Answer(members, label, score)
         if policy.name in VOTE_POLICIES:
@@ -166,12 +168,14 @@ def _transform(spec: EnsembleSpec, member: MemberSpec) -> v2.Compose:
     declared = spec.member_input(member)
     if declared.resize != "stretch" or declared.tta != "none":
         raise ValueError(f"{member.name}: the reference implements `resize: stretch` without tta")
-    return v2.Compose([
-        v2.Resize(list(declared.size), interpolation=v2.InterpolationMode.BILINEAR, antialias=True),
-        v2.PILToTensor(),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(list(declared.mean), list(declared.std)),
-    ])  # fmt: skip
+    return v2.Compose(
+        [
+            v2.Resize(list(declared.size), interpolation=v2.InterpolationMode.BILINEAR, antialias=True),
+            v2.PILToTensor(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(list(declared.mean), list(declared.std)),
+        ]
+    )
 
 
 def _module(spec: EnsembleSpec, member: MemberSpec) -> torch.nn.Module:

@@ -46,7 +46,14 @@ VARIANTS: dict[str, dict[str, str]] = {
 }
 
 
-def profile(url: str, headers: dict[str, str], body: bytes, expected: list[str], processes: dict[str, list[psutil.Process]], seconds: float) -> dict[str, float]:
+def profile(
+    url: str,
+    headers: dict[str, str],
+    body: bytes,
+    expected: list[str],
+    processes: dict[str, list[psutil.Process]],
+    seconds: float,
+) -> dict[str, float]:
     """Requests/s, wall ms and CPU ms per request by process, for `seconds` of back-to-back requests."""
     single_client(url, headers, body, expected, seconds=1.0, limit=500)
     processes = {"client": [psutil.Process()], **processes}
@@ -69,10 +76,20 @@ def ours(
     try:
         start(server, store)
         register(server, NAME, 1)
-        models = requests.get(f"{server.management}/models/{NAME}", headers=server.headers("management"), timeout=30).json()
+        models = requests.get(
+            f"{server.management}/models/{NAME}", headers=server.headers("management"), timeout=30
+        ).json()
         worker = psutil.Process(int(models[0]["workers"][0]["pid"]))
-        [frontend] = [p for p in psutil.process_iter(["cmdline"]) if "org.pytorch.serve.ModelServer" in " ".join(p.info["cmdline"] or [])]
-        yield f"{server.inference}/predictions/{NAME}", {**server.headers("inference"), **NPY}, {"frontend": [frontend], "worker": [worker]}
+        [frontend] = [
+            p
+            for p in psutil.process_iter(["cmdline"])
+            if "org.pytorch.serve.ModelServer" in " ".join(p.info["cmdline"] or [])
+        ]
+        yield (
+            f"{server.inference}/predictions/{NAME}",
+            {**server.headers("inference"), **NPY},
+            {"frontend": [frontend], "worker": [worker]},
+        )
     finally:
         stop(server)
 
@@ -89,15 +106,32 @@ def main() -> None:
         store = Path(folder) / "store"
         build_archive(spec, store)
         for round_number in range(2):
-            with extracted_archive(spec) as model_dir, gunicorn(model_dir, every_member(spec, "eager"), Setup(units=2)) as url:
+            with (
+                extracted_archive(spec) as model_dir,
+                gunicorn(model_dir, every_member(spec, "eager"), Setup(units=2)) as url,
+            ):
                 expected = requests.post(url, data=body, headers=NPY, timeout=30).json()["members"]["mlp"]
-                parent = psutil.Process(next(p.pid for p in psutil.process_iter(["cmdline"]) if "bench.flask_server:create_app()" in " ".join(p.info["cmdline"] or []) and p.children()))
-                rows.setdefault("Flask + gunicorn", []).append(profile(url, NPY, body, expected, {"server": [parent, *parent.children()]}, args.seconds))
+                parent = psutil.Process(
+                    next(
+                        p.pid
+                        for p in psutil.process_iter(["cmdline"])
+                        if "bench.flask_server:create_app()" in " ".join(p.info["cmdline"] or []) and p.children()
+                    )
+                )
+                rows.setdefault("Flask + gunicorn", []).append(
+                    profile(url, NPY, body, expected, {"server": [parent, *parent.children()]}, args.seconds)
+                )
             for index, (name, overrides) in enumerate(VARIANTS.items()):
                 tag, ports = f"variant{index}-{round_number}", 32100 + 10 * (len(VARIANTS) * round_number + index)
                 with ours(Path(folder), store, overrides, tag, ports) as (url, headers, processes):
-                    rows.setdefault(f"ours, {name}", []).append(profile(url, headers, body, expected, processes, args.seconds))
-            print(f"round {round_number + 1}: " + ", ".join(f"{n} {r[-1]['requests_per_s']:.0f} req/s" for n, r in rows.items()), flush=True)
+                    rows.setdefault(f"ours, {name}", []).append(
+                        profile(url, headers, body, expected, processes, args.seconds)
+                    )
+            print(
+                f"round {round_number + 1}: "
+                + ", ".join(f"{n} {r[-1]['requests_per_s']:.0f} req/s" for n, r in rows.items()),
+                flush=True,
+            )
     summary = {name: {key: statistics.mean(r[key] for r in runs) for key in runs[0]} for name, runs in rows.items()}
     flask = summary["Flask + gunicorn"]["requests_per_s"]
     lines = [
@@ -105,20 +139,30 @@ def main() -> None:
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, row in summary.items():
-        cpu = [f"{row[key]:.2f}" if key in row else "" for key in ("client_cpu_ms", "frontend_cpu_ms", "worker_cpu_ms", "server_cpu_ms")]
+        cpu = [
+            f"{row[key]:.2f}" if key in row else ""
+            for key in ("client_cpu_ms", "frontend_cpu_ms", "worker_cpu_ms", "server_cpu_ms")
+        ]
         lines.append(
             f"| {name} | {row['requests_per_s']:.0f} | {row['requests_per_s'] / flask:.2f}x | {row['wall_ms']:.2f} | "
-            + " | ".join(cpu) + f" | {row['errors']:.0f} | {row['mismatches']:.0f} |"
+            + " | ".join(cpu)
+            + f" | {row['errors']:.0f} | {row['mismatches']:.0f} |"
         )
     print("\n".join(lines))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({
-        "when": datetime.now(UTC).isoformat(timespec="seconds"),
-        "seconds_per_measurement": args.seconds,
-        "seconds": round(time.perf_counter() - began, 1),
-        "runs": rows,
-        "mean": summary,
-    }, indent=2) + "\n")
+    RESULTS.write_text(
+        json.dumps(
+            {
+                "when": datetime.now(UTC).isoformat(timespec="seconds"),
+                "seconds_per_measurement": args.seconds,
+                "seconds": round(time.perf_counter() - began, 1),
+                "runs": rows,
+                "mean": summary,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"wrote {RESULTS}")
 
 

@@ -48,7 +48,10 @@ def phases(ensemble: Ensemble, images: list[bytes]) -> dict[str, float]:
     decoded = timing("decode", lambda: [decode_image(data, spec.limits) for data in images])
     timing("resize", lambda: batch_tensors(decoded, [group.spec for group in ensemble.runner.groups]))
     probs = timing("members+resize", lambda: ensemble.probabilities(decoded))
-    timing("render", lambda: [json.dumps(ensemble.render(probs[:, i : i + 16], spec.policy)) for i in range(0, len(images), 16)])
+    timing(
+        "render",
+        lambda: [json.dumps(ensemble.render(probs[:, i : i + 16], spec.policy)) for i in range(0, len(images), 16)],
+    )
     timed["members"] = max(0.0, timed.pop("members+resize") - timed["resize"])
     return timed
 
@@ -63,7 +66,9 @@ def main() -> None:
     with extracted_archive(workload.spec) as model_dir:
         loaded = {
             "ours (auto, engines)": Ensemble.from_model_dir(model_dir, torch.device("cpu"), parallelism=threads),
-            "eager, as the baselines": Ensemble.from_spec(workload.spec.with_plan("eager"), torch.device("cpu"), parallelism=threads),
+            "eager, as the baselines": Ensemble.from_spec(
+                workload.spec.with_plan("eager"), torch.device("cpu"), parallelism=threads
+            ),
         }
         plans = {m["name"]: m["execution"]["plan"] for m in loaded["ours (auto, engines)"].describe()["members"]}
     samples: dict[str, dict[int, dict[str, list[float]]]] = {
@@ -78,19 +83,38 @@ def main() -> None:
                     for phase in PHASES:
                         samples[name][batch][phase].append(timed[phase])
     medians = {
-        name: {str(batch): {phase: round(statistics.median(v), 2) for phase, v in by_phase.items()} for batch, by_phase in by_batch.items()}
+        name: {
+            str(batch): {phase: round(statistics.median(v), 2) for phase, v in by_phase.items()}
+            for batch, by_phase in by_batch.items()
+        }
         for name, by_batch in samples.items()
     }
-    lines = ["| members on | images | " + " | ".join(f"{p} ms" for p in PHASES) + " | total ms | images/s, one worker |", "|---|---:|" + "---:|" * (len(PHASES) + 2)]
+    lines = [
+        "| members on | images | " + " | ".join(f"{p} ms" for p in PHASES) + " | total ms | images/s, one worker |",
+        "|---|---:|" + "---:|" * (len(PHASES) + 2),
+    ]
     for name, by_batch in medians.items():
         for batch, row in by_batch.items():
             total = sum(row.values())
-            lines.append(f"| {name} | {batch} | " + " | ".join(f"{row[p]:.2f}" for p in PHASES) + f" | {total:.2f} | {1000 * int(batch) / total:.0f} |")
+            lines.append(
+                f"| {name} | {batch} | "
+                + " | ".join(f"{row[p]:.2f}" for p in PHASES)
+                + f" | {total:.2f} | {1000 * int(batch) / total:.0f} |"
+            )
     print("\n".join(lines))
     print(f"plans chosen: {plans}; member threads: {threads}")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(
-        json.dumps({"when": datetime.now(UTC).isoformat(timespec="seconds"), "rounds": args.rounds, "member_threads": threads, "plans": plans, "ms": medians}, indent=2)
+        json.dumps(
+            {
+                "when": datetime.now(UTC).isoformat(timespec="seconds"),
+                "rounds": args.rounds,
+                "member_threads": threads,
+                "plans": plans,
+                "ms": medians,
+            },
+            indent=2,
+        )
         + "\n"
     )
     print(f"wrote {RESULTS}")

@@ -85,7 +85,13 @@ def run_phase(name: str, variant: str, mode: str, folder: Path, tuning: Mapping[
         sends, judges, plans = {}, {}, {}
         order = [first, *(["ours_eager"] if variant == "engine" else []), *PEERS]
         for contender in order:
-            wanted = "eager" if variant == "eager" or contender == "ours_eager" else "auto" if contender == "ours" else plans["ours"]
+            wanted = (
+                "eager"
+                if variant == "eager" or contender == "ours_eager"
+                else "auto"
+                if contender == "ours"
+                else plans["ours"]
+            )
             judges[contender] = GateJudge(gate, expected)
             sends[contender], plans[contender] = stack.enter_context(
                 served(contender, workload.spec, model_dir, wanted, setups[contender], workload.images, gate)
@@ -119,7 +125,9 @@ def _served_measure(send: Any, judge: GateJudge) -> Measure:
     return lambda point, s: (closed(send, judge, point, s), list(judge.problems))
 
 
-def _rounds(name: str, variant: str, point: Point, measures: Mapping[str, Measure], rounds: int, seconds: float) -> dict[str, list[dict[str, Any]]]:
+def _rounds(
+    name: str, variant: str, point: Point, measures: Mapping[str, Measure], rounds: int, seconds: float
+) -> dict[str, list[dict[str, Any]]]:
     """Every contender once per round, the order rotated by one each round."""
     found: dict[str, list[dict[str, Any]]] = {c: [] for c in measures}
     names = list(measures)
@@ -127,8 +135,11 @@ def _rounds(name: str, variant: str, point: Point, measures: Mapping[str, Measur
         for contender in rotated(names, r):
             measured, problems = measures[contender](point, seconds)
             found[contender].append({**measured.to_json(), "problems": problems})
-            print(f"  {name} / {variant} / {point.name} / round {r + 1} / {contender}: {measured.images_per_s:.1f} images/s, "
-                  f"p99 {measured.p99_ms:.1f} ms, errors {measured.errors}, wrong {measured.mismatches}", flush=True)  # fmt: skip
+            print(
+                f"  {name} / {variant} / {point.name} / round {r + 1} / {contender}: {measured.images_per_s:.1f} images/s, "
+                f"p99 {measured.p99_ms:.1f} ms, errors {measured.errors}, wrong {measured.mismatches}",
+                flush=True,
+            )
     return found
 
 
@@ -147,13 +158,18 @@ def summarize(first: str, by: Mapping[str, list[dict[str, Any]]]) -> dict[str, A
             "mismatches": wrong,
             "problems": measured[-1]["problems"] + [r["first_error"] for r in measured if r.get("first_error")][:3],
             "valid": errors == 0 and wrong == 0,
-            "client_cpu_share": round(statistics.median(r["client_cpu_s"] / max(r["wall_s"], 1e-9) / CORES for r in measured), 3),
+            "client_cpu_share": round(
+                statistics.median(r["client_cpu_s"] / max(r["wall_s"], 1e-9) / CORES for r in measured), 3
+            ),
         }
     ours = by[first]
     for contender, measured in by.items():
         if contender == first:
             continue
-        per_round = [o["images_per_s"] / p["images_per_s"] if p["images_per_s"] else float("inf") for o, p in zip(ours, measured, strict=True)]
+        per_round = [
+            o["images_per_s"] / p["images_per_s"] if p["images_per_s"] else float("inf")
+            for o, p in zip(ours, measured, strict=True)
+        ]
         judged = ratio_interval(per_round, TARGET)
         if not (rows[first]["valid"] and rows[contender]["valid"]):
             judged = {**judged, "verdict": "invalid"}
@@ -164,7 +180,9 @@ def summarize(first: str, by: Mapping[str, list[dict[str, Any]]]) -> dict[str, A
     return rows
 
 
-def _curve(name: str, variant: str, sends: Mapping[str, Any], judges: Mapping[str, GateJudge], seconds: float) -> dict[str, list[dict[str, Any]]]:
+def _curve(
+    name: str, variant: str, sends: Mapping[str, Any], judges: Mapping[str, GateJudge], seconds: float
+) -> dict[str, list[dict[str, Any]]]:
     """Closed-loop images/s and latency at 1 to 32 clients of one image, contenders rotated per level."""
     found: dict[str, list[dict[str, Any]]] = {c: [] for c in sends}
     names = list(sends)
@@ -172,14 +190,22 @@ def _curve(name: str, variant: str, sends: Mapping[str, Any], judges: Mapping[st
         for contender in rotated(names, level):
             measured = closed(sends[contender], judges[contender], Point(f"c{clients}", clients, 1, 0, 0), seconds)
             found[contender].append({"clients": clients, **measured.to_json()})
-            print(f"  {name} / {variant} / curve c{clients} / {contender}: {measured.images_per_s:.1f} images/s, p99 {measured.p99_ms:.1f} ms", flush=True)
+            print(
+                f"  {name} / {variant} / curve c{clients} / {contender}: {measured.images_per_s:.1f} images/s, p99 {measured.p99_ms:.1f} ms",
+                flush=True,
+            )
     return found
 
 
 def _open(
-    name: str, variant: str, sends: Mapping[str, Any], judges: Mapping[str, GateJudge], curve: Mapping[str, list[dict[str, Any]]],
-    fractions: tuple[float, ...], seconds: float,
-) -> dict[str, list[dict[str, Any]]]:  # fmt: skip
+    name: str,
+    variant: str,
+    sends: Mapping[str, Any],
+    judges: Mapping[str, GateJudge],
+    curve: Mapping[str, list[dict[str, Any]]],
+    fractions: tuple[float, ...],
+    seconds: float,
+) -> dict[str, list[dict[str, Any]]]:
     """Poisson arrivals of one image at each fraction of every contender's best closed-loop rate."""
     found: dict[str, list[dict[str, Any]]] = {c: [] for c in sends}
     names = list(sends)
@@ -189,10 +215,15 @@ def _open(
             rate = fraction * max(p["images_per_s"] for p in curve[contender])
             if rate <= 0:  # It answered nothing in closed loop: its points are invalid already.
                 continue
-            measured = open_loop(sends[contender], single, judges[contender], rate_per_s=rate, seconds=seconds, seed=level)
+            measured = open_loop(
+                sends[contender], single, judges[contender], rate_per_s=rate, seconds=seconds, seed=level
+            )
             found[contender].append({"fraction": fraction, "offered_per_s": round(rate, 2), **measured.to_json()})
-            print(f"  {name} / {variant} / open {fraction:.0%} ({rate:.1f}/s) / {contender}: {measured.images_per_s:.1f} images/s, "
-                  f"p50 {measured.p50_ms:.1f} ms, p99 {measured.p99_ms:.1f} ms, errors {measured.errors}", flush=True)  # fmt: skip
+            print(
+                f"  {name} / {variant} / open {fraction:.0%} ({rate:.1f}/s) / {contender}: {measured.images_per_s:.1f} images/s, "
+                f"p50 {measured.p50_ms:.1f} ms, p99 {measured.p99_ms:.1f} ms, errors {measured.errors}",
+                flush=True,
+            )
     return found
 
 
@@ -200,32 +231,60 @@ def summarize_open(first: str, opened: Mapping[str, list[dict[str, Any]]], objec
     """Each contender's rates, and its throughput at p99 <= the objective (the best rate that kept it, no errors)."""
     found: dict[str, Any] = {}
     for contender, rates in opened.items():
-        kept = [r["images_per_s"] for r in rates if r["p99_ms"] <= objective_ms and not r["errors"] and not r["mismatches"]]
+        kept = [
+            r["images_per_s"] for r in rates if r["p99_ms"] <= objective_ms and not r["errors"] and not r["mismatches"]
+        ]
         found[contender] = {"rates": rates, "throughput_at_objective": round(max(kept), 2) if kept else 0.0}
     ours = found[first]["throughput_at_objective"]
     for contender, row in found.items():
         if contender != first:
-            row["ours_over_this_at_objective"] = round(ours / row["throughput_at_objective"], 3) if row["throughput_at_objective"] else None
+            row["ours_over_this_at_objective"] = (
+                round(ours / row["throughput_at_objective"], 3) if row["throughput_at_objective"] else None
+            )
     return found
 
 
 def context(mode: str, argv: list[str]) -> dict[str, Any]:
     """The machine, versions, commit and command a results file came from."""
     cpu = Path("/proc/cpuinfo").read_text()
-    model = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if line.startswith("model name")), platform.processor())
+    model = next(
+        (line.split(":", 1)[1].strip() for line in cpu.splitlines() if line.startswith("model name")),
+        platform.processor(),
+    )
     flags = next((line.split(":", 1)[1].split() for line in cpu.splitlines() if line.startswith("flags")), [])
     shown = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
     triton = subprocess.run(
-        [str(TRITON_PYTHON), "-c", "import importlib.metadata as m; print(m.version('nvidia-pytriton'))"], capture_output=True, text=True, check=False
-    ).stdout.strip()  # fmt: skip
+        [str(TRITON_PYTHON), "-c", "import importlib.metadata as m; print(m.version('nvidia-pytriton'))"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
     git = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True, check=False).stdout.strip()  # noqa: E731
     return {
         "command": " ".join(["python -m bench.run", *argv]),
         "commit": git("rev-parse", "HEAD"),
         "uncommitted_changes": bool(git("status", "--porcelain", "--untracked-files=no")),
-        "machine": {"cpu": model, "flags": [f for f in shown if f in flags], "cores": CORES, "python": platform.python_version()},
+        "machine": {
+            "cpu": model,
+            "flags": [f for f in shown if f in flags],
+            "cores": CORES,
+            "python": platform.python_version(),
+        },
         "versions": {
-            **{pkg: version(pkg) for pkg in ("torch", "torchvision", "torchserve", "onnxruntime", "openvino", "flask", "gunicorn", "ray", "scipy")},
+            **{
+                pkg: version(pkg)
+                for pkg in (
+                    "torch",
+                    "torchvision",
+                    "torchserve",
+                    "onnxruntime",
+                    "openvino",
+                    "flask",
+                    "gunicorn",
+                    "ray",
+                    "scipy",
+                )
+            },
             "nvidia-pytriton": triton,
         },
         "contenders": NAMES,
@@ -237,7 +296,10 @@ def context(mode: str, argv: list[str]) -> dict[str, Any]:
 
 def report(results: Mapping[str, Any]) -> str:
     """A markdown table: per workload, variant and point, each contender's images/s and ours over it."""
-    lines = ["| workload | variant | load | contender | images/s | p50 / p99 ms | ours over it [95% CI] | verdict |", "|---|---|---|---|---:|---:|---:|---|"]
+    lines = [
+        "| workload | variant | load | contender | images/s | p50 / p99 ms | ours over it [95% CI] | verdict |",
+        "|---|---|---|---|---:|---:|---:|---|",
+    ]
     for name, variants in results.items():
         for variant, phase in variants.items():
             for point, rows in phase["points"].items():
@@ -247,7 +309,9 @@ def report(results: Mapping[str, Any]) -> str:
                     verdict = judged["verdict"] if judged else ("" if row["valid"] else "invalid")
                     if contender == "ceiling":
                         verdict = "a ceiling" if row["is_ceiling"] else "not a ceiling: a server beat it"
-                    lines.append(f"| {name} | {variant} | {point} | {contender} | {row['images_per_s']:.1f} | {row['p50_ms']:.1f} / {row['p99_ms']:.1f} | {ratio} | {verdict} |")
+                    lines.append(
+                        f"| {name} | {variant} | {point} | {contender} | {row['images_per_s']:.1f} | {row['p50_ms']:.1f} / {row['p99_ms']:.1f} | {ratio} | {verdict} |"
+                    )
     return "\n".join(lines)
 
 
@@ -265,7 +329,13 @@ def picture(results: Mapping[str, Any], path: Path) -> None:
         for contender, row in phase["open_loop"].items():
             rates = row["rates"]
             axis.plot([r["images_per_s"] for r in rates], [r["p99_ms"] for r in rates], marker="o", label=contender)
-        axis.axhline(phase["objective_ms"], color="grey", linestyle="--", linewidth=1, label=f"objective {phase['objective_ms']:.0f} ms")
+        axis.axhline(
+            phase["objective_ms"],
+            color="grey",
+            linestyle="--",
+            linewidth=1,
+            label=f"objective {phase['objective_ms']:.0f} ms",
+        )
         axis.set_yscale("log")
         axis.set_xlabel("images/s answered (Poisson arrivals, 10% to 120% of each one's closed-loop best)")
         axis.set_ylabel("p99 latency, ms (from scheduled arrival)")
@@ -277,7 +347,9 @@ def picture(results: Mapping[str, Any], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="3 rounds x 5 s instead of 5 x 20 s, shorter curve and open loop")
+    parser.add_argument(
+        "--quick", action="store_true", help="3 rounds x 5 s instead of 5 x 20 s, shorter curve and open loop"
+    )
     parser.add_argument("--variants", default="engine", help="engine (default), eager, or engine,eager")
     args = parser.parse_args()
     mode = "quick" if args.quick else "full"
@@ -294,12 +366,22 @@ def main() -> None:
                 results[name][variant] = run_phase(name, variant, mode, Path(folder), tuning[name])
     table = report(results)
     print(table)
-    out = RESULTS / ("bench" + "-quick" * args.quick + ("" if variants == ["engine"] else "-" + "-".join(variants)) + ".json")
-    out.write_text(json.dumps({
-        "when": datetime.now(UTC).isoformat(timespec="seconds"), **context(mode, sys.argv[1:]),
-        "seconds": round(time.perf_counter() - began, 1), "tuning": {"file": str(TUNING.name), "commit": json.loads(TUNING.read_text())["commit"]},
-        "workloads": results,
-    }, indent=2) + "\n")  # fmt: skip
+    out = RESULTS / (
+        "bench" + "-quick" * args.quick + ("" if variants == ["engine"] else "-" + "-".join(variants)) + ".json"
+    )
+    out.write_text(
+        json.dumps(
+            {
+                "when": datetime.now(UTC).isoformat(timespec="seconds"),
+                **context(mode, sys.argv[1:]),
+                "seconds": round(time.perf_counter() - began, 1),
+                "tuning": {"file": str(TUNING.name), "commit": json.loads(TUNING.read_text())["commit"]},
+                "workloads": results,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     if not args.quick and "engine" in variants:
         picture(results, PICTURE)
     print(f"wrote {out} in {time.perf_counter() - began:.0f}s")

@@ -57,7 +57,9 @@ def pick(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
         return None
     lowest = min(row["points"][POINTS[0].name]["p50_ms"] for row in qualified)
     eligible = [row for row in qualified if row["points"][POINTS[0].name]["p50_ms"] <= (1 + SLACK) * lowest]
-    return max(eligible, key=lambda row: (row["geomean_images_per_s"], -row["setup"]["units"], -row["setup"]["max_batch"]))
+    return max(
+        eligible, key=lambda row: (row["geomean_images_per_s"], -row["setup"]["units"], -row["setup"]["max_batch"])
+    )
 
 
 def measure_setup(send: Any, judge: GateJudge, seconds: float) -> dict[str, Any]:
@@ -68,7 +70,9 @@ def measure_setup(send: Any, judge: GateJudge, seconds: float) -> dict[str, Any]
     problems += [f"{name}: {p.errors} errors" for name, p in points.items() if p.errors]
     return {
         "points": {name: p.to_json() for name, p in points.items()},
-        "geomean_images_per_s": math.exp(sum(math.log(max(p.images_per_s, 1e-9)) for p in points.values()) / len(points)),
+        "geomean_images_per_s": math.exp(
+            sum(math.log(max(p.images_per_s, 1e-9)) for p in points.values()) / len(points)
+        ),
         "problems": problems,
     }
 
@@ -88,11 +92,17 @@ def tune_workload(name: str, seconds: float) -> dict[str, Any]:
                 rows = []
                 for setup in grid(contender):
                     judge = GateJudge(gate, expected)
-                    with served(contender, workload.spec, model_dir, plans or "auto", setup, workload.images, gate) as (send, chose):
+                    with served(contender, workload.spec, model_dir, plans or "auto", setup, workload.images, gate) as (
+                        send,
+                        chose,
+                    ):
                         row = {"setup": setup.to_json(), "plans": chose, **measure_setup(send, judge, seconds)}
                     rows.append(row)
-                    print(f"  {name} / {contender} / {setup}: {row['geomean_images_per_s']:.1f} images/s (geomean), "
-                          f"c1 p50 {row['points'][POINTS[0].name]['p50_ms']:.1f} ms, problems {len(row['problems'])}", flush=True)  # fmt: skip
+                    print(
+                        f"  {name} / {contender} / {setup}: {row['geomean_images_per_s']:.1f} images/s (geomean), "
+                        f"c1 p50 {row['points'][POINTS[0].name]['p50_ms']:.1f} ms, problems {len(row['problems'])}",
+                        flush=True,
+                    )
                 best = pick(rows)
                 found["contenders"][contender] = {"setup": best["setup"] if best else None, "rows": rows}
                 if contender == "ours":
@@ -105,7 +115,9 @@ def tune_workload(name: str, seconds: float) -> dict[str, Any]:
     return found
 
 
-def tune_ceiling(name: str, model_dir: Path, plans: dict[str, str], images: Any, expected: Any, seconds: float) -> dict[str, Any]:
+def tune_ceiling(
+    name: str, model_dir: Path, plans: dict[str, str], images: Any, expected: Any, seconds: float
+) -> dict[str, Any]:
     """Per load point, the number of ceiling processes (1 or 2) that calls the members fastest."""
     chosen: dict[str, Any] = {}
     with ExitStack() as stack:
@@ -118,10 +130,19 @@ def tune_ceiling(name: str, model_dir: Path, plans: dict[str, str], images: Any,
             for processes, pool in pools.items():
                 if processes <= point.in_flight:
                     measured, problems = ceiling_closed(pool, point, seconds)
-                    tried[processes] = {"images_per_s": measured.images_per_s, "problems": problems + ([f"{measured.errors} errors"] if measured.errors else [])}
-                    print(f"  {name} / ceiling / {point.name} / {processes} processes: {measured.images_per_s:.1f} images/s", flush=True)
+                    tried[processes] = {
+                        "images_per_s": measured.images_per_s,
+                        "problems": problems + ([f"{measured.errors} errors"] if measured.errors else []),
+                    }
+                    print(
+                        f"  {name} / ceiling / {point.name} / {processes} processes: {measured.images_per_s:.1f} images/s",
+                        flush=True,
+                    )
             fine = {p: row for p, row in tried.items() if not row["problems"]}
-            chosen[point.name] = {"processes": max(fine, key=lambda p: fine[p]["images_per_s"]) if fine else None, "tried": tried}
+            chosen[point.name] = {
+                "processes": max(fine, key=lambda p: fine[p]["images_per_s"]) if fine else None,
+                "tried": tried,
+            }
     return chosen
 
 
@@ -137,14 +158,29 @@ def main() -> None:
         results[name] = tune_workload(name, args.seconds)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({
-        "when": datetime.now(UTC).isoformat(timespec="seconds"), "command": "make bench-tune", "commit": commit,
-        "seconds_per_point": args.seconds, "machine": platform.processor() or platform.machine(),
-        "rule": "no errors or wrong answers; c1 p50 <= 1.5x the lowest; highest geometric mean of images/s",
-        "seconds": round(time.perf_counter() - began, 1), "workloads": results,
-    }, indent=2) + "\n")  # fmt: skip
+    RESULTS.write_text(
+        json.dumps(
+            {
+                "when": datetime.now(UTC).isoformat(timespec="seconds"),
+                "command": "make bench-tune",
+                "commit": commit,
+                "seconds_per_point": args.seconds,
+                "machine": platform.processor() or platform.machine(),
+                "rule": "no errors or wrong answers; c1 p50 <= 1.5x the lowest; highest geometric mean of images/s",
+                "seconds": round(time.perf_counter() - began, 1),
+                "workloads": results,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     for name, found in results.items():
-        print(f"{name}: " + ", ".join(f"{c} {Setup(**v['setup']) if v['setup'] else 'none qualified'}" for c, v in found["contenders"].items()))
+        print(
+            f"{name}: "
+            + ", ".join(
+                f"{c} {Setup(**v['setup']) if v['setup'] else 'none qualified'}" for c, v in found["contenders"].items()
+            )
+        )
     print(f"wrote {RESULTS} in {time.perf_counter() - began:.0f}s")
 
 

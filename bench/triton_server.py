@@ -41,11 +41,12 @@ from handlers.inputs.images import decode_image
 MODEL = "ensemble"
 HTTP_PORT, GRPC_PORT, METRICS_PORT = 38200, 38201, 38202
 
+
 def _setting(name: str, default: int) -> int:
     return int(os.environ.get(name, default))
 
 
-def make_infer(ensemble: Ensemble):  # noqa: ANN201 (PyTriton's callable type is private)
+def make_infer(ensemble: Ensemble):
     """The inference callable: a list of requests (each {"image": [n, 1] bytes}) in, one result list out."""
     spec = ensemble.spec
 

@@ -224,7 +224,13 @@ class Pick:
 
 
 def pick(
-    rows: Sequence[Row], c1: str, current: Candidate | None = None, *, noise: float = 0.0, slack: float = SLACK, min_gain: float = MIN_GAIN
+    rows: Sequence[Row],
+    c1: str,
+    current: Candidate | None = None,
+    *,
+    noise: float = 0.0,
+    slack: float = SLACK,
+    min_gain: float = MIN_GAIN,
 ) -> Pick:
     """The recommendation by the rule in the module docstring; `c1` names the single-client load point.
 
@@ -285,9 +291,18 @@ def markdown(rows: Sequence[Row], result: Pick, current: Candidate, repeat: Row 
         done = len(row.points) == len(names)
         cells.append(f"{row.geomean():.1f}" if done else "")
         cells.append(f"{row.geomean() / baseline.geomean():.2f}x" if done and baseline and baseline.geomean() else "")
-        cells.append(f"{sum(p['errors'] for p in row.points.values())}, {sum(p['mismatches'] for p in row.points.values())}")
+        cells.append(
+            f"{sum(p['errors'] for p in row.points.values())}, {sum(p['mismatches'] for p in row.points.values())}"
+        )
         if row is repeat:
-            cells.append("current, measured again" + (f": {row.geomean() / baseline.geomean():.2f}x the first" if done and baseline and baseline.geomean() else ""))
+            cells.append(
+                "current, measured again"
+                + (
+                    f": {row.geomean() / baseline.geomean():.2f}x the first"
+                    if done and baseline and baseline.geomean()
+                    else ""
+                )
+            )
         else:
             cells.append(result.verdicts.get(c, "") + (" (current)" if c == current else ""))
         lines.append("| " + " | ".join(cells) + " |")
@@ -310,7 +325,11 @@ def tune_workload(name: str, config: Path) -> Workload:
     height, width = max(s[0] for s in sizes), max(s[1] for s in sizes)
     images = []
     for sample in make_split(IMAGES, IMAGE_SEED):
-        image = sample.image if sample.image.size == (width, height) else sample.image.resize((width, height), Image.BILINEAR)
+        image = (
+            sample.image
+            if sample.image.size == (width, height)
+            else sample.image.resize((width, height), Image.BILINEAR)
+        )
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
         images.append(buffer.getvalue())
@@ -402,7 +421,10 @@ def registered(server: Server, store: Path, spec: EnsembleSpec, candidate: Candi
     """Build `spec` with the candidate's batching as its own archive, register it, yield its name, unregister it."""
     name = f"{spec.name}-tune-{candidate.label}"
     batching = replace(
-        spec.batching, workers=candidate.workers, batch_size=candidate.batch_size, max_batch_delay_ms=candidate.max_batch_delay_ms
+        spec.batching,
+        workers=candidate.workers,
+        batch_size=candidate.batch_size,
+        max_batch_delay_ms=candidate.max_batch_delay_ms,
     )
     try:
         build_archive(replace(spec, name=name, batching=batching), store)
@@ -417,7 +439,9 @@ def registered(server: Server, store: Path, spec: EnsembleSpec, candidate: Candi
         (store / f"{name}.mar").unlink(missing_ok=True)
 
 
-def drive(server: Server, name: str, workload: Workload, counts: Mapping[str, tuple[int, int]], label: str) -> dict[str, dict]:
+def drive(
+    server: Server, name: str, workload: Workload, counts: Mapping[str, tuple[int, int]], label: str
+) -> dict[str, dict]:
     """Warm, then drive every load point; each point's bench.loadgen.LoadPoint as JSON."""
     send = ensemble_sender(server, name, workload.images)
     points = {}
@@ -427,7 +451,9 @@ def drive(server: Server, name: str, workload: Workload, counts: Mapping[str, tu
         run_load(send, batches[: 2 * point.clients], workload.expected, clients=point.clients, deadline_s=60)
         measured = run_load(send, batches, workload.expected, clients=point.clients, deadline_s=POINT_DEADLINE_S)
         points[point.name] = measured.to_json()
-        print(f"  {label} / {point.name}: {measured.images_per_s:.1f} images/s, p50 {measured.p50_ms:.1f} ms", flush=True)
+        print(
+            f"  {label} / {point.name}: {measured.images_per_s:.1f} images/s, p50 {measured.p50_ms:.1f} ms", flush=True
+        )
     return points
 
 
@@ -471,7 +497,9 @@ def sweep(workload: Workload, cost: MemberCost, current: Candidate, quick: bool)
             c1_ms = None if rows[0].problem() else rows[0].points[c1_point()]["p50_ms"]
             grid = candidate_grid(cost, clients, c1_ms)
             todo = [c for c in dict.fromkeys([*grid.candidates, current]) if c != REFERENCE]
-            print("  grid: " + "; ".join(grid.notes) + f"; {len(todo) + 1} candidates, then the current again", flush=True)
+            print(
+                "  grid: " + "; ".join(grid.notes) + f"; {len(todo) + 1} candidates, then the current again", flush=True
+            )
             rows.extend(measure(candidate, candidate.label) for candidate in todo)
             first = next(r for r in rows if r.candidate == current)
             repeat = None if first.problem() else measure(current, f"{current.label} again")
@@ -546,7 +574,9 @@ def write_batching(path: Path, name: str, values: Mapping[str, int]) -> str:
         staged.write_text(updated)
         after = load_ensembles(staged, check_files=False)
         expected = dict(before)
-        expected[name] = replace(before[name], batching=replace(before[name].batching, **{k: int(values[k]) for k in TUNED_KEYS}))
+        expected[name] = replace(
+            before[name], batching=replace(before[name].batching, **{k: int(values[k]) for k in TUNED_KEYS})
+        )
         if after != expected:
             raise ValueError(f"{path}: the edited file does not load back as only {name}'s batching changed")
         os.chmod(staged, path.stat().st_mode)
@@ -562,7 +592,9 @@ def write_batching(path: Path, name: str, values: Mapping[str, int]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("name", help="ensemble of the ensembles file")
-    parser.add_argument("--quick", action="store_true", help="fewer requests per point (2 s or the bench's quick count)")
+    parser.add_argument(
+        "--quick", action="store_true", help="fewer requests per point (2 s or the bench's quick count)"
+    )
     parser.add_argument("--write", action="store_true", help="write the recommendation into the ensembles file")
     parser.add_argument("--ensembles", type=Path, default=Path("ensembles.yaml"))
     args = parser.parse_args(argv)
@@ -570,7 +602,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     load_start = os.getloadavg()
     cores = os.cpu_count() or 1
     if load_start[0] >= 1.0:
-        print(f"load average {load_start[0]:.1f} on {cores} cores before starting: other work shares the cores, expect noise", flush=True)
+        print(
+            f"load average {load_start[0]:.1f} on {cores} cores before starting: other work shares the cores, expect noise",
+            flush=True,
+        )
     workload = tune_workload(args.name, args.ensembles)
     batching = workload.spec.batching
     current = Candidate(batching.workers, batching.batch_size, batching.max_batch_delay_ms)
@@ -595,10 +630,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"recommended for {args.name}: keep the current {now}")
     else:
         c = rec.candidate
-        print(f"recommended for {args.name}: workers {c.workers}, batch_size {c.batch_size}, max_batch_delay_ms {c.max_batch_delay_ms} (current: {now})")
+        print(
+            f"recommended for {args.name}: workers {c.workers}, batch_size {c.batch_size}, max_batch_delay_ms {c.max_batch_delay_ms} (current: {now})"
+        )
     if spread > MIN_GAIN:
-        print(f"the current batching measured {spread:.0%} apart at the start and the end of the sweep: differences under that "
-              "are noise here; the recommendation had to beat the current by as much (rerun without --quick, on idle cores)")
+        print(
+            f"the current batching measured {spread:.0%} apart at the start and the end of the sweep: differences under that "
+            "are noise here; the recommendation had to beat the current by as much (rerun without --quick, on idle cores)"
+        )
     wall = time.perf_counter() - began
     print(f"load average {load_start[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
     report = {
@@ -626,11 +665,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             "current batching is eligible and the best beats its geometric mean by less than margin = max(min_gain, noise), "
             "noise = the spread of the current batching measured at the start and at the end of the sweep",
         },
-        "points": [{"name": p.name, "clients": p.clients, "requests": counts[p.name][0], "images": counts[p.name][1]} for p in POINTS],
+        "points": [
+            {"name": p.name, "clients": p.clients, "requests": counts[p.name][0], "images": counts[p.name][1]}
+            for p in POINTS
+        ],
         "current": asdict(current),
         "best_c1_p50_ms": result.best_c1_ms,
-        "rows": [{**row.to_json(), "geomean_images_per_s": row.geomean() if len(row.points) == len(POINTS) else None,
-                  "verdict": result.verdicts.get(row.candidate, "")} for row in rows],
+        "rows": [
+            {
+                **row.to_json(),
+                "geomean_images_per_s": row.geomean() if len(row.points) == len(POINTS) else None,
+                "verdict": result.verdicts.get(row.candidate, ""),
+            }
+            for row in rows
+        ],
         "current_again": swept.repeat.to_json() if swept.repeat else None,
         "recommendation": asdict(rec.candidate) if rec else None,
         "table": table,

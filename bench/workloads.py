@@ -47,7 +47,9 @@ class Workload:
             (folder / f"{i:03d}{suffix}").write_bytes(data)
         # Not gated here (min_agreement 0): the benchmark reports the agreement the build measured and the labels
         # that differ from fp32 (its mismatches), where a user's build would refuse below 0.99.
-        execution = replace(self.spec.execution, plan="auto", precision=precision, calibration=str(folder.resolve()), min_agreement=0.0)
+        execution = replace(
+            self.spec.execution, plan="auto", precision=precision, calibration=str(folder.resolve()), min_agreement=0.0
+        )
         members = tuple(replace(member, execution=None) for member in self.spec.members)
         return replace(self, spec=replace(self.spec, execution=execution, members=members))
 
@@ -58,8 +60,12 @@ def torchvision_trio(folder: Path, count: int, seed: int = 31337) -> Workload:
     torch.manual_seed(0)
     members = []
     for name, builder in TORCHVISION_TRIO.items():
-        torch.save(torchvision.models.get_model(builder, weights=None, num_classes=10).state_dict(), folder / f"{name}.pt")
-        members.append({"name": name, "arch": f"torchvision:{builder}", "kwargs": {"num_classes": 10}, "weights": f"{name}.pt"})
+        torch.save(
+            torchvision.models.get_model(builder, weights=None, num_classes=10).state_dict(), folder / f"{name}.pt"
+        )
+        members.append(
+            {"name": name, "arch": f"torchvision:{builder}", "kwargs": {"num_classes": 10}, "weights": f"{name}.pt"}
+        )
     ensemble = {
         "version": "1.0",
         "task": "multiclass",

@@ -27,8 +27,8 @@ from handlers.config.specs import EnsembleSpec, TensorSpec
 from handlers.errors import EnsembleError
 from handlers.execution.engines import archived_exports
 from handlers.execution.outputs import label_mapping
+from handlers.execution.plan_forwards import Exported
 from handlers.execution.plan_store import shared_plans
-from handlers.execution.plans import Exported
 from handlers.execution.runner import Inputs, MemberRunner, usable_cores
 from handlers.inputs.prepare import PreparedRequest, RequestPreparer
 from handlers.inputs.v2 import V2Form
@@ -114,10 +114,15 @@ class Ensemble:
         context = {"torch": torch.__version__, "device": device.type, "member_threads": parallelism}
         with shared_plans(model_dir, context) as plans:
             ensemble = cls(
-                spec, modules, device, manifest.build, manifest.sources,
-                parallelism=parallelism, remembered_plans=plans.remembered,
+                spec,
+                modules,
+                device,
+                manifest.build,
+                manifest.sources,
+                parallelism=parallelism,
+                remembered_plans=plans.remembered,
                 exported=archived_exports(manifest.engines, model_dir),
-            )  # fmt: skip
+            )
             plans.record(ensemble.plan_choices())
         return ensemble
 
@@ -159,7 +164,11 @@ class Ensemble:
             wanted = [set(p.members) for p in good for _ in range(len(p.inputs))]
         forward_seconds = {member.name: 0.0 for member in self.spec.members}
         settle = self._settler(good) if any(p.policy.stops_early for p in good) else None
-        probs = self.probabilities(self._flatten([p.inputs for p in good]), forward_seconds, wanted, settle) if good else None
+        probs = (
+            self.probabilities(self._flatten([p.inputs for p in good]), forward_seconds, wanted, settle)
+            if good
+            else None
+        )
         replies, offset = [], 0
         for item in prepared:
             if isinstance(item, EnsembleError):
@@ -168,16 +177,29 @@ class Ensemble:
             assert probs is not None, "a prepared request always carries inputs"
             count = len(item.inputs)
             stages = self.stages() if item.policy.stops_early else None
-            answer = self.decider.decide(probs[:, offset : offset + count], item.policy, item.members, stages=stages, uncertainty=item.uncertainty)
+            answer = self.decider.decide(
+                probs[:, offset : offset + count],
+                item.policy,
+                item.members,
+                stages=stages,
+                uncertainty=item.uncertainty,
+            )
             if item.v2 is None:
                 body = self.renderer.json_body(answer, item.top_k, item.min_run, defaults_only=item.defaults_only)
             else:
                 body = self.renderer.v2_body(answer, item.v2, item.top_k)
             deferred = sum(reason is not None for reason in answer.deferred or ())
             reply = Reply(
-                200, body, count, policy=item.policy.name, members=answer.names, votes=answer.own,
-                chosen=answer.decision.chosen, ran=answer.ran, deferred=deferred,
-            )  # fmt: skip
+                200,
+                body,
+                count,
+                policy=item.policy.name,
+                members=answer.names,
+                votes=answer.own,
+                chosen=answer.decision.chosen,
+                ran=answer.ran,
+                deferred=deferred,
+            )
             replies.append(reply)
             offset += count
         return BatchAnswer(replies, forward_seconds)
@@ -197,7 +219,9 @@ class Ensemble:
             for item in good:
                 count = len(item.inputs)
                 if item.policy.stops_early:
-                    done = self.decider.settled(probs[:, offset : offset + count], item.policy, item.members, stages).tolist()
+                    done = self.decider.settled(
+                        probs[:, offset : offset + count], item.policy, item.members, stages
+                    ).tolist()
                     needed += [() if finished else item.members for finished in done]
                 else:
                     needed += [item.members] * count
@@ -206,7 +230,9 @@ class Ensemble:
 
         return still_needed
 
-    def render(self, probs: torch.Tensor, policy: PolicySpec, *, members: Sequence[str] | None = None, top_k: int | None = None) -> dict[str, Any]:
+    def render(
+        self, probs: torch.Tensor, policy: PolicySpec, *, members: Sequence[str] | None = None, top_k: int | None = None
+    ) -> dict[str, Any]:
         """The response body for one request's probabilities (every member's) under `policy`, from `members` (default all).
 
         `top_k` defaults to the ensemble's, as for a request that does not name it.
@@ -214,7 +240,9 @@ class Ensemble:
         answer = self._decide(probs, policy, members)
         return self.renderer.json_body(answer, top_k or self.spec.top_k)
 
-    def render_v2(self, probs: torch.Tensor, policy: PolicySpec, form: V2Form, *, members: Sequence[str] | None = None) -> dict[str, Any]:
+    def render_v2(
+        self, probs: torch.Tensor, policy: PolicySpec, form: V2Form, *, members: Sequence[str] | None = None
+    ) -> dict[str, Any]:
         """The Open Inference Protocol v2 response body for one request: the same answer as tensors."""
         return self.renderer.v2_body(self._decide(probs, policy, members), form)
 
@@ -237,7 +265,9 @@ class Ensemble:
             "policies": policy_names(),
             "parameters": self.requests.parameters(),
             "v2_outputs": self.output_names(),
-            "v2_metadata": v2_metadata(self.output_names(), len(self.spec.labels), tensor, multilabel=self.spec.task == "multilabel"),
+            "v2_metadata": v2_metadata(
+                self.output_names(), len(self.spec.labels), tensor, multilabel=self.spec.task == "multilabel"
+            ),
             "members": [
                 {
                     "name": m.name,

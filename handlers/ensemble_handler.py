@@ -22,7 +22,7 @@ from ts.context import Context
 # ONNX through OpenVINO's runtime and never uses that backend, so its import is declined (TorchServe logs "OpenVINO
 # is not enabled", meaning that backend only).
 sys.modules.setdefault("openvino.torch", None)
-from ts.torch_handler.base_handler import BaseHandler  # noqa: E402 (after the line above, on purpose)
+from ts.torch_handler.base_handler import BaseHandler
 
 from handlers.ensemble import BatchAnswer, Ensemble, pick_device
 from handlers.ensemble_metrics import EnsembleMetrics

@@ -65,7 +65,9 @@ def batch_counts(answer: BatchAnswer, *, members: Sequence[str], labels: Sequenc
         if reply.error is not None:
             counts["ensemble_errors_total", (reply.error,)] += 1
             continue
-        answered = reply.policy is not None and reply.votes is not None and reply.chosen is not None and reply.ran is not None
+        answered = (
+            reply.policy is not None and reply.votes is not None and reply.chosen is not None and reply.ran is not None
+        )
         assert answered, "an answered reply carries its votes"
         images += reply.images
         counts["ensemble_requests_total", (reply.policy,)] += 1
@@ -92,7 +94,9 @@ def batch_counts(answer: BatchAnswer, *, members: Sequence[str], labels: Sequenc
     return counts
 
 
-def zero_series(*, members: Sequence[str], labels: Sequence[str], policies: Sequence[str], error_types: Sequence[str]) -> Counts:
+def zero_series(
+    *, members: Sequence[str], labels: Sequence[str], policies: Sequence[str], error_types: Sequence[str]
+) -> Counts:
     """Every labelled series this ensemble can have, at zero: sent with the first batch so that each exists
     from the start, and a ratio or an alert can compare a member that never voted for a label with its peers."""
     zeros: Counts = Counter()
@@ -118,7 +122,9 @@ class EnsembleMetrics:
     a busy worker sends about 15 lines a second and the counts stay exact, at most `interval_s` late.
     """
 
-    def __init__(self, cache: Any, model_name: str, spec: EnsembleSpec, *, interval_s: float = FLUSH_INTERVAL_S) -> None:
+    def __init__(
+        self, cache: Any, model_name: str, spec: EnsembleSpec, *, interval_s: float = FLUSH_INTERVAL_S
+    ) -> None:
         """`cache` is TorchServe's `context.metrics`; counters it does not declare, or declares with other labels, are skipped."""
         self._model_name = model_name
         self._members = [member.name for member in spec.members]
@@ -126,7 +132,9 @@ class EnsembleMetrics:
         self._single_label = spec.task != "multilabel"
         self._interval_s = interval_s
         self._lock = threading.Lock()
-        self._pending: Counts = zero_series(members=self._members, labels=spec.labels, policies=policy_names(), error_types=ERROR_TYPES)
+        self._pending: Counts = zero_series(
+            members=self._members, labels=spec.labels, policies=policy_names(), error_types=ERROR_TYPES
+        )
         self._first = True
         self._flusher: threading.Thread | None = None
         self._metrics: dict[str, Any] = {}
@@ -138,11 +146,15 @@ class EnsembleMetrics:
                 skipped.append(name)
                 continue
             if sorted(metric.dimension_names) != sorted(TORCHSERVE_DIMENSIONS + ours):
-                skipped.append(f"{name} (declared with {metric.dimension_names}, expected {list(TORCHSERVE_DIMENSIONS + ours)})")
+                skipped.append(
+                    f"{name} (declared with {metric.dimension_names}, expected {list(TORCHSERVE_DIMENSIONS + ours)})"
+                )
                 continue
             self._metrics[name] = metric
         if skipped:
-            logger.warning("metrics not declared in TorchServe's metrics config, so not emitted: %s", ", ".join(skipped))
+            logger.warning(
+                "metrics not declared in TorchServe's metrics config, so not emitted: %s", ", ".join(skipped)
+            )
 
     @property
     def emitted(self) -> list[str]:
@@ -168,7 +180,11 @@ class EnsembleMetrics:
             metric = self._metrics.get(name)
             if metric is None or (amount == 0 and COUNTERS[name] and not first):
                 continue
-            labelled = {"ModelName": self._model_name, "Level": "Model", **dict(zip(COUNTERS[name], values, strict=True))}
+            labelled = {
+                "ModelName": self._model_name,
+                "Level": "Model",
+                **dict(zip(COUNTERS[name], values, strict=True)),
+            }
             metric.add_or_update(amount, [label_value(labelled[dimension]) for dimension in metric.dimension_names])
 
     def _flush_forever(self) -> None:
@@ -186,4 +202,3 @@ def label_value(text: str) -> str:
 
 
 _UNSAFE = re.compile(r"[,:|\n]")
-

@@ -66,8 +66,8 @@ class InvalidPolicy(RequestError):
     """An unknown policy name, or a parameter the policy does not take or that is out of range (400)."""
 
 
-
 # The `type` a refused request can carry: the request errors, and EnsembleError for a bug caught per request.
 ERROR_TYPES = tuple(
-    error.__name__ for error in (RequestError, InvalidImage, UnsupportedMediaType, PayloadTooLarge, InvalidPolicy, EnsembleError)
+    error.__name__
+    for error in (RequestError, InvalidImage, UnsupportedMediaType, PayloadTooLarge, InvalidPolicy, EnsembleError)
 )

@@ -40,13 +40,17 @@ def images(count: int) -> list[bytes]:
 
 def mix(pool: list[bytes], rng: random.Random) -> Request:
     """One request of the mix: mostly single images under the default and other policies, some batches, a few errors."""
-    kind = rng.choices(["raw", "policy", "multipart", "v2", "bad-image", "bad-policy"], weights=[50, 25, 10, 10, 3, 2])[0]
+    kind = rng.choices(["raw", "policy", "multipart", "v2", "bad-image", "bad-policy"], weights=[50, 25, 10, 10, 3, 2])[
+        0
+    ]
     model = rng.choice(["shapes", "shapes", "multishape"])
     url = f"predictions/{model}"
 
     def send(session: requests.Session, base: str, auth: dict[str, str]) -> tuple[str, int]:
         if kind == "raw":
-            response = session.post(f"{base}/{url}", data=rng.choice(pool), headers={**auth, "Content-Type": "image/png"}, timeout=60)
+            response = session.post(
+                f"{base}/{url}", data=rng.choice(pool), headers={**auth, "Content-Type": "image/png"}, timeout=60
+            )
         elif kind == "policy":
             policy = rng.choice(["any", "all", "mean", "max"])
             headers = {**auth, "Content-Type": "image/png", "X-Ensemble-Policy": policy}
@@ -56,10 +60,20 @@ def mix(pool: list[bytes], rng: random.Random) -> Request:
             response = session.post(f"{base}/{url}", files=files, headers=auth, timeout=60)
         elif kind == "v2":
             data = [base64.b64encode(image).decode() for image in rng.sample(pool, 2)]
-            body = {"inputs": [{"name": "images", "shape": [2], "datatype": "BYTES", "data": data}], "parameters": {"policy": "mean"}}
-            response = session.post(f"{base}/v2/models/{model}/infer", data=json.dumps(body), headers={**auth, "Content-Type": "application/json"}, timeout=60)
+            body = {
+                "inputs": [{"name": "images", "shape": [2], "datatype": "BYTES", "data": data}],
+                "parameters": {"policy": "mean"},
+            }
+            response = session.post(
+                f"{base}/v2/models/{model}/infer",
+                data=json.dumps(body),
+                headers={**auth, "Content-Type": "application/json"},
+                timeout=60,
+            )
         elif kind == "bad-image":
-            response = session.post(f"{base}/{url}", data=b"not an image", headers={**auth, "Content-Type": "image/png"}, timeout=60)
+            response = session.post(
+                f"{base}/{url}", data=b"not an image", headers={**auth, "Content-Type": "image/png"}, timeout=60
+            )
         else:
             headers = {**auth, "Content-Type": "image/png", "X-Ensemble-Policy": "vote"}
             response = session.post(f"{base}/{url}", data=rng.choice(pool), headers=headers, timeout=60)

@@ -67,7 +67,9 @@ def require_tools() -> None:
     """Fail with the command that provides the binaries, rather than a bare FileNotFoundError."""
     for binary in (PROMETHEUS, PROMTOOL):
         if not binary.is_file():
-            raise PrometheusError(f"{binary.relative_to(ROOT)} is missing: run `make prometheus` (Debian's package, unpacked into .tools/)")
+            raise PrometheusError(
+                f"{binary.relative_to(ROOT)} is missing: run `make prometheus` (Debian's package, unpacked into .tools/)"
+            )
 
 
 def command(config: Path, data_dir: Path, listen: str) -> list[str]:
@@ -92,7 +94,12 @@ def command(config: Path, data_dir: Path, listen: str) -> list[str]:
 
 
 def start(
-    config: Path = CONFIG, data_dir: Path = DATA_DIR, listen: str = LISTEN, *, timeout_s: float = READY_TIMEOUT_S, detach: bool = False
+    config: Path = CONFIG,
+    data_dir: Path = DATA_DIR,
+    listen: str = LISTEN,
+    *,
+    timeout_s: float = READY_TIMEOUT_S,
+    detach: bool = False,
 ) -> Prometheus:
     """Start Prometheus in the background and wait until /-/ready answers; raise with its log's tail if it exits.
 
@@ -103,10 +110,14 @@ def start(
     require_tools()
     host, _, port = listen.rpartition(":")
     if host != "127.0.0.1":
-        raise PrometheusError(f"refusing to listen on {listen}: Prometheus has no authentication; keep it on 127.0.0.1 (SECURITY.md)")
+        raise PrometheusError(
+            f"refusing to listen on {listen}: Prometheus has no authentication; keep it on 127.0.0.1 (SECURITY.md)"
+        )
     # Another server answering /-/ready there (an older Prometheus) would pass for ours while ours fails to bind.
     with contextlib.suppress(OSError), socket.create_connection((host, int(port)), timeout=1):
-        raise PrometheusError(f"something already listens on {listen}: stop it (`make monitor-stop`) or choose another address")
+        raise PrometheusError(
+            f"something already listens on {listen}: stop it (`make monitor-stop`) or choose another address"
+        )
     data_dir.mkdir(parents=True, exist_ok=True)
     log = data_dir / "prometheus.log"
     with log.open("ab") as out:
@@ -132,14 +143,18 @@ def wait_ready(prometheus: Prometheus, timeout_s: float = READY_TIMEOUT_S) -> No
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if prometheus.process.poll() is not None:
-            raise PrometheusError(f"Prometheus exited with {prometheus.process.returncode}:\n{log_tail(prometheus.log)}")
+            raise PrometheusError(
+                f"Prometheus exited with {prometheus.process.returncode}:\n{log_tail(prometheus.log)}"
+            )
         try:
             if requests.get(f"{prometheus.url}/-/ready", timeout=2).status_code == 200:
                 return
         except requests.ConnectionError:
             pass
         time.sleep(0.2)
-    raise PrometheusError(f"Prometheus not ready at {prometheus.url} after {timeout_s:.0f} s:\n{log_tail(prometheus.log)}")
+    raise PrometheusError(
+        f"Prometheus not ready at {prometheus.url} after {timeout_s:.0f} s:\n{log_tail(prometheus.log)}"
+    )
 
 
 def stop(prometheus: Prometheus, timeout_s: float = STOP_TIMEOUT_S) -> int:
@@ -174,7 +189,9 @@ def _api(base_url: str, path: str, params: dict[str, Any], timeout_s: float) -> 
     return body["data"]
 
 
-def query(base_url: str, promql: str, *, at: float | None = None, timeout_s: float = QUERY_TIMEOUT_S) -> list[dict[str, Any]]:
+def query(
+    base_url: str, promql: str, *, at: float | None = None, timeout_s: float = QUERY_TIMEOUT_S
+) -> list[dict[str, Any]]:
     """An instant query: the result's series, each `{"metric": {...}, "value": [time, "text"]}`.
 
     A scalar or string result comes back as one series without labels, so callers handle one shape.
@@ -222,6 +239,7 @@ def write_test_config(
 
 
 # The command line of `make monitor` / `make monitor-stop`: a pid file instead of a Popen handle.
+
 
 def pid_file(data_dir: Path) -> Path:
     return data_dir / "prometheus.pid"
@@ -285,7 +303,9 @@ def main() -> None:
     except PrometheusError as error:
         raise SystemExit(str(error)) from None
     pid_file(args.data).write_text(f"{prometheus.process.pid}\n")
-    print(f"Prometheus is up at {url} (pid {prometheus.process.pid}, data and log in {args.data}); graphs at {url}/classic/graph")
+    print(
+        f"Prometheus is up at {url} (pid {prometheus.process.pid}, data and log in {args.data}); graphs at {url}/classic/graph"
+    )
     for target in scrape_health(url):
         state = "up" if target["value"][1] == "1" else "DOWN (is TorchServe running? `make serve`)"
         print(f"  scraping {target['metric'].get('instance')}/metrics: {state}")

@@ -57,7 +57,12 @@ class Series:
 def dashboard_panels(titles: Sequence[str] = REPORT_PANELS, dashboard: Path = DASHBOARD) -> list[Panel]:
     """The dashboard's panels with these titles, in this order."""
     found = {
-        panel["title"]: Panel(panel["title"], panel["targets"][0]["expr"], panel["fieldConfig"]["defaults"]["unit"], panel["targets"][0]["legendFormat"])
+        panel["title"]: Panel(
+            panel["title"],
+            panel["targets"][0]["expr"],
+            panel["fieldConfig"]["defaults"]["unit"],
+            panel["targets"][0]["legendFormat"],
+        )
         for panel in json.loads(dashboard.read_text())["panels"]
     }
     return [found[title] for title in titles]
@@ -81,14 +86,18 @@ def steps(minutes: float) -> tuple[int, int]:
     return step, max(60, 4 * step)
 
 
-def fetch(base_url: str, panels: Sequence[Panel], *, minutes: float, model: str = ".+", end: float | None = None) -> dict[str, list[Series]]:
+def fetch(
+    base_url: str, panels: Sequence[Panel], *, minutes: float, model: str = ".+", end: float | None = None
+) -> dict[str, list[Series]]:
     """Each panel's series over the last `minutes` (empty list: no data)."""
     end = time.time() if end is None else end
     step, window = steps(minutes)
     results: dict[str, list[Series]] = {}
     for panel in panels:
         series = []
-        for result in query_range(base_url, promql(panel, model=model, rate_window_s=window), start=end - minutes * 60, end=end, step_s=step):
+        for result in query_range(
+            base_url, promql(panel, model=model, rate_window_s=window), start=end - minutes * 60, end=end, step_s=step
+        ):
             times = [datetime.fromtimestamp(float(t), tz=UTC) for t, _ in result["values"]]
             values = [float(v) for _, v in result["values"]]  # "NaN" (0/0 without traffic) parses to nan: a gap.
             series.append(Series(legend(panel.legend, result["metric"]), times, values))
@@ -123,7 +132,7 @@ def draw(panels: Sequence[Panel], results: dict[str, list[Series]], out: Path, *
         axis.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator, tz=UTC))
         if series:
             axis.legend(fontsize=7, loc="upper left", ncol=2 if len(series) > 4 else 1)
-    for axis in list(axes.flat)[len(panels):]:
+    for axis in list(axes.flat)[len(panels) :]:
         axis.set_visible(False)
     for axis in axes[-1]:
         axis.set_xlabel("time (UTC)")
@@ -156,7 +165,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         results = fetch(args.url, panels, minutes=args.minutes, model=args.model)
     except requests.ConnectionError:
-        print(f"no Prometheus answers at {args.url}: start it with `make monitor` (and TorchServe with `make serve`)", file=sys.stderr)
+        print(
+            f"no Prometheus answers at {args.url}: start it with `make monitor` (and TorchServe with `make serve`)",
+            file=sys.stderr,
+        )
         return 2
     except PrometheusError as error:
         print(f"Prometheus refused a query: {error}", file=sys.stderr)
@@ -170,7 +182,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 1
     now = datetime.now(tz=UTC).strftime("%Y-%m-%d %H:%M UTC")
-    draw(panels, results, args.out, heading=f"Ensembles {args.model!r}, last {args.minutes:g} minutes to {now} (Prometheus {args.url})")
+    draw(
+        panels,
+        results,
+        args.out,
+        heading=f"Ensembles {args.model!r}, last {args.minutes:g} minutes to {now} (Prometheus {args.url})",
+    )
     print(f"wrote {args.out}")
     print("\n".join(summary(results)))
     return 0

@@ -105,7 +105,9 @@ def _type(schema: Schema) -> str:
         text = "one of " + ", ".join(f"`{json.dumps(value)}`" for value in schema["enum"])
     elif schema.get("type") == "array":
         text = _array(schema)
-    elif schema.get("type") == "object" and ("patternProperties" in schema or isinstance(schema.get("additionalProperties"), dict)):
+    elif schema.get("type") == "object" and (
+        "patternProperties" in schema or isinstance(schema.get("additionalProperties"), dict)
+    ):
         text = _map(schema)
     elif isinstance(schema.get("type"), list):
         text = " or ".join(schema["type"])
@@ -129,17 +131,29 @@ def _map(schema: Schema) -> str:
     """An object keyed by names: its size, the pattern its names match, and its values' type."""
     length = _length(schema.get("minProperties"), schema.get("maxProperties"), ("entry", "entries"))
     bounded = f"map ({length[0]})" if length else "map"
-    values = [f"names matching `{pattern}` to {_type(value)}" for pattern, value in schema.get("patternProperties", {}).items()]
+    values = [
+        f"names matching `{pattern}` to {_type(value)}"
+        for pattern, value in schema.get("patternProperties", {}).items()
+    ]
     if isinstance(schema.get("additionalProperties"), dict):
         names = schema.get("propertyNames", {}).get("pattern")
-        values.append(f"names matching `{names}` to {_type(schema['additionalProperties'])}" if names else f"names to {_type(schema['additionalProperties'])}")
+        values.append(
+            f"names matching `{names}` to {_type(schema['additionalProperties'])}"
+            if names
+            else f"names to {_type(schema['additionalProperties'])}"
+        )
     return f"{bounded} of {' and '.join(values)}"
 
 
 def _constraints(schema: Schema) -> list[str]:
     """Bounds of numbers and strings in words (a list's length is `_array`'s, a map's size `_map`'s)."""
     found = []
-    for key, words in (("minimum", "≥ {}"), ("exclusiveMinimum", "> {}"), ("maximum", "≤ {}"), ("exclusiveMaximum", "< {}")):
+    for key, words in (
+        ("minimum", "≥ {}"),
+        ("exclusiveMinimum", "> {}"),
+        ("maximum", "≤ {}"),
+        ("exclusiveMaximum", "< {}"),
+    ):
         if key in schema:
             found.append(words.format(schema[key]))
     found += _length(schema.get("minLength"), schema.get("maxLength"), ("character", "characters"))
@@ -177,14 +191,20 @@ def _condition(schema: Schema) -> str:
     if "not" in schema:
         negated = schema["not"]
         only_required = set(negated) == {"required"}
-        parts += [f"`{key}` is not allowed" for key in negated["required"]] if only_required else [f"not ({_condition(negated)})"]
+        parts += (
+            [f"`{key}` is not allowed" for key in negated["required"]]
+            if only_required
+            else [f"not ({_condition(negated)})"]
+        )
     return " and ".join(parts)
 
 
 def _about(key: str, schema: Schema) -> str:
     """What a condition says about one key's value: `task` is "binary", `labels` has exactly 2 items."""
     words = [f"is `{json.dumps(schema['const'])}`"] if "const" in schema else []
-    words += ["is one of " + ", ".join(f"`{json.dumps(value)}`" for value in schema["enum"])] if "enum" in schema else []
+    words += (
+        ["is one of " + ", ".join(f"`{json.dumps(value)}`" for value in schema["enum"])] if "enum" in schema else []
+    )
     words += [f"has {length}" for length in _length(schema.get("minItems"), schema.get("maxItems"), ("item", "items"))]
     words += [f"is {constraint}" for constraint in _constraints(schema)]
     return f"`{key}` " + " and ".join(words or [f"is {_type(schema)}"])

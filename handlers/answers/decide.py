@@ -44,7 +44,9 @@ class Decider:
         self._weights = torch.tensor([member.weight for member in spec.members], dtype=torch.float64)
         scored = [member.labels or spec.labels for member in spec.members]
         self._scoring = torch.tensor([[label in own for label in spec.labels] for own in scored], dtype=torch.long)
-        self._contexts: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor, tuple[tuple[int, ...], ...] | None]] = {}
+        self._contexts: dict[
+            tuple[Any, ...], tuple[torch.Tensor, torch.Tensor, tuple[tuple[int, ...], ...] | None]
+        ] = {}
 
     def positions(self, members: Sequence[str] | None) -> tuple[int, ...]:
         """The declaration positions of the named members (all of them for None)."""
@@ -76,11 +78,15 @@ class Decider:
         ran = ~mine.isnan().all(dim=-1)
         return Answer(names, mine, own, combine(mine, votes), policy, ran, measured if uncertainty else None, deferred)
 
-    def settled(self, probs: torch.Tensor, policy: PolicySpec, members: tuple[int, ...], stages: Sequence[Sequence[int]]) -> torch.Tensor:
+    def settled(
+        self, probs: torch.Tensor, policy: PolicySpec, members: tuple[int, ...], stages: Sequence[Sequence[int]]
+    ) -> torch.Tensor:
         """Per image, whether the members that ran so far (`probs` NaN for the others) settle its answer under `policy`."""
         return settled(probs[list(members)], self.votes(policy, members, stages))
 
-    def votes(self, policy: PolicySpec, members: tuple[int, ...], stages: Sequence[Sequence[int]] | None = None) -> Votes:
+    def votes(
+        self, policy: PolicySpec, members: tuple[int, ...], stages: Sequence[Sequence[int]] | None = None
+    ) -> Votes:
         """The policy's context for `members`: their weights, how many score each label, and their stages renumbered
         to their positions among `members`."""
         weights, scoring, within = self._context(members, None if stages is None else tuple(map(tuple, stages)))
@@ -102,4 +108,3 @@ class Decider:
         context = self._weights[mine], self._scoring[mine].sum(dim=0), within
         self._contexts[members, stages] = context
         return context
-

@@ -73,7 +73,9 @@ class Decision:
 
     def order(self) -> torch.Tensor:
         """Label indices per image, best first; exact ties keep the lower index first, as argmax does."""
-        return torch.sort(self.rank if self.rank is not None else self.score, dim=-1, descending=True, stable=True).indices
+        return torch.sort(
+            self.rank if self.rank is not None else self.score, dim=-1, descending=True, stable=True
+        ).indices
 
 
 PolicyFn = Callable[[torch.Tensor, Votes], Decision]
@@ -92,7 +94,11 @@ def member_votes(probs: torch.Tensor, votes: Votes) -> torch.Tensor:
         own = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, picked, True)
     else:
         threshold = _threshold(votes)
-        own = _binary_mask(probs[..., _positive(votes)] >= threshold, votes) if votes.task == "binary" else probs >= threshold
+        own = (
+            _binary_mask(probs[..., _positive(votes)] >= threshold, votes)
+            if votes.task == "binary"
+            else probs >= threshold
+        )
     return own & ~probs.isnan()
 
 

@@ -7,7 +7,7 @@ and the answering members' archived and source digests.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -90,10 +90,14 @@ class Renderer:
             },
         }
         if defaults_only:
-            applied = " ".join([f"policy={answer.policy.name}", *(f"{k}={v}" for k, v in answer.policy.params().items())])
+            applied = " ".join(
+                [f"policy={answer.policy.name}", *(f"{k}={v}" for k, v in answer.policy.params().items())]
+            )
             body["warning"] = DEFAULTS_WARNING.format(policy=applied)
         if min_run is not None:
-            body["sequence"] = summarize(decision.chosen, self.spec.labels, only=self.spec.positive_index, min_run=min_run)
+            body["sequence"] = summarize(
+                decision.chosen, self.spec.labels, only=self.spec.positive_index, min_run=min_run
+            )
         return body
 
     def v2_body(self, answer: Answer, form: V2Form, top_k: int | None = None) -> dict[str, Any]:
@@ -103,7 +107,11 @@ class Renderer:
         asked for, and `deferred` when the ensemble defers (a deferred image's label is "", no labels).
         """
         decision, names = answer.decision, answer.names
-        parameters: dict[str, Any] = {"policy": answer.policy.name, **answer.policy.params(), "ensemble_version": self.spec.version}
+        parameters: dict[str, Any] = {
+            "policy": answer.policy.name,
+            **answer.policy.params(),
+            "ensemble_version": self.spec.version,
+        }
         parameters["members"] = ",".join(names)
         parameters["format"] = ANSWER_FORMAT
         parameters.update({f"{name}.sha256": self._digests[name] for name in names})
@@ -113,10 +121,16 @@ class Renderer:
         deferred = [reason is not None for reason in answer.deferred or [None] * chosen.shape[0]]
         if any(deferred):
             chosen = chosen & ~torch.tensor(deferred)[:, None]
-        extra: dict[str, tuple[str, torch.Tensor | list[Any]]] = {"skipped": ("BYTES", skipped), "deferred": ("BOOL", deferred)}
+        extra: dict[str, tuple[str, torch.Tensor | list[Any]]] = {
+            "skipped": ("BYTES", skipped),
+            "deferred": ("BOOL", deferred),
+        }
         if answer.uncertainty is not None:
             extra.update({name: ("FP64", values) for name, values in answer.uncertainty.measures().items()})
-        default = [*(["skipped"] if answer.policy.stops_early else []), *(["deferred"] if answer.deferred is not None else [])]
+        default = [
+            *(["skipped"] if answer.policy.stops_early else []),
+            *(["deferred"] if answer.deferred is not None else []),
+        ]
         default += [name for name in extra if name not in ("skipped", "deferred")]
         return render_v2(
             name=self.spec.name,
@@ -140,7 +154,10 @@ class Renderer:
         if self.spec.task != "multilabel":
             return [{name: round(v[i], SCORE_DIGITS) for name, v in values.items()} for i in range(count)]
         return [
-            {name: {label: round(x, SCORE_DIGITS) for label, x in zip(self.spec.labels, v[i], strict=True) if x == x} for name, v in values.items()}
+            {
+                name: {label: round(x, SCORE_DIGITS) for label, x in zip(self.spec.labels, v[i], strict=True) if x == x}
+                for name, v in values.items()
+            }
             for i in range(count)
         ]
 
@@ -148,7 +165,10 @@ class Renderer:
         """Each view gets `top`: its k best labels in the decision's order, with their scores."""
         picked, best = _top(decision, k)
         for view, indices, values in zip(views, picked.tolist(), best.tolist(), strict=True):
-            view["top"] = [{"label": self.spec.labels[i], "score": round(v, SCORE_DIGITS)} for i, v in zip(indices, values, strict=True)]
+            view["top"] = [
+                {"label": self.spec.labels[i], "score": round(v, SCORE_DIGITS)}
+                for i, v in zip(indices, values, strict=True)
+            ]
 
     def _views(self, chosen: torch.Tensor, scores: torch.Tensor) -> list[dict[str, Any]]:
         """Per input, the chosen label(s) and score(s) from `chosen` and `scores` [inputs, labels].
@@ -161,15 +181,21 @@ class Renderer:
             return [
                 {
                     "labels": [label for label, on in zip(labels, row, strict=True) if on],
-                    "scores": {label: round(v, SCORE_DIGITS) for label, v in zip(labels, values, strict=True) if v == v},
+                    "scores": {
+                        label: round(v, SCORE_DIGITS) for label, v in zip(labels, values, strict=True) if v == v
+                    },
                 }
                 for row, values in zip(chosen.tolist(), scores.tolist(), strict=True)
             ]
         first = chosen.to(torch.uint8).argmax(dim=-1, keepdim=True)
         picked = scores.gather(-1, first).squeeze(-1).tolist()
         return [
-            {"label": labels[index], "score": round(score, SCORE_DIGITS)} if any_chosen else {"label": None, "score": None}
-            for any_chosen, index, score in zip(chosen.any(dim=-1).tolist(), first.squeeze(-1).tolist(), picked, strict=True)
+            {"label": labels[index], "score": round(score, SCORE_DIGITS)}
+            if any_chosen
+            else {"label": None, "score": None}
+            for any_chosen, index, score in zip(
+                chosen.any(dim=-1).tolist(), first.squeeze(-1).tolist(), picked, strict=True
+            )
         ]
 
 

@@ -59,7 +59,9 @@ def measure(probs: torch.Tensor, own: torch.Tensor, weights: torch.Tensor, *, mu
         mean = [sum(weight * row[j] for weight, row, _ in scored) / total for j in range(probs.shape[2])]
         entropy = _entropy(mean)
         expected = sum(weight * _entropy(row) for weight, row, _ in scored) / total
-        shares = sorted((sum(vote[j] for _, _, vote in scored) / len(scored) for j in range(probs.shape[2])), reverse=True)
+        shares = sorted(
+            (sum(vote[j] for _, _, vote in scored) / len(scored) for j in range(probs.shape[2])), reverse=True
+        )
         margin = shares[0] - (shares[1] if len(shares) > 1 else 0.0)
         for column, value in zip(columns, (entropy, expected, max(entropy - expected, 0.0), margin), strict=True):
             column.append(value)

@@ -48,7 +48,9 @@ def render_v2(
     for prefix, (chosen, scores) in (("", combined), *((f"{m}.", pair) for m, pair in members.items())):
         count = chosen.shape[0]
         if multilabel:
-            tensors[f"{prefix}labels"] = _tensor(f"{prefix}labels", "BOOL", [count, len(labels)], chosen.flatten().tolist())
+            tensors[f"{prefix}labels"] = _tensor(
+                f"{prefix}labels", "BOOL", [count, len(labels)], chosen.flatten().tolist()
+            )
         else:
             first = chosen.to(torch.uint8).argmax(dim=-1).tolist()
             picked = [labels[i] if any_on else "" for i, any_on in zip(first, chosen.any(dim=-1).tolist(), strict=True)]
@@ -58,8 +60,12 @@ def render_v2(
         if not prefix and top is not None:
             indices, best = top
             shape = list(indices.shape)
-            tensors["top_labels"] = _tensor("top_labels", "BYTES", shape, [labels[i] for i in indices.flatten().tolist()])
-            tensors["top_scores"] = _tensor("top_scores", "FP64", shape, [round(v, digits) for v in best.flatten().tolist()])
+            tensors["top_labels"] = _tensor(
+                "top_labels", "BYTES", shape, [labels[i] for i in indices.flatten().tolist()]
+            )
+            tensors["top_scores"] = _tensor(
+                "top_scores", "FP64", shape, [round(v, digits) for v in best.flatten().tolist()]
+            )
     defaults = [*tensors, *default_extra]
     for output, (datatype, values) in (extra or {}).items():
         data = values if isinstance(values, list) else values.flatten().tolist()
@@ -85,7 +91,9 @@ def output_names(labels_key: str, members: Sequence[str], *, ranked: bool) -> li
     return [labels_key, "scores", *top, *members_outputs, *ANSWER_OUTPUTS]
 
 
-def v2_metadata(names: Sequence[str], labels: int, tensor: TensorSpec | None, *, multilabel: bool = False) -> dict[str, list[dict[str, Any]]]:
+def v2_metadata(
+    names: Sequence[str], labels: int, tensor: TensorSpec | None, *, multilabel: bool = False
+) -> dict[str, list[dict[str, Any]]]:
     """The model metadata the protocol's `GET /v2/models/<name>` returns: our one input and every output in `names`
     (as `output_names` lists them), each with its datatype and shape; -1 marks a size each request chooses."""
     if tensor is None:
@@ -111,4 +119,3 @@ def v2_metadata(names: Sequence[str], labels: int, tensor: TensorSpec | None, *,
 
 def _tensor(name: str, datatype: str, shape: list[int], data: list[Any]) -> dict[str, Any]:
     return {"name": name, "datatype": datatype, "shape": shape, "data": data}
-

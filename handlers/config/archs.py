@@ -66,7 +66,9 @@ def hf_config(folder: Path) -> dict:
     try:
         config = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        fail(f"cannot read the Hugging Face config {path}: {e}; a transformers: member names a folder save_pretrained wrote")
+        fail(
+            f"cannot read the Hugging Face config {path}: {e}; a transformers: member names a folder save_pretrained wrote"
+        )
     if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
         fail(f"{path} names no model_type; a transformers: member names a folder save_pretrained wrote")
     return config
@@ -97,14 +99,18 @@ def requirement(arch: Arch, requires: str | None) -> str | None:
     """
     if arch.kind in ("torchvision", "file"):
         if requires is not None:
-            fail(f"requires is for timm, transformers and package members; {arch.kind} members run code this project pins")
+            fail(
+                f"requires is for timm, transformers and package members; {arch.kind} members run code this project pins"
+            )
         return None
     if requires is None:
         distribution = ZOO_DISTRIBUTIONS.get(arch.kind) or _distribution_of(arch.target.split(".")[0])
         try:
             return f"{distribution}=={version(distribution)}"
         except PackageNotFoundError:
-            fail(f"{arch.kind} members need {distribution}, which this environment does not have; install it: pip install {distribution}")
+            fail(
+                f"{arch.kind} members need {distribution}, which this environment does not have; install it: pip install {distribution}"
+            )
     try:
         wanted = Requirement(requires)
     except InvalidRequirement as e:
@@ -112,11 +118,15 @@ def requirement(arch: Arch, requires: str | None) -> str | None:
     try:
         installed = version(wanted.name)
     except PackageNotFoundError:
-        fail(f"{arch.kind} member needs {requires}, and this environment does not have {wanted.name}; "
-             f"install it where the ensemble runs: pip install '{requires}'")
+        fail(
+            f"{arch.kind} member needs {requires}, and this environment does not have {wanted.name}; "
+            f"install it where the ensemble runs: pip install '{requires}'"
+        )
     if not wanted.specifier.contains(installed, prereleases=True):
-        fail(f"{arch.kind} member needs {requires}, and this environment has {wanted.name} {installed}; "
-             f"install it where the ensemble runs: pip install '{requires}'")
+        fail(
+            f"{arch.kind} member needs {requires}, and this environment has {wanted.name} {installed}; "
+            f"install it where the ensemble runs: pip install '{requires}'"
+        )
     return f"{wanted.name}=={installed}"
 
 
@@ -135,8 +145,10 @@ def _distribution_of(top_level: str) -> str:
     found = _top_level_distributions().get(top_level, [])
     if len(found) != 1:
         why = "no installed distribution provides it" if not found else f"several distributions provide it: {found}"
-        fail(f"cannot tell which package to pin for module {top_level!r}: {why}; "
-             "install it, or name it with requires: '<distribution>==<version>'")
+        fail(
+            f"cannot tell which package to pin for module {top_level!r}: {why}; "
+            "install it, or name it with requires: '<distribution>==<version>'"
+        )
     return found[0]
 
 

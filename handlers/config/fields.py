@@ -31,7 +31,9 @@ def within(prefix: tuple[str | int, ...], check: Callable[[], T]) -> T:
     try:
         return check()
     except PydanticCustomError as e:
-        raise PydanticCustomError(e.type, e.message_template, {"at": (*prefix, *(e.context or {}).get("at", ()))}) from None
+        raise PydanticCustomError(
+            e.type, e.message_template, {"at": (*prefix, *(e.context or {}).get("at", ()))}
+        ) from None
 
 
 def mapping(value: Any) -> dict[Any, Any]:

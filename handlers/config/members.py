@@ -24,7 +24,16 @@ from pydantic import (
 from handlers.config.archs import HF_WEIGHTS, check_arch, check_package_member, hf_labels, requirement
 from handlers.config.fields import Strict, choice, fail, keyed, listed, mapping, maybe, number, regex, text, within
 from handlers.config.sections import ExecutionConfig, InputConfig
-from handlers.config.specs import OUTPUT_KINDS, Arch, Execution, MemberInput, MemberSpec, OutputSpec, StateDictRules, TensorSpec
+from handlers.config.specs import (
+    OUTPUT_KINDS,
+    Arch,
+    Execution,
+    MemberInput,
+    MemberSpec,
+    OutputSpec,
+    StateDictRules,
+    TensorSpec,
+)
 
 NAME = r"[A-Za-z][A-Za-z0-9_-]{0,63}"
 SHA256 = r"[0-9a-f]{64}"
@@ -69,14 +78,18 @@ class StateDictConfig(Strict):
         "Default: none.",
     )
     strip_prefix: maybe(listed(text(), "a list of at least 1 string(s)", min_len=1)) = Field(
-        None, description="Prefixes, in order, each removed from every key that starts with it (e.g. `module.`). Default: none."
+        None,
+        description="Prefixes, in order, each removed from every key that starts with it (e.g. `module.`). Default: none.",
     )
-    rename: maybe(
-        listed(RenamePair, "a non-empty list of [regex, replacement] pairs", min_len=1, echo=False)
-    ) = Field(None, description="[regex, replacement] pairs, applied in order to every key with Python's re.sub. Default: none.")
+    rename: maybe(listed(RenamePair, "a non-empty list of [regex, replacement] pairs", min_len=1, echo=False)) = Field(
+        None,
+        description="[regex, replacement] pairs, applied in order to every key with Python's re.sub. Default: none.",
+    )
 
     def to_rules(self) -> StateDictRules:
-        return StateDictRules(key=self.key, drop=self.drop or (), strip_prefix=self.strip_prefix or (), rename=self.rename or ())
+        return StateDictRules(
+            key=self.key, drop=self.drop or (), strip_prefix=self.strip_prefix or (), rename=self.rename or ()
+        )
 
 
 def files_context(info: ValidationInfo) -> tuple[Path, bool]:
@@ -88,7 +101,9 @@ SELECT_STEP = r"[A-Za-z_][A-Za-z0-9_]*"
 
 
 def _select_step(step: Any) -> Any:
-    if isinstance(step, bool) or not (isinstance(step, int) and step >= 0 or isinstance(step, str) and re.fullmatch(SELECT_STEP, step)):
+    if isinstance(step, bool) or not (
+        (isinstance(step, int) and step >= 0) or (isinstance(step, str) and re.fullmatch(SELECT_STEP, step))
+    ):
         fail(f"expected a tuple or list index (an integer from 0) or a key or attribute name, got {step!r}")
     return step
 
@@ -101,11 +116,17 @@ def _select_path(value: Any) -> Any:
     return tuple(_select_step(step) for step in steps)
 
 
-SELECT_SCHEMA = {"anyOf": [
-    {"type": "integer", "minimum": 0},
-    {"type": "string", "pattern": f"^{SELECT_STEP}$"},
-    {"type": "array", "minItems": 1, "items": {"anyOf": [{"type": "integer", "minimum": 0}, {"type": "string", "pattern": f"^{SELECT_STEP}$"}]}},
-]}  # fmt: skip
+SELECT_SCHEMA = {
+    "anyOf": [
+        {"type": "integer", "minimum": 0},
+        {"type": "string", "pattern": f"^{SELECT_STEP}$"},
+        {
+            "type": "array",
+            "minItems": 1,
+            "items": {"anyOf": [{"type": "integer", "minimum": 0}, {"type": "string", "pattern": f"^{SELECT_STEP}$"}]},
+        },
+    ]
+}
 SelectPath = Annotated[tuple[int | str, ...], BeforeValidator(_select_path), WithJsonSchema(SELECT_SCHEMA)]
 
 
@@ -138,7 +159,9 @@ def _distinct(labels: tuple[str, ...]) -> tuple[str, ...]:
 class MemberConfig(Strict):
     """One member: its architecture, constructor arguments and weights; input and execution override the ensemble's."""
 
-    name: text(NAME, f"a name matching {NAME}") = Field(description=f"The member's name, unique in the ensemble: {NAME}.")
+    name: text(NAME, f"a name matching {NAME}") = Field(
+        description=f"The member's name, unique in the ensemble: {NAME}."
+    )
     arch: text() = Field(
         description="`torchvision:<builder>` (checked against torchvision.models.list_models()), `timm:<model>` "
         "(checked against timm.list_models(), built with pretrained=False), `transformers:<path/to/folder>` (a Hugging "
@@ -172,13 +195,16 @@ class MemberConfig(Strict):
         None, description="Execution keys that differ from the ensemble's. Default: the ensemble's execution."
     )
     output: section(OutputConfig) = Field(
-        None, description="Where the scores are in the forward's output, and their kind. Default: the output is a tensor of logits."
-    )
-    labels: maybe(Annotated[listed(text(), "a list of at least 1 string(s)", min_len=1), AfterValidator(_distinct)]) = Field(
         None,
-        description="The member's outputs by name, in its own order, matched to the ensemble's labels by name: extra "
-        "outputs are dropped (binary, multiclass: the rest renormalised); in multilabel a member may cover some labels. "
-        "Default: the ensemble's labels (transformers: the config's id2label).",
+        description="Where the scores are in the forward's output, and their kind. Default: the output is a tensor of logits.",
+    )
+    labels: maybe(Annotated[listed(text(), "a list of at least 1 string(s)", min_len=1), AfterValidator(_distinct)]) = (
+        Field(
+            None,
+            description="The member's outputs by name, in its own order, matched to the ensemble's labels by name: extra "
+            "outputs are dropped (binary, multiclass: the rest renormalised); in multilabel a member may cover some labels. "
+            "Default: the ensemble's labels (transformers: the config's id2label).",
+        )
     )
     requires: maybe(text()) = Field(
         None,
@@ -223,7 +249,9 @@ class MemberConfig(Strict):
                 fail("only a whole ensemble takes tensor input; members of an image ensemble take images", "input")
             member_input = within(("input",), lambda: self.input.over(ensemble_input))
         execution = None if self.execution is None else self.execution.over(ensemble_execution)
-        default_output = OutputSpec(select=("logits",)) if Arch.parse(self.arch).kind == "transformers" else OutputSpec()
+        default_output = (
+            OutputSpec(select=("logits",)) if Arch.parse(self.arch).kind == "transformers" else OutputSpec()
+        )
         return MemberSpec(
             name=self.name,
             arch=self.arch,

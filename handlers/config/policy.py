@@ -131,7 +131,6 @@ class PolicySpec:
         return out
 
 
-
 def resolve_policy(
     requested: Mapping[str, object],
     *,

@@ -19,7 +19,14 @@ from pydantic_core import core_schema
 from handlers.config.fields import Strict, choice, expect_integer, fail, integer, keyed, listed, maybe, text, within
 from handlers.config.members import NAME, SHA256, MemberConfig, check_member_labels
 from handlers.config.policy import TASKS
-from handlers.config.sections import BatchingConfig, DeferConfig, ExecutionConfig, InputConfig, LimitsConfig, PolicyConfig
+from handlers.config.sections import (
+    BatchingConfig,
+    DeferConfig,
+    ExecutionConfig,
+    InputConfig,
+    LimitsConfig,
+    PolicyConfig,
+)
 from handlers.config.specs import CONSISTENCY, ArchiveManifest, EnsembleSpec, Execution
 
 MANIFEST_FORMAT = 2
@@ -49,9 +56,12 @@ class EnsembleConfig(Strict):
         description="The members' output classes, in output order, without duplicates: exactly 2 for binary, "
         "at least 2 for multiclass, at least 1 for multilabel."
     )
-    positive_label: maybe(text()) = Field(None, description="Binary only, and required there: the label a yes answer means.")
+    positive_label: maybe(text()) = Field(
+        None, description="Binary only, and required there: the label a yes answer means."
+    )
     top_k: maybe(integer(1)) = Field(
-        None, description="Multiclass only: how many labels each answer's `top` ranks, 1 to the label count. Default: 1."
+        None,
+        description="Multiclass only: how many labels each answer's `top` ranks, 1 to the label count. Default: 1.",
     )
     policy: PolicyConfig = Field(
         PolicyConfig(name="mean"), description="The default policy and its parameters (k, threshold). Default: mean."
@@ -77,7 +87,8 @@ class EnsembleConfig(Strict):
         LimitsConfig(), description="Per request: images, pixels per image, image formats. Default: each key's default."
     )
     batching: BatchingConfig = Field(
-        BatchingConfig(), description="TorchServe batching and workers, and rows per forward call. Default: each key's default."
+        BatchingConfig(),
+        description="TorchServe batching and workers, and rows per forward call. Default: each key's default.",
     )
     execution: ExecutionConfig = Field(
         ExecutionConfig(), description="How members' forward calls run. Default: each key's default."
@@ -220,7 +231,8 @@ class ManifestFile(Strict):
         description="Per member: the checkpoint it was built from and the rules applied."
     )
     engines: keyed(str, Any, "a mapping") = Field(
-        default_factory=dict, description="Per member: its ONNX export (file and exporter), or why the build could not export it."
+        default_factory=dict,
+        description="Per member: its ONNX export (file and exporter), or why the build could not export it.",
     )
 
     @model_validator(mode="after")

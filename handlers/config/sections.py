@@ -90,7 +90,10 @@ class InputConfig(Strict):
     shape: maybe(
         Annotated[
             listed(
-                integer(1, MAX_TENSOR_ELEMENTS), f"a list of 1 to {MAX_TENSOR_DIMS} integers", min_len=1, max_len=MAX_TENSOR_DIMS
+                integer(1, MAX_TENSOR_ELEMENTS),
+                f"a list of 1 to {MAX_TENSOR_DIMS} integers",
+                min_len=1,
+                max_len=MAX_TENSOR_DIMS,
             ),
             AfterValidator(_at_most_elements),
         ]
@@ -170,7 +173,10 @@ class ExecutionConfig(Strict):
     @model_validator(mode="after")
     def _lossy_needs_auto(self) -> ExecutionConfig:
         if self.precision != "fp32" and self.plan != "auto":
-            fail(f"precision {self.precision} runs on the engines measured for it: leave plan at auto, not {self.plan!r}", "plan")
+            fail(
+                f"precision {self.precision} runs on the engines measured for it: leave plan at auto, not {self.plan!r}",
+                "plan",
+            )
         return self
 
     def over(self, base: Execution) -> Execution:
@@ -198,7 +204,9 @@ class LimitsConfig(Strict):
 
     def to_limits(self) -> Limits:
         return Limits(
-            max_images_per_request=self.max_images_per_request, max_image_pixels=self.max_image_pixels, formats=self.formats
+            max_images_per_request=self.max_images_per_request,
+            max_image_pixels=self.max_image_pixels,
+            formats=self.formats,
         )
 
 
@@ -236,7 +244,9 @@ class BatchingConfig(Strict):
 class DeferConfig(Strict):
     """When an answer goes to a person instead: a threshold per uncertainty measure (nats; vote_margin a share)."""
 
-    entropy: maybe(number(0.0, 100.0)) = Field(None, description="Defer when the mean distribution's entropy is above it.")
+    entropy: maybe(number(0.0, 100.0)) = Field(
+        None, description="Defer when the mean distribution's entropy is above it."
+    )
     expected_entropy: maybe(number(0.0, 100.0)) = Field(
         None, description="Defer when the weighted mean of the members' entropies is above it."
     )
@@ -259,7 +269,8 @@ class PolicyConfig(Strict):
         None, description="k_of_n only, and required there: members that must vote yes, 1 to the member count."
     )
     threshold: maybe(number(0.0, 1.0)) = Field(
-        None, description="Binary and multilabel only: the probability, 0 to 1, from which a label is yes. Default: 0.5."
+        None,
+        description="Binary and multilabel only: the probability, 0 to 1, from which a label is yes. Default: 0.5.",
     )
     confidence: maybe(number(0.0, 1.0)) = Field(
         None,

@@ -264,17 +264,23 @@ class EnsembleSpec:
 
     def slice_sizes(self, threads: int, views: int) -> tuple[int, ...]:
         """The rows per call a worker runs most, to time plans at: one image's views in one call, and a full batch."""
-        return tuple(sorted({self.rows_per_call(views, 1), self.rows_per_call(self.batching.batch_size * views, threads)}))
+        return tuple(
+            sorted({self.rows_per_call(views, 1), self.rows_per_call(self.batching.batch_size * views, threads)})
+        )
 
     def with_plan(self, plan: str) -> EnsembleSpec:
         """Every member on one fixed plan: the baselines run members as given (`eager`), whatever the file says."""
-        return replace(self, execution=Execution(plan=plan), members=tuple(replace(m, execution=None) for m in self.members))
+        return replace(
+            self, execution=Execution(plan=plan), members=tuple(replace(m, execution=None) for m in self.members)
+        )
 
     def with_views(self, tta: str) -> EnsembleSpec:
         """Every member with test-time augmentation `tta`: the evaluation and the benchmark compare them."""
         if not isinstance(self.input, InputSpec):
             raise ConfigError(f"{self.name}: test-time augmentation needs image input")
-        members = tuple(replace(m, input=replace(m.input, tta=tta)) if isinstance(m.input, InputSpec) else m for m in self.members)
+        members = tuple(
+            replace(m, input=replace(m.input, tta=tta)) if isinstance(m.input, InputSpec) else m for m in self.members
+        )
         return replace(self, input=replace(self.input, tta=tta), members=members)
 
     def to_dict(self) -> dict[str, Any]:

@@ -95,7 +95,9 @@ def export_onnx(
     return _to_cache(cache, Export(None, "; ".join(failures), time.perf_counter() - began), path)
 
 
-def _from_cache(cache: Path | None, head: nn.Module, instance_shape: tuple[int, ...], path: Path, sizes: Sequence[int]) -> Export | None:
+def _from_cache(
+    cache: Path | None, head: nn.Module, instance_shape: tuple[int, ...], path: Path, sizes: Sequence[int]
+) -> Export | None:
     if cache is None or not (cache / CACHE_RECORD).is_file():
         return None
     began = time.perf_counter()
@@ -225,7 +227,9 @@ def cpu_flags() -> frozenset[str]:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return frozenset()
-    return frozenset(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), ()))
+    return frozenset(
+        next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), ())
+    )
 
 
 def precision_unsupported(precision: str, flags: frozenset[str] | None = None) -> str | None:
@@ -236,7 +240,9 @@ def precision_unsupported(precision: str, flags: frozenset[str] | None = None) -
     flags = cpu_flags() if flags is None else flags
     if any(flag in flags for flag in needed):
         return None
-    return f"{precision} needs one of the CPU features {', '.join(needed)} to run faster than fp32, and this CPU has none"
+    return (
+        f"{precision} needs one of the CPU features {', '.join(needed)} to run faster than fp32, and this CPU has none"
+    )
 
 
 def _why(error: BaseException) -> str:
@@ -254,18 +260,33 @@ def _export(head: nn.Module, instance_shape: tuple[int, ...], path: Path, *, dyn
     level = quiet.level
     quiet.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings(record=True) as caught, torch.no_grad(), redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
+        with (
+            warnings.catch_warnings(record=True) as caught,
+            torch.no_grad(),
+            redirect_stdout(io.StringIO()),
+            redirect_stderr(io.StringIO()),
+        ):
             warnings.simplefilter("ignore")
             warnings.simplefilter("always", torch.jit.TracerWarning)
             torch.onnx.export(
-                head, (example,), str(path), dynamo=dynamo, input_names=["input"], output_names=["probabilities"],
-                dynamic_axes=axes, opset_version=OPSET, verbose=False, external_data=False,
-            )  # fmt: skip
+                head,
+                (example,),
+                str(path),
+                dynamo=dynamo,
+                input_names=["input"],
+                output_names=["probabilities"],
+                dynamic_axes=axes,
+                opset_version=OPSET,
+                verbose=False,
+                external_data=False,
+            )
     finally:
         quiet.setLevel(level)
     unfaithful = [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
     if unfaithful:  # As for the frozen plan: data-dependent Python was traced into one branch.
-        raise ValueError(f"the trace may not hold for other inputs (data-dependent Python): {str(unfaithful[0].message).splitlines()[0]}")
+        raise ValueError(
+            f"the trace may not hold for other inputs (data-dependent Python): {str(unfaithful[0].message).splitlines()[0]}"
+        )
 
 
 def _prove(head: nn.Module, instance_shape: tuple[int, ...], path: Path, sizes: Sequence[int]) -> None:
@@ -276,4 +297,6 @@ def _prove(head: nn.Module, instance_shape: tuple[int, ...], path: Path, sizes: 
             expected = head(probe)
         difference = largest_difference(forward(probe), expected)
         if not difference <= TOLERANCE:
-            raise ValueError(f"probabilities differ from eager by {difference:.2e} at batch {size} (limit {TOLERANCE:g})")
+            raise ValueError(
+                f"probabilities differ from eager by {difference:.2e} at batch {size} (limit {TOLERANCE:g})"
+            )

@@ -22,7 +22,8 @@ from torch.func import functional_call, stack_module_state
 from handlers.config.specs import Execution, MemberInput, MemberSpec
 from handlers.errors import MemberLoadError
 from handlers.execution.outputs import largest_difference
-from handlers.execution.plans import Choice, Exported, PlanRejected, choose
+from handlers.execution.plan_forwards import Exported, PlanRejected
+from handlers.execution.plans import Choice, choose
 
 FUSE_TOLERANCE = 1e-5
 logger = logging.getLogger(__name__)
@@ -40,7 +41,11 @@ class Group:
 
     def describe(self, names: Sequence[str]) -> dict[str, object]:
         """The group as `describe` lists it: its members, whether fused, and the plan it runs."""
-        return {"members": [names[i] for i in self.indices], "fused": self.fused, "plan": self.choice.plan if self.choice else "eager"}
+        return {
+            "members": [names[i] for i in self.indices],
+            "fused": self.fused,
+            "plan": self.choice.plan if self.choice else "eager",
+        }
 
     def on_plan(self, plan: str) -> Group:
         """This member on another plan `auto` built, verified and timed for it (one of `choice.candidates`)."""
@@ -110,11 +115,15 @@ def plan_groups(
     return sorted(groups, key=lambda group: group.indices[0])
 
 
-def _single(index: int, forward: Callable[[torch.Tensor], torch.Tensor], spec: MemberInput, choice: Choice | None = None) -> Group:
+def _single(
+    index: int, forward: Callable[[torch.Tensor], torch.Tensor], spec: MemberInput, choice: Choice | None = None
+) -> Group:
     return Group(spec=spec, indices=(index,), run=lambda batch: forward(batch).unsqueeze(0), fused=False, choice=choice)
 
 
-def _planned(index: int, member: MemberSpec, module: nn.Module, spec: MemberInput, plans: PlanContext, device: torch.device) -> Group:
+def _planned(
+    index: int, member: MemberSpec, module: nn.Module, spec: MemberInput, plans: PlanContext, device: torch.device
+) -> Group:
     try:
         choice = choose(
             module,

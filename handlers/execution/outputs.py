@@ -34,7 +34,9 @@ Path = tuple[int | str, ...]
 class MemberHead(nn.Module):
     """A member whose forward returns probabilities [N, ensemble labels], whatever the model itself returns."""
 
-    def __init__(self, module: nn.Module, output: OutputSpec, task: str, columns: Sequence[int | None], outputs: int) -> None:
+    def __init__(
+        self, module: nn.Module, output: OutputSpec, task: str, columns: Sequence[int | None], outputs: int
+    ) -> None:
         """`columns[j]` is the member's output for ensemble label j (None: not covered); it has `outputs` in all."""
         super().__init__()
         self.module = module
@@ -59,8 +61,14 @@ class MemberHead(nn.Module):
         return kept / kept.sum(dim=-1, keepdim=True) if self.dropped else kept
 
 
-def fit_head(member: MemberSpec, module: nn.Module, instance_shape: tuple[int, ...], task: str, labels: Sequence[str],
-             device: torch.device) -> MemberHead:
+def fit_head(
+    member: MemberSpec,
+    module: nn.Module,
+    instance_shape: tuple[int, ...],
+    task: str,
+    labels: Sequence[str],
+    device: torch.device,
+) -> MemberHead:
     """The member behind its head, once a probe batch proves its output fits; MemberLoadError saying why not."""
     own = list(member.labels or labels)
     probe = torch.randn(PROBE_ROWS, *instance_shape, generator=torch.Generator().manual_seed(0)).to(device)
@@ -76,7 +84,9 @@ def fit_head(member: MemberSpec, module: nn.Module, instance_shape: tuple[int, .
     try:
         scores = pick(returned, member.output.select)
     except LookupError as e:
-        raise MemberLoadError(f"{where}: output.select {show_path(member.output.select)}: {e}{_proposals(returned, own, task)}") from None
+        raise MemberLoadError(
+            f"{where}: output.select {show_path(member.output.select)}: {e}{_proposals(returned, own, task)}"
+        ) from None
     if not isinstance(scores, torch.Tensor) or squeeze_trailing(scores).shape != (PROBE_ROWS, len(own)):
         selected = f" (output.select {show_path(member.output.select)})" if member.output.select else ""
         raise MemberLoadError(

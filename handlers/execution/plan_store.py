@@ -78,4 +78,6 @@ def _write_plans(path: Path, data: Mapping[str, Any]) -> None:
         temporary.write_text(json.dumps(data))
         os.replace(temporary, path)
     except OSError:
-        logger.warning("cannot record the execution plans in %s; the next worker measures them again", path, exc_info=True)
+        logger.warning(
+            "cannot record the execution plans in %s; the next worker measures them again", path, exc_info=True
+        )

@@ -28,7 +28,9 @@ def time_plans(
     pool = ThreadPoolExecutor(concurrency - 1, thread_name_prefix="plan-timing") if concurrency > 1 else None
     try:
         return best_of_rounds(
-            list(forwards), list(probes), lambda plan, size: _timed_round(forwards[plan], probes[size], device, pool, concurrency)
+            list(forwards),
+            list(probes),
+            lambda plan, size: _timed_round(forwards[plan], probes[size], device, pool, concurrency),
         )
     finally:
         if pool is not None:
@@ -36,7 +38,12 @@ def time_plans(
 
 
 def best_of_rounds(
-    names: Sequence[str], sizes: Sequence[int], timed: Callable[[str, int], float], *, rounds: int = TIMED_CALLS, budget_s: float = TIME_BUDGET_S
+    names: Sequence[str],
+    sizes: Sequence[int],
+    timed: Callable[[str, int], float],
+    *,
+    rounds: int = TIMED_CALLS,
+    budget_s: float = TIME_BUDGET_S,
 ) -> dict[str, dict[int, float]]:
     """Best-of-rounds ms for every name at every size, where `timed(name, size)` returns one run's seconds.
 
@@ -56,7 +63,9 @@ def best_of_rounds(
     return best
 
 
-def _timed_round(forward: Forward, probe: torch.Tensor, device: torch.device, pool: ThreadPoolExecutor | None, concurrency: int) -> float:
+def _timed_round(
+    forward: Forward, probe: torch.Tensor, device: torch.device, pool: ThreadPoolExecutor | None, concurrency: int
+) -> float:
     """Seconds for `concurrency` calls of `forward` started together: the calling thread's and the pool's."""
     if pool is None:
         return _timed_call(forward, probe, device)

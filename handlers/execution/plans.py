@@ -33,12 +33,10 @@ keeps the fastest, checked for output shape and finite values here, since its ag
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import time
-import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -46,35 +44,19 @@ import torch
 from torch import nn
 
 from handlers.config.specs import Execution
-from handlers.execution.engines import (
-    OPENVINO_CACHE,
-    Archived,
-    EngineUnavailable,
-    onnxruntime_forward,
-    openvino_forward,
-    precision_unsupported,
-)
+from handlers.execution.engines import precision_unsupported
 from handlers.execution.outputs import largest_difference
+from handlers.execution.plan_forwards import FIXED_PLANS, Exported, Forward, PlanRejected, build
 from handlers.execution.plan_timing import time_plans
 from handlers.execution.precision import LOSSY_PLANS
 
 TOLERANCE = 1e-4
 MIN_GAIN = 1.03
-FIXED_PLANS = ("eager", "channels_last", "frozen", "frozen_channels_last", "onnxruntime", "openvino", "compiled")
 AUTO_PLANS = FIXED_PLANS[:6]
 HANDOFF_PLANS = frozenset({"openvino", "openvino_bf16", "openvino_int8"})
 HANDOFF_GAIN = 1.05
 ENGINE_PLANS = ("onnxruntime", "openvino")
-# The engines of each lossy precision, run from the archive's exports.
-ENGINE_FILES = {"onnxruntime": "onnx", "openvino": "onnx", "openvino_bf16": "onnx", "onnxruntime_int8": "int8", "openvino_int8": "int8"}
-# What the archive holds for a member's engines.
-Exported = Archived
-Forward = Callable[[torch.Tensor], torch.Tensor]
 logger = logging.getLogger(__name__)
-
-
-class PlanRejected(Exception):
-    """A candidate plan that cannot run this member, or does not reproduce eager: why, in words."""
 
 
 @dataclass(frozen=True)
@@ -106,7 +88,9 @@ class Choice:
         return {
             "plan": self.plan,
             "speedup_vs_eager": None if speedup is None else round(speedup, 2),
-            "ms_per_call": {plan: {str(size): round(ms, 3) for size, ms in sizes.items()} for plan, sizes in self.ms.items()},
+            "ms_per_call": {
+                plan: {str(size): round(ms, 3) for size, ms in sizes.items()} for plan, sizes in self.ms.items()
+            },
             "rejected": self.rejected,
             "load_s": round(self.build_s, 2),
             "measured_by": "another worker" if self.remembered else "this worker",
@@ -161,8 +145,12 @@ def choose(
     probes = {size: _probe(size, instance_shape, device) for size in sizes}
     with torch.inference_mode():
         reference = {size: module(probe) for size, probe in probes.items()}
-    wanted = AUTO_PLANS + (("compiled",) if execution.compile else ()) if execution.plan == "auto" else (execution.plan,)
-    if execution.plan == "auto" and exported is None:  # Loaded from ensembles.yaml, not an archive: nothing was exported.
+    wanted = (
+        AUTO_PLANS + (("compiled",) if execution.compile else ()) if execution.plan == "auto" else (execution.plan,)
+    )
+    if (
+        execution.plan == "auto" and exported is None
+    ):  # Loaded from ensembles.yaml, not an archive: nothing was exported.
         wanted = tuple(plan for plan in wanted if plan not in ENGINE_PLANS)
     precision, lossy = _precision(execution, exported)
     if lossy:
@@ -187,7 +175,11 @@ def choose(
         if execution.plan in rejected:
             raise PlanRejected(f"plan {execution.plan!r}: {rejected[execution.plan]}")
         return Choice(
-            execution.plan, forwards[execution.plan], rejected=rejected, build_s=time.perf_counter() - began, concurrency=concurrency
+            execution.plan,
+            forwards[execution.plan],
+            rejected=rejected,
+            build_s=time.perf_counter() - began,
+            concurrency=concurrency,
         )
     ms = time_plans(forwards, probes, device, concurrency)
     cost = {plan: 1 / _gain(ms["eager"], ms[plan]) for plan in ms}
@@ -202,7 +194,14 @@ def choose(
     elapsed = time.perf_counter() - began
     candidates = {} if lossy else forwards
     return Choice(
-        best, forwards[best], ms=ms, rejected=rejected, build_s=elapsed, precision=precision, concurrency=concurrency, candidates=candidates
+        best,
+        forwards[best],
+        ms=ms,
+        rejected=rejected,
+        build_s=elapsed,
+        precision=precision,
+        concurrency=concurrency,
+        candidates=candidates,
     )
 
 
@@ -256,86 +255,29 @@ def _reuse(
     threads at once) or no longer verifies."""
     try:
         plan = remembered["plan"]
-        ms = {name: {int(size): float(v) for size, v in sizes.items()} for name, sizes in remembered["ms_per_call"].items()}
+        ms = {
+            name: {int(size): float(v) for size, v in sizes.items()}
+            for name, sizes in remembered["ms_per_call"].items()
+        }
         rejected = {str(name): str(reason) for name, reason in remembered["rejected"].items()}
         timed_at_once = int(remembered["timed_as"]["threads_at_once"])
     except (KeyError, TypeError, ValueError, AttributeError):
         return None
-    if plan not in allowed or any(set(sizes) != set(probes) for sizes in ms.values()) or plan not in ms or timed_at_once != concurrency:
+    if (
+        plan not in allowed
+        or any(set(sizes) != set(probes) for sizes in ms.values())
+        or plan not in ms
+        or timed_at_once != concurrency
+    ):
         return None
     try:
-        forward = module if plan == "eager" else build(plan, module, probes[max(probes)], exported, concurrency=concurrency)
+        forward = (
+            module if plan == "eager" else build(plan, module, probes[max(probes)], exported, concurrency=concurrency)
+        )
         _verify(forward, probes, reference, lossy=plan in lossy)
     except PlanRejected:
         return None
     return Choice(plan, forward, ms=ms, rejected=rejected, remembered=True, concurrency=concurrency)
-
-
-def build(plan: str, module: nn.Module, example: torch.Tensor, exported: Exported | None = None, *, concurrency: int = 1) -> Forward:
-    """The forward function of `plan` for an eval-mode `module` (on the device of `example`); PlanRejected when it
-    cannot apply. `exported` is what the archive holds for the ONNX plan; `concurrency` threads may call it at once."""
-    if plan in ENGINE_FILES:
-        return _engine(plan, exported, example.device, concurrency)
-    channels_last = plan.endswith("channels_last")
-    if channels_last and example.dim() != 4:
-        raise PlanRejected(f"channels_last needs 4-D (N, C, H, W) input; this member takes {example.dim()}-D")
-    if plan == "channels_last":
-        nhwc = copy.deepcopy(module).to(memory_format=torch.channels_last)
-        return lambda batch: nhwc(batch.contiguous(memory_format=torch.channels_last))
-    if plan in ("frozen", "frozen_channels_last"):
-        frozen = _frozen(module, example, channels_last=channels_last)
-        if channels_last:
-            return lambda batch: frozen(batch.contiguous(memory_format=torch.channels_last))
-        return frozen
-    if plan == "compiled":
-        try:
-            compiled = torch.compile(module, dynamic=True)
-            with torch.inference_mode():
-                compiled(example)
-        except Exception as e:  # Inductor needs a working C++ toolchain and supported ops.
-            raise PlanRejected(f"torch.compile failed: {type(e).__name__}: {e}") from e
-        return compiled
-    raise PlanRejected(f"unknown plan {plan!r}; known: {', '.join(FIXED_PLANS)}")
-
-
-def _engine(plan: str, exported: Exported | None, device: torch.device, concurrency: int = 1) -> Forward:
-    """An engine plan's forward function, from the file the archive holds for it."""
-    if exported is None:
-        raise PlanRejected("no ONNX export (not loaded from an archive that has one)")
-    path = exported.int8 if ENGINE_FILES[plan] == "int8" else exported.onnx
-    if path is None:
-        raise PlanRejected(f"no ONNX export: {exported.refused}" if ENGINE_FILES[plan] == "onnx" else "no int8 export in the archive")
-    engine, _, precision = plan.partition("_")
-    try:
-        if engine == "onnxruntime":
-            return onnxruntime_forward(path, device)
-        return openvino_forward(path, device, precision=precision or "fp32", cache=path.parent.parent / OPENVINO_CACHE, streams=concurrency)
-    except EngineUnavailable as e:
-        raise PlanRejected(str(e)) from e
-
-
-def _frozen(module: nn.Module, example: torch.Tensor, *, channels_last: bool) -> torch.jit.ScriptModule:
-    """Trace, freeze and optimize for inference; refused when the tracer warns the trace may not generalise."""
-    source = copy.deepcopy(module)
-    if channels_last:
-        source = source.to(memory_format=torch.channels_last)
-        example = example.contiguous(memory_format=torch.channels_last)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", torch.jit.TracerWarning)
-        # TorchScript is deprecated upstream in favour of torch.export, yet on CPUs it is still the fastest
-        # verified plan for many members (docs/execution-plans.md); the plan is kept while that holds.
-        warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=FutureWarning)
-        try:
-            with torch.no_grad():
-                traced = torch.jit.trace(source, example, check_trace=False)
-                frozen = torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
-        except Exception as e:  # Tracing refuses dict outputs, some Python control flow, non-tensor arguments.
-            raise PlanRejected(f"TorchScript trace failed: {type(e).__name__}: {e}") from e
-    unfaithful = [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
-    if unfaithful:
-        first = str(unfaithful[0].message).splitlines()[0]
-        raise PlanRejected(f"the trace may not hold for other inputs (data-dependent Python): {first}")
-    return frozen
 
 
 def _verify(
@@ -357,14 +299,18 @@ def _verify(
             except Exception as e:
                 raise PlanRejected(f"fails at batch {size}: {type(e).__name__}: {e}") from e
             if got.shape != reference[size].shape:
-                raise PlanRejected(f"outputs shape {tuple(got.shape)} at batch {size}; eager gives {tuple(reference[size].shape)}")
+                raise PlanRejected(
+                    f"outputs shape {tuple(got.shape)} at batch {size}; eager gives {tuple(reference[size].shape)}"
+                )
             if lossy:
                 if not torch.isfinite(got).all():
                     raise PlanRejected(f"non-finite probabilities at batch {size}")
                 continue
             difference = largest_difference(got, reference[size])
             if not difference <= TOLERANCE:
-                raise PlanRejected(f"probabilities differ from eager by {difference:.2e} at batch {size} (limit {TOLERANCE:g})")
+                raise PlanRejected(
+                    f"probabilities differ from eager by {difference:.2e} at batch {size} (limit {TOLERANCE:g})"
+                )
 
 
 def _gain(eager: dict[int, float], other: dict[int, float]) -> float:

@@ -58,7 +58,9 @@ class Agreement:
 def calibration_rows(folder: Path, given: InputSpec, limits: Any) -> torch.Tensor:
     """Every image in `folder` (sorted by name), decoded and preprocessed as a request's would be: [N * views, *input]."""
     if not folder.is_dir():
-        raise ConfigError(f"execution.calibration: {folder} is not a folder; give a folder of images the member is meant to see")
+        raise ConfigError(
+            f"execution.calibration: {folder} is not a folder; give a folder of images the member is meant to see"
+        )
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise ConfigError(f"execution.calibration: {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
@@ -90,9 +92,14 @@ def quantize_int8(onnx: Path, out: Path, rows: torch.Tensor) -> None:
             return next(self.batches, None)
 
     quantize_static(
-        str(onnx), str(out), Rows(), quant_format=QuantFormat.QDQ, per_channel=True,
-        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-    )  # fmt: skip
+        str(onnx),
+        str(out),
+        Rows(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+    )
 
 
 def measure(
@@ -126,4 +133,3 @@ def refuse_below(agreement: Agreement, minimum: float, member: str) -> None:
 
 def _per_image(probabilities: torch.Tensor, views: int) -> torch.Tensor:
     return probabilities.reshape(-1, views, *probabilities.shape[1:]).mean(dim=1)
-

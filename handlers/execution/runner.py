@@ -25,7 +25,7 @@ from torch import nn
 from handlers.config.specs import EnsembleSpec, MemberInput
 from handlers.execution.groups import Group, PlanContext, plan_groups
 from handlers.execution.outputs import fit_head
-from handlers.execution.plans import Exported
+from handlers.execution.plan_forwards import Exported
 from handlers.execution.schedule import settle
 from handlers.inputs.images import batch_tensors
 
@@ -98,11 +98,15 @@ class MemberRunner:
             fit_head(member, module, given.instance_shape, spec.task, spec.labels, device).to(device)
             for member, module, given in zip(spec.members, modules, member_inputs, strict=True)
         ]
-        groups = plan_groups(spec.members, heads, member_inputs, fuse=spec.batching.fuse_members, device=device, plans=plans)
+        groups = plan_groups(
+            spec.members, heads, member_inputs, fuse=spec.batching.fuse_members, device=device, plans=plans
+        )
         probes: dict[tuple[MemberInput, int], torch.Tensor] = {}
         self.groups: list[Group]
         self.groups, self.schedule = settle(
-            groups, lambda chosen, images: self._serve_probe(chosen, images, probes), sorted({1, spec.batching.batch_size})
+            groups,
+            lambda chosen, images: self._serve_probe(chosen, images, probes),
+            sorted({1, spec.batching.batch_size}),
         )
 
     def plan_choices(self) -> dict[str, dict[str, Any]]:
@@ -110,7 +114,9 @@ class MemberRunner:
         names = [member.name for member in self.spec.members]
         return {names[group.indices[0]]: group.choice.describe() for group in self.groups if group.choice is not None}
 
-    def _serve_probe(self, groups: Sequence[Group], images: int, probes: dict[tuple[MemberInput, int], torch.Tensor]) -> None:
+    def _serve_probe(
+        self, groups: Sequence[Group], images: int, probes: dict[tuple[MemberInput, int], torch.Tensor]
+    ) -> None:
         """One batch of `images` random inputs through `groups`, as `probabilities` serves a batch (no early exit);
         the inputs are made once per input spec and size, in `probes`."""
         jobs = []
@@ -195,7 +201,10 @@ class MemberRunner:
     def stage_order(self) -> list[dict[str, Any]]:
         """The stages as describe shows them: their members and ms per call for one input."""
         names = [member.name for member in self.spec.members]
-        return [{"members": [names[i] for i in group.indices], "ms_per_input": round(cost, 3)} for group, cost in self._staging]
+        return [
+            {"members": [names[i] for i in group.indices], "ms_per_input": round(cost, 3)}
+            for group, cost in self._staging
+        ]
 
     def _cost(self, group: Group) -> float:
         """ms per call on one input's rows: the plan's timing when it has one, else the median of five calls here."""
@@ -203,7 +212,9 @@ class MemberRunner:
         timed = group.choice.ms.get(group.choice.plan, {}) if group.choice is not None else {}
         if size in timed:
             return timed[size]
-        probe = torch.randn(size, *group.spec.instance_shape, generator=torch.Generator().manual_seed(0)).to(self.device)
+        probe = torch.randn(size, *group.spec.instance_shape, generator=torch.Generator().manual_seed(0)).to(
+            self.device
+        )
         spent = []
         with torch.inference_mode():
             group.run(probe)
@@ -223,7 +234,10 @@ class MemberRunner:
         return self._to_device(batch_tensors(picked, [group.spec])[group.spec])
 
     def _run_groups(
-        self, jobs: Sequence[tuple[Group, torch.Tensor | None, torch.Tensor]], probs: torch.Tensor, forward_seconds: dict[str, float] | None
+        self,
+        jobs: Sequence[tuple[Group, torch.Tensor | None, torch.Tensor]],
+        probs: torch.Tensor,
+        forward_seconds: dict[str, float] | None,
     ) -> None:
         """Each (group, rows, batch of those rows) in slices on the member threads; the scores go to `probs` at those rows."""
         tasks, calls = [], []

@@ -47,7 +47,9 @@ class Schedule:
         return {
             "kept": self.kept,
             "members_own_timings_vs_per_member": self.estimated,
-            "ms_per_batch": {name: {str(images): round(ms, 3) for images, ms in sizes.items()} for name, sizes in self.ms.items()},
+            "ms_per_batch": {
+                name: {str(images): round(ms, 3) for images, ms in sizes.items()} for name, sizes in self.ms.items()
+            },
             "timed_as": "every member's slices of a batch of that many images on the member threads, as served; best round",
         }
 
@@ -68,7 +70,9 @@ def settle(groups: Sequence[Group], run: RunBatch, images: Sequence[int]) -> tup
             continue
         estimated[f"all {plan}"] = round(_estimate([groups[i] for i in open_], plan) / own, 3)
         if estimated[f"all {plan}"] <= WITHIN and not all(groups[i].choice.plan == plan for i in open_):
-            combinations[f"all {plan}"] = [group.on_plan(plan) if i in open_ else group for i, group in enumerate(groups)]
+            combinations[f"all {plan}"] = [
+                group.on_plan(plan) if i in open_ else group for i, group in enumerate(groups)
+            ]
     ms = _time(combinations, run, images) if len(combinations) > 1 else {}
     chosen = {groups[i].choice.plan for i in open_}
     kept = _kept(ms, chosen.pop() if len(chosen) == 1 else None) if ms else PER_MEMBER

@@ -94,7 +94,9 @@ def _read_policy(sent: Mapping[str, Sent], context: ParameterContext) -> PolicyS
         if len(members) == len(spec.members):
             raise
         asked = ",".join(spec.members[m].name for m in members)
-        raise InvalidPolicy(f"{e} (k counts the {len(members)} member(s) this request asked for: members={asked})") from e
+        raise InvalidPolicy(
+            f"{e} (k counts the {len(members)} member(s) this request asked for: members={asked})"
+        ) from e
 
 
 def _describe_policy(spec: EnsembleSpec) -> dict[str, dict[str, Any]]:
@@ -206,7 +208,9 @@ BOOLEAN_PARAMETERS = ("sequence", "early_exit", "uncertainty")
 
 def unknown_parameters(names: Sequence[str]) -> str:
     """The message for parameter names we do not know: each with the closest valid name, then every valid name."""
-    closest = [f"{name!r} -> {close[0]!r}" for name in names if (close := get_close_matches(name, REQUEST_PARAMETERS, n=1))]
+    closest = [
+        f"{name!r} -> {close[0]!r}" for name in names if (close := get_close_matches(name, REQUEST_PARAMETERS, n=1))
+    ]
     hint = f" (closest valid: {', '.join(closest)})" if closest else ""
     return f"unknown parameter(s) {sorted(names)}{hint}; valid: {', '.join(REQUEST_PARAMETERS)}"
 
@@ -239,7 +243,9 @@ def json_parameters(raw: Any) -> dict[str, Sent]:
         if names_list or (isinstance(value, bool) and name in BOOLEAN_PARAMETERS):
             sent[name] = value
         elif isinstance(value, bool) or not isinstance(value, (str, int, float)):
-            wanted = "true or false (a JSON boolean or a string)" if name in BOOLEAN_PARAMETERS else "a string or a number"
+            wanted = (
+                "true or false (a JSON boolean or a string)" if name in BOOLEAN_PARAMETERS else "a string or a number"
+            )
             raise RequestError(f"parameters.{name} must be {wanted}, got {json.dumps(value)}")
         else:
             sent[name] = value.strip() if isinstance(value, str) else value

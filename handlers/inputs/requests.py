@@ -63,7 +63,11 @@ class ImageInstances(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _shape(cls, raw: Any) -> Any:
-        if not isinstance(raw, dict) or set(raw) - {"parameters"} != {"instances"} or not isinstance(raw["instances"], list):
+        if (
+            not isinstance(raw, dict)
+            or set(raw) - {"parameters"} != {"instances"}
+            or not isinstance(raw["instances"], list)
+        ):
             raise RequestError(f'wrong JSON shape: {IMAGES_SHAPE} or a v2 request {{"inputs": [...]}}')
         for i, instance in enumerate(raw["instances"]):
             if not isinstance(instance, dict) or set(instance) != {"b64"} or not isinstance(instance["b64"], str):
@@ -166,7 +170,9 @@ def _body(payload: Mapping[str, Any], wanted: str) -> Any:
     """Outside multipart, the only key besides the policy parameters is the body (`body`, or `data` over gRPC)."""
     unexpected = sorted(set(payload) - set(BODY_KEYS))
     if unexpected:
-        raise RequestError(f"{unknown_parameters(unexpected)}, and the body (over gRPC an input named {' or '.join(BODY_KEYS)})")
+        raise RequestError(
+            f"{unknown_parameters(unexpected)}, and the body (over gRPC an input named {' or '.join(BODY_KEYS)})"
+        )
     if len(payload) > 1:
         raise RequestError(f"both {' and '.join(BODY_KEYS)} given; send the body once")
     body = next(iter(payload.values()), b"")

@@ -62,7 +62,9 @@ class InputTensor(BaseModel):
         unknown = sorted(set(raw) - set(INPUT_KEYS))
         missing = sorted({"name", "shape", "datatype", "data"} - set(raw))
         if unknown or missing:
-            raise RequestError(f"inputs[0]: missing {missing} / unknown {unknown}; an input has {', '.join(INPUT_KEYS)}")
+            raise RequestError(
+                f"inputs[0]: missing {missing} / unknown {unknown}; an input has {', '.join(INPUT_KEYS)}"
+            )
         parameters = raw.get("parameters", {})
         if not isinstance(parameters, dict):
             raise RequestError("inputs[0].parameters must be an object")
@@ -71,7 +73,9 @@ class InputTensor(BaseModel):
                 "inputs[0] uses the binary tensor data extension (binary_data_size); send its data as JSON"
             )
         shape = raw["shape"]
-        if not isinstance(shape, list) or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
+        if not isinstance(shape, list) or not all(
+            isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape
+        ):
             raise RequestError(f"inputs[0].shape must be a list of non-negative integers, got {shape!r}")
         return raw
 
@@ -100,7 +104,8 @@ class InferenceRequest(BaseModel):
             raise RequestError(f"inputs must be a list of exactly one tensor object, got {count}")
         outputs = raw.get("outputs")
         if outputs is not None and (
-            not isinstance(outputs, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in outputs)
+            not isinstance(outputs, list)
+            or not all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in outputs)
         ):
             raise RequestError('outputs must be a list of objects like {"name": "scores"}')
         for i, output in enumerate(outputs or ()):

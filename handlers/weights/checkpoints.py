@@ -93,7 +93,9 @@ def select_weights(content: Any, key: str | None) -> State:
     selected, where = _select(content, key)
     if not isinstance(selected, Mapping):
         raise CheckpointError(f"{where} is a {type(selected).__name__}, not a mapping of names to tensors")
-    others = [f"{name} ({type(value).__name__})" for name, value in selected.items() if not isinstance(value, torch.Tensor)]
+    others = [
+        f"{name} ({type(value).__name__})" for name, value in selected.items() if not isinstance(value, torch.Tensor)
+    ]
     if others:
         raise CheckpointError(f"{where} is not a state_dict: besides tensors it holds {', '.join(sorted(others)[:8])}")
     if not selected:
@@ -148,7 +150,9 @@ def remap_keys(state: State, rules: StateDictRules) -> dict[str, tuple[str, torc
         for pattern, replacement in renames:
             name = pattern.sub(replacement, name)
         if name in out:
-            raise CheckpointError(f"keys {out[name][0]!r} and {source!r} both become {name!r}; drop one or rename differently")
+            raise CheckpointError(
+                f"keys {out[name][0]!r} and {source!r} both become {name!r}; drop one or rename differently"
+            )
         out[name] = (source, tensor)
     return out
 
@@ -199,7 +203,9 @@ class Mismatch:
 
     def summary(self) -> str:
         """Counts, then at most EXAMPLES examples of each kind: enough to see the pattern, never a wall of keys."""
-        lines = [f"{len(self.missing)} missing, {len(self.unexpected)} unexpected, {len(self.reshaped)} of another shape"]
+        lines = [
+            f"{len(self.missing)} missing, {len(self.unexpected)} unexpected, {len(self.reshaped)} of another shape"
+        ]
         for label, keys in (("missing", self.missing), ("unexpected", self.unexpected)):
             if keys:
                 lines.append(f"  {label} ({_of(keys)}): {', '.join(keys[:EXAMPLES])}")
@@ -216,7 +222,9 @@ def forgiven_note(filled: tuple[str, ...], discarded: tuple[str, ...]) -> str:
     """What torch's loading rules filled or dropped, in words ('' when nothing)."""
     parts = []
     if filled:
-        parts.append(f"{len(filled)} {TRACKED} buffers filled with 0 (saved before PyTorch 0.4.1, as torch's strict loading does)")
+        parts.append(
+            f"{len(filled)} {TRACKED} buffers filled with 0 (saved before PyTorch 0.4.1, as torch's strict loading does)"
+        )
     if discarded:
         parts.append(f"{len(discarded)} {TRACKED} buffers of FrozenBatchNorm2d layers dropped (as torchvision does)")
     return "; ".join(parts)
@@ -239,7 +247,9 @@ def compare(
         missing=tuple(k for k in missing if k not in filled),
         unexpected=tuple(k for k in shapes if k not in target.state and k not in target.discarded),
         reshaped=tuple(
-            (k, shapes[k], tuple(t.shape)) for k, t in target.state.items() if k in shapes and not _same_shape(shapes[k], tuple(t.shape))
+            (k, shapes[k], tuple(t.shape))
+            for k, t in target.state.items()
+            if k in shapes and not _same_shape(shapes[k], tuple(t.shape))
         ),
         filled=filled,
         discarded=tuple(k for k in shapes if k in target.discarded),

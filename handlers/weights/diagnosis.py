@@ -35,7 +35,9 @@ from handlers.weights.checkpoints import (
 )
 
 MAX_DEPTH = 4
-SHAPE_HINT = "\nTensors of another shape mean another architecture: check the member's kwargs (num_classes, width, ...)."
+SHAPE_HINT = (
+    "\nTensors of another shape mean another architecture: check the member's kwargs (num_classes, width, ...)."
+)
 # Namings older torchvision releases saved. torch's load_state_dict renames ViT's pre-0.14 MLP keys by itself
 # (MLPBlock._load_from_state_dict); we differ on purpose: the fit renames nothing silently, so these are
 # proposed as explicit `rename:` rules, each labelled in the proposal with the release that saved it.
@@ -111,10 +113,21 @@ def explain(content: Any, target: Target, given: StateDictRules) -> str:
         return ""
     hint = SHAPE_HINT if proposal.mismatch.reshaped else ""
     if proposal.mismatch.fits and proposal.rules != given:
-        return "\nThis state_dict: block loads every tensor strictly; put it under the member in ensembles.yaml:\n" + proposal.block("  ")
-    if proposal.rules == given or _score(proposal.mismatch, target) <= _score(_given_mismatch(content, target, given), target):
+        return (
+            "\nThis state_dict: block loads every tensor strictly; put it under the member in ensembles.yaml:\n"
+            + proposal.block("  ")
+        )
+    if proposal.rules == given or _score(proposal.mismatch, target) <= _score(
+        _given_mismatch(content, target, given), target
+    ):
         return hint
-    return "\nThe closest state_dict: block found still leaves " + proposal.mismatch.summary() + "\n" + proposal.block("  ") + hint
+    return (
+        "\nThe closest state_dict: block found still leaves "
+        + proposal.mismatch.summary()
+        + "\n"
+        + proposal.block("  ")
+        + hint
+    )
 
 
 def layout(content: Any) -> list[str]:
@@ -128,7 +141,9 @@ def layout(content: Any) -> list[str]:
         tensors = list(select_weights(content, key).items())
         size = sum(t.numel() * t.element_size() for _, t in tensors)
         dtypes = Counter(str(t.dtype).removeprefix("torch.") for _, t in tensors)
-        lines.append(f"weights at {'the top level' if key is None else f'key {key!r}'}: {count} tensors, {size / 1e6:.1f} MB")
+        lines.append(
+            f"weights at {'the top level' if key is None else f'key {key!r}'}: {count} tensors, {size / 1e6:.1f} MB"
+        )
         lines.append(f"  dtypes: {', '.join(f'{d} x{n}' for d, n in dtypes.most_common())}")
         prefix = _shared_prefix([name for name, _ in tensors])
         lines.append(f"  prefix shared by every key: {prefix!r}" if prefix else "  no prefix shared by every key")

@@ -104,7 +104,9 @@ def build_member(member: MemberSpec, base_dir: Path) -> nn.Module:
             return getattr(importlib.import_module(arch.target), arch.name)(**member.kwargs)
         return getattr(_import_file(base_dir / arch.target), arch.name)(**member.kwargs)
     except Exception as e:  # Any failure to construct is reported against the member that caused it.
-        raise MemberLoadError(f"member {member.name!r}: cannot build {member.arch} with {dict(member.kwargs)}: {e}") from e
+        raise MemberLoadError(
+            f"member {member.name!r}: cannot build {member.arch} with {dict(member.kwargs)}: {e}"
+        ) from e
 
 
 def load_member(member: MemberSpec, base_dir: Path) -> tuple[nn.Module, Fitted]:
@@ -163,10 +165,17 @@ def member_weights(member: MemberSpec, base_dir: Path, module: nn.Module) -> Fit
     target = Target.of(module)
     rules = member.state_dict
     arch = Arch.parse(member.arch)
-    if arch.kind == "transformers" and rules == StateDictRules() and isinstance(content, dict) and set(content) != set(target.state):
+    if (
+        arch.kind == "transformers"
+        and rules == StateDictRules()
+        and isinstance(content, dict)
+        and set(content) != set(target.state)
+    ):
         content = _published_hugging_face_state(where, base_dir / arch.target, base_dir / member.weights)
     try:
-        return fit_weights(remap_keys(select_weights(content, rules.key), rules), target, saved_versions(content, rules.key))
+        return fit_weights(
+            remap_keys(select_weights(content, rules.key), rules), target, saved_versions(content, rules.key)
+        )
     except CheckpointError as e:
         what = f"weights do not fit {member.arch} (strict loading): {e}" if isinstance(e, WeightsDoNotFit) else str(e)
         raise MemberLoadError(f"{where}: {what}{explain(content, target, member.state_dict)}") from e
