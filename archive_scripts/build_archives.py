@@ -7,8 +7,8 @@ or safetensors), its weights picked and renamed by the member's `state_dict:` ru
 strict=True to prove they fit. The archive stores them normalized, as one flat `.safetensors` state_dict
 per member, so serving never runs the rules. It also holds the handler package, every member's model
 file, `ensemble.json` (the resolved ensemble, file digests, each member's source checkpoint and
-digest, build versions) and `model-config.yaml` (batching, workers, timeout). It is built in a staging folder, loaded back
-the way TorchServe will load it, and only then renamed into place: a failure leaves no `.mar`.
+digest, build versions) and `model-config.yaml` (batching, workers, timeout). It is built in a staging folder,
+loaded back the way TorchServe will load it, and only then renamed into place: a failure leaves no `.mar`.
 """
 
 from __future__ import annotations
@@ -243,7 +243,8 @@ def forgiven_lines(archive: Path) -> list[str]:
             measured = onnx["precision"]
             lines.append(
                 f"member {member!r}: {measured['precision']} agrees with fp32 on {measured['agreement']:.4f} of "
-                f"{measured['images']} calibration images (largest probability difference {measured['largest_difference']:g})"
+                f"{measured['images']} calibration images "
+                f"(largest probability difference {measured['largest_difference']:g})"
             )
     for member, source in manifest["sources"].items():
         for kind, counts in (("filled", source.get("filled", {})), ("discarded", source.get("discarded", {}))):

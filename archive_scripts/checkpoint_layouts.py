@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from safetensors.torch import save_file
@@ -33,7 +33,8 @@ def data_parallel(module: nn.Module, path: Path) -> dict[str, Any]:
 
 def compiled(module: nn.Module, path: Path) -> dict[str, Any]:
     """Saved from a `torch.compile`d module: every key starts with `_orig_mod.`."""
-    torch.save(torch.compile(module).state_dict(), path)
+    # torch.compile wraps a module in an OptimizedModule, itself a module; its stub types every result as a function.
+    torch.save(cast(nn.Module, torch.compile(module)).state_dict(), path)
     return {"strip_prefix": ["_orig_mod."]}
 
 
@@ -64,7 +65,7 @@ def hugging_face(module: nn.Module, path: Path) -> dict[str, Any]:
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
-    module.save_pretrained(path.parent)
+    cast("transformers.PreTrainedModel", module).save_pretrained(path.parent)
     return {}
 
 

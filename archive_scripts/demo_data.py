@@ -57,6 +57,8 @@ def make_sample(rng: random.Random, *, present: bool) -> Sample:
 
 
 def _colour(rng: random.Random, base: tuple[int, int, int] | None = None, contrast: int = 255) -> tuple[int, int, int]:
+    # tuple() of a generator is tuple[int, ...] to mypy; these are three channels, drawn in the order the committed
+    # demo weights were trained on.
     if base is None:
         return tuple(rng.randint(0, 255) for _ in range(3))  # type: ignore[return-value]
     return tuple(max(0, min(255, c + rng.choice((-1, 1)) * rng.randint(contrast // 2, contrast))) for c in base)  # type: ignore[return-value]
@@ -108,7 +110,10 @@ def _noise(image: Image.Image, rng: random.Random) -> Image.Image:
 
 
 def make_multilabel_split(count: int, seed: int) -> list[MultiSample]:
-    """`count` samples, each kind of shape present on its own with probability PRESENT_RATE, reproducible from `seed`."""
+    """`count` samples, each kind of shape present on its own with probability PRESENT_RATE.
+
+    Reproducible from `seed`.
+    """
     rng = random.Random(seed)
     return [
         make_multi_sample(rng, tuple(int(rng.random() < PRESENT_RATE) for _ in MULTILABEL_LABELS)) for _ in range(count)
@@ -142,7 +147,9 @@ def make_multi_sample(rng: random.Random, labels: tuple[int, ...]) -> MultiSampl
 def _free_centre(
     rng: random.Random, radius: float, placed: list[tuple[tuple[float, float], float]]
 ) -> tuple[float, float]:
-    """A centre that keeps the shape inside the frame, and 0.8 of the two radii from each placed one if 20 tries find it.
+    """A centre that keeps the shape inside the frame, and 0.8 of the two radii from each placed one.
+
+    The 0.8 spacing holds if 20 tries find such a centre.
 
     So overlaps stay partial and every present shape stays recognisable; a crowded frame takes the last try.
     """

@@ -2,8 +2,8 @@
 
 scikit-learn's bundled digits (1,797 8x8 images by 43 writers, values 0 to 16) with a fixed stratified
 split: 1,347 images to train on, 450 held out (`python -m archive_scripts.digits_demo artifacts/samples` writes
-the first held-out image of each digit there as digit-<label>.png). Each image is an 8x8 greyscale PNG, as a client would send
-it, and the serving code resizes it. Three members of different kinds learn it: a timm `test_resnet`, a
+the first held-out image of each digit there as digit-<label>.png). Each image is an 8x8 greyscale PNG, as a client
+would send it, and the serving code resizes it. Three members of different kinds learn it: a timm `test_resnet`, a
 small ViT saved with `save_pretrained` and served as a Hugging Face folder, and a TinyConvNet of our own.
 """
 
@@ -42,9 +42,10 @@ def split() -> tuple[tuple[Digit, ...], tuple[Digit, ...]]:
     train, test, train_y, test_y = train_test_split(
         pixels, digits.target, test_size=HELD_OUT, random_state=SPLIT_SEED, stratify=digits.target
     )
-    as_digits = lambda images, labels: tuple(
-        Digit(Image.fromarray(im, mode="L"), int(y)) for im, y in zip(images, labels, strict=True)
-    )
+
+    def as_digits(images: numpy.ndarray, labels: numpy.ndarray) -> tuple[Digit, ...]:
+        return tuple(Digit(Image.fromarray(im, mode="L"), int(y)) for im, y in zip(images, labels, strict=True))
+
     return as_digits(train, train_y), as_digits(test, test_y)
 
 
@@ -62,7 +63,8 @@ def vit(num_labels: int = len(LABELS)) -> nn.Module:
         intermediate_size=128,
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
-        num_labels=num_labels,
+        # PreTrainedConfig takes num_labels through **kwargs, which ViTConfig's @strict dataclass signature omits.
+        num_labels=num_labels,  # type: ignore[call-arg]
         id2label=dict(enumerate(LABELS)),
         label2id={label: i for i, label in enumerate(LABELS)},
     )
@@ -74,7 +76,7 @@ def main() -> None:
     parser.add_argument("samples", type=Path)
     folder = parser.parse_args().samples
     folder.mkdir(parents=True, exist_ok=True)
-    first = {}
+    first: dict[int, Digit] = {}
     for digit in split()[1]:
         first.setdefault(digit.label, digit)
     for label, digit in sorted(first.items()):

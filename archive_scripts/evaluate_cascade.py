@@ -43,7 +43,10 @@ def quality(spec: EnsembleSpec, chosen: numpy.ndarray, truth: numpy.ndarray) -> 
 def cost_table(
     spec: EnsembleSpec, ensemble: Ensemble, probs: torch.Tensor, truth: numpy.ndarray
 ) -> dict[str, dict[str, float]]:
-    """Quality and mean member-forward ms per image for the members, mean, cascade by confidence, and the default vote."""
+    """Quality and mean member-forward ms per image.
+
+    For the members, the mean, the cascade by confidence, and the default vote.
+    """
     stages = ensemble.stages()
     costs = torch.tensor([0.0] * len(spec.members), dtype=torch.float64)
     for stage in ensemble.runner.stage_order():
@@ -111,7 +114,7 @@ def risk_coverage(spec: EnsembleSpec, probs: torch.Tensor, truth: numpy.ndarray)
         kept_wrong = numpy.cumsum(wrong[order])
         counts = numpy.arange(1, len(order) + 1)
         risks = kept_wrong / counts
-        at = {f"{c:.0%}": float(risks[max(1, int(round(c * len(order)))) - 1]) for c in COVERAGES}
+        at = {f"{c:.0%}": float(risks[max(1, round(c * len(order))) - 1]) for c in COVERAGES}
         out[ordering] = {"risk": at, "aurc": float(risks.mean()), "curve": (counts / len(order), risks)}
     return out
 

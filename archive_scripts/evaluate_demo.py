@@ -1,6 +1,7 @@
 """Measure each member and each policy of the demo ensembles on held-out images; print tables, draw one picture.
 
-Usage: python -m archive_scripts.evaluate_demo [--count 2000] [--json out.json] [--plot docs/demo_precision_recall.png] [--tta]
+Usage: python -m archive_scripts.evaluate_demo [--count 2000] [--json out.json]
+           [--plot docs/demo_precision_recall.png] [--tta]
 
 The held-out images come from a seed the trainer never uses, are encoded to PNG and decoded by the
 serving code, so the figures are those of the served ensembles. Metrics come from scikit-learn:
@@ -155,7 +156,10 @@ def multilabel_tables(spec: EnsembleSpec, probs: torch.Tensor, truth: numpy.ndar
 
 
 def tta_table(spec: EnsembleSpec, count: int) -> Table:
-    """Macro AUROC and macro F1 of each member and of the mean policy, with each test-time augmentation on every member."""
+    """Macro AUROC and macro F1 of each member and of the mean policy.
+
+    With each test-time augmentation on every member.
+    """
     table = {}
     for tta in TTA_MODES:
         views = spec.with_views(tta)
@@ -256,7 +260,10 @@ def evaluate(specs: Sequence[EnsembleSpec], count: int) -> dict[str, Any]:
 
 
 def plot_corruptions(table: Table, clean: Table, members: Sequence[str], path: Path) -> None:
-    """Accuracy against each corruption's strength (clean first), one panel per corruption: members dashed, policies solid."""
+    """Accuracy against each corruption's strength (clean first), one panel per corruption.
+
+    Members dashed, policies solid.
+    """
     figure = Figure(figsize=(4.2 * len(CORRUPTIONS), 4.2))
     axes = figure.subplots(1, len(CORRUPTIONS), squeeze=False)[0]
     for axis, (name, (meaning, _, strengths)) in zip(axes, CORRUPTIONS.items(), strict=True):

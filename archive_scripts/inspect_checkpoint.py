@@ -5,9 +5,10 @@ Usage: python -m archive_scripts.inspect_checkpoint FILE --arch ARCH [--kwargs J
 
 ARCH is written as in ensembles.yaml (`torchvision:<builder>`, `timm:<model>`, `<package.module>:<Name>`,
 `<path/to/file.py>:<Class>` relative to the current folder). With --input C,H,W it also shows what the
-forward returns and proposes the `output:` blocks that select scores from a structure. The file is read exactly as the build reads it (weights_only=True or
-safetensors); nothing is downloaded and nothing pickled is run. Exit status 0 when a block that fits
-every tensor was found, 1 when something is still missing, 2 when the file or architecture is unusable.
+forward returns and proposes the `output:` blocks that select scores from a structure. The file is read exactly
+as the build reads it (weights_only=True or safetensors); nothing is downloaded and nothing pickled is run.
+Exit status 0 when a block that fits every tensor was found, 1 when something is still missing, 2 when the file
+or architecture is unusable.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import cast
 
 import torch
 
@@ -67,7 +69,8 @@ def _weights_report(path: Path, content: object, target: Target, arch: str, kwar
     lines = [f"{path}: {path.stat().st_size / 1e6:.1f} MB, sha256 {sha256_of(path)}", *layout(content), ""]
     lines.append(f"against {arch} {json.dumps(kwargs)} ({len(target.state)} tensors):")
     if is_state_dict(content):
-        as_is = compare(remap_keys(content, StateDictRules()), target, saved_versions(content, None))
+        state = cast(dict[str, torch.Tensor], content)  # is_state_dict checked it
+        as_is = compare(remap_keys(state, StateDictRules()), target, saved_versions(content, None))
         lines.append("  as the file is: " + as_is.summary().replace("\n", "\n  "))
     proposal = propose(content, target)
     if proposal is None:

@@ -1,6 +1,7 @@
 """Write the storage layout our KServe runtime serves an ensemble from.
 
-Usage: python -m archive_scripts.kserve_export [--config ensembles.yaml] [--store model_store] [--out build/kserve] NAME ...
+Usage: python -m archive_scripts.kserve_export [--config ensembles.yaml] [--store model_store]
+           [--out build/kserve] NAME ...
 
 KServe downloads an InferenceService's `storageUri` to /mnt/models, and our runtime
 (deploy/kserve/servingruntime.yaml) runs
@@ -93,7 +94,8 @@ def upload_hint(layout: Path) -> str:
             f"  kubectl cp {layout} <pod-mounting-the-pvc>:<mount>/ensembles/{name}",
             f"    (then storageUri: pvc://<pvc-name>/ensembles/{name})",
             "then set storageUri in deploy/kserve/inferenceservice.yaml and apply it with our runtime:",
-            "  kubectl apply -n <namespace> -f deploy/kserve/servingruntime.yaml -f deploy/kserve/inferenceservice.yaml",
+            "  kubectl apply -n <namespace> -f deploy/kserve/servingruntime.yaml"
+            " -f deploy/kserve/inferenceservice.yaml",
         ]
     )
 

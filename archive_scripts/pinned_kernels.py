@@ -72,7 +72,9 @@ def apply() -> None:
             "differ from the pinned weights"
         )
     torch.set_num_threads(THREADS)
-    torch.backends.mkldnn.enabled = False
+    # The module's class makes `enabled` a ContextProp whose setter takes the bool (set_flags would also reset the
+    # fp32 precision); mypy sees the descriptor object itself.
+    torch.backends.mkldnn.enabled = False  # type: ignore[assignment]
     torch.backends.nnpack.set_flags(False)
     torch.use_deterministic_algorithms(True)
 

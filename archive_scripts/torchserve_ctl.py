@@ -76,7 +76,10 @@ class Server:
 
     @property
     def gateway(self) -> str | None:
-        """The Open Inference Protocol gateway's URL (`oip_gateway_address`); None when the config asks for no gateway."""
+        """The Open Inference Protocol gateway's URL (`oip_gateway_address`).
+
+        None when the config asks for no gateway.
+        """
         try:
             return self.setting("oip_gateway_address")
         except KeyError:
@@ -208,11 +211,14 @@ def start_gateway(server: Server) -> None:
     (`make serve`) and a Ctrl-C there; it stops by itself when that TorchServe's frontend ends.
     """
     address = server.gateway
+    if address is None:
+        raise SystemExit(f"{server.config} sets no oip_gateway_address: there is no gateway to start")
     listen = urlsplit(address)
     # Another server answering there (a gateway left from elsewhere) would pass for ours while ours fails to bind.
     with contextlib.suppress(OSError), socket.create_connection((listen.hostname, listen.port), timeout=1):
         raise SystemExit(
-            f"something already listens on {address} (oip_gateway_address): stop it (`make stop`) or choose another address"
+            f"something already listens on {address} (oip_gateway_address): "
+            "stop it (`make stop`) or choose another address"
         )
     torchserve_pid = server.torchserve_pid_file.read_text().strip()
     log = server.workdir / "logs" / "gateway.log"
@@ -252,14 +258,17 @@ def start_gateway(server: Server) -> None:
 
 
 def stop_gateway(server: Server) -> bool:
-    """Stop the gateway the pid file names (after checking it is one); False if none was running. The pid file goes either way."""
+    """Stop the gateway the pid file names (after checking it is one); False if none was running.
+
+    The pid file goes either way.
+    """
     pid_file = server.gateway_pid_file
     try:
         process = psutil.Process(int(pid_file.read_text()))
         ours = "gateway.open_inference" in process.cmdline()
     except (FileNotFoundError, ValueError, psutil.Error):
         process, ours = None, False
-    if ours:
+    if ours and process is not None:
         process.terminate()
         try:
             process.wait(GATEWAY_TIMEOUT_S)
@@ -283,9 +292,10 @@ def register(server: Server, name: str, workers: int, **batching: int) -> dict:
 
     `batching` (batch_size, max_batch_delay) overrides the archive's model-config.yaml.
     """
+    params: dict[str, str | int] = {"url": f"{name}.mar", "initial_workers": workers, "synchronous": "true", **batching}
     response = requests.post(
         f"{server.management}/models",
-        params={"url": f"{name}.mar", "initial_workers": workers, "synchronous": "true", **batching},
+        params=params,
         headers=server.headers("management"),
         timeout=READY_TIMEOUT_S,
     )
@@ -303,7 +313,8 @@ def unregister(server: Server, name: str) -> None:
 def curl_example(server: Server, name: str) -> str:
     sample = DEMO_SAMPLES.get(name, DEMO_SAMPLES["shapes"])
     return (
-        f"curl -s -H \"Authorization: Bearer $(python3 -c \"import json;print(json.load(open('key_file.json'))['inference']['key'])\")\" "
+        'curl -s -H "Authorization: Bearer '
+        "$(python3 -c \"import json;print(json.load(open('key_file.json'))['inference']['key'])\")\" "
         f"-H 'Content-Type: image/png' --data-binary @{sample} {server.inference}/predictions/{name}"
     )
 

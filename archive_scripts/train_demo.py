@@ -4,10 +4,10 @@ Usage: python -m archive_scripts.train_demo [--ensemble shapes] [--config ensemb
 
 Three demos: `shapes` (binary: is there a triangle?), `multishape` (multilabel, in the CheXNet mould:
 which of five kinds of shapes are in the image?) and `digits` (multiclass, on scikit-learn's real
-handwriting: a timm member, a Hugging Face ViT published with save_pretrained, and one of our own). Each member is trained on the tensors the serving
-code itself produces (`handlers.inputs.images`), so training and serving see identical inputs. The
-multilabel demo writes each member's checkpoint in a different published layout (DataParallel,
-Lightning-style, safetensors), read back by its `state_dict:` rules in ensembles.yaml. Nothing is
+handwriting: a timm member, a Hugging Face ViT published with save_pretrained, and one of our own). Each member is
+trained on the tensors the serving code itself produces (`handlers.inputs.images`), so training and serving see
+identical inputs. The multilabel demo writes each member's checkpoint in a different published layout
+(DataParallel, Lightning-style, safetensors), read back by its `state_dict:` rules in ensembles.yaml. Nothing is
 downloaded; every run with the same seeds gives the same data.
 
 Training runs under pinned kernels (`archive_scripts.pinned_kernels`), so every x86-64 CPU with AVX2 trains
@@ -36,7 +36,7 @@ from archive_scripts.digits_demo import LABELS as DIGIT_LABELS
 from archive_scripts.digits_demo import split as digits_split
 from archive_scripts.digits_demo import vit as digits_vit
 from handlers.config.files import load_ensembles
-from handlers.config.specs import EnsembleSpec, MemberSpec
+from handlers.config.specs import EnsembleSpec, InputSpec, MemberSpec
 from handlers.execution.outputs import pick
 from handlers.inputs.images import batch_tensors
 from handlers.weights.loading import build_member
@@ -126,7 +126,7 @@ def train(spec: EnsembleSpec, *, save: bool = True) -> dict[str, Trained]:
     start = time.perf_counter()
     samples = demo.samples(demo.train_size, TRAIN_SEED)
     targets = demo.targets(samples)
-    specs = [spec.member_input(m) for m in spec.members]
+    specs = [_image_input(spec, m) for m in spec.members]
     inputs = batch_tensors([s.image for s in samples], specs)
     print(f"{spec.name}: generated {len(samples)} training images in {time.perf_counter() - start:.1f}s", flush=True)
     trained = {}
@@ -135,7 +135,10 @@ def train(spec: EnsembleSpec, *, save: bool = True) -> dict[str, Trained]:
         torch.manual_seed(TRAIN_SEED + index)
         recipe = demo.recipes.get(member.name, Recipe())
         module = recipe.create() if recipe.create else build_member(member, spec.base_dir)
-        scores = lambda batch, module=module, member=member: pick(module(batch), member.output.select)  # noqa: E731
+
+        def scores(batch: torch.Tensor, module: nn.Module = module, member: MemberSpec = member) -> torch.Tensor:
+            return pick(module(batch), member.output.select)
+
         _fit(module, scores, inputs[member_input], targets, recipe, demo.loss(), label=f"{spec.name}/{member.name}")
         if save:
             _save(module, member, spec.base_dir, recipe)
@@ -143,6 +146,14 @@ def train(spec: EnsembleSpec, *, save: bool = True) -> dict[str, Trained]:
         where = f" -> {member.weights}" if save else " (not saved)"
         print(f"trained {member.name} ({member.arch}) in {trained[member.name].seconds:.1f}s{where}", flush=True)
     return trained
+
+
+def _image_input(spec: EnsembleSpec, member: MemberSpec) -> InputSpec:
+    """The member's image input: the demos are images, generated or scanned."""
+    member_input = spec.member_input(member)
+    if not isinstance(member_input, InputSpec):
+        raise SystemExit(f"{spec.name}/{member.name}: the demos train on images; this member takes tensors")
+    return member_input
 
 
 def _fit(
@@ -172,7 +183,8 @@ def _fit(
             schedule.step()
             total, batches = total + loss.item(), batches + 1
         print(
-            f"  {label}: epoch {epoch + 1}/{recipe.epochs}, loss {total / batches:.3f}, {time.perf_counter() - start:.1f}s",
+            f"  {label}: epoch {epoch + 1}/{recipe.epochs}, loss {total / batches:.3f}, "
+            f"{time.perf_counter() - start:.1f}s",
             flush=True,
         )
     module.eval()
@@ -223,7 +235,8 @@ def main() -> None:
     for name in args.ensemble or list(DEMOS):
         trained[name] = train(specs[name], save=not args.no_save)
         print(
-            f"trained {len(specs[name].members)} members of {name} in {sum(t.seconds for t in trained[name].values()):.1f}s",
+            f"trained {len(specs[name].members)} members of {name} "
+            f"in {sum(t.seconds for t in trained[name].values()):.1f}s",
             flush=True,
         )
     digests = {name: {member: t.digest for member, t in members.items()} for name, members in trained.items()}

@@ -26,6 +26,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +62,8 @@ def variants(spec: EnsembleSpec, batching: dict[str, int] | None) -> dict[str, E
         found[plan] = replace(
             planned,
             name=f"{spec.name}-{plan}",
-            batching=replace(planned.batching, **batching) if batching else planned.batching,
+            # Its keys are int fields; mypy checks a ** dict's values against every field (fuse_members: bool too).
+            batching=replace(planned.batching, **batching) if batching else planned.batching,  # type: ignore[arg-type]
         )
     return found
 
@@ -80,7 +82,8 @@ def served(
     workload: Workload, batching: dict[str, int] | None, loads: dict[str, tuple[int, int]], rounds: int, seconds: float
 ) -> dict[str, Any]:
     """Every plan of `workload` served at once; images/s per load and plan, per round; auto's choices."""
-    specs, refused_by_name = variants(workload.spec, batching), {}
+    specs = variants(workload.spec, batching)
+    refused_by_name: dict[str, str] = {}
     with serving(list(specs.values()), refused_by_name) as server:
         refused = {plan: refused_by_name[spec.name] for plan, spec in specs.items() if spec.name in refused_by_name}
         specs = {plan: spec for plan, spec in specs.items() if plan not in refused}
@@ -164,16 +167,18 @@ def main() -> None:
         trio, shapes = torchvision_trio(Path(folder) / "trio", 64), demo(64)
         for workload in (trio, shapes):
             for label, batching in BATCHINGS.items():
-                runs[f"{workload.name}, {label}"] = lambda w=workload, b=batching: served(w, b, LOADS, rounds, seconds)
+                runs[f"{workload.name}, {label}"] = partial(served, workload, batching, LOADS, rounds, seconds)
         others = {
             "multishape": encoded([sample.image for sample in make_multilabel_split(64, 4242)]),
             "digits": encoded([digit.image for digit in split()[1][:64]]),
             "faces": encoded([crop.image for crop in crops()[::3]]),
         }
+
+        def shipped(name: str, images: tuple[bytes, ...]) -> dict[str, Any]:
+            return served(demo_workload(name, images), None, {"c8": LOADS["c8"]}, rounds, seconds)
+
         for name, images in others.items():
-            runs[f"demo-{name}, shipped batching"] = lambda n=name, i=images: served(
-                demo_workload(n, i), None, {"c8": LOADS["c8"]}, rounds, seconds
-            )
+            runs[f"demo-{name}, shipped batching"] = partial(shipped, name, images)
         # With --only, the other runs of the last results file are kept: one run can be redone alone.
         results = json.loads(RESULTS.read_text())["results"] if args.only and RESULTS.exists() else {}
         for label, run in runs.items():

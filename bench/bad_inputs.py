@@ -14,7 +14,7 @@ import random
 import struct
 import zlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from PIL import Image
 
@@ -94,7 +94,8 @@ def catalogue(max_images: int) -> list[BadInput]:
     gray16 = Image.new("I;16", (24, 24))
     gray16.putdata([(i * 977) % 65536 for i in range(24 * 24)])
     gray8 = Image.new("L", (24, 24))
-    gray8.putdata([int(v / 257 + 0.5) for v in gray16.get_flattened_data()])
+    # One band: every pixel is a number (Pillow's type also allows a tuple of bands).
+    gray8.putdata([int(cast(int, v) / 257 + 0.5) for v in gray16.get_flattened_data()])
     rgba = photo(3).convert("RGBA")
     rgba.putalpha(255)
     palette = photo(4).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)

@@ -300,6 +300,7 @@ def served(
         with serving([on_setup(spec, setup, plans, spec.name)], port_offset=PORT_OFFSETS[contender]) as server:
             yield answers_sender(server, spec.name, images), served_plans(server, spec.name)
     elif contender == "fanout":
+        assert not isinstance(plans, str), "the peers take one plan per member"
         members = {single.members[0].name: on_setup(single, setup, plans, single.name) for single in member_specs(spec)}
         with (
             serving(list(members.values()), port_offset=PORT_OFFSETS[contender]) as server,

@@ -86,6 +86,8 @@ def main() -> None:
             spent = {name: sum(cpu_s(p) for p in group) - before[name] for name, group in processes.items()}
     images = (point.requests - point.errors) * args.images
     cores = psutil.cpu_count()
+    if cores is None:
+        raise SystemExit("psutil cannot count this machine's cores")
     rows = {
         name: {"cpu_ms_per_image": 1000 * seconds / images, "share_of_cores": seconds / (wall * cores)}
         for name, seconds in spent.items()
@@ -98,7 +100,8 @@ def main() -> None:
     lines.append(f"| in-process reference (decode + transform + members, batch 8, 1 thread) | {reference:.2f} | |")
     print("\n".join(lines))
     print(
-        f"{point.images_per_s:.1f} images/s at {args.clients} clients x {args.images} images, {point.errors} errors, {point.mismatches} mismatches"
+        f"{point.images_per_s:.1f} images/s at {args.clients} clients x {args.images} images, "
+        f"{point.errors} errors, {point.mismatches} mismatches"
     )
     out = RESULTS / (
         "cpu_profile.json"

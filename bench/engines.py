@@ -20,6 +20,7 @@ import platform
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from bench.workloads import Workload, demo, torchvision_trio
 from handlers.config.files import load_ensembles
 from handlers.config.policy import DEFAULT_THRESHOLD
+from handlers.config.specs import InputSpec
 from handlers.execution.engines import export_onnx, onnxruntime_forward, openvino_forward, precision_unsupported
 from handlers.execution.outputs import fit_head, largest_difference
 from handlers.execution.plan_forwards import build
@@ -64,6 +66,8 @@ def member_engines(workload: Workload, folder: Path, rounds: int) -> dict[str, A
     results = {}
     for member in spec.members:
         given = spec.member_input(member)
+        if not isinstance(given, InputSpec):
+            raise SystemExit(f"{member.name}: this benchmark sends images; the member takes tensors")
         module = build_member(member, spec.base_dir)
         module.load_state_dict(member_weights(member, spec.base_dir, module).state, strict=True)
         head = fit_head(member, module.eval(), given.instance_shape, spec.task, spec.labels, CPU)
@@ -73,7 +77,7 @@ def member_engines(workload: Workload, folder: Path, rounds: int) -> dict[str, A
         if export.exporter is None:
             raise SystemExit(f"{member.name}: not exported: {export.reason}")
         quantize_int8(onnx, int8, rows)
-        forwards = {
+        forwards: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
             "eager": head,
             "frozen": build("frozen", head, rows[: max(ROWS)]),
             "onnxruntime": onnxruntime_forward(onnx, CPU),
@@ -152,7 +156,8 @@ def table(results: dict[str, dict[str, Any]], peaks: dict[str, float]) -> str:
                 )
                 lines.append(f"| {workload}/{member}, {n} | " + " | ".join(ms) + f" | {gflops} | {agreement} |")
     lines.append(
-        f"\nPractical peak, one thread, 2048x2048 matmul: fp32 {peaks['fp32']:.1f} GFLOP/s, bf16 {peaks['bf16']:.1f} GFLOP/s."
+        f"\nPractical peak, one thread, 2048x2048 matmul: fp32 {peaks['fp32']:.1f} GFLOP/s, "
+        f"bf16 {peaks['bf16']:.1f} GFLOP/s."
     )
     return "\n".join(lines)
 

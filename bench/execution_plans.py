@@ -93,7 +93,8 @@ def multishape(count: int) -> Workload:
 
 def markdown(results: dict[str, dict[str, Any]]) -> str:
     lines = [
-        "| workload | member | plan chosen (fp32) | speed-up vs eager | eager ms (1 / slice) | chosen ms (1 / slice) | bf16: plan, agreement |",
+        "| workload | member | plan chosen (fp32) | speed-up vs eager | eager ms (1 / slice) | chosen ms (1 / slice) "
+        "| bf16: plan, agreement |",
         "|---|---|---|---:|---:|---:|---|",
     ]
     for workload, result in results.items():
@@ -108,8 +109,9 @@ def markdown(results: dict[str, dict[str, Any]]) -> str:
             )
     lines += [
         "",
-        "| workload | load s (eager / frozen / auto / bf16) | ensemble ms at 1 image (frozen / auto / bf16) | at 8 images | "
-        "auto vs frozen, 1 / 8 | bf16 vs frozen, 1 / 8 | largest difference from eager (frozen / auto / bf16) |",
+        "| workload | load s (eager / frozen / auto / bf16) | ensemble ms at 1 image (frozen / auto / bf16) "
+        "| at 8 images | auto vs frozen, 1 / 8 | bf16 vs frozen, 1 / 8 "
+        "| largest difference from eager (frozen / auto / bf16) |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for workload, r in results.items():

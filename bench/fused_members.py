@@ -79,7 +79,8 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|")
     for r in rows:
         print(
-            f"| {r['workload']} | {r['batch']} | {r['sequential_ms']:.1f} | {r['fused_ms']:.1f} | {r['speedup']:.2f}x | {r['max_abs_difference']:.1e} |"
+            f"| {r['workload']} | {r['batch']} | {r['sequential_ms']:.1f} | {r['fused_ms']:.1f} | "
+            f"{r['speedup']:.2f}x | {r['max_abs_difference']:.1e} |"
         )
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(

@@ -1,6 +1,8 @@
-"""The CUDA path, checked and timed on a lent GPU: plans chosen there, answers against the CPU's, v2 and JSON in one batch.
+"""The CUDA path, checked and timed on a lent GPU: plans chosen there, answers against the CPU's, v2 and JSON in \
+one batch.
 
-Usage: python -m bench.gpu_check OUT.json [--part all|plans|options]   (on a machine with CUDA; falls back to the CPU for a dry run)
+Usage: python -m bench.gpu_check OUT.json [--part all|plans|options]
+       (on a machine with CUDA; falls back to the CPU for a dry run)
 
 Loads the torchvision trio (resnet18, mobilenet_v3_small, squeezenet1_1; fixed random weights) and
 the CheXNet-shaped DenseNet121 of the tests the way a worker does on a GPU (members one after
@@ -142,7 +144,7 @@ def options(spec: EnsembleSpec, images: tuple[bytes, ...], device: torch.device)
     for name, ensemble in loaded.items():
         alone = ensemble.probabilities([target])[:, 0]
         among = [
-            ensemble.probabilities(neighbours[:count][:position] + [target] + neighbours[:count][position:])[
+            ensemble.probabilities([*neighbours[:count][:position], target, *neighbours[:count][position:]])[
                 :, position
             ]
             for count, position in ((1, 1), (7, 3), (15, 15), (31, 9))

@@ -56,6 +56,7 @@ def percentiles_ms(latencies_s: Sequence[float]) -> tuple[float, float, float]:
     ordered = sorted(latencies_s)
     if not ordered:
         return float("nan"), float("nan"), float("nan")
+    # tuple() of a generator is tuple[float, ...] to mypy; three quantiles give three.
     return tuple(1000 * ordered[min(len(ordered) - 1, int(len(ordered) * q))] for q in (0.5, 0.9, 0.99))  # type: ignore[return-value]
 
 

@@ -86,7 +86,8 @@ def main() -> None:
                 point = run_load(senders[name], load, workload.expected, clients=CLIENTS, deadline_s=seconds)
                 points[name].append(point.to_json())
                 print(
-                    f"round {r + 1} {name}: {point.images_per_s:.1f} images/s, p50 {point.p50_ms:.1f} ms, errors {point.errors}, mismatches {point.mismatches}"
+                    f"round {r + 1} {name}: {point.images_per_s:.1f} images/s, p50 {point.p50_ms:.1f} ms, "
+                    f"errors {point.errors}, mismatches {point.mismatches}"
                 )
         counted = {name: images_counted(server) for name, server in servers.items()}
     medians = {name: statistics.median(p["images_per_s"] for p in pts) for name, pts in points.items()}

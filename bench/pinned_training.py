@@ -111,7 +111,8 @@ def main() -> None:
     print(f"{'member':<24} {'unpinned: settings agree':>25} {'pinned: settings agree':>23} {'= committed':>12}")
     for member, row in result["members"].items():
         print(
-            f"{member:<24} {row['unpinned_settings_agree']!s:>25} {row['pinned_settings_agree']!s:>23} {row['pinned_equals_committed']!s:>12}"
+            f"{member:<24} {row['unpinned_settings_agree']!s:>25} {row['pinned_settings_agree']!s:>23} "
+            f"{row['pinned_equals_committed']!s:>12}"
         )
     print("training seconds:", json.dumps(result["seconds"]))
     print(f"wrote {RESULTS}")

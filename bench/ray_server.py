@@ -105,7 +105,9 @@ def main() -> None:
         for signum in (signal.SIGTERM, signal.SIGINT):  # After ray.init, which installs its own handlers.
             signal.signal(signum, lambda *_: stop.set())
         serve.start(http_options={"host": "127.0.0.1", "port": PORT}, logging_config=QUIET)
-        app = EnsembleDeployment.options(
+        # @serve.deployment made the class a Deployment; mypy keeps a class decorator's input type.
+        deployment: Any = EnsembleDeployment
+        app = deployment.options(
             num_replicas=replicas,
             ray_actor_options={"num_cpus": cores / replicas},
         ).bind(model_dir, plans, member_threads, max_batch, wait_s)

@@ -27,7 +27,7 @@ import torchvision
 from PIL import Image
 from torchvision.transforms import v2
 
-from handlers.config.specs import EnsembleSpec, MemberSpec
+from handlers.config.specs import EnsembleSpec, InputSpec, MemberSpec
 
 TOLERANCE = 2e-3
 VOTE_POLICIES = ("any", "all", "majority", "k_of_n")
@@ -63,7 +63,7 @@ def reference_answers(spec: EnsembleSpec, images: Sequence[bytes]) -> tuple[Expe
         probs: dict[str, tuple[float, ...]] = {}
         with torch.inference_mode():
             for member in spec.members:
-                mode = spec.member_input(member).color_mode
+                mode = _image_input(spec, member).color_mode
                 row = transforms[member.name](image if mode == "RGB" else image.convert(mode))
                 probs[member.name] = tuple(torch.softmax(modules[member.name](row[None]).double(), dim=1)[0].tolist())
         found.append(Expected(probs, gate.combine(probs)))
@@ -104,8 +104,11 @@ class Gate:
             return Answer(members, label, score)
         raise ValueError(f"the reference implements mean and the vote policies, not {policy.name}")
 
-    def tally(self, votes: Mapping[str, str]) -> tuple[str | None, float]:
-        """k-of-n over member labels (binary: positive with >= k positive votes); the score is the chosen label's share."""
+    def tally(self, votes: Mapping[str, str]) -> tuple[str, float]:
+        """k-of-n over member labels (binary: positive with >= k positive votes).
+
+        The score is the chosen label's share.
+        """
         n = len(votes)
         k = {"any": 1, "all": n, "majority": n // 2 + 1}.get(self.spec.policy.name, self.spec.policy.k or 1)
         counts = {label: sum(v == label for v in votes.values()) for label in self.spec.labels}
@@ -118,6 +121,7 @@ class Gate:
 
     def problem(self, answer: Answer, expected: Expected) -> str | None:
         """Why `answer` disagrees with the reference beyond tolerance, or None when it agrees."""
+        want_label: str | None
         if set(answer.members) != set(expected.probs):
             return f"members {sorted(answer.members)}, expected {sorted(expected.probs)}"
         for name, (label, score) in answer.members.items():
@@ -163,9 +167,17 @@ def _fmt(p: Sequence[float]) -> str:
     return "[" + ", ".join(f"{v:.4f}" for v in p) + "]"
 
 
+def _image_input(spec: EnsembleSpec, member: MemberSpec) -> InputSpec:
+    """The member's declared image input; the reference takes images only."""
+    declared = spec.member_input(member)
+    if not isinstance(declared, InputSpec):
+        raise ValueError(f"{member.name}: the reference takes images, not tensors")
+    return declared
+
+
 def _transform(spec: EnsembleSpec, member: MemberSpec) -> v2.Compose:
     """The member's declared input (stretch resize, bilinear, then mean/std), as torchvision's transforms."""
-    declared = spec.member_input(member)
+    declared = _image_input(spec, member)
     if declared.resize != "stretch" or declared.tta != "none":
         raise ValueError(f"{member.name}: the reference implements `resize: stretch` without tta")
     return v2.Compose(

@@ -1,4 +1,5 @@
-"""The per-request floor: where one small request's time goes, on TorchServe (ours) and on Flask, and which settings cut it.
+"""The per-request floor: where one small request's time goes, on TorchServe (ours) and on Flask, and which \
+settings cut it.
 
 Usage: python -m bench.request_floor [--seconds S]   (`make bench-floor`)
 
@@ -71,7 +72,10 @@ def profile(
 def ours(
     folder: Path, store: Path, overrides: dict[str, str], tag: str, ports: int
 ) -> Iterator[tuple[str, dict[str, str], dict[str, list[psutil.Process]]]]:
-    """Our MLP ensemble on a private TorchServe with `overrides`; its own ports, so a stopping instance never collides."""
+    """Our MLP ensemble on a private TorchServe with `overrides`.
+
+    Its own ports, so a stopping instance never collides.
+    """
     server = private_server(folder / tag, store, port_offset=ports, overrides=overrides)
     try:
         start(server, store)
@@ -135,7 +139,8 @@ def main() -> None:
     summary = {name: {key: statistics.mean(r[key] for r in runs) for key in runs[0]} for name, runs in rows.items()}
     flask = summary["Flask + gunicorn"]["requests_per_s"]
     lines = [
-        "| contender | req/s | vs Flask | wall ms | client CPU ms | frontend (Java) CPU ms | worker (Python) CPU ms | Flask server CPU ms | errors | mismatches |",
+        "| contender | req/s | vs Flask | wall ms | client CPU ms | frontend (Java) CPU ms | worker (Python) CPU ms "
+        "| Flask server CPU ms | errors | mismatches |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, row in summary.items():

@@ -19,12 +19,13 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 from bench.contenders import extracted_archive
 from bench.workloads import demo
+from handlers.config.specs import InputSpec
 from handlers.ensemble import Ensemble
 from handlers.execution.runner import usable_cores
 from handlers.inputs.images import batch_tensors, decode_image
@@ -46,7 +47,8 @@ def phases(ensemble: Ensemble, images: list[bytes]) -> dict[str, float]:
         return result
 
     decoded = timing("decode", lambda: [decode_image(data, spec.limits) for data in images])
-    timing("resize", lambda: batch_tensors(decoded, [group.spec for group in ensemble.runner.groups]))
+    # The demo's members take images: every group's spec is an InputSpec.
+    timing("resize", lambda: batch_tensors(decoded, cast("list[InputSpec]", [g.spec for g in ensemble.runner.groups])))
     probs = timing("members+resize", lambda: ensemble.probabilities(decoded))
     timing(
         "render",
@@ -94,12 +96,12 @@ def main() -> None:
         "|---|---:|" + "---:|" * (len(PHASES) + 2),
     ]
     for name, by_batch in medians.items():
-        for batch, row in by_batch.items():
+        for images_per_batch, row in by_batch.items():
             total = sum(row.values())
             lines.append(
-                f"| {name} | {batch} | "
+                f"| {name} | {images_per_batch} | "
                 + " | ".join(f"{row[p]:.2f}" for p in PHASES)
-                + f" | {total:.2f} | {1000 * int(batch) / total:.0f} |"
+                + f" | {total:.2f} | {1000 * int(images_per_batch) / total:.0f} |"
             )
     print("\n".join(lines))
     print(f"plans chosen: {plans}; member threads: {threads}")

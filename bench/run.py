@@ -82,7 +82,8 @@ def run_phase(name: str, variant: str, mode: str, folder: Path, tuning: Mapping[
     print(f"{name} / {variant}: starting contenders", flush=True)
     with ExitStack() as stack:
         model_dir = stack.enter_context(extracted_archive(workload.spec))
-        sends, judges, plans = {}, {}, {}
+        sends, judges = {}, {}
+        plans: dict[str, dict[str, str]] = {}
         order = [first, *(["ours_eager"] if variant == "engine" else []), *PEERS]
         for contender in order:
             wanted = (
@@ -136,7 +137,8 @@ def _rounds(
             measured, problems = measures[contender](point, seconds)
             found[contender].append({**measured.to_json(), "problems": problems})
             print(
-                f"  {name} / {variant} / {point.name} / round {r + 1} / {contender}: {measured.images_per_s:.1f} images/s, "
+                f"  {name} / {variant} / {point.name} / round {r + 1} / {contender}: "
+                f"{measured.images_per_s:.1f} images/s, "
                 f"p99 {measured.p99_ms:.1f} ms, errors {measured.errors}, wrong {measured.mismatches}",
                 flush=True,
             )
@@ -191,7 +193,8 @@ def _curve(
             measured = closed(sends[contender], judges[contender], Point(f"c{clients}", clients, 1, 0, 0), seconds)
             found[contender].append({"clients": clients, **measured.to_json()})
             print(
-                f"  {name} / {variant} / curve c{clients} / {contender}: {measured.images_per_s:.1f} images/s, p99 {measured.p99_ms:.1f} ms",
+                f"  {name} / {variant} / curve c{clients} / {contender}: {measured.images_per_s:.1f} images/s, "
+                f"p99 {measured.p99_ms:.1f} ms",
                 flush=True,
             )
     return found
@@ -220,7 +223,8 @@ def _open(
             )
             found[contender].append({"fraction": fraction, "offered_per_s": round(rate, 2), **measured.to_json()})
             print(
-                f"  {name} / {variant} / open {fraction:.0%} ({rate:.1f}/s) / {contender}: {measured.images_per_s:.1f} images/s, "
+                f"  {name} / {variant} / open {fraction:.0%} ({rate:.1f}/s) / {contender}: "
+                f"{measured.images_per_s:.1f} images/s, "
                 f"p50 {measured.p50_ms:.1f} ms, p99 {measured.p99_ms:.1f} ms, errors {measured.errors}",
                 flush=True,
             )
@@ -259,7 +263,10 @@ def context(mode: str, argv: list[str]) -> dict[str, Any]:
         text=True,
         check=False,
     ).stdout.strip()
-    git = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True, check=False).stdout.strip()  # noqa: E731
+
+    def git(*a: str) -> str:
+        return subprocess.run(["git", *a], capture_output=True, text=True, check=False).stdout.strip()
+
     return {
         "command": " ".join(["python -m bench.run", *argv]),
         "commit": git("rev-parse", "HEAD"),
@@ -310,7 +317,8 @@ def report(results: Mapping[str, Any]) -> str:
                     if contender == "ceiling":
                         verdict = "a ceiling" if row["is_ceiling"] else "not a ceiling: a server beat it"
                     lines.append(
-                        f"| {name} | {variant} | {point} | {contender} | {row['images_per_s']:.1f} | {row['p50_ms']:.1f} / {row['p99_ms']:.1f} | {ratio} | {verdict} |"
+                        f"| {name} | {variant} | {point} | {contender} | {row['images_per_s']:.1f} | "
+                        f"{row['p50_ms']:.1f} / {row['p99_ms']:.1f} | {ratio} | {verdict} |"
                     )
     return "\n".join(lines)
 

@@ -126,7 +126,7 @@ def tune_ceiling(
             pools[processes] = CeilingPool(model_dir, plans, processes, images, expected)
             stack.callback(pools[processes].close)
         for point in POINTS:
-            tried = {}
+            tried: dict[int, dict[str, Any]] = {}
             for processes, pool in pools.items():
                 if processes <= point.in_flight:
                     measured, problems = ceiling_closed(pool, point, seconds)
@@ -135,7 +135,8 @@ def tune_ceiling(
                         "problems": problems + ([f"{measured.errors} errors"] if measured.errors else []),
                     }
                     print(
-                        f"  {name} / ceiling / {point.name} / {processes} processes: {measured.images_per_s:.1f} images/s",
+                        f"  {name} / ceiling / {point.name} / {processes} processes: "
+                        f"{measured.images_per_s:.1f} images/s",
                         flush=True,
                     )
             fine = {p: row for p, row in tried.items() if not row["problems"]}

@@ -17,8 +17,9 @@ configurations from that cost, serve each one from a real TorchServe and keep th
    `bench.loadgen.run_load`, and unregistered. Every answer is checked against each member's label
    computed in-process. The first candidate is the reference (1 worker, batch 1): its c1 p50 sizes the
    delays of the grid. The current batching is measured once more at the end: how far its two geometric
-   means lie apart is this run's noise. Each point sends at least the benchmark's number of requests (`--quick`: its quick
-   number), more where the member cost says that would take under 5 s (`--quick`: 2 s), at most 10x.
+   means lie apart is this run's noise. Each point sends at least the benchmark's number of requests
+   (`--quick`: its quick number), more where the member cost says that would take under 5 s (`--quick`: 2 s),
+   at most 10x.
 3. Candidate grid (`candidate_grid`), `cores` = this machine's CPUs, `clients` = most clients of a load point:
    - workers 1, and `cores` unless the cost model says `cores` workers cannot serve single images faster:
      at saturation one worker spends `overhead + per_image(cores threads)` ms per image on one Python
@@ -75,6 +76,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +92,7 @@ from bench.loadgen import requests_for, run_load
 from bench.points import POINTS, Point
 from bench.workloads import Workload
 from handlers.config.files import load_ensembles
-from handlers.config.specs import EnsembleSpec
+from handlers.config.specs import EnsembleSpec, InputSpec
 from handlers.ensemble import Ensemble
 from handlers.inputs.images import decode_image
 
@@ -166,7 +168,8 @@ def candidate_grid(cost: MemberCost, clients: int, c1_ms: float | None = None) -
         one, many = cost.saturated_images_per_s(1), cost.saturated_images_per_s(cost.cores)
         verdict = "swept" if many >= one else "not swept"
         notes.append(
-            f"{cost.cores} workers {verdict}: estimated {many:.0f} against {one:.0f} images/s for single images at saturation"
+            f"{cost.cores} workers {verdict}: estimated {many:.0f} against {one:.0f} images/s "
+            "for single images at saturation"
         )
         if many >= one:
             workers.append(cost.cores)
@@ -319,16 +322,18 @@ def tune_workload(name: str, config: Path) -> Workload:
     against eager at load, so any label that differs is a mismatch that disqualifies the candidate.
     """
     spec = load_ensembles(config)[name]
-    if getattr(spec.input, "type", "image") != "image":
+    if not isinstance(spec.input, InputSpec):
         raise SystemExit(f"{name}: tune sends images; this ensemble takes tensors")
-    sizes = [spec.member_input(m).size for m in spec.members] + [spec.input.size]
+    # The members of an image ensemble take images (the config refuses a tensor input there).
+    member_inputs = [i for i in map(spec.member_input, spec.members) if isinstance(i, InputSpec)]
+    sizes = [i.size for i in member_inputs] + [spec.input.size]
     height, width = max(s[0] for s in sizes), max(s[1] for s in sizes)
     images = []
     for sample in make_split(IMAGES, IMAGE_SEED):
         image = (
             sample.image
             if sample.image.size == (width, height)
-            else sample.image.resize((width, height), Image.BILINEAR)
+            else sample.image.resize((width, height), Image.Resampling.BILINEAR)
         )
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
@@ -364,16 +369,16 @@ def member_cost(workload: Workload, cores: int) -> MemberCost:
     for threads in sorted({cores, 1}, reverse=True):
         ensemble = Ensemble.from_spec(spec, torch.device("cpu"), parallelism=threads)
         timings[threads] = (
-            _median_ms(lambda: ensemble.probabilities(decoded[:1]), 25),
-            _median_ms(lambda: ensemble.probabilities(decoded), 8) / len(decoded),
+            _median_ms(partial(ensemble.probabilities, decoded[:1]), 25),
+            _median_ms(partial(ensemble.probabilities, decoded), 8) / len(decoded),
         )
         if threads == cores:
+            probs = ensemble.probabilities(decoded[:1])
 
-            def one_request() -> None:
+            def one_request(ensemble: Ensemble = ensemble, probs: torch.Tensor = probs) -> None:
                 prepared = ensemble.prepare({"body": workload.images[0]}, {})
                 json.dumps(ensemble.render(probs, prepared.policy))
 
-            probs = ensemble.probabilities(decoded[:1])
             request_ms = _median_ms(one_request, 25)
     return MemberCost(
         cores=cores,
@@ -401,7 +406,10 @@ def transport_ms(server: Server, name: str, count: int = 60) -> float:
 
 
 def request_counts(cost: MemberCost, quick: bool, max_images: int) -> dict[str, tuple[int, int]]:
-    """Per load point (requests, images per request): the benchmark's count, raised to last MIN_POINT_S by the estimate."""
+    """Per load point (requests, images per request): the benchmark's count.
+
+    Raised to last MIN_POINT_S by the estimate.
+    """
     counts = {}
     fastest = max(cost.saturated_images_per_s(w) for w in {1, cost.cores})
     for point in POINTS:
@@ -467,7 +475,10 @@ class Sweep:
 
 
 def sweep(workload: Workload, cost: MemberCost, current: Candidate, quick: bool) -> Sweep:
-    """The reference first (it measures transport and sizes the delays), the grid and the current batching, the current again."""
+    """The reference first (it measures transport and sizes the delays), the grid and the current batching.
+
+    Then the current again.
+    """
     clients = max(p.clients for p in POINTS)
     max_images = workload.spec.limits.max_images_per_request
     rows: list[Row] = []
@@ -509,7 +520,10 @@ def sweep(workload: Workload, cost: MemberCost, current: Candidate, quick: bool)
 
 
 def noise(first: Row, again: Row | None) -> float:
-    """How far apart two measurements of one configuration are: larger geometric mean / smaller - 1 (0 if either failed)."""
+    """How far apart two measurements of one configuration are: larger geometric mean / smaller - 1.
+
+    0 if either failed.
+    """
     if again is None or first.problem() or again.problem() or not first.geomean() or not again.geomean():
         return 0.0
     return max(first.geomean(), again.geomean()) / min(first.geomean(), again.geomean()) - 1
@@ -575,7 +589,9 @@ def write_batching(path: Path, name: str, values: Mapping[str, int]) -> str:
         after = load_ensembles(staged, check_files=False)
         expected = dict(before)
         expected[name] = replace(
-            before[name], batching=replace(before[name].batching, **{k: int(values[k]) for k in TUNED_KEYS})
+            before[name],
+            # TUNED_KEYS are int fields; mypy checks a ** dict's values against every field (fuse_members: bool too).
+            batching=replace(before[name].batching, **{k: int(values[k]) for k in TUNED_KEYS}),  # type: ignore[arg-type]
         )
         if after != expected:
             raise ValueError(f"{path}: the edited file does not load back as only {name}'s batching changed")
@@ -603,7 +619,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     cores = os.cpu_count() or 1
     if load_start[0] >= 1.0:
         print(
-            f"load average {load_start[0]:.1f} on {cores} cores before starting: other work shares the cores, expect noise",
+            f"load average {load_start[0]:.1f} on {cores} cores before starting: "
+            "other work shares the cores, expect noise",
             flush=True,
         )
     workload = tune_workload(args.name, args.ensembles)
@@ -611,8 +628,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     current = Candidate(batching.workers, batching.batch_size, batching.max_batch_delay_ms)
     cost = member_cost(workload, cores)
     print(
-        f"{args.name}: members {cost.members_ms_b1:.2f} ms per image at batch 1 ({cost.members_ms_b1_one_thread:.2f} on one thread), "
-        f"{cost.per_image_ms_b8:.2f} at batch 8 ({cost.per_image_ms_b8_one_thread:.2f}); handler {cost.request_ms:.2f} ms per request",
+        f"{args.name}: members {cost.members_ms_b1:.2f} ms per image at batch 1 "
+        f"({cost.members_ms_b1_one_thread:.2f} on one thread), "
+        f"{cost.per_image_ms_b8:.2f} at batch 8 ({cost.per_image_ms_b8_one_thread:.2f}); "
+        f"handler {cost.request_ms:.2f} ms per request",
         flush=True,
     )
     swept = sweep(workload, cost, current, args.quick)
@@ -631,12 +650,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         c = rec.candidate
         print(
-            f"recommended for {args.name}: workers {c.workers}, batch_size {c.batch_size}, max_batch_delay_ms {c.max_batch_delay_ms} (current: {now})"
+            f"recommended for {args.name}: workers {c.workers}, batch_size {c.batch_size}, "
+            f"max_batch_delay_ms {c.max_batch_delay_ms} (current: {now})"
         )
     if spread > MIN_GAIN:
         print(
-            f"the current batching measured {spread:.0%} apart at the start and the end of the sweep: differences under that "
-            "are noise here; the recommendation had to beat the current by as much (rerun without --quick, on idle cores)"
+            f"the current batching measured {spread:.0%} apart at the start and the end of the sweep: "
+            "differences under that are noise here; the recommendation had to beat the current by as much "
+            "(rerun without --quick, on idle cores)"
         )
     wall = time.perf_counter() - began
     print(f"load average {load_start[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
@@ -662,7 +683,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "text": "disqualify any errors, mismatches or unanswered requests; keep c1 p50 <= (1 + slack) x best "
             "qualified c1 p50; best = highest geometric mean of images/s over the load points "
             "(ties: lower c1 p50, fewer workers, smaller batch, shorter delay); recommend the best unless the "
-            "current batching is eligible and the best beats its geometric mean by less than margin = max(min_gain, noise), "
+            "current batching is eligible and the best beats its geometric mean by less than "
+            "margin = max(min_gain, noise), "
             "noise = the spread of the current batching measured at the start and at the end of the sweep",
         },
         "points": [

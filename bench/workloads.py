@@ -6,6 +6,7 @@ import io
 import random
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 import torchvision
@@ -102,7 +103,7 @@ def with_expected(name: str, config: Path, spec: EnsembleSpec, images: tuple[byt
     """Each member's label per image, computed in-process one image at a time by the members as given (eager)."""
     ensemble = Ensemble.from_spec(spec.with_plan("eager"), torch.device("cpu"))
     policy = resolve_policy({}, default=spec.policy, task=spec.task, n_members=len(spec.members))
-    expected = []
+    expected: list[dict[str, Any]] = []  # A label per member, or a list of labels (multilabel): see below.
     for data in images:
         probs = ensemble.probabilities([decode_image(data, spec.limits)])
         votes = member_votes(probs, Votes(spec.task, torch.ones(len(spec.members)), spec.positive_index, policy))

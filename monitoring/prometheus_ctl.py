@@ -43,7 +43,8 @@ EXAMPLES = {
     "requests/s by policy": "sum by (ModelName, Policy) (rate(ensemble_requests_total[1m]))",
     "ms per image, by member": "1000 * sum by (ModelName, Member) (rate(ensemble_member_forward_seconds_total[5m])) "
     "/ sum by (ModelName, Member) (rate(ensemble_member_images_total[5m]))",
-    "disagreement rate": "sum by (ModelName) (rate(ensemble_disagreements_total[5m])) / sum by (ModelName) (rate(ensemble_images_total[5m]))",
+    "disagreement rate": "sum by (ModelName) (rate(ensemble_disagreements_total[5m])) "
+    "/ sum by (ModelName) (rate(ensemble_images_total[5m]))",
     "refusals/s by type": "sum by (ModelName, ErrorType) (rate(ensemble_errors_total[1m]))",
     "TorchServe's own count": "sum by (model_name) (ts_inference_requests_total)",
 }
@@ -68,7 +69,8 @@ def require_tools() -> None:
     for binary in (PROMETHEUS, PROMTOOL):
         if not binary.is_file():
             raise PrometheusError(
-                f"{binary.relative_to(ROOT)} is missing: run `make prometheus` (Debian's package, unpacked into .tools/)"
+                f"{binary.relative_to(ROOT)} is missing: "
+                "run `make prometheus` (Debian's package, unpacked into .tools/)"
             )
 
 
@@ -304,7 +306,8 @@ def main() -> None:
         raise SystemExit(str(error)) from None
     pid_file(args.data).write_text(f"{prometheus.process.pid}\n")
     print(
-        f"Prometheus is up at {url} (pid {prometheus.process.pid}, data and log in {args.data}); graphs at {url}/classic/graph"
+        f"Prometheus is up at {url} (pid {prometheus.process.pid}, data and log in {args.data}); "
+        f"graphs at {url}/classic/graph"
     )
     for target in scrape_health(url):
         state = "up" if target["value"][1] == "1" else "DOWN (is TorchServe running? `make serve`)"

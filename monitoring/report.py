@@ -175,7 +175,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if not any(results.values()):
         print(
-            f"no ensemble series in Prometheus at {args.url} over the last {args.minutes:g} minutes (ModelName=~{args.model!r}), "
+            f"no ensemble series in Prometheus at {args.url} over the last {args.minutes:g} minutes "
+            f"(ModelName=~{args.model!r}), "
             "so no picture was drawn. Is TorchServe running with the shipped config (`make serve`), has "
             "Prometheus scraped it (`make monitor`), and did the ensembles answer requests in that window?",
             file=sys.stderr,
