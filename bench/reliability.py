@@ -234,17 +234,25 @@ def bad_inputs(server: Server, ledger: Ledger, reference: Ensemble) -> list[dict
     rows.append({
         "case": f"{len(goods)} good requests in the same batches",
         "expected": "200", "got": f"{good_ok} x 200", "ok": good_ok == len(goods),
+        "statuses": [None if r is None else r.status_code for r in good_responses],
     })
     after = worker_pid(server, "rel")
-    rows.append({"case": "worker kept serving", "expected": str(pid), "got": str(after), "ok": after == pid})
+    rows.append({
+        "case": "worker kept serving", "expected": str(pid), "got": str(after), "ok": after == pid,
+        "pid_before": pid, "pid_after": after,
+    })
     return rows
 
 
 def judge(case: BadInput, response: requests.Response | None, reference: Ensemble) -> dict[str, Any]:
     """Whether one case got its status, a JSON {code, type, message} error, or predictions equal to its twin's."""
-    row = {"case": case.name, "expected": f"{case.status} {case.type or ''}".strip(), "got": "no answer", "ok": False}
+    row = {
+        "case": case.name, "expected": f"{case.status} {case.type or ''}".strip(), "got": "no answer", "ok": False,
+        "status": None, "type": None,
+    }
     if response is None:
         return row
+    row["status"] = response.status_code
     if not case.json_error:
         row.update(got=f"{response.status_code} (TorchServe's frontend: {response.text.strip()[:60] or 'empty body'})", ok=response.status_code == case.status)
         return row
@@ -260,6 +268,7 @@ def judge(case: BadInput, response: requests.Response | None, reference: Ensembl
     error_type = body.get("type") if isinstance(body, dict) else None
     has_fields = isinstance(body, dict) and {"code", "type", "message"} <= set(body) and bool(body["message"])
     row["got"] = f"{response.status_code} {error_type}: {body.get('message', '') if isinstance(body, dict) else ''}"[:160]
+    row["type"] = error_type
     row["ok"] = response.status_code == case.status and has_fields and (case.type is None or error_type == case.type)
     return row
 
@@ -343,16 +352,21 @@ def kill_worker(server: Server, ledger: Ledger) -> dict[str, Any]:
         time.sleep(1.0)
     failed = [(begin, end, status) for begin, end, status, _ in log if status != 200]
     later = [status for begin, _, status, _ in log if begin > settled_at]
+    new_pid = worker_pid(server, "rel")
     return {
         "fault": "worker SIGKILL under load",
         "clients": KILL_CLIENTS,
         "failed": len(failed),
         "failed_statuses": sorted({str(status) for _, _, status in failed}),
+        "failed_ended_s_after_kill": sorted(round(end - killed_at, 2) for _, end, _ in failed),
         "failed_within_1s_of_kill": all(abs(end - killed_at) <= 1.0 for _, end, _ in failed),
         "later_requests": len(later),
+        "later_statuses": sorted({str(status) for status in later}),
         "later_all_ok": bool(later) and all(status == 200 for status in later),
         "recovery_s": None if recovery is None else round(recovery, 2),
-        "new_pid": worker_pid(server, "rel") != pid,
+        "pid_before": pid,
+        "pid_after": new_pid,
+        "new_pid": new_pid != pid,
     }
 
 
@@ -373,13 +387,17 @@ def hanging_member(server: Server, ledger: Ledger) -> dict[str, Any]:
             break
         time.sleep(0.2)
     later = [ledger.post(predictions_url(server, "hang"), **png_post(server, normal)) for _ in range(5)]
+    new_pid = worker_pid(server, "hang")
     return {
         "fault": f"member hangs past the {HANG_TIMEOUT_S} s response timeout",
         "status": None if stuck is None else stuck.status_code,
         "failed_after_s": round(failed_after, 2),
         "recovery_s": None if recovered_at is None else round(recovered_at - began - failed_after, 2),
+        "later_statuses": [None if r is None else r.status_code for r in later],
         "later_all_ok": all(r is not None and r.status_code == 200 for r in later),
-        "worker_replaced": worker_pid(server, "hang") != pid,
+        "pid_before": pid,
+        "pid_after": new_pid,
+        "worker_replaced": new_pid != pid,
     }
 
 
@@ -398,6 +416,8 @@ def corrupted_archive(server: Server, ledger: Ledger, workdir: Path) -> dict[str
         "register_message": response.text.strip()[:200],
         "log_names_member_and_digest": named,
         "versions_after": [v for v in versions if v != "2.0"],
+        "served_status": None if still is None else still.status_code,
+        "served_version": still.json()["version"] if still is not None and still.status_code == 200 else None,
         "previous_version_serves": still is not None and still.status_code == 200 and still.json()["version"] == "1.0",
     }
 
@@ -419,6 +439,7 @@ def version_switch(server: Server, ledger: Ledger) -> dict[str, Any]:
         "requests": len(log),
         "failed": sum(status != 200 for _, _, status, _ in log),
         "answered_by": sorted({v for _, v in versions if v}),
+        "answered_by_after_switch": sorted({str(v) for begin, v in versions if begin > switched_at + 0.5}),
         "after_switch_all_new": all(v == "3.0" for begin, v in versions if begin > switched_at + 0.5),
     }
 
@@ -474,6 +495,7 @@ def overload(server: Server, ledger: Ledger, mode: Mode) -> dict[str, Any]:
         "statuses": statuses,
         "only_200_or_503": set(statuses) <= {"200", "503"},
         "slowest_s": round(max((end - begin for begin, end, _, _ in log), default=0.0), 2),
+        "after_load_statuses": [None if r is None else r.status_code for r in after],
         "after_load_all_ok": all(r is not None and r.status_code == 200 for r in after),
         "after_load_s": round(recovered_s, 2),
     }
@@ -499,7 +521,7 @@ def token_expiry(server: Server, ledger: Ledger, started_at: float) -> dict[str,
 
 
 def run_suite(mode: Mode, workdir: Path) -> dict[str, Any]:
-    """Every section in order; returns the report (also what the tests assert on)."""
+    """Every section in order; returns the report."""
     ledger = Ledger()
     began = time.monotonic()
     workspace = build_workspace(workdir / "src")
@@ -528,6 +550,7 @@ def run_suite(mode: Mode, workdir: Path) -> dict[str, Any]:
         "bad_inputs_mishandled": sum(not row["ok"] for row in report["bad_inputs"]),
         "faults_injected": len(report["faults"]),
         "requests_sent": ledger.sent,
+        "requests_answered": sum(ledger.statuses.values()),
         "requests_lost": ledger.lost,
         "unexpected_5xx": ledger.unexpected_5xx,
         "max_recovery_s": max(recoveries) if recoveries else None,
@@ -553,16 +576,21 @@ def table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def measure(mode: Mode = QUICK) -> dict[str, Any]:
+    """Run every section in a temporary folder; return the report (what `tests/test_reliability.py` asserts on)."""
+    with tempfile.TemporaryDirectory(prefix="reliability-") as folder:
+        report = run_suite(mode, Path(folder))
+    report["when"] = datetime.now(UTC).isoformat(timespec="seconds")
+    return report
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the suite, print the table, write the JSON; exit 1 if any input was mishandled or any request lost."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--full", action="store_true", help="soak for 10 minutes instead of 20 seconds")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    mode = FULL if args.full else QUICK
-    with tempfile.TemporaryDirectory(prefix="reliability-") as folder:
-        report = run_suite(mode, Path(folder))
-    report["when"] = datetime.now(UTC).isoformat(timespec="seconds")
+    report = measure(FULL if args.full else QUICK)
     print(table(report))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({**report["summary"], "report": report}, indent=2, default=str) + "\n")

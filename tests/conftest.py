@@ -180,7 +180,12 @@ def reference_ensemble(store: Path, name: str) -> Ensemble:
 
 
 def reference(store: Path, name: str, images: list[bytes], **policy: str) -> list[dict[str, Any]]:
-    """In-process predictions of the same members on the same images, through no HTTP and no archive."""
+    """In-process predictions of the same members on the same images, through no HTTP and no archive.
+
+    This runs the server's own code (Ensemble.prepare/probabilities/render), so it only checks that a transport
+    (HTTP, gRPC, the gateway) answers what the library answers: a consistency check, never an expectation. What
+    an answer should be comes from tests/fixture_reference.py (the members' own modules and docs/policies.md).
+    """
     ensemble = reference_ensemble(store, name)
     prepared = ensemble.prepare({"body": images[0], **{k: v.encode() for k, v in policy.items()}}, {})
     probs = ensemble.probabilities([decode_image(data, ensemble.spec.limits) for data in images])
@@ -191,14 +196,6 @@ def _names(ensemble: Ensemble, positions: tuple[int, ...]) -> list[str]:
     return [ensemble.spec.members[m].name for m in positions]
 
 
-def tensor_reference(store: Path, name: str, values: numpy.ndarray, **policy: str) -> list[dict[str, Any]]:
-    """In-process predictions of a tensor-input test ensemble on `values` [N, *shape]."""
-    ensemble = reference_ensemble(store, name)
-    prepared = ensemble.prepare({"body": npy_bytes(values), **{k: v.encode() for k, v in policy.items()}}, NPY)
-    probs = ensemble.probabilities(torch.from_numpy(values))
-    return ensemble.render(probs, prepared.policy, members=_names(ensemble, prepared.members))["predictions"]
-
-
 def _labels_and_scores(view: dict[str, Any]) -> tuple[Any, list[float | None]]:
     if "labels" in view:
         return view["labels"], list(view["scores"].values())
@@ -206,7 +203,10 @@ def _labels_and_scores(view: dict[str, Any]) -> tuple[Any, list[float | None]]:
 
 
 def assert_same_predictions(served: list[dict[str, Any]], expected: list[dict[str, Any]]) -> None:
-    """Labels equal exactly; scores within 1e-4 of eager: the limit every execution plan is verified against."""
+    """Labels equal exactly; scores within 1e-4 of eager: the limit every execution plan is verified against.
+
+    For consistency checks between two runs of the server's code (`reference`, tests/test_consistency.py).
+    """
     assert len(served) == len(expected)
     for got, want in zip(served, expected, strict=True):
         views = [(got, want)] + [(got["members"][m], want["members"][m]) for m in want["members"]]

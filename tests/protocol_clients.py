@@ -79,7 +79,7 @@ def v2_body(images: list[bytes], **fields: Any) -> dict[str, Any]:
 
 
 def v2_as_predictions(body: dict[str, Any], members: list[str], labels: list[str]) -> list[dict[str, Any]]:
-    """A v2 answer of a single-label ensemble in our JSON form, for `assert_same_predictions`."""
+    """A v2 answer of a single-label ensemble in our JSON form, for `assert_answers` (tests/fixture_reference.py)."""
     tensors = {output["name"]: output["data"] for output in body["outputs"]}
 
     def view(prefix: str, i: int) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from archive_scripts.torchserve_ctl import SHIPPED_CONFIG, Server, private_server, register, start, stop
+from handlers.config.files import read_properties
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
@@ -127,7 +128,7 @@ BY_NAME = {example.name: example for example in EXAMPLES}
 
 def listeners(config: Path) -> dict[str, str]:
     """host:port of every listener a config.properties names: the HTTP addresses and the gRPC ports."""
-    settings = dict(line.split("=", 1) for line in config.read_text().splitlines() if "=" in line and not line.startswith("#"))
+    settings = read_properties(config)
     found = {key: urlsplit(value).netloc for key, value in settings.items() if key.endswith("_address") and value.startswith("http")}
     grpc = {key: f"{settings[key.removesuffix('_port') + '_address']}:{value}" for key, value in settings.items() if key.startswith("grpc_") and key.endswith("_port")}
     return found | grpc

@@ -15,18 +15,16 @@ from handlers.errors import IntegrityError
 from handlers.weights.loading import sha256_of
 from tests.conftest import (
     NPY,
-    assert_same_predictions,
     extract,
     image_bytes,
     instances,
     load_handler,
     make_context,
     npy_bytes,
-    reference,
     serve,
     source_spec,
-    tensor_reference,
 )
+from tests.fixture_reference import assert_answers, expected_answers
 
 PNG = "image/png"
 
@@ -72,9 +70,9 @@ def test_mixed_batch_isolates_bad_requests(trio: tuple[EnsembleHandler, Context]
     assert {tuple(sorted(h.items())) for _, _, h in replies} == {
         (("X-Ensemble-Batch-Images", "5"), ("X-Ensemble-Batch-Requests", "6"), ("content-type", "application/json"))
     }
-    assert_same_predictions(replies[0][1]["predictions"], reference(test_store, "trio", [one]))
-    assert_same_predictions(replies[2][1]["predictions"], reference(test_store, "trio", [two, three]))
-    assert_same_predictions(replies[4][1]["predictions"], reference(test_store, "trio", [three, one]))
+    assert_answers(replies[0][1]["predictions"], expected_answers(test_store, "trio", [one]))
+    assert_answers(replies[2][1]["predictions"], expected_answers(test_store, "trio", [two, three]))
+    assert_answers(replies[4][1]["predictions"], expected_answers(test_store, "trio", [three, one]))
 
 
 def test_response_shape_and_provenance(trio: tuple[EnsembleHandler, Context], test_store: Path) -> None:
@@ -172,7 +170,7 @@ def test_one_bad_image_fails_its_whole_request_only(trio: tuple[EnsembleHandler,
     replies = serve(handler, context, [({"a": good, "b": good[:100]}, multipart), raw(good)])
     assert [(status, body.get("type")) for status, body, _ in replies] == [(400, "InvalidImage"), (200, None)]
     assert replies[0][1]["message"] == "PNG image is truncated or corrupt: image file is truncated"
-    assert_same_predictions(replies[1][1]["predictions"], reference(test_store, "trio", [good]))
+    assert_answers(replies[1][1]["predictions"], expected_answers(test_store, "trio", [good]))
     assert replies[1][2]["X-Ensemble-Batch-Images"] == "1"
 
 
@@ -195,6 +193,6 @@ def test_tensor_ensemble_answers_npy_and_json_in_one_batch(test_store: Path, tmp
     assert replies[3][1]["message"] == "array of shape [3, 2, 4]; expected [N, 3, 4]"
     assert replies[0][2]["X-Ensemble-Batch-Images"] == "5"
     assert replies[2][1]["policy"] == {"name": "max", "params": {}}
-    assert_same_predictions(replies[0][1]["predictions"], tensor_reference(test_store, "vectors", three))
-    assert_same_predictions(replies[2][1]["predictions"], tensor_reference(test_store, "vectors", two, policy="max"))
+    assert_answers(replies[0][1]["predictions"], expected_answers(test_store, "vectors", three))
+    assert_answers(replies[2][1]["predictions"], expected_answers(test_store, "vectors", two, policy="max"))
     assert handler.ensemble.describe()["input"] == {"shape": [3, 4], "type": "tensor"}

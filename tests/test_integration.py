@@ -31,7 +31,8 @@ from handlers.execution.plans import AUTO_PLANS
 from handlers.inputs.images import batch_tensors, decode_image, to_tensor
 from handlers.weights.checkpoints import read_checkpoint
 from tests.checkpoint_layouts import CHEXNET_LABELS, chexnet
-from tests.conftest import assert_same_predictions, image_bytes, instances, npy_bytes, reference, source_spec, tensor_reference
+from tests.conftest import image_bytes, instances, npy_bytes, source_spec
+from tests.fixture_reference import assert_answers, expected_answers
 from tests.test_member_outputs import TASKS as OUTPUT_TASKS
 from tests.test_member_outputs import expected_scores, write_members
 
@@ -120,7 +121,7 @@ def test_raw_image(server: Server, test_store: Path) -> None:
     response = predict(server, "trio", **png(image_bytes(11)))
     assert response.status_code == 200
     assert response.json()["policy"] == {"name": "mean", "params": {}}
-    assert_same_predictions(response.json()["predictions"], reference(test_store, "trio", [image_bytes(11)]))
+    assert_answers(response.json()["predictions"], expected_answers(test_store, "trio", [image_bytes(11)]))
 
 
 def test_multipart_images_keep_part_order(server: Server, test_store: Path) -> None:
@@ -128,7 +129,7 @@ def test_multipart_images_keep_part_order(server: Server, test_store: Path) -> N
     files = [(f"image{i}", (f"{i}.png", data, "image/png")) for i, data in enumerate(images)]
     response = predict(server, "trio", files=files)
     assert response.status_code == 200
-    assert_same_predictions(response.json()["predictions"], reference(test_store, "trio", images))
+    assert_answers(response.json()["predictions"], expected_answers(test_store, "trio", images))
     assert list(response.json()["members"]) == ["mobile", "pool_rgb", "pool_gray"]
     assert [len(labels) for labels in response.json()["members"].values()] == [3, 3, 3]
 
@@ -145,7 +146,7 @@ def test_json_instances(server: Server, test_store: Path) -> None:
     body = {"instances": [{"b64": base64.b64encode(data).decode()} for data in images]}
     response = predict(server, "tags", json=body)
     assert response.status_code == 200
-    assert_same_predictions(response.json()["predictions"], reference(test_store, "tags", images))
+    assert_answers(response.json()["predictions"], expected_answers(test_store, "tags", images))
 
 
 @pytest.mark.parametrize(
@@ -159,7 +160,7 @@ def test_tensor_instances(server: Server, test_store: Path, content_type: str, e
     values = instances(81, 4)
     response = predict(server, "vectors", data=encode(values), headers={"Content-Type": content_type})
     assert response.status_code == 200, response.text
-    assert_same_predictions(response.json()["predictions"], tensor_reference(test_store, "vectors", values))
+    assert_answers(response.json()["predictions"], expected_answers(test_store, "vectors", values))
 
 
 def test_image_sent_to_a_tensor_ensemble_is_415(server: Server) -> None:
@@ -188,7 +189,7 @@ def test_per_request_policy(server: Server, test_store: Path, how: str, policy: 
     assert response.status_code == 200, response.text
     expected_params = {k: (int(v) if k == "k" else float(v)) for k, v in policy.items() if k != "policy"}
     assert response.json()["policy"] == {"name": policy["policy"], "params": {"threshold": 0.5, **expected_params}}
-    assert_same_predictions(response.json()["predictions"], reference(test_store, "pair", images, **policy))
+    assert_answers(response.json()["predictions"], expected_answers(test_store, "pair", images, **policy))
 
 
 @pytest.mark.parametrize("how", ["invoke-query", "headers"])
@@ -204,14 +205,16 @@ def test_early_exit_gives_the_exhaustive_labels_and_says_what_ran(server: Server
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["policy"] == {"name": "any", "params": {"threshold": 0.5, "early_exit": True}}
-    exhaustive = reference(test_store, "pair", images, policy="any")
+    exhaustive = expected_answers(test_store, "pair", images, policy="any")
     assert [p["label"] for p in body["predictions"]] == [p["label"] for p in exhaustive]
-    for prediction in body["predictions"]:
+    for prediction, image in zip(body["predictions"], images, strict=True):
         assert prediction["early_exit"] is True
         assert sorted([*prediction["members"], *prediction["skipped"]]) == ["mobile", "pool_gray", "pool_rgb"]
         if prediction["label"] == "absent":  # Under any, a no needs every member's no.
             assert prediction["skipped"] == []
-        assert sorted(prediction["uncertainty"]) == ["entropy", "expected_entropy", "mutual_information", "vote_margin"]
+        # Scores and uncertainty are over the members that ran (docs/policies.md, Early exit).
+        [over_those_that_ran] = expected_answers(test_store, "pair", [image], policy="any", uncertainty="true", members=",".join(prediction["members"]))
+        assert_answers([{k: v for k, v in prediction.items() if k not in ("skipped", "early_exit")}], [over_those_that_ran])
     refused = predict(server, "pair", path="invoke", params={"policy": "mean", "early_exit": "true"}, files=files[:1])
     assert refused.status_code == 400
     assert "early_exit cannot be exact for policy 'mean'" in refused.json()["message"]
@@ -226,7 +229,7 @@ def test_members_and_top_k_in_the_invoke_query(server: Server, test_store: Path)
     assert body["answered_by"] == ["mobile", "pool_gray"]
     assert list(body["provenance"]["member_sha256"]) == ["mobile", "pool_gray"]
     assert [len(p["top"]) for p in body["predictions"]] == [2, 2]
-    assert_same_predictions(body["predictions"], reference(test_store, "trio", images, **params))
+    assert_answers(body["predictions"], expected_answers(test_store, "trio", images, **params))
 
 
 def test_unknown_policy_lists_valid_names(server: Server) -> None:
@@ -272,7 +275,7 @@ def test_concurrent_requests_are_batched_and_split_back(server: Server, test_sto
         responses = list(pool.map(send, payloads))
     assert [r.status_code for r in responses] == [200] * 8
     for response, images in zip(responses, payloads, strict=True):
-        assert_same_predictions(response.json()["predictions"], reference(test_store, "trio", images))
+        assert_answers(response.json()["predictions"], expected_answers(test_store, "trio", images))
     batch_sizes = [int(r.headers["X-Ensemble-Batch-Requests"]) for r in responses]
     assert max(batch_sizes) >= 2, f"TorchServe did not batch any requests together: {batch_sizes}"
 
@@ -292,7 +295,7 @@ def test_bad_input_fails_alone_inside_a_batch(server: Server, test_store: Path) 
         responses = list(pool.map(lambda kwargs: predict(server, "trio", **kwargs), jobs))
     for response, data in zip(responses[: len(good)], good, strict=True):
         assert response.status_code == 200
-        assert_same_predictions(response.json()["predictions"], reference(test_store, "trio", [data]))
+        assert_answers(response.json()["predictions"], expected_answers(test_store, "trio", [data]))
     assert [(r.status_code, r.json()["type"]) for r in responses[len(good) :]] == [(s, t) for _, s, t in bad]
     assert max(int(r.headers["X-Ensemble-Batch-Requests"]) for r in responses[len(good) :]) >= 2
     assert worker_pid(server, "trio") == pid

@@ -12,7 +12,6 @@ import base64
 import json
 import re
 import socket
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -25,12 +24,14 @@ import pytest
 import requests
 import tritonclient.http as triton
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from archive_scripts.kserve_export import PROFILE, export
 from archive_scripts.torchserve_ctl import READY_TIMEOUT_S, Server, start, stop
-from handlers.config.files import load_ensembles
+from handlers.config.files import load_ensembles, read_properties
 from handlers.errors import ConfigError
-from tests.conftest import assert_same_predictions, image_bytes, reference, source_spec
+from tests.conftest import image_bytes, source_spec
+from tests.fixture_reference import assert_answers, expected_answers, labels_and_scores
 from tests.protocol_clients import (
     HEALTH_CALLS,
     IMAGES_INPUT,
@@ -44,6 +45,7 @@ from tests.protocol_clients import (
     v2_as_predictions,
     v2_body,
 )
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,12 +79,6 @@ TRIO_SNAPSHOT = {
 }
 
 
-def properties(text: str) -> dict[str, str]:
-    """Settings of a config.properties, comments left out."""
-    pairs = (line.partition("=") for line in text.splitlines() if not line.lstrip().startswith("#"))
-    return {name.strip(): value.strip() for name, sep, value in pairs if sep}
-
-
 def _port_is_free(port: int) -> bool:
     with socket.socket() as probe:
         try:
@@ -95,7 +91,7 @@ def _port_is_free(port: int) -> bool:
 def loopback_config(config: Path, into: Path) -> Path:
     """A copy of `config` whose listeners are on 127.0.0.1, shifted to free ports, and whose metrics config is
     read from the layout (the pod's /mnt/models); nothing else changes."""
-    settings = properties(config.read_text())
+    settings = read_properties(config)
     listeners = {key: value for key, value in settings.items() if key.endswith(("_address", "_port"))}
     found = {key: re.fullmatch(r"(?:.*:)?(\d+)", value) for key, value in listeners.items()}
     ports = {key: int(match.group(1)) for key, match in found.items() if match}
@@ -132,13 +128,11 @@ def post_image(server: Server, seed: int) -> requests.Response:
 
 def wait_until_ready(server: Server, name: str) -> None:
     """Wait for a READY worker: TorchServe registers the snapshot's models before /ping answers, but their workers load after."""
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
+    def ready() -> bool:
         response = describe(server, name)
-        if response.ok and any(worker["status"] == "READY" for worker in response.json()[0]["workers"]):
-            return
-        time.sleep(0.5)
-    pytest.fail(f"{name} had no READY worker within {READY_TIMEOUT_S}s; see {server.workdir / 'logs'}")
+        return response.ok and any(worker["status"] == "READY" for worker in response.json()[0]["workers"])
+
+    wait_for(ready, f"a READY worker of {name} (see {server.workdir / 'logs'})", READY_TIMEOUT_S, every_s=0.5)
 
 
 @pytest.fixture(scope="module")
@@ -179,8 +173,8 @@ def test_layout_config_is_the_profile_with_trios_snapshot(kserve_server: tuple[S
 
 def test_served_config_moves_only_the_listeners(kserve_server: tuple[Server, Path]) -> None:
     server, layout = kserve_server
-    served = properties(server.config.read_text())
-    shipped = properties((layout / "config" / "config.properties").read_text())
+    served = read_properties(server.config)
+    shipped = read_properties(layout / "config" / "config.properties")
     listeners = {"inference_address", "management_address", "metrics_address", "grpc_inference_port", "grpc_management_port", "oip_gateway_address"}
     assert {key for key in shipped if served[key] != shipped[key]} == listeners | {"metrics_config"}
     assert Path(served["metrics_config"]) == layout / "config" / "metrics.yaml"
@@ -203,7 +197,7 @@ def test_kserve_v1_predict(kserve_server: tuple[Server, Path], test_store: Path)
     body = {"instances": [{"b64": base64.b64encode(data).decode()} for data in images]}
     response = requests.post(f"{server.inference}/v1/models/trio:predict", json=body, timeout=TIMEOUT)
     assert response.status_code == 200, response.text
-    assert_same_predictions(response.json()["predictions"], reference(test_store, "trio", images))
+    assert_answers(response.json()["predictions"], expected_answers(test_store, "trio", images))
 
 
 def test_concurrent_raw_images_are_batched(kserve_server: tuple[Server, Path], test_store: Path) -> None:
@@ -213,7 +207,7 @@ def test_concurrent_raw_images_are_batched(kserve_server: tuple[Server, Path], t
         responses = list(pool.map(lambda seed: post_image(server, seed), seeds))
     assert [r.status_code for r in responses] == [200] * len(seeds)
     for response, seed in zip(responses, seeds, strict=True):
-        assert_same_predictions(response.json()["predictions"], reference(test_store, "trio", [image_bytes(seed)]))
+        assert_answers(response.json()["predictions"], expected_answers(test_store, "trio", [image_bytes(seed)]))
     batch_sizes = [int(r.headers["X-Ensemble-Batch-Requests"]) for r in responses]
     assert 2 <= max(batch_sizes) <= 8, batch_sizes
 
@@ -235,7 +229,7 @@ def test_v2_requests_of_several_images_from_8_clients(kserve_server: tuple[Serve
     for response, images in zip(responses, payloads, strict=True):
         body = response.json()
         assert (body["model_name"], body["id"]) == ("trio", f"n{len(images)}")
-        assert_same_predictions(v2_as_predictions(body, TRIO_MEMBERS, TRIO_LABELS), reference(test_store, "trio", images))
+        assert_answers(v2_as_predictions(body, TRIO_MEMBERS, TRIO_LABELS), labels_and_scores(expected_answers(test_store, "trio", images)))
     assert max(int(r.headers["X-Ensemble-Batch-Requests"]) for r in responses) >= 2
 
 
@@ -249,9 +243,9 @@ def test_grpc_as_the_kserve_wrapper_sends_it(kserve_server: tuple[Server, Path],
     with grpc.insecure_channel(f"127.0.0.1:{server.setting('grpc_inference_port')}") as channel, ThreadPoolExecutor(max_workers=8) as pool:
         answers = [json.loads(reply.prediction) for reply in pool.map(lambda inputs: grpc_predict(stubs, channel, "trio", inputs, token=None), calls)]
     for answer, images in zip(answers[:8], v2_images, strict=True):
-        assert_same_predictions(v2_as_predictions(answer, TRIO_MEMBERS, TRIO_LABELS), reference(test_store, "trio", images))
+        assert_answers(v2_as_predictions(answer, TRIO_MEMBERS, TRIO_LABELS), labels_and_scores(expected_answers(test_store, "trio", images)))
     for answer, image in zip(answers[8:], raw_images, strict=True):
-        assert_same_predictions(answer["predictions"], reference(test_store, "trio", [image]))
+        assert_answers(answer["predictions"], expected_answers(test_store, "trio", [image]))
 
 
 @pytest.mark.parametrize(
@@ -280,14 +274,17 @@ def test_metrics_answer_in_prometheus_format(kserve_server: tuple[Server, Path])
     response = requests.get(f"{server.setting('metrics_address')}/metrics", timeout=TIMEOUT)
     assert response.status_code == 200
     assert response.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
-    line = r'^ts_inference_requests_total\{model_name="trio",model_version="default",hostname="[^"]+",\} (\d+\.\d+)$'
-    count = re.search(line, response.text, re.MULTILINE)
-    assert count is not None, response.text
-    assert float(count.group(1)) >= 1
-    ensemble = r'^ensemble_batches_total\{ModelName="trio",Level="Model",Hostname="[^"]+",\} (\d+\.\d+)$'
-    batches = re.search(ensemble, response.text, re.MULTILINE)
-    assert batches is not None, "the layout's metrics.yaml declares the ensemble's counters: " + response.text[:2000]
-    assert float(batches.group(1)) >= 1
+    samples = [sample for family in text_string_to_metric_families(response.text) for sample in family.samples]
+
+    def values(name: str, labels: dict[str, str]) -> list[float]:
+        """The values of `name`'s samples with these labels (and any hostname label, which names this machine)."""
+        return [s.value for s in samples if s.name == name and {k: v for k, v in s.labels.items() if k.lower() != "hostname"} == labels]
+
+    [requests_total] = values("ts_inference_requests_total", {"model_name": "trio", "model_version": "default"})
+    assert requests_total >= 1
+    # The layout's metrics.yaml declares the ensemble's counters.
+    [batches] = values("ensemble_batches_total", {"ModelName": "trio", "Level": "Model"})
+    assert batches >= 1
 
 
 @pytest.fixture(scope="module")
@@ -427,7 +424,7 @@ def test_runtime_starts_torchserve_on_the_exported_layout(test_store: Path, tmp_
     assert paths == {"model-store": "/mnt/models/model-store", "ts-config": "/mnt/models/config/config.properties"}
     on_disk = {name: layout / PurePosixPath(path).relative_to(MOUNT) for name, path in paths.items()}
     assert sorted(archive.name for archive in on_disk["model-store"].iterdir()) == ["trio.mar"]
-    config = properties(on_disk["ts-config"].read_text())
+    config = read_properties(on_disk["ts-config"])
     assert config["model_store"] == paths["model-store"]
     assert (layout / PurePosixPath(config["metrics_config"]).relative_to(MOUNT)).is_file()
     assert {variable["name"]: variable["value"] for variable in container["env"]}["CONFIG_PATH"] == paths["ts-config"]
@@ -435,7 +432,7 @@ def test_runtime_starts_torchserve_on_the_exported_layout(test_store: Path, tmp_
 
 def test_only_the_scraped_metrics_listener_leaves_loopback() -> None:
     """In the pod, TorchServe's APIs stay on loopback behind the wrapper; only the metrics port Prometheus scrapes is open."""
-    found = listeners(properties(PROFILE.read_text()))
+    found = listeners(read_properties(PROFILE))
     assert found == {
         "inference": ("127.0.0.1", 8085),
         "management": ("127.0.0.1", 8085),

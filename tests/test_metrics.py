@@ -9,15 +9,17 @@ import re
 from pathlib import Path
 from typing import Any
 
+import numpy
 import pytest
+import torch
 import ts
 import yaml
 from ts.context import Context
 
 from handlers.ensemble_handler import EnsembleHandler
 from handlers.ensemble_metrics import COUNTERS, EnsembleMetrics, label_value
-from handlers.inputs.images import decode_image
-from tests.conftest import image_bytes, load_handler, reference_ensemble, serve
+from tests.conftest import image_bytes, load_handler, serve
+from tests.fixture_reference import member_probabilities
 
 ROOT = Path(__file__).resolve().parent.parent
 METRICS_CONFIG = ROOT / "monitoring" / "metrics.yaml"
@@ -84,9 +86,8 @@ def test_first_batch_emits_each_counter_once_with_exact_counts(test_store: Path,
     replies = serve(*trio, requests)
     assert [status for status, _, _ in replies] == [200, 400, 200, 200, 400]
 
-    ensemble = reference_ensemble(test_store, "trio")
     images = mean_images + unanimous_images
-    probs = ensemble.probabilities([decode_image(d, ensemble.spec.limits) for d in images])
+    probs = torch.from_numpy(numpy.stack(list(member_probabilities(test_store, "trio", images).values())))
     votes = probs.argmax(dim=-1)  # [member, image]
     disagreements = int((votes != votes[:1]).any(dim=0).sum())
     abstentions = int((votes[:, 3:] != votes[:1, 3:]).any(dim=0).sum())
@@ -155,8 +156,7 @@ def test_multilabel_batches_count_labels_and_never_abstentions(test_store: Path,
     images = [image_bytes(s) for s in (8, 9, 10)]
     serve(handler, context, [({"body": d}, {"Content-Type": "image/png"}) for d in images])
     handler.metrics.flush()
-    ensemble = reference_ensemble(test_store, "tags")
-    probs = ensemble.probabilities([decode_image(d, ensemble.spec.limits) for d in images])
+    probs = torch.from_numpy(numpy.stack(list(member_probabilities(test_store, "tags", images).values())))
     on = probs >= 0.5  # [member, image, label], the tags ensemble's threshold
     lines = {}
     for record in caplog.records:

@@ -11,7 +11,6 @@ import re
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,8 +19,10 @@ import requests
 import yaml
 from PIL import Image
 
+from handlers.config.files import read_properties
 from monitoring import prometheus_ctl, report
 from monitoring.prometheus_ctl import ALERTS, PROMTOOL, ROOT, Prometheus, PrometheusError, query, write_test_config
+from tests.waiting import wait_for
 
 # Starts a real Prometheus on 127.0.0.1 and runs promtool.
 pytestmark = pytest.mark.integration
@@ -79,16 +80,6 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def wait_for(check, what: str, timeout_s: float = WAIT_S):
-    """Poll `check` until it returns something truthy; fail naming `what` after timeout_s."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if value := check():
-            return value
-        time.sleep(0.25)
-    pytest.fail(f"{what} not seen within {timeout_s} s")
-
-
 # --- the shipped files, through promtool -------------------------------------------------------------
 
 def test_promtool_accepts_the_shipped_config() -> None:
@@ -125,7 +116,7 @@ def test_shipped_config_scrapes_torchserve_every_5s() -> None:
         "rule_files": ["alerts.yml"],
         "scrape_configs": [{"job_name": "torchserve", "metrics_path": "/metrics", "static_configs": [{"targets": ["127.0.0.1:8082"]}]}],
     }
-    shipped = dict(line.split("=", 1) for line in (ROOT / "config.properties").read_text().splitlines() if "=" in line and not line.startswith("#"))
+    shipped = read_properties(ROOT / "config.properties")
     assert shipped["metrics_address"] == "http://127.0.0.1:8082"
 
 
@@ -225,7 +216,7 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]
 
 def test_prometheus_scrapes_itself_on_loopback(prometheus: Prometheus) -> None:
     # Prometheus hands new targets to its scrapers at most every 5 s: the first scrape comes about 5 s after ready.
-    up = wait_for(lambda: query(prometheus.url, 'up{job="prometheus"} == 1'), "up == 1")
+    up = wait_for(lambda: query(prometheus.url, 'up{job="prometheus"} == 1'), "up == 1", WAIT_S)
     assert [(s["metric"]["instance"], s["value"][1]) for s in up] == [(prometheus.url.removeprefix("http://"), "1")]
     assert prometheus.url.startswith("http://127.0.0.1:")
     assert query(prometheus.url, "1 + 1")[0]["value"][1] == "2"
@@ -237,7 +228,7 @@ def test_prometheus_loads_and_evaluates_the_shipped_rules(prometheus: Prometheus
         rules = [(rule["name"], rule["health"]) for group in groups for rule in group["rules"]]
         return rules if rules and all(health != "unknown" for _, health in rules) else []
 
-    assert wait_for(evaluated, "the rules' first evaluation") == [(name, "ok") for name in RECORDED + ALERT_NAMES]
+    assert wait_for(evaluated, "the rules' first evaluation", WAIT_S) == [(name, "ok") for name in RECORDED + ALERT_NAMES]
     assert query(prometheus.url, "ALERTS") == []  # No ensemble counters here, and the self-scrape job is not torchserve.
 
 
@@ -273,8 +264,8 @@ def test_cors_allows_only_prometheus_own_origin(prometheus: Prometheus, origin: 
 
 def test_report_plots_real_series(prometheus: Prometheus, tmp_path: Path) -> None:
     """The report's fetch and draw on series Prometheus really scraped (its own); an empty panel says so."""
-    wait_for(lambda: query(prometheus.url, "count(prometheus_http_requests_total) > 0"), "a first scrape")
-    time.sleep(2.5)  # Three samples a second apart: a rate has two.
+    # Three scrapes a second apart, so that every rate below has at least two samples.
+    wait_for(lambda: query(prometheus.url, 'count_over_time(up{job="prometheus"}[1m]) >= 3'), "three scrapes", WAIT_S)
     panels = [
         report.Panel("Scrapes' samples", 'sum by (job) (scrape_samples_scraped{job=~"$model"})', "short", "{{job}}"),
         report.Panel("HTTP requests/s", 'sum by (handler) (rate(prometheus_http_requests_total{job=~"$model"}[$__rate_interval]))', "reqps", "{{handler}}"),

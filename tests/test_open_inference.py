@@ -9,14 +9,13 @@ from typing import Any
 
 import numpy
 import pytest
-import torch
 from ts.context import Context
 
 from handlers.answers.v2 import output_names, v2_metadata
 from handlers.config.specs import TensorSpec
 from handlers.ensemble_handler import EnsembleHandler
-from handlers.inputs.images import decode_image
-from tests.conftest import image_bytes, instances, load_handler, reference, reference_ensemble, serve, tensor_reference
+from tests.conftest import image_bytes, instances, load_handler, serve
+from tests.fixture_reference import expected_answers, member_probabilities
 
 JSON = {"Content-Type": "application/json"}
 TRIO_OUTPUTS = ["label", "scores", "mobile.label", "mobile.scores", "pool_rgb.label", "pool_rgb.scores", "pool_gray.label", "pool_gray.scores"]
@@ -50,13 +49,6 @@ def outputs_by_name(body: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {output["name"]: output for output in body["outputs"]}
 
 
-def expected_scores(store: Path, name: str, images: list[bytes]) -> torch.Tensor:
-    """probs[member, image, label] of the in-process reference, rounded as answers are."""
-    ensemble = reference_ensemble(store, name)
-    probs = ensemble.probabilities([decode_image(data, ensemble.spec.limits) for data in images])
-    return probs
-
-
 def test_v2_images_answer_with_the_same_labels_and_scores_as_json(trio: tuple[EnsembleHandler, Context], test_store: Path) -> None:
     images = [image_bytes(1), image_bytes(2, fmt="JPEG"), image_bytes(3, size=(20, 50))]
     [(status, body, _)] = serve(*trio, [(as_row(v2_images(images, id="req-7")), JSON)])
@@ -65,22 +57,21 @@ def test_v2_images_answer_with_the_same_labels_and_scores_as_json(trio: tuple[En
     assert body["parameters"]["policy"] == "mean"
     assert body["parameters"]["ensemble_version"] == "2.1"
     assert body["parameters"]["members"] == "mobile,pool_rgb,pool_gray"
-    assert set(body["parameters"]) == {"policy", "members", "ensemble_version", "mobile.sha256", "pool_rgb.sha256", "pool_gray.sha256"}
+    assert set(body["parameters"]) == {"policy", "members", "format", "ensemble_version", "mobile.sha256", "pool_rgb.sha256", "pool_gray.sha256"}
     outputs = outputs_by_name(body)
     assert list(outputs) == TRIO_OUTPUTS
     assert [(o["datatype"], o["shape"]) for o in body["outputs"]] == [("BYTES", [3]), ("FP64", [3, 3])] * 4
-    predictions = reference(test_store, "trio", images)
+    predictions = expected_answers(test_store, "trio", images)
     assert outputs["label"]["data"] == [p["label"] for p in predictions]
     for member in ("mobile", "pool_rgb", "pool_gray"):
         assert outputs[f"{member}.label"]["data"] == [p["members"][member]["label"] for p in predictions]
-    probs = expected_scores(test_store, "trio", images)
-    for m, member in enumerate(("mobile", "pool_rgb", "pool_gray")):
-        assert outputs[f"{member}.scores"]["data"] == pytest.approx(probs[m].flatten().tolist(), abs=1e-4)
-    weights = torch.tensor([1.0, 2.0, 1.0], dtype=torch.float64).view(-1, 1, 1)
-    mean = (probs * weights).sum(dim=0) / weights.sum()
-    assert outputs["scores"]["data"] == pytest.approx(mean.flatten().tolist(), abs=1e-4)
+    probs = member_probabilities(test_store, "trio", images)
+    for member in ("mobile", "pool_rgb", "pool_gray"):
+        assert outputs[f"{member}.scores"]["data"] == pytest.approx(probs[member].flatten().tolist(), abs=1e-5)
+    mean = (probs["mobile"] + 2.0 * probs["pool_rgb"] + probs["pool_gray"]) / 4.0  # pool_rgb has weight 2
+    assert outputs["scores"]["data"] == pytest.approx(mean.flatten().tolist(), abs=1e-5)
     picked = [outputs["scores"]["data"][i * 3 + ["cat", "dog", "fox"].index(p["label"])] for i, p in enumerate(predictions)]
-    assert picked == [p["score"] for p in predictions]
+    assert picked == pytest.approx([p["score"] for p in predictions], abs=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -97,7 +88,7 @@ def test_v2_policy_parameters(trio: tuple[EnsembleHandler, Context], test_store:
     [(status, body, _)] = serve(*trio, [(as_row(v2_images(images, **fields)), {**JSON, **headers})])
     assert status == 200
     assert {k: v for k, v in body["parameters"].items() if k in ("policy", "k")} == policy
-    expected = reference(test_store, "trio", images, **{k: str(v) for k, v in policy.items()})
+    expected = expected_answers(test_store, "trio", images, **{k: str(v) for k, v in policy.items()})
     assert outputs_by_name(body)["label"]["data"] == [p["label"] or "" for p in expected]
 
 
@@ -178,9 +169,9 @@ def test_v2_composes_with_other_forms_in_one_batch(trio: tuple[EnsembleHandler, 
     )
     assert [reply[0] for reply in replies] == [200, 200, 200]
     assert replies[0][2]["X-Ensemble-Batch-Images"] == "5"
-    assert outputs_by_name(replies[0][1])["label"]["data"] == [p["label"] for p in reference(test_store, "trio", [a, b])]
-    assert replies[1][1]["predictions"][0]["label"] == reference(test_store, "trio", [c])[0]["label"]
-    assert outputs_by_name(replies[2][1])["label"]["data"] == [p["label"] for p in reference(test_store, "trio", [c, a], policy="max")]
+    assert outputs_by_name(replies[0][1])["label"]["data"] == [p["label"] for p in expected_answers(test_store, "trio", [a, b])]
+    assert replies[1][1]["predictions"][0]["label"] == expected_answers(test_store, "trio", [c])[0]["label"]
+    assert outputs_by_name(replies[2][1])["label"]["data"] == [p["label"] for p in expected_answers(test_store, "trio", [c, a], policy="max")]
 
 
 @pytest.mark.parametrize(
@@ -194,7 +185,7 @@ def test_v2_composes_with_other_forms_in_one_batch(trio: tuple[EnsembleHandler, 
 def test_grpc_style_inputs_are_read_by_their_bytes(trio: tuple[EnsembleHandler, Context], test_store: Path, row: dict, headers: dict) -> None:
     [(status, body, _)] = serve(*trio, [(row, headers)])
     assert status == 200
-    expected = reference(test_store, "trio", [image_bytes(21)])[0]["label"]
+    expected = expected_answers(test_store, "trio", [image_bytes(21)])[0]["label"]
     got = outputs_by_name(body)["label"]["data"][0] if "outputs" in body else body["predictions"][0]["label"]
     assert got == expected
 
@@ -211,9 +202,9 @@ def test_multilabel_v2_outputs_are_boolean_masks(test_store: Path, tmp_path_fact
     outputs = outputs_by_name(body)
     assert list(outputs)[:2] == ["labels", "scores"]
     assert (outputs["labels"]["datatype"], outputs["labels"]["shape"]) == ("BOOL", [2, 2])
-    predictions = reference(test_store, "tags", images)
+    predictions = expected_answers(test_store, "tags", images)
     assert outputs["labels"]["data"] == [label in p["labels"] for p in predictions for label in ("red", "round")]
-    assert outputs["scores"]["data"] == [p["scores"][label] for p in predictions for label in ("red", "round")]
+    assert outputs["scores"]["data"] == pytest.approx([p["scores"][label] for p in predictions for label in ("red", "round")], abs=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -235,7 +226,7 @@ def test_tensor_ensembles_take_v2_number_tensors(
     doc = {"inputs": [{"name": "x", "shape": [3, 3, 4], "datatype": datatype, "data": data}], "parameters": {"policy": "max"}}
     [(status, body, _)] = serve(*vectors, [(as_row(doc), JSON)])
     assert status == 200
-    expected = tensor_reference(test_store, "vectors", values, policy="max")
+    expected = expected_answers(test_store, "vectors", values, policy="max")
     assert outputs_by_name(body)["label"]["data"] == [p["label"] for p in expected]
 
 

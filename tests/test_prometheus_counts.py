@@ -9,20 +9,21 @@ from __future__ import annotations
 
 import json
 import socket
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy
 import pytest
 import requests
 
 from archive_scripts.torchserve_ctl import Server, private_server, register, start, stop
-from handlers.inputs.images import decode_image
 from monitoring import prometheus_ctl
 from monitoring.prometheus_ctl import Prometheus, query, write_test_config
-from tests.conftest import image_bytes, reference_ensemble
+from tests.conftest import image_bytes
+from tests.fixture_reference import member_probabilities
 from tests.protocol_clients import v2_body
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 TIMEOUT = 60
@@ -56,15 +57,6 @@ def prometheus(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Iter
         prometheus_ctl.stop(instance)
 
 
-def wait_for(check: Callable[[], Any], what: str) -> Any:
-    deadline = time.monotonic() + WAIT_S
-    while time.monotonic() < deadline:
-        if value := check():
-            return value
-        time.sleep(0.5)
-    pytest.fail(f"{what} not seen within {WAIT_S} s")
-
-
 def values(prometheus: Prometheus, promql: str) -> dict[str, float]:
     """An instant query's result as {the one label's value (or ""): number}."""
     out = {}
@@ -94,9 +86,9 @@ def test_prometheus_counts_a_known_mix_exactly(server: Server, prometheus: Prome
         assert requests.post(url, headers=headers, timeout=TIMEOUT, **request).status_code == status
 
     images = singles + multipart + v2_images
-    ensemble = reference_ensemble(test_store, "trio")
-    votes = ensemble.probabilities([decode_image(d, ensemble.spec.limits) for d in images]).argmax(dim=-1)
-    wait_for(lambda: values(prometheus, 'sum(ensemble_images_total{ModelName="trio"})') == {"": 9.0}, "9 images counted")
+    probs = member_probabilities(test_store, "trio", images)
+    votes = numpy.stack([probs[m].argmax(axis=-1) for m in MEMBERS])  # votes[member, image]: each member's argmax
+    wait_for(lambda: values(prometheus, 'sum(ensemble_images_total{ModelName="trio"})') == {"": 9.0}, "9 images counted", WAIT_S)
     assert values(prometheus, 'sum by (Policy) (ensemble_requests_total{ModelName="trio"}) > 0') == {"mean": 3, "majority": 1, "max": 1}
     assert values(prometheus, 'sum by (ErrorType) (ensemble_errors_total{ModelName="trio"}) > 0') == {
         "InvalidImage": 2,
@@ -104,7 +96,7 @@ def test_prometheus_counts_a_known_mix_exactly(server: Server, prometheus: Prome
         "UnsupportedMediaType": 1,
     }
     assert values(prometheus, 'sum by (Member) (ensemble_member_images_total{ModelName="trio"})') == {m: 9 for m in MEMBERS}
-    assert values(prometheus, 'sum(ensemble_disagreements_total{ModelName="trio"})') == {"": int((votes != votes[:1]).any(dim=0).sum())}
+    assert values(prometheus, 'sum(ensemble_disagreements_total{ModelName="trio"})') == {"": int((votes != votes[:1]).any(axis=0).sum())}
     assert values(prometheus, 'sum(ensemble_abstentions_total{ModelName="trio"})') == {"": 0}
     assert values(prometheus, 'sum(ensemble_batch_images_total{ModelName="trio"})') == {"": 9}
     assert values(prometheus, 'sum(ensemble_batches_total{ModelName="trio"})') == {"": len(sent)}

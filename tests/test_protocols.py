@@ -2,8 +2,9 @@
 
 The gRPC client's stubs are generated here from the protos inside the installed TorchServe
 (`tests/grpc_stubs.py`). Every request loop is bounded, and every answer is compared with the
-in-process reference of the same members. The v2 health and metadata routes are asked through our
-gateway (`gateway/open_inference.py`, which `start` runs next to TorchServe) by Triton's own client.
+independent reference (tests/fixture_reference.py: the members' own modules, the documented policies). The v2
+health and metadata routes are asked through our gateway (`gateway/open_inference.py`, which `start` runs next to
+TorchServe) by Triton's own client.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
 from archive_scripts.torchserve_ctl import ROOT, Server, private_server, register, start, start_gateway, stop, stop_gateway
-from tests.conftest import assert_same_predictions, image_bytes, instances, reference, tensor_reference
+from tests.conftest import image_bytes, instances
+from tests.fixture_reference import assert_answers, expected_answers, labels_and_scores
 from tests.protocol_clients import (
     HEALTH_CALLS,
     IMAGES_INPUT,
@@ -46,6 +48,7 @@ from tests.protocol_clients import (
     v2_body,
     v2_labels,
 )
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 TIMEOUT = 60
@@ -92,10 +95,10 @@ def test_v1_predict(server: Server, test_store: Path) -> None:
     instances = [{"b64": base64.b64encode(d).decode()} for d in images]
     response = post(server, "v1/models/trio:predict", {"instances": instances})
     assert response.status_code == 200
-    assert_same_predictions(response.json()["predictions"], reference(test_store, "trio", images))
+    assert_answers(response.json()["predictions"], expected_answers(test_store, "trio", images))
     chosen = post(server, "predictions/trio", {"instances": instances, "parameters": {"policy": "k_of_n", "k": 2}})
     assert chosen.json()["policy"] == {"name": "k_of_n", "params": {"k": 2}}
-    assert_same_predictions(chosen.json()["predictions"], reference(test_store, "trio", images, policy="k_of_n", k="2"))
+    assert_answers(chosen.json()["predictions"], expected_answers(test_store, "trio", images, policy="k_of_n", k="2"))
 
 
 @pytest.mark.parametrize("path", ["v2/models/trio/infer", "predictions/trio"], ids=["v2-route", "predictions-route"])
@@ -105,8 +108,8 @@ def test_v2_infer(server: Server, test_store: Path, path: str) -> None:
     assert response.status_code == 200
     body = response.json()
     assert (body["model_name"], body["model_version"], body["id"], body["parameters"]["policy"]) == ("trio", "2.1", "abc-1", "majority")
-    expected = reference(test_store, "trio", images, policy="majority")
-    assert_same_predictions(v2_as_predictions(body, TRIO_MEMBERS, TRIO_LABELS), expected)
+    expected = expected_answers(test_store, "trio", images, policy="majority")
+    assert_answers(v2_as_predictions(body, TRIO_MEMBERS, TRIO_LABELS), labels_and_scores(expected))
 
 
 def test_v2_error_is_a_v2_body_with_its_status(server: Server) -> None:
@@ -122,7 +125,7 @@ def test_v2_requests_from_8_clients_are_batched_and_split_back(server: Server, t
         responses = list(pool.map(lambda images: post(server, "v2/models/trio/infer", v2_body(images)), payloads))
     assert [r.status_code for r in responses] == [200] * 16
     for response, images in zip(responses, payloads, strict=True):
-        assert_same_predictions(v2_as_predictions(response.json(), TRIO_MEMBERS, TRIO_LABELS), reference(test_store, "trio", images))
+        assert_answers(v2_as_predictions(response.json(), TRIO_MEMBERS, TRIO_LABELS), labels_and_scores(expected_answers(test_store, "trio", images)))
     batch_sizes = [int(r.headers["X-Ensemble-Batch-Requests"]) for r in responses]
     assert max(batch_sizes) >= 2, f"TorchServe did not batch any v2 requests together: {batch_sizes}"
 
@@ -130,12 +133,12 @@ def test_v2_requests_from_8_clients_are_batched_and_split_back(server: Server, t
 def test_v2_multilabel_and_tensor_ensembles(server: Server, test_store: Path) -> None:
     images = [image_bytes(7), image_bytes(8)]
     tags = post(server, "v2/models/tags/infer", v2_body(images)).json()
-    expected = reference(test_store, "tags", images)
+    expected = expected_answers(test_store, "tags", images)
     assert v2_labels(tags, "labels") == [label in p["labels"] for p in expected for label in ("red", "round")]
     values = instances(9, 3)
     doc = {"inputs": [{"name": "x", "shape": [3, 3, 4], "datatype": "FP32", "data": values.flatten().tolist()}]}
     vectors = post(server, "v2/models/vectors/infer", doc).json()
-    assert v2_labels(vectors) == [p["label"] for p in tensor_reference(test_store, "vectors", values)]
+    assert v2_labels(vectors) == [p["label"] for p in expected_answers(test_store, "vectors", values)]
 
 
 @pytest.mark.parametrize(
@@ -154,7 +157,7 @@ def test_grpc_raw_image_answers_the_rest_json(
     assert answer["policy"] == {"name": "max", "params": {}}
     assert answer["answered_by"] == rest.json()["answered_by"] == ["mobile", "pool_rgb", "pool_gray"][: 2 if "members" in params else 3]
     assert answer["predictions"] == rest.json()["predictions"]
-    assert_same_predictions(answer["predictions"], reference(test_store, "trio", [image], **params))
+    assert_answers(answer["predictions"], expected_answers(test_store, "trio", [image], **params))
 
 
 def test_grpc_v2_body_as_the_kserve_wrapper_sends_it(server: Server, test_store: Path, stubs: tuple[ModuleType, ModuleType], channel: grpc.Channel) -> None:
@@ -162,7 +165,7 @@ def test_grpc_v2_body_as_the_kserve_wrapper_sends_it(server: Server, test_store:
     payload = json.dumps(v2_body(images, id="grpc-1")).encode()
     answer = json.loads(grpc_predict(stubs, channel, "trio", {"data": payload}, token=server.key("inference")).prediction)
     assert answer["id"] == "grpc-1"
-    assert_same_predictions(v2_as_predictions(answer, TRIO_MEMBERS, TRIO_LABELS), reference(test_store, "trio", images))
+    assert_answers(v2_as_predictions(answer, TRIO_MEMBERS, TRIO_LABELS), labels_and_scores(expected_answers(test_store, "trio", images)))
 
 
 def test_grpc_from_8_clients(server: Server, test_store: Path, stubs: tuple[ModuleType, ModuleType], channel: grpc.Channel) -> None:
@@ -170,7 +173,7 @@ def test_grpc_from_8_clients(server: Server, test_store: Path, stubs: tuple[Modu
     with ThreadPoolExecutor(max_workers=8) as pool:
         replies = list(pool.map(lambda image: grpc_predict(stubs, channel, "trio", {"data": image}, token=server.key("inference")), images))
     for reply, image in zip(replies, images, strict=True):
-        assert_same_predictions(json.loads(reply.prediction)["predictions"], reference(test_store, "trio", [image]))
+        assert_answers(json.loads(reply.prediction)["predictions"], expected_answers(test_store, "trio", [image]))
 
 
 @pytest.mark.parametrize(
@@ -374,10 +377,7 @@ def test_gateway_exits_once_its_torchserve_is_gone(server: Server, tmp_path: Pat
     command = [sys.executable, "-m", "gateway.open_inference", "--config", str(second.config), "--key-file", str(server.workdir / "key_file.json")]
     gateway = subprocess.Popen([*command, "--torchserve-pid", str(stand_in.pid)], cwd=ROOT, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + TIMEOUT
-        while not _answers(f"{second.gateway}/v2/health/live", server.headers("inference")):
-            assert time.monotonic() < deadline, "the gateway did not answer"
-            time.sleep(0.1)
+        wait_for(lambda: _answers(f"{second.gateway}/v2/health/live", server.headers("inference")), "the gateway's answer", TIMEOUT, every_s=0.1)
         stand_in.kill()
         stand_in.wait()
         began = time.monotonic()

@@ -23,6 +23,7 @@ import requests
 import ts
 
 from archive_scripts.torchserve_ctl import Server, private_server, start, stop
+from handlers.config.files import read_properties
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_BODY = 8 * 1024 * 1024
@@ -37,21 +38,12 @@ KSERVE_CHANGES = {
 }
 
 
-def read_config(path: Path) -> dict[str, str]:
-    settings = {}
-    for line in path.read_text().splitlines():
-        name, sep, value = line.partition("=")
-        if sep and not line.lstrip().startswith("#"):
-            settings[name.strip()] = value.strip()
-    return settings
-
-
 def shipped_config() -> dict[str, str]:
-    return read_config(ROOT / "config.properties")
+    return read_properties(ROOT / "config.properties")
 
 
 def kserve_profile() -> dict[str, str]:
-    return read_config(ROOT / "deploy" / "kserve" / "config.properties")
+    return read_properties(ROOT / "deploy" / "kserve" / "config.properties")
 
 
 def host(address: str) -> str:

@@ -7,13 +7,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy
 import pytest
 import torch
 from ts.context import Context
 
 from handlers.ensemble_handler import EnsembleHandler
-from handlers.inputs.images import decode_image
-from tests.conftest import image_bytes, load_handler, reference_ensemble, serve
+from tests.conftest import image_bytes, load_handler, serve
+from tests.fixture_reference import member_probabilities
 
 LABELS = ("cat", "dog", "fox")
 MEMBERS = ("mobile", "pool_rgb", "pool_gray")
@@ -23,6 +24,11 @@ WEIGHTS = torch.tensor([1.0, 2.0, 1.0], dtype=torch.float64).view(-1, 1, 1)
 @pytest.fixture(scope="module")
 def trio(test_store: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[EnsembleHandler, Context]:
     return load_handler(test_store, "trio", tmp_path_factory.mktemp("trio"))
+
+
+def probabilities(store: Path, images: list[bytes]) -> torch.Tensor:
+    """probs[member, image, label], from the members' own modules (tests/fixture_reference.py), not the server's code."""
+    return torch.from_numpy(numpy.stack(list(member_probabilities(store, "trio", images).values())))
 
 
 def ranked(key: torch.Tensor, shown: torch.Tensor, k: int) -> list[list[dict[str, Any]]]:
@@ -56,8 +62,7 @@ IMAGES = [image_bytes(seed) for seed in (31, 32, 33, 34, 35)]
 def test_top_follows_the_policys_ranking(trio: tuple[EnsembleHandler, Context], test_store: Path, policy: str, k: int) -> None:
     rows = [({"body": image, "policy": policy.encode(), "top_k": str(k).encode()}, {"Content-Type": "image/png"}) for image in IMAGES]
     replies = serve(*trio, rows)
-    ensemble = reference_ensemble(test_store, "trio")
-    probs = ensemble.probabilities([decode_image(image, ensemble.spec.limits) for image in IMAGES])
+    probs = probabilities(test_store, IMAGES)
     want = expected_top(probs, policy, k)
     for i, (status, body, _) in enumerate(replies):
         assert status == 200
@@ -124,8 +129,7 @@ def v2_request(parameters: dict[str, Any], outputs: list[str] | None = None) -> 
 @pytest.mark.parametrize("policy", ["mean", "majority"], ids=str)
 def test_v2_top_k_adds_the_ranked_outputs(trio: tuple[EnsembleHandler, Context], test_store: Path, policy: str) -> None:
     [(status, body, _)] = serve(*trio, [v2_request({"top_k": 2, "policy": policy})])
-    ensemble = reference_ensemble(test_store, "trio")
-    probs = ensemble.probabilities([decode_image(image, ensemble.spec.limits) for image in IMAGES[:3]])
+    probs = probabilities(test_store, IMAGES[:3])
     want = expected_top(probs, policy, 2)
     outputs = {o["name"]: o for o in body["outputs"]}
     assert status == 200

@@ -54,7 +54,8 @@ class Base64Image(BaseModel):
 
 
 class ImageInstances(BaseModel):
-    """Our JSON form for images, which is also KServe v1's: `{"instances": [{"b64": ...}, ...], "parameters": {...}}`."""
+    """Our JSON form for images, which is also KServe v1's:
+    `{"instances": [{"b64": ...}, ...], "parameters": {...}}`."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     instances: tuple[Base64Image, ...]
@@ -232,7 +233,7 @@ def _check_no_part_dropped(row: Mapping[str, Any], headers: Mapping[str, str]) -
     parts, only that Content-Length is larger than the parts it did receive.
     """
     declared = headers.get("content-length")
-    if declared is None or not declared.isdigit():
+    if declared is None or not (declared.isascii() and declared.isdigit()):
         return
     boundary = re.search(r'boundary="?([^";]+)"?', headers.get("content-type", ""))
     delimiter = len(boundary.group(1)) + 4 if boundary else 0
