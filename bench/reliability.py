@@ -114,7 +114,12 @@ def ensemble_doc(version: str, members: list[tuple[str, str]], timeout_s: int = 
         "limits": {"max_images_per_request": MAX_IMAGES, "formats": ["JPEG", "PNG", "GIF"]},
         "batching": {"batch_size": 8, "max_batch_delay_ms": 2, "workers": 1, "response_timeout_s": timeout_s},
         "members": [
-            {"name": name, "arch": f"reliability_models.py:{cls}", "kwargs": {"num_classes": 2}, "weights": f"{name}.pt"}
+            {
+                "name": name,
+                "arch": f"reliability_models.py:{cls}",
+                "kwargs": {"num_classes": 2},
+                "weights": f"{name}.pt",
+            }
             for name, cls in members
         ],
     }
@@ -170,7 +175,9 @@ def running(workdir: Path, store: Path, port_offset: int, overrides: dict[str, s
 
 
 def manage(server: Server, method: str, path: str, **params: Any) -> requests.Response:
-    return requests.request(method, f"{server.management}{path}", params=params, headers=server.headers("management"), timeout=120)
+    return requests.request(
+        method, f"{server.management}{path}", params=params, headers=server.headers("management"), timeout=120
+    )
 
 
 def register(server: Server, archive: str) -> requests.Response:
@@ -221,40 +228,61 @@ def bad_inputs(server: Server, ledger: Ledger, reference: Ensemble) -> list[dict
 
     with ThreadPoolExecutor(2 * len(cases)) as pool:
         case_answers = [pool.submit(send_case, case) for case in cases]
-        good_answers = [pool.submit(ledger.post, predictions_url(server, "rel"), **png_post(server, data)) for data in goods]
+        good_answers = [
+            pool.submit(ledger.post, predictions_url(server, "rel"), **png_post(server, data)) for data in goods
+        ]
         case_responses = [future.result() for future in case_answers]
         good_responses = [future.result() for future in good_answers]
     rows = []
     for case, response in zip(cases, case_responses, strict=True):
         rows.append(judge(case, response, reference))
     good_ok = sum(
-        r is not None and r.status_code == 200 and same_predictions(r.json()["predictions"], expected_predictions(reference, [data]))
+        r is not None
+        and r.status_code == 200
+        and same_predictions(r.json()["predictions"], expected_predictions(reference, [data]))
         for r, data in zip(good_responses, goods, strict=True)
     )
-    rows.append({
-        "case": f"{len(goods)} good requests in the same batches",
-        "expected": "200", "got": f"{good_ok} x 200", "ok": good_ok == len(goods),
-        "statuses": [None if r is None else r.status_code for r in good_responses],
-    })
+    rows.append(
+        {
+            "case": f"{len(goods)} good requests in the same batches",
+            "expected": "200",
+            "got": f"{good_ok} x 200",
+            "ok": good_ok == len(goods),
+            "statuses": [None if r is None else r.status_code for r in good_responses],
+        }
+    )
     after = worker_pid(server, "rel")
-    rows.append({
-        "case": "worker kept serving", "expected": str(pid), "got": str(after), "ok": after == pid,
-        "pid_before": pid, "pid_after": after,
-    })
+    rows.append(
+        {
+            "case": "worker kept serving",
+            "expected": str(pid),
+            "got": str(after),
+            "ok": after == pid,
+            "pid_before": pid,
+            "pid_after": after,
+        }
+    )
     return rows
 
 
 def judge(case: BadInput, response: requests.Response | None, reference: Ensemble) -> dict[str, Any]:
     """Whether one case got its status, a JSON {code, type, message} error, or predictions equal to its twin's."""
     row = {
-        "case": case.name, "expected": f"{case.status} {case.type or ''}".strip(), "got": "no answer", "ok": False,
-        "status": None, "type": None,
+        "case": case.name,
+        "expected": f"{case.status} {case.type or ''}".strip(),
+        "got": "no answer",
+        "ok": False,
+        "status": None,
+        "type": None,
     }
     if response is None:
         return row
     row["status"] = response.status_code
     if not case.json_error:
-        row.update(got=f"{response.status_code} (TorchServe's frontend: {response.text.strip()[:60] or 'empty body'})", ok=response.status_code == case.status)
+        row.update(
+            got=f"{response.status_code} (TorchServe's frontend: {response.text.strip()[:60] or 'empty body'})",
+            ok=response.status_code == case.status,
+        )
         return row
     try:
         body = response.json()
@@ -262,18 +290,24 @@ def judge(case: BadInput, response: requests.Response | None, reference: Ensembl
         row["got"] = f"{response.status_code} (not JSON)"
         return row
     if case.status == 200:
-        matches = response.status_code == 200 and same_predictions(body["predictions"], expected_predictions(reference, list(case.same_as)))
+        matches = response.status_code == 200 and same_predictions(
+            body["predictions"], expected_predictions(reference, list(case.same_as))
+        )
         row.update(got=f"{response.status_code}" + ("" if matches else " (other predictions)"), ok=matches)
         return row
     error_type = body.get("type") if isinstance(body, dict) else None
     has_fields = isinstance(body, dict) and {"code", "type", "message"} <= set(body) and bool(body["message"])
-    row["got"] = f"{response.status_code} {error_type}: {body.get('message', '') if isinstance(body, dict) else ''}"[:160]
+    row["got"] = f"{response.status_code} {error_type}: {body.get('message', '') if isinstance(body, dict) else ''}"[
+        :160
+    ]
     row["type"] = error_type
     row["ok"] = response.status_code == case.status and has_fields and (case.type is None or error_type == case.type)
     return row
 
 
-def cross_talk(server: Server, ledger: Ledger, reference: Ensemble, *, inputs: int = 1000, clients: int = 64) -> dict[str, Any]:
+def cross_talk(
+    server: Server, ledger: Ledger, reference: Ensemble, *, inputs: int = 1000, clients: int = 64
+) -> dict[str, Any]:
     """`inputs` distinct images in requests of 1-3, from `clients` threads: every answer must be its own."""
     images = [encoded(photo(5000 + i, (32, 32))) for i in range(inputs)]
     requests_of, cursor = [], 0
@@ -286,18 +320,28 @@ def cross_talk(server: Server, ledger: Ledger, reference: Ensemble, *, inputs: i
     def send(indices: list[int]) -> bool:
         files = [(f"p{i}", (f"{i}.png", images[i], "image/png")) for i in indices]
         response = ledger.post(predictions_url(server, "rel"), files=files, headers=server.headers("inference"))
-        return response is not None and response.status_code == 200 and same_predictions(
-            response.json()["predictions"], [expected[i] for i in indices]
+        return (
+            response is not None
+            and response.status_code == 200
+            and same_predictions(response.json()["predictions"], [expected[i] for i in indices])
         )
 
     began = time.monotonic()
     with ThreadPoolExecutor(clients) as pool:
         outcomes = list(pool.map(send, requests_of))
-    return {"inputs": inputs, "requests": len(requests_of), "clients": clients, "matched": sum(outcomes), "seconds": round(time.monotonic() - began, 1)}
+    return {
+        "inputs": inputs,
+        "requests": len(requests_of),
+        "clients": clients,
+        "matched": sum(outcomes),
+        "seconds": round(time.monotonic() - began, 1),
+    }
 
 
 @contextmanager
-def traffic(send: Callable[[], requests.Response | None], clients: int) -> Iterator[list[tuple[float, float, int | None, Any]]]:
+def traffic(
+    send: Callable[[], requests.Response | None], clients: int
+) -> Iterator[list[tuple[float, float, int | None, Any]]]:
     """Clients sending back to back until the block ends; yields (start, end, status, body) per request."""
     log: list[tuple[float, float, int | None, Any]] = []
     stop_event = threading.Event()
@@ -342,7 +386,10 @@ def kill_worker(server: Server, ledger: Ledger) -> dict[str, Any]:
     """
     image = encoded(photo(7, (32, 32)))
     pid = worker_pid(server, "rel")
-    with traffic(lambda: ledger.post(predictions_url(server, "rel"), expect_5xx=True, **png_post(server, image)), clients=KILL_CLIENTS) as log:
+    with traffic(
+        lambda: ledger.post(predictions_url(server, "rel"), expect_5xx=True, **png_post(server, image)),
+        clients=KILL_CLIENTS,
+    ) as log:
         time.sleep(1.0)
         killed_at = time.monotonic()
         os.kill(pid, signal.SIGKILL)
@@ -478,7 +525,9 @@ def overload(server: Server, ledger: Ledger, mode: Mode) -> dict[str, Any]:
     files = [(f"p{i}", (f"{i}.png", data, "image/png")) for i, data in enumerate(images)]
 
     def send() -> requests.Response | None:
-        return ledger.post(predictions_url(server, "rel"), expect_5xx=True, files=files, headers=server.headers("inference"))
+        return ledger.post(
+            predictions_url(server, "rel"), expect_5xx=True, files=files, headers=server.headers("inference")
+        )
 
     with traffic(send, clients=32) as log:
         time.sleep(mode.overload_s)
@@ -508,7 +557,10 @@ def token_expiry(server: Server, ledger: Ledger, started_at: float) -> dict[str,
     expired = ledger.post(predictions_url(server, "rel"), **png_post(server, image))
     missing = ledger.post(predictions_url(server, "rel"), data=image, headers={"Content-Type": "image/png"})
     refreshed = requests.post(
-        f"{server.management}/token", params={"type": "inference"}, headers=server.headers("API"), timeout=CLIENT_TIMEOUT_S
+        f"{server.management}/token",
+        params={"type": "inference"},
+        headers=server.headers("API"),
+        timeout=CLIENT_TIMEOUT_S,
     )
     accepted = ledger.post(predictions_url(server, "rel"), **png_post(server, image))
     return {
@@ -563,7 +615,10 @@ def run_suite(mode: Mode, workdir: Path) -> dict[str, Any]:
 
 def table(report: dict[str, Any]) -> str:
     lines = ["| bad input | expected | got | ok |", "|---|---|---|---|"]
-    lines += [f"| {r['case']} | {r['expected']} | {r['got']} | {'yes' if r['ok'] else '**NO**'} |" for r in report["bad_inputs"]]
+    lines += [
+        f"| {r['case']} | {r['expected']} | {r['got']} | {'yes' if r['ok'] else '**NO**'} |"
+        for r in report["bad_inputs"]
+    ]
     lines += ["", "| fault | outcome |", "|---|---|"]
     for fault in report["faults"]:
         details = ", ".join(f"{k}={v}" for k, v in fault.items() if k != "fault")

@@ -14,9 +14,21 @@ from safetensors.torch import save_file
 from torch import nn
 
 CHEXNET_LABELS = [
-    "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
-    "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia",
-]  # fmt: skip
+    "Atelectasis",
+    "Cardiomegaly",
+    "Effusion",
+    "Infiltration",
+    "Mass",
+    "Nodule",
+    "Pneumonia",
+    "Pneumothorax",
+    "Consolidation",
+    "Edema",
+    "Emphysema",
+    "Fibrosis",
+    "Pleural_Thickening",
+    "Hernia",
+]
 CHEXNET_RULES = {
     "key": "state_dict",
     "strip_prefix": ["module.", "densenet121."],
@@ -56,7 +68,9 @@ def randomize(module: nn.Module, seed: int) -> nn.Module:
 
 def old_densenet_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """DenseNet keys as torchvision wrote them before 0.4: `norm.1` for `norm1`, `conv.2` for `conv2`."""
-    return {re.sub(r"(denselayer\d+\.(?:norm|relu|conv))([12])\.", r"\1.\2.", key): value for key, value in state.items()}
+    return {
+        re.sub(r"(denselayer\d+\.(?:norm|relu|conv))([12])\.", r"\1.\2.", key): value for key, value in state.items()
+    }
 
 
 def chexnet(seed: int = 3) -> CheXNet:

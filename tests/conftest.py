@@ -62,8 +62,19 @@ def write_ensemble(folder: Path, name: str = "trio", *, task: str = "multiclass"
         "input": {"size": [32, 32]},
         "batching": {"batch_size": 8, "max_batch_delay_ms": 300, "workers": 1, "micro_batch_size": 4},
         "members": [
-            {"name": "mobile", "arch": "torchvision:mobilenet_v3_small", "kwargs": {"num_classes": len(labels)}, "weights": "mobile.pt"},
-            {"name": "pool_rgb", "arch": "fixture_models.py:PoolNet", "kwargs": {"num_classes": len(labels)}, "weights": "pool_rgb.pt", "weight": 2.0},
+            {
+                "name": "mobile",
+                "arch": "torchvision:mobilenet_v3_small",
+                "kwargs": {"num_classes": len(labels)},
+                "weights": "mobile.pt",
+            },
+            {
+                "name": "pool_rgb",
+                "arch": "fixture_models.py:PoolNet",
+                "kwargs": {"num_classes": len(labels)},
+                "weights": "pool_rgb.pt",
+                "weight": 2.0,
+            },
             {
                 "name": "pool_gray",
                 "arch": "fixture_models.py:PoolNet",
@@ -90,7 +101,9 @@ def write_tensor_ensemble(folder: Path, name: str = "vectors") -> Path:
     for member, hidden in (("narrow", 8), ("wide", 32)):
         torch.save(TinyMLP(in_features=12, num_classes=3, hidden=hidden).state_dict(), folder / f"{member}.pt")
         kwargs = {"in_features": 12, "num_classes": 3, "hidden": hidden}
-        members.append({"name": member, "arch": "fixture_models.py:TinyMLP", "kwargs": kwargs, "weights": f"{member}.pt"})
+        members.append(
+            {"name": member, "arch": "fixture_models.py:TinyMLP", "kwargs": kwargs, "weights": f"{member}.pt"}
+        )
     ensemble = {
         "version": "1.0",
         "task": "multiclass",
@@ -233,7 +246,9 @@ def make_context(model_dir: Path, name: str, metrics_config: Path | None = None)
     return Context(name, str(model_dir), {}, 8, None, "0.12.0", metrics=metrics)
 
 
-def load_handler(store: Path, name: str, folder: Path, metrics_config: Path | None = None) -> tuple[EnsembleHandler, Context]:
+def load_handler(
+    store: Path, name: str, folder: Path, metrics_config: Path | None = None
+) -> tuple[EnsembleHandler, Context]:
     """A test archive unpacked into `folder` and loaded by the real handler, as a TorchServe worker loads it."""
     context = make_context(extract(store, name, folder), name, metrics_config)
     handler = EnsembleHandler()

@@ -35,7 +35,9 @@ class TinyMLP(nn.Module):
 
     def __init__(self, *, in_features: int, num_classes: int, hidden: int = 16) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+        self.net = nn.Sequential(
+            nn.Flatten(), nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, num_classes)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -82,7 +84,9 @@ class StructuredNet(PoolNet):
 
     def forward(self, x: torch.Tensor) -> Any:
         logits = super().forward(x)
-        scores = {None: logits, "softmax": torch.softmax(logits, dim=1), "sigmoid": torch.sigmoid(logits)}[self.activation]
+        scores = {None: logits, "softmax": torch.softmax(logits, dim=1), "sigmoid": torch.sigmoid(logits)}[
+            self.activation
+        ]
         boxes = x.mean(dim=(2, 3)).repeat(1, 2)[:, :4]
         if self.form == "tuple":
             return boxes, scores

@@ -41,12 +41,22 @@ HEALTH_CALLS = [
 ]
 # (name, datatype, shape) of trio's v2 outputs (multiclass over 3 labels, members mobile, pool_rgb, pool_gray).
 TRIO_OUTPUTS = [
-    ("label", "BYTES", [-1]), ("scores", "FP64", [-1, 3]), ("top_labels", "BYTES", [-1, -1]), ("top_scores", "FP64", [-1, -1]),
-    ("mobile.label", "BYTES", [-1]), ("mobile.scores", "FP64", [-1, 3]),
-    ("pool_rgb.label", "BYTES", [-1]), ("pool_rgb.scores", "FP64", [-1, 3]),
-    ("pool_gray.label", "BYTES", [-1]), ("pool_gray.scores", "FP64", [-1, 3]),
-    ("skipped", "BYTES", [-1]), ("deferred", "BOOL", [-1]), ("entropy", "FP64", [-1]), ("expected_entropy", "FP64", [-1]),
-    ("mutual_information", "FP64", [-1]), ("vote_margin", "FP64", [-1]),
+    ("label", "BYTES", [-1]),
+    ("scores", "FP64", [-1, 3]),
+    ("top_labels", "BYTES", [-1, -1]),
+    ("top_scores", "FP64", [-1, -1]),
+    ("mobile.label", "BYTES", [-1]),
+    ("mobile.scores", "FP64", [-1, 3]),
+    ("pool_rgb.label", "BYTES", [-1]),
+    ("pool_rgb.scores", "FP64", [-1, 3]),
+    ("pool_gray.label", "BYTES", [-1]),
+    ("pool_gray.scores", "FP64", [-1, 3]),
+    ("skipped", "BYTES", [-1]),
+    ("deferred", "BOOL", [-1]),
+    ("entropy", "FP64", [-1]),
+    ("expected_entropy", "FP64", [-1]),
+    ("mutual_information", "FP64", [-1]),
+    ("vote_margin", "FP64", [-1]),
 ]
 IMAGES_INPUT = ("data", "BYTES", [-1])
 
@@ -62,7 +72,13 @@ def generate(into: Path) -> tuple[ModuleType, ModuleType]:
         f"-I{Path(grpc_tools.__file__).parent / '_proto'}",
         f"-I{Path(next(iter(google.rpc.__path__))).parent.parent}",
     ]
-    args = ["protoc", *includes, f"--python_out={into}", f"--grpc_python_out={into}", *(str(into / name) for name in PROTOS)]
+    args = [
+        "protoc",
+        *includes,
+        f"--python_out={into}",
+        f"--grpc_python_out={into}",
+        *(str(into / name) for name in PROTOS),
+    ]
     if protoc.main(args) != 0:
         raise RuntimeError(f"grpc_tools.protoc failed on {PROTOS} from {JAR}")
     sys.path.insert(0, str(into))
@@ -91,7 +107,13 @@ def v2_as_predictions(body: dict[str, Any], members: list[str], labels: list[str
 
 
 def grpc_predict(
-    stubs: tuple[ModuleType, ModuleType], channel: grpc.Channel, name: str, inputs: dict[str, bytes], *, token: str | None, timeout: float = 60
+    stubs: tuple[ModuleType, ModuleType],
+    channel: grpc.Channel,
+    name: str,
+    inputs: dict[str, bytes],
+    *,
+    token: str | None,
+    timeout: float = 60,
 ) -> Any:
     """TorchServe's `Predictions` call; `token` is the inference key, sent as gRPC metadata when given."""
     messages, services = stubs
@@ -113,11 +135,15 @@ def triton_client(base_url: str) -> triton.InferenceServerClient:
 def triton_images(images: list[bytes]) -> triton.InferInput:
     """`images` as tritonclient's BYTES input of base64 strings, its data sent as JSON (our handler refuses the binary extension)."""
     tensor = triton.InferInput("images", [len(images)], "BYTES")
-    tensor.set_data_from_numpy(numpy.array([base64.b64encode(image).decode() for image in images], dtype=object), binary_data=False)
+    tensor.set_data_from_numpy(
+        numpy.array([base64.b64encode(image).decode() for image in images], dtype=object), binary_data=False
+    )
     return tensor
 
 
-def model_metadata(name: str, version: str, input_: tuple[str, str, list[int]], outputs: list[tuple[str, str, list[int]]]) -> dict[str, Any]:
+def model_metadata(
+    name: str, version: str, input_: tuple[str, str, list[int]], outputs: list[tuple[str, str, list[int]]]
+) -> dict[str, Any]:
     """The v2 model metadata the gateway answers, from (name, datatype, shape) triples."""
     fields = ("name", "datatype", "shape")
     return {

@@ -23,7 +23,13 @@ def test_verdict_needs_the_whole_interval_on_one_side(low: float, high: float, e
 
 
 def test_rounds_that_agree_have_no_spread() -> None:
-    assert ratio_interval([1.02, 1.02, 1.02], 0.97) == {"ratio": 1.02, "ci_low": 1.02, "ci_high": 1.02, "rounds": 3, "verdict": "met"}
+    assert ratio_interval([1.02, 1.02, 1.02], 0.97) == {
+        "ratio": 1.02,
+        "ci_low": 1.02,
+        "ci_high": 1.02,
+        "rounds": 3,
+        "verdict": "met",
+    }
 
 
 def test_a_spread_of_rounds_widens_the_interval_around_their_median() -> None:
@@ -36,7 +42,13 @@ def test_a_spread_of_rounds_widens_the_interval_around_their_median() -> None:
 
 
 def test_one_round_judges_nothing() -> None:
-    assert ratio_interval([1.5], 0.97) == {"ratio": 1.5, "ci_low": 1.5, "ci_high": 1.5, "rounds": 1, "verdict": "inconclusive"}
+    assert ratio_interval([1.5], 0.97) == {
+        "ratio": 1.5,
+        "ci_low": 1.5,
+        "ci_high": 1.5,
+        "rounds": 1,
+        "verdict": "inconclusive",
+    }
 
 
 def test_every_round_below_target_is_missed() -> None:

@@ -49,9 +49,14 @@ def test_alternating_rounds_put_every_sender_in_every_position() -> None:
 
     names = ["a", "b", "c", "d"]
     points = alternating_rounds(
-        {name: sender(name) for name in names}, {name: EXPECTED for name in names}, requests_for(1, 1, 6),
-        clients=1, rounds=4, seconds=5, load="test",
-    )  # fmt: skip
+        {name: sender(name) for name in names},
+        {name: EXPECTED for name in names},
+        requests_for(1, 1, 6),
+        clients=1,
+        rounds=4,
+        seconds=5,
+        load="test",
+    )
     assert calls == ["a", "b", "c", "d", "b", "c", "d", "a", "c", "d", "a", "b", "d", "a", "b", "c"]
     assert [len(points[name]) for name in names] == [4, 4, 4, 4]
 
@@ -71,18 +76,30 @@ def one_at_a_time(service_s: float) -> Any:
 def test_open_loop_charges_a_server_that_falls_behind_for_the_whole_wait() -> None:
     """100 arrivals/s for 0.5 s at a server of 50/s: about 50 arrive, the last ones after a backlog of about
     0.5 s. Timed from the scheduled arrival, p99 shows that wait; a closed-loop client would see 20 ms."""
-    point = open_loop(one_at_a_time(0.02), requests_for(6, 1, 6), labels_judge(EXPECTED), rate_per_s=100, seconds=0.5, seed=3)
+    point = open_loop(
+        one_at_a_time(0.02), requests_for(6, 1, 6), labels_judge(EXPECTED), rate_per_s=100, seconds=0.5, seed=3
+    )
     assert 30 <= point.requests <= 80 and (point.errors, point.mismatches) == (0, 0)
     assert point.p99_ms > 250
     assert point.images_per_s < 55
 
 
 def test_open_loop_below_capacity_waits_little() -> None:
-    point = open_loop(one_at_a_time(0.005), requests_for(6, 1, 6), labels_judge(EXPECTED), rate_per_s=20, seconds=0.5, seed=3)
+    point = open_loop(
+        one_at_a_time(0.005), requests_for(6, 1, 6), labels_judge(EXPECTED), rate_per_s=20, seconds=0.5, seed=3
+    )
     assert point.requests >= 3 and (point.errors, point.mismatches) == (0, 0)
     assert point.p50_ms < 50
 
 
 def test_open_loop_counts_answers_after_the_drain_as_errors() -> None:
-    point = open_loop(one_at_a_time(0.3), requests_for(6, 1, 6), labels_judge(EXPECTED), rate_per_s=40, seconds=0.2, seed=1, drain_s=0.1)
+    point = open_loop(
+        one_at_a_time(0.3),
+        requests_for(6, 1, 6),
+        labels_judge(EXPECTED),
+        rate_per_s=40,
+        seconds=0.2,
+        seed=1,
+        drain_s=0.1,
+    )
     assert point.errors >= 1 and point.errors + point.latency_samples == point.requests

@@ -15,12 +15,16 @@ from handlers.inputs.images import decode_image
 from tests.conftest import image_bytes, write_ensemble
 
 
-def spec_for(folder: Path, task: str, policy: str):  # noqa: ANN201
+def spec_for(folder: Path, task: str, policy: str):
     return load_ensembles(write_ensemble(folder, task=task, policy={"name": policy}))["trio"]
 
 
-@pytest.mark.parametrize(("task", "policy"), [("multiclass", "mean"), ("binary", "majority")], ids=["multiclass-mean", "binary-majority"])
-def test_the_reference_and_our_members_agree_though_they_share_no_input_code(tmp_path: Path, task: str, policy: str) -> None:
+@pytest.mark.parametrize(
+    ("task", "policy"), [("multiclass", "mean"), ("binary", "majority")], ids=["multiclass-mean", "binary-majority"]
+)
+def test_the_reference_and_our_members_agree_though_they_share_no_input_code(
+    tmp_path: Path, task: str, policy: str
+) -> None:
     spec = spec_for(tmp_path, task, policy)
     images = [image_bytes(seed, size=(40, 30)) for seed in range(6)]
     found = reference_answers(spec, images)
@@ -31,7 +35,10 @@ def test_the_reference_and_our_members_agree_though_they_share_no_input_code(tmp
         torch.testing.assert_close(probs[m].float(), theirs, atol=1e-5, rtol=0)
     gate = Gate(spec)
     body = ours.render(probs, spec.policy)
-    answers = [Answer({n: (v["label"], v["score"]) for n, v in e["members"].items()}, e["label"], e["score"]) for e in body["predictions"]]
+    answers = [
+        Answer({n: (v["label"], v["score"]) for n, v in e["members"].items()}, e["label"], e["score"])
+        for e in body["predictions"]
+    ]
     assert [gate.problem(a, e) for a, e in zip(answers, found, strict=True)] == [None] * len(images)
 
 
@@ -61,15 +68,40 @@ RIGHT = {"mobile": ("present", 0.9), "pool_rgb": ("absent", 0.8), "pool_gray": (
     [
         (RIGHT, "present", 2 / 3, None),
         (RIGHT, "present", 2 / 3 + 1e-4, None),
-        ({**RIGHT, "pool_rgb": ("present", 0.2)}, "present", 1.0, "pool_rgb: label 'present', expected 'absent' (p [0.8000, 0.2000])"),
+        (
+            {**RIGHT, "pool_rgb": ("present", 0.2)},
+            "present",
+            1.0,
+            "pool_rgb: label 'present', expected 'absent' (p [0.8000, 0.2000])",
+        ),
         (RIGHT, "absent", 1 / 3, "combined label 'absent', expected 'present'"),
         (RIGHT, "present", 0.5, "combined score 0.500000, expected 0.666667"),
-        ({**RIGHT, "mobile": ("present", 0.95)}, "present", 2 / 3, "mobile: score 0.950000 for 'present', expected 0.900000"),
-        ({"mobile": ("present", 0.9)}, "present", 1.0, "members ['mobile'], expected ['mobile', 'pool_gray', 'pool_rgb']"),
+        (
+            {**RIGHT, "mobile": ("present", 0.95)},
+            "present",
+            2 / 3,
+            "mobile: score 0.950000 for 'present', expected 0.900000",
+        ),
+        (
+            {"mobile": ("present", 0.9)},
+            "present",
+            1.0,
+            "members ['mobile'], expected ['mobile', 'pool_gray', 'pool_rgb']",
+        ),
     ],
-    ids=["right", "score-within-tolerance", "member-label", "combined-label", "combined-score", "member-score", "member-missing"],
+    ids=[
+        "right",
+        "score-within-tolerance",
+        "member-label",
+        "combined-label",
+        "combined-score",
+        "member-score",
+        "member-missing",
+    ],
 )
-def test_the_gate_names_what_is_wrong(tmp_path: Path, members: dict, label: str, score: float, problem: str | None) -> None:
+def test_the_gate_names_what_is_wrong(
+    tmp_path: Path, members: dict, label: str, score: float, problem: str | None
+) -> None:
     gate = Gate(spec_for(tmp_path, "binary", "majority"))
     probs = {"mobile": (0.1, 0.9), "pool_rgb": (0.8, 0.2), "pool_gray": (0.4, 0.6)}
     assert gate.problem(Answer(members, label, score), Expected(probs, gate.combine(probs))) == problem

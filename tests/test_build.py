@@ -32,7 +32,9 @@ def test_archive_contents(test_store: Path) -> None:
         manifest = json.loads(archive.read("ensemble.json"))
         model_config = yaml.safe_load(archive.read("model-config.yaml"))
         mar_manifest = json.loads(archive.read("MAR-INF/MANIFEST.json"))
-        digests_ok = {rel: hashlib.sha256(archive.read(rel)).hexdigest() == digest for rel, digest in manifest["digests"].items()}
+        digests_ok = {
+            rel: hashlib.sha256(archive.read(rel)).hexdigest() == digest for rel, digest in manifest["digests"].items()
+        }
     assert {"ensemble_handler.py", "ensemble.json", "model-config.yaml", "code/fixture_models.py"} <= names
     assert {"members/mobile.safetensors", "members/pool_rgb.safetensors", "members/pool_gray.safetensors"} <= names
     shipped = sorted(path.relative_to(ROOT).as_posix() for path in (ROOT / "handlers").rglob("*.py"))
@@ -42,7 +44,13 @@ def test_archive_contents(test_store: Path) -> None:
     assert not any("__pycache__" in name for name in names)
     assert mar_manifest["model"]["handler"] == "ensemble_handler.py"
     assert (mar_manifest["model"]["modelName"], mar_manifest["model"]["modelVersion"]) == ("trio", "2.1")
-    assert model_config == {"minWorkers": 1, "maxWorkers": 1, "batchSize": 8, "maxBatchDelay": 300, "responseTimeout": 60}
+    assert model_config == {
+        "minWorkers": 1,
+        "maxWorkers": 1,
+        "batchSize": 8,
+        "maxBatchDelay": 300,
+        "responseTimeout": 60,
+    }
     assert set(digests_ok.values()) == {True}
     spec = source_spec(test_store, "trio")
     archived = ["members/mobile.safetensors", "members/pool_rgb.safetensors", "members/pool_gray.safetensors"]
@@ -50,13 +58,23 @@ def test_archive_contents(test_store: Path) -> None:
     assert [m["sha256"] for m in manifest["ensemble"]["members"]] == [manifest["digests"][rel] for rel in archived]
     assert not any("state_dict" in m for m in manifest["ensemble"]["members"])
     assert manifest["sources"] == {
-        m.name: {"file": m.weights, "sha256": sha256_of(spec.base_dir / m.weights), "state_dict": {}} for m in spec.members
+        m.name: {"file": m.weights, "sha256": sha256_of(spec.base_dir / m.weights), "state_dict": {}}
+        for m in spec.members
     }
-    assert set(manifest["build"]) == {"built_at", "python", "torch", "torchvision", "torchserve", "torch_model_archiver"}
+    assert set(manifest["build"]) == {
+        "built_at",
+        "python",
+        "torch",
+        "torchvision",
+        "torchserve",
+        "torch_model_archiver",
+    }
     assert (manifest["build"]["torch"], manifest["build"]["torchserve"]) == (torch.__version__, "0.12.0")
 
 
-def failing_build(ensemble_yaml: Callable[..., Path], tmp_path: Path, change: Callable[[dict, Path], None]) -> tuple[Exception, Path]:
+def failing_build(
+    ensemble_yaml: Callable[..., Path], tmp_path: Path, change: Callable[[dict, Path], None]
+) -> tuple[Exception, Path]:
     """Build a good archive, break the source, rebuild; return the error and the store."""
     path = ensemble_yaml()
     store = tmp_path / "store"

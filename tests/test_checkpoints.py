@@ -50,14 +50,24 @@ def original(seed: int = 5) -> dict[str, torch.Tensor]:
     return original_module(seed).state_dict()
 
 
-def load(folder: Path, file_name: str, rules: dict[str, Any], *, arch: str = POOLNET, kwargs: dict | None = None) -> dict[str, torch.Tensor]:
+def load(
+    folder: Path, file_name: str, rules: dict[str, Any], *, arch: str = POOLNET, kwargs: dict | None = None
+) -> dict[str, torch.Tensor]:
     """The member's weights as the build normalizes them, through ensembles.yaml's own parser."""
     return fit(folder, file_name, rules, arch=arch, kwargs=kwargs).state
 
 
-def fit(folder: Path, file_name: str, rules: dict[str, Any], *, arch: str = POOLNET, kwargs: dict | None = None) -> Fitted:
+def fit(
+    folder: Path, file_name: str, rules: dict[str, Any], *, arch: str = POOLNET, kwargs: dict | None = None
+) -> Fitted:
     """The member's weights as the build fits them, with what torch's own loading rules filled or dropped."""
-    member = {"name": "m", "arch": arch, "kwargs": kwargs or {"num_classes": 3}, "weights": file_name, "state_dict": rules}
+    member = {
+        "name": "m",
+        "arch": arch,
+        "kwargs": kwargs or {"num_classes": 3},
+        "weights": file_name,
+        "state_dict": rules,
+    }
     if not rules:
         del member["state_dict"]
     spec = parse_member(folder, member)
@@ -65,7 +75,13 @@ def fit(folder: Path, file_name: str, rules: dict[str, Any], *, arch: str = POOL
 
 
 def parse_member(folder: Path, member: dict[str, Any]) -> MemberSpec:
-    doc = {"version": "1", "task": "multiclass", "labels": ["a", "b", "c"], "input": {"size": [16, 16]}, "members": [member]}
+    doc = {
+        "version": "1",
+        "task": "multiclass",
+        "labels": ["a", "b", "c"],
+        "input": {"size": [16, 16]},
+        "members": [member],
+    }
     (folder / "ensembles.yaml").write_text(yaml.safe_dump({"ensembles": {"e": doc}}))
     return load_ensembles(folder / "ensembles.yaml")["e"].members[0]
 
@@ -98,9 +114,16 @@ def test_half_precision_weights_are_cast_to_the_members_dtype(folder: Path) -> N
 
 def test_rules_apply_in_order_drop_strip_rename(folder: Path) -> None:
     state = original()
-    torch.save({"net.body.conv.weight": state["conv.weight"], "net.body.conv.bias": state["conv.bias"],
-                "net.top.weight": state["head.weight"], "net.top.bias": state["head.bias"],
-                "net.top.extra": torch.zeros(1)}, folder / "w.pt")  # fmt: skip
+    torch.save(
+        {
+            "net.body.conv.weight": state["conv.weight"],
+            "net.body.conv.bias": state["conv.bias"],
+            "net.top.weight": state["head.weight"],
+            "net.top.bias": state["head.bias"],
+            "net.top.extra": torch.zeros(1),
+        },
+        folder / "w.pt",
+    )
     rules = {"drop": [r"\.extra$"], "strip_prefix": ["net.", "body."], "rename": [["^top", "head"]]}
     loaded = load(folder, "w.pt", rules)
     assert all(torch.equal(loaded[k], state[k]) for k in state) and list(loaded) == list(state)
@@ -154,12 +177,37 @@ def test_long_key_lists_show_five_examples(folder: Path) -> None:
 @pytest.mark.parametrize(
     ("content", "rules", "expected"),
     [
-        pytest.param({"epoch": 1, "weights": {}}, {"key": "model"}, "state_dict.key 'model': no entry 'model'; entries there: ['epoch', 'weights']", id="key-missing"),
-        pytest.param({"a": {"b": 1}}, {"key": "a.c"}, "state_dict.key 'a.c': no entry 'c' under 'a'; entries there: ['b']", id="nested-key-missing"),
-        pytest.param({"epoch": 1}, {"key": "epoch"}, "entry 'epoch' is a int, not a mapping of names to tensors", id="key-not-a-mapping"),
-        pytest.param({"w": {"conv.weight": torch.zeros(1), "note": "x"}}, {"key": "w"}, "entry 'w' is not a state_dict: besides tensors it holds note (str)", id="selected-not-tensors"),
+        pytest.param(
+            {"epoch": 1, "weights": {}},
+            {"key": "model"},
+            "state_dict.key 'model': no entry 'model'; entries there: ['epoch', 'weights']",
+            id="key-missing",
+        ),
+        pytest.param(
+            {"a": {"b": 1}},
+            {"key": "a.c"},
+            "state_dict.key 'a.c': no entry 'c' under 'a'; entries there: ['b']",
+            id="nested-key-missing",
+        ),
+        pytest.param(
+            {"epoch": 1},
+            {"key": "epoch"},
+            "entry 'epoch' is a int, not a mapping of names to tensors",
+            id="key-not-a-mapping",
+        ),
+        pytest.param(
+            {"w": {"conv.weight": torch.zeros(1), "note": "x"}},
+            {"key": "w"},
+            "entry 'w' is not a state_dict: besides tensors it holds note (str)",
+            id="selected-not-tensors",
+        ),
         pytest.param({"w": {}}, {"key": "w"}, "entry 'w' holds no tensors", id="selected-empty"),
-        pytest.param({"a.weight": torch.zeros(1), "b.a.weight": torch.zeros(1)}, {"strip_prefix": ["b."]}, "keys 'a.weight' and 'b.a.weight' both become 'a.weight'; drop one or rename differently", id="collision"),
+        pytest.param(
+            {"a.weight": torch.zeros(1), "b.a.weight": torch.zeros(1)},
+            {"strip_prefix": ["b."]},
+            "keys 'a.weight' and 'b.a.weight' both become 'a.weight'; drop one or rename differently",
+            id="collision",
+        ),
     ],
 )
 def test_selection_and_remap_errors(folder: Path, content: dict, rules: dict[str, Any], expected: str) -> None:
@@ -189,16 +237,26 @@ def write_tar(path: Path) -> None:
             f"saved in PyTorch's legacy tar format, which torch.load(weights_only=True) cannot read. {CONVERT}",
             id="legacy-tar-format",
         ),
-        pytest.param(lambda p: p.write_bytes(b"hello, not weights"), "neither a PyTorch checkpoint (torch.save) nor a .safetensors file", id="junk"),
+        pytest.param(
+            lambda p: p.write_bytes(b"hello, not weights"),
+            "neither a PyTorch checkpoint (torch.save) nor a .safetensors file",
+            id="junk",
+        ),
         pytest.param(
             lambda p: p.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00" + b'{"a": [1, 2]}   '),
             "not a valid .safetensors file: Error while deserializing header: invalid JSON in header: invalid type: integer `1`, expected string or map at line 1 column 13",
             id="bad-safetensors",
         ),
-        pytest.param(lambda p: p.write_bytes(zip_bytes()), "not a readable PyTorch checkpoint: RuntimeError: [enforce fail at inline_container.cc:180] . file in archive is not in a subdirectory: readme.txt", id="zip-not-torch"),
+        pytest.param(
+            lambda p: p.write_bytes(zip_bytes()),
+            "not a readable PyTorch checkpoint: RuntimeError: [enforce fail at inline_container.cc:180] . file in archive is not in a subdirectory: readme.txt",
+            id="zip-not-torch",
+        ),
     ],
 )
-def test_unreadable_files_say_why_and_how_to_convert(folder: Path, write: Callable[[Path], None], expected: str) -> None:
+def test_unreadable_files_say_why_and_how_to_convert(
+    folder: Path, write: Callable[[Path], None], expected: str
+) -> None:
     write(folder / "bad.pt")
     assert message(folder, "bad.pt", {}) == f"member 'm': bad.pt: {expected}"
 
@@ -230,8 +288,16 @@ def test_chexnet_layout_gets_the_exact_block_that_fits(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("saved", "expected"),
     [
-        pytest.param(lambda s: {"model": {f"backbone.{k}": v for k, v in s.items()}, "criterion.w": torch.ones(2)}, {"key": "model", "strip_prefix": ["backbone."]}, id="nested-prefixed"),
-        pytest.param(lambda s: {**s, "criterion.w": torch.ones(2), "criterion.v": torch.ones(2)}, {"drop": [r"^criterion\."]}, id="drop-leftover-module"),
+        pytest.param(
+            lambda s: {"model": {f"backbone.{k}": v for k, v in s.items()}, "criterion.w": torch.ones(2)},
+            {"key": "model", "strip_prefix": ["backbone."]},
+            id="nested-prefixed",
+        ),
+        pytest.param(
+            lambda s: {**s, "criterion.w": torch.ones(2), "criterion.v": torch.ones(2)},
+            {"drop": [r"^criterion\."]},
+            id="drop-leftover-module",
+        ),
         pytest.param(lambda s: {**s, "extra": torch.ones(2)}, {"drop": ["^extra$"]}, id="drop-leftover-key"),
     ],
 )
@@ -246,7 +312,10 @@ def test_proposals_for_other_layouts(folder: Path, saved: Callable[[dict], dict]
 
 def test_prefix_the_architecture_has_and_the_file_lacks_is_added(folder: Path) -> None:
     torch.save(original(), folder / "w.pt")
-    proposal = propose(read_checkpoint(folder / "w.pt"), Target({f"model.{k}": v for k, v in PoolNet(num_classes=3).state_dict().items()}))
+    proposal = propose(
+        read_checkpoint(folder / "w.pt"),
+        Target({f"model.{k}": v for k, v in PoolNet(num_classes=3).state_dict().items()}),
+    )
     assert proposal is not None and proposal.mismatch.fits
     assert proposal.rules == StateDictRules(rename=(("^", "model."),))
 
@@ -348,9 +417,14 @@ RESNET = {"arch": "torchvision:resnet18", "kwargs": {"num_classes": 3}}
 
 @pytest.mark.parametrize(
     "save",
-    [pytest.param(layouts.save_as_pytorch_03, id="legacy-format-as-pytorch-0.3-wrote-it"), pytest.param(save_zip, id="zip-format")],
+    [
+        pytest.param(layouts.save_as_pytorch_03, id="legacy-format-as-pytorch-0.3-wrote-it"),
+        pytest.param(save_zip, id="zip-format"),
+    ],
 )
-def test_resnet_saved_without_num_batches_tracked_is_filled_as_torch_fills_it(folder: Path, save: Callable[[Any, Path], None]) -> None:
+def test_resnet_saved_without_num_batches_tracked_is_filled_as_torch_fills_it(
+    folder: Path, save: Callable[[Any, Path], None]
+) -> None:
     module = resnet()
     saved = layouts.as_pytorch_03(nn.DataParallel(module).state_dict())
     save(saved, folder / "r.pt")
@@ -409,15 +483,27 @@ def test_frozen_batch_norm_drops_the_buffer_it_has_no_place_for_as_torchvision_d
 
 def test_build_records_filled_buffers_in_the_source_and_says_so(folder: Path, tmp_path: Path) -> None:
     torch.manual_seed(4)
-    layouts.save_as_pytorch_03({"state_dict": layouts.as_pytorch_03(layouts.randomize(NormNet(num_classes=3), 4).state_dict())}, folder / "n.pth.tar")
-    member = {"name": "old", "arch": "fixture_models.py:NormNet", "kwargs": {"num_classes": 3}, "weights": "n.pth.tar", "state_dict": {"key": "state_dict"}}
+    layouts.save_as_pytorch_03(
+        {"state_dict": layouts.as_pytorch_03(layouts.randomize(NormNet(num_classes=3), 4).state_dict())},
+        folder / "n.pth.tar",
+    )
+    member = {
+        "name": "old",
+        "arch": "fixture_models.py:NormNet",
+        "kwargs": {"num_classes": 3},
+        "weights": "n.pth.tar",
+        "state_dict": {"key": "state_dict"},
+    }
     parse_member(folder, member)
     archive = build_archive(load_ensembles(folder / "ensembles.yaml")["e"], tmp_path / "store")
     with zipfile.ZipFile(archive) as zipped:
         source = json.loads(zipped.read("ensemble.json"))["sources"]["old"]
     assert source == {
-        "file": "n.pth.tar", "sha256": sha256_of(folder / "n.pth.tar"), "state_dict": {"key": "state_dict"}, "filled": {"num_batches_tracked": 1},
-    }  # fmt: skip
+        "file": "n.pth.tar",
+        "sha256": sha256_of(folder / "n.pth.tar"),
+        "state_dict": {"key": "state_dict"},
+        "filled": {"num_batches_tracked": 1},
+    }
     assert forgiven_lines(archive) == [
         "member 'old': filled 1 num_batches_tracked buffers with 0: its checkpoint predates PyTorch 0.4.1, "
         "and torch's strict loading fills them the same way (recorded in its provenance)"

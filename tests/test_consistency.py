@@ -40,7 +40,9 @@ def steady_yaml(folder: Path, **overrides: object) -> Path:
 
 @pytest.mark.parametrize("plan", ["auto", "eager"], ids=str)
 @pytest.mark.parametrize("parallelism", [1, 2], ids=lambda p: f"threads{p}")
-def test_an_image_scores_the_same_bits_at_every_position_among_any_neighbours(tmp_path: Path, plan: str, parallelism: int) -> None:
+def test_an_image_scores_the_same_bits_at_every_position_among_any_neighbours(
+    tmp_path: Path, plan: str, parallelism: int
+) -> None:
     spec = load_ensembles(steady_yaml(tmp_path))["steady"]
     spec = spec if plan == "auto" else spec.with_plan(plan)
     ensemble = Ensemble.from_spec(spec, torch.device("cpu"), parallelism=parallelism)
@@ -54,8 +56,12 @@ def test_an_image_scores_the_same_bits_at_every_position_among_any_neighbours(tm
         assert torch.equal(ensemble.probabilities(batch)[:, position], alone), (count, position)
 
 
-@pytest.mark.parametrize(("consistency", "rows"), [("batch_invariant", ["1"]), ("fast", ["2", "4"])], ids=["batch-invariant", "fast"])
-def test_plans_are_timed_at_the_rows_per_call_the_worker_runs(tmp_path: Path, consistency: str, rows: list[str]) -> None:
+@pytest.mark.parametrize(
+    ("consistency", "rows"), [("batch_invariant", ["1"]), ("fast", ["2", "4"])], ids=["batch-invariant", "fast"]
+)
+def test_plans_are_timed_at_the_rows_per_call_the_worker_runs(
+    tmp_path: Path, consistency: str, rows: list[str]
+) -> None:
     spec = load_ensembles(steady_yaml(tmp_path))["steady"]
     ensemble = Ensemble.from_spec(replace(spec, consistency=consistency), torch.device("cpu"), parallelism=2)
     timed = [sizes for choice in ensemble.plan_choices().values() for sizes in choice["ms_per_call"].values()]
@@ -78,7 +84,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, P
         stop(instance)
 
 
-def test_the_same_image_alone_and_amid_neighbours_at_concurrency_gets_byte_identical_json(server: tuple[Server, Path]) -> None:
+def test_the_same_image_alone_and_amid_neighbours_at_concurrency_gets_byte_identical_json(
+    server: tuple[Server, Path],
+) -> None:
     instance, source = server
     shuffle = random.Random(5)
     requests_to_send: list[tuple[list[bytes], int]] = [([TARGET], 0)] * 4
@@ -96,7 +104,11 @@ def test_the_same_image_alone_and_amid_neighbours_at_concurrency_gets_byte_ident
         response = requests.post(url, files=files, headers=instance.headers("inference"), timeout=TIMEOUT)
         assert response.status_code == 200, response.text
         body = response.json()
-        answer = {"prediction": body["predictions"][position], "provenance": body["provenance"], "answered_by": body["answered_by"]}
+        answer = {
+            "prediction": body["predictions"][position],
+            "provenance": body["provenance"],
+            "answered_by": body["answered_by"],
+        }
         return json.dumps(answer), int(response.headers["X-Ensemble-Batch-Images"])
 
     with ThreadPoolExecutor(8) as pool:
@@ -105,4 +117,6 @@ def test_the_same_image_alone_and_amid_neighbours_at_concurrency_gets_byte_ident
     assert max(images for _, images in answers) > 4, "no batch merged requests: the neighbours never shared a batch"
     reference = Ensemble.from_spec(load_ensembles(source)["steady"].with_plan("eager"), torch.device("cpu"))
     probs = reference.probabilities([decode_image(TARGET, reference.spec.limits)])
-    assert_same_predictions([json.loads(answers[0][0])["prediction"]], reference.render(probs, reference.spec.policy)["predictions"])
+    assert_same_predictions(
+        [json.loads(answers[0][0])["prediction"]], reference.render(probs, reference.spec.policy)["predictions"]
+    )

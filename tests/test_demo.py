@@ -36,7 +36,9 @@ def test_same_seed_same_data() -> None:
 
 
 def test_trained_demos_evaluate_and_build(tmp_path: Path) -> None:
-    assert (ROOT / "artifacts" / "weights" / ".trained").exists(), "the demos are not trained: run `make demo` (`make test` does)"
+    assert (ROOT / "artifacts" / "weights" / ".trained").exists(), (
+        "the demos are not trained: run `make demo` (`make test` does)"
+    )
     specs = load_ensembles(ROOT / "ensembles.yaml")
     results = evaluate([specs["shapes"], specs["multishape"]], 1000)
     binary = results["shapes"]["scores"]
@@ -57,7 +59,9 @@ def test_trained_demos_evaluate_and_build(tmp_path: Path) -> None:
     rows = [f"member {m.name}" for m in specs["multishape"].members] + ["policy mean"]
     assert list(views) == [f"{tta}: {row}" for tta in TTA_MODES for row in rows]
     assert views["none: policy mean"]["macro F1"] == pytest.approx(macro["policy mean"]["f1"], abs=1e-3)
-    assert views["none: policy mean"]["macro AUROC"] == pytest.approx(sum(row["policy mean"] for row in auroc.values()) / len(auroc), abs=1e-12)
+    assert views["none: policy mean"]["macro AUROC"] == pytest.approx(
+        sum(row["policy mean"] for row in auroc.values()) / len(auroc), abs=1e-12
+    )
     assert all(0.5 < value <= 1.0 for row in views.values() for value in row.values()), views
 
     picture = tmp_path / "pr.png"
@@ -74,7 +78,11 @@ def test_trained_demos_evaluate_and_build(tmp_path: Path) -> None:
         }
     layouts = {m.name: (Path(m.weights).suffix, m.state_dict.to_dict()) for m in specs["multishape"].members}
     assert sorted(layouts.values(), key=str) == sorted(
-        [(".pt", {"strip_prefix": ["module."]}), (".ckpt", {"key": "state_dict", "strip_prefix": ["model."]}), (".safetensors", {})],
+        [
+            (".pt", {"strip_prefix": ["module."]}),
+            (".ckpt", {"key": "state_dict", "strip_prefix": ["model."]}),
+            (".safetensors", {}),
+        ],
         key=str,
     )
 
@@ -92,7 +100,9 @@ def test_the_real_data_demos_evaluate_and_build(tmp_path: Path) -> None:
     blurred = faces["corrupted recall"]["blur 2"]
     assert blurred["any"] >= blurred["majority"] >= blurred["all"], blurred
     assert blurred["any"] > blurred["all"] + 0.3, blurred
-    assert list(faces["corrupted accuracy"]) == [f"{name} {s:g}" for name, (_, _, strengths) in CORRUPTIONS.items() for s in strengths]
+    assert list(faces["corrupted accuracy"]) == [
+        f"{name} {s:g}" for name, (_, _, strengths) in CORRUPTIONS.items() for s in strengths
+    ]
 
     digits = results["digits"]
     assert digits["images"] == 450
@@ -118,6 +128,10 @@ def test_the_real_data_demos_evaluate_and_build(tmp_path: Path) -> None:
     }
     assert pins["digits"] == {
         "timm_resnet": ("timm:test_resnet", f"timm=={version('timm')}", {"kind": "logits"}),
-        "vit": ("transformers:code/vit", f"transformers=={version('transformers')}", {"select": "logits", "kind": "logits"}),
+        "vit": (
+            "transformers:code/vit",
+            f"transformers=={version('transformers')}",
+            {"select": "logits", "kind": "logits"},
+        ),
         "tinycnn": ("code/demo_models.py:TinyConvNet", None, {"kind": "logits"}),
     }

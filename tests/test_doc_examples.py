@@ -92,7 +92,9 @@ def blocks(text: str, page: str) -> list[Block]:
             raise ValueError(f"{page}:{index + 1}: a code block that never closes")
         code = "\n".join(line[indent:] for line in lines[index + 1 : end]) + "\n"
         before = lines[index - 1].strip() if index else ""
-        found.append(Block(f"{page}:{index + 1}", opening["language"], code, before, tuple(gap), (index + 1, end), indent))
+        found.append(
+            Block(f"{page}:{index + 1}", opening["language"], code, before, tuple(gap), (index + 1, end), indent)
+        )
         gap = []
         index = end + 1
     return found
@@ -114,7 +116,9 @@ def examples(text: str, page: str) -> list[Example]:
             if following is None or not (between == [] or (len(between) == 1 and ADMONITION.match(between[0]))):
                 raise ValueError(f"{block.where}: example {mark['name']!r} is not followed by its output block")
             output = following.code
-        found.append(Example(mark["name"], block.where, block.language, block.code, output, options.get("after"), following))
+        found.append(
+            Example(mark["name"], block.where, block.language, block.code, output, options.get("after"), following)
+        )
     return found
 
 
@@ -129,8 +133,16 @@ BY_NAME = {example.name: example for example in EXAMPLES}
 def listeners(config: Path) -> dict[str, str]:
     """host:port of every listener a config.properties names: the HTTP addresses and the gRPC ports."""
     settings = read_properties(config)
-    found = {key: urlsplit(value).netloc for key, value in settings.items() if key.endswith("_address") and value.startswith("http")}
-    grpc = {key: f"{settings[key.removesuffix('_port') + '_address']}:{value}" for key, value in settings.items() if key.startswith("grpc_") and key.endswith("_port")}
+    found = {
+        key: urlsplit(value).netloc
+        for key, value in settings.items()
+        if key.endswith("_address") and value.startswith("http")
+    }
+    grpc = {
+        key: f"{settings[key.removesuffix('_port') + '_address']}:{value}"
+        for key, value in settings.items()
+        if key.startswith("grpc_") and key.endswith("_port")
+    }
     return found | grpc
 
 
@@ -152,7 +164,11 @@ def differences(shown: str, printed: str) -> list[str]:
         return [f"the page shows {len(shown_documents)} JSON documents, the example printed {len(printed_documents)}"]
     if len(shown_documents) == 1:
         return _value_differences(shown_documents[0], printed_documents[0], "$")
-    return [found for i, pair in enumerate(zip(shown_documents, printed_documents), 1) for found in _value_differences(*pair, f"${i}")]
+    return [
+        found
+        for i, pair in enumerate(zip(shown_documents, printed_documents), 1)
+        for found in _value_differences(*pair, f"${i}")
+    ]
 
 
 def json_documents(text: str) -> list[Any] | None:
@@ -173,7 +189,9 @@ def _value_differences(shown: Any, printed: Any, path: str) -> list[str]:
     if isinstance(shown, dict) and isinstance(printed, dict):
         found = [f"{path}: key {key!r} shown, not printed" for key in shown if key not in printed]
         found += [f"{path}: key {key!r} printed, not shown" for key in printed if key not in shown]
-        return found + [d for key in shown if key in printed for d in _value_differences(shown[key], printed[key], f"{path}.{key}")]
+        return found + [
+            d for key in shown if key in printed for d in _value_differences(shown[key], printed[key], f"{path}.{key}")
+        ]
     if isinstance(shown, list) and isinstance(printed, list):
         if len(shown) != len(printed):
             return [f"{path}: {len(shown)} items shown, {len(printed)} printed"]
@@ -231,18 +249,31 @@ def rerecorded(shown: str, printed: str) -> str:
     edits: list[tuple[int, int, str]] = []
     if shown_documents is None or printed_documents is None or len(shown_documents) != len(printed_documents):
         shown_tokens, printed_tokens = list(TOKEN.finditer(shown)), list(TOKEN.finditer(printed))
-        edits = [(want.start(), want.end(), got[0]) for want, got in zip(shown_tokens, printed_tokens) if want["number"] and got["number"]]
+        edits = [
+            (want.start(), want.end(), got[0])
+            for want, got in zip(shown_tokens, printed_tokens)
+            if want["number"] and got["number"]
+        ]
     else:
         shown_tokens = list(JSON_TOKEN.finditer(shown))
         scalars: dict[str, re.Match[str]] = {}
         lists: dict[str, tuple[int, int, int]] = {}
         position = 0
         for index, _ in enumerate(shown_documents, 1):
-            position = _value_tokens(shown_tokens, position, "$" if len(shown_documents) == 1 else f"${index}", scalars, lists)
-        values = _values(printed_documents[0] if len(printed_documents) == 1 else printed_documents, "$" if len(printed_documents) == 1 else "")
+            position = _value_tokens(
+                shown_tokens, position, "$" if len(shown_documents) == 1 else f"${index}", scalars, lists
+            )
+        values = _values(
+            printed_documents[0] if len(printed_documents) == 1 else printed_documents,
+            "$" if len(printed_documents) == 1 else "",
+        )
         for path, (begin, end, count) in lists.items():
             value = values.get(path)
-            if isinstance(value, list) and len(value) != count and not any(isinstance(item, (dict, list)) for item in value):
+            if (
+                isinstance(value, list)
+                and len(value) != count
+                and not any(isinstance(item, (dict, list)) for item in value)
+            ):
                 edits.append((begin, end, json.dumps(value, ensure_ascii=False)))
         edits += [
             (token.start(), token.end(), json.dumps(values[path], ensure_ascii=False))
@@ -266,7 +297,11 @@ def _same_token(shown: str, printed: str) -> bool:
 
 
 def _value_tokens(
-    tokens: list[re.Match[str]], position: int, path: str, scalars: dict[str, re.Match[str]], lists: dict[str, tuple[int, int, int]]
+    tokens: list[re.Match[str]],
+    position: int,
+    path: str,
+    scalars: dict[str, re.Match[str]],
+    lists: dict[str, tuple[int, int, int]],
 ) -> int:
     """Walk one JSON value of `tokens` from `position`, noting each scalar's token and each list's span and length by
     path; return the next position."""
@@ -296,7 +331,9 @@ def _values(value: Any, path: str) -> dict[str, Any]:
     if isinstance(value, list):
         where = (lambda i: f"${i}") if path == "" else (lambda i: f"{path}[{i - 1}]")
         found = {} if path == "" else {path: value}
-        return found | {inner: item for i, child in enumerate(value, 1) for inner, item in _values(child, where(i)).items()}
+        return found | {
+            inner: item for i, child in enumerate(value, 1) for inner, item in _values(child, where(i)).items()
+        }
     return {path: value}
 
 
@@ -322,7 +359,9 @@ def run(example: Example, folder: Path, env: dict[str, str], addresses: dict[str
     for shipped, ours in addresses.items():
         code = code.replace(shipped, ours)
     command = ["bash", "-euo", "pipefail", "-c", code] if example.language == "bash" else [sys.executable, "-c", code]
-    done = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, check=False)
+    done = subprocess.run(
+        command, cwd=folder, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, check=False
+    )
     assert done.returncode == 0, f"{example.where}: {example.name} exited with {done.returncode}:\n{done.stderr}"
     return done.stdout
 
@@ -330,9 +369,16 @@ def run(example: Example, folder: Path, env: dict[str, str], addresses: dict[str
 @pytest.fixture(scope="module")
 def demo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """Both demos, built from the trained weights in artifacts/ into a store of their own, on one private TorchServe."""
-    assert (ROOT / "artifacts" / "weights" / ".trained").exists(), "the demos are not trained: run `make demo` (`make test` does)"
+    assert (ROOT / "artifacts" / "weights" / ".trained").exists(), (
+        "the demos are not trained: run `make demo` (`make test` does)"
+    )
     store = tmp_path_factory.mktemp("store")
-    subprocess.run([sys.executable, "-m", "archive_scripts.build_archives", "--store", str(store), *DEMOS], cwd=ROOT, check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "archive_scripts.build_archives", "--store", str(store), *DEMOS],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
     instance = private_server(tmp_path_factory.mktemp("torchserve"), store, port_offset=10900)
     try:
         start(instance, store)
@@ -362,20 +408,67 @@ def workspace(demo_server: Server, tmp_path_factory: pytest.TempPathFactory) -> 
             [],
             id="same-json-other-layout",
         ),
-        pytest.param('{"label": "absent"}', '{"label": "present"}', ["$.label: shown 'absent', printed 'present'"], id="wrong-label"),
-        pytest.param('{"label": "present", "top": []}', '{"label": "present"}', ["$: key 'top' shown, not printed"], id="key-only-shown"),
-        pytest.param('{"label": "present"}', '{"label": "present", "top": []}', ["$: key 'top' printed, not shown"], id="key-only-printed"),
+        pytest.param(
+            '{"label": "absent"}',
+            '{"label": "present"}',
+            ["$.label: shown 'absent', printed 'present'"],
+            id="wrong-label",
+        ),
+        pytest.param(
+            '{"label": "present", "top": []}',
+            '{"label": "present"}',
+            ["$: key 'top' shown, not printed"],
+            id="key-only-shown",
+        ),
+        pytest.param(
+            '{"label": "present"}',
+            '{"label": "present", "top": []}',
+            ["$: key 'top' printed, not shown"],
+            id="key-only-printed",
+        ),
         pytest.param('{"score": 0.5}', '{"score": 0.502}', ["$.score: shown 0.5, printed 0.502"], id="score-too-far"),
         pytest.param('{"frames": 4}', '{"frames": 3}', ["$.frames: shown 4, printed 3"], id="integer-differs"),
-        pytest.param('{"labels": ["disc", "cross"]}', '{"labels": ["disc"]}', ["$.labels: 2 items shown, 1 printed"], id="one-item-fewer"),
+        pytest.param(
+            '{"labels": ["disc", "cross"]}',
+            '{"labels": ["disc"]}',
+            ["$.labels: 2 items shown, 1 printed"],
+            id="one-item-fewer",
+        ),
         pytest.param('{"sha256": "bd292a8f…"}', json.dumps({"sha256": "a" * 64}), [], id="abridged-digest"),
-        pytest.param('{"label": "bd292a8f…"}', '{"label": "present"}', ["$.label: shown 'bd292a8f…', printed 'present'"], id="digest-for-a-label"),
-        pytest.param('{"built_at": "2026-11-26T00:07:57+00:00"}', '{"built_at": "2026-12-03T06:42:29+00:00"}', [], id="timestamp"),
-        pytest.param('{"ready": true}\n{"name": "shapes"}', '{"ready": true} {"name": "multishape"}', ["$2.name: shown 'shapes', printed 'multishape'"], id="second-document"),
-        pytest.param('{"ready": true}\n{"name": "shapes"}', '{"ready": true}', ["the page shows 2 JSON documents, the example printed 1"], id="documents-missing"),
-        pytest.param('{"ready": true}', "curl: (7) Failed to connect", ["the page shows JSON, the example printed something else: 'curl: (7) Failed to connect'"], id="json-shown-text-printed"),
+        pytest.param(
+            '{"label": "bd292a8f…"}',
+            '{"label": "present"}',
+            ["$.label: shown 'bd292a8f…', printed 'present'"],
+            id="digest-for-a-label",
+        ),
+        pytest.param(
+            '{"built_at": "2026-11-26T00:07:57+00:00"}', '{"built_at": "2026-12-03T06:42:29+00:00"}', [], id="timestamp"
+        ),
+        pytest.param(
+            '{"ready": true}\n{"name": "shapes"}',
+            '{"ready": true} {"name": "multishape"}',
+            ["$2.name: shown 'shapes', printed 'multishape'"],
+            id="second-document",
+        ),
+        pytest.param(
+            '{"ready": true}\n{"name": "shapes"}',
+            '{"ready": true}',
+            ["the page shows 2 JSON documents, the example printed 1"],
+            id="documents-missing",
+        ),
+        pytest.param(
+            '{"ready": true}',
+            "curl: (7) Failed to connect",
+            ["the page shows JSON, the example printed something else: 'curl: (7) Failed to connect'"],
+            id="json-shown-text-printed",
+        ),
         pytest.param("[b'present'] [[0.333333 0.666667]]", "[b'present']\n [[0.3335 0.6665]]", [], id="numpy-text"),
-        pytest.param("[b'present'] [[0. 1.]]", "[b'absent'] [[0. 1.]]", ["token 2: shown \"'present'\", printed \"'absent'\""], id="numpy-wrong-label"),
+        pytest.param(
+            "[b'present'] [[0. 1.]]",
+            "[b'absent'] [[0. 1.]]",
+            ["token 2: shown \"'present'\", printed \"'absent'\""],
+            id="numpy-wrong-label",
+        ),
         pytest.param("[b'present']", "[b'present'] [[0. 1.]]", ["4 tokens shown, 10 printed"], id="text-shorter"),
     ],
 )
@@ -392,17 +485,44 @@ def test_differences(shown: str, printed: str, expected: list[str]) -> None:
             '{\n  "label": "present",\n  "score": 0.6665,\n  "frames": [1, 2]\n}',
             id="json-layout-kept",
         ),
-        pytest.param('{"a": 0.5, "b": [0.25, 0.75]}', '{"b": [0.2, 0.8], "a": 0.5}', '{"a": 0.5, "b": [0.2, 0.8]}', id="json-in-lists"),
-        pytest.param('{"n": 4, "label": "absent"}', '{"n": 3, "label": "present"}', '{"n": 3, "label": "present"}', id="integers-and-strings"),
-        pytest.param('{"sha256": "bd292a8f…", "ok": true}', '{"sha256": "%s", "ok": false}' % ("a" * 64), '{"sha256": "bd292a8f…", "ok": false}', id="digest-stays"),
-        pytest.param('{"score": 1.0}', '{"score": 1}', '{"score": 1.0}', id="same-number"),
-        pytest.param('{"status": "Model \\"a\\" ok", "n": 0.1}', '{"status": "Model \\"a\\" ok", "n": 0.2}', '{"status": "Model \\"a\\" ok", "n": 0.2}', id="escaped-quotes"),
         pytest.param(
-            '{"labels": ["disc", "star"],\n "n": [[1, 2]]}', '{"labels": ["disc", "star", "cross"], "n": [[1, 3]]}',
-            '{"labels": ["disc", "star", "cross"],\n "n": [[1, 3]]}', id="list-of-another-length",
+            '{"a": 0.5, "b": [0.25, 0.75]}',
+            '{"b": [0.2, 0.8], "a": 0.5}',
+            '{"a": 0.5, "b": [0.2, 0.8]}',
+            id="json-in-lists",
+        ),
+        pytest.param(
+            '{"n": 4, "label": "absent"}',
+            '{"n": 3, "label": "present"}',
+            '{"n": 3, "label": "present"}',
+            id="integers-and-strings",
+        ),
+        pytest.param(
+            '{"sha256": "bd292a8f…", "ok": true}',
+            '{"sha256": "%s", "ok": false}' % ("a" * 64),
+            '{"sha256": "bd292a8f…", "ok": false}',
+            id="digest-stays",
+        ),
+        pytest.param('{"score": 1.0}', '{"score": 1}', '{"score": 1.0}', id="same-number"),
+        pytest.param(
+            '{"status": "Model \\"a\\" ok", "n": 0.1}',
+            '{"status": "Model \\"a\\" ok", "n": 0.2}',
+            '{"status": "Model \\"a\\" ok", "n": 0.2}',
+            id="escaped-quotes",
+        ),
+        pytest.param(
+            '{"labels": ["disc", "star"],\n "n": [[1, 2]]}',
+            '{"labels": ["disc", "star", "cross"], "n": [[1, 3]]}',
+            '{"labels": ["disc", "star", "cross"],\n "n": [[1, 3]]}',
+            id="list-of-another-length",
         ),
         pytest.param('{"s": 0.1}\n{"s": 0.2}', '{"s": 0.1} {"s": 0.3}', '{"s": 0.1}\n{"s": 0.3}', id="second-document"),
-        pytest.param("[b'present'] [[0.333333 0.666667]]", "[b'present']\n [[0.3335 0.6665]]", "[b'present'] [[0.3335 0.6665]]", id="numpy-text"),
+        pytest.param(
+            "[b'present'] [[0.333333 0.666667]]",
+            "[b'present']\n [[0.3335 0.6665]]",
+            "[b'present'] [[0.3335 0.6665]]",
+            id="numpy-text",
+        ),
     ],
 )
 def test_rerecorded_takes_the_printed_numbers_and_keeps_the_rest(shown: str, printed: str, expected: str) -> None:
@@ -435,7 +555,11 @@ def test_a_wrong_example_in_the_docs_fails() -> None:
 @pytest.mark.parametrize(
     ("page", "message"),
     [
-        pytest.param("<!-- example: lonely -->\n```bash\ncurl -s x\n```\n", "p.md:2: example 'lonely' is not followed by its output block", id="no-output"),
+        pytest.param(
+            "<!-- example: lonely -->\n```bash\ncurl -s x\n```\n",
+            "p.md:2: example 'lonely' is not followed by its output block",
+            id="no-output",
+        ),
         pytest.param(
             "<!-- example: prose -->\n```bash\ncurl -s x\n```\n\nSome prose.\n\n```json\n{}\n```\n",
             "p.md:2: example 'prose' is not followed by its output block",

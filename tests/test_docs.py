@@ -32,21 +32,44 @@ SCHEMA = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "$defs": {
         "Unused": {"description": "Reached from no key, so listed last.", "type": "string"},
-        "Task": {"description": "What the members predict.", "enum": ["binary", "multilabel"], "title": "Task", "type": "string"},
+        "Task": {
+            "description": "What the members predict.",
+            "enum": ["binary", "multilabel"],
+            "title": "Task",
+            "type": "string",
+        },
         "Member": {
             "additionalProperties": False,
             "description": "One model.\n\nIts weights are pinned.",
             "properties": {
                 "name": {"pattern": "^[a-z]+(_[a-z]+)*$|^x$", "title": "Name", "type": "string"},
-                "weight": {"default": 1.0, "description": "Its weight in `mean`: w | 0 < w.", "exclusiveMinimum": 0, "title": "Weight", "type": "number"},
+                "weight": {
+                    "default": 1.0,
+                    "description": "Its weight in `mean`: w | 0 < w.",
+                    "exclusiveMinimum": 0,
+                    "title": "Weight",
+                    "type": "number",
+                },
                 "kwargs": {"additionalProperties": True, "default": {}, "title": "Kwargs", "type": "object"},
-                "sha256": {"anyOf": [{"maxLength": 64, "minLength": 64, "type": "string"}, {"type": "null"}], "default": None, "title": "Sha256"},
-                "tags": {"additionalProperties": {"type": "string"}, "maxProperties": 4, "propertyNames": {"pattern": "^[a-z]+$"}, "type": "object"},
+                "sha256": {
+                    "anyOf": [{"maxLength": 64, "minLength": 64, "type": "string"}, {"type": "null"}],
+                    "default": None,
+                    "title": "Sha256",
+                },
+                "tags": {
+                    "additionalProperties": {"type": "string"},
+                    "maxProperties": 4,
+                    "propertyNames": {"pattern": "^[a-z]+$"},
+                    "type": "object",
+                },
             },
             "required": ["name"],
             "allOf": [
                 {"not": {"properties": {"name": {"const": "x"}}, "required": ["name"]}},
-                {"if": {"properties": {"weight": {"exclusiveMaximum": 1}}}, "then": {"properties": {"tags": {"type": "object"}}}},
+                {
+                    "if": {"properties": {"weight": {"exclusiveMaximum": 1}}},
+                    "then": {"properties": {"tags": {"type": "object"}}},
+                },
             ],
             "title": "Member",
             "type": "object",
@@ -58,12 +81,34 @@ SCHEMA = {
                 "version": {"description": "A quoted\n   string.", "title": "Version", "type": "string"},
                 "task": {"$ref": "#/$defs/Task"},
                 "kind": {"const": "image", "default": "image", "title": "Kind", "type": "string"},
-                "size": {"maxItems": 2, "minItems": 2, "prefixItems": [{"minimum": 8, "type": "integer"}, {"maximum": 4096, "type": "integer"}], "title": "Size", "type": "array"},
-                "labels": {"items": {"type": "string"}, "maxItems": 64, "minItems": 1, "title": "Labels", "type": "array"},
+                "size": {
+                    "maxItems": 2,
+                    "minItems": 2,
+                    "prefixItems": [{"minimum": 8, "type": "integer"}, {"maximum": 4096, "type": "integer"}],
+                    "title": "Size",
+                    "type": "array",
+                },
+                "labels": {
+                    "items": {"type": "string"},
+                    "maxItems": 64,
+                    "minItems": 1,
+                    "title": "Labels",
+                    "type": "array",
+                },
                 "positive_label": {"type": "string"},
-                "threshold": {"anyOf": [{"maximum": 1, "minimum": 0, "type": "number"}, {"type": "null"}], "default": None, "title": "Threshold"},
+                "threshold": {
+                    "anyOf": [{"maximum": 1, "minimum": 0, "type": "number"}, {"type": "null"}],
+                    "default": None,
+                    "title": "Threshold",
+                },
                 "members": {"items": {"$ref": "#/$defs/Member"}, "minItems": 1, "title": "Members", "type": "array"},
-                "input": {"$ref": "#/$defs/Member", "anyOf": [{"required": ["size"]}, {"properties": {"kind": {"const": "tensor"}}, "required": ["kind"]}]},
+                "input": {
+                    "$ref": "#/$defs/Member",
+                    "anyOf": [
+                        {"required": ["size"]},
+                        {"properties": {"kind": {"const": "tensor"}}, "required": ["kind"]},
+                    ],
+                },
                 "extra": {"type": ["string", "integer"], "title": "Extra"},
                 "anything": {"title": "Anything", "description": "`<kept>` in code, <escaped> outside."},
             },
@@ -74,7 +119,10 @@ SCHEMA = {
                     "then": {"properties": {"labels": {"maxItems": 2, "minItems": 2}}, "required": ["positive_label"]},
                     "else": {"not": {"required": ["positive_label"]}},
                 },
-                {"if": {"properties": {"task": {"enum": ["multilabel"]}}, "required": ["task"]}, "then": {"properties": {"threshold": {"minimum": 0.1}}}},
+                {
+                    "if": {"properties": {"task": {"enum": ["multilabel"]}}, "required": ["task"]},
+                    "then": {"properties": {"threshold": {"minimum": 0.1}}},
+                },
             ],
             "title": "Spec",
             "type": "object",
@@ -195,14 +243,18 @@ validation:
         pytest.param(None, 1, "reference.md: the schema file.schema.json is missing", id="schema-missing"),
     ],
 )
-def test_the_hook_writes_the_reference_in_a_strict_build(tmp_path: Path, schema: dict | None, exit_code: int, message: str) -> None:
+def test_the_hook_writes_the_reference_in_a_strict_build(
+    tmp_path: Path, schema: dict | None, exit_code: int, message: str
+) -> None:
     """A real `mkdocs build --strict` with the hook: the links between sections resolve, and no schema fails the build."""
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "reference.md").write_text("# Reference\n\n<!-- schema-reference: file.schema.json -->\n")
     (tmp_path / "mkdocs.yml").write_text(MKDOCS_YML)
     if schema is not None:
         (tmp_path / "file.schema.json").write_text(json.dumps(schema))
-    built = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict"], cwd=tmp_path, capture_output=True, text=True, check=False)
+    built = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict"], cwd=tmp_path, capture_output=True, text=True, check=False
+    )
     assert built.returncode == exit_code, built.stderr
     assert message in built.stderr
     if schema is not None:

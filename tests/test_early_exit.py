@@ -39,13 +39,18 @@ def _probabilities(draw: st.DrawFn, task: str, members: int, images: int) -> tup
     """Random probs [member, image, label] from a few values (so votes tie often) and which labels each member scores."""
     labels = {"binary": 2, "multiclass": draw(st.integers(2, 4)), "multilabel": draw(st.integers(1, 3))}[task]
     values = st.sampled_from([0.0, 0.25, 0.5, 0.75, 1.0])
-    probs = torch.tensor(draw(st.lists(values, min_size=members * images * labels, max_size=members * images * labels)), dtype=torch.float64)
+    probs = torch.tensor(
+        draw(st.lists(values, min_size=members * images * labels, max_size=members * images * labels)),
+        dtype=torch.float64,
+    )
     probs = probs.view(members, images, labels)
     scoring = torch.ones(members, labels, dtype=torch.bool)
     if task == "binary":
         probs = torch.stack([1 - probs[..., 1], probs[..., 1]], dim=-1)
     if task == "multilabel":
-        scoring = torch.tensor(draw(st.lists(st.booleans(), min_size=members * labels, max_size=members * labels))).view(members, labels)
+        scoring = torch.tensor(
+            draw(st.lists(st.booleans(), min_size=members * labels, max_size=members * labels))
+        ).view(members, labels)
         scoring[0] |= ~scoring.any(dim=0)
         scoring[:, 0] |= ~scoring.any(dim=1)
         probs = probs.masked_fill(~scoring[:, None, :], math.nan)
@@ -71,7 +76,9 @@ def staged_votes(draw: st.DrawFn) -> tuple[torch.Tensor, Votes]:
     order = draw(st.permutations(range(members)))
     cut = draw(st.integers(1, members))
     stages = (tuple(order[:cut]), *((m,) for m in order[cut:])) if draw(st.booleans()) else tuple((m,) for m in order)
-    weights = torch.tensor(draw(st.lists(st.sampled_from([0.5, 1.0, 2.0]), min_size=members, max_size=members)), dtype=torch.float64)
+    weights = torch.tensor(
+        draw(st.lists(st.sampled_from([0.5, 1.0, 2.0]), min_size=members, max_size=members)), dtype=torch.float64
+    )
     votes = Votes(task, weights, 1 if task == "binary" else None, policy, scoring=scoring.sum(dim=0), stages=stages)
     return probs, votes
 
@@ -96,11 +103,23 @@ def test_an_answer_settled_early_is_the_answer_of_every_member(case: tuple[torch
         pytest.param("binary", "k_of_n", 1.0, 2, id="binary-k3-first-no-settles"),
     ],
 )
-def test_a_settled_vote_stops_after_exactly_the_members_it_needs(task: str, policy: str, threshold: float, skipped: int) -> None:
+def test_a_settled_vote_stops_after_exactly_the_members_it_needs(
+    task: str, policy: str, threshold: float, skipped: int
+) -> None:
     probs = torch.tensor([[[0.4, 0.6]], [[0.3, 0.7]], [[0.2, 0.8]]], dtype=torch.float64)
-    requested = {"policy": policy, "threshold": threshold, "early_exit": True, **({"k": 3} if policy == "k_of_n" else {})}
-    votes = Votes(task, torch.ones(3, dtype=torch.float64), 1 if task == "binary" else None,
-                  resolve_policy(requested, default=None, task=task, n_members=3), scoring=torch.tensor([3, 3]))  # fmt: skip
+    requested = {
+        "policy": policy,
+        "threshold": threshold,
+        "early_exit": True,
+        **({"k": 3} if policy == "k_of_n" else {}),
+    }
+    votes = Votes(
+        task,
+        torch.ones(3, dtype=torch.float64),
+        1 if task == "binary" else None,
+        resolve_policy(requested, default=None, task=task, n_members=3),
+        scoring=torch.tensor([3, 3]),
+    )
     ran = simulate_stages(probs, votes)
     assert int(ran[:, 0].isnan().all(dim=-1).sum()) == skipped
 
@@ -130,7 +149,9 @@ def ask(ensemble: Ensemble, requests: list[dict[str, str]], images: list[bytes] 
 def prepare(ensemble: Ensemble, params: dict[str, str], images: list[bytes]) -> PreparedRequest:
     prepared = ensemble.prepare({"body": images[0], **{k: v.encode() for k, v in params.items()}}, PNG)
     first = prepared.inputs[0]
-    return dataclasses.replace(prepared, inputs=(first, *(ensemble.prepare({"body": image}, PNG).inputs[0] for image in images[1:])))
+    return dataclasses.replace(
+        prepared, inputs=(first, *(ensemble.prepare({"body": image}, PNG).inputs[0] for image in images[1:]))
+    )
 
 
 def count_rows(ensemble: Ensemble) -> tuple[dict[str, int], list[Any]]:
@@ -186,7 +207,9 @@ def test_skipped_rows_never_reach_the_member(pair: Ensemble, params: dict[str, s
 
 @pytest.mark.parametrize("ensemble_name", ["pair", "tags"])
 @pytest.mark.parametrize("policy", ["any", "all", "majority"])
-def test_mixed_batch_gives_every_request_the_exhaustive_labels(request: pytest.FixtureRequest, ensemble_name: str, policy: str) -> None:
+def test_mixed_batch_gives_every_request_the_exhaustive_labels(
+    request: pytest.FixtureRequest, ensemble_name: str, policy: str
+) -> None:
     ensemble: Ensemble = request.getfixturevalue(ensemble_name)
     key = "labels" if ensemble_name == "tags" else "label"
     params = {"policy": policy, "threshold": "0.5"}
@@ -209,9 +232,14 @@ def test_mixed_batch_gives_every_request_the_exhaustive_labels(request: pytest.F
 
 
 def test_member_metrics_count_what_ran_and_what_was_skipped(pair: Ensemble) -> None:
-    prepared = [prepare(pair, {"policy": "any", "threshold": "0", "early_exit": "true"}, IMAGES), prepare(pair, {}, IMAGES[:2])]
+    prepared = [
+        prepare(pair, {"policy": "any", "threshold": "0", "early_exit": "true"}, IMAGES),
+        prepare(pair, {}, IMAGES[:2]),
+    ]
     answer = pair.answer_batch(prepared)
-    counts = batch_counts(answer, members=[m.name for m in pair.spec.members], labels=pair.spec.labels, single_label=True)
+    counts = batch_counts(
+        answer, members=[m.name for m in pair.spec.members], labels=pair.spec.labels, single_label=True
+    )
     [first] = pair.runner.stage_order()[0]["members"]
     for member in pair.spec.members:
         ran = len(IMAGES) + 2 if member.name == first else 2
@@ -222,12 +250,24 @@ def test_member_metrics_count_what_ran_and_what_was_skipped(pair: Ensemble) -> N
 @pytest.mark.parametrize(
     ("params", "message"),
     [
-        pytest.param({"policy": "mean", "early_exit": "true"}, "early_exit cannot be exact for policy 'mean'", id="mean"),
+        pytest.param(
+            {"policy": "mean", "early_exit": "true"}, "early_exit cannot be exact for policy 'mean'", id="mean"
+        ),
         pytest.param({"policy": "max", "early_exit": "1"}, "early_exit cannot be exact for policy 'max'", id="max"),
-        pytest.param({"policy": "cascade", "early_exit": "yes"}, "cascade always runs members cheapest first", id="cascade"),
+        pytest.param(
+            {"policy": "cascade", "early_exit": "yes"}, "cascade always runs members cheapest first", id="cascade"
+        ),
         pytest.param({"policy": "any", "early_exit": "maybe"}, "early_exit must be true or false", id="not-a-boolean"),
-        pytest.param({"policy": "any", "confidence": "0.9"}, "policy 'any' takes no parameter confidence; only cascade", id="confidence"),
-        pytest.param({"policy": "cascade", "confidence": "1.5"}, "confidence must be a number in [0, 1], got '1.5'", id="confidence-range"),
+        pytest.param(
+            {"policy": "any", "confidence": "0.9"},
+            "policy 'any' takes no parameter confidence; only cascade",
+            id="confidence",
+        ),
+        pytest.param(
+            {"policy": "cascade", "confidence": "1.5"},
+            "confidence must be a number in [0, 1], got '1.5'",
+            id="confidence-range",
+        ),
         pytest.param({"uncertainty": "sure"}, "uncertainty must be true or false", id="uncertainty"),
     ],
 )
@@ -278,7 +318,12 @@ def test_uncertainty_is_the_deep_ensemble_decomposition(request: pytest.FixtureR
             mean = [sum(s * row[j] for s, row in zip(share, rows, strict=True)) for j in range(2)]
             total, expected = entropy(mean), sum(s * entropy(row) for s, row in zip(share, rows, strict=True))
             yes = sum(row[1] >= 0.5 for row in rows) / 3
-            want = {"entropy": total, "expected_entropy": expected, "mutual_information": total - expected, "vote_margin": abs(2 * yes - 1)}
+            want = {
+                "entropy": total,
+                "expected_entropy": expected,
+                "mutual_information": total - expected,
+                "vote_margin": abs(2 * yes - 1),
+            }
             assert prediction["uncertainty"] == pytest.approx(want, abs=2e-6)
             continue
         for j, label in enumerate(ensemble.spec.labels):
@@ -287,14 +332,24 @@ def test_uncertainty_is_the_deep_ensemble_decomposition(request: pytest.FixtureR
             expected = sum(s * entropy([row[j], 1 - row[j]]) for s, row in zip(share, rows, strict=True))
             yes = sum(row[j] >= 0.5 for row in rows) / 3
             got = {name: values[label] for name, values in prediction["uncertainty"].items()}
-            assert got == pytest.approx({"entropy": total, "expected_entropy": expected, "mutual_information": total - expected, "vote_margin": abs(2 * yes - 1)}, abs=2e-6)
+            assert got == pytest.approx(
+                {
+                    "entropy": total,
+                    "expected_entropy": expected,
+                    "mutual_information": total - expected,
+                    "vote_margin": abs(2 * yes - 1),
+                },
+                abs=2e-6,
+            )
 
 
 def test_defer_in_json_v2_and_metrics(pair: Ensemble) -> None:
     [measured] = ask(pair, [{"policy": "mean", "uncertainty": "true"}])
     information = sorted(p["uncertainty"]["mutual_information"] for p in measured["predictions"])
     limit = round((information[2] + information[3]) / 2, 7)
-    deferring = Ensemble.from_spec(dataclasses.replace(pair.spec, defer={"mutual_information": limit}), torch.device("cpu"))
+    deferring = Ensemble.from_spec(
+        dataclasses.replace(pair.spec, defer={"mutual_information": limit}), torch.device("cpu")
+    )
     [body] = ask(deferring, [{"policy": "mean", "uncertainty": "true"}])
     for prediction, before in zip(body["predictions"], measured["predictions"], strict=True):
         value = before["uncertainty"]["mutual_information"]
@@ -305,7 +360,10 @@ def test_defer_in_json_v2_and_metrics(pair: Ensemble) -> None:
         else:
             assert prediction["label"] == before["label"] and "reason" not in prediction
     encoded = [base64.b64encode(image).decode() for image in IMAGES]
-    document = {"inputs": [{"name": "data", "datatype": "BYTES", "shape": [len(IMAGES)], "data": encoded}], "parameters": {"policy": "mean"}}
+    document = {
+        "inputs": [{"name": "data", "datatype": "BYTES", "shape": [len(IMAGES)], "data": encoded}],
+        "parameters": {"policy": "mean"},
+    }
     v2 = deferring.prepare({"body": json.dumps(document).encode()}, {"Content-Type": "application/json"})
     answer = deferring.answer_batch([v2])
     outputs = {output["name"]: output["data"] for output in answer.replies[0].body["outputs"]}
@@ -314,7 +372,9 @@ def test_defer_in_json_v2_and_metrics(pair: Ensemble) -> None:
     assert outputs["deferred"] == deferred
     assert outputs["label"] == [p["label"] or "" for p in body["predictions"]]
     assert "mutual_information" not in outputs
-    counts = batch_counts(answer, members=[m.name for m in pair.spec.members], labels=pair.spec.labels, single_label=True)
+    counts = batch_counts(
+        answer, members=[m.name for m in pair.spec.members], labels=pair.spec.labels, single_label=True
+    )
     assert counts["ensemble_deferrals_total", ()] == 3
 
 
@@ -324,7 +384,9 @@ def test_tensor_instances_stop_early_with_the_exhaustive_labels(tmp_path: Path, 
     ensemble = Ensemble.from_spec(spec.with_plan("eager"), torch.device("cpu"))
     body = npy_bytes(instances(5, 12))
     early, exhaustive = (
-        ensemble.answer_batch([ensemble.prepare({"body": body, "policy": policy.encode(), **extra}, NPY)]).replies[0].body
+        ensemble.answer_batch([ensemble.prepare({"body": body, "policy": policy.encode(), **extra}, NPY)])
+        .replies[0]
+        .body
         for extra in ({"early_exit": b"true"}, {})
     )
     assert [p["label"] for p in early["predictions"]] == [p["label"] for p in exhaustive["predictions"]]
@@ -333,7 +395,9 @@ def test_tensor_instances_stop_early_with_the_exhaustive_labels(tmp_path: Path, 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("corruption", [None, ("blur", 2.0), ("downscale", 8)], ids=["clean", "blur-2", "downscale-8"])
-def test_published_mtcnn_weights_on_real_faces_stop_early_with_the_exhaustive_labels(corruption: tuple[str, float] | None) -> None:
+def test_published_mtcnn_weights_on_real_faces_stop_early_with_the_exhaustive_labels(
+    corruption: tuple[str, float] | None,
+) -> None:
     """facenet-pytorch's shipped MTCNN weights (`make demo` copies them, digests pinned) on lfw_subset's 200 photographs:
     under `any` and `all`, early exit answers every crop as running every member does, and skips members on real data."""
     spec = load_ensembles(Path(__file__).resolve().parent.parent / "ensembles.yaml")["faces"]

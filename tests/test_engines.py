@@ -4,13 +4,11 @@ ONNX Runtime or OpenVINO; a member no exporter takes is served by the other plan
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import threading
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -50,7 +48,9 @@ def on_plan(model_dir: Path, plan: str, tta: str | None = None) -> Ensemble:
         pytest.param("vectors", None, id="tensor-mlp"),
     ],
 )
-def test_each_engine_reproduces_eager_on_every_member_kind(test_store: Path, tmp_path: Path, name: str, tta: str | None, plan: str) -> None:
+def test_each_engine_reproduces_eager_on_every_member_kind(
+    test_store: Path, tmp_path: Path, name: str, tta: str | None, plan: str
+) -> None:
     model_dir = extract(test_store, name, tmp_path)
     engines = read_archive_manifest(model_dir).engines
     assert {member: onnx["exporter"] for member, onnx in engines.items()} == dict.fromkeys(engines, "dynamo")
@@ -75,7 +75,13 @@ def test_a_member_no_exporter_takes_is_served_by_the_other_plans_and_says_why(tm
         {"name": "svd", "arch": "fixture_models.py:SvdNet", "kwargs": {"num_classes": 3}, "weights": "svd.pt"},
         {"name": "pool", "arch": "fixture_models.py:PoolNet", "kwargs": {"num_classes": 3}, "weights": "pool.pt"},
     ]
-    ensemble = {"version": "1.0", "task": "multiclass", "labels": ["cat", "dog", "fox"], "input": {"size": [20, 20]}, "members": members}
+    ensemble = {
+        "version": "1.0",
+        "task": "multiclass",
+        "labels": ["cat", "dog", "fox"],
+        "input": {"size": [20, 20]},
+        "members": members,
+    }
     (source / "ensembles.yaml").write_text(yaml.safe_dump({"ensembles": {"svd": ensemble}}, sort_keys=False))
     archive = build_archive(load_ensembles(source / "ensembles.yaml")["svd"], tmp_path / "store")
     why = (
@@ -115,7 +121,9 @@ class _Convolutions(torch.nn.Module):
         layers: list[torch.nn.Module] = [torch.nn.Conv2d(3, 48, 3, padding=1), torch.nn.ReLU()]
         for _ in range(3):
             layers += [torch.nn.Conv2d(48, 48, 3, padding=1), torch.nn.ReLU()]
-        self.body = torch.nn.Sequential(*layers, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(48, 4))
+        self.body = torch.nn.Sequential(
+            *layers, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(48, 4)
+        )
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
         return self.body(batch).softmax(-1)

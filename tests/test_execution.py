@@ -36,8 +36,17 @@ def ensemble_with(folder: Path, members: dict[str, tuple[str, torch.nn.Module, d
 def members_of_one_kind(seed: int) -> dict[str, tuple[str, torch.nn.Module, dict]]:
     torch.manual_seed(seed)
     pools = {f"pool{i}": ("fixture_models.py:PoolNet", PoolNet(num_classes=3), {}) for i in range(4)}
-    gray = {"gray": ("fixture_models.py:PoolNet", PoolNet(num_classes=3, in_channels=1), {"kwargs": {"num_classes": 3, "in_channels": 1}, "input": {"color_mode": "L"}})}
-    mobiles = {f"mobile{i}": ("torchvision:mobilenet_v3_small", torchvision.models.mobilenet_v3_small(num_classes=3), {}) for i in range(2)}
+    gray = {
+        "gray": (
+            "fixture_models.py:PoolNet",
+            PoolNet(num_classes=3, in_channels=1),
+            {"kwargs": {"num_classes": 3, "in_channels": 1}, "input": {"color_mode": "L"}},
+        )
+    }
+    mobiles = {
+        f"mobile{i}": ("torchvision:mobilenet_v3_small", torchvision.models.mobilenet_v3_small(num_classes=3), {})
+        for i in range(2)
+    }
     return {**pools, **gray, **mobiles}
 
 

@@ -31,7 +31,9 @@ pytestmark = pytest.mark.slow
 CPU = torch.device("cpu")
 
 
-def load(path: Path, name: str, execution: dict[str, Any] | None = None, member: dict[str, Any] | None = None) -> Ensemble:
+def load(
+    path: Path, name: str, execution: dict[str, Any] | None = None, member: dict[str, Any] | None = None
+) -> Ensemble:
     """Ensemble `name` of `path` with `execution` set on the ensemble and `member` on its first member."""
     doc = yaml.safe_load(path.read_text())
     if execution is not None:
@@ -51,7 +53,12 @@ def with_member(folder: Path, arch: str, module: torch.nn.Module) -> Path:
     path = write_ensemble(folder)
     torch.save(module.state_dict(), folder / "odd.pt")
     doc = yaml.safe_load(path.read_text())
-    doc["ensembles"]["trio"]["members"][0] = {"name": "odd", "arch": arch, "kwargs": {"num_classes": 3}, "weights": "odd.pt"}
+    doc["ensembles"]["trio"]["members"][0] = {
+        "name": "odd",
+        "arch": arch,
+        "kwargs": {"num_classes": 3},
+        "weights": "odd.pt",
+    }
     path.write_text(yaml.safe_dump(doc))
     return path
 
@@ -82,7 +89,11 @@ def test_auto_times_every_candidate_and_keeps_a_verified_faster_one(tmp_path: Pa
         assert chosen["rejected"] == {}
         assert chosen["plan"] in AUTO_PLANS
         # A plan slower than eager on its own is kept only when, every member on it, a served batch ran faster.
-        assert chosen["plan"] == "eager" or chosen["speedup_vs_eager"] >= round(MIN_GAIN, 2) or schedule["kept"] == f"all {chosen['plan']}"
+        assert (
+            chosen["plan"] == "eager"
+            or chosen["speedup_vs_eager"] >= round(MIN_GAIN, 2)
+            or schedule["kept"] == f"all {chosen['plan']}"
+        )
         assert chosen["load_s"] > 0
     estimated, timed = schedule["members_own_timings_vs_per_member"], schedule["ms_per_batch"]
     assert set(estimated) == {f"all {plan}" for plan in AUTO_PLANS if plan not in ENGINE_PLANS}
@@ -97,7 +108,10 @@ def test_a_data_dependent_branch_is_never_traced(tmp_path: Path) -> None:
     ensemble = load(path, "trio")
     rejected = ensemble.describe()["members"][0]["execution"]["rejected"]
     assert set(rejected) == {"frozen", "frozen_channels_last"}
-    assert all(reason.startswith("the trace may not hold for other inputs (data-dependent Python)") for reason in rejected.values())
+    assert all(
+        reason.startswith("the trace may not hold for other inputs (data-dependent Python)")
+        for reason in rejected.values()
+    )
     with pytest.raises(MemberLoadError, match=r"^member 'odd': plan 'frozen': the trace may not hold for other inputs"):
         load(path, "trio", member={"plan": "frozen"})
 
@@ -109,7 +123,9 @@ def test_a_plan_that_changes_the_answer_is_refused(tmp_path: Path) -> None:
     assert set(rejected) == {"channels_last", "frozen_channels_last"}
     assert all(reason.startswith("probabilities differ from eager by ") for reason in rejected.values())
     assert ensemble.describe()["members"][0]["execution"]["plan"] in {"eager", "frozen"}
-    with pytest.raises(MemberLoadError, match=r"^member 'odd': plan 'channels_last': probabilities differ from eager by .* at batch 1"):
+    with pytest.raises(
+        MemberLoadError, match=r"^member 'odd': plan 'channels_last': probabilities differ from eager by .* at batch 1"
+    ):
         load(path, "trio", member={"plan": "channels_last"})
 
 
@@ -143,7 +159,11 @@ def test_workers_of_one_model_share_the_measured_plans(test_store: Path, tmp_pat
     model_dir = extract(test_store, "trio", tmp_path)
     first = Ensemble.from_model_dir(model_dir, CPU).describe()["members"]
     recorded = json.loads((model_dir / PLANS_FILE).read_text())
-    assert recorded["context"] == {"torch": torch.__version__, "device": "cpu", "member_threads": member_threads(model_dir)}
+    assert recorded["context"] == {
+        "torch": torch.__version__,
+        "device": "cpu",
+        "member_threads": member_threads(model_dir),
+    }
     assert {m["name"]: m["execution"] for m in first} == recorded["members"]
     again = Ensemble.from_model_dir(model_dir, CPU).describe()["members"]
     assert [m["execution"]["measured_by"] for m in first] == ["this worker"] * 3
@@ -193,10 +213,22 @@ def test_a_worker_rebuilds_an_engine_plan_another_worker_chose(test_store: Path,
     [
         pytest.param(lambda saved: "not json", id="garbage"),
         pytest.param(lambda saved: {**saved, "context": {**saved["context"], "torch": "0.0"}}, id="other-torch"),
-        pytest.param(lambda saved: {**saved, "members": {"mobile": {**saved["members"]["mobile"], "plan": "compiled"}}}, id="plan-not-allowed"),
-        pytest.param(lambda saved: {**saved, "members": {"mobile": {**saved["members"]["mobile"], "ms_per_call": {"eager": {"3": 1.0}}}}}, id="other-sizes"),
         pytest.param(
-            lambda saved: {**saved, "members": {"mobile": {**saved["members"]["mobile"], "timed_as": {"threads_at_once": 7}}}},
+            lambda saved: {**saved, "members": {"mobile": {**saved["members"]["mobile"], "plan": "compiled"}}},
+            id="plan-not-allowed",
+        ),
+        pytest.param(
+            lambda saved: {
+                **saved,
+                "members": {"mobile": {**saved["members"]["mobile"], "ms_per_call": {"eager": {"3": 1.0}}}},
+            },
+            id="other-sizes",
+        ),
+        pytest.param(
+            lambda saved: {
+                **saved,
+                "members": {"mobile": {**saved["members"]["mobile"], "timed_as": {"threads_at_once": 7}}},
+            },
             id="timed-with-other-threads",
         ),
     ],
@@ -213,10 +245,18 @@ def test_a_record_that_does_not_apply_is_measured_afresh(test_store: Path, tmp_p
 
 
 def test_prepare_cuda_turns_off_tf32_and_torchscript_gpu_fusion() -> None:
-    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, torch._C._jit_texpr_fuser_enabled())
+    saved = (
+        torch.backends.cudnn.allow_tf32,
+        torch.backends.cuda.matmul.allow_tf32,
+        torch._C._jit_texpr_fuser_enabled(),
+    )
     try:
         prepare_cuda()
-        assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, torch._C._jit_texpr_fuser_enabled()) == (False, False, False)
+        assert (
+            torch.backends.cudnn.allow_tf32,
+            torch.backends.cuda.matmul.allow_tf32,
+            torch._C._jit_texpr_fuser_enabled(),
+        ) == (False, False, False)
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved[:2]
         torch._C._jit_set_texpr_fuser_enabled(saved[2])

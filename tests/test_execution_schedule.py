@@ -38,7 +38,9 @@ def sleeper(seconds: float, lock: threading.Lock | None = None) -> Any:
 def member(index: int, plan: str, forwards: dict[str, Any], ms: dict[str, float]) -> Group:
     """A member `auto` put on `plan`, with every candidate's forward and its own ms per call at one size."""
     choice = Choice(plan, forwards[plan], ms={name: {1: value} for name, value in ms.items()}, candidates=forwards)
-    return Group(spec=SPEC, indices=(index,), run=lambda batch: forwards[plan](batch).unsqueeze(0), fused=False, choice=choice)
+    return Group(
+        spec=SPEC, indices=(index,), run=lambda batch: forwards[plan](batch).unsqueeze(0), fused=False, choice=choice
+    )
 
 
 class Served:
@@ -57,8 +59,15 @@ def test_a_uniform_plan_that_serves_faster_than_the_per_member_choices_is_kept()
     """Each member alone is fastest on its own plan (20 ms against 24), but those two plans share the cores and
     queue (40 ms a batch); both members on `eager` run side by side (24 ms), so `eager` is kept for both."""
     cores = threading.Lock()
-    first = member(0, "frozen", {"frozen": sleeper(0.02, cores), "eager": sleeper(0.024)}, {"frozen": 20.0, "eager": 24.0})
-    second = member(1, "channels_last", {"channels_last": sleeper(0.02, cores), "eager": sleeper(0.024)}, {"channels_last": 20.0, "eager": 24.0})
+    first = member(
+        0, "frozen", {"frozen": sleeper(0.02, cores), "eager": sleeper(0.024)}, {"frozen": 20.0, "eager": 24.0}
+    )
+    second = member(
+        1,
+        "channels_last",
+        {"channels_last": sleeper(0.02, cores), "eager": sleeper(0.024)},
+        {"channels_last": 20.0, "eager": 24.0},
+    )
     groups, schedule = settle([first, second], Served(), [1, 4])
     assert [group.choice.plan for group in groups] == ["eager", "eager"]
     assert [dict(group.choice.candidates) for group in groups] == [{}, {}]
@@ -88,10 +97,17 @@ def test_per_member_choices_that_serve_faster_are_kept() -> None:
         pytest.param(0.020, ["eager", "eager"], id="mix-no-faster-one-plan-served"),
     ],
 )
-def test_a_mix_of_plans_is_kept_only_when_clearly_faster_than_one_plan_for_all(eager_s: float, expected: list[str]) -> None:
+def test_a_mix_of_plans_is_kept_only_when_clearly_faster_than_one_plan_for_all(
+    eager_s: float, expected: list[str]
+) -> None:
     """Two members on two plans, side by side (20 ms a batch), against both on eager: the mix must win by MIX_GAIN."""
     first = member(0, "frozen", {"frozen": sleeper(0.02), "eager": sleeper(eager_s)}, {"frozen": 20.0, "eager": 24.0})
-    second = member(1, "channels_last", {"channels_last": sleeper(0.02), "eager": sleeper(eager_s)}, {"channels_last": 20.0, "eager": 24.0})
+    second = member(
+        1,
+        "channels_last",
+        {"channels_last": sleeper(0.02), "eager": sleeper(eager_s)},
+        {"channels_last": 20.0, "eager": 24.0},
+    )
     groups, schedule = settle([first, second], Served(), [1])
     assert [group.choice.plan for group in groups] == expected
     assert schedule is not None and schedule.kept == (PER_MEMBER if expected[0] == "frozen" else "all eager")
@@ -119,7 +135,12 @@ def fixed(index: int) -> Group:
 @pytest.mark.parametrize(
     "groups",
     [
-        pytest.param(lambda: [member(0, "frozen", {"frozen": sleeper(0.001), "eager": sleeper(0.002)}, {"frozen": 1.0, "eager": 1.1})], id="one-member"),
+        pytest.param(
+            lambda: [
+                member(0, "frozen", {"frozen": sleeper(0.001), "eager": sleeper(0.002)}, {"frozen": 1.0, "eager": 1.1})
+            ],
+            id="one-member",
+        ),
         pytest.param(lambda: [fixed(0), fixed(1)], id="fixed-plans"),
     ],
 )
@@ -136,13 +157,17 @@ def test_nothing_to_settle_times_nothing(groups: Any) -> None:
     ("costs", "expected"),
     [
         pytest.param({"eager": 1.0, "frozen": 0.8, "onnxruntime": 0.5}, "onnxruntime", id="cheapest"),
-        pytest.param({"eager": 1.0, "onnxruntime": 0.5, "openvino": 0.48}, "onnxruntime", id="openvino-4%-cheaper-not-enough"),
+        pytest.param(
+            {"eager": 1.0, "onnxruntime": 0.5, "openvino": 0.48}, "onnxruntime", id="openvino-4%-cheaper-not-enough"
+        ),
         pytest.param({"eager": 1.0, "onnxruntime": 0.5, "openvino": 0.45}, "openvino", id="openvino-10%-cheaper"),
         pytest.param({"openvino_bf16": 0.3}, "openvino_bf16", id="nothing-else-runs"),
         pytest.param({"onnxruntime_int8": 0.3, "openvino_int8": 0.2}, "openvino_int8", id="int8-a-third-cheaper"),
     ],
 )
-def test_a_plan_that_hands_calls_to_its_own_threads_must_be_clearly_cheaper(costs: dict[str, float], expected: str) -> None:
+def test_a_plan_that_hands_calls_to_its_own_threads_must_be_clearly_cheaper(
+    costs: dict[str, float], expected: str
+) -> None:
     assert fastest(costs) == expected
 
 

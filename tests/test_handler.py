@@ -77,12 +77,18 @@ def test_mixed_batch_isolates_bad_requests(trio: tuple[EnsembleHandler, Context]
 
 def test_response_shape_and_provenance(trio: tuple[EnsembleHandler, Context], test_store: Path) -> None:
     handler, context = trio
-    [(status, body, _)] = serve(handler, context, [raw(image_bytes(4), **{"X-Ensemble-Policy": "k_of_n", "X-Ensemble-K": "2"})])
+    [(status, body, _)] = serve(
+        handler, context, [raw(image_bytes(4), **{"X-Ensemble-Policy": "k_of_n", "X-Ensemble-K": "2"})]
+    )
     spec = source_spec(test_store, "trio")
     digests = {m.name: sha256_of(spec.base_dir / m.weights) for m in spec.members}
     archived = {m.name: sha256_of(handler.ensemble.spec.base_dir / m.weights) for m in handler.ensemble.spec.members}
     assert status == 200
-    assert (body["ensemble"], body["version"], body["policy"]) == ("trio", "2.1", {"name": "k_of_n", "params": {"k": 2}})
+    assert (body["ensemble"], body["version"], body["policy"]) == (
+        "trio",
+        "2.1",
+        {"name": "k_of_n", "params": {"k": 2}},
+    )
     assert body["provenance"]["member_sha256"] == archived
     assert body["provenance"]["member_source_sha256"] == digests
     assert body["provenance"]["ensemble_version"] == "2.1"
@@ -125,7 +131,11 @@ def test_describe_lists_members_digests_and_policies(trio: tuple[EnsembleHandler
         "policy": {"values": ["all", "any", "cascade", "k_of_n", "majority", "max", "mean"], "default": "mean"},
         "k": {"range": [1, 3], "default": None, "for": "k_of_n"},
         "top_k": {"range": [1, 3], "default": 1},
-        "members": {"values": ["mobile", "pool_rgb", "pool_gray"], "default": ["mobile", "pool_rgb", "pool_gray"], "format": "comma-separated names"},
+        "members": {
+            "values": ["mobile", "pool_rgb", "pool_gray"],
+            "default": ["mobile", "pool_rgb", "pool_gray"],
+            "format": "comma-separated names",
+        },
         "confidence": {"range": [0.0, 1.0], "default": 0.9, "for": "cascade"},
         "early_exit": {"values": [True, False], "default": False, "for": "any, all, majority, k_of_n"},
         "uncertainty": {"values": [True, False], "default": False},
@@ -183,12 +193,18 @@ def test_tensor_ensemble_answers_npy_and_json_in_one_batch(test_store: Path, tmp
         [
             ({"body": npy_bytes(three)}, NPY),
             ({"body": image_bytes(1)}, {"Content-Type": PNG}),
-            ({"body": json.dumps({"instances": two.tolist()}).encode()}, {"Content-Type": "application/json", "X-Ensemble-Policy": "max"}),
+            (
+                {"body": json.dumps({"instances": two.tolist()}).encode()},
+                {"Content-Type": "application/json", "X-Ensemble-Policy": "max"},
+            ),
             ({"body": npy_bytes(three[:, :2])}, NPY),
         ],
     )
     assert [(status, body.get("type")) for status, body, _ in replies] == [
-        (200, None), (415, "UnsupportedMediaType"), (200, None), (400, "RequestError")
+        (200, None),
+        (415, "UnsupportedMediaType"),
+        (200, None),
+        (400, "RequestError"),
     ]
     assert replies[3][1]["message"] == "array of shape [3, 2, 4]; expected [N, 3, 4]"
     assert replies[0][2]["X-Ensemble-Batch-Images"] == "5"

@@ -52,7 +52,9 @@ def server(test_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         stop(instance)
 
 
-def predict(server: Server, name: str, *, path: str = "predictions", params: dict | None = None, **kwargs) -> requests.Response:
+def predict(
+    server: Server, name: str, *, path: str = "predictions", params: dict | None = None, **kwargs
+) -> requests.Response:
     url = f"{server.inference}/{path}/{name}" if path == "predictions" else f"{server.inference}/models/{name}/invoke"
     headers = {**server.headers("inference"), **kwargs.pop("headers", {})}
     return requests.post(url, params=params, headers=headers, timeout=TIMEOUT, **kwargs)
@@ -68,7 +70,9 @@ def listening(server: Server) -> set[tuple[str, int]]:
     processes = [frontend, *frontend.children(recursive=True), psutil.Process(int(server.gateway_pid_file.read_text()))]
     sockets = [s for process in processes for s in process.net_connections(kind="inet")]
     bound = [s.laddr for s in sockets if s.status == psutil.CONN_LISTEN or s.type == socket.SOCK_DGRAM]
-    return {(ip.removeprefix("::ffff:"), port) for ip, port in bound}  # The JVM holds IPv4 addresses as IPv4-mapped IPv6.
+    return {
+        (ip.removeprefix("::ffff:"), port) for ip, port in bound
+    }  # The JVM holds IPv4 addresses as IPv4-mapped IPv6.
 
 
 def test_server_binds_loopback_and_uses_shipped_settings(server: Server) -> None:
@@ -76,16 +80,24 @@ def test_server_binds_loopback_and_uses_shipped_settings(server: Server) -> None
     addresses = [server.inference, server.management, server.setting("metrics_address"), server.gateway]
     grpc_ports = [int(server.setting(key)) for key in ("grpc_inference_port", "grpc_management_port")]
     assert all(address.startswith("http://127.0.0.1:") for address in addresses)
-    assert [server.setting("grpc_inference_address"), server.setting("grpc_management_address")] == ["127.0.0.1", "127.0.0.1"]
+    assert [server.setting("grpc_inference_address"), server.setting("grpc_management_address")] == [
+        "127.0.0.1",
+        "127.0.0.1",
+    ]
     assert server.setting("allowed_urls") == "(?!)"
-    expected = {("127.0.0.1", urlsplit(address).port) for address in addresses} | {("127.0.0.1", port) for port in grpc_ports}
+    expected = {("127.0.0.1", urlsplit(address).port) for address in addresses} | {
+        ("127.0.0.1", port) for port in grpc_ports
+    }
     assert len(expected) == 6
     assert listening(server) == expected
 
 
 def test_registered_ensemble_describes_itself(server: Server) -> None:
     response = requests.get(
-        f"{server.management}/models/trio", params={"customized": "true"}, headers=server.headers("management"), timeout=TIMEOUT
+        f"{server.management}/models/trio",
+        params={"customized": "true"},
+        headers=server.headers("management"),
+        timeout=TIMEOUT,
     )
     assert response.status_code == 200
     [model] = response.json()
@@ -103,7 +115,10 @@ def test_registered_ensemble_describes_itself(server: Server) -> None:
         # describe rounds ms to 0.001: for plans under 0.1 ms per call (onnxruntime's PoolNets) that alone moves the
         # recomputed ratio by up to 2%, so it is compared relatively, with room for that rounding.
         assert chosen["speedup_vs_eager"] == pytest.approx(
-            geometric_mean([chosen["ms_per_call"]["eager"][s] / chosen["ms_per_call"][chosen["plan"]][s] for s in ("1", "4")]), rel=0.03
+            geometric_mean(
+                [chosen["ms_per_call"]["eager"][s] / chosen["ms_per_call"][chosen["plan"]][s] for s in ("1", "4")]
+            ),
+            rel=0.03,
         )
 
 
@@ -156,7 +171,9 @@ def test_json_instances(server: Server, test_store: Path) -> None:
         pytest.param("application/json", lambda values: json.dumps({"instances": values.tolist()}).encode(), id="json"),
     ],
 )
-def test_tensor_instances(server: Server, test_store: Path, content_type: str, encode: Callable[[numpy.ndarray], bytes]) -> None:
+def test_tensor_instances(
+    server: Server, test_store: Path, content_type: str, encode: Callable[[numpy.ndarray], bytes]
+) -> None:
     values = instances(81, 4)
     response = predict(server, "vectors", data=encode(values), headers={"Content-Type": content_type})
     assert response.status_code == 200, response.text
@@ -213,8 +230,12 @@ def test_early_exit_gives_the_exhaustive_labels_and_says_what_ran(server: Server
         if prediction["label"] == "absent":  # Under any, a no needs every member's no.
             assert prediction["skipped"] == []
         # Scores and uncertainty are over the members that ran (docs/policies.md, Early exit).
-        [over_those_that_ran] = expected_answers(test_store, "pair", [image], policy="any", uncertainty="true", members=",".join(prediction["members"]))
-        assert_answers([{k: v for k, v in prediction.items() if k not in ("skipped", "early_exit")}], [over_those_that_ran])
+        [over_those_that_ran] = expected_answers(
+            test_store, "pair", [image], policy="any", uncertainty="true", members=",".join(prediction["members"])
+        )
+        assert_answers(
+            [{k: v for k, v in prediction.items() if k not in ("skipped", "early_exit")}], [over_those_that_ran]
+        )
     refused = predict(server, "pair", path="invoke", params={"policy": "mean", "early_exit": "true"}, files=files[:1])
     assert refused.status_code == 400
     assert "early_exit cannot be exact for policy 'mean'" in refused.json()["message"]
@@ -312,10 +333,18 @@ def test_chexnet_checkpoint_is_served_with_its_own_weights(server: Server, test_
     assert not zipfile.is_zipfile(path), "saved in PyTorch 0.3's legacy format"
     source = read_checkpoint(path)
     assert set(source) == {"epoch", "arch", "best_loss", "state_dict"}
-    assert {"module.densenet121.features.denseblock1.denselayer1.norm.1.weight", "module.densenet121.classifier.0.weight"} <= set(source["state_dict"])
-    assert not [key for key in source["state_dict"] if key.endswith("num_batches_tracked")], "saved before PyTorch 0.4.1"
+    assert {
+        "module.densenet121.features.denseblock1.denselayer1.norm.1.weight",
+        "module.densenet121.classifier.0.weight",
+    } <= set(source["state_dict"])
+    assert not [key for key in source["state_dict"] if key.endswith("num_batches_tracked")], (
+        "saved before PyTorch 0.4.1"
+    )
     described = requests.get(
-        f"{server.management}/models/chexnet", params={"customized": "true"}, headers=server.headers("management"), timeout=TIMEOUT
+        f"{server.management}/models/chexnet",
+        params={"customized": "true"},
+        headers=server.headers("management"),
+        timeout=TIMEOUT,
     ).json()[0]["customizedMetadata"]
     assert described["members"][0]["source"]["filled"] == {"num_batches_tracked": 121}
     images = [image_bytes(seed, size=(80, 72)) for seed in (301, 302, 303)]
@@ -325,10 +354,14 @@ def test_chexnet_checkpoint_is_served_with_its_own_weights(server: Server, test_
     inputs = torch.stack([to_tensor(decode_image(data, spec.limits), spec.input) for data in images])
     with torch.inference_mode():
         expected = chexnet()(inputs)
-    served = torch.tensor([[p["members"]["chexnet"]["scores"][label] for label in CHEXNET_LABELS] for p in response.json()["predictions"]])
+    served = torch.tensor(
+        [[p["members"]["chexnet"]["scores"][label] for label in CHEXNET_LABELS] for p in response.json()["predictions"]]
+    )
     assert served.shape == (3, 14)
     assert (served - expected).abs().max().item() <= 1e-4
-    assert (expected.max(dim=0).values - expected.min(dim=0).values).min().item() > 1e-3, "images must score differently"
+    assert (expected.max(dim=0).values - expected.min(dim=0).values).min().item() > 1e-3, (
+        "images must score differently"
+    )
 
 
 def test_unregister(server: Server) -> None:
@@ -374,13 +407,24 @@ def test_members_with_structured_outputs_and_their_own_labels_answer_on_torchser
         images = [image_bytes(seed, size=(31, 26)) for seed in (21, 22)]
         rows = batch_tensors([decode_image(data, spec.limits) for data in images], [spec.input])[spec.input]
         for image, row in zip(images, rows, strict=True):
-            response = predict(server, task, data=image, headers={"Content-Type": "image/png", "X-Ensemble-Top-K": "3"} if task == "multiclass" else {"Content-Type": "image/png"})
+            response = predict(
+                server,
+                task,
+                data=image,
+                headers={"Content-Type": "image/png", "X-Ensemble-Top-K": "3"}
+                if task == "multiclass"
+                else {"Content-Type": "image/png"},
+            )
             assert response.status_code == 200, response.text
             answer = response.json()["predictions"][0]["members"]
             for name, (_, own, output) in members.items():
                 with torch.inference_mode():
                     [want] = expected_scores(modules[name], row[None], task, own or labels, labels, output)
-                served = answer[name]["scores"] if task == "multilabel" else {entry["label"]: entry["score"] for entry in answer[name]["top"]}
+                served = (
+                    answer[name]["scores"]
+                    if task == "multilabel"
+                    else {entry["label"]: entry["score"] for entry in answer[name]["top"]}
+                )
                 assert served == pytest.approx(want, abs=1e-4)
     finally:
         unregister(server, task)

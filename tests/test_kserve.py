@@ -117,17 +117,22 @@ def describe(server: Server, name: str) -> requests.Response:
 
 
 def listed_models(server: Server) -> list[str]:
-    return [model["modelName"] for model in requests.get(f"{server.management}/models", timeout=TIMEOUT).json()["models"]]
+    return [
+        model["modelName"] for model in requests.get(f"{server.management}/models", timeout=TIMEOUT).json()["models"]
+    ]
 
 
 def post_image(server: Server, seed: int) -> requests.Response:
     """One raw PNG to TorchServe's own predictions path, with no token."""
     headers = {"Content-Type": "image/png"}
-    return requests.post(f"{server.inference}/predictions/trio", data=image_bytes(seed), headers=headers, timeout=TIMEOUT)
+    return requests.post(
+        f"{server.inference}/predictions/trio", data=image_bytes(seed), headers=headers, timeout=TIMEOUT
+    )
 
 
 def wait_until_ready(server: Server, name: str) -> None:
     """Wait for a READY worker: TorchServe registers the snapshot's models before /ping answers, but their workers load after."""
+
     def ready() -> bool:
         response = describe(server, name)
         return response.ok and any(worker["status"] == "READY" for worker in response.json()[0]["workers"])
@@ -175,11 +180,21 @@ def test_served_config_moves_only_the_listeners(kserve_server: tuple[Server, Pat
     server, layout = kserve_server
     served = read_properties(server.config)
     shipped = read_properties(layout / "config" / "config.properties")
-    listeners = {"inference_address", "management_address", "metrics_address", "grpc_inference_port", "grpc_management_port", "oip_gateway_address"}
+    listeners = {
+        "inference_address",
+        "management_address",
+        "metrics_address",
+        "grpc_inference_port",
+        "grpc_management_port",
+        "oip_gateway_address",
+    }
     assert {key for key in shipped if served[key] != shipped[key]} == listeners | {"metrics_config"}
     assert Path(served["metrics_config"]) == layout / "config" / "metrics.yaml"
     assert served["inference_address"] == served["management_address"]
-    assert all(served[key].startswith("http://127.0.0.1:") for key in ("inference_address", "metrics_address", "oip_gateway_address"))
+    assert all(
+        served[key].startswith("http://127.0.0.1:")
+        for key in ("inference_address", "metrics_address", "oip_gateway_address")
+    )
 
 
 def test_snapshot_registered_trio_with_its_batching(kserve_server: tuple[Server, Path]) -> None:
@@ -215,7 +230,9 @@ def test_concurrent_raw_images_are_batched(kserve_server: tuple[Server, Path], t
 @pytest.mark.parametrize(
     "path", ["predictions/trio", "v2/models/trio/infer"], ids=["as-kserve-wrapper-forwards", "v2-route"]
 )
-def test_v2_requests_of_several_images_from_8_clients(kserve_server: tuple[Server, Path], test_store: Path, path: str) -> None:
+def test_v2_requests_of_several_images_from_8_clients(
+    kserve_server: tuple[Server, Path], test_store: Path, path: str
+) -> None:
     """The wrapper forwards a v2 body to /predictions/<name>; 16 requests of 1..4 images from 8 clients, no token."""
     server, _ = kserve_server
     payloads = [[image_bytes(800 + 10 * r + i) for i in range(1 + r % 4)] for r in range(16)]
@@ -229,21 +246,37 @@ def test_v2_requests_of_several_images_from_8_clients(kserve_server: tuple[Serve
     for response, images in zip(responses, payloads, strict=True):
         body = response.json()
         assert (body["model_name"], body["id"]) == ("trio", f"n{len(images)}")
-        assert_answers(v2_as_predictions(body, TRIO_MEMBERS, TRIO_LABELS), labels_and_scores(expected_answers(test_store, "trio", images)))
+        assert_answers(
+            v2_as_predictions(body, TRIO_MEMBERS, TRIO_LABELS),
+            labels_and_scores(expected_answers(test_store, "trio", images)),
+        )
     assert max(int(r.headers["X-Ensemble-Batch-Requests"]) for r in responses) >= 2
 
 
-def test_grpc_as_the_kserve_wrapper_sends_it(kserve_server: tuple[Server, Path], test_store: Path, tmp_path: Path) -> None:
+def test_grpc_as_the_kserve_wrapper_sends_it(
+    kserve_server: tuple[Server, Path], test_store: Path, tmp_path: Path
+) -> None:
     """gRPC-v2 through the wrapper is TorchServe's Predictions with the v2 JSON under `data`; raw images work too."""
     server, _ = kserve_server
     stubs = generate(tmp_path / "stubs")
     v2_images = [[image_bytes(900 + 10 * r + i) for i in range(1 + r % 3)] for r in range(8)]
     raw_images = [image_bytes(950 + r) for r in range(8)]
-    calls = [{"data": json.dumps(v2_body(images)).encode()} for images in v2_images] + [{"data": image} for image in raw_images]
-    with grpc.insecure_channel(f"127.0.0.1:{server.setting('grpc_inference_port')}") as channel, ThreadPoolExecutor(max_workers=8) as pool:
-        answers = [json.loads(reply.prediction) for reply in pool.map(lambda inputs: grpc_predict(stubs, channel, "trio", inputs, token=None), calls)]
+    calls = [{"data": json.dumps(v2_body(images)).encode()} for images in v2_images] + [
+        {"data": image} for image in raw_images
+    ]
+    with (
+        grpc.insecure_channel(f"127.0.0.1:{server.setting('grpc_inference_port')}") as channel,
+        ThreadPoolExecutor(max_workers=8) as pool,
+    ):
+        answers = [
+            json.loads(reply.prediction)
+            for reply in pool.map(lambda inputs: grpc_predict(stubs, channel, "trio", inputs, token=None), calls)
+        ]
     for answer, images in zip(answers[:8], v2_images, strict=True):
-        assert_answers(v2_as_predictions(answer, TRIO_MEMBERS, TRIO_LABELS), labels_and_scores(expected_answers(test_store, "trio", images)))
+        assert_answers(
+            v2_as_predictions(answer, TRIO_MEMBERS, TRIO_LABELS),
+            labels_and_scores(expected_answers(test_store, "trio", images)),
+        )
     for answer, image in zip(answers[8:], raw_images, strict=True):
         assert_answers(answer["predictions"], expected_answers(test_store, "trio", [image]))
 
@@ -278,7 +311,11 @@ def test_metrics_answer_in_prometheus_format(kserve_server: tuple[Server, Path])
 
     def values(name: str, labels: dict[str, str]) -> list[float]:
         """The values of `name`'s samples with these labels (and any hostname label, which names this machine)."""
-        return [s.value for s in samples if s.name == name and {k: v for k, v in s.labels.items() if k.lower() != "hostname"} == labels]
+        return [
+            s.value
+            for s in samples
+            if s.name == name and {k: v for k, v in s.labels.items() if k.lower() != "hostname"} == labels
+        ]
 
     [requests_total] = values("ts_inference_requests_total", {"model_name": "trio", "model_version": "default"})
     assert requests_total >= 1
@@ -311,11 +348,15 @@ def test_tritonclient_metadata_through_the_gateway(v2_client: triton.InferenceSe
     assert (v2_client.get_model_metadata("trio"), v2_client.get_model_metadata("trio", "2.1")) == (expected, expected)
 
 
-def test_tritonclient_infer_through_the_gateway_is_torchserves_answer(kserve_server: tuple[Server, Path], v2_client: triton.InferenceServerClient) -> None:
+def test_tritonclient_infer_through_the_gateway_is_torchserves_answer(
+    kserve_server: tuple[Server, Path], v2_client: triton.InferenceServerClient
+) -> None:
     server, _ = kserve_server
     images = [image_bytes(990), image_bytes(991), image_bytes(992)]
     result = v2_client.infer("trio", [triton_images(images)], request_id="kserve-gw")
-    direct = requests.post(f"{server.inference}/v2/models/trio/infer", json=v2_body(images, id="kserve-gw"), timeout=TIMEOUT)
+    direct = requests.post(
+        f"{server.inference}/v2/models/trio/infer", json=v2_body(images, id="kserve-gw"), timeout=TIMEOUT
+    )
     assert direct.status_code == 200
     assert result.get_response() == direct.json()
 
@@ -402,7 +443,9 @@ def test_inference_service_names_our_runtime() -> None:
 def test_runtime_serves_the_inference_services_format_and_protocol() -> None:
     """KServe refuses a runtime that lacks the model's format or protocol; the wrapper must speak that protocol too."""
     spec, model = serving_runtime()["spec"], inference_service()["spec"]["predictor"]["model"]
-    assert spec["supportedModelFormats"] == [{"name": model["modelFormat"]["name"], "version": "1", "autoSelect": False}]
+    assert spec["supportedModelFormats"] == [
+        {"name": model["modelFormat"]["name"], "version": "1", "autoSelect": False}
+    ]
     assert spec["protocolVersions"] == [model["protocolVersion"]] == ["v2"]
     env = {variable["name"]: variable["value"] for variable in runtime_container()["env"]}
     assert env == {"PROTOCOL_VERSION": "v2", "CONFIG_PATH": "/mnt/models/config/config.properties"}
@@ -458,4 +501,7 @@ def test_runtime_runs_unprivileged_with_guaranteed_resources() -> None:
         "privileged": False,
         "capabilities": {"drop": ["ALL"]},
     }
-    assert container["resources"] == {"requests": {"cpu": "2", "memory": "3Gi"}, "limits": {"cpu": "2", "memory": "3Gi"}}
+    assert container["resources"] == {
+        "requests": {"cpu": "2", "memory": "3Gi"},
+        "limits": {"cpu": "2", "memory": "3Gi"},
+    }

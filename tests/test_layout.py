@@ -36,7 +36,13 @@ def imported_units(path: Path) -> set[str]:
     """The handlers layers a module imports, wherever the import statement is."""
     units = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        names = (
+            [node.module or ""]
+            if isinstance(node, ast.ImportFrom)
+            else [a.name for a in node.names]
+            if isinstance(node, ast.Import)
+            else []
+        )
         units |= {name.split(".")[1] for name in names if name.startswith("handlers.")}
     return units
 
@@ -53,7 +59,20 @@ def test_each_package_says_what_it_owns_in_one_line(package: str) -> None:
 
 def test_the_tree_is_the_documented_one() -> None:
     top = sorted(p.name for p in HANDLERS.iterdir() if p.name != "__pycache__")
-    assert top == sorted(["__init__.py", "answers", "config", "ensemble.py", "ensemble_handler.py", "ensemble_metrics.py", "errors.py", "execution", "inputs", "weights"])
+    assert top == sorted(
+        [
+            "__init__.py",
+            "answers",
+            "config",
+            "ensemble.py",
+            "ensemble_handler.py",
+            "ensemble_metrics.py",
+            "errors.py",
+            "execution",
+            "inputs",
+            "weights",
+        ]
+    )
     assert set(ALLOWED) == {unit_of(p) for p in sources()} - {"handlers"}
 
 

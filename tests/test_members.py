@@ -35,7 +35,9 @@ def trio(test_store: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[En
     [("mobile",), ("mobile", "pool_gray"), ("pool_rgb", "pool_gray"), MEMBERS],
     ids=["one", "two-light", "two-heavy", "all"],
 )
-def test_mean_of_the_named_members_only(trio: tuple[EnsembleHandler, Context], test_store: Path, subset: tuple[str, ...]) -> None:
+def test_mean_of_the_named_members_only(
+    trio: tuple[EnsembleHandler, Context], test_store: Path, subset: tuple[str, ...]
+) -> None:
     handler, context = trio
     rows = [({"body": image, "members": ",".join(reversed(subset)).encode()}, PNG) for image in IMAGES]
     replies = serve(handler, context, rows)
@@ -62,7 +64,9 @@ def counted_ensemble(test_store: Path) -> tuple[Ensemble, dict[str, int]]:
     modules = [load_member(member, spec.base_dir)[0] for member in spec.members]
     rows = dict.fromkeys(MEMBERS, 0)
     for name, module in zip(MEMBERS, modules, strict=True):
-        module.register_forward_hook(lambda _, args, __, name=name: rows.__setitem__(name, rows[name] + args[0].shape[0]))
+        module.register_forward_hook(
+            lambda _, args, __, name=name: rows.__setitem__(name, rows[name] + args[0].shape[0])
+        )
     sources = {m.name: {"file": m.weights, "sha256": "0" * 64} for m in spec.members}
     ensemble = Ensemble(spec, modules, torch.device("cpu"), {}, sources)
     for name in rows:
@@ -81,13 +85,29 @@ def test_members_left_out_are_not_computed(test_store: Path) -> None:
     assert all(isinstance(r, PreparedRequest) for r in requests)
     answer = ensemble.answer_batch(requests)
     assert rows == {"mobile": 3, "pool_rgb": 1, "pool_gray": 3}
-    assert [reply.members for reply in answer.replies] == [("mobile",), ("mobile", "pool_gray"), MEMBERS, ("pool_gray",)]
-    expected = [expected_answers(test_store, "trio", [image], **({"members": m} if m else {})) for image, m in (
-        (IMAGES[0], "mobile"), (image_bytes(44), "mobile,pool_gray"), (IMAGES[1], None), (IMAGES[2], "pool_gray"))]  # fmt: skip
+    assert [reply.members for reply in answer.replies] == [
+        ("mobile",),
+        ("mobile", "pool_gray"),
+        MEMBERS,
+        ("pool_gray",),
+    ]
+    expected = [
+        expected_answers(test_store, "trio", [image], **({"members": m} if m else {}))
+        for image, m in (
+            (IMAGES[0], "mobile"),
+            (image_bytes(44), "mobile,pool_gray"),
+            (IMAGES[1], None),
+            (IMAGES[2], "pool_gray"),
+        )
+    ]
     for reply, want in zip(answer.replies, expected, strict=True):
         assert_answers(reply.body["predictions"], want)
     counts = batch_counts(answer, members=MEMBERS, labels=ensemble.spec.labels, single_label=True)
-    assert {m: counts["ensemble_member_images_total", (m,)] for m in MEMBERS} == {"mobile": 3, "pool_rgb": 1, "pool_gray": 3}
+    assert {m: counts["ensemble_member_images_total", (m,)] for m in MEMBERS} == {
+        "mobile": 3,
+        "pool_rgb": 1,
+        "pool_gray": 3,
+    }
 
 
 def test_no_member_runs_when_no_request_needs_it(test_store: Path) -> None:
@@ -107,7 +127,9 @@ def test_no_member_runs_when_no_request_needs_it(test_store: Path) -> None:
         pytest.param({"json": "mobile,pool_gray"}, {}, id="json-string"),
     ],
 )
-def test_members_on_every_channel(trio: tuple[EnsembleHandler, Context], test_store: Path, row: dict[str, Any], headers: dict[str, str]) -> None:
+def test_members_on_every_channel(
+    trio: tuple[EnsembleHandler, Context], test_store: Path, row: dict[str, Any], headers: dict[str, str]
+) -> None:
     if "json" in row:
         body = {"instances": [{"b64": base64.b64encode(IMAGES[0]).decode()}], "parameters": {"members": row["json"]}}
         request = ({"body": json.dumps(body).encode()}, {"Content-Type": "application/json"})
@@ -122,9 +144,19 @@ def test_members_on_every_channel(trio: tuple[EnsembleHandler, Context], test_st
 @pytest.mark.parametrize(
     ("params", "message"),
     [
-        pytest.param({"members": "mobile,resnet"}, "unknown member(s) ['resnet']; valid members: mobile, pool_rgb, pool_gray", id="unknown"),
-        pytest.param({"members": "mobile,,pool_rgb"}, "members must be member names separated by commas, like members=mobile; valid: mobile, pool_rgb, pool_gray", id="empty-name"),
-        pytest.param({"members": "mobile,mobile"}, "member(s) ['mobile'] named twice in members; name each once", id="twice"),
+        pytest.param(
+            {"members": "mobile,resnet"},
+            "unknown member(s) ['resnet']; valid members: mobile, pool_rgb, pool_gray",
+            id="unknown",
+        ),
+        pytest.param(
+            {"members": "mobile,,pool_rgb"},
+            "members must be member names separated by commas, like members=mobile; valid: mobile, pool_rgb, pool_gray",
+            id="empty-name",
+        ),
+        pytest.param(
+            {"members": "mobile,mobile"}, "member(s) ['mobile'] named twice in members; name each once", id="twice"
+        ),
         pytest.param(
             {"members": "mobile,pool_gray", "policy": "k_of_n", "k": "3"},
             "k must be an integer from 1 to 2, got '3' (k counts the 2 member(s) this request asked for: members=mobile,pool_gray)",
@@ -154,14 +186,22 @@ def test_k_of_n_counts_the_subset(trio: tuple[EnsembleHandler, Context], test_st
 
 
 def test_v2_answers_with_the_named_members_outputs(trio: tuple[EnsembleHandler, Context]) -> None:
-    request = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(IMAGES[0]).decode()]}],
-               "parameters": {"members": "pool_gray"}}  # fmt: skip
+    request = {
+        "inputs": [
+            {"name": "image", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(IMAGES[0]).decode()]}
+        ],
+        "parameters": {"members": "pool_gray"},
+    }
     asking_left_out = {**request, "outputs": [{"name": "label"}, {"name": "mobile.scores"}]}
     (status, body, _), (bad_status, bad, _) = serve(
-        *trio, [({"body": json.dumps(r).encode()}, {"Content-Type": "application/json"}) for r in (request, asking_left_out)]
+        *trio,
+        [({"body": json.dumps(r).encode()}, {"Content-Type": "application/json"}) for r in (request, asking_left_out)],
     )
     assert status == 200
     assert [o["name"] for o in body["outputs"]] == ["label", "scores", "pool_gray.label", "pool_gray.scores"]
     assert body["parameters"]["members"] == "pool_gray"
     assert body["outputs"][0]["data"] == body["outputs"][2]["data"]
-    assert (bad_status, bad) == (400, {"error": "outputs ['mobile.scores'] belong to members this request leaves out (members=pool_gray)"})
+    assert (bad_status, bad) == (
+        400,
+        {"error": "outputs ['mobile.scores'] belong to members this request leaves out (members=pool_gray)"},
+    )

@@ -33,7 +33,9 @@ def trio(test_store: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[En
     return load_handler(test_store, "trio", tmp_path_factory.mktemp("trio"), METRICS_CONFIG)
 
 
-def emitted(caplog: pytest.LogCaptureFixture, handler: EnsembleHandler | None = None) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+def emitted(
+    caplog: pytest.LogCaptureFixture, handler: EnsembleHandler | None = None
+) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """The [METRICS] lines the worker printed (after flushing `handler`'s counts), summed as
     {(name, ((label, value), ...)): value}; ModelName and Level checked. The background flush may have
     sent part of them already, so lines of one key add up."""
@@ -53,7 +55,14 @@ def emitted(caplog: pytest.LogCaptureFixture, handler: EnsembleHandler | None = 
 
 
 POLICIES = ("all", "any", "cascade", "k_of_n", "majority", "max", "mean")
-ERROR_TYPES = ("RequestError", "InvalidImage", "UnsupportedMediaType", "PayloadTooLarge", "InvalidPolicy", "EnsembleError")
+ERROR_TYPES = (
+    "RequestError",
+    "InvalidImage",
+    "UnsupportedMediaType",
+    "PayloadTooLarge",
+    "InvalidPolicy",
+    "EnsembleError",
+)
 
 
 def first_batch_zeros(*members: str, labels: tuple[str, ...]) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -62,7 +71,14 @@ def first_batch_zeros(*members: str, labels: tuple[str, ...]) -> dict[tuple[str,
     zeros |= {("ensemble_requests_total", (("Policy", p),)): 0 for p in POLICIES}
     zeros |= {("ensemble_errors_total", (("ErrorType", e),)): 0 for e in ERROR_TYPES}
     for member in members:
-        zeros |= {(name, (("Member", member),)): 0 for name in ("ensemble_member_images_total", "ensemble_member_skipped_total", "ensemble_member_forward_seconds_total")}
+        zeros |= {
+            (name, (("Member", member),)): 0
+            for name in (
+                "ensemble_member_images_total",
+                "ensemble_member_skipped_total",
+                "ensemble_member_forward_seconds_total",
+            )
+        }
         zeros |= {("ensemble_member_positive_total", (("Label", label), ("Member", member))): 0 for label in labels}
     return zeros
 
@@ -71,13 +87,18 @@ def png(seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
     return {"body": image_bytes(seed)}, {"Content-Type": "image/png"}
 
 
-def test_first_batch_emits_each_counter_once_with_exact_counts(test_store: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_first_batch_emits_each_counter_once_with_exact_counts(
+    test_store: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """A fresh worker's first batch: its own counts, and every other labelled series at zero."""
     trio = load_handler(test_store, "trio", tmp_path, METRICS_CONFIG)
     mean_images = [image_bytes(s) for s in (1, 2, 3)]
     unanimous_images = [image_bytes(s) for s in (4, 5)]
     requests = [
-        ({"body": json.dumps({"instances": [{"b64": base64.b64encode(d).decode()} for d in mean_images]}).encode()}, {"Content-Type": "application/json"}),
+        (
+            {"body": json.dumps({"instances": [{"b64": base64.b64encode(d).decode()} for d in mean_images]}).encode()},
+            {"Content-Type": "application/json"},
+        ),
         ({"body": b"not an image"}, {"Content-Type": "image/png"}),
         *[({"body": d, "policy": b"k_of_n", "k": b"3"}, {"Content-Type": "image/png"}) for d in unanimous_images],
         ({"body": image_bytes(6), "policy": b"vote"}, {"Content-Type": "image/png"}),
@@ -112,11 +133,15 @@ def test_first_batch_emits_each_counter_once_with_exact_counts(test_store: Path,
     got = emitted(caplog, trio[0])
     seconds = {key: got.pop(key) for key in list(got) if key[0] == "ensemble_member_forward_seconds_total"}
     assert got == {key: value for key, value in expected.items() if key[0] != "ensemble_member_forward_seconds_total"}
-    assert sorted(seconds) == [("ensemble_member_forward_seconds_total", (("Member", m),)) for m in sorted(TRIO_MEMBERS)]
+    assert sorted(seconds) == [
+        ("ensemble_member_forward_seconds_total", (("Member", m),)) for m in sorted(TRIO_MEMBERS)
+    ]
     assert all(0 < value < 60 for value in seconds.values())
 
 
-def test_a_batch_of_errors_only_counts_errors_and_the_batch(trio: tuple[EnsembleHandler, Context], caplog: pytest.LogCaptureFixture) -> None:
+def test_a_batch_of_errors_only_counts_errors_and_the_batch(
+    trio: tuple[EnsembleHandler, Context], caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO)
     serve(*trio, [png(11)])  # The worker's first batch, which also declares every series at zero.
     trio[0].metrics.flush()
@@ -146,11 +171,15 @@ def test_undeclared_counters_are_not_emitted_and_the_worker_says_so(
 
 
 def test_shipped_config_declares_every_counter_with_its_labels() -> None:
-    counters = {c["name"]: c["dimensions"] for c in yaml.safe_load(METRICS_CONFIG.read_text())["model_metrics"]["counter"]}
+    counters = {
+        c["name"]: c["dimensions"] for c in yaml.safe_load(METRICS_CONFIG.read_text())["model_metrics"]["counter"]
+    }
     assert counters == {name: ["ModelName", "Level", *labels] for name, labels in COUNTERS.items()}
 
 
-def test_multilabel_batches_count_labels_and_never_abstentions(test_store: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_multilabel_batches_count_labels_and_never_abstentions(
+    test_store: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     handler, context = load_handler(test_store, "tags", tmp_path, METRICS_CONFIG)
     caplog.set_level(logging.INFO)
     images = [image_bytes(s) for s in (8, 9, 10)]
@@ -182,7 +211,9 @@ def test_batches_are_summed_and_each_series_sent_once_per_flush(
     caplog.set_level(logging.INFO)
     caplog.clear()
     for seeds in ((13,), (14, 15), (16,)):
-        prepared = [handler.ensemble.prepare({"body": image_bytes(seed)}, {"Content-Type": "image/png"}) for seed in seeds]
+        prepared = [
+            handler.ensemble.prepare({"body": image_bytes(seed)}, {"Content-Type": "image/png"}) for seed in seeds
+        ]
         metrics.record(handler.ensemble.answer_batch(prepared))
     metrics.flush()
     series = [(match.group(1), match.group(4)) for r in caplog.records if (match := LINE.fullmatch(r.getMessage()))]

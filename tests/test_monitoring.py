@@ -67,7 +67,9 @@ WAIT_S = 30
 def promtool(*args: str) -> subprocess.CompletedProcess[str]:
     """promtool from .tools/prometheus, run in monitoring/ so its output names files as given."""
     prometheus_ctl.require_tools()
-    return subprocess.run([str(PROMTOOL), *args], cwd=MONITORING, capture_output=True, text=True, timeout=120, check=False)
+    return subprocess.run(
+        [str(PROMTOOL), *args], cwd=MONITORING, capture_output=True, text=True, timeout=120, check=False
+    )
 
 
 def dashboard() -> dict:
@@ -81,6 +83,7 @@ def free_port() -> int:
 
 
 # --- the shipped files, through promtool -------------------------------------------------------------
+
 
 def test_promtool_accepts_the_shipped_config() -> None:
     result = promtool("check", "config", "prometheus.yml")
@@ -114,7 +117,9 @@ def test_shipped_config_scrapes_torchserve_every_5s() -> None:
     assert config == {
         "global": {"scrape_interval": "5s", "scrape_timeout": "4s", "evaluation_interval": "15s"},
         "rule_files": ["alerts.yml"],
-        "scrape_configs": [{"job_name": "torchserve", "metrics_path": "/metrics", "static_configs": [{"targets": ["127.0.0.1:8082"]}]}],
+        "scrape_configs": [
+            {"job_name": "torchserve", "metrics_path": "/metrics", "static_configs": [{"targets": ["127.0.0.1:8082"]}]}
+        ],
     }
     shipped = read_properties(ROOT / "config.properties")
     assert shipped["metrics_address"] == "http://127.0.0.1:8082"
@@ -131,12 +136,17 @@ def test_every_alert_is_labelled_annotated_and_unit_tested() -> None:
         assert set(alert["annotations"]) == {"summary", "description"}
         assert re.fullmatch(r"\d+m", alert["for"])
     # Every alert is checked both firing and quiet.
-    checks = [c for test in yaml.safe_load((MONITORING / "alerts_test.yml").read_text())["tests"] for c in test.get("alert_rule_test", [])]
+    checks = [
+        c
+        for test in yaml.safe_load((MONITORING / "alerts_test.yml").read_text())["tests"]
+        for c in test.get("alert_rule_test", [])
+    ]
     assert sorted({c["alertname"] for c in checks if c["exp_alerts"]}) == sorted(ALERT_NAMES)
     assert sorted({c["alertname"] for c in checks if not c["exp_alerts"]}) == sorted(ALERT_NAMES)
 
 
 # --- the Grafana dashboard ----------------------------------------------------------------------------
+
 
 def test_dashboard_structure() -> None:
     board = dashboard()
@@ -152,7 +162,9 @@ def test_dashboard_structure() -> None:
         assert panel["datasource"] == {"type": "prometheus", "uid": "${DS_PROMETHEUS}"}
         assert [t["datasource"]["uid"] for t in panel["targets"]] == ["${DS_PROMETHEUS}"]
         grid = panel["gridPos"]
-        cell = {(x, y) for x in range(grid["x"], grid["x"] + grid["w"]) for y in range(grid["y"], grid["y"] + grid["h"])}
+        cell = {
+            (x, y) for x in range(grid["x"], grid["x"] + grid["w"]) for y in range(grid["y"], grid["y"] + grid["h"])
+        }
         assert not cells & cell, f"{panel['title']} overlaps another panel"
         cells |= cell
 
@@ -163,13 +175,25 @@ def test_dashboard_promql_is_valid(panel: dict, tmp_path: Path) -> None:
     [target] = panel["targets"]
     expr = target["expr"]
     selectors = re.findall(r"\b(ensemble_\w+)(\{[^}]*\})?", expr)
-    assert selectors and all(labels == '{ModelName=~"$model"}' for _, labels in selectors), "every series filtered by $model"
+    assert selectors and all(labels == '{ModelName=~"$model"}' for _, labels in selectors), (
+        "every series filtered by $model"
+    )
     assert "$__rate_interval" in expr
     filled = expr.replace("$__rate_interval", "1m").replace("$model", ".+")
     rules = {"groups": [{"name": "dashboard", "rules": [{"record": "dashboard:panel", "expr": filled}]}]}
     (tmp_path / "panel.yml").write_text(yaml.safe_dump(rules))
-    result = subprocess.run([str(PROMTOOL), "check", "rules", "panel.yml"], cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False)
-    assert (result.returncode, result.stdout.splitlines()) == (0, ["Checking panel.yml", "  SUCCESS: 1 rules found", ""]), result.stderr
+    result = subprocess.run(
+        [str(PROMTOOL), "check", "rules", "panel.yml"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert (result.returncode, result.stdout.splitlines()) == (
+        0,
+        ["Checking panel.yml", "  SUCCESS: 1 rules found", ""],
+    ), result.stderr
 
 
 def test_report_draws_the_dashboards_panels() -> None:
@@ -179,22 +203,30 @@ def test_report_draws_the_dashboards_panels() -> None:
         'sum by (ModelName) (rate(ensemble_disagreements_total{ModelName=~"shapes"}[60s]))\n'
         '/ sum by (ModelName) (rate(ensemble_images_total{ModelName=~"shapes"}[60s]))'
     )
-    assert report.legend("{{ModelName}} {{Member}}", {"ModelName": "shapes", "Member": "strided", "Level": "Model"}) == "shapes strided"
+    assert (
+        report.legend("{{ModelName}} {{Member}}", {"ModelName": "shapes", "Member": "strided", "Level": "Model"})
+        == "shapes strided"
+    )
     assert [report.steps(minutes) for minutes in (5, 30, 120)] == [(5, 60), (8, 60), (30, 120)]
 
 
 # --- a real Prometheus ----------------------------------------------------------------------------------
+
 
 def test_write_test_config(tmp_path: Path) -> None:
     path = write_test_config(tmp_path / "prometheus.yml", target="127.0.0.1:18182")
     assert yaml.safe_load(path.read_text()) == {
         "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(ALERTS)],
-        "scrape_configs": [{"job_name": "torchserve", "metrics_path": "/metrics", "static_configs": [{"targets": ["127.0.0.1:18182"]}]}],
+        "scrape_configs": [
+            {"job_name": "torchserve", "metrics_path": "/metrics", "static_configs": [{"targets": ["127.0.0.1:18182"]}]}
+        ],
     }
 
 
-@pytest.mark.parametrize("listen", ["0.0.0.0:9091", "[::]:9091", "localhost:9091"], ids=["any-ipv4", "any-ipv6", "name"])
+@pytest.mark.parametrize(
+    "listen", ["0.0.0.0:9091", "[::]:9091", "localhost:9091"], ids=["any-ipv4", "any-ipv6", "name"]
+)
 def test_refuses_a_listener_off_loopback(listen: str, tmp_path: Path) -> None:
     with pytest.raises(PrometheusError, match=re.escape(f"refusing to listen on {listen}")):
         prometheus_ctl.start(tmp_path / "prometheus.yml", tmp_path / "data", listen)
@@ -228,8 +260,12 @@ def test_prometheus_loads_and_evaluates_the_shipped_rules(prometheus: Prometheus
         rules = [(rule["name"], rule["health"]) for group in groups for rule in group["rules"]]
         return rules if rules and all(health != "unknown" for _, health in rules) else []
 
-    assert wait_for(evaluated, "the rules' first evaluation", WAIT_S) == [(name, "ok") for name in RECORDED + ALERT_NAMES]
-    assert query(prometheus.url, "ALERTS") == []  # No ensemble counters here, and the self-scrape job is not torchserve.
+    assert wait_for(evaluated, "the rules' first evaluation", WAIT_S) == [
+        (name, "ok") for name in RECORDED + ALERT_NAMES
+    ]
+    assert (
+        query(prometheus.url, "ALERTS") == []
+    )  # No ensemble counters here, and the self-scrape job is not torchserve.
 
 
 def test_query_reports_prometheus_errors(prometheus: Prometheus) -> None:
@@ -253,12 +289,16 @@ def test_admin_and_lifecycle_apis_stay_off(prometheus: Prometheus, method: str, 
 
 
 @pytest.mark.parametrize(
-    ("origin", "allowed"), [("http://evil.example", None), ("null", None), ("own", "own")], ids=["other-site", "null", "own-ui"]
+    ("origin", "allowed"),
+    [("http://evil.example", None), ("null", None), ("own", "own")],
+    ids=["other-site", "null", "own-ui"],
 )
 def test_cors_allows_only_prometheus_own_origin(prometheus: Prometheus, origin: str, allowed: str | None) -> None:
     """Prometheus's default (any origin) would let any web page open on this machine read the API."""
     origin = prometheus.url if origin == "own" else origin
-    response = requests.get(f"{prometheus.url}/api/v1/query", params={"query": "up"}, headers={"Origin": origin}, timeout=10)
+    response = requests.get(
+        f"{prometheus.url}/api/v1/query", params={"query": "up"}, headers={"Origin": origin}, timeout=10
+    )
     assert response.headers.get("Access-Control-Allow-Origin") == (prometheus.url if allowed else None)
 
 
@@ -268,7 +308,12 @@ def test_report_plots_real_series(prometheus: Prometheus, tmp_path: Path) -> Non
     wait_for(lambda: query(prometheus.url, 'count_over_time(up{job="prometheus"}[1m]) >= 3'), "three scrapes", WAIT_S)
     panels = [
         report.Panel("Scrapes' samples", 'sum by (job) (scrape_samples_scraped{job=~"$model"})', "short", "{{job}}"),
-        report.Panel("HTTP requests/s", 'sum by (handler) (rate(prometheus_http_requests_total{job=~"$model"}[$__rate_interval]))', "reqps", "{{handler}}"),
+        report.Panel(
+            "HTTP requests/s",
+            'sum by (handler) (rate(prometheus_http_requests_total{job=~"$model"}[$__rate_interval]))',
+            "reqps",
+            "{{handler}}",
+        ),
         report.Panel("Nothing", 'ensemble_images_total{ModelName=~"$model"}', "short", "{{ModelName}}"),
     ]
     results = report.fetch(prometheus.url, panels, minutes=1, model="prometheus")
@@ -281,19 +326,26 @@ def test_report_plots_real_series(prometheus: Prometheus, tmp_path: Path) -> Non
         assert (picture.format, picture.size) == ("PNG", (1430, 792))
 
 
-def test_report_without_ensemble_series_draws_nothing(prometheus: Prometheus, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_report_without_ensemble_series_draws_nothing(
+    prometheus: Prometheus, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "report.png"
     assert report.main(["--url", prometheus.url, "--minutes", "5", "--out", str(out)]) == 1
     assert not out.exists()
     captured = capsys.readouterr()
     assert captured.out == ""
-    assert captured.err.startswith(f"no ensemble series in Prometheus at {prometheus.url} over the last 5 minutes (ModelName=~'.+'), so no picture was drawn.")
+    assert captured.err.startswith(
+        f"no ensemble series in Prometheus at {prometheus.url} over the last 5 minutes (ModelName=~'.+'), so no picture was drawn."
+    )
 
 
 def test_report_without_prometheus(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     url = f"http://127.0.0.1:{free_port()}"
     assert report.main(["--url", url, "--out", str(tmp_path / "report.png")]) == 2
-    assert capsys.readouterr().err == f"no Prometheus answers at {url}: start it with `make monitor` (and TorchServe with `make serve`)\n"
+    assert (
+        capsys.readouterr().err
+        == f"no Prometheus answers at {url}: start it with `make monitor` (and TorchServe with `make serve`)\n"
+    )
 
 
 def test_command_line_start_status_stop(tmp_path: Path) -> None:
@@ -305,18 +357,26 @@ def test_command_line_start_status_stop(tmp_path: Path) -> None:
     options = ["--config", str(config), "--data", str(data), "--listen", listen]
 
     def run(action: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*cli, action, *options], cwd=ROOT, capture_output=True, text=True, timeout=90, check=False)
+        return subprocess.run(
+            [*cli, action, *options], cwd=ROOT, capture_output=True, text=True, timeout=90, check=False
+        )
 
     try:
         started = run("start")
         assert started.returncode == 0, started.stderr
         lines = started.stdout.splitlines()
         pid = int((data / "prometheus.pid").read_text())
-        assert lines[0] == f"Prometheus is up at http://{listen} (pid {pid}, data and log in {data}); graphs at http://{listen}/classic/graph"
+        assert (
+            lines[0]
+            == f"Prometheus is up at http://{listen} (pid {pid}, data and log in {data}); graphs at http://{listen}/classic/graph"
+        )
         assert lines[1] == f"  scraping {listen}/metrics: up"  # It scrapes itself here, as job torchserve.
         assert run("status").stdout == f"Prometheus running (pid {pid}) at http://{listen}\n"
         again = run("start")
-        assert (again.returncode, again.stderr) == (1, f"a Prometheus already runs on {data}: `make monitor-stop` first\n")
+        assert (again.returncode, again.stderr) == (
+            1,
+            f"a Prometheus already runs on {data}: `make monitor-stop` first\n",
+        )
     finally:
         stopped = run("stop")
     assert stopped.stdout == "Prometheus stopped\n"

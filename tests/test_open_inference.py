@@ -18,7 +18,16 @@ from tests.conftest import image_bytes, instances, load_handler, serve
 from tests.fixture_reference import expected_answers, member_probabilities
 
 JSON = {"Content-Type": "application/json"}
-TRIO_OUTPUTS = ["label", "scores", "mobile.label", "mobile.scores", "pool_rgb.label", "pool_rgb.scores", "pool_gray.label", "pool_gray.scores"]
+TRIO_OUTPUTS = [
+    "label",
+    "scores",
+    "mobile.label",
+    "mobile.scores",
+    "pool_rgb.label",
+    "pool_rgb.scores",
+    "pool_gray.label",
+    "pool_gray.scores",
+]
 ANSWER_OUTPUTS = ["skipped", "deferred", "entropy", "expected_entropy", "mutual_information", "vote_margin"]
 TRIO_OUTPUT_NAMES = [*TRIO_OUTPUTS[:2], "top_labels", "top_scores", *TRIO_OUTPUTS[2:], *ANSWER_OUTPUTS]
 
@@ -38,7 +47,10 @@ def b64(data: bytes) -> str:
 
 
 def v2_images(images: list[bytes], **fields: Any) -> dict[str, Any]:
-    return {"inputs": [{"name": "images", "shape": [len(images)], "datatype": "BYTES", "data": [b64(d) for d in images]}], **fields}
+    return {
+        "inputs": [{"name": "images", "shape": [len(images)], "datatype": "BYTES", "data": [b64(d) for d in images]}],
+        **fields,
+    }
 
 
 def as_row(doc: dict[str, Any], key: str = "body") -> dict[str, Any]:
@@ -49,7 +61,9 @@ def outputs_by_name(body: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {output["name"]: output for output in body["outputs"]}
 
 
-def test_v2_images_answer_with_the_same_labels_and_scores_as_json(trio: tuple[EnsembleHandler, Context], test_store: Path) -> None:
+def test_v2_images_answer_with_the_same_labels_and_scores_as_json(
+    trio: tuple[EnsembleHandler, Context], test_store: Path
+) -> None:
     images = [image_bytes(1), image_bytes(2, fmt="JPEG"), image_bytes(3, size=(20, 50))]
     [(status, body, _)] = serve(*trio, [(as_row(v2_images(images, id="req-7")), JSON)])
     assert status == 200
@@ -57,7 +71,15 @@ def test_v2_images_answer_with_the_same_labels_and_scores_as_json(trio: tuple[En
     assert body["parameters"]["policy"] == "mean"
     assert body["parameters"]["ensemble_version"] == "2.1"
     assert body["parameters"]["members"] == "mobile,pool_rgb,pool_gray"
-    assert set(body["parameters"]) == {"policy", "members", "format", "ensemble_version", "mobile.sha256", "pool_rgb.sha256", "pool_gray.sha256"}
+    assert set(body["parameters"]) == {
+        "policy",
+        "members",
+        "format",
+        "ensemble_version",
+        "mobile.sha256",
+        "pool_rgb.sha256",
+        "pool_gray.sha256",
+    }
     outputs = outputs_by_name(body)
     assert list(outputs) == TRIO_OUTPUTS
     assert [(o["datatype"], o["shape"]) for o in body["outputs"]] == [("BYTES", [3]), ("FP64", [3, 3])] * 4
@@ -70,20 +92,36 @@ def test_v2_images_answer_with_the_same_labels_and_scores_as_json(trio: tuple[En
         assert outputs[f"{member}.scores"]["data"] == pytest.approx(probs[member].flatten().tolist(), abs=1e-5)
     mean = (probs["mobile"] + 2.0 * probs["pool_rgb"] + probs["pool_gray"]) / 4.0  # pool_rgb has weight 2
     assert outputs["scores"]["data"] == pytest.approx(mean.flatten().tolist(), abs=1e-5)
-    picked = [outputs["scores"]["data"][i * 3 + ["cat", "dog", "fox"].index(p["label"])] for i, p in enumerate(predictions)]
+    picked = [
+        outputs["scores"]["data"][i * 3 + ["cat", "dog", "fox"].index(p["label"])] for i, p in enumerate(predictions)
+    ]
     assert picked == pytest.approx([p["score"] for p in predictions], abs=1e-5)
 
 
 @pytest.mark.parametrize(
     ("fields", "headers", "policy"),
     [
-        pytest.param({"parameters": {"policy": "k_of_n", "k": 2}}, {}, {"policy": "k_of_n", "k": 2}, id="body-parameters"),
+        pytest.param(
+            {"parameters": {"policy": "k_of_n", "k": 2}}, {}, {"policy": "k_of_n", "k": 2}, id="body-parameters"
+        ),
         pytest.param({}, {"X-Ensemble-Policy": "max"}, {"policy": "max"}, id="header"),
-        pytest.param({"parameters": {"policy": "all"}}, {"X-Ensemble-Policy": "all"}, {"policy": "all"}, id="body-and-header-agree"),
-        pytest.param({"parameters": {"policy": "any", "binary_data_output": True}}, {}, {"policy": "any"}, id="triton-binary-flag-ignored"),
+        pytest.param(
+            {"parameters": {"policy": "all"}},
+            {"X-Ensemble-Policy": "all"},
+            {"policy": "all"},
+            id="body-and-header-agree",
+        ),
+        pytest.param(
+            {"parameters": {"policy": "any", "binary_data_output": True}},
+            {},
+            {"policy": "any"},
+            id="triton-binary-flag-ignored",
+        ),
     ],
 )
-def test_v2_policy_parameters(trio: tuple[EnsembleHandler, Context], test_store: Path, fields: dict, headers: dict, policy: dict) -> None:
+def test_v2_policy_parameters(
+    trio: tuple[EnsembleHandler, Context], test_store: Path, fields: dict, headers: dict, policy: dict
+) -> None:
     images = [image_bytes(4), image_bytes(5)]
     [(status, body, _)] = serve(*trio, [(as_row(v2_images(images, **fields)), {**JSON, **headers})])
     assert status == 200
@@ -102,45 +140,89 @@ def test_requested_outputs_come_in_the_order_asked(trio: tuple[EnsembleHandler, 
 BAD_V2 = [
     pytest.param({"inputs": []}, {}, 400, "inputs must be a list of exactly one tensor object, got 0", id="no-input"),
     pytest.param(
-        {"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES"}]}, {}, 400,
-        "inputs[0]: missing ['data'] / unknown []; an input has name, shape, datatype, data, parameters", id="input-without-data",
+        {"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES"}]},
+        {},
+        400,
+        "inputs[0]: missing ['data'] / unknown []; an input has name, shape, datatype, data, parameters",
+        id="input-without-data",
     ),
     pytest.param(
-        {"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1.0]}]}, {}, 415,
-        "inputs[0].datatype 'FP32': this ensemble takes images as BYTES (base64 strings)", id="tensor-to-image-ensemble",
+        {"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1.0]}]},
+        {},
+        415,
+        "inputs[0].datatype 'FP32': this ensemble takes images as BYTES (base64 strings)",
+        id="tensor-to-image-ensemble",
     ),
     pytest.param(
-        {"inputs": [{"name": "x", "shape": [2], "datatype": "BYTES", "data": ["AAAA"]}]}, {}, 400,
-        "inputs[0].data must be a list of 2 base64 strings, as shape [2] says", id="shape-disagrees-with-data",
+        {"inputs": [{"name": "x", "shape": [2], "datatype": "BYTES", "data": ["AAAA"]}]},
+        {},
+        400,
+        "inputs[0].data must be a list of 2 base64 strings, as shape [2] says",
+        id="shape-disagrees-with-data",
     ),
     pytest.param(
-        {"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES", "data": ["not base64!"]}]}, {}, 400,
-        "inputs[0].data[0]: invalid base64 (Only base64 data is allowed)", id="bad-base64",
+        {"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES", "data": ["not base64!"]}]},
+        {},
+        400,
+        "inputs[0].data[0]: invalid base64 (Only base64 data is allowed)",
+        id="bad-base64",
     ),
     pytest.param(
-        {"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES", "data": [b64(b"GIF89a-not-really")]}]}, {}, 400,
+        {"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES", "data": [b64(b"GIF89a-not-really")]}]},
+        {},
+        400,
         "not a decodable image of an accepted format (JPEG, PNG, WEBP, BMP)",
         id="undecodable-image",
     ),
     pytest.param(
-        {"inputs": [{"name": "x", "shape": [65], "datatype": "BYTES", "data": [b64(image_bytes(1))] * 65}]}, {}, 413,
-        "65 images in one request; this ensemble accepts at most 64", id="too-many-images",
-    ),
-    pytest.param({**v2_images([image_bytes(1)]), "inputz": 1}, {}, 400, "unknown v2 request field(s) ['inputz']; valid: id, parameters, inputs, outputs", id="unknown-field"),
-    pytest.param(v2_images([image_bytes(1)], parameters={"colour": "red"}), {}, 400, "unknown parameter(s) ['colour']; valid: policy, k, threshold, confidence, early_exit, members, top_k, sequence, min_run, uncertainty", id="unknown-parameter"),
-    pytest.param(v2_images([image_bytes(1)], parameters={"policy": "vote"}), {}, 400, "unknown policy 'vote'; valid policies: all, any, cascade, k_of_n, majority, max, mean", id="unknown-policy"),
-    pytest.param(
-        v2_images([image_bytes(1)], parameters={"policy": "any"}), {"X-Ensemble-Policy": "all"}, 400,
-        "policy given twice with different values: 'all' and 'any'", id="body-and-header-disagree",
+        {"inputs": [{"name": "x", "shape": [65], "datatype": "BYTES", "data": [b64(image_bytes(1))] * 65}]},
+        {},
+        413,
+        "65 images in one request; this ensemble accepts at most 64",
+        id="too-many-images",
     ),
     pytest.param(
-        v2_images([image_bytes(1)], outputs=[{"name": "probabilities"}]), {}, 400,
-        "outputs[0]: unknown output 'probabilities'; valid: " + ", ".join(TRIO_OUTPUT_NAMES), id="unknown-output",
+        {**v2_images([image_bytes(1)]), "inputz": 1},
+        {},
+        400,
+        "unknown v2 request field(s) ['inputz']; valid: id, parameters, inputs, outputs",
+        id="unknown-field",
     ),
     pytest.param(
-        v2_images([image_bytes(1)]), {"Inference-Header-Content-Length": "120"}, 415,
+        v2_images([image_bytes(1)], parameters={"colour": "red"}),
+        {},
+        400,
+        "unknown parameter(s) ['colour']; valid: policy, k, threshold, confidence, early_exit, members, top_k, sequence, min_run, uncertainty",
+        id="unknown-parameter",
+    ),
+    pytest.param(
+        v2_images([image_bytes(1)], parameters={"policy": "vote"}),
+        {},
+        400,
+        "unknown policy 'vote'; valid policies: all, any, cascade, k_of_n, majority, max, mean",
+        id="unknown-policy",
+    ),
+    pytest.param(
+        v2_images([image_bytes(1)], parameters={"policy": "any"}),
+        {"X-Ensemble-Policy": "all"},
+        400,
+        "policy given twice with different values: 'all' and 'any'",
+        id="body-and-header-disagree",
+    ),
+    pytest.param(
+        v2_images([image_bytes(1)], outputs=[{"name": "probabilities"}]),
+        {},
+        400,
+        "outputs[0]: unknown output 'probabilities'; valid: " + ", ".join(TRIO_OUTPUT_NAMES),
+        id="unknown-output",
+    ),
+    pytest.param(
+        v2_images([image_bytes(1)]),
+        {"Inference-Header-Content-Length": "120"},
+        415,
         "the binary tensor data extension (Inference-Header-Content-Length) is not supported; send the input's data "
-        "as JSON (tritonclient: set_data_from_numpy(..., binary_data=False))", id="binary-extension",
+        "as JSON (tritonclient: set_data_from_numpy(..., binary_data=False))",
+        id="binary-extension",
     ),
     pytest.param(v2_images([image_bytes(1)], id=7), {}, 400, "id must be a string, got int", id="numeric-id"),
 ]
@@ -151,7 +233,14 @@ def test_bad_v2_requests_get_v2_errors_alone_in_their_batch(
     trio: tuple[EnsembleHandler, Context], test_store: Path, doc: dict, headers: dict, status: int, message: str
 ) -> None:
     good = v2_images([image_bytes(8)], id="neighbour")
-    replies = serve(*trio, [(as_row(good), JSON), (as_row(doc), {**JSON, **headers}), ({"body": image_bytes(8)}, {"Content-Type": "image/png"})])
+    replies = serve(
+        *trio,
+        [
+            (as_row(good), JSON),
+            (as_row(doc), {**JSON, **headers}),
+            ({"body": image_bytes(8)}, {"Content-Type": "image/png"}),
+        ],
+    )
     assert [reply[0] for reply in replies] == [200, status, 200]
     assert replies[1][1] == {"error": message}
     assert outputs_by_name(replies[0][1])["label"]["data"] == [replies[2][1]["predictions"][0]["label"]]
@@ -169,9 +258,13 @@ def test_v2_composes_with_other_forms_in_one_batch(trio: tuple[EnsembleHandler, 
     )
     assert [reply[0] for reply in replies] == [200, 200, 200]
     assert replies[0][2]["X-Ensemble-Batch-Images"] == "5"
-    assert outputs_by_name(replies[0][1])["label"]["data"] == [p["label"] for p in expected_answers(test_store, "trio", [a, b])]
+    assert outputs_by_name(replies[0][1])["label"]["data"] == [
+        p["label"] for p in expected_answers(test_store, "trio", [a, b])
+    ]
     assert replies[1][1]["predictions"][0]["label"] == expected_answers(test_store, "trio", [c])[0]["label"]
-    assert outputs_by_name(replies[2][1])["label"]["data"] == [p["label"] for p in expected_answers(test_store, "trio", [c, a], policy="max")]
+    assert outputs_by_name(replies[2][1])["label"]["data"] == [
+        p["label"] for p in expected_answers(test_store, "trio", [c, a], policy="max")
+    ]
 
 
 @pytest.mark.parametrize(
@@ -179,10 +272,14 @@ def test_v2_composes_with_other_forms_in_one_batch(trio: tuple[EnsembleHandler, 
     [
         pytest.param({"data": image_bytes(21)}, {"data": {"content-type": ""}}, id="grpc-raw-image"),
         pytest.param(as_row(v2_images([image_bytes(21)]), "data"), {"data": {"content-type": ""}}, id="grpc-v2-json"),
-        pytest.param({"data": json.dumps({"instances": [{"b64": b64(image_bytes(21))}]}).encode()}, {}, id="grpc-json-instances"),
+        pytest.param(
+            {"data": json.dumps({"instances": [{"b64": b64(image_bytes(21))}]}).encode()}, {}, id="grpc-json-instances"
+        ),
     ],
 )
-def test_grpc_style_inputs_are_read_by_their_bytes(trio: tuple[EnsembleHandler, Context], test_store: Path, row: dict, headers: dict) -> None:
+def test_grpc_style_inputs_are_read_by_their_bytes(
+    trio: tuple[EnsembleHandler, Context], test_store: Path, row: dict, headers: dict
+) -> None:
     [(status, body, _)] = serve(*trio, [(row, headers)])
     assert status == 200
     expected = expected_answers(test_store, "trio", [image_bytes(21)])[0]["label"]
@@ -197,14 +294,18 @@ def test_body_and_data_together_are_refused(trio: tuple[EnsembleHandler, Context
 
 def test_multilabel_v2_outputs_are_boolean_masks(test_store: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
     images = [image_bytes(31), image_bytes(32)]
-    [(status, body, _)] = serve(*load_handler(test_store, "tags", tmp_path_factory.mktemp("tags")), [(as_row(v2_images(images)), JSON)])
+    [(status, body, _)] = serve(
+        *load_handler(test_store, "tags", tmp_path_factory.mktemp("tags")), [(as_row(v2_images(images)), JSON)]
+    )
     assert status == 200
     outputs = outputs_by_name(body)
     assert list(outputs)[:2] == ["labels", "scores"]
     assert (outputs["labels"]["datatype"], outputs["labels"]["shape"]) == ("BOOL", [2, 2])
     predictions = expected_answers(test_store, "tags", images)
     assert outputs["labels"]["data"] == [label in p["labels"] for p in predictions for label in ("red", "round")]
-    assert outputs["scores"]["data"] == pytest.approx([p["scores"][label] for p in predictions for label in ("red", "round")], abs=1e-5)
+    assert outputs["scores"]["data"] == pytest.approx(
+        [p["scores"][label] for p in predictions for label in ("red", "round")], abs=1e-5
+    )
 
 
 @pytest.mark.parametrize(
@@ -223,7 +324,10 @@ def test_tensor_ensembles_take_v2_number_tensors(
     if datatype == "FP16":
         values = values.astype(numpy.float16).astype(numpy.float32)
     data = values.flatten().tolist() if layout == "flat" else values.tolist()
-    doc = {"inputs": [{"name": "x", "shape": [3, 3, 4], "datatype": datatype, "data": data}], "parameters": {"policy": "max"}}
+    doc = {
+        "inputs": [{"name": "x", "shape": [3, 3, 4], "datatype": datatype, "data": data}],
+        "parameters": {"policy": "max"},
+    }
     [(status, body, _)] = serve(*vectors, [(as_row(doc), JSON)])
     assert status == 200
     expected = expected_answers(test_store, "vectors", values, policy="max")
@@ -233,11 +337,36 @@ def test_tensor_ensembles_take_v2_number_tensors(
 @pytest.mark.parametrize(
     ("tensor", "status", "message"),
     [
-        pytest.param({"shape": [2, 3, 4], "datatype": "FP32", "data": [0.5] * 23}, 400, "inputs[0].data holds 23 numbers; shape [2, 3, 4] needs 24", id="count"),
-        pytest.param({"shape": [2, 12], "datatype": "FP32", "data": [0.5] * 24}, 400, "array of shape [2, 12]; expected [N, 3, 4]", id="shape"),
-        pytest.param({"shape": [1, 3, 4], "datatype": "INT64", "data": [1] * 12}, 415, "inputs[0].datatype 'INT64': this ensemble takes tensors as FP32, FP64, FP16", id="datatype"),
-        pytest.param({"shape": [1, 3, 4], "datatype": "FP32", "data": ["1"] * 12}, 400, "tensor data must be numbers", id="strings"),
-        pytest.param({"shape": [1, 3, 4], "datatype": "FP16", "data": [1e6] * 12}, 400, "instances contain NaN or infinite values", id="fp16-overflow"),
+        pytest.param(
+            {"shape": [2, 3, 4], "datatype": "FP32", "data": [0.5] * 23},
+            400,
+            "inputs[0].data holds 23 numbers; shape [2, 3, 4] needs 24",
+            id="count",
+        ),
+        pytest.param(
+            {"shape": [2, 12], "datatype": "FP32", "data": [0.5] * 24},
+            400,
+            "array of shape [2, 12]; expected [N, 3, 4]",
+            id="shape",
+        ),
+        pytest.param(
+            {"shape": [1, 3, 4], "datatype": "INT64", "data": [1] * 12},
+            415,
+            "inputs[0].datatype 'INT64': this ensemble takes tensors as FP32, FP64, FP16",
+            id="datatype",
+        ),
+        pytest.param(
+            {"shape": [1, 3, 4], "datatype": "FP32", "data": ["1"] * 12},
+            400,
+            "tensor data must be numbers",
+            id="strings",
+        ),
+        pytest.param(
+            {"shape": [1, 3, 4], "datatype": "FP16", "data": [1e6] * 12},
+            400,
+            "instances contain NaN or infinite values",
+            id="fp16-overflow",
+        ),
     ],
 )
 def test_bad_v2_tensors(vectors: tuple[EnsembleHandler, Context], tensor: dict, status: int, message: str) -> None:
@@ -254,7 +383,9 @@ def test_describe_lists_the_v2_outputs(trio: tuple[EnsembleHandler, Context]) ->
     ("names", "labels", "tensor", "expected"),
     [
         pytest.param(
-            output_names("label", ["a"], ranked=True), 3, None,
+            output_names("label", ["a"], ranked=True),
+            3,
+            None,
             {
                 "inputs": [{"name": "data", "datatype": "BYTES", "shape": [-1]}],
                 "outputs": [
@@ -272,7 +403,9 @@ def test_describe_lists_the_v2_outputs(trio: tuple[EnsembleHandler, Context]) ->
             id="multiclass-images",
         ),
         pytest.param(
-            output_names("labels", ["m"], ranked=False), 2, TensorSpec(shape=(1, 28, 28)),
+            output_names("labels", ["m"], ranked=False),
+            2,
+            TensorSpec(shape=(1, 28, 28)),
             {
                 "inputs": [{"name": "data", "datatype": "FP32", "shape": [-1, 1, 28, 28]}],
                 "outputs": [
@@ -289,5 +422,7 @@ def test_describe_lists_the_v2_outputs(trio: tuple[EnsembleHandler, Context]) ->
         ),
     ],
 )
-def test_v2_metadata_lists_the_input_and_every_output(names: list[str], labels: int, tensor: TensorSpec | None, expected: dict) -> None:
+def test_v2_metadata_lists_the_input_and_every_output(
+    names: list[str], labels: int, tensor: TensorSpec | None, expected: dict
+) -> None:
     assert v2_metadata(names, labels, tensor, multilabel=names[0] == "labels") == expected

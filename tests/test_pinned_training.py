@@ -100,8 +100,16 @@ def test_the_same_tensors_saved_twice_differ_as_files_but_not_as_digests(tmp_pat
     ("trained", "expected"),
     [
         pytest.param({"shapes": {"a": "1" * 64}}, [], id="same"),
-        pytest.param({"shapes": {"a": "1" * 64, "b": "2" * 64}}, ["shapes/b: trained 2222222222222222…, pinned 3333333333333333…"], id="one-differs"),
-        pytest.param({"digits": {"vit": "4" * 64}}, ["digits/vit: no digest is pinned for it in demo_weights.json"], id="not-pinned"),
+        pytest.param(
+            {"shapes": {"a": "1" * 64, "b": "2" * 64}},
+            ["shapes/b: trained 2222222222222222…, pinned 3333333333333333…"],
+            id="one-differs",
+        ),
+        pytest.param(
+            {"digits": {"vit": "4" * 64}},
+            ["digits/vit: no digest is pinned for it in demo_weights.json"],
+            id="not-pinned",
+        ),
     ],
 )
 def test_differences_name_each_member(trained: demo_weights.Digests, expected: list[str]) -> None:
@@ -109,7 +117,9 @@ def test_differences_name_each_member(trained: demo_weights.Digests, expected: l
 
 
 def test_the_mismatch_message_says_which_member_why_it_matters_and_what_to_do() -> None:
-    lines = demo_weights.mismatch_message(["shapes/b: trained 2222…, pinned 3333…"], {"aten_capability": "AVX2"}).splitlines()
+    lines = demo_weights.mismatch_message(
+        ["shapes/b: trained 2222…, pinned 3333…"], {"aten_capability": "AVX2"}
+    ).splitlines()
     assert lines[:3] == [
         "make demo trained weights that differ from the pinned ones (archive_scripts/demo_weights.json):",
         "  shapes/b: trained 2222…, pinned 3333…",
@@ -126,22 +136,32 @@ def test_recorded_digests_merge_over_the_pinned_ones(tmp_path: Path) -> None:
     path = tmp_path / "pins.json"
     demo_weights.record({"shapes": {"a": "1" * 64}, "digits": {"vit": "2" * 64}}, {"threads": 2}, path)
     demo_weights.record({"digits": {"vit": "3" * 64}}, {"threads": 2}, path)
-    assert json.loads(path.read_text()) == {"kernels": {"threads": 2}, "weights": {"digits": {"vit": "3" * 64}, "shapes": {"a": "1" * 64}}}
+    assert json.loads(path.read_text()) == {
+        "kernels": {"threads": 2},
+        "weights": {"digits": {"vit": "3" * 64}, "shapes": {"a": "1" * 64}},
+    }
 
 
 def test_a_process_started_under_another_kernel_choice_trains_under_the_pin() -> None:
     """`python -m archive_scripts.pinned_kernels`, started under a choice that differs from the pin in every library,
     restarts itself under the pin, as train_demo does, and reports it."""
     done = subprocess.run(
-        [sys.executable, "-m", "archive_scripts.pinned_kernels"], cwd=ROOT, env=ambient(**CPU_CHOICES["sse41-1-core"]),
-        capture_output=True, text=True, check=True, timeout=120,
+        [sys.executable, "-m", "archive_scripts.pinned_kernels"],
+        cwd=ROOT,
+        env=ambient(**CPU_CHOICES["sse41-1-core"]),
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
     )
     assert json.loads(done.stdout) == PINNED_DESCRIPTION
 
 
 def test_apply_refuses_a_process_started_without_the_pin() -> None:
     code = "from archive_scripts import pinned_kernels\ntry:\n    pinned_kernels.apply()\nexcept pinned_kernels.PinUnavailable as e:\n    print(e)"
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ambient(), capture_output=True, text=True, check=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=ambient(), capture_output=True, text=True, check=True, timeout=120
+    )
     differs = {key: None for key in pinned_kernels.ENVIRONMENT}
     assert done.stdout == f"started without the pinned environment (differs: {differs}); run through reexec_pinned\n"
 
@@ -153,7 +173,13 @@ def test_two_cpus_kernel_choices_train_other_weights_unpinned_and_the_same_pinne
         for choice, setting in CPU_CHOICES.items():
             environ = ambient(**setting) | (dict(pinned_kernels.ENVIRONMENT) if pin == "pinned" else {})
             done = subprocess.run(
-                [sys.executable, "-c", TRAIN_A_LITTLE, pin], cwd=ROOT, env=environ, capture_output=True, text=True, check=True, timeout=300
+                [sys.executable, "-c", TRAIN_A_LITTLE, pin],
+                cwd=ROOT,
+                env=environ,
+                capture_output=True,
+                text=True,
+                check=True,
+                timeout=300,
             )
             digests[pin, choice] = done.stdout.strip()
     assert digests["unpinned", "this-cpu"] != digests["unpinned", "sse41-1-core"]
@@ -164,6 +190,8 @@ def test_two_cpus_kernel_choices_train_other_weights_unpinned_and_the_same_pinne
 @pytest.mark.parametrize("ensemble", TRAINED_DEMOS)
 def test_the_trained_demos_are_the_pinned_weights(ensemble: str) -> None:
     """What `make demo` trained here reads back, under each member's rules, to the committed digests."""
-    assert (ROOT / "artifacts" / "weights" / ".trained").exists(), "the demos are not trained: run `make demo` (`make test` does)"
+    assert (ROOT / "artifacts" / "weights" / ".trained").exists(), (
+        "the demos are not trained: run `make demo` (`make test` does)"
+    )
     spec = load_ensembles(ROOT / "ensembles.yaml")[ensemble]
     assert demo_weights.read_back(spec) == demo_weights.pinned()[ensemble]

@@ -57,9 +57,13 @@ def run(task: str, name: str, *, k: int | None = None, threshold: float | None =
         pytest.param("binary", "all", {}, [[0], [0]], [[1 / 3], [1.0]], id="binary-all"),
         pytest.param("binary", "majority", {}, [[1], [0]], [[2 / 3], [1.0]], id="binary-majority"),
         pytest.param("binary", "k_of_n", {"k": 3}, [[0], [0]], [[1 / 3], [1.0]], id="binary-k3"),
-        pytest.param("binary", "any", {"threshold": 0.375}, [[1], [1]], [[1.0], [1 / 3]], id="binary-any-low-threshold"),
+        pytest.param(
+            "binary", "any", {"threshold": 0.375}, [[1], [1]], [[1.0], [1 / 3]], id="binary-any-low-threshold"
+        ),
         pytest.param("binary", "mean", {}, [[1], [0]], [[0.625], [0.75]], id="binary-mean"),
-        pytest.param("binary", "mean", {"threshold": 0.75}, [[0], [0]], [[0.375], [0.75]], id="binary-mean-high-threshold"),
+        pytest.param(
+            "binary", "mean", {"threshold": 0.75}, [[0], [0]], [[0.375], [0.75]], id="binary-mean-high-threshold"
+        ),
         pytest.param(
             "binary", "mean", {"weights": (1.0, 2.0, 1.0)}, [[1], [0]], [[0.5625], [0.71875]], id="binary-mean-weighted"
         ),
@@ -69,15 +73,21 @@ def run(task: str, name: str, *, k: int | None = None, threshold: float | None =
         pytest.param("multiclass", "any", {}, [[0], [1], [1]], [[2 / 3], [1 / 3], [1 / 3]], id="multiclass-any"),
         pytest.param("multiclass", "all", {}, [[], [], []], [[], [], []], id="multiclass-all-abstains"),
         pytest.param("multiclass", "majority", {}, [[0], [], []], [[2 / 3], [], []], id="multiclass-majority"),
-        pytest.param("multiclass", "k_of_n", {"k": 1}, [[0], [1], [1]], [[2 / 3], [1 / 3], [1 / 3]], id="multiclass-k1"),
         pytest.param(
-            "multiclass", "mean", {}, [[0], [1], [1]], [[11 / 24], [5 / 12], [5 / 12]], id="multiclass-mean"
+            "multiclass", "k_of_n", {"k": 1}, [[0], [1], [1]], [[2 / 3], [1 / 3], [1 / 3]], id="multiclass-k1"
         ),
+        pytest.param("multiclass", "mean", {}, [[0], [1], [1]], [[11 / 24], [5 / 12], [5 / 12]], id="multiclass-mean"),
         pytest.param(
-            "multiclass", "mean", {"weights": (0.5, 0.5, 3.0)}, [[1], [2], [2]], [[0.4375], [0.40625], [0.40625]],
+            "multiclass",
+            "mean",
+            {"weights": (0.5, 0.5, 3.0)},
+            [[1], [2], [2]],
+            [[0.4375], [0.40625], [0.40625]],
             id="multiclass-mean-weighted",
         ),
-        pytest.param("multiclass", "max", {}, [[0], [1], [0]], [[0.625], [0.625], [0.5]], id="multiclass-max-first-wins"),
+        pytest.param(
+            "multiclass", "max", {}, [[0], [1], [0]], [[0.625], [0.625], [0.5]], id="multiclass-max-first-wins"
+        ),
         # multilabel: red votes yes, yes (0.5 >= 0.5), no; round votes no, no, yes.
         pytest.param("multilabel", "any", {}, [[0, 1]], [[2 / 3, 1 / 3]], id="multilabel-any"),
         pytest.param("multilabel", "all", {}, [[]], [[]], id="multilabel-all"),
@@ -99,12 +109,36 @@ def test_any_trades_precision_for_recall() -> None:
 @pytest.mark.parametrize(
     ("requested", "default", "task", "expected"),
     [
-        pytest.param({}, PolicySpec("majority", threshold=0.25), "binary", PolicySpec("majority", threshold=0.25), id="default"),
-        pytest.param({"threshold": "0.75"}, PolicySpec("any", threshold=0.25), "binary", PolicySpec("any", threshold=0.75), id="override-default-param"),
-        pytest.param({"policy": "all"}, PolicySpec("any", threshold=0.25), "binary", PolicySpec("all", threshold=0.5), id="other-policy-fresh-params"),
-        pytest.param({"policy": "k_of_n", "k": "2"}, PolicySpec("mean"), "multiclass", PolicySpec("k_of_n", k=2), id="k-as-text"),
-        pytest.param({"policy": "k_of_n", "k": 3}, None, "multilabel", PolicySpec("k_of_n", k=3, threshold=0.5), id="k-as-int"),
-        pytest.param({"policy": "mean", "threshold": "1"}, None, "binary", PolicySpec("mean", threshold=1.0), id="threshold-bound"),
+        pytest.param(
+            {}, PolicySpec("majority", threshold=0.25), "binary", PolicySpec("majority", threshold=0.25), id="default"
+        ),
+        pytest.param(
+            {"threshold": "0.75"},
+            PolicySpec("any", threshold=0.25),
+            "binary",
+            PolicySpec("any", threshold=0.75),
+            id="override-default-param",
+        ),
+        pytest.param(
+            {"policy": "all"},
+            PolicySpec("any", threshold=0.25),
+            "binary",
+            PolicySpec("all", threshold=0.5),
+            id="other-policy-fresh-params",
+        ),
+        pytest.param(
+            {"policy": "k_of_n", "k": "2"}, PolicySpec("mean"), "multiclass", PolicySpec("k_of_n", k=2), id="k-as-text"
+        ),
+        pytest.param(
+            {"policy": "k_of_n", "k": 3}, None, "multilabel", PolicySpec("k_of_n", k=3, threshold=0.5), id="k-as-int"
+        ),
+        pytest.param(
+            {"policy": "mean", "threshold": "1"},
+            None,
+            "binary",
+            PolicySpec("mean", threshold=1.0),
+            id="threshold-bound",
+        ),
     ],
 )
 def test_resolve_policy(requested: dict, default: PolicySpec | None, task: str, expected: PolicySpec) -> None:
@@ -115,22 +149,59 @@ def test_resolve_policy(requested: dict, default: PolicySpec | None, task: str, 
     ("requested", "task", "message"),
     [
         pytest.param(
-            {"policy": "vote"}, "binary",
-            "unknown policy 'vote'; valid policies: all, any, cascade, k_of_n, majority, max, mean", id="unknown-name",
+            {"policy": "vote"},
+            "binary",
+            "unknown policy 'vote'; valid policies: all, any, cascade, k_of_n, majority, max, mean",
+            id="unknown-name",
         ),
-        pytest.param({"policy": "k_of_n"}, "binary", "policy 'k_of_n' needs parameter k (an integer from 1 to 3)", id="k-missing"),
-        pytest.param({"policy": "k_of_n", "k": "4"}, "binary", "k must be an integer from 1 to 3, got '4'", id="k-too-big"),
-        pytest.param({"policy": "k_of_n", "k": "0"}, "binary", "k must be an integer from 1 to 3, got '0'", id="k-zero"),
-        pytest.param({"policy": "k_of_n", "k": "1.5"}, "binary", "k must be an integer from 1 to 3, got '1.5'", id="k-fraction"),
-        pytest.param({"policy": "any", "k": "2"}, "binary", "policy 'any' takes no parameter k; only k_of_n does", id="k-not-taken"),
-        pytest.param({"policy": "mean", "threshold": "1.5"}, "binary", "threshold must be a number in [0, 1], got '1.5'", id="threshold-high"),
-        pytest.param({"policy": "mean", "threshold": "nan"}, "binary", "threshold must be a number in [0, 1], got 'nan'", id="threshold-nan"),
-        pytest.param({"policy": "mean", "threshold": "high"}, "binary", "threshold must be a number in [0, 1], got 'high'", id="threshold-text"),
         pytest.param(
-            {"policy": "mean", "threshold": "0.5"}, "multiclass",
-            "threshold applies to binary and multilabel ensembles; this one is multiclass", id="threshold-multiclass",
+            {"policy": "k_of_n"}, "binary", "policy 'k_of_n' needs parameter k (an integer from 1 to 3)", id="k-missing"
         ),
-        pytest.param({"polcy": "any"}, "binary", "unknown policy parameter(s) ['polcy']; valid: policy, k, threshold, confidence, early_exit", id="typo"),
+        pytest.param(
+            {"policy": "k_of_n", "k": "4"}, "binary", "k must be an integer from 1 to 3, got '4'", id="k-too-big"
+        ),
+        pytest.param(
+            {"policy": "k_of_n", "k": "0"}, "binary", "k must be an integer from 1 to 3, got '0'", id="k-zero"
+        ),
+        pytest.param(
+            {"policy": "k_of_n", "k": "1.5"}, "binary", "k must be an integer from 1 to 3, got '1.5'", id="k-fraction"
+        ),
+        pytest.param(
+            {"policy": "any", "k": "2"},
+            "binary",
+            "policy 'any' takes no parameter k; only k_of_n does",
+            id="k-not-taken",
+        ),
+        pytest.param(
+            {"policy": "mean", "threshold": "1.5"},
+            "binary",
+            "threshold must be a number in [0, 1], got '1.5'",
+            id="threshold-high",
+        ),
+        pytest.param(
+            {"policy": "mean", "threshold": "nan"},
+            "binary",
+            "threshold must be a number in [0, 1], got 'nan'",
+            id="threshold-nan",
+        ),
+        pytest.param(
+            {"policy": "mean", "threshold": "high"},
+            "binary",
+            "threshold must be a number in [0, 1], got 'high'",
+            id="threshold-text",
+        ),
+        pytest.param(
+            {"policy": "mean", "threshold": "0.5"},
+            "multiclass",
+            "threshold applies to binary and multilabel ensembles; this one is multiclass",
+            id="threshold-multiclass",
+        ),
+        pytest.param(
+            {"polcy": "any"},
+            "binary",
+            "unknown policy parameter(s) ['polcy']; valid: policy, k, threshold, confidence, early_exit",
+            id="typo",
+        ),
     ],
 )
 def test_resolve_policy_rejects(requested: dict, task: str, message: str) -> None:

@@ -38,7 +38,13 @@ def lossy_ensemble(folder: Path, members: list[dict[str, Any]], modules: dict[st
     (folder / "calibration").mkdir()
     for seed in range(CALIBRATION_IMAGES):
         (folder / "calibration" / f"{seed:02d}.png").write_bytes(image_bytes(seed, size=(40, 30)))
-    ensemble = {"version": "1.0", "task": "multiclass", "labels": ["a", "b"], "input": {"size": [32, 32]}, "members": members}
+    ensemble = {
+        "version": "1.0",
+        "task": "multiclass",
+        "labels": ["a", "b"],
+        "input": {"size": [32, 32]},
+        "members": members,
+    }
     (folder / "ensembles.yaml").write_text(yaml.safe_dump({"ensembles": {"lossy": ensemble}}, sort_keys=False))
     return folder / "ensembles.yaml"
 
@@ -51,17 +57,29 @@ def lossy_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
     modules = {"squeeze": torchvision.models.squeezenet1_1(num_classes=2), "pool": PoolNet(num_classes=2)}
     calibrated = {"calibration": "calibration", "min_agreement": 0.5}
     members = [
-        {"name": "squeeze", "arch": "torchvision:squeezenet1_1", "kwargs": {"num_classes": 2}, "weights": "squeeze.pt",
-         "execution": {"precision": "bf16", **calibrated}},
-        {"name": "pool", "arch": "fixture_models.py:PoolNet", "kwargs": {"num_classes": 2}, "weights": "pool.pt",
-         "execution": {"precision": "int8", **calibrated}},
-    ]  # fmt: skip
+        {
+            "name": "squeeze",
+            "arch": "torchvision:squeezenet1_1",
+            "kwargs": {"num_classes": 2},
+            "weights": "squeeze.pt",
+            "execution": {"precision": "bf16", **calibrated},
+        },
+        {
+            "name": "pool",
+            "arch": "fixture_models.py:PoolNet",
+            "kwargs": {"num_classes": 2},
+            "weights": "pool.pt",
+            "execution": {"precision": "int8", **calibrated},
+        },
+    ]
     spec = load_ensembles(lossy_ensemble(root / "src", members, modules))["lossy"]
     return build_archive(spec, root / "store")
 
 
 @pytest.mark.slow
-def test_the_build_measures_each_lossy_precision_and_archives_the_int8_export(lossy_archive: Path, tmp_path: Path) -> None:
+def test_the_build_measures_each_lossy_precision_and_archives_the_int8_export(
+    lossy_archive: Path, tmp_path: Path
+) -> None:
     with zipfile.ZipFile(lossy_archive) as packed:
         packed.extractall(tmp_path)
     manifest = read_archive_manifest(tmp_path)
@@ -89,7 +107,11 @@ def test_a_worker_serves_each_member_on_an_engine_of_its_precision_and_shows_the
     with zipfile.ZipFile(lossy_archive) as packed:
         packed.extractall(tmp_path)
     # As on a CPU with the features (this one has AMX); without them the engines emulate the precision, as tested.
-    monkeypatch.setattr(plans, "precision_unsupported", lambda precision: precision_unsupported(precision, frozenset({"amx_bf16", "amx_int8"})))
+    monkeypatch.setattr(
+        plans,
+        "precision_unsupported",
+        lambda precision: precision_unsupported(precision, frozenset({"amx_bf16", "amx_int8"})),
+    )
     ensemble = Ensemble.from_model_dir(tmp_path, CPU)
     described = ensemble.plan_choices()
     assert described["squeeze"]["plan"] == "openvino_bf16"
@@ -104,16 +126,30 @@ def test_a_worker_serves_each_member_on_an_engine_of_its_precision_and_shows_the
 
 
 @pytest.mark.slow
-def test_a_cpu_without_the_precision_serves_fp32_and_says_why(lossy_archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_cpu_without_the_precision_serves_fp32_and_says_why(
+    lossy_archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     with zipfile.ZipFile(lossy_archive) as packed:
         packed.extractall(tmp_path)
-    monkeypatch.setattr(plans, "precision_unsupported", lambda precision: precision_unsupported(precision, frozenset({"avx2", "fma"})))
+    monkeypatch.setattr(
+        plans, "precision_unsupported", lambda precision: precision_unsupported(precision, frozenset({"avx2", "fma"}))
+    )
     described = Ensemble.from_model_dir(tmp_path, CPU).plan_choices()
     assert {member: choice["precision"] for member, choice in described.items()} == {
-        "squeeze": {"precision": "fp32", "fallback": "bf16 needs one of the CPU features avx512_bf16, amx_bf16 to run faster than fp32, and this CPU has none"},
-        "pool": {"precision": "fp32", "fallback": "int8 needs one of the CPU features avx512_vnni, avx_vnni, amx_int8 to run faster than fp32, and this CPU has none"},
-    }  # fmt: skip
-    assert not {choice["plan"] for choice in described.values()} & {"openvino_bf16", "onnxruntime_int8", "openvino_int8"}
+        "squeeze": {
+            "precision": "fp32",
+            "fallback": "bf16 needs one of the CPU features avx512_bf16, amx_bf16 to run faster than fp32, and this CPU has none",
+        },
+        "pool": {
+            "precision": "fp32",
+            "fallback": "int8 needs one of the CPU features avx512_vnni, avx_vnni, amx_int8 to run faster than fp32, and this CPU has none",
+        },
+    }
+    assert not {choice["plan"] for choice in described.values()} & {
+        "openvino_bf16",
+        "onnxruntime_int8",
+        "openvino_int8",
+    }
 
 
 @pytest.mark.parametrize(
@@ -123,9 +159,14 @@ def test_a_cpu_without_the_precision_serves_fp32_and_says_why(lossy_archive: Pat
         pytest.param({"amx_bf16"}, "bf16", None, id="amx-bf16"),
         pytest.param({"avx_vnni"}, "int8", None, id="avx-vnni"),
         pytest.param({"avx2"}, "fp32", None, id="fp32-anywhere"),
-        pytest.param({"avx2", "avx512_vnni"}, "bf16", "bf16 needs one of the CPU features avx512_bf16, amx_bf16 to run faster than fp32, and this CPU has none", id="vnni-is-not-bf16"),
+        pytest.param(
+            {"avx2", "avx512_vnni"},
+            "bf16",
+            "bf16 needs one of the CPU features avx512_bf16, amx_bf16 to run faster than fp32, and this CPU has none",
+            id="vnni-is-not-bf16",
+        ),
     ],
-)  # fmt: skip
+)
 def test_which_cpus_run_a_precision(flags: set[str], precision: str, expected: str | None) -> None:
     assert precision_unsupported(precision, frozenset(flags)) == expected
 
@@ -137,8 +178,12 @@ def test_a_precision_that_flips_labels_is_refused_at_build_time_with_both_number
     with torch.no_grad():
         knife.conv.weight[1] = knife.conv.weight[0] + 1e-4 * torch.randn_like(knife.conv.weight[0])
         knife.conv.bias[1] = knife.conv.bias[0]
-    member = {"name": "knife", "arch": "fixture_models.py:KnifeEdgeNet", "weights": "knife.pt",
-              "execution": {"precision": "int8", "calibration": "calibration"}}  # fmt: skip
+    member = {
+        "name": "knife",
+        "arch": "fixture_models.py:KnifeEdgeNet",
+        "weights": "knife.pt",
+        "execution": {"precision": "int8", "calibration": "calibration"},
+    }
     spec = load_ensembles(lossy_ensemble(tmp_path / "src", [member], {"knife": knife}))["lossy"]
     with pytest.raises(ConfigError) as caught:
         build_archive(spec, tmp_path / "store")
@@ -156,13 +201,29 @@ def test_a_precision_that_flips_labels_is_refused_at_build_time_with_both_number
 @pytest.mark.parametrize(
     ("execution", "message"),
     [
-        pytest.param({"precision": "int8"}, "members 'pool': precision int8 needs execution.calibration: a folder of images like the ones it will serve", id="no-calibration"),
-        pytest.param({"precision": "bf16", "calibration": "missing"}, "execution.calibration: {src}/missing is not a folder; give a folder of images the member is meant to see", id="missing-folder"),
+        pytest.param(
+            {"precision": "int8"},
+            "members 'pool': precision int8 needs execution.calibration: a folder of images like the ones it will serve",
+            id="no-calibration",
+        ),
+        pytest.param(
+            {"precision": "bf16", "calibration": "missing"},
+            "execution.calibration: {src}/missing is not a folder; give a folder of images the member is meant to see",
+            id="missing-folder",
+        ),
     ],
-)  # fmt: skip
-def test_a_lossy_precision_without_calibration_images_is_refused(tmp_path: Path, execution: dict[str, str], message: str) -> None:
+)
+def test_a_lossy_precision_without_calibration_images_is_refused(
+    tmp_path: Path, execution: dict[str, str], message: str
+) -> None:
     torch.manual_seed(1)
-    member = {"name": "pool", "arch": "fixture_models.py:PoolNet", "kwargs": {"num_classes": 2}, "weights": "pool.pt", "execution": execution}
+    member = {
+        "name": "pool",
+        "arch": "fixture_models.py:PoolNet",
+        "kwargs": {"num_classes": 2},
+        "weights": "pool.pt",
+        "execution": execution,
+    }
     spec = load_ensembles(lossy_ensemble(tmp_path / "src", [member], {"pool": PoolNet(num_classes=2)}))["lossy"]
     with pytest.raises(ConfigError) as caught:
         build_archive(spec, tmp_path / "store")
@@ -170,8 +231,13 @@ def test_a_lossy_precision_without_calibration_images_is_refused(tmp_path: Path,
 
 
 def test_a_lossy_precision_with_a_fixed_plan_is_refused_where_it_is_written(tmp_path: Path) -> None:
-    member = {"name": "pool", "arch": "fixture_models.py:PoolNet", "kwargs": {"num_classes": 2}, "weights": "pool.pt",
-              "execution": {"precision": "bf16", "plan": "frozen", "calibration": "calibration"}}  # fmt: skip
+    member = {
+        "name": "pool",
+        "arch": "fixture_models.py:PoolNet",
+        "kwargs": {"num_classes": 2},
+        "weights": "pool.pt",
+        "execution": {"precision": "bf16", "plan": "frozen", "calibration": "calibration"},
+    }
     path = lossy_ensemble(tmp_path / "src", [member], {"pool": PoolNet(num_classes=2)})
     with pytest.raises(ConfigError) as caught:
         load_ensembles(path)

@@ -27,14 +27,36 @@ def encoded(image: Image.Image, fmt: str = "PNG", **save: object) -> bytes:
     ("data", "error", "message"),
     [
         pytest.param(b"", InvalidImage, "empty image: the request carried no bytes", id="empty"),
-        pytest.param(b"%PDF-1.4 not an image", InvalidImage, "not a decodable image of an accepted format (JPEG, PNG, WEBP, BMP)", id="not-image"),
-        pytest.param(image_bytes(1, size=(64, 64))[:6210], InvalidImage, "PNG image is truncated or corrupt: image file is truncated", id="truncated-png"),
         pytest.param(
-            image_bytes(1, size=(64, 64), fmt="JPEG")[:1544], InvalidImage,
-            "JPEG image is truncated or corrupt: image file is truncated (145 bytes not processed)", id="truncated-jpeg",
+            b"%PDF-1.4 not an image",
+            InvalidImage,
+            "not a decodable image of an accepted format (JPEG, PNG, WEBP, BMP)",
+            id="not-image",
         ),
-        pytest.param(image_bytes(1, fmt="GIF"), InvalidImage, "not a decodable image of an accepted format (JPEG, PNG, WEBP, BMP)", id="format-not-accepted"),
-        pytest.param(image_bytes(1, size=(65, 64)), PayloadTooLarge, "image of 65x64 = 4160 pixels exceeds the limit of 4096", id="pixel-limit"),
+        pytest.param(
+            image_bytes(1, size=(64, 64))[:6210],
+            InvalidImage,
+            "PNG image is truncated or corrupt: image file is truncated",
+            id="truncated-png",
+        ),
+        pytest.param(
+            image_bytes(1, size=(64, 64), fmt="JPEG")[:1544],
+            InvalidImage,
+            "JPEG image is truncated or corrupt: image file is truncated (145 bytes not processed)",
+            id="truncated-jpeg",
+        ),
+        pytest.param(
+            image_bytes(1, fmt="GIF"),
+            InvalidImage,
+            "not a decodable image of an accepted format (JPEG, PNG, WEBP, BMP)",
+            id="format-not-accepted",
+        ),
+        pytest.param(
+            image_bytes(1, size=(65, 64)),
+            PayloadTooLarge,
+            "image of 65x64 = 4160 pixels exceeds the limit of 4096",
+            id="pixel-limit",
+        ),
     ],
 )
 def test_decode_rejects(data: bytes, error: type[Exception], message: str) -> None:
@@ -99,9 +121,21 @@ def test_greyscale_input_converts_to_rgb_for_rgb_members() -> None:
 @pytest.mark.parametrize(
     ("width", "height", "message"),
     [
-        pytest.param(10000, 10000, "image exceeds the pixel limit: Image size (100000000 pixels) exceeds limit of 89478485 pixels", id="10000x10000-pillow-warns"),
-        pytest.param(20000, 10000, "image exceeds the pixel limit: Image size (200000000 pixels) exceeds limit of 178956970 pixels", id="20000x10000-pillow-refuses"),
-        pytest.param(5000, 4000, "image of 5000x4000 = 20000000 pixels exceeds the limit of 16000000", id="over-our-limit"),
+        pytest.param(
+            10000,
+            10000,
+            "image exceeds the pixel limit: Image size (100000000 pixels) exceeds limit of 89478485 pixels",
+            id="10000x10000-pillow-warns",
+        ),
+        pytest.param(
+            20000,
+            10000,
+            "image exceeds the pixel limit: Image size (200000000 pixels) exceeds limit of 178956970 pixels",
+            id="20000x10000-pillow-refuses",
+        ),
+        pytest.param(
+            5000, 4000, "image of 5000x4000 = 20000000 pixels exceeds the limit of 16000000", id="over-our-limit"
+        ),
     ],
 )
 def test_pixel_bombs_are_refused_from_the_header(width: int, height: int, message: str) -> None:
@@ -128,11 +162,20 @@ def test_palette_transparency_is_composited_over_white() -> None:
 @pytest.mark.parametrize(
     ("mode", "values", "expected"),
     [
-        pytest.param("RGBA", [(10, 20, 30, 0), (10, 20, 30, 255), (0, 0, 0, 128)], [(255, 255, 255), (10, 20, 30), (127, 127, 127)], id="rgba"),
-        pytest.param("LA", [(40, 0), (40, 255), (0, 128)], [(255, 255, 255), (40, 40, 40), (127, 127, 127)], id="gray-alpha"),
+        pytest.param(
+            "RGBA",
+            [(10, 20, 30, 0), (10, 20, 30, 255), (0, 0, 0, 128)],
+            [(255, 255, 255), (10, 20, 30), (127, 127, 127)],
+            id="rgba",
+        ),
+        pytest.param(
+            "LA", [(40, 0), (40, 255), (0, 128)], [(255, 255, 255), (40, 40, 40), (127, 127, 127)], id="gray-alpha"
+        ),
     ],
 )
-def test_alpha_is_composited_over_white(mode: str, values: list[tuple[int, ...]], expected: list[tuple[int, ...]]) -> None:
+def test_alpha_is_composited_over_white(
+    mode: str, values: list[tuple[int, ...]], expected: list[tuple[int, ...]]
+) -> None:
     image = Image.new(mode, (3, 1))
     image.putdata(values)
     decoded = decode_image(encoded(image), Limits())
@@ -149,8 +192,14 @@ def test_sixteen_bit_greyscale_is_scaled_not_clipped() -> None:
 @pytest.mark.parametrize(
     ("image", "message"),
     [
-        pytest.param(Image.new("I", (2, 2), 70000), "TIFF image has I pixels outside 0..65535; send 8- or 16-bit images", id="32-bit-int"),
-        pytest.param(Image.new("F", (2, 2), 0.5), "TIFF image has floating-point pixels; send 8- or 16-bit images", id="float"),
+        pytest.param(
+            Image.new("I", (2, 2), 70000),
+            "TIFF image has I pixels outside 0..65535; send 8- or 16-bit images",
+            id="32-bit-int",
+        ),
+        pytest.param(
+            Image.new("F", (2, 2), 0.5), "TIFF image has floating-point pixels; send 8- or 16-bit images", id="float"
+        ),
     ],
 )
 def test_wide_pixels_that_cannot_be_scaled_are_refused(image: Image.Image, message: str) -> None:

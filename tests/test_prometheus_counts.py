@@ -50,7 +50,9 @@ def prometheus(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Iter
         probe.bind(("127.0.0.1", 0))
         listen = f"127.0.0.1:{probe.getsockname()[1]}"
     target = server.setting("metrics_address").removeprefix("http://")
-    instance = prometheus_ctl.start(write_test_config(folder / "prometheus.yml", target=target), folder / "data", listen)
+    instance = prometheus_ctl.start(
+        write_test_config(folder / "prometheus.yml", target=target), folder / "data", listen
+    )
     try:
         yield instance
     finally:
@@ -75,7 +77,13 @@ def test_prometheus_counts_a_known_mix_exactly(server: Server, prometheus: Prome
     sent: list[tuple[int, dict[str, Any]]] = [
         *[(200, {"data": d, "headers": {"Content-Type": "image/png"}}) for d in singles],
         (200, {"files": [(f"p{i}", d) for i, d in enumerate(multipart)], "headers": {"X-Ensemble-Policy": "majority"}}),
-        (200, {"data": json.dumps(v2_body(v2_images, parameters={"policy": "max"})), "headers": {"Content-Type": "application/json"}}),
+        (
+            200,
+            {
+                "data": json.dumps(v2_body(v2_images, parameters={"policy": "max"})),
+                "headers": {"Content-Type": "application/json"},
+            },
+        ),
         (400, {"data": b"GIF89a-not-really", "headers": {"Content-Type": "image/gif"}}),
         (400, {"data": b"\x89PNG\r\n\x1a\n-truncated", "headers": {"Content-Type": "image/png"}}),
         (400, {"data": singles[0], "headers": {"Content-Type": "image/png", "X-Ensemble-Policy": "vote"}}),
@@ -88,15 +96,27 @@ def test_prometheus_counts_a_known_mix_exactly(server: Server, prometheus: Prome
     images = singles + multipart + v2_images
     probs = member_probabilities(test_store, "trio", images)
     votes = numpy.stack([probs[m].argmax(axis=-1) for m in MEMBERS])  # votes[member, image]: each member's argmax
-    wait_for(lambda: values(prometheus, 'sum(ensemble_images_total{ModelName="trio"})') == {"": 9.0}, "9 images counted", WAIT_S)
-    assert values(prometheus, 'sum by (Policy) (ensemble_requests_total{ModelName="trio"}) > 0') == {"mean": 3, "majority": 1, "max": 1}
+    wait_for(
+        lambda: values(prometheus, 'sum(ensemble_images_total{ModelName="trio"})') == {"": 9.0},
+        "9 images counted",
+        WAIT_S,
+    )
+    assert values(prometheus, 'sum by (Policy) (ensemble_requests_total{ModelName="trio"}) > 0') == {
+        "mean": 3,
+        "majority": 1,
+        "max": 1,
+    }
     assert values(prometheus, 'sum by (ErrorType) (ensemble_errors_total{ModelName="trio"}) > 0') == {
         "InvalidImage": 2,
         "InvalidPolicy": 1,
         "UnsupportedMediaType": 1,
     }
-    assert values(prometheus, 'sum by (Member) (ensemble_member_images_total{ModelName="trio"})') == {m: 9 for m in MEMBERS}
-    assert values(prometheus, 'sum(ensemble_disagreements_total{ModelName="trio"})') == {"": int((votes != votes[:1]).any(axis=0).sum())}
+    assert values(prometheus, 'sum by (Member) (ensemble_member_images_total{ModelName="trio"})') == {
+        m: 9 for m in MEMBERS
+    }
+    assert values(prometheus, 'sum(ensemble_disagreements_total{ModelName="trio"})') == {
+        "": int((votes != votes[:1]).any(axis=0).sum())
+    }
     assert values(prometheus, 'sum(ensemble_abstentions_total{ModelName="trio"})') == {"": 0}
     assert values(prometheus, 'sum(ensemble_batch_images_total{ModelName="trio"})') == {"": 9}
     assert values(prometheus, 'sum(ensemble_batches_total{ModelName="trio"})') == {"": len(sent)}

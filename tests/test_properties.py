@@ -26,7 +26,9 @@ from handlers.inputs.requests import read_request
 from handlers.inputs.tensors import read_json_instances, read_npy
 from tests.conftest import image_bytes, instances, npy_bytes
 
-LIMITS = Limits(max_images_per_request=4, max_image_pixels=1_000_000, formats=("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF"))
+LIMITS = Limits(
+    max_images_per_request=4, max_image_pixels=1_000_000, formats=("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+)
 FAST = settings(max_examples=300, deadline=timedelta(milliseconds=500), suppress_health_check=[HealthCheck.too_slow])
 TRACED_GROWTH_LIMIT_KB = 256  # Python objects; about 40 KB without a leak
 RSS_GROWTH_LIMIT_MB = 4  # the whole process, C allocations (Pillow's) included; about 0.5 MB without a leak
@@ -99,7 +101,10 @@ def test_decoding_corrupt_bytes_again_and_again_does_not_grow_memory() -> None:
                 for data in corpus:
                     check_decode(data)
             gc.collect()
-            rss_growth_mb, traced_growth_kb = rss_mb() - rss_before, (tracemalloc.get_traced_memory()[0] - traced_before) / 1024
+            rss_growth_mb, traced_growth_kb = (
+                rss_mb() - rss_before,
+                (tracemalloc.get_traced_memory()[0] - traced_before) / 1024,
+            )
         finally:
             tracemalloc.stop()
     assert traced_growth_kb < TRACED_GROWTH_LIMIT_KB
@@ -107,7 +112,9 @@ def test_decoding_corrupt_bytes_again_and_again_does_not_grow_memory() -> None:
 
 
 TEXT_OR_BYTES = st.one_of(st.binary(max_size=64), st.text(max_size=16))
-HEADER_NAMES = st.sampled_from(["Content-Type", "Content-Length", "X-Ensemble-Policy", "X-Ensemble-K", "X-Ensemble-Threshold", "X-Other"])
+HEADER_NAMES = st.sampled_from(
+    ["Content-Type", "Content-Length", "X-Ensemble-Policy", "X-Ensemble-K", "X-Ensemble-Threshold", "X-Other"]
+)
 CONTENT_TYPES = st.sampled_from(["image/png", "application/json", "multipart/form-data; boundary=x", "text/plain", ""])
 
 
@@ -125,7 +132,14 @@ def test_parse_request_raises_only_request_errors(row: dict[str, object], header
 
 
 @FAST
-@given(st.one_of(st.binary(max_size=512), st.builds(lambda head, tail: npy_bytes(instances(0, 2))[:head] + tail, st.integers(0, 200), st.binary(max_size=64))))
+@given(
+    st.one_of(
+        st.binary(max_size=512),
+        st.builds(
+            lambda head, tail: npy_bytes(instances(0, 2))[:head] + tail, st.integers(0, 200), st.binary(max_size=64)
+        ),
+    )
+)
 def test_read_npy_raises_only_request_errors(data: bytes) -> None:
     try:
         values = read_npy(data, TensorSpec(shape=(3, 4)), LIMITS)
@@ -153,7 +167,13 @@ def test_read_json_instances_raises_only_request_errors(doc: object) -> None:
 
 @FAST
 @given(
-    st.dictionaries(st.sampled_from(["policy", "k", "threshold", "colour"]), st.one_of(st.text(max_size=8), st.sampled_from(["mean", "any", "all", "majority", "k_of_n", "max", "1", "2", "0.5", "nan", "-1"]))),
+    st.dictionaries(
+        st.sampled_from(["policy", "k", "threshold", "colour"]),
+        st.one_of(
+            st.text(max_size=8),
+            st.sampled_from(["mean", "any", "all", "majority", "k_of_n", "max", "1", "2", "0.5", "nan", "-1"]),
+        ),
+    ),
     st.sampled_from(TASKS),
     st.integers(1, 5),
     st.data(),
@@ -167,12 +187,22 @@ def test_policies_raise_only_invalid_policy_and_decide_every_image(
         return
     labels = 2 if task == "binary" else data.draw(st.integers(1 if task == "multilabel" else 2, 5))
     images = data.draw(st.integers(1, 4))
-    probs = torch.rand(n_members, images, labels, generator=torch.Generator().manual_seed(data.draw(st.integers(0, 2**16))), dtype=torch.float64)
+    probs = torch.rand(
+        n_members,
+        images,
+        labels,
+        generator=torch.Generator().manual_seed(data.draw(st.integers(0, 2**16))),
+        dtype=torch.float64,
+    )
     if task != "multilabel":
         probs = probs / probs.sum(dim=-1, keepdim=True)
-    votes = Votes(task=task, weights=torch.ones(n_members, dtype=torch.float64), positive=1 if task == "binary" else None, policy=policy)
+    votes = Votes(
+        task=task,
+        weights=torch.ones(n_members, dtype=torch.float64),
+        positive=1 if task == "binary" else None,
+        policy=policy,
+    )
     decision = combine(probs, votes)
     assert decision.chosen.shape == decision.score.shape == (images, labels)
     assert member_votes(probs, votes).shape == (n_members, images, labels)
     assert bool(((decision.score >= 0) & (decision.score <= 1)).all())
-

@@ -31,7 +31,16 @@ import requests
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from archive_scripts.torchserve_ctl import ROOT, Server, private_server, register, start, start_gateway, stop, stop_gateway
+from archive_scripts.torchserve_ctl import (
+    ROOT,
+    Server,
+    private_server,
+    register,
+    start,
+    start_gateway,
+    stop,
+    stop_gateway,
+)
 from tests.conftest import image_bytes, instances
 from tests.fixture_reference import assert_answers, expected_answers, labels_and_scores
 from tests.protocol_clients import (
@@ -107,13 +116,22 @@ def test_v2_infer(server: Server, test_store: Path, path: str) -> None:
     response = post(server, path, v2_body(images, id="abc-1", parameters={"policy": "majority"}))
     assert response.status_code == 200
     body = response.json()
-    assert (body["model_name"], body["model_version"], body["id"], body["parameters"]["policy"]) == ("trio", "2.1", "abc-1", "majority")
+    assert (body["model_name"], body["model_version"], body["id"], body["parameters"]["policy"]) == (
+        "trio",
+        "2.1",
+        "abc-1",
+        "majority",
+    )
     expected = expected_answers(test_store, "trio", images, policy="majority")
     assert_answers(v2_as_predictions(body, TRIO_MEMBERS, TRIO_LABELS), labels_and_scores(expected))
 
 
 def test_v2_error_is_a_v2_body_with_its_status(server: Server) -> None:
-    response = post(server, "v2/models/trio/infer", {"inputs": [{"name": "images", "shape": [1], "datatype": "BYTES", "data": ["%%%"]}]})
+    response = post(
+        server,
+        "v2/models/trio/infer",
+        {"inputs": [{"name": "images", "shape": [1], "datatype": "BYTES", "data": ["%%%"]}]},
+    )
     assert response.status_code == 400
     assert response.json() == {"error": "inputs[0].data[0]: invalid base64 (Only base64 data is allowed)"}
 
@@ -125,7 +143,10 @@ def test_v2_requests_from_8_clients_are_batched_and_split_back(server: Server, t
         responses = list(pool.map(lambda images: post(server, "v2/models/trio/infer", v2_body(images)), payloads))
     assert [r.status_code for r in responses] == [200] * 16
     for response, images in zip(responses, payloads, strict=True):
-        assert_answers(v2_as_predictions(response.json(), TRIO_MEMBERS, TRIO_LABELS), labels_and_scores(expected_answers(test_store, "trio", images)))
+        assert_answers(
+            v2_as_predictions(response.json(), TRIO_MEMBERS, TRIO_LABELS),
+            labels_and_scores(expected_answers(test_store, "trio", images)),
+        )
     batch_sizes = [int(r.headers["X-Ensemble-Batch-Requests"]) for r in responses]
     assert max(batch_sizes) >= 2, f"TorchServe did not batch any v2 requests together: {batch_sizes}"
 
@@ -147,31 +168,58 @@ def test_v2_multilabel_and_tensor_ensembles(server: Server, test_store: Path) ->
     ids=["policy", "policy-members-top-k"],
 )
 def test_grpc_raw_image_answers_the_rest_json(
-    server: Server, test_store: Path, stubs: tuple[ModuleType, ModuleType], channel: grpc.Channel, params: dict[str, str]
+    server: Server,
+    test_store: Path,
+    stubs: tuple[ModuleType, ModuleType],
+    channel: grpc.Channel,
+    params: dict[str, str],
 ) -> None:
     image = image_bytes(10)
     inputs = {"data": image, **{key: value.encode() for key, value in params.items()}}
     answer = json.loads(grpc_predict(stubs, channel, "trio", inputs, token=server.key("inference")).prediction)
     headers = {f"X-Ensemble-{key.title().replace('_', '-')}": value for key, value in params.items()}
-    rest = requests.post(f"{server.inference}/predictions/trio", data=image, headers={**server.headers("inference"), **headers}, timeout=TIMEOUT)
+    rest = requests.post(
+        f"{server.inference}/predictions/trio",
+        data=image,
+        headers={**server.headers("inference"), **headers},
+        timeout=TIMEOUT,
+    )
     assert answer["policy"] == {"name": "max", "params": {}}
-    assert answer["answered_by"] == rest.json()["answered_by"] == ["mobile", "pool_rgb", "pool_gray"][: 2 if "members" in params else 3]
+    assert (
+        answer["answered_by"]
+        == rest.json()["answered_by"]
+        == ["mobile", "pool_rgb", "pool_gray"][: 2 if "members" in params else 3]
+    )
     assert answer["predictions"] == rest.json()["predictions"]
     assert_answers(answer["predictions"], expected_answers(test_store, "trio", [image], **params))
 
 
-def test_grpc_v2_body_as_the_kserve_wrapper_sends_it(server: Server, test_store: Path, stubs: tuple[ModuleType, ModuleType], channel: grpc.Channel) -> None:
+def test_grpc_v2_body_as_the_kserve_wrapper_sends_it(
+    server: Server, test_store: Path, stubs: tuple[ModuleType, ModuleType], channel: grpc.Channel
+) -> None:
     images = [image_bytes(11), image_bytes(12)]
     payload = json.dumps(v2_body(images, id="grpc-1")).encode()
-    answer = json.loads(grpc_predict(stubs, channel, "trio", {"data": payload}, token=server.key("inference")).prediction)
+    answer = json.loads(
+        grpc_predict(stubs, channel, "trio", {"data": payload}, token=server.key("inference")).prediction
+    )
     assert answer["id"] == "grpc-1"
-    assert_answers(v2_as_predictions(answer, TRIO_MEMBERS, TRIO_LABELS), labels_and_scores(expected_answers(test_store, "trio", images)))
+    assert_answers(
+        v2_as_predictions(answer, TRIO_MEMBERS, TRIO_LABELS),
+        labels_and_scores(expected_answers(test_store, "trio", images)),
+    )
 
 
-def test_grpc_from_8_clients(server: Server, test_store: Path, stubs: tuple[ModuleType, ModuleType], channel: grpc.Channel) -> None:
+def test_grpc_from_8_clients(
+    server: Server, test_store: Path, stubs: tuple[ModuleType, ModuleType], channel: grpc.Channel
+) -> None:
     images = [image_bytes(400 + i) for i in range(16)]
     with ThreadPoolExecutor(max_workers=8) as pool:
-        replies = list(pool.map(lambda image: grpc_predict(stubs, channel, "trio", {"data": image}, token=server.key("inference")), images))
+        replies = list(
+            pool.map(
+                lambda image: grpc_predict(stubs, channel, "trio", {"data": image}, token=server.key("inference")),
+                images,
+            )
+        )
     for reply, image in zip(replies, images, strict=True):
         assert_answers(json.loads(reply.prediction)["predictions"], expected_answers(test_store, "trio", [image]))
 
@@ -179,26 +227,59 @@ def test_grpc_from_8_clients(server: Server, test_store: Path, stubs: tuple[Modu
 @pytest.mark.parametrize(
     ("inputs", "expected"),
     [
-        pytest.param({"data": b"not an image"}, {"code": 400, "type": "InvalidImage", "message": "not a decodable image of an accepted format (JPEG, PNG, WEBP, BMP)"}, id="bad-image"),
-        pytest.param({"image": b"x"}, {"code": 400, "type": "RequestError", "message": "unknown parameter(s) ['image']; valid: policy, k, threshold, confidence, early_exit, members, top_k, sequence, min_run, uncertainty, and the body (over gRPC an input named body or data)"}, id="wrong-input-name"),
-        pytest.param({"data": json.dumps({"inputs": []}).encode()}, {"error": "inputs must be a list of exactly one tensor object, got 0"}, id="bad-v2"),
+        pytest.param(
+            {"data": b"not an image"},
+            {
+                "code": 400,
+                "type": "InvalidImage",
+                "message": "not a decodable image of an accepted format (JPEG, PNG, WEBP, BMP)",
+            },
+            id="bad-image",
+        ),
+        pytest.param(
+            {"image": b"x"},
+            {
+                "code": 400,
+                "type": "RequestError",
+                "message": "unknown parameter(s) ['image']; valid: policy, k, threshold, confidence, early_exit, members, top_k, sequence, min_run, uncertainty, and the body (over gRPC an input named body or data)",
+            },
+            id="wrong-input-name",
+        ),
+        pytest.param(
+            {"data": json.dumps({"inputs": []}).encode()},
+            {"error": "inputs must be a list of exactly one tensor object, got 0"},
+            id="bad-v2",
+        ),
     ],
 )
 def test_grpc_errors_arrive_as_status_ok_with_the_error_json(
-    server: Server, stubs: tuple[ModuleType, ModuleType], channel: grpc.Channel, inputs: dict[str, bytes], expected: dict
+    server: Server,
+    stubs: tuple[ModuleType, ModuleType],
+    channel: grpc.Channel,
+    inputs: dict[str, bytes],
+    expected: dict,
 ) -> None:
     """TorchServe's gRPC path drops per-request status codes: the call succeeds, the body carries the error."""
-    assert json.loads(grpc_predict(stubs, channel, "trio", inputs, token=server.key("inference")).prediction) == expected
+    assert (
+        json.loads(grpc_predict(stubs, channel, "trio", inputs, token=server.key("inference")).prediction) == expected
+    )
 
 
-def test_grpc_unknown_model_is_internal(server: Server, stubs: tuple[ModuleType, ModuleType], channel: grpc.Channel) -> None:
+def test_grpc_unknown_model_is_internal(
+    server: Server, stubs: tuple[ModuleType, ModuleType], channel: grpc.Channel
+) -> None:
     """Unlike REST's 404, TorchServe 0.12 answers a gRPC call for an unregistered model with INTERNAL."""
     with pytest.raises(grpc.RpcError) as caught:
         grpc_predict(stubs, channel, "nosuch", {"data": image_bytes(14)}, token=server.key("inference"))
-    assert (caught.value.code(), caught.value.details()) == (grpc.StatusCode.INTERNAL, "Model not found: nosuch\norg.pytorch.serve.archive.model.ModelNotFoundException")
+    assert (caught.value.code(), caught.value.details()) == (
+        grpc.StatusCode.INTERNAL,
+        "Model not found: nosuch\norg.pytorch.serve.archive.model.ModelNotFoundException",
+    )
 
 
-def test_grpc_without_token_is_refused(server: Server, stubs: tuple[ModuleType, ModuleType], channel: grpc.Channel) -> None:
+def test_grpc_without_token_is_refused(
+    server: Server, stubs: tuple[ModuleType, ModuleType], channel: grpc.Channel
+) -> None:
     with pytest.raises(grpc.RpcError) as caught:
         grpc_predict(stubs, channel, "trio", {"data": image_bytes(13)}, token=None)
     assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
@@ -206,24 +287,46 @@ def test_grpc_without_token_is_refused(server: Server, stubs: tuple[ModuleType, 
 
 # The Open Inference Protocol gateway, asked by tritonclient.http, on the same TorchServe.
 TAGS_OUTPUTS = [
-    ("labels", "BOOL", [-1, 2]), ("scores", "FP64", [-1, 2]),
-    ("mobile.labels", "BOOL", [-1, 2]), ("mobile.scores", "FP64", [-1, 2]),
-    ("pool_rgb.labels", "BOOL", [-1, 2]), ("pool_rgb.scores", "FP64", [-1, 2]),
-    ("pool_gray.labels", "BOOL", [-1, 2]), ("pool_gray.scores", "FP64", [-1, 2]),
-    ("skipped", "BYTES", [-1]), ("deferred", "BOOL", [-1]), ("entropy", "FP64", [-1, 2]), ("expected_entropy", "FP64", [-1, 2]),
-    ("mutual_information", "FP64", [-1, 2]), ("vote_margin", "FP64", [-1, 2]),
+    ("labels", "BOOL", [-1, 2]),
+    ("scores", "FP64", [-1, 2]),
+    ("mobile.labels", "BOOL", [-1, 2]),
+    ("mobile.scores", "FP64", [-1, 2]),
+    ("pool_rgb.labels", "BOOL", [-1, 2]),
+    ("pool_rgb.scores", "FP64", [-1, 2]),
+    ("pool_gray.labels", "BOOL", [-1, 2]),
+    ("pool_gray.scores", "FP64", [-1, 2]),
+    ("skipped", "BYTES", [-1]),
+    ("deferred", "BOOL", [-1]),
+    ("entropy", "FP64", [-1, 2]),
+    ("expected_entropy", "FP64", [-1, 2]),
+    ("mutual_information", "FP64", [-1, 2]),
+    ("vote_margin", "FP64", [-1, 2]),
 ]
 VECTORS_OUTPUTS = [
-    ("label", "BYTES", [-1]), ("scores", "FP64", [-1, 3]), ("top_labels", "BYTES", [-1, -1]), ("top_scores", "FP64", [-1, -1]),
-    ("narrow.label", "BYTES", [-1]), ("narrow.scores", "FP64", [-1, 3]), ("wide.label", "BYTES", [-1]), ("wide.scores", "FP64", [-1, 3]),
-    ("skipped", "BYTES", [-1]), ("deferred", "BOOL", [-1]), ("entropy", "FP64", [-1]), ("expected_entropy", "FP64", [-1]),
-    ("mutual_information", "FP64", [-1]), ("vote_margin", "FP64", [-1]),
+    ("label", "BYTES", [-1]),
+    ("scores", "FP64", [-1, 3]),
+    ("top_labels", "BYTES", [-1, -1]),
+    ("top_scores", "FP64", [-1, -1]),
+    ("narrow.label", "BYTES", [-1]),
+    ("narrow.scores", "FP64", [-1, 3]),
+    ("wide.label", "BYTES", [-1]),
+    ("wide.scores", "FP64", [-1, 3]),
+    ("skipped", "BYTES", [-1]),
+    ("deferred", "BOOL", [-1]),
+    ("entropy", "FP64", [-1]),
+    ("expected_entropy", "FP64", [-1]),
+    ("mutual_information", "FP64", [-1]),
+    ("vote_margin", "FP64", [-1]),
 ]
 REFUSED = {
     "error": "Token Authorization failed: send TorchServe's inference key (key_file.json, inference.key) "
     "as 'Authorization: Bearer <key>', as TorchServe's inference API requires"
 }
-TORCHSERVE_REFUSED = {"code": 400, "type": "InvalidKeyException", "message": "Token Authorization failed. Token either incorrect, expired, or not provided correctly"}
+TORCHSERVE_REFUSED = {
+    "code": 400,
+    "type": "InvalidKeyException",
+    "message": "Token Authorization failed. Token either incorrect, expired, or not provided correctly",
+}
 
 
 @pytest.fixture(scope="module")
@@ -242,7 +345,9 @@ def test_tritonclient_health_through_the_gateway(
     assert getattr(v2_client, call)(*args, headers=server.headers("inference")) is expected
 
 
-def test_tritonclient_server_metadata_through_the_gateway(server: Server, v2_client: triton.InferenceServerClient) -> None:
+def test_tritonclient_server_metadata_through_the_gateway(
+    server: Server, v2_client: triton.InferenceServerClient
+) -> None:
     assert v2_client.get_server_metadata(headers=server.headers("inference")) == SERVER_METADATA
 
 
@@ -250,9 +355,13 @@ def test_tritonclient_server_metadata_through_the_gateway(server: Server, v2_cli
     ("name", "version", "expected"),
     [
         pytest.param("trio", "", model_metadata("trio", "2.1", IMAGES_INPUT, TRIO_OUTPUTS), id="image-multiclass"),
-        pytest.param("trio", "2.1", model_metadata("trio", "2.1", IMAGES_INPUT, TRIO_OUTPUTS), id="image-multiclass-by-version"),
+        pytest.param(
+            "trio", "2.1", model_metadata("trio", "2.1", IMAGES_INPUT, TRIO_OUTPUTS), id="image-multiclass-by-version"
+        ),
         pytest.param("tags", "", model_metadata("tags", "2.1", IMAGES_INPUT, TAGS_OUTPUTS), id="image-multilabel"),
-        pytest.param("vectors", "", model_metadata("vectors", "1.0", ("data", "FP32", [-1, 3, 4]), VECTORS_OUTPUTS), id="tensor"),
+        pytest.param(
+            "vectors", "", model_metadata("vectors", "1.0", ("data", "FP32", [-1, 3, 4]), VECTORS_OUTPUTS), id="tensor"
+        ),
     ],
 )
 def test_tritonclient_model_metadata_is_the_describes(
@@ -260,15 +369,22 @@ def test_tritonclient_model_metadata_is_the_describes(
 ) -> None:
     metadata = v2_client.get_model_metadata(name, version, headers=server.headers("inference"))
     assert metadata == expected
-    described = requests.get(f"{server.management}/models/{name}?customized=true", headers=server.headers("management"), timeout=TIMEOUT)
-    assert described.json()[0]["customizedMetadata"]["v2_metadata"] == {"inputs": metadata["inputs"], "outputs": metadata["outputs"]}
+    described = requests.get(
+        f"{server.management}/models/{name}?customized=true", headers=server.headers("management"), timeout=TIMEOUT
+    )
+    assert described.json()[0]["customizedMetadata"]["v2_metadata"] == {
+        "inputs": metadata["inputs"],
+        "outputs": metadata["outputs"],
+    }
 
 
 @pytest.mark.parametrize(
     ("name", "version", "message"),
     [
         pytest.param("nosuch", "", "unknown model 'nosuch'; registered: tags, trio, vectors", id="unknown-model"),
-        pytest.param("trio", "9.9", "model 'trio' has version '2.1' (TorchServe's default), not '9.9'", id="unknown-version"),
+        pytest.param(
+            "trio", "9.9", "model 'trio' has version '2.1' (TorchServe's default), not '9.9'", id="unknown-version"
+        ),
     ],
 )
 def test_tritonclient_metadata_of_an_unknown_model_is_404(
@@ -279,10 +395,16 @@ def test_tritonclient_metadata_of_an_unknown_model_is_404(
     assert (caught.value.status(), caught.value.message()) == ("404", message)
 
 
-def test_tritonclient_infer_through_the_gateway_is_torchserves_answer(server: Server, v2_client: triton.InferenceServerClient) -> None:
+def test_tritonclient_infer_through_the_gateway_is_torchserves_answer(
+    server: Server, v2_client: triton.InferenceServerClient
+) -> None:
     images = [image_bytes(31), image_bytes(32)]
     result = v2_client.infer(
-        "trio", [triton_images(images)], request_id="gw-1", parameters={"policy": "majority"}, headers=server.headers("inference")
+        "trio",
+        [triton_images(images)],
+        request_id="gw-1",
+        parameters={"policy": "majority"},
+        headers=server.headers("inference"),
     )
     direct = post(server, "v2/models/trio/infer", v2_body(images, id="gw-1", parameters={"policy": "majority"}))
     assert direct.status_code == 200
@@ -298,8 +420,14 @@ def test_tritonclient_infer_through_the_gateway_is_torchserves_answer(server: Se
         pytest.param(lambda server: server.headers("management"), id="management-key"),
     ],
 )
-@pytest.mark.parametrize("path", ["v2/health/live", "v2", "v2/models/trio", "v2/models/trio/ready"], ids=["live", "server-metadata", "model-metadata", "model-ready"])
-def test_gateway_routes_want_the_inference_key(server: Server, headers: Callable[[Server], dict[str, str]], path: str) -> None:
+@pytest.mark.parametrize(
+    "path",
+    ["v2/health/live", "v2", "v2/models/trio", "v2/models/trio/ready"],
+    ids=["live", "server-metadata", "model-metadata", "model-ready"],
+)
+def test_gateway_routes_want_the_inference_key(
+    server: Server, headers: Callable[[Server], dict[str, str]], path: str
+) -> None:
     response = requests.get(f"{server.gateway}/{path}", headers=headers(server), timeout=TIMEOUT)
     assert (response.status_code, response.json()) == (400, REFUSED)
 
@@ -320,7 +448,10 @@ def test_tritonclient_without_the_key_sees_no_live_server(v2_client: triton.Infe
 def test_gateway_relays_other_routes_to_torchserve(server: Server, path: str, token: bool) -> None:
     body = {"instances": [{"b64": base64.b64encode(image_bytes(33)).decode()}]}
     headers = server.headers("inference") if token else {}
-    through, direct = (requests.post(f"{base}/{path}", json=body, headers=headers, timeout=TIMEOUT) for base in (server.gateway, server.inference))
+    through, direct = (
+        requests.post(f"{base}/{path}", json=body, headers=headers, timeout=TIMEOUT)
+        for base in (server.gateway, server.inference)
+    )
     assert (through.status_code, through.json()) == (direct.status_code, direct.json())
     assert through.headers["Content-Type"] == direct.headers["Content-Type"]
     if not token:
@@ -343,7 +474,11 @@ def test_gateway_refuses_a_body_over_max_request_size_unread(server: Server, exp
         answer = (response.status, json.loads(response.read()), response.getheader("Connection"))
     finally:
         connection.close()
-    assert answer == (413, {"error": f"request body of {limit + 1} bytes is over TorchServe's max_request_size of {limit} bytes"}, "close")
+    assert answer == (
+        413,
+        {"error": f"request body of {limit + 1} bytes is over TorchServe's max_request_size of {limit} bytes"},
+        "close",
+    )
 
 
 def _second_gateway(server: Server, folder: Path) -> Server:
@@ -353,7 +488,11 @@ def _second_gateway(server: Server, folder: Path) -> Server:
         port = probe.getsockname()[1]
     (folder / "tmp").mkdir(parents=True)
     config = folder / "config.properties"
-    config.write_text(re.sub(r"(?m)^oip_gateway_address=.*$", f"oip_gateway_address=http://127.0.0.1:{port}", server.config.read_text()))
+    config.write_text(
+        re.sub(
+            r"(?m)^oip_gateway_address=.*$", f"oip_gateway_address=http://127.0.0.1:{port}", server.config.read_text()
+        )
+    )
     return Server(config=config, workdir=server.workdir, tmpdir=folder / "tmp")
 
 
@@ -374,10 +513,23 @@ def test_gateway_exits_once_its_torchserve_is_gone(server: Server, tmp_path: Pat
     """A stand-in process plays TorchServe's frontend: when it ends, so does the gateway, within a couple of seconds."""
     second = _second_gateway(server, tmp_path)
     stand_in = subprocess.Popen(["sleep", "60"])
-    command = [sys.executable, "-m", "gateway.open_inference", "--config", str(second.config), "--key-file", str(server.workdir / "key_file.json")]
+    command = [
+        sys.executable,
+        "-m",
+        "gateway.open_inference",
+        "--config",
+        str(second.config),
+        "--key-file",
+        str(server.workdir / "key_file.json"),
+    ]
     gateway = subprocess.Popen([*command, "--torchserve-pid", str(stand_in.pid)], cwd=ROOT, stderr=subprocess.PIPE)
     try:
-        wait_for(lambda: _answers(f"{second.gateway}/v2/health/live", server.headers("inference")), "the gateway's answer", TIMEOUT, every_s=0.1)
+        wait_for(
+            lambda: _answers(f"{second.gateway}/v2/health/live", server.headers("inference")),
+            "the gateway's answer",
+            TIMEOUT,
+            every_s=0.1,
+        )
         stand_in.kill()
         stand_in.wait()
         began = time.monotonic()
@@ -403,7 +555,9 @@ def test_gateway_follows_a_rotated_inference_key(server: Server, v2_client: trit
     """TorchServe rewrites key_file.json on POST /token; the gateway takes the new key at once and refuses the old one.
     Last in this module: later requests would need the new key (every helper here reads the file anew)."""
     old = server.key("inference")
-    rotated = requests.post(f"{server.management}/token", params={"type": "inference"}, headers=server.headers("API"), timeout=TIMEOUT)
+    rotated = requests.post(
+        f"{server.management}/token", params={"type": "inference"}, headers=server.headers("API"), timeout=TIMEOUT
+    )
     assert rotated.status_code == 200, rotated.text
     new = server.key("inference")
     assert new != old

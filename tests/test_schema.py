@@ -29,7 +29,9 @@ CHECK_JSONSCHEMA = Path(sys.executable).parent / "check-jsonschema"
 
 def shipped_ensembles_files() -> list[Path]:
     """Every tracked yaml file whose top level has `ensembles:`: the files users copy and edit."""
-    listed = subprocess.run(["git", "ls-files", "*.yaml", "*.yml"], cwd=ROOT, capture_output=True, text=True, check=True)
+    listed = subprocess.run(
+        ["git", "ls-files", "*.yaml", "*.yml"], cwd=ROOT, capture_output=True, text=True, check=True
+    )
     paths = [ROOT / name for name in listed.stdout.split()]
     # By text, not by parsing: mkdocs.yml holds a Python tag that a safe loader refuses.
     return [path for path in paths if re.search(r"^ensembles:", path.read_text(), re.MULTILINE)]
@@ -63,7 +65,9 @@ def properties(schema: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
 def test_every_key_says_what_it_does_and_its_default() -> None:
     schema = json.loads(SCHEMA_PATH.read_text())
     undocumented = [name for name, prop in properties(schema) if not prop.get("description")]
-    defaults_unsaid = [name for name, prop in properties(schema) if "default" in prop and "Default:" not in prop["description"]]
+    defaults_unsaid = [
+        name for name, prop in properties(schema) if "default" in prop and "Default:" not in prop["description"]
+    ]
     assert (undocumented, defaults_unsaid) == ([], [])
 
 

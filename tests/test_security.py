@@ -33,8 +33,15 @@ FRONTEND_JAR = Path(ts.__file__).parent / "frontend" / "model-server.jar"
 PORT_OFFSET = 10900
 # The lines SECURITY.md's KServe table explains; every other setting is the loopback config's.
 KSERVE_CHANGES = {
-    "inference_address", "management_address", "metrics_address", "metrics_config", "enable_metrics_api",
-    "disable_token_authorization", "enable_model_api", "model_store", "model_snapshot",
+    "inference_address",
+    "management_address",
+    "metrics_address",
+    "metrics_config",
+    "enable_metrics_api",
+    "disable_token_authorization",
+    "enable_model_api",
+    "model_store",
+    "model_snapshot",
 }
 
 
@@ -51,7 +58,15 @@ def host(address: str) -> str:
 
 
 @pytest.mark.parametrize(
-    "key", ["inference_address", "management_address", "metrics_address", "grpc_inference_address", "grpc_management_address", "oip_gateway_address"]
+    "key",
+    [
+        "inference_address",
+        "management_address",
+        "metrics_address",
+        "grpc_inference_address",
+        "grpc_management_address",
+        "oip_gateway_address",
+    ],
 )
 def test_every_listener_binds_to_loopback(key: str) -> None:
     assert host(shipped_config()[key]) == "127.0.0.1"
@@ -76,7 +91,16 @@ def test_no_environment_override_can_switch_tokens_off() -> None:
     assert shipped_config().get("enable_envvars_config", "false") == "false"
 
 
-@pytest.mark.parametrize("key", ["inference_address", "management_address", "grpc_inference_address", "grpc_management_address", "oip_gateway_address"])
+@pytest.mark.parametrize(
+    "key",
+    [
+        "inference_address",
+        "management_address",
+        "grpc_inference_address",
+        "grpc_management_address",
+        "oip_gateway_address",
+    ],
+)
 def test_kserve_profile_keeps_torchserve_apis_on_loopback(key: str) -> None:
     assert host(kserve_profile()[key]) == "127.0.0.1"
 
@@ -119,7 +143,10 @@ def test_job_queue_is_bounded() -> None:
 
 
 def handler_sources() -> list[tuple[str, ast.Module]]:
-    return [(path.relative_to(ROOT / "handlers").as_posix(), ast.parse(path.read_text())) for path in sorted((ROOT / "handlers").rglob("*.py"))]
+    return [
+        (path.relative_to(ROOT / "handlers").as_posix(), ast.parse(path.read_text()))
+        for path in sorted((ROOT / "handlers").rglob("*.py"))
+    ]
 
 
 def test_every_torch_load_is_weights_only() -> None:
@@ -127,18 +154,26 @@ def test_every_torch_load_is_weights_only() -> None:
         (name, call)
         for name, tree in handler_sources()
         for call in ast.walk(tree)
-        if isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute) and call.func.attr == "load"
-        and isinstance(call.func.value, ast.Name) and call.func.value.id == "torch"
+        if isinstance(call, ast.Call)
+        and isinstance(call.func, ast.Attribute)
+        and call.func.attr == "load"
+        and isinstance(call.func.value, ast.Name)
+        and call.func.value.id == "torch"
     ]
     assert [name for name, _ in loads] == ["weights/checkpoints.py"]
     for _, call in loads:
-        assert any(k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True for k in call.keywords)
+        assert any(
+            k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
+            for k in call.keywords
+        )
 
 
 @pytest.mark.parametrize("module", ["pickle", "dill", "cloudpickle", "marshal", "shelve"])
 def test_no_unpickler_is_imported(module: str) -> None:
     for name, tree in handler_sources():
-        imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        imported = {
+            alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names
+        }
         imported |= {(node.module or "").split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
         assert module not in imported, f"handlers/{name} imports {module}"
 
@@ -149,7 +184,10 @@ def test_pinned_frontend_bundles_snakeyaml_that_refuses_global_tags() -> None:
     with zipfile.ZipFile(FRONTEND_JAR) as jar:
         names = set(jar.namelist())
         composer = jar.read("org/yaml/snakeyaml/composer/Composer.class")
-    assert {"org/yaml/snakeyaml/inspector/TagInspector.class", "org/yaml/snakeyaml/inspector/UnTrustedTagInspector.class"} <= names
+    assert {
+        "org/yaml/snakeyaml/inspector/TagInspector.class",
+        "org/yaml/snakeyaml/inspector/UnTrustedTagInspector.class",
+    } <= names
     assert b"Global tag is not allowed: " in composer
 
 
@@ -217,11 +255,15 @@ def registered(server: Server) -> list[str]:
 
 
 def unregister(server: Server, name: str) -> None:
-    response = requests.delete(f"{server.management}/models/{name}", headers=server.headers("management"), timeout=TIMEOUT)
+    response = requests.delete(
+        f"{server.management}/models/{name}", headers=server.headers("management"), timeout=TIMEOUT
+    )
     assert response.status_code == 200, response.text
 
 
-REGISTERED = 'Model "{name}" Version: 1.0 registered with 0 initial workers. Use scale workers API to add workers for the model.'
+REGISTERED = (
+    'Model "{name}" Version: 1.0 registered with 0 initial workers. Use scale workers API to add workers for the model.'
+)
 
 
 def refusal(code: int, kind: str, message: str) -> dict[str, object]:
@@ -251,7 +293,10 @@ def test_nothing_is_fetched_by_url(
     url = target.format(origin=base, outside=write_archive(tmp_path / "outside.mar", "outside", {}))
     before = listing(store)
     response = register(server, url, api=api)
-    assert (response.status_code, response.json()) == (404, refusal(404, kind, f"Given URL {url} does not match any allowed URL(s)"))
+    assert (response.status_code, response.json()) == (
+        404,
+        refusal(404, kind, f"Given URL {url} does not match any allowed URL(s)"),
+    )
     assert asked == []
     assert listing(store) == before
     assert registered(server) == []
@@ -278,7 +323,10 @@ def test_dot_dot_urls_are_refused_and_copy_nothing_into_the_store(
     url = target.format(origin=base, outside=outside)
     before = listing(store)
     response = register(server, url)
-    assert (response.status_code, response.json()) == (404, refusal(404, "ModelNotFoundException", f"Relative path is not allowed in url: {url}"))
+    assert (response.status_code, response.json()) == (
+        404,
+        refusal(404, "ModelNotFoundException", f"Relative path is not allowed in url: {url}"),
+    )
     assert asked == []
     assert listing(store) == before
     assert registered(server) == []
@@ -290,12 +338,17 @@ def test_an_archive_outside_the_store_is_not_read(bare_server: tuple[Server, Pat
     server, _ = bare_server
     elsewhere = write_archive(tmp_path / "elsewhere.mar", "elsewhere", {})
     response = register(server, str(elsewhere))
-    assert (response.status_code, response.json()) == (404, refusal(404, "ModelNotFoundException", f"Model not found at: {elsewhere}"))
+    assert (response.status_code, response.json()) == (
+        404,
+        refusal(404, "ModelNotFoundException", f"Model not found at: {elsewhere}"),
+    )
     assert registered(server) == []
 
 
 @pytest.mark.integration
-def test_a_model_folder_outside_the_store_takes_the_management_key(bare_server: tuple[Server, Path], tmp_path: Path) -> None:
+def test_a_model_folder_outside_the_store_takes_the_management_key(
+    bare_server: tuple[Server, Path], tmp_path: Path
+) -> None:
     """TorchServe 0.12 registers an unpacked model folder by absolute path from anywhere it may read (allowed_urls
     covers URLs only; SECURITY.md): as for every registration, the management key is what stops anyone else."""
     server, _ = bare_server
@@ -335,19 +388,26 @@ def test_zip_slip_archive_is_refused_and_writes_nothing_outside(bare_server: tup
         if inside.ok:
             unregister(server, "inside")
     slipped = register(server, "slip.mar")
-    assert (slipped.status_code, slipped.json()) == (500, refusal(500, "InternalServerException", "Failed to save model: slip.mar"))
+    assert (slipped.status_code, slipped.json()) == (
+        500,
+        refusal(500, "InternalServerException", "Failed to save model: slip.mar"),
+    )
     assert not (java_tmpdir(server) / escape).exists()
     assert registered(server) == []
 
 
 @pytest.mark.integration
-def test_a_java_tag_in_an_archives_model_config_builds_nothing(bare_server: tuple[Server, Path], tmp_path: Path) -> None:
+def test_a_java_tag_in_an_archives_model_config_builds_nothing(
+    bare_server: tuple[Server, Path], tmp_path: Path
+) -> None:
     """CVE-2022-1471 as ShellTorch used it: the frontend reads an archive's model-config.yaml with SnakeYAML, whose 1.x
     would build the FileOutputStream the tag names, creating the file. 2.x refuses the tag, and TorchServe registers
     the archive with its default settings."""
     server, store = bare_server
     built = tmp_path / "built-by-snakeyaml"
-    write_archive(store / "tagged.mar", "tagged", {"model-config.yaml": f'batchSize: !!java.io.FileOutputStream ["{built}"]\n'})
+    write_archive(
+        store / "tagged.mar", "tagged", {"model-config.yaml": f'batchSize: !!java.io.FileOutputStream ["{built}"]\n'}
+    )
     response = register(server, "tagged.mar")
     try:
         assert (response.status_code, response.json()) == (200, {"status": REGISTERED.format(name="tagged")})
@@ -362,7 +422,13 @@ def test_a_java_tag_in_an_archives_model_config_builds_nothing(bare_server: tupl
 def test_security_md_maps_every_published_cve_to_tests_that_exist() -> None:
     """A renamed or removed test must not leave SECURITY.md's CVE table pointing at nothing."""
     rows = re.findall(r"^\| (CVE-\d{4}-\d+) .*\| (.*) \|$", (ROOT / "SECURITY.md").read_text(), re.MULTILINE)
-    assert [cve for cve, _ in rows] == ["CVE-2023-43654", "CVE-2022-1471", "CVE-2023-48299", "CVE-2024-35198", "CVE-2024-35199"]
+    assert [cve for cve, _ in rows] == [
+        "CVE-2023-43654",
+        "CVE-2022-1471",
+        "CVE-2023-48299",
+        "CVE-2024-35198",
+        "CVE-2024-35199",
+    ]
     missing = []
     for cve, tests in rows:
         named = re.findall(r"`(test_\w+\.py)::(test_\w+)(?:\[([\w-]+)\])?`", tests)

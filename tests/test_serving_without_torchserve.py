@@ -19,7 +19,17 @@ from tests.fixture_reference import assert_answers, expected_answers
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "serving-without-torchserve.md"
 # The keys of our JSON answer, in order, as the page names them.
-ANSWER_KEYS = ["format", "ensemble", "version", "policy", "answered_by", "predictions", "members", "provenance", "warning"]
+ANSWER_KEYS = [
+    "format",
+    "ensemble",
+    "version",
+    "policy",
+    "answered_by",
+    "predictions",
+    "members",
+    "provenance",
+    "warning",
+]
 RUN_TIMEOUT_S = 300
 
 
@@ -44,7 +54,12 @@ def test_the_documented_example_answers_as_torchserve_would(test_store: Path, tm
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocker.parent), str(ROOT)])}
     run = subprocess.run(
         [sys.executable, str(script), str(test_store / "trio.mar"), *map(str, paths)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, check=False,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+        check=False,
     )
     assert run.returncode == 0, run.stderr
     lines = [line.split(" ", 1) for line in run.stdout.splitlines()]
@@ -52,7 +67,11 @@ def test_the_documented_example_answers_as_torchserve_would(test_store: Path, tm
     for (_, printed), data in zip(lines, images, strict=True):
         body = json.loads(printed)
         assert list(body) == ANSWER_KEYS
-        assert (body["ensemble"], body["version"], body["answered_by"]) == ("trio", "2.1", ["mobile", "pool_rgb", "pool_gray"])
+        assert (body["ensemble"], body["version"], body["answered_by"]) == (
+            "trio",
+            "2.1",
+            ["mobile", "pool_rgb", "pool_gray"],
+        )
         assert_answers(body["predictions"], expected_answers(test_store, "trio", [data]))
 
 
@@ -68,4 +87,8 @@ def test_extracting_a_zip_slip_entry_keeps_it_inside(tmp_path: Path) -> None:
         slip.writestr("../escaped.txt", "escaped")
     with zipfile.ZipFile(archive) as slip:
         slip.extractall(tmp_path / "folder")
-    assert sorted(str(path.relative_to(tmp_path)) for path in tmp_path.rglob("*")) == ["folder", "folder/escaped.txt", "slip.mar"]
+    assert sorted(str(path.relative_to(tmp_path)) for path in tmp_path.rglob("*")) == [
+        "folder",
+        "folder/escaped.txt",
+        "slip.mar",
+    ]

@@ -57,23 +57,108 @@ HEADER = "{{'descr': '{descr}', 'fortran_order': {fortran}, 'shape': {shape}, }}
 @pytest.mark.parametrize(
     ("body", "error", "message"),
     [
-        pytest.param(b"not npy at all", RequestError, "not a .npy file: the body does not start with the \\x93NUMPY magic", id="no-magic"),
-        pytest.param(b"\x93NUMPY\x09\x00\x10\x00", RequestError, ".npy format version 9 is not supported; send version 1, 2 or 3", id="version"),
-        pytest.param(npy_bytes(GOOD)[:20], RequestError, ".npy header of 118 bytes is truncated or longer than 4096", id="truncated-header"),
-        pytest.param(npy_with_header("__import__('os')"), RequestError, ".npy header is not a Python literal: malformed node or string on line 1: <ast.Call object at", id="header-code"),
-        pytest.param(npy_with_header("{'descr': '<f4', 'shape': (2, 3, 4)}"), RequestError, ".npy header must hold exactly 'descr', 'fortran_order' and 'shape'", id="header-keys"),
-        pytest.param(npy_with_header(HEADER.format(descr="<f4", fortran=False, shape="(2, -3, 4)")), RequestError, ".npy shape (2, -3, 4) is not a tuple of non-negative integers", id="negative-dim"),
-        pytest.param(npy_bytes(GOOD.astype(">f4")), RequestError, ".npy dtype '>f4' is not supported; send little-endian float32 ('<f4'), '<f8' or '<f2'", id="big-endian"),
-        pytest.param(npy_with_header(HEADER.format(descr="|O", fortran=False, shape="(2, 3, 4)")), RequestError, ".npy dtype '|O' is not supported; send little-endian float32 ('<f4'), '<f8' or '<f2'", id="object-pickle"),
-        pytest.param(npy_bytes(GOOD.astype(numpy.int64)), RequestError, ".npy dtype '<i8' is not supported; send little-endian float32 ('<f4'), '<f8' or '<f2'", id="int64"),
-        pytest.param(npy_with_header(HEADER.format(descr="<f4", fortran=True, shape="(2, 3, 4)"), GOOD.tobytes()), RequestError, ".npy array is in Fortran order; send a C-ordered array", id="fortran"),
-        pytest.param(npy_bytes(numpy.zeros((2, 4, 3), numpy.float32)), RequestError, "array of shape [2, 4, 3]; expected [N, 3, 4]", id="wrong-shape"),
-        pytest.param(npy_bytes(numpy.zeros((0, 3, 4), numpy.float32)), RequestError, "the request carried no instance", id="zero-instances"),
-        pytest.param(npy_bytes(numpy.zeros((6, 3, 4), numpy.float32)), PayloadTooLarge, "6 instances in one request; this ensemble accepts at most 5", id="too-many"),
-        pytest.param(npy_bytes(GOOD)[:-4], RequestError, ".npy data holds 92 bytes; shape [2, 3, 4] of <f4 needs 96", id="data-short"),
-        pytest.param(npy_bytes(GOOD) + b"\0", RequestError, ".npy data holds 97 bytes; shape [2, 3, 4] of <f4 needs 96", id="data-long"),
-        pytest.param(npy_bytes(numpy.full((1, 3, 4), numpy.nan, numpy.float32)), RequestError, "instances contain NaN or infinite values", id="nan"),
-        pytest.param(npy_bytes(numpy.full((1, 3, 4), numpy.inf, numpy.float32)), RequestError, "instances contain NaN or infinite values", id="inf"),
+        pytest.param(
+            b"not npy at all",
+            RequestError,
+            "not a .npy file: the body does not start with the \\x93NUMPY magic",
+            id="no-magic",
+        ),
+        pytest.param(
+            b"\x93NUMPY\x09\x00\x10\x00",
+            RequestError,
+            ".npy format version 9 is not supported; send version 1, 2 or 3",
+            id="version",
+        ),
+        pytest.param(
+            npy_bytes(GOOD)[:20],
+            RequestError,
+            ".npy header of 118 bytes is truncated or longer than 4096",
+            id="truncated-header",
+        ),
+        pytest.param(
+            npy_with_header("__import__('os')"),
+            RequestError,
+            ".npy header is not a Python literal: malformed node or string on line 1: <ast.Call object at",
+            id="header-code",
+        ),
+        pytest.param(
+            npy_with_header("{'descr': '<f4', 'shape': (2, 3, 4)}"),
+            RequestError,
+            ".npy header must hold exactly 'descr', 'fortran_order' and 'shape'",
+            id="header-keys",
+        ),
+        pytest.param(
+            npy_with_header(HEADER.format(descr="<f4", fortran=False, shape="(2, -3, 4)")),
+            RequestError,
+            ".npy shape (2, -3, 4) is not a tuple of non-negative integers",
+            id="negative-dim",
+        ),
+        pytest.param(
+            npy_bytes(GOOD.astype(">f4")),
+            RequestError,
+            ".npy dtype '>f4' is not supported; send little-endian float32 ('<f4'), '<f8' or '<f2'",
+            id="big-endian",
+        ),
+        pytest.param(
+            npy_with_header(HEADER.format(descr="|O", fortran=False, shape="(2, 3, 4)")),
+            RequestError,
+            ".npy dtype '|O' is not supported; send little-endian float32 ('<f4'), '<f8' or '<f2'",
+            id="object-pickle",
+        ),
+        pytest.param(
+            npy_bytes(GOOD.astype(numpy.int64)),
+            RequestError,
+            ".npy dtype '<i8' is not supported; send little-endian float32 ('<f4'), '<f8' or '<f2'",
+            id="int64",
+        ),
+        pytest.param(
+            npy_with_header(HEADER.format(descr="<f4", fortran=True, shape="(2, 3, 4)"), GOOD.tobytes()),
+            RequestError,
+            ".npy array is in Fortran order; send a C-ordered array",
+            id="fortran",
+        ),
+        pytest.param(
+            npy_bytes(numpy.zeros((2, 4, 3), numpy.float32)),
+            RequestError,
+            "array of shape [2, 4, 3]; expected [N, 3, 4]",
+            id="wrong-shape",
+        ),
+        pytest.param(
+            npy_bytes(numpy.zeros((0, 3, 4), numpy.float32)),
+            RequestError,
+            "the request carried no instance",
+            id="zero-instances",
+        ),
+        pytest.param(
+            npy_bytes(numpy.zeros((6, 3, 4), numpy.float32)),
+            PayloadTooLarge,
+            "6 instances in one request; this ensemble accepts at most 5",
+            id="too-many",
+        ),
+        pytest.param(
+            npy_bytes(GOOD)[:-4],
+            RequestError,
+            ".npy data holds 92 bytes; shape [2, 3, 4] of <f4 needs 96",
+            id="data-short",
+        ),
+        pytest.param(
+            npy_bytes(GOOD) + b"\0",
+            RequestError,
+            ".npy data holds 97 bytes; shape [2, 3, 4] of <f4 needs 96",
+            id="data-long",
+        ),
+        pytest.param(
+            npy_bytes(numpy.full((1, 3, 4), numpy.nan, numpy.float32)),
+            RequestError,
+            "instances contain NaN or infinite values",
+            id="nan",
+        ),
+        pytest.param(
+            npy_bytes(numpy.full((1, 3, 4), numpy.inf, numpy.float32)),
+            RequestError,
+            "instances contain NaN or infinite values",
+            id="inf",
+        ),
     ],
 )
 def test_bad_npy_is_refused_with_a_clear_message(body: bytes, error: type[RequestError], message: str) -> None:
@@ -198,14 +283,48 @@ def test_json_instances_equal_npy_instances() -> None:
 @pytest.mark.parametrize(
     ("body", "error", "message"),
     [
-        pytest.param(b"{", RequestError, "malformed JSON body: Expecting property name enclosed in double quotes", id="not-json"),
-        pytest.param(b'{"data": []}', RequestError, 'wrong JSON shape: expected {"instances": [<instance>, ...]}', id="wrong-key"),
-        pytest.param(b'{"instances": [[[1, 2, 3, 4]], [[1]]]}', RequestError, "instances are not nested lists of numbers of one shape", id="ragged"),
-        pytest.param(b'{"instances": [[["a", 2, 3, 4]]]}', RequestError, "instances are not nested lists of numbers of one shape", id="strings"),
-        pytest.param(json.dumps({"instances": [0.5] * 12}).encode(), RequestError, "instances have shape [12]; expected [N, 3, 4]", id="flat"),
-        pytest.param(json.dumps({"instances": GOOD.transpose(0, 2, 1).tolist()}).encode(), RequestError, "array of shape [2, 4, 3]; expected [N, 3, 4]", id="transposed"),
-        pytest.param(json.dumps({"instances": instances(8, 6).tolist()}).encode(), PayloadTooLarge, "6 instances in one request; this ensemble accepts at most 5", id="too-many"),
-        pytest.param(b'{"instances": [[[NaN, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]]}', RequestError, "instances contain NaN or infinite values", id="nan-literal"),
+        pytest.param(
+            b"{", RequestError, "malformed JSON body: Expecting property name enclosed in double quotes", id="not-json"
+        ),
+        pytest.param(
+            b'{"data": []}', RequestError, 'wrong JSON shape: expected {"instances": [<instance>, ...]}', id="wrong-key"
+        ),
+        pytest.param(
+            b'{"instances": [[[1, 2, 3, 4]], [[1]]]}',
+            RequestError,
+            "instances are not nested lists of numbers of one shape",
+            id="ragged",
+        ),
+        pytest.param(
+            b'{"instances": [[["a", 2, 3, 4]]]}',
+            RequestError,
+            "instances are not nested lists of numbers of one shape",
+            id="strings",
+        ),
+        pytest.param(
+            json.dumps({"instances": [0.5] * 12}).encode(),
+            RequestError,
+            "instances have shape [12]; expected [N, 3, 4]",
+            id="flat",
+        ),
+        pytest.param(
+            json.dumps({"instances": GOOD.transpose(0, 2, 1).tolist()}).encode(),
+            RequestError,
+            "array of shape [2, 4, 3]; expected [N, 3, 4]",
+            id="transposed",
+        ),
+        pytest.param(
+            json.dumps({"instances": instances(8, 6).tolist()}).encode(),
+            PayloadTooLarge,
+            "6 instances in one request; this ensemble accepts at most 5",
+            id="too-many",
+        ),
+        pytest.param(
+            b'{"instances": [[[NaN, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]]}',
+            RequestError,
+            "instances contain NaN or infinite values",
+            id="nan-literal",
+        ),
         pytest.param(b'{"instances": []}', RequestError, "instances have shape [0]; expected [N, 3, 4]", id="empty"),
     ],
 )
@@ -219,10 +338,34 @@ def test_bad_json_instances_are_refused(body: bytes, error: type[RequestError], 
 @pytest.mark.parametrize(
     ("row", "headers", "error", "message"),
     [
-        pytest.param({"body": b"\x89PNG"}, {"Content-Type": "image/png"}, UnsupportedMediaType, "content type 'image/png': this ensemble takes tensors as application/x-npy", id="image"),
-        pytest.param({"body": b"x"}, {}, UnsupportedMediaType, "content type 'none': this ensemble takes tensors", id="no-content-type"),
-        pytest.param({"body": b""}, NPY, RequestError, "empty request body: send an application/x-npy array, JSON instances or a v2 request", id="empty"),
-        pytest.param({"body": npy_bytes(GOOD), "colour": b"red"}, NPY, RequestError, "unknown parameter(s) ['colour']; valid: policy, k, threshold, confidence, early_exit, members, top_k, sequence, min_run, uncertainty, and the body (over gRPC an input named body or data)", id="unknown-param"),
+        pytest.param(
+            {"body": b"\x89PNG"},
+            {"Content-Type": "image/png"},
+            UnsupportedMediaType,
+            "content type 'image/png': this ensemble takes tensors as application/x-npy",
+            id="image",
+        ),
+        pytest.param(
+            {"body": b"x"},
+            {},
+            UnsupportedMediaType,
+            "content type 'none': this ensemble takes tensors",
+            id="no-content-type",
+        ),
+        pytest.param(
+            {"body": b""},
+            NPY,
+            RequestError,
+            "empty request body: send an application/x-npy array, JSON instances or a v2 request",
+            id="empty",
+        ),
+        pytest.param(
+            {"body": npy_bytes(GOOD), "colour": b"red"},
+            NPY,
+            RequestError,
+            "unknown parameter(s) ['colour']; valid: policy, k, threshold, confidence, early_exit, members, top_k, sequence, min_run, uncertainty, and the body (over gRPC an input named body or data)",
+            id="unknown-param",
+        ),
     ],
 )
 def test_tensor_requests_need_a_tensor_content_type(
@@ -235,13 +378,17 @@ def test_tensor_requests_need_a_tensor_content_type(
 
 
 def test_tensor_request_carries_its_policy() -> None:
-    parsed = read_tensor_request({"body": npy_bytes(GOOD), "policy": b"max"}, {**NPY, "X-Ensemble-Threshold": "0.3"}, LIMITS, SPEC, ())
+    parsed = read_tensor_request(
+        {"body": npy_bytes(GOOD), "policy": b"max"}, {**NPY, "X-Ensemble-Threshold": "0.3"}, LIMITS, SPEC, ()
+    )
     assert dict(parsed.parameters) == {"policy": "max", "threshold": "0.3"}
     assert torch.equal(parsed.inputs, torch.from_numpy(GOOD))
 
 
 def test_json_instances_carry_parameters_in_the_body() -> None:
     body = json.dumps({"instances": GOOD.tolist(), "parameters": {"policy": "k_of_n", "k": 1}}).encode()
-    parsed = read_tensor_request({"body": body}, {"Content-Type": "application/json", "X-Ensemble-Policy": "k_of_n"}, LIMITS, SPEC, ())
+    parsed = read_tensor_request(
+        {"body": body}, {"Content-Type": "application/json", "X-Ensemble-Policy": "k_of_n"}, LIMITS, SPEC, ()
+    )
     assert dict(parsed.parameters) == {"policy": "k_of_n", "k": 1}
     assert torch.equal(parsed.inputs, torch.from_numpy(GOOD))

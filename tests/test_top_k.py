@@ -59,8 +59,13 @@ IMAGES = [image_bytes(seed) for seed in (31, 32, 33, 34, 35)]
 
 @pytest.mark.parametrize("policy", ["mean", "majority", "any", "max"], ids=str)
 @pytest.mark.parametrize("k", [1, 2, 3], ids=lambda k: f"k{k}")
-def test_top_follows_the_policys_ranking(trio: tuple[EnsembleHandler, Context], test_store: Path, policy: str, k: int) -> None:
-    rows = [({"body": image, "policy": policy.encode(), "top_k": str(k).encode()}, {"Content-Type": "image/png"}) for image in IMAGES]
+def test_top_follows_the_policys_ranking(
+    trio: tuple[EnsembleHandler, Context], test_store: Path, policy: str, k: int
+) -> None:
+    rows = [
+        ({"body": image, "policy": policy.encode(), "top_k": str(k).encode()}, {"Content-Type": "image/png"})
+        for image in IMAGES
+    ]
     replies = serve(*trio, rows)
     probs = probabilities(test_store, IMAGES)
     want = expected_top(probs, policy, k)
@@ -87,7 +92,9 @@ def test_top_follows_the_policys_ranking(trio: tuple[EnsembleHandler, Context], 
 def test_top_k_on_every_channel(trio: tuple[EnsembleHandler, Context], row: dict, headers: dict) -> None:
     image = IMAGES[0]
     if row.pop("json", False):
-        body = json.dumps({"instances": [{"b64": base64.b64encode(image).decode()}], "parameters": {"top_k": 2}}).encode()
+        body = json.dumps(
+            {"instances": [{"b64": base64.b64encode(image).decode()}], "parameters": {"top_k": 2}}
+        ).encode()
         request = ({"body": body}, {"Content-Type": "application/json", **headers})
     else:
         request = ({"body": image, **row}, {"Content-Type": "image/png", **headers})
@@ -95,7 +102,9 @@ def test_top_k_on_every_channel(trio: tuple[EnsembleHandler, Context], row: dict
     [(_, plain, _)] = serve(*trio, [({"body": image}, {"Content-Type": "image/png"})])
     assert status == 200
     assert len(body["predictions"][0]["top"]) == 2
-    assert plain["predictions"][0]["top"] == [{"label": plain["predictions"][0]["label"], "score": plain["predictions"][0]["score"]}]
+    assert plain["predictions"][0]["top"] == [
+        {"label": plain["predictions"][0]["label"], "score": plain["predictions"][0]["score"]}
+    ]
     assert body["predictions"][0]["top"][0]["label"] == plain["predictions"][0]["label"]
 
 
@@ -120,7 +129,10 @@ def test_top_k_is_for_multiclass_ensembles(test_store: Path, tmp_path: Path) -> 
 
 def v2_request(parameters: dict[str, Any], outputs: list[str] | None = None) -> tuple[dict[str, bytes], dict[str, str]]:
     data = [base64.b64encode(image).decode() for image in IMAGES[:3]]
-    doc: dict[str, Any] = {"inputs": [{"name": "images", "shape": [3], "datatype": "BYTES", "data": data}], "parameters": parameters}
+    doc: dict[str, Any] = {
+        "inputs": [{"name": "images", "shape": [3], "datatype": "BYTES", "data": data}],
+        "parameters": parameters,
+    }
     if outputs is not None:
         doc["outputs"] = [{"name": name} for name in outputs]
     return {"body": json.dumps(doc).encode()}, {"Content-Type": "application/json"}
@@ -147,11 +159,16 @@ def test_v2_top_k_adds_the_ranked_outputs(trio: tuple[EnsembleHandler, Context],
         pytest.param({}, ["top_labels"], ["top_labels"], id="asked-by-output-default-k"),
     ],
 )
-def test_v2_ranking_only_when_asked(trio: tuple[EnsembleHandler, Context], parameters: dict, outputs: list[str] | None, names: list[str] | None) -> None:
+def test_v2_ranking_only_when_asked(
+    trio: tuple[EnsembleHandler, Context], parameters: dict, outputs: list[str] | None, names: list[str] | None
+) -> None:
     [(status, body, _)] = serve(*trio, [v2_request(parameters, outputs)])
     assert status == 200
     if names is None:
         assert not {"top_labels", "top_scores"} & {o["name"] for o in body["outputs"]}
     else:
         assert [(o["name"], o["shape"]) for o in body["outputs"]] == [("top_labels", [3, 1])]
-        assert body["outputs"][0]["data"] == [serve(*trio, [({"body": image}, {"Content-Type": "image/png"})])[0][1]["predictions"][0]["label"] for image in IMAGES[:3]]
+        assert body["outputs"][0]["data"] == [
+            serve(*trio, [({"body": image}, {"Content-Type": "image/png"})])[0][1]["predictions"][0]["label"]
+            for image in IMAGES[:3]
+        ]

@@ -23,7 +23,9 @@ LIMITS = Limits()
 IMAGES = [decode_image(image_bytes(seed, size=(45, 38)), LIMITS) for seed in (51, 52, 53)]
 
 
-def spec_with(ensemble_yaml: Callable[..., Path], ensemble_tta: str, member_tta: dict[int, str] | None = None) -> EnsembleSpec:
+def spec_with(
+    ensemble_yaml: Callable[..., Path], ensemble_tta: str, member_tta: dict[int, str] | None = None
+) -> EnsembleSpec:
     path = ensemble_yaml()
     doc = yaml.safe_load(path.read_text())
     trio = doc["ensembles"]["trio"]
@@ -64,7 +66,9 @@ def test_views_are_the_resized_image_cut_and_mirrored(tta: str) -> None:
     assert rows.shape == (len(IMAGES) * spec.views, 3, 32, 28)
     assert spec.load_size == {"none": (32, 28), "hflip": (32, 28)}.get(tta, (37, 32))
     for i, image in enumerate(IMAGES):
-        torch.testing.assert_close(rows[i * spec.views : (i + 1) * spec.views], expected_views(image, spec), atol=1e-6, rtol=0)
+        torch.testing.assert_close(
+            rows[i * spec.views : (i + 1) * spec.views], expected_views(image, spec), atol=1e-6, rtol=0
+        )
 
 
 def test_specs_differing_only_in_views_share_one_resize() -> None:
@@ -82,10 +86,14 @@ def member_probabilities(spec: EnsembleSpec, index: int, images: list[Image.Imag
     module, _ = load_member(member, spec.base_dir)
     given = spec.member_input(member)
     with torch.inference_mode():
-        return torch.stack([
-            torch.stack([torch.softmax(module(view[None]), dim=-1)[0] for view in expected_views(image, given)]).double().mean(dim=0)
-            for image in images
-        ])  # fmt: skip
+        return torch.stack(
+            [
+                torch.stack([torch.softmax(module(view[None]), dim=-1)[0] for view in expected_views(image, given)])
+                .double()
+                .mean(dim=0)
+                for image in images
+            ]
+        )
 
 
 @pytest.mark.parametrize("tta", ["hflip", "five_crop", "ten_crop"], ids=str)
@@ -109,9 +117,15 @@ def test_one_member_with_its_own_views(ensemble_yaml: Callable[..., Path]) -> No
 @pytest.mark.parametrize("parallelism", [1, 2], ids=lambda p: f"threads{p}")
 def test_views_of_a_batch_split_back_per_request(ensemble_yaml: Callable[..., Path], parallelism: int) -> None:
     spec = spec_with(ensemble_yaml, "five_crop", {2: "hflip"})
-    ensemble = Ensemble.from_spec(replace(spec, batching=replace(spec.batching, micro_batch_size=3)), torch.device("cpu"), parallelism=parallelism)
+    ensemble = Ensemble.from_spec(
+        replace(spec, batching=replace(spec.batching, micro_batch_size=3)), torch.device("cpu"), parallelism=parallelism
+    )
     encoded = [image_bytes(seed, size=(45, 38)) for seed in (51, 52, 53)]
-    rows: list[dict[str, Any]] = [{"body": encoded[0], "members": b"pool_gray"}, {"body": encoded[1]}, {"body": encoded[2], "members": b"mobile"}]
+    rows: list[dict[str, Any]] = [
+        {"body": encoded[0], "members": b"pool_gray"},
+        {"body": encoded[1]},
+        {"body": encoded[2], "members": b"mobile"},
+    ]
     answer = ensemble.answer_batch([ensemble.prepare(row, {}) for row in rows])
     alone = [Ensemble.from_spec(spec, torch.device("cpu")).probabilities([image]) for image in IMAGES]
     for reply, probs, members in zip(answer.replies, alone, (["pool_gray"], None, ["mobile"]), strict=True):

@@ -7,16 +7,50 @@ from pathlib import Path
 
 import pytest
 
-from bench.tune import Candidate, MemberCost, Row, candidate_grid, markdown, noise, pick, update_batching, write_batching
+from bench.tune import (
+    Candidate,
+    MemberCost,
+    Row,
+    candidate_grid,
+    markdown,
+    noise,
+    pick,
+    update_batching,
+    write_batching,
+)
 from handlers.config.files import load_ensembles
 
 C1, C8, C2X16 = "c1 x1 image", "c8 x1 image", "c2 x16 images"
 
 # Shaped like the demo `shapes` (members cost about what TorchServe's round trip does) and like the
 # torchvision trio (members cost ten times the per-request work and two member threads scale almost fully).
-TINY = MemberCost(2, members_ms_b1=4.5, members_ms_b1_one_thread=6.5, per_image_ms_b8=1.8, per_image_ms_b8_one_thread=2.9, request_ms=0.8, transport_ms=2.2)
-BIG = MemberCost(2, members_ms_b1=35.0, members_ms_b1_one_thread=60.0, per_image_ms_b8=24.0, per_image_ms_b8_one_thread=55.0, request_ms=3.0, transport_ms=2.3)
-SINGLE_CORE = MemberCost(1, members_ms_b1=10.0, members_ms_b1_one_thread=10.0, per_image_ms_b8=8.0, per_image_ms_b8_one_thread=8.0, request_ms=1.0, transport_ms=2.0)
+TINY = MemberCost(
+    2,
+    members_ms_b1=4.5,
+    members_ms_b1_one_thread=6.5,
+    per_image_ms_b8=1.8,
+    per_image_ms_b8_one_thread=2.9,
+    request_ms=0.8,
+    transport_ms=2.2,
+)
+BIG = MemberCost(
+    2,
+    members_ms_b1=35.0,
+    members_ms_b1_one_thread=60.0,
+    per_image_ms_b8=24.0,
+    per_image_ms_b8_one_thread=55.0,
+    request_ms=3.0,
+    transport_ms=2.3,
+)
+SINGLE_CORE = MemberCost(
+    1,
+    members_ms_b1=10.0,
+    members_ms_b1_one_thread=10.0,
+    per_image_ms_b8=8.0,
+    per_image_ms_b8_one_thread=8.0,
+    request_ms=1.0,
+    transport_ms=2.0,
+)
 
 
 def c(workers: int, batch: int, delay: int) -> Candidate:
@@ -42,7 +76,14 @@ def c(workers: int, batch: int, delay: int) -> Candidate:
         ),
         (SINGLE_CORE, 30.0, [c(1, 1, 0), c(1, 8, 1), c(1, 8, 2), c(1, 8, 5)]),
     ],
-    ids=["tiny-members", "tiny-members-estimated-c1", "tiny-members-short-c1", "big-members", "big-members-scaling-threads", "one-core"],
+    ids=[
+        "tiny-members",
+        "tiny-members-estimated-c1",
+        "tiny-members-short-c1",
+        "big-members",
+        "big-members-scaling-threads",
+        "one-core",
+    ],
 )
 def test_candidate_grid(cost: MemberCost, c1_ms: float | None, expected: list[Candidate]) -> None:
     grid = candidate_grid(cost, clients=8, c1_ms=c1_ms)
@@ -56,11 +97,26 @@ def test_grid_notes_say_why() -> None:
     assert notes[1] == "delays 1, 2, 5 ms: at most 50% of c1 45.0 ms (measured), the shortest always"
 
 
-def row(candidate: Candidate, c1_p50: float, rates: tuple[float, float, float], *, errors: int = 0, mismatches: int = 0,
-        answered: int = 100, failure: str | None = None) -> Row:
+def row(
+    candidate: Candidate,
+    c1_p50: float,
+    rates: tuple[float, float, float],
+    *,
+    errors: int = 0,
+    mismatches: int = 0,
+    answered: int = 100,
+    failure: str | None = None,
+) -> Row:
     points = {
-        name: {"images_per_s": rate, "requests_per_s": rate, "p50_ms": c1_p50 if name == C1 else 40.0, "p99_ms": 60.0,
-               "errors": errors if name == C8 else 0, "mismatches": mismatches if name == C8 else 0, "requests": answered}
+        name: {
+            "images_per_s": rate,
+            "requests_per_s": rate,
+            "p50_ms": c1_p50 if name == C1 else 40.0,
+            "p99_ms": 60.0,
+            "errors": errors if name == C8 else 0,
+            "mismatches": mismatches if name == C8 else 0,
+            "requests": answered,
+        }
         for name, rate in zip((C1, C8, C2X16), rates, strict=True)
     }
     return Row(candidate, {} if failure else points, {C1: 100, C8: 100, C2X16: 100}, failure)
@@ -81,11 +137,17 @@ REF = c(1, 1, 0)
         # Exactly on the bound is eligible.
         ([row(ONE, 12.0, (80, 160, 450)), row(TWO, 18.0, (70, 220, 430))], TWO),
         # One error anywhere disqualifies, and a disqualified row's c1 does not set the bound.
-        ([row(REF, 8.0, (125, 300, 500), errors=1), row(ONE, 12.0, (80, 160, 450)), row(TWO, 14.0, (70, 220, 430))], TWO),
+        (
+            [row(REF, 8.0, (125, 300, 500), errors=1), row(ONE, 12.0, (80, 160, 450)), row(TWO, 14.0, (70, 220, 430))],
+            TWO,
+        ),
         ([row(REF, 8.0, (125, 300, 500), mismatches=2), row(ONE, 12.0, (80, 160, 450))], ONE),
         # Unanswered requests (a point's deadline) and failed builds disqualify.
         ([row(TWO, 12.0, (90, 300, 500), answered=99), row(ONE, 12.0, (80, 160, 450))], ONE),
-        ([row(TWO, 12.0, (90, 300, 500), failure="build or register failed: boom"), row(ONE, 12.0, (80, 160, 450))], ONE),
+        (
+            [row(TWO, 12.0, (90, 300, 500), failure="build or register failed: boom"), row(ONE, 12.0, (80, 160, 450))],
+            ONE,
+        ),
         # A qualified row with the best c1 tightens the bound for the rest: 10 ms x 1.5 = 15 < 16 ms.
         ([row(REF, 10.0, (100, 120, 400)), row(ONE, 12.0, (80, 160, 450)), row(TWO, 16.0, (70, 220, 430))], ONE),
         # Equal geometric means: lower c1 p50, then fewer workers, smaller batch, shorter delay.
@@ -95,9 +157,17 @@ REF = c(1, 1, 0)
         ([row(ONE, 12.0, (80, 160, 450), errors=3), row(TWO, 12.0, (80, 160, 450), failure="x")], None),
     ],
     ids=[
-        "throughput-within-bound", "latency-over-bound", "latency-on-bound", "error-disqualifies",
-        "mismatch-disqualifies", "unanswered-disqualifies", "failed-build-disqualifies", "best-c1-sets-bound",
-        "tie-lower-c1", "tie-fewer-workers-then-shorter-delay", "nothing-qualifies",
+        "throughput-within-bound",
+        "latency-over-bound",
+        "latency-on-bound",
+        "error-disqualifies",
+        "mismatch-disqualifies",
+        "unanswered-disqualifies",
+        "failed-build-disqualifies",
+        "best-c1-sets-bound",
+        "tie-lower-c1",
+        "tie-fewer-workers-then-shorter-delay",
+        "nothing-qualifies",
     ],
 )
 def test_pick(rows: list[Row], expected: Candidate | None) -> None:
@@ -122,7 +192,15 @@ def test_pick(rows: list[Row], expected: Candidate | None) -> None:
         # A current that is the best is recommended as it is.
         ([row(ONE, 12.0, (90, 230, 450)), row(TWO, 14.0, (70, 220, 430))], ONE),
     ],
-    ids=["kept-within-margin", "replaced-beyond-margin", "replaced-just-over-margin", "kept-just-under-margin", "current-over-latency-bound", "current-disqualified", "current-is-best"],
+    ids=[
+        "kept-within-margin",
+        "replaced-beyond-margin",
+        "replaced-just-over-margin",
+        "kept-just-under-margin",
+        "current-over-latency-bound",
+        "current-disqualified",
+        "current-is-best",
+    ],
 )
 def test_pick_keeps_the_current_within_the_margin(rows: list[Row], expected: Candidate) -> None:
     result = pick(rows, C1, current=ONE)
@@ -152,7 +230,11 @@ def test_noise(first: Row, again: Row | None, expected: float) -> None:
 
 
 def test_kept_current_verdicts() -> None:
-    result = pick([row(ONE, 12.0, (80, 160, 450)), row(TWO, 14.0, (70, 220, 430)), row(REF, 13.0, (60, 100, 300))], C1, current=ONE)
+    result = pick(
+        [row(ONE, 12.0, (80, 160, 450)), row(TWO, 14.0, (70, 220, 430)), row(REF, 13.0, (60, 100, 300))],
+        C1,
+        current=ONE,
+    )
     assert result.verdicts == {
         ONE: "**recommended**",
         TWO: "best, 1.05x: under the 1.10x that replaces the current",
@@ -165,7 +247,9 @@ def test_a_point_that_served_nothing() -> None:
     assert empty.geomean() == 0.0
     result = pick([empty, row(ONE, 12.0, (80, 160, 450))], C1, current=TWO)
     assert result.recommended is not None and result.recommended.candidate == ONE
-    assert "| 2 | 4 | 1 ms | 80.0 | 12.0 | 0.0 | 40.0 | 450.0 | 40.0 | 0.0 |  | 100, 0 | disqualified" in markdown([empty], result, TWO)
+    assert "| 2 | 4 | 1 ms | 80.0 | 12.0 | 0.0 | 40.0 | 450.0 | 40.0 | 0.0 |  | 100, 0 | disqualified" in markdown(
+        [empty], result, TWO
+    )
 
 
 def test_pick_verdicts_and_table() -> None:
@@ -181,7 +265,9 @@ def test_pick_verdicts_and_table() -> None:
     table = markdown(rows, result, current=ONE, repeat=again).splitlines()
     assert len(table) == 2 + len(rows) + 1
     assert table[-1].endswith("| 0, 0 | current, measured again: 1.10x the first |")
-    assert table[3].startswith("| 1 | 8 | 2 ms | 80.0 | 12.0 | 160.0 | 40.0 | 450.0 | 40.0 | 179.3 | 1.00x | 0, 0 | **recommended** (current) |")
+    assert table[3].startswith(
+        "| 1 | 8 | 2 ms | 80.0 | 12.0 | 160.0 | 40.0 | 450.0 | 40.0 | 179.3 | 1.00x | 0, 0 | **recommended** (current) |"
+    )
 
 
 ENSEMBLES = """\
@@ -249,7 +335,9 @@ def test_update_batching_replaces_only_the_values() -> None:
 def test_update_batching_adds_a_block_before_members() -> None:
     updated = update_batching(ENSEMBLES, "bare", {"workers": 2, "batch_size": 4, "max_batch_delay_ms": 1})
     block = "    batching:\n      workers: 2\n      batch_size: 4\n      max_batch_delay_ms: 1\n"
-    assert updated == ENSEMBLES.replace("    input: {size: [16, 16], color_mode: L}\n", "    input: {size: [16, 16], color_mode: L}\n" + block)
+    assert updated == ENSEMBLES.replace(
+        "    input: {size: [16, 16], color_mode: L}\n", "    input: {size: [16, 16], color_mode: L}\n" + block
+    )
 
 
 def test_update_batching_refuses_to_reformat() -> None:
@@ -265,12 +353,20 @@ def test_write_batching_on_a_copy(ensembles_file: Path) -> None:
     diff = write_batching(ensembles_file, "small", {"workers": 2, "batch_size": 4, "max_batch_delay_ms": 5})
     text = ensembles_file.read_text()
     assert [line for line in diff.splitlines() if line[:1] in "+-" and line[:3] not in ("---", "+++")] == [
-        "-      batch_size: 8", "-      max_batch_delay_ms: 2   # ms", "+      batch_size: 4", "+      max_batch_delay_ms: 5   # ms",
-        "-      workers: 1", "+      workers: 2",
+        "-      batch_size: 8",
+        "-      max_batch_delay_ms: 2   # ms",
+        "+      batch_size: 4",
+        "+      max_batch_delay_ms: 5   # ms",
+        "-      workers: 1",
+        "+      workers: 2",
     ]
     assert "# Top comment: kept as it is." in text and '"1.0"   # quoted on purpose' in text
     after = load_ensembles(ensembles_file)
-    assert (after["small"].batching.workers, after["small"].batching.batch_size, after["small"].batching.max_batch_delay_ms) == (2, 4, 5)
+    assert (
+        after["small"].batching.workers,
+        after["small"].batching.batch_size,
+        after["small"].batching.max_batch_delay_ms,
+    ) == (2, 4, 5)
     assert after["small"].batching.micro_batch_size == before["small"].batching.micro_batch_size
     assert after["bare"] == before["bare"]
     assert stat.S_IMODE(ensembles_file.stat().st_mode) == 0o640

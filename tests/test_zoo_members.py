@@ -29,7 +29,14 @@ LABELS = ["cat", "dog", "fox"]
 
 def write_one_member(folder: Path, name: str, size: int, member: dict, **ensemble: object) -> Path:
     """An ensembles.yaml declaring ensemble `name`: one member over LABELS at size x size; returns its path."""
-    declared = {"version": "1.0", "task": "multiclass", "labels": LABELS, "input": {"size": [size, size]}, **ensemble, "members": [member]}
+    declared = {
+        "version": "1.0",
+        "task": "multiclass",
+        "labels": LABELS,
+        "input": {"size": [size, size]},
+        **ensemble,
+        "members": [member],
+    }
     path = folder / "ensembles.yaml"
     path.write_text(yaml.safe_dump({"ensembles": {name: declared}}, sort_keys=False))
     return path
@@ -41,7 +48,12 @@ def write_timm_ensemble(folder: Path) -> tuple[Path, torch.nn.Module]:
     torch.manual_seed(3)
     published = randomize(timm.create_model("resnet10t", pretrained=False, num_classes=len(LABELS)), 3).eval()
     torch.save(published.state_dict(), folder / "resnet10t.pth")
-    member = {"name": "tiny_resnet", "arch": "timm:resnet10t", "kwargs": {"num_classes": len(LABELS)}, "weights": "resnet10t.pth"}
+    member = {
+        "name": "tiny_resnet",
+        "arch": "timm:resnet10t",
+        "kwargs": {"num_classes": len(LABELS)},
+        "weights": "resnet10t.pth",
+    }
     return write_one_member(folder, "zoo", 40, member, execution={"plan": "eager"}), published
 
 
@@ -71,8 +83,12 @@ def write_package_ensemble(folder: Path) -> tuple[Path, torch.nn.Module]:
     torch.manual_seed(4)
     published = randomize(torchvision.models.squeezenet1_1(num_classes=len(LABELS)), 4).eval()
     torch.save(published.state_dict(), folder / "squeeze.pth")
-    member = {"name": "squeeze", "arch": "torchvision.models.squeezenet:squeezenet1_1", "kwargs": {"num_classes": len(LABELS)},
-              "weights": "squeeze.pth"}  # fmt: skip
+    member = {
+        "name": "squeeze",
+        "arch": "torchvision.models.squeezenet:squeezenet1_1",
+        "kwargs": {"num_classes": len(LABELS)},
+        "weights": "squeeze.pth",
+    }
     return write_one_member(folder, "pkg", 48, member, execution={"plan": "eager"}), published
 
 
@@ -89,7 +105,10 @@ def test_a_package_member_is_pinned_to_its_distribution_and_served_with_its_own_
     path, archive, published = package_archive
     with zipfile.ZipFile(archive) as packed:
         member = json.loads(packed.read("ensemble.json"))["ensemble"]["members"][0]
-    assert (member["arch"], member["requires"]) == ("torchvision.models.squeezenet:squeezenet1_1", f"torchvision=={version('torchvision')}")
+    assert (member["arch"], member["requires"]) == (
+        "torchvision.models.squeezenet:squeezenet1_1",
+        f"torchvision=={version('torchvision')}",
+    )
     handler, context = load_handler(archive.parent, "pkg", tmp_path / "model")
     images = [image_bytes(seed, size=(50, 41)) for seed in (4, 5)]
     replies = serve(handler, context, [({"body": data}, {"Content-Type": "image/png"}) for data in images])
@@ -105,8 +124,14 @@ def test_a_package_member_is_pinned_to_its_distribution_and_served_with_its_own_
 @pytest.mark.parametrize(
     ("requires", "says"),
     [
-        pytest.param("torchvision==0.28.0", f"this environment has torchvision {version('torchvision')}", id="other-version"),
-        pytest.param("facenet-pytorch-nonexistent==2.6.0", "this environment does not have facenet-pytorch-nonexistent", id="missing"),
+        pytest.param(
+            "torchvision==0.28.0", f"this environment has torchvision {version('torchvision')}", id="other-version"
+        ),
+        pytest.param(
+            "facenet-pytorch-nonexistent==2.6.0",
+            "this environment does not have facenet-pytorch-nonexistent",
+            id="missing",
+        ),
     ],
 )
 def test_a_worker_without_the_pinned_package_refuses_with_the_pip_line(
@@ -132,8 +157,18 @@ def write_hugging_face_ensemble(folder: Path) -> tuple[Path, torch.nn.Module]:
 
     torch.manual_seed(6)
     order = ["fox", "cat", "dog"]
-    config = ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                       intermediate_size=64, num_labels=3, id2label=dict(enumerate(order)), label2id={label: i for i, label in enumerate(order)})
+    config = ViTConfig(
+        image_size=16,
+        patch_size=4,
+        num_channels=3,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=3,
+        id2label=dict(enumerate(order)),
+        label2id={label: i for i, label in enumerate(order)},
+    )
     published = ViTForImageClassification(config).eval()
     with torch.no_grad():
         published.classifier.weight.mul_(20.0)
@@ -145,7 +180,9 @@ def test_a_hugging_face_folder_is_served_with_its_logits_in_the_ensemble_label_o
     path, published = write_hugging_face_ensemble(tmp_path / "src")
     spec = load_ensembles(path)["hf"]
     assert (spec.members[0].labels, spec.members[0].weights, spec.members[0].requires) == (
-        ("fox", "cat", "dog"), "vit/model.safetensors", f"transformers=={version('transformers')}"
+        ("fox", "cat", "dog"),
+        "vit/model.safetensors",
+        f"transformers=={version('transformers')}",
     )
     archive = build_archive(spec, tmp_path / "store")
     with zipfile.ZipFile(archive) as packed:
@@ -155,7 +192,9 @@ def test_a_hugging_face_folder_is_served_with_its_logits_in_the_ensemble_label_o
     assert manifest["ensemble"]["members"][0]["output"] == {"select": "logits", "kind": "logits"}
     handler, context = load_handler(tmp_path / "store", "hf", tmp_path / "model")
     images = [image_bytes(seed, size=(20, 18)) for seed in (7, 8, 9)]
-    replies = serve(handler, context, [({"body": data, "top_k": b"3"}, {"Content-Type": "image/png"}) for data in images])
+    replies = serve(
+        handler, context, [({"body": data, "top_k": b"3"}, {"Content-Type": "image/png"}) for data in images]
+    )
     rows = batch_tensors([decode_image(data, spec.limits) for data in images], [spec.input])[spec.input]
     with torch.inference_mode():
         logits = published(rows).logits[:, [1, 2, 0]]  # fox, cat, dog -> cat, dog, fox
