@@ -205,7 +205,8 @@ class Ensemble:
         return BatchAnswer(replies, forward_seconds)
 
     def stages(self) -> tuple[tuple[int, ...], ...]:
-        """Member positions in the order members run when a policy stops early: cheapest first (`MemberRunner.stages`)."""
+        """Member positions in the order members run when a policy stops early: cheapest first
+        (`MemberRunner.stages`)."""
         return tuple(group.indices for group in self.runner.stages)
 
     def _settler(self, good: Sequence[PreparedRequest]) -> Callable[[torch.Tensor], list[tuple[int, ...]]]:
@@ -233,7 +234,8 @@ class Ensemble:
     def render(
         self, probs: torch.Tensor, policy: PolicySpec, *, members: Sequence[str] | None = None, top_k: int | None = None
     ) -> dict[str, Any]:
-        """The response body for one request's probabilities (every member's) under `policy`, from `members` (default all).
+        """The response body for one request's probabilities (every member's) under `policy`, from `members`
+        (default all).
 
         `top_k` defaults to the ensemble's, as for a request that does not name it.
         """

@@ -21,7 +21,8 @@ from ts.context import Context
 # 3 s of imports at every worker start, and a FutureWarning from torch 2.14. Our `openvino` plan runs the archived
 # ONNX through OpenVINO's runtime and never uses that backend, so its import is declined (TorchServe logs "OpenVINO
 # is not enabled", meaning that backend only).
-sys.modules.setdefault("openvino.torch", None)
+# None in sys.modules is the import system's documented way to decline a module; typeshed types only modules there.
+sys.modules.setdefault("openvino.torch", None)  # type: ignore[arg-type]
 from ts.torch_handler.base_handler import BaseHandler
 
 from handlers.ensemble import BatchAnswer, Ensemble, pick_device
@@ -33,7 +34,8 @@ from handlers.inputs.prepare import PreparedRequest
 logger = logging.getLogger(__name__)
 
 
-class EnsembleHandler(BaseHandler):
+# TorchServe ships no type information: its BaseHandler is Any to mypy.
+class EnsembleHandler(BaseHandler):  # type: ignore[misc]
     """Serves one ensemble archive: decode once, run every member, combine by policy, per request."""
 
     def initialize(self, context: Context) -> None:
@@ -66,7 +68,8 @@ class EnsembleHandler(BaseHandler):
         return [json.dumps(reply.body) for reply in replies]
 
     def explain_handle(self, data_preprocess: list[PreparedRequest | EnsembleError], raw_data: Any) -> list[str]:
-        """TorchServe routes a whole batch here when its first request came to /explanations: answer it as predictions."""
+        """TorchServe routes a whole batch here when its first request came to /explanations: answer it as
+        predictions."""
         return self.postprocess(self.inference(data_preprocess))
 
     def _count(self, answer: BatchAnswer) -> None:

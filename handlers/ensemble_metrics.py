@@ -65,13 +65,12 @@ def batch_counts(answer: BatchAnswer, *, members: Sequence[str], labels: Sequenc
         if reply.error is not None:
             counts["ensemble_errors_total", (reply.error,)] += 1
             continue
-        answered = (
-            reply.policy is not None and reply.votes is not None and reply.chosen is not None and reply.ran is not None
+        policy, votes, chosen, ran = reply.policy, reply.votes, reply.chosen, reply.ran
+        assert policy is not None and votes is not None and chosen is not None and ran is not None, (
+            "an answered reply carries its votes"
         )
-        assert answered, "an answered reply carries its votes"
         images += reply.images
-        counts["ensemble_requests_total", (reply.policy,)] += 1
-        votes, ran = reply.votes, reply.ran
+        counts["ensemble_requests_total", (policy,)] += 1
         for m, (member, ran_on) in enumerate(zip(reply.members, ran.sum(dim=1).tolist(), strict=True)):
             counts["ensemble_member_images_total", (member,)] += ran_on
             if ran_on < reply.images:
@@ -85,12 +84,14 @@ def batch_counts(answer: BatchAnswer, *, members: Sequence[str], labels: Sequenc
         if reply.deferred:
             counts["ensemble_deferrals_total", ()] += reply.deferred
         if single_label:
-            counts["ensemble_abstentions_total", ()] += int((~reply.chosen.any(dim=-1)).sum())
+            counts["ensemble_abstentions_total", ()] += int((~chosen.any(dim=-1)).sum())
     counts["ensemble_batches_total", ()] += 1
     counts["ensemble_batch_images_total", ()] += images
     counts["ensemble_images_total", ()] += images
     for member in members:
-        counts["ensemble_member_forward_seconds_total", (member,)] += answer.forward_seconds.get(member, 0.0)
+        seconds = answer.forward_seconds.get(member, 0.0)
+        # A Counter sums any number (its documentation says so); typeshed types its values int.
+        counts["ensemble_member_forward_seconds_total", (member,)] += seconds  # type: ignore[assignment]
     return counts
 
 
@@ -125,7 +126,8 @@ class EnsembleMetrics:
     def __init__(
         self, cache: Any, model_name: str, spec: EnsembleSpec, *, interval_s: float = FLUSH_INTERVAL_S
     ) -> None:
-        """`cache` is TorchServe's `context.metrics`; counters it does not declare, or declares with other labels, are skipped."""
+        """`cache` is TorchServe's `context.metrics`; counters it does not declare, or declares with other labels, are
+        skipped."""
         self._model_name = model_name
         self._members = [member.name for member in spec.members]
         self._labels = spec.labels

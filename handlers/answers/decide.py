@@ -81,7 +81,8 @@ class Decider:
     def settled(
         self, probs: torch.Tensor, policy: PolicySpec, members: tuple[int, ...], stages: Sequence[Sequence[int]]
     ) -> torch.Tensor:
-        """Per image, whether the members that ran so far (`probs` NaN for the others) settle its answer under `policy`."""
+        """Per image, whether the members that ran so far (`probs` NaN for the others) settle its answer under
+        `policy`."""
         return settled(probs[list(members)], self.votes(policy, members, stages))
 
     def votes(

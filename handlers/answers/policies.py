@@ -103,7 +103,8 @@ def member_votes(probs: torch.Tensor, votes: Votes) -> torch.Tensor:
 
 
 def settled(probs: torch.Tensor, votes: Votes) -> torch.Tensor:
-    """Per image, whether the members that ran (the others are NaN) settle the answer: members not run yet cannot change it.
+    """Per image, whether the members that ran (the others are NaN) settle the answer: members not run yet cannot
+    change it.
 
     For the votes it is exact: settled once k votes are in, or k can no longer be reached (multiclass: the
     leader has k votes and more than any other label could reach). For cascade: the running mean is confident.
@@ -144,11 +145,13 @@ def _k(votes: Votes, n: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
     """k per image and label for a vote over n members (`n` members score that label), shaped like `probs[0]`."""
     rule = POLICY_TABLE[votes.policy.name].k
     assert rule is not None, "only votes count against k"
-    return rule(n, votes.policy.k) + torch.zeros_like(probs[0], dtype=torch.long)
+    k: torch.Tensor = rule(n, votes.policy.k) + torch.zeros_like(probs[0], dtype=torch.long)
+    return k
 
 
 def _vote(probs: torch.Tensor, votes: Votes) -> Decision:
-    """A k-of-n vote (any, all, majority, k_of_n: the table says how k follows from n); k follows from n, the members that score each label (multilabel members may score some)."""
+    """A k-of-n vote (any, all, majority, k_of_n: the table says how k follows from n); k follows from n, the members
+    that score each label (multilabel members may score some)."""
     k = _k(votes, votes.members_scoring(probs), probs)
     counts = member_votes(probs, votes).sum(dim=0)
     share = counts.to(probs.dtype) / (~probs.isnan()).sum(dim=0)

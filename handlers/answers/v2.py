@@ -55,8 +55,8 @@ def render_v2(
             first = chosen.to(torch.uint8).argmax(dim=-1).tolist()
             picked = [labels[i] if any_on else "" for i, any_on in zip(first, chosen.any(dim=-1).tolist(), strict=True)]
             tensors[f"{prefix}label"] = _tensor(f"{prefix}label", "BYTES", [count], picked)
-        values = [round(v, digits) if v == v else None for v in scores.flatten().tolist()]
-        tensors[f"{prefix}scores"] = _tensor(f"{prefix}scores", "FP64", [count, len(labels)], values)
+        rounded = [round(v, digits) if v == v else None for v in scores.flatten().tolist()]
+        tensors[f"{prefix}scores"] = _tensor(f"{prefix}scores", "FP64", [count, len(labels)], rounded)
         if not prefix and top is not None:
             indices, best = top
             shape = list(indices.shape)

@@ -12,10 +12,12 @@ from __future__ import annotations
 import ast
 import importlib
 import json
+from collections.abc import Mapping
 from difflib import get_close_matches
 from functools import cache
 from importlib.metadata import PackageNotFoundError, packages_distributions, version
 from pathlib import Path
+from typing import Any
 
 from packaging.requirements import InvalidRequirement, Requirement
 
@@ -60,14 +62,15 @@ def check_arch(arch: str, base_dir: Path, check_files: bool = True) -> Arch:
     return parsed
 
 
-def hf_config(folder: Path) -> dict:
+def hf_config(folder: Path) -> dict[str, Any]:
     """A Hugging Face model folder's config.json, which must name its model_type (as save_pretrained writes it)."""
     path = folder / HF_CONFIG
     try:
         config = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         fail(
-            f"cannot read the Hugging Face config {path}: {e}; a transformers: member names a folder save_pretrained wrote"
+            f"cannot read the Hugging Face config {path}: {e}; "
+            "a transformers: member names a folder save_pretrained wrote"
         )
     if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
         fail(f"{path} names no model_type; a transformers: member names a folder save_pretrained wrote")
@@ -100,7 +103,8 @@ def requirement(arch: Arch, requires: str | None) -> str | None:
     if arch.kind in ("torchvision", "file"):
         if requires is not None:
             fail(
-                f"requires is for timm, transformers and package members; {arch.kind} members run code this project pins"
+                "requires is for timm, transformers and package members; "
+                f"{arch.kind} members run code this project pins"
             )
         return None
     if requires is None:
@@ -109,7 +113,8 @@ def requirement(arch: Arch, requires: str | None) -> str | None:
             return f"{distribution}=={version(distribution)}"
         except PackageNotFoundError:
             fail(
-                f"{arch.kind} members need {distribution}, which this environment does not have; install it: pip install {distribution}"
+                f"{arch.kind} members need {distribution}, which this environment does not have; "
+                f"install it: pip install {distribution}"
             )
     try:
         wanted = Requirement(requires)
@@ -153,5 +158,5 @@ def _distribution_of(top_level: str) -> str:
 
 
 @cache
-def _top_level_distributions() -> dict[str, list[str]]:
+def _top_level_distributions() -> Mapping[str, list[str]]:
     return packages_distributions()

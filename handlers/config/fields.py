@@ -1,8 +1,10 @@
 """Field kinds for the config models: pydantic constraints for the JSON Schema, checks that say what was expected.
 
-Each kind is `Annotated[type, Field(constraints), BeforeValidator(check)]`. The constraints go into
-ensembles.schema.json; the check runs first, so a wrong value is reported in the files' own words with
-the whole rule ("expected an integer from 1 to 1024, got 0"), not pydantic's one violated bound.
+Each kind is the metadata of an annotation, `Annotated[type, *kind(...)]`: `Field(constraints)` and then
+`BeforeValidator(check)`. The constraints go into ensembles.schema.json; the check runs first, so a wrong value is
+reported in the files' own words with the whole rule ("expected an integer from 1 to 1024, got 0"), not pydantic's
+one violated bound. A key that may be absent is `Annotated[type | None, *kind(...)]`: the default None is never
+checked, while a null written in a file fails the kind's check.
 A check fails with `fail(message, *at)`: `at` is a key path below the value checked, which the loader
 appends to pydantic's location, so a rule checked by a parent still names the child key that broke it.
 """
@@ -12,13 +14,16 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Sequence
-from typing import Annotated, Any, Literal, NoReturn, TypeVar, get_args
+from typing import Any, Literal, NoReturn, TypeGuard, TypeVar
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
-from pydantic_core import PydanticCustomError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, GetCoreSchemaHandler, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_core import CoreSchema, PydanticCustomError
 
 ERROR_TYPE = "config"
 T = TypeVar("T")
+# A kind's metadata: its constraints, then its check.
+Kind = tuple[FieldInfo, BeforeValidator]
 
 
 def fail(message: str, *at: str | int) -> NoReturn:
@@ -66,17 +71,25 @@ class Strict(BaseModel):
         return data
 
 
-def _kind(base: Any, check: Callable[[Any], Any], **constraints: Any) -> Any:
-    return Annotated[base, Field(**constraints), BeforeValidator(check)]
+def _kind(check: Callable[[Any], Any], **constraints: Any) -> Kind:
+    field: FieldInfo = Field(**constraints)
+    return field, BeforeValidator(check)
 
 
-def maybe(kind: Any) -> Any:
-    """`kind` or no key at all: the default None is never checked, while a null written in a file fails `kind`'s check."""
-    base, *metadata = get_args(kind)
-    return Annotated[(base | None, *metadata)]
+class LiteralOf:
+    """A `str` field validated, and described in the JSON Schema, as `Literal[*options]`: options known at run time.
+
+    It replaces the annotated type's schema, so it annotates `str`, never `str | None`.
+    """
+
+    def __init__(self, options: Sequence[str]) -> None:
+        self.options = tuple(options)
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
+        return handler(Literal[self.options])
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -88,12 +101,12 @@ def expect_integer(value: Any, low: int, high: int | None) -> int:
     return value
 
 
-def integer(low: int, high: int | None = None) -> Any:
+def integer(low: int, high: int | None = None) -> Kind:
     """An integer in [low, high]; without `high`, at least `low`."""
-    return _kind(int, lambda value: expect_integer(value, low, high), ge=low, le=high)
+    return _kind(lambda value: expect_integer(value, low, high), ge=low, le=high)
 
 
-def number(low: float, high: float, *, low_open: bool = False) -> Any:
+def number(low: float, high: float, *, low_open: bool = False) -> Kind:
     """A finite number in [low, high], or (low, high] with `low_open`."""
 
     def check(value: Any) -> Any:
@@ -103,10 +116,10 @@ def number(low: float, high: float, *, low_open: bool = False) -> Any:
         return value
 
     bounds = {"gt": low} if low_open else {"ge": low}
-    return _kind(float, check, le=high, allow_inf_nan=False, **bounds)
+    return _kind(check, le=high, allow_inf_nan=False, **bounds)
 
 
-def boolean() -> Any:
+def boolean() -> Kind:
     """true or false: YAML's yes/no strings and numbers are not booleans here."""
 
     def check(value: Any) -> Any:
@@ -114,11 +127,14 @@ def boolean() -> Any:
             fail(f"expected true or false, got {value!r}")
         return value
 
-    return _kind(bool, check)
+    return _kind(check)
 
 
-def choice(options: Sequence[str], *, unknown: str | None = None) -> Any:
-    """One of `options`; `unknown` names the thing in the message ("unknown image format 'XCF'; known: ...")."""
+def choice(options: Sequence[str], *, unknown: str | None = None) -> tuple[LiteralOf, FieldInfo, BeforeValidator]:
+    """One of `options`, annotating `str`.
+
+    `unknown` names the thing in the message ("unknown image format 'XCF'; known: ...").
+    """
 
     def check(value: Any) -> Any:
         if not isinstance(value, str) or value not in options:
@@ -127,10 +143,10 @@ def choice(options: Sequence[str], *, unknown: str | None = None) -> Any:
             fail(f"expected one of {', '.join(options)}, got {value!r}")
         return value
 
-    return _kind(Literal[tuple(options)], check)
+    return LiteralOf(options), *_kind(check)
 
 
-def text(pattern: str | None = None, what: str = "a string") -> Any:
+def text(pattern: str | None = None, what: str = "a string") -> Kind:
     """A non-empty string, matching `pattern` whole when given; `what` says what was expected."""
 
     def check(value: Any) -> Any:
@@ -138,10 +154,10 @@ def text(pattern: str | None = None, what: str = "a string") -> Any:
             fail(f"expected {what}, got {value!r}")
         return value
 
-    return _kind(str, check, min_length=1, pattern=None if pattern is None else f"^(?:{pattern})$")
+    return _kind(check, min_length=1, pattern=None if pattern is None else f"^(?:{pattern})$")
 
 
-def regex() -> Any:
+def regex() -> Kind:
     """A Python regular expression, compiled now so a typo fails the file, not a later load."""
 
     def check(value: Any) -> Any:
@@ -153,11 +169,13 @@ def regex() -> Any:
             fail(f"invalid regular expression {value!r}: {e}")
         return value
 
-    return _kind(str, check, min_length=1)
+    return _kind(check, min_length=1)
 
 
-def listed(item: Any, expected: str, *, min_len: int, max_len: int | None = None, echo: bool = True) -> Any:
-    """A list of `item`s, `min_len` to `max_len` long; `expected` is the whole phrase ('a list of 2 integers').
+def listed(expected: str, *, min_len: int, max_len: int | None = None, echo: bool = True) -> Kind:
+    """A list, annotating `tuple[item, ...]`, `min_len` to `max_len` long.
+
+    `expected` is the whole phrase ('a list of 2 integers').
 
     `echo=False` leaves the value out of the message: a list of mappings (members) would repeat half the file.
     """
@@ -167,17 +185,18 @@ def listed(item: Any, expected: str, *, min_len: int, max_len: int | None = None
             fail(f"expected {expected}" + (f", got {value!r}" if echo else ""))
         return value
 
-    # Lengths go to the JSON Schema only: as a core constraint pydantic would also report a list whose item failed as short.
+    # Lengths go to the JSON Schema only: as a core constraint pydantic would also report a list whose item failed as
+    # short.
     lengths = {"minItems": min_len} | ({} if max_len is None else {"maxItems": max_len})
-    return _kind(tuple[item, ...], check, json_schema_extra=lengths)
+    return _kind(check, json_schema_extra=lengths)
 
 
-def keyed(key: Any, value: Any, expected: str, *, min_len: int = 0) -> Any:
-    """A mapping with string keys (each a `key`) to `value`s, at least `min_len` of them."""
+def keyed(expected: str, *, min_len: int = 0) -> Kind:
+    """A mapping with string keys (annotating `dict[key, value]`), at least `min_len` of them."""
 
     def check(data: Any) -> Any:
         if not isinstance(data, dict) or len(data) < min_len or not all(isinstance(name, str) for name in data):
             fail(f"expected {expected}")
         return data
 
-    return _kind(dict[key, value], check, json_schema_extra={"minProperties": min_len} if min_len else None)
+    return _kind(check, json_schema_extra={"minProperties": min_len} if min_len else None)

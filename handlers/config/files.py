@@ -72,7 +72,8 @@ def _line(source: str, error: ErrorDetails) -> str:
 
 
 def key_path(loc: tuple[str | int, ...]) -> str:
-    """pydantic's location as the files' key path, `ensembles.shapes.members[2].arch` (without the `[key]` of a key's check)."""
+    """pydantic's location as the files' key path, `ensembles.shapes.members[2].arch` (without the `[key]` of a key's
+    check)."""
     path = ""
     for part in loc:
         if part == "[key]":

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Self
+from typing import Annotated, Any, Self, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -22,7 +22,7 @@ from pydantic import (
 )
 
 from handlers.config.archs import HF_WEIGHTS, check_arch, check_package_member, hf_labels, requirement
-from handlers.config.fields import Strict, choice, fail, keyed, listed, mapping, maybe, number, regex, text, within
+from handlers.config.fields import Strict, choice, fail, keyed, listed, mapping, number, regex, text, within
 from handlers.config.sections import ExecutionConfig, InputConfig
 from handlers.config.specs import (
     OUTPUT_KINDS,
@@ -40,9 +40,9 @@ SHA256 = r"[0-9a-f]{64}"
 DOTTED = r"[^.\s]+(\.[^.\s]+)*"
 
 
-def section(model: type[Strict]) -> Any:
-    """An optional section: absent is None, while a null written in the file is refused like any non-mapping."""
-    return maybe(Annotated[model, BeforeValidator(mapping)])
+SectionModel = TypeVar("SectionModel", bound=Strict)
+# An optional section: absent is None, while a null written in the file is refused like any non-mapping.
+Section = Annotated[SectionModel | None, BeforeValidator(mapping)]
 
 
 def _rename_pair(pair: Any) -> Any:
@@ -67,21 +67,29 @@ class StateDictConfig(Strict):
     """Where a member's weights sit inside its checkpoint and how their keys become the architecture's.
     Applied in order: `key`, `drop`, `strip_prefix`, `rename`. Absent: the file is the state_dict as is."""
 
-    key: maybe(text(DOTTED, "a dotted path such as state_dict or model.ema")) = Field(
+    key: Annotated[str | None, *text(DOTTED, "a dotted path such as state_dict or model.ema")] = Field(
         None,
         description="Dotted path to the weights inside a checkpoint dict, e.g. `state_dict` or `model.ema`. "
         "Default: the file itself.",
     )
-    drop: maybe(listed(regex(), "a list of at least 1 string(s)", min_len=1)) = Field(
+    drop: Annotated[
+        tuple[Annotated[str, *regex()], ...] | None, *listed("a list of at least 1 string(s)", min_len=1)
+    ] = Field(
         None,
         description="Python regular expressions searched in the file's own key names: matching keys are removed first. "
         "Default: none.",
     )
-    strip_prefix: maybe(listed(text(), "a list of at least 1 string(s)", min_len=1)) = Field(
+    strip_prefix: Annotated[
+        tuple[Annotated[str, *text()], ...] | None, *listed("a list of at least 1 string(s)", min_len=1)
+    ] = Field(
         None,
-        description="Prefixes, in order, each removed from every key that starts with it (e.g. `module.`). Default: none.",
+        description="Prefixes, in order, each removed from every key that starts with it (e.g. `module.`). "
+        "Default: none.",
     )
-    rename: maybe(listed(RenamePair, "a non-empty list of [regex, replacement] pairs", min_len=1, echo=False)) = Field(
+    rename: Annotated[
+        tuple[RenamePair, ...] | None,
+        *listed("a non-empty list of [regex, replacement] pairs", min_len=1, echo=False),
+    ] = Field(
         None,
         description="[regex, replacement] pairs, applied in order to every key with Python's re.sub. Default: none.",
     )
@@ -94,6 +102,8 @@ class StateDictConfig(Strict):
 
 def files_context(info: ValidationInfo) -> tuple[Path, bool]:
     """(the folder paths are relative to, whether the weights must exist) from the validation context."""
+    if info.context is None:
+        raise TypeError("validated without a context: it names base_dir and check_files")
     return info.context["base_dir"], info.context["check_files"]
 
 
@@ -127,20 +137,22 @@ SELECT_SCHEMA = {
         },
     ]
 }
-SelectPath = Annotated[tuple[int | str, ...], BeforeValidator(_select_path), WithJsonSchema(SELECT_SCHEMA)]
+
+# Absent is None (the output itself), while a null written in the file fails _select_path like any other bad step.
+SelectPath = Annotated[tuple[int | str, ...] | None, BeforeValidator(_select_path), WithJsonSchema(SELECT_SCHEMA)]
 
 
 class OutputConfig(Strict):
     """Which part of the member's forward output holds its scores, and what they are. After selection, trailing
     dimensions of size 1 are dropped ([N, C, 1, 1] becomes [N, C]); the rest must be [N, the member's labels]."""
 
-    select: maybe(SelectPath) = Field(
+    select: SelectPath = Field(
         None,
         description="An integer indexes a tuple or list, a name picks a dict key or an attribute (a Hugging Face "
         "ModelOutput's `logits`), a list walks nested structures, e.g. `[0, logits]`. Default: the output itself, "
         "which must then be a tensor (for a transformers: member, `logits`).",
     )
-    kind: choice(OUTPUT_KINDS) = Field(
+    kind: Annotated[str, *choice(OUTPUT_KINDS)] = Field(
         "logits",
         description="`logits`: softmax (binary, multiclass) or sigmoid (multilabel) is applied. `probabilities`: the "
         "model applies its own, and its outputs are used as they are, never activated twice. Default: logits.",
@@ -159,54 +171,58 @@ def _distinct(labels: tuple[str, ...]) -> tuple[str, ...]:
 class MemberConfig(Strict):
     """One member: its architecture, constructor arguments and weights; input and execution override the ensemble's."""
 
-    name: text(NAME, f"a name matching {NAME}") = Field(
+    name: Annotated[str, *text(NAME, f"a name matching {NAME}")] = Field(
         description=f"The member's name, unique in the ensemble: {NAME}."
     )
-    arch: text() = Field(
+    arch: Annotated[str, *text()] = Field(
         description="`torchvision:<builder>` (checked against torchvision.models.list_models()), `timm:<model>` "
         "(checked against timm.list_models(), built with pretrained=False), `transformers:<path/to/folder>` (a Hugging "
         "Face image classifier as save_pretrained wrote it, built from its config.json), `<path/to/file.py>:<Class>` "
         "(relative to this file, parsed for the class, never run) or `<package.module>:<Name>` (a class or factory of "
         "an installed package)."
     )
-    weights: maybe(text()) = Field(
+    weights: Annotated[str | None, *text()] = Field(
         None,
         description="The checkpoint (.pt, .pth, .ckpt, .safetensors), relative to this file. Required, except for "
         "transformers: members, whose default is the folder's model.safetensors.",
     )
-    kwargs: keyed(str, Any, "a mapping of keyword argument names to values") = Field(
+    kwargs: Annotated[dict[str, Any], *keyed("a mapping of keyword argument names to values")] = Field(
         default_factory=dict, description="Keyword arguments for the architecture's constructor. Default: none."
     )
-    sha256: maybe(text(SHA256, "a lowercase hex sha256")) = Field(
+    sha256: Annotated[str | None, *text(SHA256, "a lowercase hex sha256")] = Field(
         None,
         description="The checkpoint's lowercase hex sha256: the build refuses a weights file with another digest. "
         "Default: not pinned.",
     )
-    weight: number(0.0, 1e6, low_open=True) = Field(
+    weight: Annotated[float, *number(0.0, 1e6, low_open=True)] = Field(
         1.0, description="The member's weight in the `mean` policy, above 0 and at most 1000000. Default: 1."
     )
-    input: section(InputConfig) = Field(
+    input: Section[InputConfig] = Field(
         None, description="Input keys that differ from the ensemble's (tta too). Default: the ensemble's input."
     )
     state_dict: StateDictConfig = Field(
         StateDictConfig(), description="How to read a checkpoint as published. Default: the file is the state_dict."
     )
-    execution: section(ExecutionConfig) = Field(
+    execution: Section[ExecutionConfig] = Field(
         None, description="Execution keys that differ from the ensemble's. Default: the ensemble's execution."
     )
-    output: section(OutputConfig) = Field(
+    output: Section[OutputConfig] = Field(
         None,
-        description="Where the scores are in the forward's output, and their kind. Default: the output is a tensor of logits.",
+        description="Where the scores are in the forward's output, and their kind. "
+        "Default: the output is a tensor of logits.",
     )
-    labels: maybe(Annotated[listed(text(), "a list of at least 1 string(s)", min_len=1), AfterValidator(_distinct)]) = (
-        Field(
-            None,
-            description="The member's outputs by name, in its own order, matched to the ensemble's labels by name: extra "
-            "outputs are dropped (binary, multiclass: the rest renormalised); in multilabel a member may cover some labels. "
-            "Default: the ensemble's labels (transformers: the config's id2label).",
-        )
+    labels: Annotated[
+        tuple[Annotated[str, *text()], ...] | None,
+        *listed("a list of at least 1 string(s)", min_len=1),
+        AfterValidator(_distinct),
+    ] = Field(
+        None,
+        description="The member's outputs by name, in its own order, matched to the ensemble's labels by name: extra "
+        "outputs are dropped (binary, multiclass: the rest renormalised); "
+        "in multilabel a member may cover some labels. "
+        "Default: the ensemble's labels (transformers: the config's id2label).",
     )
-    requires: maybe(text()) = Field(
+    requires: Annotated[str | None, *text()] = Field(
         None,
         description="timm, transformers and package members: the pip requirement their code comes from, e.g. "
         "`facenet-pytorch==2.6.0`, checked against the environment. Default: the installed distribution's version, "
@@ -242,12 +258,12 @@ class MemberConfig(Strict):
     def to_spec(self, ensemble_input: MemberInput, ensemble_execution: Execution) -> MemberSpec:
         """The member with its input and execution resolved against the ensemble's (None where they are equal)."""
         member_input = None
-        if self.input is not None:
+        if (given := self.input) is not None:
             if isinstance(ensemble_input, TensorSpec):
                 fail("members of a tensor-input ensemble share its input; remove this member's input", "input")
-            if self.input.type == "tensor":
+            if given.type == "tensor":
                 fail("only a whole ensemble takes tensor input; members of an image ensemble take images", "input")
-            member_input = within(("input",), lambda: self.input.over(ensemble_input))
+            member_input = within(("input",), lambda: given.over(ensemble_input))
         execution = None if self.execution is None else self.execution.over(ensemble_execution)
         default_output = (
             OutputSpec(select=("logits",)) if Arch.parse(self.arch).kind == "transformers" else OutputSpec()

@@ -88,7 +88,8 @@ POLICY_TABLE: Mapping[str, Policy] = {
             "cascade",
             "the weighted mean probability of the members that ran",
             takes_confidence=True,
-            early_exit_refused="cascade always runs members cheapest first and stops at its confidence; it takes no early_exit",
+            early_exit_refused="cascade always runs members cheapest first and stops at its confidence; "
+            "it takes no early_exit",
         ),
     )
 }

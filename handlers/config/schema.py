@@ -9,6 +9,7 @@ Checks that read files (model files, weights) take the folder and `check_files` 
 from __future__ import annotations
 
 import re
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 
@@ -16,7 +17,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationIn
 from pydantic.json_schema import GenerateJsonSchema, JsonSchemaMode, JsonSchemaValue
 from pydantic_core import core_schema
 
-from handlers.config.fields import Strict, choice, expect_integer, fail, integer, keyed, listed, maybe, text, within
+from handlers.config.fields import Strict, choice, expect_integer, fail, integer, keyed, listed, text, within
 from handlers.config.members import NAME, SHA256, MemberConfig, check_member_labels
 from handlers.config.policy import TASKS
 from handlers.config.sections import (
@@ -45,21 +46,23 @@ EnsembleName = Annotated[str, Field(pattern=f"^{NAME}$"), BeforeValidator(_ensem
 class EnsembleConfig(Strict):
     """One ensemble: built into model_store/<name>.mar and served as the TorchServe model <name>."""
 
-    version: text(VERSION, "a quoted version string like '1.0'") = Field(
+    version: Annotated[str, *text(VERSION, "a quoted version string like '1.0'")] = Field(
         description="The model version TorchServe registers, a quoted string such as '1.0'."
     )
-    task: choice(TASKS) = Field(
+    task: Annotated[str, *choice(TASKS)] = Field(
         description="`multiclass`: one label per answer (softmax). `binary`: two labels, a yes/no answer about "
         "`positive_label` (softmax over 2). `multilabel`: any number of labels per answer (sigmoid)."
     )
-    labels: listed(text(), "a list of at least 1 string(s)", min_len=1) = Field(
-        description="The members' output classes, in output order, without duplicates: exactly 2 for binary, "
-        "at least 2 for multiclass, at least 1 for multilabel."
+    labels: Annotated[tuple[Annotated[str, *text()], ...], *listed("a list of at least 1 string(s)", min_len=1)] = (
+        Field(
+            description="The members' output classes, in output order, without duplicates: exactly 2 for binary, "
+            "at least 2 for multiclass, at least 1 for multilabel."
+        )
     )
-    positive_label: maybe(text()) = Field(
+    positive_label: Annotated[str | None, *text()] = Field(
         None, description="Binary only, and required there: the label a yes answer means."
     )
-    top_k: maybe(integer(1)) = Field(
+    top_k: Annotated[int | None, *integer(1)] = Field(
         None,
         description="Multiclass only: how many labels each answer's `top` ranks, 1 to the label count. Default: 1.",
     )
@@ -68,10 +71,11 @@ class EnsembleConfig(Strict):
     )
     defer: DeferConfig = Field(
         DeferConfig(),
-        description="Thresholds on the answer's uncertainty (docs: policies, When the members disagree): an answer beyond "
-        "any of them becomes `label: null` with `deferred: true` and the reason. Default: never defer.",
+        description="Thresholds on the answer's uncertainty (docs: policies, When the members disagree): "
+        "an answer beyond any of them becomes `label: null` with `deferred: true` and the reason. "
+        "Default: never defer.",
     )
-    consistency: choice(CONSISTENCY) = Field(
+    consistency: Annotated[str, *choice(CONSISTENCY)] = Field(
         "fast",
         description="`fast`: rows per forward call follow the load. `batch_invariant`: one row per call, so an image's "
         "answer is bit-identical whatever shares its batch (slower). Default: fast.",
@@ -93,7 +97,7 @@ class EnsembleConfig(Strict):
     execution: ExecutionConfig = Field(
         ExecutionConfig(), description="How members' forward calls run. Default: each key's default."
     )
-    members: listed(MemberConfig, "a non-empty list of members", min_len=1, echo=False) = Field(
+    members: Annotated[tuple[MemberConfig, ...], *listed("a non-empty list of members", min_len=1, echo=False)] = Field(
         description="The models of the ensemble, at least one, with unique names."
     )
 
@@ -169,7 +173,7 @@ class EnsembleConfig(Strict):
         ensemble_input = within(("input",), self.input.ensemble_input)
         execution = self.execution.over(Execution())
         members = tuple(
-            within(("members", i), lambda: member.to_spec(ensemble_input, execution))
+            within(("members", i), partial(member.to_spec, ensemble_input, execution))
             for i, member in enumerate(self.members)
         )
         names = [member.name for member in members]
@@ -202,7 +206,9 @@ class EnsemblesFile(Strict):
 
     model_config = ConfigDict(title="ensembles.yaml")
 
-    ensembles: keyed(EnsembleName, EnsembleConfig, "a mapping of ensemble names to ensembles", min_len=1) = Field(
+    ensembles: Annotated[
+        dict[EnsembleName, EnsembleConfig], *keyed("a mapping of ensemble names to ensembles", min_len=1)
+    ] = Field(
         description=f"Ensembles by name; a name is the TorchServe model name: {NAME}.",
         json_schema_extra={"propertyNames": {"pattern": f"^{NAME}$"}},
     )
@@ -223,14 +229,17 @@ class ManifestFile(Strict):
     format: Annotated[Literal[2], BeforeValidator(_manifest_format)] = Field(description="The manifest format, 2.")
     name: EnsembleName = Field(description="The ensemble's (and TorchServe model's) name.")
     ensemble: EnsembleConfig = Field(description="The ensemble as built, every default filled in.")
-    digests: keyed(str, text(SHA256, "a lowercase hex sha256"), "a mapping of archive paths to sha256 digests") = Field(
-        description="The sha256 of every file in the archive, by path."
+    digests: Annotated[
+        dict[str, Annotated[str, *text(SHA256, "a lowercase hex sha256")]],
+        *keyed("a mapping of archive paths to sha256 digests"),
+    ] = Field(description="The sha256 of every file in the archive, by path.")
+    build: Annotated[dict[str, Any], *keyed("a mapping")] = Field(
+        description="When and with which versions the archive was built."
     )
-    build: keyed(str, Any, "a mapping") = Field(description="When and with which versions the archive was built.")
-    sources: keyed(str, Any, "a mapping") = Field(
+    sources: Annotated[dict[str, Any], *keyed("a mapping")] = Field(
         description="Per member: the checkpoint it was built from and the rules applied."
     )
-    engines: keyed(str, Any, "a mapping") = Field(
+    engines: Annotated[dict[str, Any], *keyed("a mapping")] = Field(
         default_factory=dict,
         description="Per member: its ONNX export (file and exporter), or why the build could not export it.",
     )

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 from PIL import Image
 from pydantic import AfterValidator, Field, model_validator
 
-from handlers.config.fields import Strict, boolean, choice, fail, integer, listed, maybe, number, text
+from handlers.config.fields import Strict, boolean, choice, fail, integer, listed, number, text
 from handlers.config.policy import PolicySpec, policy_names, resolve_policy
 from handlers.config.specs import (
     CHANNELS,
@@ -50,62 +50,68 @@ class InputConfig(Strict):
     """How a request becomes member input: images resized and normalized, or float32 tensors of one shape.
     Under a member, every key given overrides the ensemble's input and the others are inherited."""
 
-    type: choice(INPUT_TYPES) = Field(
+    type: Annotated[str, *choice(INPUT_TYPES)] = Field(
         "image",
         description="`image`: requests carry images, turned into tensors by the keys below. `tensor`: requests carry "
         "float32 arrays of `shape` (a whole ensemble only; its members share it, and only `shape` goes with it). "
         "Default: image.",
     )
-    size: maybe(listed(integer(8, 4096), "a list of 2 integers", min_len=2, max_len=2)) = Field(
+    size: Annotated[
+        tuple[Annotated[int, *integer(8, 4096)], ...] | None,
+        *listed("a list of 2 integers", min_len=2, max_len=2),
+    ] = Field(
         None,
         description="[height, width] in pixels, 8 to 4096 each, that every image is resized to. Required in an "
         "ensemble's image input; a member without it takes the ensemble's.",
     )
-    resize: choice(RESIZE_MODES) = Field(
+    resize: Annotated[str, *choice(RESIZE_MODES)] = Field(
         "stretch",
-        description="`stretch`: resize to `size`, ignoring the aspect ratio. `center_crop`: scale the shorter side to fit, "
-        "then cut the middle. Default: stretch (a member: the ensemble's).",
+        description="`stretch`: resize to `size`, ignoring the aspect ratio. "
+        "`center_crop`: scale the shorter side to fit, then cut the middle. "
+        "Default: stretch (a member: the ensemble's).",
     )
-    color_mode: choice(tuple(CHANNELS)) = Field(
+    color_mode: Annotated[str, *choice(tuple(CHANNELS))] = Field(
         "RGB",
         description="`RGB` (3 channels) or `L` (greyscale, 1 channel). Changing it resets `mean` and `std` to the "
         "mode's defaults unless they are given too. Default: RGB (a member: the ensemble's).",
     )
-    mean: maybe(listed(number(-10.0, 10.0), "a list of 1 to 3 numbers", min_len=1, max_len=3)) = Field(
+    mean: Annotated[
+        tuple[Annotated[float, *number(-10.0, 10.0)], ...] | None,
+        *listed("a list of 1 to 3 numbers", min_len=1, max_len=3),
+    ] = Field(
         None,
         description="Per-channel mean subtracted after scaling pixels to [0, 1], one number per channel (-10 to 10). "
         "Default: ImageNet's [0.485, 0.456, 0.406] for RGB, [0.5] for L.",
     )
-    std: maybe(listed(number(1e-6, 10.0), "a list of 1 to 3 numbers", min_len=1, max_len=3)) = Field(
+    std: Annotated[
+        tuple[Annotated[float, *number(1e-6, 10.0)], ...] | None,
+        *listed("a list of 1 to 3 numbers", min_len=1, max_len=3),
+    ] = Field(
         None,
         description="Per-channel standard deviation divided by after the mean, one number per channel (1e-6 to 10). "
         "Default: ImageNet's [0.229, 0.224, 0.225] for RGB, [0.5] for L.",
     )
-    tta: choice(tuple(TTA_VIEWS)) = Field(
+    tta: Annotated[str, *choice(tuple(TTA_VIEWS))] = Field(
         "none",
         description="Test-time augmentation: `none` (1 view), `hflip` (the image and its mirror, 2), `five_crop` "
         "(corners and centre cut from the image resized to size / 0.875, 5), `ten_crop` (those and the mirror's, 10). "
         "A member's probabilities are the mean over its views. Default: none (a member: the ensemble's).",
     )
-    shape: maybe(
-        Annotated[
-            listed(
-                integer(1, MAX_TENSOR_ELEMENTS),
-                f"a list of 1 to {MAX_TENSOR_DIMS} integers",
-                min_len=1,
-                max_len=MAX_TENSOR_DIMS,
-            ),
-            AfterValidator(_at_most_elements),
-        ]
-    ) = Field(
+    shape: Annotated[
+        tuple[Annotated[int, *integer(1, MAX_TENSOR_ELEMENTS)], ...] | None,
+        *listed(f"a list of 1 to {MAX_TENSOR_DIMS} integers", min_len=1, max_len=MAX_TENSOR_DIMS),
+        AfterValidator(_at_most_elements),
+    ] = Field(
         None,
-        description=f"Tensor input only, and required there: the shape of one instance, 1 to {MAX_TENSOR_DIMS} dimensions "
+        description="Tensor input only, and required there: "
+        f"the shape of one instance, 1 to {MAX_TENSOR_DIMS} dimensions "
         f"of at most {MAX_TENSOR_ELEMENTS} elements in all. Members receive [N, *shape] float32.",
     )
 
     @classmethod
     def allowed_keys(cls, data: dict[Any, Any]) -> tuple[list[str], list[str]]:
-        """Tensor input takes `type` and `shape`; image input every key but `shape`; an unknown type is named by its own check."""
+        """Tensor input takes `type` and `shape`; image input every key but `shape`; an unknown type is named by its
+        own check."""
         kind = data.get("type", "image")
         if kind == "tensor":
             return TENSOR_KEYS, ["shape"]
@@ -116,8 +122,13 @@ class InputConfig(Strict):
     def ensemble_input(self) -> MemberInput:
         """The ensemble's own input; the ensemble has already insisted on `size` for images."""
         if self.type == "tensor":
+            if self.shape is None:
+                fail("missing key 'shape'")
             return TensorSpec(shape=self.shape)
-        return self.over(InputSpec(size=self.size))
+        if self.size is None:
+            fail("missing key 'size'")
+        height, width = self.size
+        return self.over(InputSpec(size=(height, width)))
 
     def over(self, base: InputSpec) -> InputSpec:
         """`base` with the keys this mapping gives; a new color_mode brings its own mean and std unless given."""
@@ -141,30 +152,31 @@ class InputConfig(Strict):
 class ExecutionConfig(Strict):
     """How members' forward calls run. Under a member, every key given overrides the ensemble's."""
 
-    plan: choice(PLANS) = Field(
+    plan: Annotated[str, *choice(PLANS)] = Field(
         Execution().plan,
         description="`auto`: chosen when a worker starts by measuring every candidate verified against eager. "
         "A fixed plan (eager, channels_last, frozen, frozen_channels_last, compiled) is verified the same way and "
         "refused if it does not reproduce eager. Default: auto (a member: the ensemble's).",
     )
-    compile: boolean() = Field(
+    compile: Annotated[bool, *boolean()] = Field(
         Execution().compile,
         description="Let `auto` also try torch.compile, which costs seconds to minutes per member at every worker "
         "start. Default: false (a member: the ensemble's).",
     )
-    precision: choice(PRECISIONS) = Field(
+    precision: Annotated[str, *choice(PRECISIONS)] = Field(
         Execution().precision,
         description="fp32, or a lossy precision, opt-in: bf16 (OpenVINO's bf16 inference) or int8 (static "
         "quantisation by ONNX Runtime's quantiser). A lossy precision needs plan: auto and `calibration`; the build "
         "refuses it when its labels agree with fp32 on fewer calibration images than `min_agreement`. A CPU without "
-        "AVX-512 BF16 / AMX (bf16) or VNNI / AMX (int8) serves fp32 and logs why. Default: fp32 (a member: the ensemble's).",
+        "AVX-512 BF16 / AMX (bf16) or VNNI / AMX (int8) serves fp32 and logs why. "
+        "Default: fp32 (a member: the ensemble's).",
     )
-    calibration: maybe(text()) = Field(
+    calibration: Annotated[str | None, *text()] = Field(
         Execution().calibration,
         description="A folder of images (relative to ensembles.yaml) a lossy precision is calibrated and measured on, "
         "preprocessed as requests are. Default: none (a member: the ensemble's).",
     )
-    min_agreement: number(0.0, 1.0) = Field(
+    min_agreement: Annotated[float, *number(0.0, 1.0)] = Field(
         Execution().min_agreement,
         description="The fraction of calibration images whose labels a lossy precision must give as fp32 does. "
         "Default: 0.99 (a member: the ensemble's).",
@@ -174,7 +186,8 @@ class ExecutionConfig(Strict):
     def _lossy_needs_auto(self) -> ExecutionConfig:
         if self.precision != "fp32" and self.plan != "auto":
             fail(
-                f"precision {self.precision} runs on the engines measured for it: leave plan at auto, not {self.plan!r}",
+                f"precision {self.precision} runs on the engines measured for it: "
+                f"leave plan at auto, not {self.plan!r}",
                 "plan",
             )
         return self
@@ -187,16 +200,19 @@ class ExecutionConfig(Strict):
 class LimitsConfig(Strict):
     """What one request may carry."""
 
-    max_images_per_request: integer(1, 4096) = Field(
+    max_images_per_request: Annotated[int, *integer(1, 4096)] = Field(
         Limits().max_images_per_request,
         description="Images (or tensor instances) one request may carry, 1 to 4096. Default: 64.",
     )
-    max_image_pixels: integer(64, Image.MAX_IMAGE_PIXELS or 200_000_000) = Field(
+    max_image_pixels: Annotated[int, *integer(64, Image.MAX_IMAGE_PIXELS or 200_000_000)] = Field(
         Limits().max_image_pixels,
         description="Pixels (width x height) one image may have, read from its header before decoding; at most "
         "Pillow's own bomb limit. Default: 16000000.",
     )
-    formats: listed(choice(KNOWN_FORMATS, unknown="image format"), "a list of at least 1 string(s)", min_len=1) = Field(
+    formats: Annotated[
+        tuple[Annotated[str, *choice(KNOWN_FORMATS, unknown="image format")], ...],
+        *listed("a list of at least 1 string(s)", min_len=1),
+    ] = Field(
         DEFAULT_FORMATS,
         description=f"Image formats accepted, of {', '.join(KNOWN_FORMATS)} (GIF: the first frame). "
         f"Default: {', '.join(DEFAULT_FORMATS)}.",
@@ -213,27 +229,27 @@ class LimitsConfig(Strict):
 class BatchingConfig(Strict):
     """TorchServe's batching and workers for the archive, and rows per member forward call."""
 
-    batch_size: integer(1, 1024) = Field(
+    batch_size: Annotated[int, *integer(1, 1024)] = Field(
         Batching().batch_size, description="TorchServe batchSize: requests handled together, 1 to 1024. Default: 8."
     )
-    max_batch_delay_ms: integer(0, 10_000) = Field(
+    max_batch_delay_ms: Annotated[int, *integer(0, 10_000)] = Field(
         Batching().max_batch_delay_ms,
         description="TorchServe maxBatchDelay in milliseconds, 0 to 10000, that a batch waits to fill (0 is not "
         "'no wait': TorchServe then waits about 100 ms). Default: 2.",
     )
-    micro_batch_size: integer(1, 4096) = Field(
+    micro_batch_size: Annotated[int, *integer(1, 4096)] = Field(
         Batching().micro_batch_size,
         description="At most this many rows (images, or their test-time views) per member forward call, 1 to 4096. "
         "Default: 32.",
     )
-    workers: integer(1, 64) = Field(
+    workers: Annotated[int, *integer(1, 64)] = Field(
         Batching().workers,
         description="TorchServe workers (min = max), 1 to 64; each runs cores / workers member threads. Default: 1.",
     )
-    response_timeout_s: integer(1, 3600) = Field(
+    response_timeout_s: Annotated[int, *integer(1, 3600)] = Field(
         Batching().response_timeout_s, description="TorchServe responseTimeout in seconds, 1 to 3600. Default: 60."
     )
-    fuse_members: boolean() = Field(
+    fuse_members: Annotated[bool, *boolean()] = Field(
         Batching().fuse_members, description="Run members of the same architecture in one vmap call. Default: false."
     )
 
@@ -244,16 +260,16 @@ class BatchingConfig(Strict):
 class DeferConfig(Strict):
     """When an answer goes to a person instead: a threshold per uncertainty measure (nats; vote_margin a share)."""
 
-    entropy: maybe(number(0.0, 100.0)) = Field(
+    entropy: Annotated[float | None, *number(0.0, 100.0)] = Field(
         None, description="Defer when the mean distribution's entropy is above it."
     )
-    expected_entropy: maybe(number(0.0, 100.0)) = Field(
+    expected_entropy: Annotated[float | None, *number(0.0, 100.0)] = Field(
         None, description="Defer when the weighted mean of the members' entropies is above it."
     )
-    mutual_information: maybe(number(0.0, 100.0)) = Field(
+    mutual_information: Annotated[float | None, *number(0.0, 100.0)] = Field(
         None, description="Defer when the members disagree by more than it: entropy minus expected_entropy."
     )
-    vote_margin: maybe(number(0.0, 1.0)) = Field(
+    vote_margin: Annotated[float | None, *number(0.0, 1.0)] = Field(
         None, description="Defer when the top vote share minus the second is below it."
     )
 
@@ -264,20 +280,23 @@ class DeferConfig(Strict):
 class PolicyConfig(Strict):
     """The default policy combining the members' votes, and its parameters; a request may choose another."""
 
-    name: choice(tuple(policy_names())) = Field(description="The policy: " + ", ".join(policy_names()) + ".")
-    k: maybe(integer(1)) = Field(
+    name: Annotated[str, *choice(tuple(policy_names()))] = Field(
+        description="The policy: " + ", ".join(policy_names()) + "."
+    )
+    k: Annotated[int | None, *integer(1)] = Field(
         None, description="k_of_n only, and required there: members that must vote yes, 1 to the member count."
     )
-    threshold: maybe(number(0.0, 1.0)) = Field(
+    threshold: Annotated[float | None, *number(0.0, 1.0)] = Field(
         None,
         description="Binary and multilabel only: the probability, 0 to 1, from which a label is yes. Default: 0.5.",
     )
-    confidence: maybe(number(0.0, 1.0)) = Field(
+    confidence: Annotated[float | None, *number(0.0, 1.0)] = Field(
         None,
-        description="cascade only: members run cheapest first until the running weighted mean's top probability reaches "
-        "it (multilabel: every label's is at least it or at most 1 minus it). Default: 0.9.",
+        description="cascade only: members run cheapest first "
+        "until the running weighted mean's top probability reaches it "
+        "(multilabel: every label's is at least it or at most 1 minus it). Default: 0.9.",
     )
-    early_exit: maybe(boolean()) = Field(
+    early_exit: Annotated[bool | None, *boolean()] = Field(
         None,
         description="any, all, majority and k_of_n only: run members cheapest first and stop an image once its vote is "
         "settled; the labels are exactly those of running every member. Default: false.",

@@ -305,7 +305,8 @@ class EnsembleSpec:
         for execution in [data["execution"], *(member.get("execution") for member in data["members"])]:
             if execution is not None and execution["calibration"] is None:
                 del execution["calibration"]
-        return _lists(data)
+        as_json: dict[str, Any] = _lists(data)
+        return as_json
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.jit import TracerWarning  # type: ignore[attr-defined]  # torch.jit leaves it out of __all__
 
 from handlers.execution.outputs import largest_difference
 
@@ -72,7 +73,8 @@ class Export:
 def export_onnx(
     head: nn.Module, instance_shape: tuple[int, ...], path: Path, sizes: Sequence[int], cache: Path | None = None
 ) -> Export:
-    """Export `head` to `path` and prove it against eager at 1 row and at max(sizes); the first exporter that passes wins.
+    """Export `head` to `path` and prove it against eager at 1 row and at max(sizes); the first exporter that passes
+    wins.
 
     `cache` is a folder for this exact member (its key names its weights, head and input, the exporters' code and
     torch): an export found there is proven again instead of being redone, and a refusal is remembered.
@@ -222,7 +224,8 @@ def openvino_forward(
 
 @functools.cache
 def cpu_flags() -> frozenset[str]:
-    """This CPU's feature flags as Linux names them (read once per process); empty where /proc/cpuinfo cannot be read."""
+    """This CPU's feature flags as Linux names them (read once per process); empty where /proc/cpuinfo cannot be
+    read."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -267,7 +270,7 @@ def _export(head: nn.Module, instance_shape: tuple[int, ...], path: Path, *, dyn
             redirect_stderr(io.StringIO()),
         ):
             warnings.simplefilter("ignore")
-            warnings.simplefilter("always", torch.jit.TracerWarning)
+            warnings.simplefilter("always", TracerWarning)
             torch.onnx.export(
                 head,
                 (example,),
@@ -282,10 +285,11 @@ def _export(head: nn.Module, instance_shape: tuple[int, ...], path: Path, *, dyn
             )
     finally:
         quiet.setLevel(level)
-    unfaithful = [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
+    unfaithful = [w for w in caught if issubclass(w.category, TracerWarning)]
     if unfaithful:  # As for the frozen plan: data-dependent Python was traced into one branch.
         raise ValueError(
-            f"the trace may not hold for other inputs (data-dependent Python): {str(unfaithful[0].message).splitlines()[0]}"
+            "the trace may not hold for other inputs (data-dependent Python): "
+            f"{str(unfaithful[0].message).splitlines()[0]}"
         )
 
 

@@ -146,7 +146,8 @@ def _fused(indices: list[int], modules: list[nn.Module], spec: MemberInput) -> G
     template = copy.deepcopy(modules[0]).to("meta")
 
     def one(weights: dict[str, torch.Tensor], state: dict[str, torch.Tensor], batch: torch.Tensor) -> torch.Tensor:
-        return functional_call(template, (weights, state), (batch,))
+        probs: torch.Tensor = functional_call(template, (weights, state), (batch,))
+        return probs
 
     batched = torch.vmap(one, in_dims=(0, 0, None))
     return Group(spec=spec, indices=tuple(indices), run=lambda batch: batched(params, buffers, batch), fused=True)

@@ -34,6 +34,8 @@ Path = tuple[int | str, ...]
 class MemberHead(nn.Module):
     """A member whose forward returns probabilities [N, ensemble labels], whatever the model itself returns."""
 
+    columns: torch.Tensor  # a buffer: the member's output for each ensemble label (`outputs` where not covered)
+
     def __init__(
         self, module: nn.Module, output: OutputSpec, task: str, columns: Sequence[int | None], outputs: int
     ) -> None:
@@ -90,7 +92,8 @@ def fit_head(
     if not isinstance(scores, torch.Tensor) or squeeze_trailing(scores).shape != (PROBE_ROWS, len(own)):
         selected = f" (output.select {show_path(member.output.select)})" if member.output.select else ""
         raise MemberLoadError(
-            f"{where}: the scores{selected} are {describe(scores)} for a probe of {PROBE_ROWS} rows; its {len(own)} labels "
+            f"{where}: the scores{selected} are {describe(scores)} for a probe of {PROBE_ROWS} rows; "
+            f"its {len(own)} labels "
             f"need {shape} after trailing dimensions of size 1 are dropped{_proposals(returned, own, task)}"
         )
     _check_kind(where, squeeze_trailing(scores).float(), member.output.kind, task)
@@ -137,7 +140,8 @@ def squeeze_trailing(scores: torch.Tensor) -> torch.Tensor:
 
 
 def describe(value: Any) -> str:
-    """A structure's types and shapes, e.g. `tuple(Tensor[2, 4], Tensor[2, 10])` or `ImageClassifierOutput(logits=Tensor[2, 10])`."""
+    """A structure's types and shapes, e.g. `tuple(Tensor[2, 4], Tensor[2, 10])` or
+    `ImageClassifierOutput(logits=Tensor[2, 10])`."""
     if isinstance(value, torch.Tensor):
         return f"Tensor[{', '.join(str(size) for size in value.shape)}]"
     if isinstance(value, (tuple, list)):
@@ -145,7 +149,8 @@ def describe(value: Any) -> str:
     if isinstance(value, Mapping):
         return f"{type(value).__name__}({', '.join(f'{key}={describe(item)}' for key, item in value.items())})"
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return f"{type(value).__name__}({', '.join(f'{f.name}={describe(getattr(value, f.name))}' for f in dataclasses.fields(value))})"
+        fields = (f"{field.name}={describe(getattr(value, field.name))}" for field in dataclasses.fields(value))
+        return f"{type(value).__name__}({', '.join(fields)})"
     return type(value).__name__
 
 
@@ -208,7 +213,8 @@ def _tensor_paths(value: Any, path: Path = ()) -> Iterator[tuple[Path, torch.Ten
 
 
 def output_blocks(returned: Any, task: str) -> list[tuple[str, int]]:
-    """Every `output:` block that selects scores [N, C] from a structure (trailing size-1 dimensions dropped), with C."""
+    """Every `output:` block that selects scores [N, C] from a structure (trailing size-1 dimensions dropped), with
+    C."""
     blocks = []
     for path, tensor in _tensor_paths(returned):
         scores = squeeze_trailing(tensor)
@@ -222,5 +228,8 @@ def _proposals(returned: Any, labels: Sequence[str], task: str) -> str:
     """The `output:` blocks that would fit the member's labels, as the end of an error message."""
     fits = [block for block, count in output_blocks(returned, task) if count == len(labels)]
     if not fits:
-        return f"; no part of its output has the shape [N, {len(labels)}] its labels need (labels: names the member's own outputs)"
+        return (
+            f"; no part of its output has the shape [N, {len(labels)}] its labels need "
+            "(labels: names the member's own outputs)"
+        )
     return f"; each of these fits its {len(labels)} labels:\n  " + "\n  ".join(fits)

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.jit import TracerWarning  # type: ignore[attr-defined]  # torch.jit leaves it out of __all__
 
 from handlers.execution.engines import (
     OPENVINO_CACHE,
@@ -94,17 +95,18 @@ def _frozen(module: nn.Module, example: torch.Tensor, *, channels_last: bool) ->
         source = source.to(memory_format=torch.channels_last)
         example = example.contiguous(memory_format=torch.channels_last)
     with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", torch.jit.TracerWarning)
+        warnings.simplefilter("always", TracerWarning)
         # TorchScript is deprecated upstream in favour of torch.export, yet on CPUs it is still the fastest
         # verified plan for many members (docs/execution-plans.md); the plan is kept while that holds.
         warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=FutureWarning)
         try:
             with torch.no_grad():
-                traced = torch.jit.trace(source, example, check_trace=False)
+                # torch.jit.trace is unannotated.
+                traced = torch.jit.trace(source, example, check_trace=False)  # type: ignore[no-untyped-call]
                 frozen = torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
         except Exception as e:  # Tracing refuses dict outputs, some Python control flow, non-tensor arguments.
             raise PlanRejected(f"TorchScript trace failed: {type(e).__name__}: {e}") from e
-    unfaithful = [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
+    unfaithful = [w for w in caught if issubclass(w.category, TracerWarning)]
     if unfaithful:
         first = str(unfaithful[0].message).splitlines()[0]
         raise PlanRejected(f"the trace may not hold for other inputs (data-dependent Python): {first}")

@@ -96,7 +96,8 @@ class Choice:
             "measured_by": "another worker" if self.remembered else "this worker",
             "timed_as": {
                 "threads_at_once": self.concurrency,
-                "ms_per_call": "wall time of a round in which every thread calls the plan once on its own slice; best round",
+                "ms_per_call": "wall time of a round in which every thread calls the plan once on its own slice; "
+                "best round",
             },
             "precision": dict(self.precision),
         }
@@ -232,12 +233,16 @@ def _precision(execution: Execution, exported: Exported | None) -> tuple[dict[st
     if execution.precision == "fp32":
         return {"precision": "fp32"}, ()
     why = precision_unsupported(execution.precision)
-    if why is None and (exported is None or exported.measured is None):
-        why = f"the archive holds no measured {execution.precision} export (the build measures it; a spec loaded from ensembles.yaml has none)"
-    if why is not None:
-        logger.warning("served in fp32, not %s: %s", execution.precision, why)
-        return {"precision": "fp32", "fallback": why}, ()
-    return dict(exported.measured), LOSSY_PLANS[execution.precision]
+    measured = None if exported is None else exported.measured
+    if why is None and measured is not None:
+        return dict(measured), LOSSY_PLANS[execution.precision]
+    if why is None:
+        why = (
+            f"the archive holds no measured {execution.precision} export "
+            "(the build measures it; a spec loaded from ensembles.yaml has none)"
+        )
+    logger.warning("served in fp32, not %s: %s", execution.precision, why)
+    return {"precision": "fp32", "fallback": why}, ()
 
 
 def _reuse(

@@ -56,7 +56,8 @@ class Agreement:
 
 
 def calibration_rows(folder: Path, given: InputSpec, limits: Any) -> torch.Tensor:
-    """Every image in `folder` (sorted by name), decoded and preprocessed as a request's would be: [N * views, *input]."""
+    """Every image in `folder` (sorted by name), decoded and preprocessed as a request's would be:
+    [N * views, *input]."""
     if not folder.is_dir():
         raise ConfigError(
             f"execution.calibration: {folder} is not a folder; give a folder of images the member is meant to see"
@@ -82,7 +83,8 @@ def quantize_int8(onnx: Path, out: Path, rows: torch.Tensor) -> None:
     """Post-training static quantisation of `onnx` into `out`, calibrated on `rows` (ONNX Runtime's quantiser)."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
-    class Rows(CalibrationDataReader):
+    # onnxruntime ships no type information: its reader is Any to mypy.
+    class Rows(CalibrationDataReader):  # type: ignore[misc]
         def __init__(self) -> None:
             self.batches: Iterator[dict[str, Any]] = (
                 {"input": rows[i : i + 8].contiguous().numpy()} for i in range(0, min(len(rows), CALIBRATION_ROWS), 8)
@@ -107,8 +109,8 @@ def measure(
 ) -> Agreement:
     """Labels of `lossy` against fp32 eager on `rows` (averaged over each image's `views`, as served)."""
     with torch.inference_mode():
-        reference = _per_image(torch.cat([head(chunk) for chunk in rows.split(16)]), views)
-        got = _per_image(torch.cat([lossy(chunk) for chunk in rows.split(16)]), views)
+        reference = _per_image(torch.cat([head(chunk) for chunk in torch.split(rows, 16)]), views)
+        got = _per_image(torch.cat([lossy(chunk) for chunk in torch.split(rows, 16)]), views)
     same = labels(reference, task, threshold) == labels(got, task, threshold)
     agreeing = same.all(dim=1) if same.dim() > 1 else same
     return Agreement(precision, float(agreeing.float().mean()), largest_difference(got, reference), len(agreeing))
@@ -127,7 +129,8 @@ def refuse_below(agreement: Agreement, minimum: float, member: str) -> None:
         raise ConfigError(
             f"members {member!r}: precision {agreement.precision} agrees with fp32 on {agreement.agreement:.4f} of "
             f"{agreement.images} calibration images, below execution.min_agreement {minimum:g} (largest probability "
-            f"difference {agreement.largest_difference:.3g}); serve it in fp32, or lower min_agreement if that is acceptable"
+            f"difference {agreement.largest_difference:.3g}); "
+            "serve it in fp32, or lower min_agreement if that is acceptable"
         )
 
 

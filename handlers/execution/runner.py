@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from handlers.config.specs import EnsembleSpec, MemberInput
+from handlers.config.specs import EnsembleSpec, InputSpec, MemberInput
 from handlers.execution.groups import Group, PlanContext, plan_groups
 from handlers.execution.outputs import fit_head
 from handlers.execution.plan_forwards import Exported
@@ -168,24 +168,25 @@ class MemberRunner:
                         if position < len(stages) - 1:
                             wanted = settle(probs)
                 return probs
+            on_device: dict[MemberInput, torch.Tensor]
             if isinstance(inputs, torch.Tensor):
-                batches = {self.spec.input: inputs}
+                on_device = {self.spec.input: self._to_device(inputs)}
             else:
-                batches = batch_tensors(inputs, [group.spec for group in self.groups])
-            on_device = {spec: self._to_device(batch) for spec, batch in batches.items()}
+                batches = batch_tensors(inputs, [_image_spec(group.spec) for group in self.groups])
+                on_device = {spec: self._to_device(batch) for spec, batch in batches.items()}
             jobs = []
             for group in self.groups:
                 rows = _rows_needing(group.indices, wanted, count)
                 batch = on_device[group.spec]
                 if rows is not None:
-                    batch = batch.unflatten(0, (count, group.spec.views))[rows.to(batch.device)].flatten(0, 1)
+                    batch = torch.unflatten(batch, 0, (count, group.spec.views))[rows.to(batch.device)].flatten(0, 1)
                 jobs.append((group, rows, batch))
             self._run_groups(jobs, probs, forward_seconds)
             return probs
 
     @functools.cached_property
     def _staging(self) -> list[tuple[Group, float]]:
-        """The groups in the order early exit runs them, with their ms per call for one input: cheapest first, ties as declared.
+        """The groups in early exit's order, with their ms per call for one input: cheapest first, ties as declared.
 
         A member's cost is its plan's own timing for one input where `auto` measured it; other groups are
         timed here, once, when the first request that stops early arrives.
@@ -231,7 +232,8 @@ class MemberRunner:
         if isinstance(inputs, torch.Tensor):
             return self._to_device(inputs if rows is None else inputs[rows])
         picked = inputs if rows is None else [inputs[i] for i in rows.tolist()]
-        return self._to_device(batch_tensors(picked, [group.spec])[group.spec])
+        spec = _image_spec(group.spec)
+        return self._to_device(batch_tensors(picked, [spec])[spec])
 
     def _run_groups(
         self,
@@ -239,10 +241,10 @@ class MemberRunner:
         probs: torch.Tensor,
         forward_seconds: dict[str, float] | None,
     ) -> None:
-        """Each (group, rows, batch of those rows) in slices on the member threads; the scores go to `probs` at those rows."""
+        """Each (group, rows, batch of those rows) in slices on the member threads; scores go to `probs` at the rows."""
         tasks, calls = [], []
         for group, _, batch in jobs:
-            chunks = batch.split(self.spec.rows_per_call(len(batch), self.parallelism)) if len(batch) else ()
+            chunks = torch.split(batch, self.spec.rows_per_call(len(batch), self.parallelism)) if len(batch) else ()
             calls.append(len(chunks))
             tasks += [(group, chunk) for chunk in chunks]
         results = iter(self._map(self._run, tasks))
@@ -253,7 +255,7 @@ class MemberRunner:
             scores = torch.cat([part for part, _ in done], dim=1).to("cpu", torch.float64)
             views = group.spec.views
             if views > 1:
-                scores = scores.unflatten(1, (-1, views)).mean(dim=2)
+                scores = torch.unflatten(scores, 1, (-1, views)).mean(dim=2)
             members = torch.tensor(group.indices)
             if rows is None:
                 probs[members] = scores
@@ -318,3 +320,9 @@ def _rows_needing(group: Sequence[int], wanted: Sequence[Collection[int]] | None
         return None
     rows = [i for i, members in enumerate(wanted) if not set(group).isdisjoint(members)]
     return None if len(rows) == count else torch.tensor(rows, dtype=torch.long)
+
+
+def _image_spec(spec: MemberInput) -> InputSpec:
+    """A member's input where the request carries images: every member of an image ensemble takes images."""
+    assert isinstance(spec, InputSpec), "images go to the members of an image ensemble only"
+    return spec

@@ -20,7 +20,7 @@ from typing import Any
 
 from handlers.execution.groups import Group
 from handlers.execution.plan_timing import best_of_rounds
-from handlers.execution.plans import AUTO_PLANS, MIN_GAIN, fastest
+from handlers.execution.plans import AUTO_PLANS, MIN_GAIN, Choice, fastest
 
 PER_MEMBER = "per member"
 # A mix of plans must serve this much faster than the fastest uniform plan: a difference the worker's timing cannot
@@ -50,7 +50,8 @@ class Schedule:
             "ms_per_batch": {
                 name: {str(images): round(ms, 3) for images, ms in sizes.items()} for name, sizes in self.ms.items()
             },
-            "timed_as": "every member's slices of a batch of that many images on the member threads, as served; best round",
+            "timed_as": "every member's slices of a batch of that many images on the member threads, as served; "
+            "best round",
         }
 
 
@@ -60,21 +61,21 @@ def settle(groups: Sequence[Group], run: RunBatch, images: Sequence[int]) -> tup
 
     `run(groups, n)` serves one batch of `n` images through `groups` as the worker would.
     """
-    open_ = [i for i, group in enumerate(groups) if group.choice is not None and group.choice.candidates]
+    open_ = {i: group.choice for i, group in enumerate(groups) if group.choice is not None and group.choice.candidates}
     if not open_ or len(groups) < 2:
         return [group.settled() for group in groups], None
-    own = _estimate([groups[i] for i in open_], None)
+    own = _estimate(list(open_.values()), None)
     combinations, estimated = {PER_MEMBER: list(groups)}, {}
     for plan in AUTO_PLANS:
-        if not all(plan in groups[i].choice.candidates for i in open_):
+        if not all(plan in choice.candidates for choice in open_.values()):
             continue
-        estimated[f"all {plan}"] = round(_estimate([groups[i] for i in open_], plan) / own, 3)
-        if estimated[f"all {plan}"] <= WITHIN and not all(groups[i].choice.plan == plan for i in open_):
+        estimated[f"all {plan}"] = round(_estimate(list(open_.values()), plan) / own, 3)
+        if estimated[f"all {plan}"] <= WITHIN and not all(choice.plan == plan for choice in open_.values()):
             combinations[f"all {plan}"] = [
                 group.on_plan(plan) if i in open_ else group for i, group in enumerate(groups)
             ]
     ms = _time(combinations, run, images) if len(combinations) > 1 else {}
-    chosen = {groups[i].choice.plan for i in open_}
+    chosen = {choice.plan for choice in open_.values()}
     kept = _kept(ms, chosen.pop() if len(chosen) == 1 else None) if ms else PER_MEMBER
     return [group.settled() for group in combinations[kept]], Schedule(kept, ms, estimated)
 
@@ -92,9 +93,9 @@ def _kept(ms: dict[str, dict[int, float]], own: str | None) -> str:
     return f"all {plan}" if plan != own and per_member >= MIN_GAIN * uniform[plan] else PER_MEMBER
 
 
-def _estimate(groups: Sequence[Group], plan: str | None) -> float:
+def _estimate(choices: Sequence[Choice], plan: str | None) -> float:
     """The members' own ms per call on `plan` (None: each on its chosen plan), summed over members and timed sizes."""
-    return sum(sum(group.choice.ms[plan or group.choice.plan].values()) for group in groups)
+    return sum(sum(choice.ms[plan or choice.plan].values()) for choice in choices)
 
 
 def _time(combinations: dict[str, list[Group]], run: RunBatch, images: Sequence[int]) -> dict[str, dict[int, float]]:

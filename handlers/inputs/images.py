@@ -14,6 +14,7 @@ import io
 import re
 import warnings
 from collections.abc import Iterable, Sequence
+from typing import cast
 
 import torch
 from PIL import Image, ImageOps
@@ -79,7 +80,8 @@ def _rgb_or_gray(image: Image.Image, fmt: str | None) -> Image.Image:
     if mode in ("RGB", "L"):
         return image
     if mode.startswith("I"):
-        low, high = image.getextrema()
+        # One band: getextrema() is (lowest, highest), not one pair per band.
+        low, high = cast(tuple[float, float], image.getextrema())
         if low < 0 or high > WIDE_GRAY_MAX:
             raise InvalidImage(f"{fmt} image has {mode} pixels outside 0..{WIDE_GRAY_MAX}; send 8- or 16-bit images")
         return image.convert("I").point(lambda v: v / 257 + 0.5).convert("L")
@@ -105,7 +107,7 @@ def to_tensor(image: Image.Image, spec: InputSpec) -> torch.Tensor:
         image = image.crop((left, top, left + width, top + height))
     elif image.size != (width, height):
         image = image.resize((width, height), Image.Resampling.BILINEAR)
-    pixels = pil_to_tensor(image).to(torch.float32).div_(255.0)
+    pixels: torch.Tensor = pil_to_tensor(image).to(torch.float32).div_(255.0)
     mean = torch.tensor(spec.mean, dtype=torch.float32).view(-1, 1, 1)
     std = torch.tensor(spec.std, dtype=torch.float32).view(-1, 1, 1)
     return pixels.sub_(mean).div_(std)
@@ -123,7 +125,8 @@ def views(batch: torch.Tensor, spec: InputSpec) -> torch.Tensor:
 
 
 def batch_tensors(images: Sequence[Image.Image], specs: Iterable[InputSpec]) -> dict[InputSpec, torch.Tensor]:
-    """For each distinct spec, its rows [N * views, C, H, W]; each colour conversion (RGB <-> L) and each resize is done once."""
+    """For each distinct spec, its rows [N * views, C, H, W]; each colour conversion (RGB <-> L) and each resize is
+    done once."""
     distinct = list(dict.fromkeys(specs))
     modes = {spec.color_mode for spec in distinct}
     converted = {mode: [image if image.mode == mode else image.convert(mode) for image in images] for mode in modes}

@@ -182,7 +182,8 @@ class RequestParameters:
     `min_run` is set when the request is a `sequence`.
     """
 
-    policy: PolicySpec = parameter(*POLICY_PARAMETERS, read=_read_policy, describe=_describe_policy)
+    # parameter() is dataclasses.field(metadata=...) with no default: nothing is shared between instances.
+    policy: PolicySpec = parameter(*POLICY_PARAMETERS, read=_read_policy, describe=_describe_policy)  # noqa: RUF009
     members: tuple[int, ...] = parameter("members", read=read_members, describe=_describe_members)
     top_k: int | None = parameter("top_k", read=_read_top_k, describe=_describe_top_k)
     min_run: int | None = parameter("sequence", "min_run", read=_read_min_run, describe=_describe_sequence)

@@ -60,7 +60,8 @@ class PreparedRequest:
 
 
 class RequestPreparer:
-    """Turns one request into a PreparedRequest for `spec`, or raises a RequestError naming what is wrong and how to fix it."""
+    """Turns one request into a PreparedRequest for `spec`, or raises a RequestError naming what is wrong and how to
+    fix it."""
 
     def __init__(self, spec: EnsembleSpec, outputs: Sequence[str]) -> None:
         """`outputs` are the v2 output names a request may ask for."""
@@ -75,9 +76,8 @@ class RequestPreparer:
         else:
             request = read_request(row, headers, limits, self.outputs)
         with _errors_as(request.v2):
-            inputs = request.inputs
-            if not isinstance(inputs, torch.Tensor):
-                inputs = tuple(decode_image(data, limits) for data in inputs)
+            sent = request.inputs
+            inputs = sent if isinstance(sent, torch.Tensor) else tuple(decode_image(data, limits) for data in sent)
             context = ParameterContext(self.spec, request.v2.outputs if request.v2 else None, request.v2 is not None)
             parameters = RequestParameters.resolve(request.parameters, context)
             return PreparedRequest(inputs, parameters, request.v2, defaults_only=not request.parameters)

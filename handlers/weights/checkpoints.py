@@ -223,7 +223,8 @@ def forgiven_note(filled: tuple[str, ...], discarded: tuple[str, ...]) -> str:
     parts = []
     if filled:
         parts.append(
-            f"{len(filled)} {TRACKED} buffers filled with 0 (saved before PyTorch 0.4.1, as torch's strict loading does)"
+            f"{len(filled)} {TRACKED} buffers filled with 0 "
+            "(saved before PyTorch 0.4.1, as torch's strict loading does)"
         )
     if discarded:
         parts.append(f"{len(discarded)} {TRACKED} buffers of FrozenBatchNorm2d layers dropped (as torchvision does)")

@@ -89,24 +89,27 @@ def build_member(member: MemberSpec, base_dir: Path) -> nn.Module:
             f"member {member.name!r}: kwargs {asked} would make {arch.kind} load pretrained weights; "
             "remove them: a member's weights come only from its `weights:` file"
         )
+    built: nn.Module
     try:
         if arch.kind == "torchvision":
             builder = torchvision.models.get_model_builder(arch.name)
             backbone = {"weights_backbone": None} if "weights_backbone" in inspect.signature(builder).parameters else {}
-            return builder(weights=None, **backbone, **member.kwargs)
-        if arch.kind == "timm":
+            built = builder(weights=None, **backbone, **member.kwargs)
+        elif arch.kind == "timm":
             import timm
 
-            return timm.create_model(arch.name, pretrained=False, **member.kwargs)
-        if arch.kind == "transformers":
-            return _hugging_face_model(base_dir / arch.target, member.kwargs)
-        if arch.kind == "package":
-            return getattr(importlib.import_module(arch.target), arch.name)(**member.kwargs)
-        return getattr(_import_file(base_dir / arch.target), arch.name)(**member.kwargs)
+            built = timm.create_model(arch.name, pretrained=False, **member.kwargs)
+        elif arch.kind == "transformers":
+            built = _hugging_face_model(base_dir / arch.target, member.kwargs)
+        elif arch.kind == "package":
+            built = getattr(importlib.import_module(arch.target), arch.name)(**member.kwargs)
+        else:
+            built = getattr(_import_file(base_dir / arch.target), arch.name)(**member.kwargs)
     except Exception as e:  # Any failure to construct is reported against the member that caused it.
         raise MemberLoadError(
             f"member {member.name!r}: cannot build {member.arch} with {dict(member.kwargs)}: {e}"
         ) from e
+    return built
 
 
 def load_member(member: MemberSpec, base_dir: Path) -> tuple[nn.Module, Fitted]:
@@ -191,7 +194,7 @@ def _published_hugging_face_state(where: str, folder: Path, weights: Path) -> di
     """
     import transformers
 
-    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # transformers leaves it unannotated
     with tempfile.TemporaryDirectory() as folder_copy:
         shutil.copyfile(folder / HF_CONFIG, Path(folder_copy) / HF_CONFIG)
         (Path(folder_copy) / HF_WEIGHTS).symlink_to(weights.resolve())
@@ -201,7 +204,8 @@ def _published_hugging_face_state(where: str, folder: Path, weights: Path) -> di
     problems = {kind: sorted(map(str, keys))[:5] for kind, keys in info.items() if keys}
     if problems:
         raise MemberLoadError(f"{where}: the weights do not fit {folder / HF_CONFIG}: {problems}")
-    return model.state_dict()
+    state: dict[str, Any] = model.state_dict()
+    return state
 
 
 def _hugging_face_model(folder: Path, kwargs: Mapping[str, Any]) -> nn.Module:
@@ -209,7 +213,11 @@ def _hugging_face_model(folder: Path, kwargs: Mapping[str, Any]) -> nn.Module:
     import transformers
 
     config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
-    return transformers.AutoModelForImageClassification.from_config(config, **kwargs)
+    # transformers leaves from_config unannotated.
+    model: nn.Module = transformers.AutoModelForImageClassification.from_config(  # type: ignore[no-untyped-call]
+        config, **kwargs
+    )
+    return model
 
 
 def _import_file(path: Path) -> object:
