@@ -23,7 +23,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from urllib.parse import urlsplit
 import psutil
 import requests
 
+from archive_scripts.waiting import wait_for
 from handlers.config.files import load_ensembles, read_properties
 
 READY_TIMEOUT_S = 120
@@ -180,17 +180,18 @@ def start(server: Server, model_store: Path) -> None:
 
 
 def _wait_for_ping(server: Server) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
+    def healthy() -> bool:
+        if server.tokens and not (server.workdir / "key_file.json").exists():
+            return False
         try:
-            if not server.tokens or (server.workdir / "key_file.json").exists():
-                ping = requests.get(f"{server.inference}/ping", headers=server.headers("inference"), timeout=2)
-                if ping.ok:
-                    return
-        except (requests.ConnectionError, ValueError, KeyError):
-            pass
-        time.sleep(0.5)
-    raise SystemExit(f"TorchServe did not answer /ping within {READY_TIMEOUT_S}s; see {server.workdir / 'logs'}")
+            return requests.get(f"{server.inference}/ping", headers=server.headers("inference"), timeout=2).ok
+        except (requests.RequestException, ValueError, KeyError):  # Not listening yet, or too busy to answer in 2 s.
+            return False
+
+    try:
+        wait_for(healthy, "TorchServe answering /ping", READY_TIMEOUT_S, every_s=0.5)
+    except TimeoutError as e:
+        raise SystemExit(f"{e}; see {server.workdir / 'logs'}") from e
 
 
 def stop(server: Server) -> None:
@@ -239,22 +240,22 @@ def start_gateway(server: Server) -> None:
         )
     _STARTED[server.gateway_pid_file] = process
     server.gateway_pid_file.write_text(f"{process.pid}\n")
-    deadline = time.monotonic() + GATEWAY_TIMEOUT_S
-    while time.monotonic() < deadline:
+
+    def live() -> bool:
         if process.poll() is not None:
             stop_gateway(server)
             raise SystemExit(f"the gateway exited with {process.returncode}; see {log}")
         try:
-            if (
-                requests.get(f"{address}/v2/health/live", headers=server.headers("inference"), timeout=2).status_code
-                == 200
-            ):
-                return
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.1)
-    stop_gateway(server)
-    raise SystemExit(f"the gateway did not answer on {address} within {GATEWAY_TIMEOUT_S}s; see {log}")
+            url = f"{address}/v2/health/live"
+            return requests.get(url, headers=server.headers("inference"), timeout=2).status_code == 200
+        except requests.RequestException:  # Not listening yet, or too busy to answer in 2 s.
+            return False
+
+    try:
+        wait_for(live, f"the gateway answering on {address}", GATEWAY_TIMEOUT_S, every_s=0.1)
+    except TimeoutError as e:
+        stop_gateway(server)
+        raise SystemExit(f"{e}; see {log}") from e
 
 
 def stop_gateway(server: Server) -> bool:

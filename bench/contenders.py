@@ -37,6 +37,7 @@ import requests
 
 from archive_scripts.build_archives import build_archive
 from archive_scripts.torchserve_ctl import Server, private_server, register, start, stop
+from archive_scripts.waiting import wait_for
 from bench.archived import PLANS_ENV, every_member, with_member_plans
 from bench.loadgen import Labels, LoadPoint, Send, percentiles_ms
 from bench.reference import Answer, Expected, Gate, GateJudge
@@ -453,17 +454,15 @@ def gunicorn(model_dir: Path, plans: Mapping[str, str], setup: Setup) -> Iterato
 
 
 def _wait_for(url: str, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
+    def ready() -> bool:
         if process.poll() is not None:
             raise RuntimeError(f"gunicorn exited with {process.returncode}")
         try:
-            if requests.get(url, timeout=5).ok:
-                return
+            return requests.get(url, timeout=5).ok
         except requests.RequestException:  # Not listening yet, or its workers still loading.
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"{url} did not answer within 120 s")
+            return False
+
+    wait_for(ready, f"{url} answering", 120, every_s=0.5)
 
 
 @contextmanager
@@ -600,16 +599,14 @@ def _check_free(port: int, name: str) -> None:
 
 
 def _wait_ready(url: str, process: subprocess.Popen[bytes], name: str, log: Any, limit_s: float = 180) -> None:
-    deadline = time.monotonic() + limit_s
-    while time.monotonic() < deadline:
+    def ready() -> bool:
         if process.poll() is not None:
             log.seek(0)
             tail = log.read().decode(errors="replace")[-3000:]
             raise RuntimeError(f"{name} exited with {process.returncode} before it was ready:\n{tail}")
         try:
-            if requests.get(url, timeout=5).ok:
-                return
+            return requests.get(url, timeout=5).ok
         except requests.RequestException:  # Not listening yet, or the model not loaded yet.
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"{name}: {url} did not answer within {limit_s:.0f} s")
+            return False
+
+    wait_for(ready, f"{name}: {url} answering", limit_s, every_s=0.5)

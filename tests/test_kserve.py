@@ -28,6 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from archive_scripts.kserve_export import PROFILE, export
 from archive_scripts.torchserve_ctl import READY_TIMEOUT_S, Server, start, stop
+from archive_scripts.waiting import wait_for
 from handlers.config.files import load_ensembles, read_properties
 from handlers.errors import ConfigError
 from tests.conftest import image_bytes, source_spec
@@ -45,7 +46,6 @@ from tests.protocol_clients import (
     v2_as_predictions,
     v2_body,
 )
-from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parent.parent
@@ -131,7 +131,8 @@ def post_image(server: Server, seed: int) -> requests.Response:
 
 
 def wait_until_ready(server: Server, name: str) -> None:
-    """Wait for a READY worker: TorchServe registers the snapshot's models before /ping answers, but their workers load after."""
+    """Wait for a READY worker: TorchServe registers the snapshot's models before /ping answers, but their workers load
+    after."""
 
     def ready() -> bool:
         response = describe(server, name)
@@ -342,7 +343,8 @@ def test_tritonclient_health_through_the_gateway_without_a_token(
 
 
 def test_tritonclient_metadata_through_the_gateway(v2_client: triton.InferenceServerClient) -> None:
-    """Both APIs share TorchServe's port here, where it has no per-version describe route: the version is checked by the gateway."""
+    """Both APIs share TorchServe's port here, where it has no per-version describe route: the version is checked by the
+    gateway."""
     expected = model_metadata("trio", "2.1", IMAGES_INPUT, TRIO_OUTPUTS)
     assert v2_client.get_server_metadata() == SERVER_METADATA
     assert (v2_client.get_model_metadata("trio"), v2_client.get_model_metadata("trio", "2.1")) == (expected, expected)
@@ -458,7 +460,8 @@ def test_runtime_image_is_the_pinned_torchserve() -> None:
 
 
 def test_runtime_starts_torchserve_on_the_exported_layout(test_store: Path, tmp_path: Path) -> None:
-    """Every path the runtime hands TorchServe and the wrapper is one `make kserve` writes, once mounted at /mnt/models."""
+    """Every path the runtime hands TorchServe and the wrapper is one `make kserve` writes, once mounted at
+    /mnt/models."""
     layout = export(source_spec(test_store, "trio"), test_store, tmp_path)
     container = runtime_container()
     command, start_flag, *options = container["args"]
@@ -474,7 +477,8 @@ def test_runtime_starts_torchserve_on_the_exported_layout(test_store: Path, tmp_
 
 
 def test_only_the_scraped_metrics_listener_leaves_loopback() -> None:
-    """In the pod, TorchServe's APIs stay on loopback behind the wrapper; only the metrics port Prometheus scrapes is open."""
+    """In the pod, TorchServe's APIs stay on loopback behind the wrapper; only the metrics port Prometheus scrapes is
+    open."""
     found = listeners(read_properties(PROFILE))
     assert found == {
         "inference": ("127.0.0.1", 8085),

@@ -19,10 +19,10 @@ import requests
 import yaml
 from PIL import Image
 
+from archive_scripts.waiting import wait_for
 from handlers.config.files import read_properties
 from monitoring import prometheus_ctl, report
 from monitoring.prometheus_ctl import ALERTS, PROMTOOL, ROOT, Prometheus, PrometheusError, query, write_test_config
-from tests.waiting import wait_for
 
 # Starts a real Prometheus on 127.0.0.1 and runs promtool.
 pytestmark = pytest.mark.integration
@@ -335,7 +335,8 @@ def test_report_without_ensemble_series_draws_nothing(
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err.startswith(
-        f"no ensemble series in Prometheus at {prometheus.url} over the last 5 minutes (ModelName=~'.+'), so no picture was drawn."
+        f"no ensemble series in Prometheus at {prometheus.url} over the last 5 minutes (ModelName=~'.+'), so no "
+        "picture was drawn."
     )
 
 

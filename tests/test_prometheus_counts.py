@@ -18,12 +18,12 @@ import pytest
 import requests
 
 from archive_scripts.torchserve_ctl import Server, private_server, register, start, stop
+from archive_scripts.waiting import wait_for
 from monitoring import prometheus_ctl
 from monitoring.prometheus_ctl import Prometheus, query, write_test_config
 from tests.conftest import image_bytes
 from tests.fixture_reference import member_probabilities
 from tests.protocol_clients import v2_body
-from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 TIMEOUT = 60

@@ -41,6 +41,7 @@ from archive_scripts.torchserve_ctl import (
     stop,
     stop_gateway,
 )
+from archive_scripts.waiting import wait_for
 from tests.conftest import image_bytes, instances
 from tests.fixture_reference import assert_answers, expected_answers, labels_and_scores
 from tests.protocol_clients import (
@@ -57,7 +58,6 @@ from tests.protocol_clients import (
     v2_body,
     v2_labels,
 )
-from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 TIMEOUT = 60
@@ -241,7 +241,11 @@ def test_grpc_from_8_clients(
             {
                 "code": 400,
                 "type": "RequestError",
-                "message": "unknown parameter(s) ['image']; valid: policy, k, threshold, confidence, early_exit, members, top_k, sequence, min_run, uncertainty, and the body (over gRPC an input named body or data)",
+                "message": (
+                    "unknown parameter(s) ['image']; valid: policy, k, threshold, confidence, "
+                    "early_exit, members, top_k, sequence, min_run, uncertainty, and the body (over gRPC "
+                    "an input named body or data)"
+                ),
             },
             id="wrong-input-name",
         ),
@@ -460,7 +464,8 @@ def test_gateway_relays_other_routes_to_torchserve(server: Server, path: str, to
 
 @pytest.mark.parametrize("expect", [True, False], ids=["expect-100-continue", "plain"])
 def test_gateway_refuses_a_body_over_max_request_size_unread(server: Server, expect: bool) -> None:
-    """Refused from the Content-Length alone: the client need not (and with Expect: 100-continue does not) send the body."""
+    """Refused from the Content-Length alone: the client need not (and with Expect: 100-continue does not) send the
+    body."""
     limit = int(server.setting("max_request_size"))
     host, port = server.gateway.removeprefix("http://").split(":")
     connection = http.client.HTTPConnection(host, int(port), timeout=TIMEOUT)
