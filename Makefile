@@ -279,7 +279,7 @@ bench-engines: demo
 bench-request-profile: demo
 	$(PY) -m bench.request_profile
 
-bench-metrics: demo
+bench-metrics: demo $(BENCH_INSTALLED)
 	$(PY) -m bench.metrics_cost
 
 bench-options: demo

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import re
 import statistics
 import tempfile
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 import requests
 import torch
 import ts
+from prometheus_client.parser import text_string_to_metric_families
 
 from archive_scripts.build_archives import build_archive
 from archive_scripts.torchserve_ctl import Server, private_server, register, start, stop
@@ -55,8 +55,13 @@ def served(folder: Path, store: Path, offset: int, metrics_config: Path | None, 
 def images_counted(server: Server) -> float | None:
     """ensemble_images_total on the server's /metrics, or None when the counter is not there."""
     text = requests.get(f"{server.setting('metrics_address')}/metrics", timeout=30).text
-    found = re.search(r'^ensemble_images_total\{ModelName="shapes",[^}]*\} (\S+)$', text, re.MULTILINE)
-    return float(found.group(1)) if found else None
+    counted = [
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "ensemble_images_total" and sample.labels.get("ModelName") == "shapes"
+    ]
+    return sum(counted) if counted else None
 
 
 def main() -> None:
