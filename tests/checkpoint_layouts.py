@@ -5,13 +5,15 @@ from __future__ import annotations
 import re
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torchvision
 import yaml
 from safetensors.torch import save_file
 from torch import nn
+
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 CHEXNET_LABELS = [
     "Atelectasis",
@@ -48,7 +50,7 @@ class CheXNet(nn.Module):
         return self.densenet121(x)
 
 
-def randomize(module: nn.Module, seed: int) -> nn.Module:
+def randomize(module: ModuleT, seed: int) -> ModuleT:
     """Give every normalisation layer its own scale, shift and running statistics.
 
     Freshly built layers all hold 1 / 0 / 0 / 1, so loading one into another's place would go

@@ -26,7 +26,7 @@ from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 
 from archive_scripts.build_archives import build_archive
 from handlers.config.files import load_ensembles
-from handlers.config.specs import EnsembleSpec
+from handlers.config.specs import EnsembleSpec, InputSpec, TensorSpec
 from handlers.ensemble import Ensemble
 from handlers.ensemble_handler import EnsembleHandler
 from handlers.inputs.images import decode_image
@@ -151,7 +151,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.slow)
 
 
-TEST_ENSEMBLES = {
+TEST_ENSEMBLES: dict[str, dict[str, Any]] = {
     "trio": {"task": "multiclass"},
     "pair": {"task": "binary", "policy": {"name": "majority"}},
     "tags": {"task": "multilabel", "policy": {"name": "any", "threshold": 0.5}},
@@ -184,6 +184,12 @@ def extract(store: Path, name: str, into: Path) -> Path:
 def source_spec(store: Path, name: str) -> EnsembleSpec:
     """The EnsembleSpec a test archive was built from (with its weights on disk)."""
     return load_ensembles(store.parent / "src" / name / "ensembles.yaml")[name]
+
+
+def image_input(given: InputSpec | TensorSpec) -> InputSpec:
+    """An image ensemble's (or image member's) input spec, narrowed from the union: a TensorSpec fails here."""
+    assert isinstance(given, InputSpec), given
+    return given
 
 
 @functools.cache
@@ -235,7 +241,8 @@ def assert_same_predictions(served: list[dict[str, Any]], expected: list[dict[st
 
 
 def make_context(model_dir: Path, name: str, metrics_config: Path | None = None) -> Context:
-    """TorchServe's own Context for an extracted archive, with a metrics cache (TorchServe's default config unless given)."""
+    """TorchServe's own Context for an extracted archive, with a metrics cache (TorchServe's default config unless
+    given)."""
     config = metrics_config or Path(ts.__file__).parent / "configs" / "metrics.yaml"
     with warnings.catch_warnings():
         # TorchServe 0.12 reads the config with yaml.safe_load(open(path)) and never closes the file.

@@ -133,7 +133,8 @@ def triton_client(base_url: str) -> triton.InferenceServerClient:
 
 
 def triton_images(images: list[bytes]) -> triton.InferInput:
-    """`images` as tritonclient's BYTES input of base64 strings, its data sent as JSON (our handler refuses the binary extension)."""
+    """`images` as tritonclient's BYTES input of base64 strings, its data sent as JSON (our handler refuses the binary
+    extension)."""
     tensor = triton.InferInput("images", [len(images)], "BYTES")
     tensor.set_data_from_numpy(
         numpy.array([base64.b64encode(image).decode() for image in images], dtype=object), binary_data=False

@@ -126,7 +126,7 @@ def test_wrong_output_size_is_refused(ensemble_yaml: Callable[..., Path], tmp_pa
 
     error, _ = failing_build(ensemble_yaml, tmp_path, four_outputs)
     assert str(error) == (
-        "member 'pool_rgb': the scores are Tensor[2, 4] for a probe of 2 rows; its 3 labels need [N, 3] after trailing "
-        "dimensions of size 1 are dropped; no part of its output has the shape [N, 3] its labels need (labels: names the "
-        "member's own outputs)"
+        "member 'pool_rgb': the scores are Tensor[2, 4] for a probe of 2 rows; its 3 labels need [N, 3] after "
+        "trailing dimensions of size 1 are dropped; no part of its output has the shape [N, 3] its labels need "
+        "(labels: names the member's own outputs)"
     )

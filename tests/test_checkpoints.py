@@ -168,7 +168,10 @@ def test_long_key_lists_show_five_examples(folder: Path) -> None:
     torch.save({f"layer{i}.weight": torch.zeros(1) for i in range(12)}, folder / "many.pt")
     text = message(folder, "many.pt", {})
     assert text.splitlines()[:3] == [
-        "member 'm': many.pt: weights do not fit fixture_models.py:PoolNet (strict loading): 4 missing, 12 unexpected, 0 of another shape",
+        (
+            "member 'm': many.pt: weights do not fit fixture_models.py:PoolNet (strict loading): 4 missing, 12 "
+            "unexpected, 0 of another shape"
+        ),
         "  missing (4): conv.weight, conv.bias, head.weight, head.bias",
         "  unexpected (5 of 12): layer0.weight, layer1.weight, layer2.weight, layer3.weight, layer4.weight",
     ]
@@ -228,8 +231,9 @@ def write_tar(path: Path) -> None:
     [
         pytest.param(
             lambda p: torch.save({"state_dict": original(), "note": Custom()}, p),
-            "holds pickled Python objects (tests.test_checkpoints.Custom) that torch.load(weights_only=True) refuses, "
-            f"as in a whole model saved with torch.save(model) or a checkpoint with custom classes; it is never loaded unsafely. {CONVERT}",
+            "holds pickled Python objects (tests.test_checkpoints.Custom) that torch.load(weights_only=True) "
+            "refuses, as in a whole model saved with torch.save(model) or a checkpoint with custom classes; it "
+            f"is never loaded unsafely. {CONVERT}",
             id="custom-class-pickle",
         ),
         pytest.param(
@@ -244,12 +248,14 @@ def write_tar(path: Path) -> None:
         ),
         pytest.param(
             lambda p: p.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00" + b'{"a": [1, 2]}   '),
-            "not a valid .safetensors file: Error while deserializing header: invalid JSON in header: invalid type: integer `1`, expected string or map at line 1 column 13",
+            "not a valid .safetensors file: Error while deserializing header: invalid JSON in header: invalid "
+            "type: integer `1`, expected string or map at line 1 column 13",
             id="bad-safetensors",
         ),
         pytest.param(
             lambda p: p.write_bytes(zip_bytes()),
-            "not a readable PyTorch checkpoint: RuntimeError: [enforce fail at inline_container.cc:180] . file in archive is not in a subdirectory: readme.txt",
+            "not a readable PyTorch checkpoint: RuntimeError: [enforce fail at inline_container.cc:180] . file "
+            "in archive is not in a subdirectory: readme.txt",
             id="zip-not-torch",
         ),
     ],
@@ -279,7 +285,8 @@ def test_chexnet_layout_gets_the_exact_block_that_fits(tmp_path: Path) -> None:
         "  key: 'state_dict'\n"
         "  strip_prefix: ['module.', 'densenet121.']\n"
         "  rename:\n"
-        "    - ['(denselayer\\d+\\.(?:norm|relu|conv))\\.([12])\\.', '\\1\\2.']  # torchvision DenseNet before 0.4 (norm.1 -> norm1)\n"
+        "    - ['(denselayer\\d+\\.(?:norm|relu|conv))\\.([12])\\.', '\\1\\2.']  # torchvision DenseNet before "
+        "0.4 (norm.1 -> norm1)\n"
         "    - ['^classifier\\.0\\.', 'classifier.']"
     )
     assert yaml.safe_load(proposal.block())["state_dict"] == CHEXNET_RULES
@@ -412,7 +419,7 @@ def torch_loads(module: nn.Module, state: dict[str, torch.Tensor]) -> bool:
     return True
 
 
-RESNET = {"arch": "torchvision:resnet18", "kwargs": {"num_classes": 3}}
+RESNET: dict[str, Any] = {"arch": "torchvision:resnet18", "kwargs": {"num_classes": 3}}
 
 
 @pytest.mark.parametrize(
@@ -449,9 +456,15 @@ def test_missing_running_mean_stays_an_error_and_filled_buffers_leave_the_counts
     torch.save(saved, folder / "r.pt")
     assert not torch_loads(torchvision.models.resnet18(num_classes=3), dict(saved))
     assert message(folder, "r.pt", {}, **RESNET).splitlines() == [
-        "member 'm': r.pt: weights do not fit torchvision:resnet18 (strict loading): 1 missing, 0 unexpected, 0 of another shape",
+        (
+            "member 'm': r.pt: weights do not fit torchvision:resnet18 (strict loading): 1 missing, 0 unexpected, 0 "
+            "of another shape"
+        ),
         "  missing (1): layer2.0.bn1.running_mean",
-        "  not counted: 20 num_batches_tracked buffers filled with 0 (saved before PyTorch 0.4.1, as torch's strict loading does)",
+        (
+            "  not counted: 20 num_batches_tracked buffers filled with 0 (saved before PyTorch 0.4.1, as torch's "
+            "strict loading does)"
+        ),
     ]
 
 
@@ -463,9 +476,14 @@ def test_a_file_whose_metadata_says_the_buffer_exists_is_refused_as_torch_refuse
     assert not torch_loads(torchvision.models.resnet18(num_classes=3), torch.load(folder / "r.pt", weights_only=True))
     lines = message(folder, "r.pt", {}, **RESNET).splitlines()
     assert lines[:2] == [
-        "member 'm': r.pt: weights do not fit torchvision:resnet18 (strict loading): 20 missing, 0 unexpected, 0 of another shape",
-        "  missing (5 of 20): bn1.num_batches_tracked, layer1.0.bn1.num_batches_tracked, layer1.0.bn2.num_batches_tracked, "
-        "layer1.1.bn1.num_batches_tracked, layer1.1.bn2.num_batches_tracked",
+        (
+            "member 'm': r.pt: weights do not fit torchvision:resnet18 (strict loading): 20 missing, 0 unexpected, "
+            "0 of another shape"
+        ),
+        (
+            "  missing (5 of 20): bn1.num_batches_tracked, layer1.0.bn1.num_batches_tracked, "
+            "layer1.0.bn2.num_batches_tracked, layer1.1.bn1.num_batches_tracked, layer1.1.bn2.num_batches_tracked"
+        ),
     ]
 
 

@@ -1,4 +1,5 @@
-"""`consistency: batch_invariant`: an image's answer is bit-identical whatever shares its batch, and whatever the load."""
+"""`consistency: batch_invariant`: an image's answer is bit-identical whatever shares its batch, and whatever the
+load."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -29,7 +31,7 @@ TARGET = image_bytes(71, size=(45, 38))
 NEIGHBOURS = [image_bytes(seed, size=(30 + seed % 20, 40)) for seed in range(100, 124)]
 
 
-def steady_yaml(folder: Path, **overrides: object) -> Path:
+def steady_yaml(folder: Path, **overrides: Any) -> Path:
     """The test trio with batch-invariant answers, and hflip views on every member."""
     path = write_ensemble(folder, "steady", consistency="batch_invariant", **overrides)
     doc = yaml.safe_load(path.read_text())

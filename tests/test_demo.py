@@ -42,8 +42,8 @@ def test_trained_demos_evaluate_and_build(tmp_path: Path) -> None:
     specs = load_ensembles(ROOT / "ensembles.yaml")
     results = evaluate([specs["shapes"], specs["multishape"]], 1000)
     binary = results["shapes"]["scores"]
-    for member in ("resnet18", "strided", "tinycnn_gray"):
-        assert binary[f"member {member}"]["accuracy"] >= 0.6, (member, binary)
+    for name in ("resnet18", "strided", "tinycnn_gray"):
+        assert binary[f"member {name}"]["accuracy"] >= 0.6, (name, binary)
     recall = {name: binary[f"policy {name}"]["recall"] for name in ("any", "majority", "all")}
     assert recall["any"] > recall["majority"] > recall["all"], binary
 

@@ -166,13 +166,14 @@ def differences(shown: str, printed: str) -> list[str]:
         return _value_differences(shown_documents[0], printed_documents[0], "$")
     return [
         found
-        for i, pair in enumerate(zip(shown_documents, printed_documents), 1)
+        for i, pair in enumerate(zip(shown_documents, printed_documents, strict=True), 1)
         for found in _value_differences(*pair, f"${i}")
     ]
 
 
 def json_documents(text: str) -> list[Any] | None:
-    """The JSON documents a text holds one after another (as `curl` run twice prints them), or None if it is not JSON."""
+    """The JSON documents a text holds one after another (as `curl` run twice prints them), or None if it is
+    not JSON."""
     decoder, documents, position, text = json.JSONDecoder(), [], 0, text.strip()
     try:
         while position < len(text):
@@ -195,7 +196,11 @@ def _value_differences(shown: Any, printed: Any, path: str) -> list[str]:
     if isinstance(shown, list) and isinstance(printed, list):
         if len(shown) != len(printed):
             return [f"{path}: {len(shown)} items shown, {len(printed)} printed"]
-        return [d for i, pair in enumerate(zip(shown, printed)) for d in _value_differences(*pair, f"{path}[{i}]")]
+        return [
+            d
+            for i, pair in enumerate(zip(shown, printed, strict=True))
+            for d in _value_differences(*pair, f"{path}[{i}]")
+        ]
     if _same_scalar(shown, printed):
         return []
     return [f"{path}: shown {shown!r}, printed {printed!r}"]
@@ -221,7 +226,8 @@ def _same_string(shown: str, printed: str) -> bool:
 def _token_differences(shown: str, printed: str) -> list[str]:
     """Text compared token by token: quoted strings and words exactly, numbers as in JSON."""
     shown_tokens, printed_tokens = list(TOKEN.finditer(shown)), list(TOKEN.finditer(printed))
-    for i, (want, got) in enumerate(zip(shown_tokens, printed_tokens)):
+    # Up to the shorter list: the first differing token says more than the counts, checked after.
+    for i, (want, got) in enumerate(zip(shown_tokens, printed_tokens, strict=False)):
         if want["number"] and got["number"]:
             same = _same_scalar(_number(want[0]), _number(got[0]))
         elif want["quoted"] and got["quoted"]:
@@ -249,9 +255,10 @@ def rerecorded(shown: str, printed: str) -> str:
     edits: list[tuple[int, int, str]] = []
     if shown_documents is None or printed_documents is None or len(shown_documents) != len(printed_documents):
         shown_tokens, printed_tokens = list(TOKEN.finditer(shown)), list(TOKEN.finditer(printed))
+        # The token counts may differ here: numbers are taken from the pairs of the common prefix.
         edits = [
             (want.start(), want.end(), got[0])
-            for want, got in zip(shown_tokens, printed_tokens)
+            for want, got in zip(shown_tokens, printed_tokens, strict=False)
             if want["number"] and got["number"]
         ]
     else:
@@ -287,7 +294,8 @@ def rerecorded(shown: str, printed: str) -> str:
 
 
 def _same_token(shown: str, printed: str) -> bool:
-    """Whether a shown token may stay: the same text, a digest or timestamp standing for the printed one, or the same number."""
+    """Whether a shown token may stay: the same text, a digest or timestamp standing for the printed one, or the same
+    number."""
     if shown == printed:
         return True
     if shown[:1] == '"' and printed[:1] == '"':
@@ -549,6 +557,7 @@ def test_a_wrong_example_in_the_docs_fails() -> None:
     [example] = examples(WRONG_PAGE, "wrong.md")
     assert (example.name, example.where, example.language, example.after) == ("wrong", "wrong.md:4", "bash", None)
     printed = '{"ensemble": "shapes", "predictions": [{"label": "present", "score": 1.0}]}\n'
+    assert example.output is not None
     assert differences(example.output, printed) == ["$.predictions[0].label: shown 'absent', printed 'present'"]
 
 

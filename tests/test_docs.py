@@ -1,4 +1,5 @@
-"""The docs site's schema reference: the hook's Markdown for a pydantic-v2-style schema, and the hook inside a real build."""
+"""The docs site's schema reference: the hook's Markdown for a pydantic-v2-style schema, and the hook inside a real
+build."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ HOOK = ROOT / "docs" / "hooks" / "schema_reference.py"
 def _load_hook() -> ModuleType:
     """The hook by its path, as mkdocs loads it: docs/ is no package, and a `docs` on sys.path must not shadow it."""
     spec = importlib.util.spec_from_file_location("schema_reference", HOOK)
+    assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -146,7 +148,8 @@ SCHEMA = {
     "type": "object",
 }
 
-REFERENCE = """\
+REFERENCE = (
+    """\
 ## File { #File }
 
 The whole file.
@@ -178,7 +181,8 @@ One ensemble, served as &lt;name&gt;.
 
 Rules:
 
-- If `task` is `"binary"`: `positive_label` is required and `labels` has exactly 2 items; otherwise `positive_label` is not allowed.
+- If `task` is `"binary"`: `positive_label` is required and `labels` has exactly 2 items; """
+    """otherwise `positive_label` is not allowed.
 - If `task` is required and `task` is one of `"multilabel"`: `threshold` is ≥ 0.1.
 
 No other keys are allowed.
@@ -216,6 +220,7 @@ Reached from no key, so listed last.
 
 Type: string.
 """
+)
 
 
 def test_schema_renders_as_linked_tables() -> None:
@@ -246,7 +251,8 @@ validation:
 def test_the_hook_writes_the_reference_in_a_strict_build(
     tmp_path: Path, schema: dict | None, exit_code: int, message: str
 ) -> None:
-    """A real `mkdocs build --strict` with the hook: the links between sections resolve, and no schema fails the build."""
+    """A real `mkdocs build --strict` with the hook: the links between sections resolve, and no schema fails the
+    build."""
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "reference.md").write_text("# Reference\n\n<!-- schema-reference: file.schema.json -->\n")
     (tmp_path / "mkdocs.yml").write_text(MKDOCS_YML)

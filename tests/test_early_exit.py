@@ -18,6 +18,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from PIL import Image
 
 from archive_scripts.faces_demo import corrupted
 from archive_scripts.faces_demo import crops as face_crops
@@ -36,7 +37,8 @@ EXAMPLES = settings(max_examples=400, deadline=None)
 
 
 def _probabilities(draw: st.DrawFn, task: str, members: int, images: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random probs [member, image, label] from a few values (so votes tie often) and which labels each member scores."""
+    """Random probs [member, image, label] from a few values (so votes tie often) and which labels each member
+    scores."""
     labels = {"binary": 2, "multiclass": draw(st.integers(2, 4)), "multilabel": draw(st.integers(1, 3))}[task]
     values = st.sampled_from([0.0, 0.25, 0.5, 0.75, 1.0])
     probs = torch.tensor(
@@ -148,10 +150,16 @@ def ask(ensemble: Ensemble, requests: list[dict[str, str]], images: list[bytes] 
 
 def prepare(ensemble: Ensemble, params: dict[str, str], images: list[bytes]) -> PreparedRequest:
     prepared = ensemble.prepare({"body": images[0], **{k: v.encode() for k, v in params.items()}}, PNG)
-    first = prepared.inputs[0]
+    first = first_image(prepared)
     return dataclasses.replace(
-        prepared, inputs=(first, *(ensemble.prepare({"body": image}, PNG).inputs[0] for image in images[1:]))
+        prepared, inputs=(first, *(first_image(ensemble.prepare({"body": image}, PNG)) for image in images[1:]))
     )
+
+
+def first_image(prepared: PreparedRequest) -> Image.Image:
+    """The first decoded image of an image request (a tensor request's inputs are one tensor)."""
+    assert isinstance(prepared.inputs, tuple)
+    return prepared.inputs[0]
 
 
 def count_rows(ensemble: Ensemble) -> tuple[dict[str, int], list[Any]]:
@@ -283,9 +291,9 @@ def test_mean_refuses_early_exit_and_says_why_in_full() -> None:
     with pytest.raises(InvalidPolicy) as caught:
         resolve_policy({"policy": "mean", "early_exit": "true"}, default=None, task="binary", n_members=3)
     assert str(caught.value) == (
-        "early_exit cannot be exact for policy 'mean': the weighted mean moves with every member's probability, so no subset"
-        " of members settles it; use a vote policy (any, all, majority, k_of_n) with early_exit, or policy=cascade to stop at"
-        " a confidence you choose"
+        "early_exit cannot be exact for policy 'mean': the weighted mean moves with every member's probability, "
+        "so no subset of members settles it; use a vote policy (any, all, majority, k_of_n) with early_exit, or "
+        "policy=cascade to stop at a confidence you choose"
     )
 
 
@@ -309,7 +317,7 @@ def entropy(p: list[float]) -> float:
 def test_uncertainty_is_the_deep_ensemble_decomposition(request: pytest.FixtureRequest, ensemble_name: str) -> None:
     ensemble: Ensemble = request.getfixturevalue(ensemble_name)
     [body] = ask(ensemble, [{"policy": "mean", "uncertainty": "true"}])
-    probs = ensemble.probabilities([prepare(ensemble, {}, [image]).inputs[0] for image in IMAGES]).tolist()
+    probs = ensemble.probabilities([first_image(prepare(ensemble, {}, [image])) for image in IMAGES]).tolist()
     weights = [member.weight for member in ensemble.spec.members]
     share = [w / sum(weights) for w in weights]
     for i, prediction in enumerate(body["predictions"]):
@@ -398,8 +406,9 @@ def test_tensor_instances_stop_early_with_the_exhaustive_labels(tmp_path: Path, 
 def test_published_mtcnn_weights_on_real_faces_stop_early_with_the_exhaustive_labels(
     corruption: tuple[str, float] | None,
 ) -> None:
-    """facenet-pytorch's shipped MTCNN weights (`make demo` copies them, digests pinned) on lfw_subset's 200 photographs:
-    under `any` and `all`, early exit answers every crop as running every member does, and skips members on real data."""
+    """facenet-pytorch's shipped MTCNN weights (`make demo` copies them, digests pinned) on lfw_subset's 200
+    photographs: under `any` and `all`, early exit answers every crop as running every member does, and skips
+    members on real data."""
     spec = load_ensembles(Path(__file__).resolve().parent.parent / "ensembles.yaml")["faces"]
     ensemble = Ensemble.from_spec(spec, torch.device("cpu"))
     samples = face_crops() if corruption is None else corrupted(*corruption)

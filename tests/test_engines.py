@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 from archive_scripts.build_archives import build_archive, forgiven_lines
 from handlers.config.files import load_ensembles, read_archive_manifest
@@ -56,6 +57,7 @@ def test_each_engine_reproduces_eager_on_every_member_kind(
     assert {member: onnx["exporter"] for member, onnx in engines.items()} == dict.fromkeys(engines, "dynamo")
     engine, eager = on_plan(model_dir, plan, tta), on_plan(model_dir, "eager", tta)
     assert {group["plan"] for group in engine.runner.describe()} == {plan}
+    inputs: torch.Tensor | list[Image.Image]
     if name == "vectors":
         inputs = torch.from_numpy(instances(3, 5))
     else:
@@ -85,9 +87,10 @@ def test_a_member_no_exporter_takes_is_served_by_the_other_plans_and_says_why(tm
     (source / "ensembles.yaml").write_text(yaml.safe_dump({"ensembles": {"svd": ensemble}}, sort_keys=False))
     archive = build_archive(load_ensembles(source / "ensembles.yaml")["svd"], tmp_path / "store")
     why = (
-        "dynamo: DispatchError: No ONNX function found for <OpOverload(op='aten._linalg_svd', overload='default')>. Failure "
-        "message: No decompositions registered for the real-valued input; torchscript: UnsupportedOperatorError: Exporting "
-        "the operator 'aten::linalg_svdvals' to ONNX opset version 18 is not supported"
+        "dynamo: DispatchError: No ONNX function found for <OpOverload(op='aten._linalg_svd', "
+        "overload='default')>. Failure message: No decompositions registered for the real-valued input; "
+        "torchscript: UnsupportedOperatorError: Exporting the operator 'aten::linalg_svdvals' to ONNX opset "
+        "version 18 is not supported"
     )
     assert forgiven_lines(archive) == [f"member 'svd': not exported to ONNX, served by the other plans: {why}"]
     with zipfile.ZipFile(archive) as packed:

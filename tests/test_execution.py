@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -17,8 +18,11 @@ from handlers.inputs.images import decode_image
 from tests.conftest import image_bytes, write_ensemble
 from tests.fixture_models import BranchyNet, PoolNet
 
+# Each member: its arch, the module whose weights are saved, and its extra member keys.
+Members = dict[str, tuple[str, torch.nn.Module, dict[str, Any]]]
 
-def ensemble_with(folder: Path, members: dict[str, tuple[str, torch.nn.Module, dict]], *, fuse: bool) -> Ensemble:
+
+def ensemble_with(folder: Path, members: Members, *, fuse: bool) -> Ensemble:
     """An ensemble of the given (arch, module, extra member keys), weights saved from the modules, all on eager."""
     path = write_ensemble(folder)
     doc = yaml.safe_load(path.read_text())
@@ -33,17 +37,17 @@ def ensemble_with(folder: Path, members: dict[str, tuple[str, torch.nn.Module, d
     return Ensemble.from_spec(load_ensembles(path)["trio"], torch.device("cpu"))
 
 
-def members_of_one_kind(seed: int) -> dict[str, tuple[str, torch.nn.Module, dict]]:
+def members_of_one_kind(seed: int) -> Members:
     torch.manual_seed(seed)
-    pools = {f"pool{i}": ("fixture_models.py:PoolNet", PoolNet(num_classes=3), {}) for i in range(4)}
-    gray = {
+    pools: Members = {f"pool{i}": ("fixture_models.py:PoolNet", PoolNet(num_classes=3), {}) for i in range(4)}
+    gray: Members = {
         "gray": (
             "fixture_models.py:PoolNet",
             PoolNet(num_classes=3, in_channels=1),
             {"kwargs": {"num_classes": 3, "in_channels": 1}, "input": {"color_mode": "L"}},
         )
     }
-    mobiles = {
+    mobiles: Members = {
         f"mobile{i}": ("torchvision:mobilenet_v3_small", torchvision.models.mobilenet_v3_small(num_classes=3), {})
         for i in range(2)
     }
@@ -65,7 +69,9 @@ def test_fused_members_match_sequential(tmp_path: Path) -> None:
 
 def test_members_vmap_cannot_run_are_not_fused(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     torch.manual_seed(5)
-    members = {f"branchy{i}": ("fixture_models.py:BranchyNet", BranchyNet(num_classes=3), {}) for i in range(2)}
+    members: Members = {
+        f"branchy{i}": ("fixture_models.py:BranchyNet", BranchyNet(num_classes=3), {}) for i in range(2)
+    }
     ensemble = ensemble_with(tmp_path, members, fuse=True)
     assert ensemble.describe()["execution"] == [
         {"members": ["branchy0"], "fused": False, "plan": "eager"},

@@ -1,4 +1,5 @@
-"""Execution plans: each plan reproduces eager, `auto` keeps only verified candidates, and unfaithful ones are refused."""
+"""Execution plans: each plan reproduces eager, `auto` keeps only verified candidates, and unfaithful ones are
+refused."""
 
 from __future__ import annotations
 
@@ -155,7 +156,8 @@ def member_threads(model_dir: Path) -> int:
 
 
 def test_workers_of_one_model_share_the_measured_plans(test_store: Path, tmp_path: Path) -> None:
-    """The first worker measures and records; the next rebuilds and verifies the same plans without timing them again."""
+    """The first worker measures and records; the next rebuilds and verifies the same plans without timing them
+    again."""
     model_dir = extract(test_store, "trio", tmp_path)
     first = Ensemble.from_model_dir(model_dir, CPU).describe()["members"]
     recorded = json.loads((model_dir / PLANS_FILE).read_text())
@@ -176,7 +178,8 @@ def test_workers_of_one_model_share_the_measured_plans(test_store: Path, tmp_pat
 
 
 def _sleeper(seconds: float, lock: threading.Lock | None) -> Any:
-    """A stand-in plan whose call takes `seconds` and, with a `lock`, lets one caller in at a time (one engine stream)."""
+    """A stand-in plan whose call takes `seconds` and, with a `lock`, lets one caller in at a time (one engine
+    stream)."""
 
     def forward(batch: torch.Tensor) -> torch.Tensor:
         with lock or contextlib.nullcontext():

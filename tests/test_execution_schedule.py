@@ -35,6 +35,12 @@ def sleeper(seconds: float, lock: threading.Lock | None = None) -> Any:
     return forward
 
 
+def chosen(group: Group) -> Choice:
+    """The plan a group serves on: every group these tests settle has a choice (auto's, or the yaml's)."""
+    assert group.choice is not None
+    return group.choice
+
+
 def member(index: int, plan: str, forwards: dict[str, Any], ms: dict[str, float]) -> Group:
     """A member `auto` put on `plan`, with every candidate's forward and its own ms per call at one size."""
     choice = Choice(plan, forwards[plan], ms={name: {1: value} for name, value in ms.items()}, candidates=forwards)
@@ -69,8 +75,8 @@ def test_a_uniform_plan_that_serves_faster_than_the_per_member_choices_is_kept()
         {"channels_last": 20.0, "eager": 24.0},
     )
     groups, schedule = settle([first, second], Served(), [1, 4])
-    assert [group.choice.plan for group in groups] == ["eager", "eager"]
-    assert [dict(group.choice.candidates) for group in groups] == [{}, {}]
+    assert [chosen(group).plan for group in groups] == ["eager", "eager"]
+    assert [dict(chosen(group).candidates) for group in groups] == [{}, {}]
     assert schedule is not None
     described = schedule.describe()
     assert described["kept"] == "all eager"
@@ -85,7 +91,7 @@ def test_per_member_choices_that_serve_faster_are_kept() -> None:
     first = member(0, "frozen", {"frozen": sleeper(0.01), "eager": sleeper(0.012)}, {"frozen": 10.0, "eager": 12.0})
     second = member(1, "frozen", {"frozen": sleeper(0.01), "eager": sleeper(0.012)}, {"frozen": 10.0, "eager": 12.0})
     groups, schedule = settle([first, second], Served(), [2])
-    assert [group.choice.plan for group in groups] == ["frozen", "frozen"]
+    assert [chosen(group).plan for group in groups] == ["frozen", "frozen"]
     assert schedule is not None and schedule.kept == PER_MEMBER
     assert set(schedule.ms) == {PER_MEMBER, "all eager"}
 
@@ -109,7 +115,7 @@ def test_a_mix_of_plans_is_kept_only_when_clearly_faster_than_one_plan_for_all(
         {"channels_last": 20.0, "eager": 24.0},
     )
     groups, schedule = settle([first, second], Served(), [1])
-    assert [group.choice.plan for group in groups] == expected
+    assert [chosen(group).plan for group in groups] == expected
     assert schedule is not None and schedule.kept == (PER_MEMBER if expected[0] == "frozen" else "all eager")
 
 
@@ -120,7 +126,7 @@ def test_a_uniform_plan_the_members_own_timings_rule_out_is_not_timed() -> None:
     served = Served()
     groups, schedule = settle([first, second], served, [1])
     assert served.batches == 0
-    assert [group.choice.plan for group in groups] == ["frozen", "frozen"]
+    assert [chosen(group).plan for group in groups] == ["frozen", "frozen"]
     assert schedule is not None
     assert (schedule.kept, schedule.ms) == (PER_MEMBER, {})
     assert schedule.estimated == {"all eager": WITHIN + 0.25, "all frozen": 1.0}  # The per-member choice itself.
@@ -149,8 +155,8 @@ def test_nothing_to_settle_times_nothing(groups: Any) -> None:
     served = Served()
     settled, schedule = settle(given, served, [1, 8])
     assert (schedule, served.batches) == (None, 0)
-    assert [group.choice.plan for group in settled] == [group.choice.plan for group in given]
-    assert all(not group.choice.candidates for group in settled)
+    assert [chosen(group).plan for group in settled] == [chosen(group).plan for group in given]
+    assert all(not chosen(group).candidates for group in settled)
 
 
 @pytest.mark.parametrize(
@@ -178,5 +184,5 @@ def test_the_served_schedule_prefers_the_calling_thread_plan_over_a_near_tie_on_
     first = member(0, "onnxruntime", dict(forwards), {"onnxruntime": 104.0, "openvino": 100.0})
     second = member(1, "onnxruntime", dict(forwards), {"onnxruntime": 104.0, "openvino": 100.0})
     groups, schedule = settle([first, second], Served(), [1])
-    assert [group.choice.plan for group in groups] == ["onnxruntime", "onnxruntime"]
+    assert [chosen(group).plan for group in groups] == ["onnxruntime", "onnxruntime"]
     assert schedule is not None and schedule.kept == PER_MEMBER and set(schedule.ms) == {PER_MEMBER, "all openvino"}

@@ -159,7 +159,8 @@ def test_tampered_weights_are_refused_before_loading(test_store: Path, tmp_path:
     with pytest.raises(IntegrityError) as caught:
         EnsembleHandler().initialize(make_context(model_dir, "trio"))
     assert str(caught.value) == (
-        f"member 'pool_rgb': members/pool_rgb.safetensors: sha256 mismatch: manifest pins {pinned}, file has {sha256_of(weights)}"
+        f"member 'pool_rgb': members/pool_rgb.safetensors: sha256 mismatch: manifest pins {pinned}, file has "
+        f"{sha256_of(weights)}"
     )
 
 

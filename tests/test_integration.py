@@ -31,7 +31,7 @@ from handlers.execution.plans import AUTO_PLANS
 from handlers.inputs.images import batch_tensors, decode_image, to_tensor
 from handlers.weights.checkpoints import read_checkpoint
 from tests.checkpoint_layouts import CHEXNET_LABELS, chexnet
-from tests.conftest import image_bytes, instances, npy_bytes, source_spec
+from tests.conftest import image_bytes, image_input, instances, npy_bytes, source_spec
 from tests.fixture_reference import assert_answers, expected_answers
 from tests.test_member_outputs import TASKS as OUTPUT_TASKS
 from tests.test_member_outputs import expected_scores, write_members
@@ -65,7 +65,8 @@ def png(data: bytes) -> dict:
 
 
 def listening(server: Server) -> set[tuple[str, int]]:
-    """Every address the frontend, its workers and our gateway accept connections or datagrams on (read from /proc/net)."""
+    """Every address the frontend, its workers and our gateway accept connections or datagrams on (read from
+    /proc/net)."""
     frontend = psutil.Process(int(server.torchserve_pid_file.read_text()))
     processes = [frontend, *frontend.children(recursive=True), psutil.Process(int(server.gateway_pid_file.read_text()))]
     sockets = [s for process in processes for s in process.net_connections(kind="inet")]
@@ -77,6 +78,7 @@ def listening(server: Server) -> set[tuple[str, int]]:
 
 def test_server_binds_loopback_and_uses_shipped_settings(server: Server) -> None:
     """CVE-2024-35199 bound gRPC to every interface: here each listener is one the config names, on loopback."""
+    assert server.gateway is not None
     addresses = [server.inference, server.management, server.setting("metrics_address"), server.gateway]
     grpc_ports = [int(server.setting(key)) for key in ("grpc_inference_port", "grpc_management_port")]
     assert all(address.startswith("http://127.0.0.1:") for address in addresses)
@@ -268,14 +270,16 @@ def test_unknown_policy_lists_valid_names(server: Server) -> None:
     [
         pytest.param(
             {"files": [("a", image_bytes(62))]},
-            "unknown parameter(s) ['polcy'] (closest valid: 'polcy' -> 'policy'); valid: policy, k, threshold, confidence, early_exit, "
-            "members, top_k, sequence, min_run, uncertainty; an image part must hold an image's bytes ('polcy' holds 3 bytes of text)",
+            "unknown parameter(s) ['polcy'] (closest valid: 'polcy' -> 'policy'); valid: policy, k, threshold, "
+            "confidence, early_exit, members, top_k, sequence, min_run, uncertainty; an image part must hold an "
+            "image's bytes ('polcy' holds 3 bytes of text)",
             id="multipart",
         ),
         pytest.param(
             png(image_bytes(62)),
-            "unknown parameter(s) ['polcy'] (closest valid: 'polcy' -> 'policy'); valid: policy, k, threshold, confidence, early_exit, "
-            "members, top_k, sequence, min_run, uncertainty, and the body (over gRPC an input named body or data)",
+            "unknown parameter(s) ['polcy'] (closest valid: 'polcy' -> 'policy'); valid: policy, k, threshold, "
+            "confidence, early_exit, members, top_k, sequence, min_run, uncertainty, and the body (over gRPC an "
+            "input named body or data)",
             id="raw-body",
         ),
     ],
@@ -351,7 +355,7 @@ def test_chexnet_checkpoint_is_served_with_its_own_weights(server: Server, test_
     response = predict(server, "chexnet", files=[(f"x{i}", data) for i, data in enumerate(images)])
     assert response.status_code == 200, response.text
     spec = source_spec(test_store, "chexnet")
-    inputs = torch.stack([to_tensor(decode_image(data, spec.limits), spec.input) for data in images])
+    inputs = torch.stack([to_tensor(decode_image(data, spec.limits), image_input(spec.input)) for data in images])
     with torch.inference_mode():
         expected = chexnet()(inputs)
     served = torch.tensor(
@@ -405,7 +409,8 @@ def test_members_with_structured_outputs_and_their_own_labels_answer_on_torchser
     register(server, task, workers=1)
     try:
         images = [image_bytes(seed, size=(31, 26)) for seed in (21, 22)]
-        rows = batch_tensors([decode_image(data, spec.limits) for data in images], [spec.input])[spec.input]
+        shared = image_input(spec.input)
+        rows = batch_tensors([decode_image(data, spec.limits) for data in images], [shared])[shared]
         for image, row in zip(images, rows, strict=True):
             response = predict(
                 server,

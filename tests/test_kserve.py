@@ -328,7 +328,9 @@ def test_metrics_answer_in_prometheus_format(kserve_server: tuple[Server, Path])
 @pytest.fixture(scope="module")
 def v2_client(kserve_server: tuple[Server, Path]) -> Iterator[triton.InferenceServerClient]:
     """tritonclient.http on the Open Inference Protocol gateway `start` ran next to this TorchServe; no token."""
-    with triton_client(kserve_server[0].gateway) as client:
+    gateway = kserve_server[0].gateway
+    assert gateway is not None
+    with triton_client(gateway) as client:
         yield client
 
 
@@ -420,7 +422,7 @@ def pinned(package: str) -> str:
     return line.removeprefix(f"{package}==")
 
 
-def listeners(config: dict[str, str]) -> dict[str, tuple[str, int]]:
+def listeners(config: dict[str, str]) -> dict[str, tuple[str | None, int | None]]:
     """Every listener a config.properties sets up, as (host, port); every address or port key is one of them."""
     found = {
         key.removesuffix("_address"): (urlsplit(value).hostname, urlsplit(value).port)

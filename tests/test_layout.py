@@ -105,4 +105,5 @@ def test_units_stay_small(path: Path) -> None:
     assert len(text.splitlines()) <= MAX_MODULE_LINES
     for node in ast.walk(ast.parse(text)):
         if isinstance(node, ast.ClassDef):
+            assert node.end_lineno is not None  # always set by ast.parse
             assert node.end_lineno - node.lineno + 1 <= MAX_CLASS_LINES, f"class {node.name}"

@@ -15,7 +15,7 @@ from handlers.config.members import NAME
 from handlers.config.policy import PolicySpec
 from handlers.config.specs import Execution, InputSpec, StateDictRules, TensorSpec
 from handlers.errors import ConfigError
-from tests.conftest import write_tensor_ensemble
+from tests.conftest import image_input, write_tensor_ensemble
 
 
 def edit(path: Path, change: Callable[[dict[str, Any]], None]) -> Path:
@@ -45,16 +45,16 @@ def test_answer_options_parse_with_member_overrides(ensemble_yaml: Callable[...,
 
     spec = load_ensembles(edit(ensemble_yaml(), change))["trio"]
     assert (spec.top_k, spec.consistency) == (2, "batch_invariant")
-    assert [spec.member_input(m).tta for m in spec.members] == ["hflip", "ten_crop", "hflip"]
+    assert [image_input(spec.member_input(m)).tta for m in spec.members] == ["hflip", "ten_crop", "hflip"]
     assert [spec.member_input(m).views for m in spec.members] == [2, 10, 2]
-    assert spec.member_input(spec.members[1]).load_size == (37, 37)
+    assert image_input(spec.member_input(spec.members[1])).load_size == (37, 37)
     assert spec.to_dict()["members"][1]["input"]["tta"] == "ten_crop"
     assert (spec.to_dict()["top_k"], spec.to_dict()["consistency"]) == (2, "batch_invariant")
 
 
 def test_answer_options_default_to_one_label_fast_and_no_views(ensemble_yaml: Callable[..., Path]) -> None:
     spec = load_ensembles(ensemble_yaml())["trio"]
-    assert (spec.top_k, spec.consistency, spec.input.tta, spec.input.views) == (1, "fast", "none", 1)
+    assert (spec.top_k, spec.consistency, image_input(spec.input).tta, spec.input.views) == (1, "fast", "none", 1)
     assert load_ensembles(ensemble_yaml(task="binary"))["trio"].top_k is None
 
 
@@ -78,7 +78,8 @@ RULES = f"{PREFIX}.members[0].state_dict"
     [
         pytest.param(
             lambda e: e.update(colour="red"),
-            f"{PREFIX}.colour: unknown key; valid keys here: batching, consistency, defer, execution, input, labels, limits, members, policy, positive_label, task, top_k, version",
+            f"{PREFIX}.colour: unknown key; valid keys here: batching, consistency, defer, execution, input, "
+            "labels, limits, members, policy, positive_label, task, top_k, version",
             id="unknown-key",
         ),
         pytest.param(lambda e: e.pop("labels"), f"{PREFIX}: missing key 'labels'", id="missing-key"),
@@ -124,32 +125,41 @@ RULES = f"{PREFIX}.members[0].state_dict"
         ),
         pytest.param(
             lambda e: e["members"][1].update(arch="resnet18"),
-            f"{PREFIX}.members[1].arch: expected 'torchvision:<builder>', 'timm:<model>', 'transformers:<path/to/folder>', '<path/to/file.py>:<Class>' or '<package.module>:<Name>', got 'resnet18'",
+            f"{PREFIX}.members[1].arch: expected 'torchvision:<builder>', 'timm:<model>', "
+            "'transformers:<path/to/folder>', '<path/to/file.py>:<Class>' or '<package.module>:<Name>', got "
+            "'resnet18'",
             id="arch-form",
         ),
         pytest.param(
             lambda e: e["members"][1].update(arch="transformers:no_such_folder"),
-            f"{PREFIX}.members[1].arch: cannot read the Hugging Face config {{dir}}/no_such_folder/config.json: [Errno 2] No such file or directory: '{{dir}}/no_such_folder/config.json'; a transformers: member names a folder save_pretrained wrote",
+            f"{PREFIX}.members[1].arch: cannot read the Hugging Face config {{dir}}/no_such_folder/config.json: "
+            "[Errno 2] No such file or directory: '{dir}/no_such_folder/config.json'; a transformers: member "
+            "names a folder save_pretrained wrote",
             id="transformers-no-folder",
         ),
         pytest.param(
             lambda e: e["members"][1].update(arch="no_such_package.models:Net"),
-            f"{PREFIX}.members[1].requires: cannot tell which package to pin for module 'no_such_package': no installed distribution provides it; install it, or name it with requires: '<distribution>==<version>'",
+            f"{PREFIX}.members[1].requires: cannot tell which package to pin for module 'no_such_package': no "
+            "installed distribution provides it; install it, or name it with requires: "
+            "'<distribution>==<version>'",
             id="package-not-installed",
         ),
         pytest.param(
             lambda e: e["members"][1].update(arch="no_such_package.models:Net", requires="no-such-package==1.0"),
-            f"{PREFIX}.members[1].requires: package member needs no-such-package==1.0, and this environment does not have no-such-package; install it where the ensemble runs: pip install 'no-such-package==1.0'",
+            f"{PREFIX}.members[1].requires: package member needs no-such-package==1.0, and this environment does "
+            "not have no-such-package; install it where the ensemble runs: pip install 'no-such-package==1.0'",
             id="package-requirement-missing",
         ),
         pytest.param(
             lambda e: e["members"][0].update(arch="timm:resnet18", requires="timm==0.9.0"),
-            f"{PREFIX}.members[0].requires: timm member needs timm==0.9.0, and this environment has timm 1.0.31; install it where the ensemble runs: pip install 'timm==0.9.0'",
+            f"{PREFIX}.members[0].requires: timm member needs timm==0.9.0, and this environment has timm 1.0.31; "
+            "install it where the ensemble runs: pip install 'timm==0.9.0'",
             id="package-other-version",
         ),
         pytest.param(
             lambda e: e["members"][0].update(requires="torchvision==0.29.1"),
-            f"{PREFIX}.members[0].requires: requires is for timm, transformers and package members; torchvision members run code this project pins",
+            f"{PREFIX}.members[0].requires: requires is for timm, transformers and package members; torchvision "
+            "members run code this project pins",
             id="requires-torchvision",
         ),
         pytest.param(
@@ -162,12 +172,14 @@ RULES = f"{PREFIX}.members[0].state_dict"
         ),
         pytest.param(
             lambda e: e["members"][0].update(output={"select": -1}),
-            f"{PREFIX}.members[0].output.select: expected a tuple or list index (an integer from 0) or a key or attribute name, got -1",
+            f"{PREFIX}.members[0].output.select: expected a tuple or list index (an integer from 0) or a key or "
+            "attribute name, got -1",
             id="select-negative",
         ),
         pytest.param(
             lambda e: e["members"][0].update(output={"select": []}),
-            f"{PREFIX}.members[0].output.select: expected an index, a name, or a non-empty list of them, e.g. [0, logits]",
+            f"{PREFIX}.members[0].output.select: expected an index, a name, or a non-empty list of them, e.g. "
+            "[0, logits]",
             id="select-empty",
         ),
         pytest.param(
@@ -177,7 +189,8 @@ RULES = f"{PREFIX}.members[0].state_dict"
         ),
         pytest.param(
             lambda e: e["members"][0].update(labels=["cat", "dog"]),
-            f"{PREFIX}.members[0].labels: member 'mobile' has no output for ['fox']: a multiclass member scores every label of the ensemble ['cat', 'dog', 'fox'], and may have more",
+            f"{PREFIX}.members[0].labels: member 'mobile' has no output for ['fox']: a multiclass member scores "
+            "every label of the ensemble ['cat', 'dog', 'fox'], and may have more",
             id="member-label-missing",
         ),
         pytest.param(
@@ -251,7 +264,8 @@ RULES = f"{PREFIX}.members[0].state_dict"
         ),
         pytest.param(
             lambda e: e["members"][1].update(input={"type": "tensor", "shape": [8]}),
-            f"{PREFIX}.members[1].input: only a whole ensemble takes tensor input; members of an image ensemble take images",
+            f"{PREFIX}.members[1].input: only a whole ensemble takes tensor input; members of an image ensemble "
+            "take images",
             id="member-tensor",
         ),
         pytest.param(
@@ -418,7 +432,8 @@ def test_tensor_input_ensemble_parses_and_round_trips(tmp_path: Path) -> None:
         ),
         pytest.param(
             lambda e: e["members"][0].update(input={"type": "tensor", "shape": [12]}),
-            f"{VECTORS}.members[0].input: members of a tensor-input ensemble share its input; remove this member's input",
+            f"{VECTORS}.members[0].input: members of a tensor-input ensemble share its input; remove this "
+            "member's input",
             id="member-override",
         ),
     ],

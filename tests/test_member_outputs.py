@@ -27,14 +27,15 @@ from handlers.errors import MemberLoadError
 from handlers.execution.engines import archived_exports
 from handlers.inputs.images import batch_tensors, decode_image
 from handlers.weights.loading import load_archived_members
-from tests.conftest import image_bytes, load_handler, serve
+from tests.conftest import image_bytes, image_input, load_handler, serve
 from tests.fixture_models import FixedNet, StructuredNet
 
 HERE = Path(__file__).parent
 CPU = torch.device("cpu")
 
 # name: (StructuredNet kwargs, the member's own labels or None, its output: block or None)
-MULTICLASS = {
+Members = dict[str, tuple[dict[str, Any], list[str] | None, dict[str, Any] | None]]
+MULTICLASS: Members = {
     "tuple_probs": ({"form": "tuple", "activation": "softmax"}, None, {"select": 1, "kind": "probabilities"}),
     "dict_logits": ({"form": "dict"}, None, {"select": "logits"}),
     "reordered": ({"form": "dataclass"}, ["fox", "cat", "dog"], {"select": "logits"}),
@@ -46,12 +47,12 @@ MULTICLASS = {
     ),
     "conv_map": ({"form": "map"}, None, None),
 }
-MULTILABEL = {
+MULTILABEL: Members = {
     "red_round": ({"form": "tuple", "activation": "sigmoid"}, ["round", "red"], {"select": 1, "kind": "probabilities"}),
     "large_red_extra": ({"form": "dict"}, ["large", "red"], {"select": "logits"}),
     "all_three": ({"form": "map"}, None, None),
 }
-BINARY = {
+BINARY: Members = {
     "flipped": ({"form": "dict"}, ["present", "absent"], {"select": "logits"}),
     "third_output": (
         {"form": "tuple", "activation": "softmax"},
@@ -59,7 +60,8 @@ BINARY = {
         {"select": 1, "kind": "probabilities"},
     ),
 }
-TASKS = {
+# task: (the ensemble's labels, its members, its policy)
+TASKS: dict[str, tuple[list[str], Members, dict[str, Any]]] = {
     "multiclass": (["cat", "dog", "fox"], MULTICLASS, {"name": "mean"}),
     "multilabel": (["red", "round", "large"], MULTILABEL, {"name": "majority", "threshold": 0.5}),
     "binary": (["absent", "present"], BINARY, {"name": "mean", "threshold": 0.5}),
@@ -69,7 +71,7 @@ TASKS = {
 def write_members(
     folder: Path,
     task: str,
-    members: dict[str, tuple[dict, list[str] | None, dict | None]],
+    members: Members,
     labels: list[str],
     policy: dict[str, Any],
 ) -> tuple[Path, dict[str, torch.nn.Module]]:
@@ -77,7 +79,8 @@ def write_members(
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(HERE / "fixture_models.py", folder / "fixture_models.py")
     torch.manual_seed(5)
-    modules, declared = {}, []
+    modules: dict[str, torch.nn.Module] = {}
+    declared: list[dict[str, Any]] = []
     for name, (kwargs, own, output) in members.items():
         module = StructuredNet(num_classes=len(own or labels), **kwargs).eval()
         with torch.no_grad():
@@ -163,7 +166,8 @@ def _serve(task: str, root: Path) -> dict[str, Any]:
         ]
     }
     [v2_reply] = serve(handler, context, [({"body": json.dumps(v2).encode()}, {"Content-Type": "application/json"})])
-    rows = batch_tensors([decode_image(data, spec.limits) for data in images], [spec.input])[spec.input]
+    shared = image_input(spec.input)
+    rows = batch_tensors([decode_image(data, spec.limits) for data in images], [shared])[shared]
     return {
         "task": task,
         "labels": labels,
@@ -215,7 +219,7 @@ def test_each_member_is_served_with_its_module_scores_in_the_ensemble_label_orde
                 assert sorted(member["scores"]) == sorted(want)
                 assert member["scores"] == pytest.approx(want, abs=1e-4)
             else:
-                assert member["label"] == max(want, key=want.get)
+                assert member["label"] == max(want, key=want.__getitem__)
                 assert member["score"] == pytest.approx(max(want.values()), abs=1e-4)
 
 
@@ -303,30 +307,34 @@ REFUSALS = [
     pytest.param(
         {"form": "tuple", "activation": "softmax"},
         {},
-        f"member 'm': its forward returns {TUPLE}, not a tensor; say which part holds its 3 scores with an output: block; "
-        "each of these fits its 3 labels:\n  output: {select: 1, kind: probabilities}",
+        f"member 'm': its forward returns {TUPLE}, not a tensor; say which part holds its 3 scores with an "
+        "output: block; each of these fits its 3 labels:\n"
+        "  output: {select: 1, kind: probabilities}",
         id="tuple-without-output",
     ),
     pytest.param(
         {"form": "tuple"},
         {"output": {"select": 2}},
-        f"member 'm': output.select 2: the forward returns {TUPLE}, which has no item 2; each of these fits its 3 labels:\n"
+        f"member 'm': output.select 2: the forward returns {TUPLE}, which has no item 2; each of these fits its "
+        "3 labels:\n"
         "  output: {select: 1, kind: logits}",
         id="select-beyond-the-tuple",
     ),
     pytest.param(
         {"form": "nested"},
         {"output": {"select": [0, "logit"]}},
-        "member 'm': output.select [0, logit]: the forward returns tuple(dict(logits=Tensor[2, 3], boxes=Tensor[2, 4]), Tensor[2]), "
-        "and at 0 it is dict(logits=Tensor[2, 3], boxes=Tensor[2, 4]), which has no key 'logit'; each of these fits its 3 labels:\n"
+        "member 'm': output.select [0, logit]: the forward returns tuple(dict(logits=Tensor[2, 3], "
+        "boxes=Tensor[2, 4]), Tensor[2]), and at 0 it is dict(logits=Tensor[2, 3], boxes=Tensor[2, 4]), which "
+        "has no key 'logit'; each of these fits its 3 labels:\n"
         "  output: {select: [0, logits], kind: logits}",
         id="select-a-missing-key",
     ),
     pytest.param(
         {"form": "dataclass"},
         {"output": {"select": "embedding"}},
-        "member 'm': the scores (output.select embedding) are Tensor[2, 4] for a probe of 2 rows; its 3 labels need [N, 3] "
-        "after trailing dimensions of size 1 are dropped; each of these fits its 3 labels:\n  output: {select: logits, kind: logits}",
+        "member 'm': the scores (output.select embedding) are Tensor[2, 4] for a probe of 2 rows; its 3 labels "
+        "need [N, 3] after trailing dimensions of size 1 are dropped; each of these fits its 3 labels:\n"
+        "  output: {select: logits, kind: logits}",
         id="select-the-wrong-tensor",
     ),
 ]
@@ -354,8 +362,8 @@ def test_an_output_that_does_not_fit_is_refused_with_the_structure_and_the_block
         ),
         pytest.param(
             [0.25, 0.25, 0.25],
-            "member 'm': output kind probabilities, but the probe batch's rows sum to 0.75 to 0.75, not 1 (within 0.001); "
-            "if the model returns raw scores, declare output: {kind: logits}",
+            "member 'm': output kind probabilities, but the probe batch's rows sum to 0.75 to 0.75, not 1 "
+            "(within 0.001); if the model returns raw scores, declare output: {kind: logits}",
             id="not-summing-to-1",
         ),
     ],

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy
 import pytest
 import torch
 from ts.context import Context
@@ -43,6 +44,7 @@ def test_mean_of_the_named_members_only(
     replies = serve(handler, context, rows)
     probs = member_probabilities(test_store, "trio", IMAGES)
     mean = sum(probs[m] * WEIGHTS[m] for m in subset) / sum(WEIGHTS[m] for m in subset)
+    assert isinstance(mean, numpy.ndarray)
     labels = handler.ensemble.spec.labels
     archived = {m.name: sha256_of(handler.ensemble.spec.base_dir / m.weights) for m in handler.ensemble.spec.members}
     for i, (status, body, _) in enumerate(replies):
@@ -159,7 +161,8 @@ def test_members_on_every_channel(
         ),
         pytest.param(
             {"members": "mobile,pool_gray", "policy": "k_of_n", "k": "3"},
-            "k must be an integer from 1 to 2, got '3' (k counts the 2 member(s) this request asked for: members=mobile,pool_gray)",
+            "k must be an integer from 1 to 2, got '3' (k counts the 2 member(s) this request asked for: "
+            "members=mobile,pool_gray)",
             id="k-beyond-the-subset",
         ),
     ],

@@ -187,7 +187,7 @@ def test_multilabel_batches_count_labels_and_never_abstentions(
     handler.metrics.flush()
     probs = torch.from_numpy(numpy.stack(list(member_probabilities(test_store, "tags", images).values())))
     on = probs >= 0.5  # [member, image, label], the tags ensemble's threshold
-    lines = {}
+    lines: dict[tuple[str, str], float] = {}
     for record in caplog.records:
         match = LINE.fullmatch(record.getMessage())
         if match:
@@ -196,8 +196,8 @@ def test_multilabel_batches_count_labels_and_never_abstentions(
     assert "ensemble_abstentions_total" not in {name for name, _ in lines}
     assert lines["ensemble_disagreements_total", ""] == int((on != on[:1]).any(dim=2).any(dim=0).sum())
     for m, member in enumerate(("mobile", "pool_rgb", "pool_gray")):
-        for l, label in enumerate(("red", "round")):
-            count = int(on[m, :, l].sum())
+        for j, label in enumerate(("red", "round")):
+            count = int(on[m, :, j].sum())
             assert lines.get(("ensemble_member_positive_total", f"Member:{member},Label:{label}"), 0) == count
 
 

@@ -157,7 +157,7 @@ def test_dashboard_structure() -> None:
     assert [(v["name"], v["type"]) for v in variables] == [("DS_PROMETHEUS", "datasource"), ("model", "query")]
     assert variables[1]["query"]["query"] == "label_values(ensemble_images_total, ModelName)"
     assert len({p["id"] for p in board["panels"]}) == len(PANEL_TITLES)
-    cells = set()
+    cells: set[tuple[int, int]] = set()
     for panel in board["panels"]:
         assert panel["datasource"] == {"type": "prometheus", "uid": "${DS_PROMETHEUS}"}
         assert [t["datasource"]["uid"] for t in panel["targets"]] == ["${DS_PROMETHEUS}"]

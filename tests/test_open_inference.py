@@ -192,7 +192,8 @@ BAD_V2 = [
         v2_images([image_bytes(1)], parameters={"colour": "red"}),
         {},
         400,
-        "unknown parameter(s) ['colour']; valid: policy, k, threshold, confidence, early_exit, members, top_k, sequence, min_run, uncertainty",
+        "unknown parameter(s) ['colour']; valid: policy, k, threshold, confidence, early_exit, members, top_k, "
+        "sequence, min_run, uncertainty",
         id="unknown-parameter",
     ),
     pytest.param(

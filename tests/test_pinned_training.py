@@ -158,7 +158,13 @@ def test_a_process_started_under_another_kernel_choice_trains_under_the_pin() ->
 
 
 def test_apply_refuses_a_process_started_without_the_pin() -> None:
-    code = "from archive_scripts import pinned_kernels\ntry:\n    pinned_kernels.apply()\nexcept pinned_kernels.PinUnavailable as e:\n    print(e)"
+    code = (
+        "from archive_scripts import pinned_kernels\n"
+        "try:\n"
+        "    pinned_kernels.apply()\n"
+        "except pinned_kernels.PinUnavailable as e:\n"
+        "    print(e)"
+    )
     done = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, env=ambient(), capture_output=True, text=True, check=True, timeout=120
     )

@@ -94,8 +94,8 @@ def test_the_build_measures_each_lossy_precision_and_archives_the_int8_export(
     assert manifest.engines["pool"]["int8"] == "members/pool.int8.onnx"
     assert "members/pool.int8.onnx" in manifest.digests
     assert [line for line in forgiven_lines(lossy_archive) if "calibration images" in line] == [
-        f"member {member!r}: {m['precision']} agrees with fp32 on {m['agreement']:.4f} of {CALIBRATION_IMAGES} calibration "
-        f"images (largest probability difference {m['largest_difference']:g})"
+        f"member {member!r}: {m['precision']} agrees with fp32 on {m['agreement']:.4f} of {CALIBRATION_IMAGES} "
+        f"calibration images (largest probability difference {m['largest_difference']:g})"
         for member, m in measured.items()
     ]
 
@@ -138,11 +138,17 @@ def test_a_cpu_without_the_precision_serves_fp32_and_says_why(
     assert {member: choice["precision"] for member, choice in described.items()} == {
         "squeeze": {
             "precision": "fp32",
-            "fallback": "bf16 needs one of the CPU features avx512_bf16, amx_bf16 to run faster than fp32, and this CPU has none",
+            "fallback": (
+                "bf16 needs one of the CPU features avx512_bf16, amx_bf16 to run faster than fp32, and "
+                "this CPU has none"
+            ),
         },
         "pool": {
             "precision": "fp32",
-            "fallback": "int8 needs one of the CPU features avx512_vnni, avx_vnni, amx_int8 to run faster than fp32, and this CPU has none",
+            "fallback": (
+                "int8 needs one of the CPU features avx512_vnni, avx_vnni, amx_int8 to run faster than "
+                "fp32, and this CPU has none"
+            ),
         },
     }
     assert not {choice["plan"] for choice in described.values()} & {
@@ -177,6 +183,7 @@ def test_a_precision_that_flips_labels_is_refused_at_build_time_with_both_number
     knife = KnifeEdgeNet()
     with torch.no_grad():
         knife.conv.weight[1] = knife.conv.weight[0] + 1e-4 * torch.randn_like(knife.conv.weight[0])
+        assert knife.conv.bias is not None
         knife.conv.bias[1] = knife.conv.bias[0]
     member = {
         "name": "knife",
@@ -203,7 +210,8 @@ def test_a_precision_that_flips_labels_is_refused_at_build_time_with_both_number
     [
         pytest.param(
             {"precision": "int8"},
-            "members 'pool': precision int8 needs execution.calibration: a folder of images like the ones it will serve",
+            "members 'pool': precision int8 needs execution.calibration: a folder of images like the ones it "
+            "will serve",
             id="no-calibration",
         ),
         pytest.param(
@@ -242,5 +250,6 @@ def test_a_lossy_precision_with_a_fixed_plan_is_refused_where_it_is_written(tmp_
     with pytest.raises(ConfigError) as caught:
         load_ensembles(path)
     assert str(caught.value).endswith(
-        "ensembles.lossy.members[0].execution.plan: precision bf16 runs on the engines measured for it: leave plan at auto, not 'frozen'"
+        "ensembles.lossy.members[0].execution.plan: precision bf16 runs on the engines measured for it: leave "
+        "plan at auto, not 'frozen'"
     )

@@ -212,7 +212,9 @@ def test_cmyk_jpeg_decodes_to_rgb() -> None:
     data = encoded(Image.new("RGB", (8, 8), (200, 30, 60)).convert("CMYK"), "JPEG", quality=100)
     decoded = decode_image(data, Limits())
     assert decoded.mode == "RGB"
-    assert all(abs(got - want) <= 3 for got, want in zip(decoded.getpixel((4, 4)), (200, 30, 60), strict=True))
+    pixel = decoded.getpixel((4, 4))
+    assert isinstance(pixel, tuple)
+    assert all(abs(got - want) <= 3 for got, want in zip(pixel, (200, 30, 60), strict=True))
 
 
 def test_animated_gif_gives_its_first_frame() -> None:

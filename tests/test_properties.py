@@ -86,8 +86,9 @@ def corrupt_corpus(seed: int, count: int) -> list[bytes]:
 
 
 def test_decoding_corrupt_bytes_again_and_again_does_not_grow_memory() -> None:
-    """After a warm-up pass, 5 more passes over 1000 inputs (5000 decodes) must leave memory where it was: a leak of
-    a 1 KB buffer per decode (5 MB) fails both bounds, holding on to ~50 bytes of Python objects per decode the first."""
+    """After a warm-up pass, 5 more passes over 1000 inputs (5000 decodes) must leave memory where it was: a leak
+    of a 1 KB buffer per decode (5 MB) fails both bounds, holding on to ~50 bytes of Python objects per decode the
+    first."""
     corpus = corrupt_corpus(0, 1000)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Pillow warns on some corrupt files; each warning is kept once per location.

@@ -335,6 +335,7 @@ TORCHSERVE_REFUSED = {
 
 @pytest.fixture(scope="module")
 def v2_client(server: Server) -> Iterator[triton.InferenceServerClient]:
+    assert server.gateway is not None
     with triton_client(server.gateway) as client:
         yield client
 
@@ -467,6 +468,7 @@ def test_gateway_refuses_a_body_over_max_request_size_unread(server: Server, exp
     """Refused from the Content-Length alone: the client need not (and with Expect: 100-continue does not) send the
     body."""
     limit = int(server.setting("max_request_size"))
+    assert server.gateway is not None
     host, port = server.gateway.removeprefix("http://").split(":")
     connection = http.client.HTTPConnection(host, int(port), timeout=TIMEOUT)
     try:

@@ -113,7 +113,8 @@ def test_read_request(row: dict, headers: dict, expected: WireRequest) -> None:
             {"body": b'{"images": []}'},
             {"Content-Type": "application/json"},
             RequestError,
-            'wrong JSON shape: expected {"instances": [{"b64": "<base64 image>"}, ...]} or a v2 request {"inputs": [...]}',
+            'wrong JSON shape: expected {"instances": [{"b64": "<base64 image>"}, ...]} or a v2 request '
+            '{"inputs": [...]}',
             id="json-wrong-shape",
         ),
         pytest.param(
@@ -155,7 +156,8 @@ def test_read_request(row: dict, headers: dict, expected: WireRequest) -> None:
             {"body": json.dumps({"instances": [{"b64": b64(A)}], "parameters": {"colour": "red"}}).encode()},
             {"Content-Type": "application/json"},
             RequestError,
-            "unknown parameter(s) ['colour']; valid: policy, k, threshold, confidence, early_exit, members, top_k, sequence, min_run, uncertainty",
+            "unknown parameter(s) ['colour']; valid: policy, k, threshold, confidence, early_exit, members, "
+            "top_k, sequence, min_run, uncertainty",
             id="json-body-unknown-parameter",
         ),
         pytest.param(
@@ -176,24 +178,28 @@ def test_read_request(row: dict, headers: dict, expected: WireRequest) -> None:
             {"polcy": b"any", "body": A},
             {},
             RequestError,
-            "unknown parameter(s) ['polcy'] (closest valid: 'polcy' -> 'policy'); valid: policy, k, threshold, confidence, early_exit, members, top_k, sequence, "
-            "min_run, uncertainty, and the body (over gRPC an input named body or data)",
+            "unknown parameter(s) ['polcy'] (closest valid: 'polcy' -> 'policy'); valid: policy, k, threshold, "
+            "confidence, early_exit, members, top_k, sequence, min_run, uncertainty, and the body (over gRPC an "
+            "input named body or data)",
             id="unknown-query",
         ),
         pytest.param(
             {"img": A, "polcy": b"any"},
             {"Content-Type": MULTIPART},
             RequestError,
-            "unknown parameter(s) ['polcy'] (closest valid: 'polcy' -> 'policy'); valid: policy, k, threshold, confidence, early_exit, members, top_k, sequence, "
-            "min_run, uncertainty; an image part must hold an image's bytes ('polcy' holds 3 bytes of text)",
+            "unknown parameter(s) ['polcy'] (closest valid: 'polcy' -> 'policy'); valid: policy, k, threshold, "
+            "confidence, early_exit, members, top_k, sequence, min_run, uncertainty; an image part must hold an "
+            "image's bytes ('polcy' holds 3 bytes of text)",
             id="multipart-misspelt-query-parameter",
         ),
         pytest.param(
             {"img": A, "colour": "red", "treshold": b"0.3"},
             {"Content-Type": MULTIPART},
             RequestError,
-            "unknown parameter(s) ['colour', 'treshold'] (closest valid: 'treshold' -> 'threshold'); valid: policy, k, threshold, confidence, "
-            "early_exit, members, top_k, sequence, min_run, uncertainty; an image part must hold an image's bytes ('colour' holds 3 bytes of text, 'treshold' holds 3 bytes of text)",
+            "unknown parameter(s) ['colour', 'treshold'] (closest valid: 'treshold' -> 'threshold'); valid: "
+            "policy, k, threshold, confidence, early_exit, members, top_k, sequence, min_run, uncertainty; an "
+            "image part must hold an image's bytes ('colour' holds 3 bytes of text, 'treshold' holds 3 bytes of "
+            "text)",
             id="multipart-text-fields-as-str-and-bytes",
         ),
         pytest.param(
@@ -210,15 +216,16 @@ def test_read_request(row: dict, headers: dict, expected: WireRequest) -> None:
             {"body": A},
             {"Content-Type": "text/plain"},
             UnsupportedMediaType,
-            "content type 'text/plain': send an image (image/* or application/octet-stream), multipart/form-data parts, "
-            "application/json instances or a v2 request",
+            "content type 'text/plain': send an image (image/* or application/octet-stream), "
+            "multipart/form-data parts, application/json instances or a v2 request",
             id="wrong-content-type",
         ),
         pytest.param(
             {"body": A},
             {"Content-Type": "application/x-npy"},
             UnsupportedMediaType,
-            "content type 'application/x-npy': send an image (image/* or application/octet-stream), multipart/form-data parts, application/json instances or a v2 request",
+            "content type 'application/x-npy': send an image (image/* or application/octet-stream), "
+            "multipart/form-data parts, application/json instances or a v2 request",
             id="tensor-to-image-ensemble",
         ),
         pytest.param(

@@ -1,4 +1,5 @@
-"""ensembles.schema.json: generated from the config models, never stale, and what every shipped ensembles file is checked against.
+"""ensembles.schema.json: generated from the config models, never stale, and what every shipped ensembles file is
+checked against.
 
 check-jsonschema is the tool editors' and CI's checks are built on; the wrong copies show that it and the
 models refuse the same mistake at the same key.
@@ -100,7 +101,10 @@ def binary_without_positive_label(doc: dict[str, Any]) -> None:
     del doc["ensembles"]["shapes"]["positive_label"]
 
 
-SHAPES_KEYS = "batching, consistency, defer, execution, input, labels, limits, members, policy, positive_label, task, top_k, version"
+SHAPES_KEYS = (
+    "batching, consistency, defer, execution, input, labels, limits, members, policy, positive_label, "
+    "task, top_k, version"
+)
 
 
 @pytest.mark.parametrize(
@@ -120,8 +124,10 @@ SHAPES_KEYS = "batching, consistency, defer, execution, input, labels, limits, m
         ),
         pytest.param(
             unknown_choice,
-            "$.ensembles.shapes.members[0].input.tta: 'twenty_crop' is not one of ['none', 'hflip', 'five_crop', 'ten_crop']",
-            "ensembles.shapes.members[0].input.tta: expected one of none, hflip, five_crop, ten_crop, got 'twenty_crop'",
+            "$.ensembles.shapes.members[0].input.tta: 'twenty_crop' is not one of ['none', 'hflip', "
+            "'five_crop', 'ten_crop']",
+            "ensembles.shapes.members[0].input.tta: expected one of none, hflip, five_crop, ten_crop, got "
+            "'twenty_crop'",
             id="unknown-choice",
         ),
         pytest.param(

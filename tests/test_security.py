@@ -1,4 +1,5 @@
-"""The settings SECURITY.md promises, checked against the shipped config.properties, the KServe profile and the handler source.
+"""The settings SECURITY.md promises, checked against the shipped config.properties, the KServe profile and the handler
+source.
 
 The tests marked integration ask a real TorchServe, running the shipped config with no model registered,
 to do what each published TorchServe CVE abused (SECURITY.md, "Published TorchServe vulnerabilities"),
@@ -230,7 +231,8 @@ def origin() -> Iterator[tuple[str, list[str]]]:
 
 
 def write_archive(path: Path, name: str, files: Mapping[str, str]) -> Path:
-    """A minimal .mar: TorchServe's manifest for model `name`, whose handler never runs (no worker starts), and `files`."""
+    """A minimal .mar: TorchServe's manifest for model `name`, whose handler never runs (no worker starts), and
+    `files`."""
     model = {"modelName": name, "handler": "handler.py", "modelVersion": "1.0"}
     if "model-config.yaml" in files:
         model["configFile"] = "model-config.yaml"
@@ -243,7 +245,8 @@ def write_archive(path: Path, name: str, files: Mapping[str, str]) -> Path:
 
 
 def register(server: Server, url: str, *, api: str = "models", key: bool = True) -> requests.Response:
-    """Ask the management API to register `url` (with the real management key unless told otherwise), starting no worker."""
+    """Ask the management API to register `url` (with the real management key unless told otherwise), starting no
+    worker."""
     params = {"url": url} if api == "workflows" else {"url": url, "initial_workers": "0", "synchronous": "true"}
     headers = server.headers("management") if key else {}
     return requests.post(f"{server.management}/{api}", params=params, headers=headers, timeout=TIMEOUT)
@@ -287,7 +290,8 @@ def listing(folder: Path) -> list[str]:
 def test_nothing_is_fetched_by_url(
     bare_server: tuple[Server, Path], origin: tuple[str, list[str]], tmp_path: Path, api: str, target: str, kind: str
 ) -> None:
-    """CVE-2023-43654 (ShellTorch's SSRF): allowed_urls=(?!) matches no URL, so TorchServe asks nothing of the origin."""
+    """CVE-2023-43654 (ShellTorch's SSRF): allowed_urls=(?!) matches no URL, so TorchServe asks nothing of the
+    origin."""
     server, store = bare_server
     base, asked = origin
     url = target.format(origin=base, outside=write_archive(tmp_path / "outside.mar", "outside", {}))
@@ -368,7 +372,8 @@ def test_a_model_folder_outside_the_store_takes_the_management_key(
 
 
 def java_tmpdir(server: Server) -> Path:
-    """Where the frontend unpacks archives: the -Djava.io.tmpdir the launcher passes (only when TEMP is set), else the JVM's /tmp."""
+    """Where the frontend unpacks archives: the -Djava.io.tmpdir the launcher passes (only when TEMP is set), else the
+    JVM's /tmp."""
     frontend = psutil.Process(int(server.torchserve_pid_file.read_text()))
     given = [arg.split("=", 1)[1] for arg in frontend.cmdline() if arg.startswith("-Djava.io.tmpdir=")]
     return Path(given[0] if given else "/tmp")

@@ -81,7 +81,8 @@ def test_the_page_names_the_answers_keys() -> None:
 
 
 def test_extracting_a_zip_slip_entry_keeps_it_inside(tmp_path: Path) -> None:
-    """The example unpacks with zipfile.extractall, which the page says drops `..` (CVE-2023-48299 hit TorchServe's own unzip)."""
+    """The example unpacks with zipfile.extractall, which the page says drops `..` (CVE-2023-48299 hit TorchServe's own
+    unzip)."""
     archive = tmp_path / "slip.mar"
     with zipfile.ZipFile(archive, "w") as slip:
         slip.writestr("../escaped.txt", "escaped")

@@ -363,7 +363,8 @@ def test_bad_json_instances_are_refused(body: bytes, error: type[RequestError], 
             {"body": npy_bytes(GOOD), "colour": b"red"},
             NPY,
             RequestError,
-            "unknown parameter(s) ['colour']; valid: policy, k, threshold, confidence, early_exit, members, top_k, sequence, min_run, uncertainty, and the body (over gRPC an input named body or data)",
+            "unknown parameter(s) ['colour']; valid: policy, k, threshold, confidence, early_exit, members, "
+            "top_k, sequence, min_run, uncertainty, and the body (over gRPC an input named body or data)",
             id="unknown-param",
         ),
     ],
@@ -382,6 +383,7 @@ def test_tensor_request_carries_its_policy() -> None:
         {"body": npy_bytes(GOOD), "policy": b"max"}, {**NPY, "X-Ensemble-Threshold": "0.3"}, LIMITS, SPEC, ()
     )
     assert dict(parsed.parameters) == {"policy": "max", "threshold": "0.3"}
+    assert isinstance(parsed.inputs, torch.Tensor)
     assert torch.equal(parsed.inputs, torch.from_numpy(GOOD))
 
 
@@ -391,4 +393,5 @@ def test_json_instances_carry_parameters_in_the_body() -> None:
         {"body": body}, {"Content-Type": "application/json", "X-Ensemble-Policy": "k_of_n"}, LIMITS, SPEC, ()
     )
     assert dict(parsed.parameters) == {"policy": "k_of_n", "k": 1}
+    assert isinstance(parsed.inputs, torch.Tensor)
     assert torch.equal(parsed.inputs, torch.from_numpy(GOOD))

@@ -27,7 +27,8 @@ def trio(test_store: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[En
 
 
 def probabilities(store: Path, images: list[bytes]) -> torch.Tensor:
-    """probs[member, image, label], from the members' own modules (tests/fixture_reference.py), not the server's code."""
+    """probs[member, image, label], from the members' own modules (tests/fixture_reference.py), not the server's
+    code."""
     return torch.from_numpy(numpy.stack(list(member_probabilities(store, "trio", images).values())))
 
 

@@ -17,7 +17,7 @@ from handlers.config.specs import EnsembleSpec, InputSpec, Limits
 from handlers.ensemble import Ensemble
 from handlers.inputs.images import batch_tensors, decode_image, to_tensor
 from handlers.weights.loading import load_member
-from tests.conftest import image_bytes
+from tests.conftest import image_bytes, image_input
 
 LIMITS = Limits()
 IMAGES = [decode_image(image_bytes(seed, size=(45, 38)), LIMITS) for seed in (51, 52, 53)]
@@ -84,7 +84,7 @@ def member_probabilities(spec: EnsembleSpec, index: int, images: list[Image.Imag
     """[image, label]: the member run on each image's views one view at a time, softmax, then the mean."""
     member = spec.members[index]
     module, _ = load_member(member, spec.base_dir)
-    given = spec.member_input(member)
+    given = image_input(spec.member_input(member))
     with torch.inference_mode():
         return torch.stack(
             [
@@ -135,7 +135,8 @@ def test_views_of_a_batch_split_back_per_request(ensemble_yaml: Callable[..., Pa
 
 
 def assert_close_answers(got: dict[str, Any], want: dict[str, Any]) -> None:
-    """Same labels and members, and every score within 1e-6 (a batch's slices run at other sizes than one image alone)."""
+    """Same labels and members, and every score within 1e-6 (a batch's slices run at other sizes than one image
+    alone)."""
     assert got["answered_by"] == want["answered_by"]
     for got_view, want_view in zip(got["predictions"], want["predictions"], strict=True):
         assert got_view["label"] == want_view["label"]

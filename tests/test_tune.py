@@ -209,9 +209,10 @@ def test_pick_keeps_the_current_within_the_margin(rows: list[Row], expected: Can
 
 def test_noise_widens_the_margin() -> None:
     rows = [row(ONE, 12.0, (80, 160, 450)), row(TWO, 14.0, (70, 260, 480))]  # 1.15x
-    assert pick(rows, C1, current=ONE, noise=0.05).recommended.candidate == TWO
+    narrow = pick(rows, C1, current=ONE, noise=0.05)
+    assert narrow.recommended is not None and narrow.recommended.candidate == TWO
     wide = pick(rows, C1, current=ONE, noise=0.20)
-    assert wide.recommended.candidate == ONE and wide.margin == 0.20
+    assert wide.recommended is not None and wide.recommended.candidate == ONE and wide.margin == 0.20
     assert wide.verdicts[TWO] == "best, 1.15x: under the 1.20x that replaces the current"
 
 
@@ -266,7 +267,8 @@ def test_pick_verdicts_and_table() -> None:
     assert len(table) == 2 + len(rows) + 1
     assert table[-1].endswith("| 0, 0 | current, measured again: 1.10x the first |")
     assert table[3].startswith(
-        "| 1 | 8 | 2 ms | 80.0 | 12.0 | 160.0 | 40.0 | 450.0 | 40.0 | 179.3 | 1.00x | 0, 0 | **recommended** (current) |"
+        "| 1 | 8 | 2 ms | 80.0 | 12.0 | 160.0 | 40.0 | 450.0 | 40.0 | 179.3 | 1.00x | 0, 0 | **recommended** "
+        "(current) |"
     )
 
 

@@ -20,7 +20,7 @@ from handlers.ensemble import Ensemble
 from handlers.errors import ConfigError
 from handlers.inputs.images import batch_tensors, decode_image
 from tests.checkpoint_layouts import randomize
-from tests.conftest import image_bytes, load_handler, serve
+from tests.conftest import image_bytes, image_input, load_handler, serve
 
 # Builds a real archive with torch-model-archiver and loads it in the real handler: seconds.
 pytestmark = pytest.mark.slow
@@ -67,7 +67,8 @@ def test_a_timm_member_is_served_with_the_scores_of_the_published_module(tmp_pat
     handler, context = load_handler(tmp_path / "store", "zoo", tmp_path / "model")
     images = [image_bytes(seed, size=(57, 33)) for seed in (1, 2, 3)]
     replies = serve(handler, context, [({"body": data}, {"Content-Type": "image/png"}) for data in images])
-    rows = batch_tensors([decode_image(data, spec.limits) for data in images], [spec.input])[spec.input]
+    shared = image_input(spec.input)
+    rows = batch_tensors([decode_image(data, spec.limits) for data in images], [shared])[shared]
     with torch.inference_mode():
         expected = torch.softmax(published(rows), dim=-1)
     for (status, body, _), want in zip(replies, expected, strict=True):
@@ -113,7 +114,8 @@ def test_a_package_member_is_pinned_to_its_distribution_and_served_with_its_own_
     images = [image_bytes(seed, size=(50, 41)) for seed in (4, 5)]
     replies = serve(handler, context, [({"body": data}, {"Content-Type": "image/png"}) for data in images])
     spec = load_ensembles(path)["pkg"]
-    rows = batch_tensors([decode_image(data, spec.limits) for data in images], [spec.input])[spec.input]
+    shared = image_input(spec.input)
+    rows = batch_tensors([decode_image(data, spec.limits) for data in images], [shared])[shared]
     with torch.inference_mode():
         expected = torch.softmax(published(rows), dim=-1)
     for (status, body, _), want in zip(replies, expected, strict=True):
@@ -165,8 +167,7 @@ def write_hugging_face_ensemble(folder: Path) -> tuple[Path, torch.nn.Module]:
         num_hidden_layers=1,
         num_attention_heads=2,
         intermediate_size=64,
-        num_labels=3,
-        id2label=dict(enumerate(order)),
+        id2label=dict(enumerate(order)),  # 3 labels: transformers 5 counts them from id2label
         label2id={label: i for i, label in enumerate(order)},
     )
     published = ViTForImageClassification(config).eval()
@@ -195,7 +196,8 @@ def test_a_hugging_face_folder_is_served_with_its_logits_in_the_ensemble_label_o
     replies = serve(
         handler, context, [({"body": data, "top_k": b"3"}, {"Content-Type": "image/png"}) for data in images]
     )
-    rows = batch_tensors([decode_image(data, spec.limits) for data in images], [spec.input])[spec.input]
+    shared = image_input(spec.input)
+    rows = batch_tensors([decode_image(data, spec.limits) for data in images], [shared])[shared]
     with torch.inference_mode():
         logits = published(rows).logits[:, [1, 2, 0]]  # fox, cat, dog -> cat, dog, fox
     expected = torch.softmax(logits, dim=-1)
