@@ -59,6 +59,16 @@ TRIO_OUTPUTS = [
     ("vote_margin", "FP64", [-1]),
 ]
 IMAGES_INPUT = ("data", "BYTES", [-1])
+# What the gateway answers a request without the inference token, and what TorchServe itself answers.
+REFUSED = {
+    "error": "Token Authorization failed: send TorchServe's inference key (key_file.json, inference.key) "
+    "as 'Authorization: Bearer <key>', as TorchServe's inference API requires"
+}
+TORCHSERVE_REFUSED = {
+    "code": 400,
+    "type": "InvalidKeyException",
+    "message": "Token Authorization failed. Token either incorrect, expired, or not provided correctly",
+}
 
 
 def generate(into: Path) -> tuple[ModuleType, ModuleType]:

@@ -43,18 +43,10 @@ from gateway.open_inference import (
     unknown_model,
 )
 from tests.conftest import assert_same_predictions, image_bytes, reference
+from tests.protocol_clients import REFUSED, TORCHSERVE_REFUSED
 
 VALID = "valid: policy, k, threshold, confidence, early_exit, members, top_k, sequence, min_run, uncertainty"
 NOT_A_HEADER = "holds a character an HTTP header cannot carry (a control or non-ASCII character); send that parameter"
-REFUSED = {
-    "error": "Token Authorization failed: send TorchServe's inference key (key_file.json, inference.key) "
-    "as 'Authorization: Bearer <key>', as TorchServe's inference API requires"
-}
-TORCHSERVE_REFUSED = {
-    "code": 400,
-    "type": "InvalidKeyException",
-    "message": "Token Authorization failed. Token either incorrect, expired, or not provided correctly",
-}
 TIMEOUT = 60
 
 

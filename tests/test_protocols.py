@@ -47,7 +47,9 @@ from tests.fixture_reference import assert_answers, expected_answers, labels_and
 from tests.protocol_clients import (
     HEALTH_CALLS,
     IMAGES_INPUT,
+    REFUSED,
     SERVER_METADATA,
+    TORCHSERVE_REFUSED,
     TRIO_OUTPUTS,
     generate,
     grpc_predict,
@@ -322,15 +324,6 @@ VECTORS_OUTPUTS = [
     ("mutual_information", "FP64", [-1]),
     ("vote_margin", "FP64", [-1]),
 ]
-REFUSED = {
-    "error": "Token Authorization failed: send TorchServe's inference key (key_file.json, inference.key) "
-    "as 'Authorization: Bearer <key>', as TorchServe's inference API requires"
-}
-TORCHSERVE_REFUSED = {
-    "code": 400,
-    "type": "InvalidKeyException",
-    "message": "Token Authorization failed. Token either incorrect, expired, or not provided correctly",
-}
 
 
 @pytest.fixture(scope="module")
