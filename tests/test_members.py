@@ -177,6 +177,30 @@ def test_bad_members_are_400_alone_in_their_batch(
     assert_answers(good["predictions"], expected_answers(test_store, "trio", IMAGES[1:2]))
 
 
+@pytest.mark.parametrize(
+    ("members", "expected"),
+    [
+        pytest.param(["mobile", "pool_gray"], (200, ["mobile", "pool_gray"]), id="a-list-of-names"),
+        pytest.param(
+            [],
+            (
+                400,
+                "members must be member names separated by commas, like members=mobile; "
+                "valid: mobile, pool_rgb, pool_gray",
+            ),
+            id="an-empty-list",
+        ),
+    ],
+)
+def test_a_json_body_names_members_as_a_list(
+    trio: tuple[EnsembleHandler, Context], members: list[str], expected: tuple[int, object]
+) -> None:
+    """In a JSON body's `parameters`, `members` may be a list; an empty one names no member, as `members=` does."""
+    body = {"instances": [{"b64": base64.b64encode(IMAGES[0]).decode()}], "parameters": {"members": members}}
+    [(status, answer, _)] = serve(*trio, [({"body": json.dumps(body).encode()}, {"Content-Type": "application/json"})])
+    assert (status, answer["answered_by"] if status == 200 else answer["message"]) == expected
+
+
 def test_k_of_n_counts_the_subset(trio: tuple[EnsembleHandler, Context], test_store: Path) -> None:
     row = {"body": IMAGES[2], "members": b"mobile,pool_rgb", "policy": b"k_of_n", "k": b"2"}
     [(status, body, _)] = serve(*trio, [(row, PNG)])

@@ -43,7 +43,8 @@ TOP_OUTPUTS = ("top_labels", "top_scores")
 
 @dataclass(frozen=True)
 class ParameterContext:
-    """What resolving a request's parameters needs: the ensemble, and the v2 outputs asked for (None: not v2)."""
+    """What resolving a request's parameters needs: the ensemble, whether the request came as v2 (`v2`), and the v2
+    outputs it named (`v2_outputs`; None when it named none, or is no v2 request)."""
 
     spec: EnsembleSpec
     v2_outputs: tuple[str, ...] | None = None
@@ -67,7 +68,7 @@ def read_members(sent: Mapping[str, Sent], context: ParameterContext) -> tuple[i
         return tuple(range(len(names)))
     asked = [name.strip() for name in raw] if isinstance(raw, list) else [name.strip() for name in str(raw).split(",")]
     valid = ", ".join(names)
-    if not all(asked):
+    if not asked or not all(asked):  # An empty JSON list names no member, as an empty string does.
         raise RequestError(f"members must be member names separated by commas, like members={names[0]}; valid: {valid}")
     unknown = [name for name in asked if name not in names]
     if unknown:
