@@ -664,16 +664,20 @@ def test_predictions_query_parameters_reach_the_handler_through_the_gateway(
     image = image_bytes(71)
     through = predict(gateway(server), path, image, {**server.headers("inference"), **headers})
     assert through.status_code == 200, through.text
-    assert through.json()["policy"]["name"] == "any"
+    assert (through.json()["policy"]["name"], "warning" in through.json()) == ("any", False)
     params = dict(pair.split("=") for pair in path.partition("?")[2].split("&"))
     assert_same_predictions(through.json()["predictions"], reference(test_store, "pair", [image], **params))
 
 
 @pytest.mark.integration
 def test_torchserve_alone_drops_the_predictions_query(server: Server) -> None:
-    """Why the gateway translates: straight to TorchServe, `?policy=any` is lost and pair's own majority answers."""
+    """Why the gateway translates: straight to TorchServe, `?policy=any` is lost and pair's own majority answers,
+    and the answer says that no parameter reached the ensemble."""
     direct = predict(server.inference, "predictions/pair?policy=any", image_bytes(71), server.headers("inference"))
-    assert (direct.status_code, direct.json()["policy"]["name"]) == (200, "majority")
+    answer = direct.json()
+    assert (direct.status_code, answer["policy"]["name"]) == (200, "majority")
+    assert answer["warning"].startswith("no request parameter reached the ensemble, so its defaults answered (policy=")
+    assert "TorchServe drops the query string of /predictions/<name>" in answer["warning"]
 
 
 @pytest.mark.integration
