@@ -242,7 +242,7 @@ def relayed_headers(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes,
 
 
 def parameter_header(name: str) -> str:
-    """The header the handler reads request parameter `name` from (handlers/inputs/requests.py PARAMETER_HEADERS)."""
+    """The header the handler reads request parameter `name` from (handlers/inputs/parameters.py PARAMETER_HEADERS)."""
     return "X-Ensemble-" + "-".join(part.capitalize() for part in name.split("_"))
 
 

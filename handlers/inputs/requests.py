@@ -116,8 +116,8 @@ def read_request(
                     assert request.images is not None, "an image ensemble's v2 request carries images"
                     return WireRequest(request.images, merge(params, request.parameters), request.form)
             instances = ImageInstances.model_validate(doc)
-            if "parameters" in doc:
-                params = merge(params, json_parameters(doc["parameters"]))
+            if "parameters" in instances.model_fields_set:
+                params = merge(params, json_parameters(instances.parameters))
             images = tuple(decode_base64(item.b64, f"instances[{i}].b64") for i, item in enumerate(instances.instances))
         else:
             images = (_as_bytes(body, "body"),)
