@@ -30,7 +30,7 @@ from bench.contenders import extracted_archive
 from bench.workloads import Workload, demo, torchvision_trio
 from handlers.config.files import load_ensembles
 from handlers.ensemble import Ensemble
-from handlers.execution.runner import usable_cores
+from handlers.execution.cores import usable_cores
 from handlers.inputs.images import decode_image
 
 RESULTS = Path(__file__).parent / "results" / "execution_plans.json"

@@ -28,7 +28,7 @@ from PIL import Image
 from bench.workloads import Workload, demo, torchvision_trio
 from handlers.config.specs import InputSpec
 from handlers.ensemble import Ensemble
-from handlers.execution.runner import usable_cores
+from handlers.execution.cores import usable_cores
 from handlers.inputs.images import decode_image, to_tensor
 
 RESULTS = Path(__file__).parent / "results" / "parallel_inputs.json"

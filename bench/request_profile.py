@@ -27,7 +27,7 @@ from bench.contenders import extracted_archive
 from bench.workloads import demo
 from handlers.config.specs import InputSpec
 from handlers.ensemble import Ensemble
-from handlers.execution.runner import usable_cores
+from handlers.execution.cores import usable_cores
 from handlers.inputs.images import batch_tensors, decode_image
 
 RESULTS = Path(__file__).parent / "results" / "request_profile.json"

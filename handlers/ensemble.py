@@ -9,6 +9,7 @@ and the bench's Triton, Ray and Flask contenders run it in-process.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,12 +25,13 @@ from handlers.answers.v2 import output_names, v2_metadata
 from handlers.config.files import read_archive_manifest
 from handlers.config.policy import PolicySpec, policy_names
 from handlers.config.specs import EnsembleSpec, TensorSpec
-from handlers.errors import EnsembleError
+from handlers.errors import EnsembleError, QuorumNotMet
+from handlers.execution.cores import usable_cores
 from handlers.execution.engines import archived_exports
 from handlers.execution.outputs import label_mapping
 from handlers.execution.plan_forwards import Exported
 from handlers.execution.plan_store import shared_plans
-from handlers.execution.runner import Inputs, MemberRunner, usable_cores
+from handlers.execution.runner import Inputs, MemberRunner
 from handlers.inputs.prepare import PreparedRequest, RequestPreparer
 from handlers.inputs.v2 import V2Form
 from handlers.weights.loading import load_archived_members, load_source_members
@@ -54,14 +56,18 @@ class Reply:
     error: str | None = None
     ran: torch.Tensor | None = None
     deferred: int = 0
+    missing: tuple[dict[str, str], ...] = ()  # per image: member name -> reason it is missing (200 and QuorumNotMet)
+    partial: int = 0  # how many of the request's images have a partial answer (200 replies only)
 
 
 @dataclass(frozen=True)
 class BatchAnswer:
-    """The replies to one TorchServe batch, in order, and each member's forward seconds spent on it."""
+    """The replies to one TorchServe batch, in order, and each member's forward seconds spent on it; `stuck` names
+    the members whose call has run past `stuck_after_s` (the worker should be replaced once these replies are out)."""
 
     replies: list[Reply]
     forward_seconds: dict[str, float]
+    stuck: tuple[str, ...] = ()
 
 
 def pick_device(gpu_id: int | None) -> torch.device:
@@ -155,8 +161,16 @@ class Ensemble:
         """probs[member, input, label] as float64 on the CPU (MemberRunner.probabilities says how)."""
         return self.runner.probabilities(inputs, forward_seconds, wanted, settle)
 
-    def answer_batch(self, prepared: Sequence[PreparedRequest | EnsembleError]) -> BatchAnswer:
-        """One reply per request, in order; the good requests' inputs run together as one batch."""
+    def answer_batch(
+        self, prepared: Sequence[PreparedRequest | EnsembleError], started: float | None = None
+    ) -> BatchAnswer:
+        """One reply per request, in order; the good requests' inputs run together as one batch.
+
+        A request's `deadline_ms` counts from `started` (`time.monotonic()`, when the batch was taken up; default
+        now): the members that have not answered it by then are missing from its answer, and a request without its
+        quorum is refused (503 QuorumNotMet) while the others are answered.
+        """
+        started = time.monotonic() if started is None else started
         good = [p for p in prepared if isinstance(p, PreparedRequest)]
         everyone = tuple(range(len(self.spec.members)))
         wanted = None
@@ -164,8 +178,13 @@ class Ensemble:
             wanted = [set(p.members) for p in good for _ in range(len(p.inputs))]
         forward_seconds = {member.name: 0.0 for member in self.spec.members}
         settle = self._settler(good) if any(p.policy.stops_early for p in good) else None
-        probs = (
-            self.probabilities(self._flatten([p.inputs for p in good]), forward_seconds, wanted, settle)
+        deadlines = None
+        if any(p.deadline_ms is not None for p in good):
+            deadlines = [
+                None if p.deadline_ms is None else started + p.deadline_ms / 1000 for p in good for _ in p.inputs
+            ]
+        scores = (
+            self.runner.run(_flatten(self.spec, [p.inputs for p in good]), forward_seconds, wanted, settle, deadlines)
             if good
             else None
         )
@@ -174,15 +193,22 @@ class Ensemble:
             if isinstance(item, EnsembleError):
                 replies.append(Reply(item.status, item.to_json(), error=item.kind))
                 continue
-            assert probs is not None, "a prepared request always carries inputs"
+            assert scores is not None, "a prepared request always carries inputs"
             count = len(item.inputs)
+            missing = scores.missing[offset : offset + count]
+            offset += count
+            refusal = self.decider.quorum(missing, item.members, item.min_members)
+            if refusal is not None:
+                replies.append(_refusal_reply(refusal, item, missing, self.spec))
+                continue
             stages = self.stages() if item.policy.stops_early else None
             answer = self.decider.decide(
-                probs[:, offset : offset + count],
+                scores.probs[:, offset - count : offset],
                 item.policy,
                 item.members,
                 stages=stages,
                 uncertainty=item.uncertainty,
+                missing=missing,
             )
             if item.v2 is None:
                 body = self.renderer.json_body(answer, item.top_k, item.min_run, defaults_only=item.defaults_only)
@@ -199,10 +225,11 @@ class Ensemble:
                 chosen=answer.decision.chosen,
                 ran=answer.ran,
                 deferred=deferred,
+                missing=tuple(answer.missing),
+                partial=sum(answer.partial),
             )
             replies.append(reply)
-            offset += count
-        return BatchAnswer(replies, forward_seconds)
+        return BatchAnswer(replies, forward_seconds, tuple(self.runner.stuck()))
 
     def stages(self) -> tuple[tuple[int, ...], ...]:
         """Member positions in the order members run when a policy stops early: cheapest first
@@ -296,8 +323,20 @@ class Ensemble:
             "build": self.build,
         }
 
-    def _flatten(self, inputs: Sequence[tuple[Image.Image, ...] | torch.Tensor]) -> Inputs:
-        if isinstance(self.spec.input, TensorSpec):
-            tensors = [instances for instances in inputs if isinstance(instances, torch.Tensor)]
-            return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
-        return [image for images in inputs for image in images]
+
+def _flatten(spec: EnsembleSpec, inputs: Sequence[tuple[Image.Image, ...] | torch.Tensor]) -> Inputs:
+    """Every request's inputs as one batch: a list of images, or one tensor for a tensor-input ensemble."""
+    if isinstance(spec.input, TensorSpec):
+        tensors = [instances for instances in inputs if isinstance(instances, torch.Tensor)]
+        return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+    return [image for images in inputs for image in images]
+
+
+def _refusal_reply(
+    refusal: QuorumNotMet, item: PreparedRequest, missing: Sequence[dict[int, str]], spec: EnsembleSpec
+) -> Reply:
+    """A request without its quorum: 503, in its own form (a v2 request gets a v2 error body)."""
+    body = refusal.to_json() if item.v2 is None else {"error": str(refusal), "missing": refusal.missing}
+    names = [member.name for member in spec.members]
+    per_image = tuple({names[m]: why for m, why in sorted(row.items()) if m in item.members} for row in missing)
+    return Reply(refusal.status, body, len(item.inputs), error=refusal.kind, missing=per_image)

@@ -19,6 +19,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from ts.metrics.metric_cache_errors import MetricsCacheKeyError
 from ts.metrics.metric_type_enum import MetricTypes
 
@@ -38,10 +39,17 @@ COUNTERS: dict[str, tuple[str, ...]] = {
     "ensemble_disagreements_total": (),
     "ensemble_abstentions_total": (),
     "ensemble_deferrals_total": (),
+    "ensemble_member_missing_total": ("Member", "Reason"),
+    "ensemble_partial_answers_total": (),
+    "ensemble_quorum_failures_total": (),
     "ensemble_batch_images_total": (),
     "ensemble_batches_total": (),
 }
 TORCHSERVE_DIMENSIONS = ("ModelName", "Level")
+# Why a member is missing from an answer: the part of a reply's reason before its first `:` (an error's type and
+# message stay in the answer, out of the labels, so the series stay few).
+MISSING_REASONS = ("deadline", "busy", "error", "non_finite")
+QUORUM_NOT_MET = "QuorumNotMet"
 FLUSH_INTERVAL_S = 1.0
 logger = logging.getLogger(__name__)
 
@@ -51,19 +59,31 @@ Counts = Counter[tuple[str, tuple[str, ...]]]
 def batch_counts(answer: BatchAnswer, *, members: Sequence[str], labels: Sequence[str], single_label: bool) -> Counts:
     """Every counter's increment for one batch, keyed by (name, our label values in COUNTERS order).
 
-    A member's images and votes count the images it ran on for the requests it answered (a request may
-    name `members`); the images an early exit spared it count as skipped. `members` lists all of them,
-    for their forward seconds.
+    A member's images and votes count the images it ran on and answered for the requests it answered (a
+    request may name `members`); the images an early exit spared it count as skipped. `members` lists all of
+    them, for their forward seconds.
 
-    Disagreement: the own votes of the members that ran on an image are not all the same. Abstention
+    A member missing from an image's answer (past the deadline, busy, its error, a non-finite output) counts
+    once for that image under the reason's kind (`error`, never its message), in answered requests and in
+    requests refused because too few members answered (`QuorumNotMet`, also counted as a quorum failure).
+    On that image it counts neither as run nor as skipped and its vote is left out, so for the requests it
+    answered a member's images, skipped and missing add up to the images of the requests that named it.
+    Partial answers: the images a reply says have a partial answer.
+
+    Disagreement: the own votes of the members that answered an image are not all the same. Abstention
     (binary and multiclass only; an empty multilabel answer is an answer): the combined choice has no
     label. Deferral: the answer crossed a `defer:` threshold.
     """
     counts: Counts = Counter()
     images = 0
     for reply in answer.replies:
+        for missing in reply.missing:
+            for member, reason in missing.items():
+                counts["ensemble_member_missing_total", (member, reason.split(":", 1)[0].strip())] += 1
         if reply.error is not None:
             counts["ensemble_errors_total", (reply.error,)] += 1
+            if reply.error == QUORUM_NOT_MET:
+                counts["ensemble_quorum_failures_total", ()] += 1
             continue
         policy, votes, chosen, ran = reply.policy, reply.votes, reply.chosen, reply.ran
         assert policy is not None and votes is not None and chosen is not None and ran is not None, (
@@ -71,15 +91,27 @@ def batch_counts(answer: BatchAnswer, *, members: Sequence[str], labels: Sequenc
         )
         images += reply.images
         counts["ensemble_requests_total", (policy,)] += 1
-        for m, (member, ran_on) in enumerate(zip(reply.members, ran.sum(dim=1).tolist(), strict=True)):
+        if reply.partial:
+            counts["ensemble_partial_answers_total", ()] += reply.partial
+        answered, absent = ran, torch.zeros_like(ran)
+        if reply.missing:  # [member, image]: missing from that image's answer (not run, or run without an answer)
+            absent = torch.tensor(
+                [[member in missing for missing in reply.missing] for member in reply.members],
+                dtype=torch.bool,
+                device=ran.device,
+            ).reshape(ran.shape)
+            answered, votes = ran & ~absent, votes & ~absent[..., None]
+        for m, (member, ran_on, absent_on) in enumerate(
+            zip(reply.members, answered.sum(dim=1).tolist(), absent.sum(dim=1).tolist(), strict=True)
+        ):
             counts["ensemble_member_images_total", (member,)] += ran_on
-            if ran_on < reply.images:
-                counts["ensemble_member_skipped_total", (member,)] += reply.images - ran_on
+            if ran_on + absent_on < reply.images:
+                counts["ensemble_member_skipped_total", (member,)] += reply.images - ran_on - absent_on
             for label, count in zip(labels, votes[m].sum(dim=0).tolist(), strict=True):
                 if count:
                     counts["ensemble_member_positive_total", (member, label)] += count
-        someone = (votes & ran[..., None]).any(dim=0)
-        everyone = (votes | ~ran[..., None]).all(dim=0)
+        someone = (votes & answered[..., None]).any(dim=0)
+        everyone = (votes | ~answered[..., None]).all(dim=0)
         counts["ensemble_disagreements_total", ()] += int((someone & ~everyone).any(dim=-1).sum())
         if reply.deferred:
             counts["ensemble_deferrals_total", ()] += reply.deferred
@@ -98,9 +130,13 @@ def batch_counts(answer: BatchAnswer, *, members: Sequence[str], labels: Sequenc
 def zero_series(
     *, members: Sequence[str], labels: Sequence[str], policies: Sequence[str], error_types: Sequence[str]
 ) -> Counts:
-    """Every labelled series this ensemble can have, at zero: sent with the first batch so that each exists
-    from the start, and a ratio or an alert can compare a member that never voted for a label with its peers."""
+    """Every labelled series this ensemble can have, and the counters of rare events (partial answers, quorum
+    failures), at zero: sent with the first batch so that each exists from the start, a ratio or an alert can
+    compare a member that never voted for a label (or was never missing) with its peers, and a rate sees the
+    first event as an increase rather than as the series' first sample."""
     zeros: Counts = Counter()
+    zeros["ensemble_partial_answers_total", ()] = 0
+    zeros["ensemble_quorum_failures_total", ()] = 0
     for policy in policies:
         zeros["ensemble_requests_total", (policy,)] = 0
     for error in error_types:
@@ -109,6 +145,8 @@ def zero_series(
         zeros["ensemble_member_images_total", (member,)] = 0
         zeros["ensemble_member_skipped_total", (member,)] = 0
         zeros["ensemble_member_forward_seconds_total", (member,)] = 0
+        for reason in MISSING_REASONS:
+            zeros["ensemble_member_missing_total", (member, reason)] = 0
         for label in labels:
             zeros["ensemble_member_positive_total", (member, label)] = 0
     return zeros

@@ -32,6 +32,7 @@ REPORT_PANELS = (
     "Refused requests/s by error type",
     "Batch fill (images per TorchServe batch)",
     "Images/s",
+    "Members missing from answers",
 )
 SCRAPE_INTERVAL_S = 5  # monitoring/prometheus.yml
 MAX_POINTS = 240

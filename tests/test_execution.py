@@ -13,7 +13,7 @@ import yaml
 
 from handlers.config.files import load_ensembles
 from handlers.ensemble import Ensemble
-from handlers.execution.runner import usable_cores
+from handlers.execution.cores import usable_cores
 from handlers.inputs.images import decode_image
 from tests.conftest import image_bytes, write_ensemble
 from tests.fixture_models import BranchyNet, PoolNet

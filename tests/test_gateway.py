@@ -45,7 +45,7 @@ from gateway.open_inference import (
 from tests.conftest import assert_same_predictions, image_bytes, reference
 from tests.protocol_clients import REFUSED, TORCHSERVE_REFUSED
 
-VALID = "valid: policy, k, threshold, confidence, early_exit, members, top_k, sequence, min_run, uncertainty"
+VALID = "valid: policy, k, threshold, confidence, early_exit, members, top_k, sequence, min_run, uncertainty, deadline_ms, min_members"
 NOT_A_HEADER = "holds a character an HTTP header cannot carry (a control or non-ASCII character); send that parameter"
 TIMEOUT = 60
 

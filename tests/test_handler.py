@@ -93,7 +93,8 @@ def test_response_shape_and_provenance(trio: tuple[EnsembleHandler, Context], te
     assert body["provenance"]["member_source_sha256"] == digests
     assert body["provenance"]["ensemble_version"] == "2.1"
     prediction = body["predictions"][0]
-    assert set(prediction) == {"label", "score", "top", "members"}
+    assert set(prediction) == {"label", "score", "top", "members", "missing", "partial"}
+    assert (prediction["missing"], prediction["partial"]) == ({}, False)
     assert prediction["top"] == [{"label": prediction["label"], "score": prediction["score"]}]
     assert body["answered_by"] == ["mobile", "pool_rgb", "pool_gray"]
     assert list(prediction["members"]) == ["mobile", "pool_rgb", "pool_gray"]
@@ -141,6 +142,8 @@ def test_describe_lists_members_digests_and_policies(trio: tuple[EnsembleHandler
         "uncertainty": {"values": [True, False], "default": False},
         "sequence": {"values": [True, False], "default": False},
         "min_run": {"range": [1, 64], "default": 1, "for": "sequence=true"},
+        "deadline_ms": {"range": [1, 60000], "default": None},
+        "min_members": {"range": [1, 3], "default": 1},
     }
 
 

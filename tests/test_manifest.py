@@ -78,7 +78,7 @@ RULES = f"{PREFIX}.members[0].state_dict"
     [
         pytest.param(
             lambda e: e.update(colour="red"),
-            f"{PREFIX}.colour: unknown key; valid keys here: batching, consistency, defer, execution, input, "
+            f"{PREFIX}.colour: unknown key; valid keys here: batching, consistency, deadline, defer, execution, input, "
             "labels, limits, members, policy, positive_label, task, top_k, version",
             id="unknown-key",
         ),

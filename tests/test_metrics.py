@@ -6,6 +6,7 @@ import base64
 import json
 import logging
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,9 @@ import ts
 import yaml
 from ts.context import Context
 
+from handlers.ensemble import BatchAnswer, Reply
 from handlers.ensemble_handler import EnsembleHandler
-from handlers.ensemble_metrics import COUNTERS, EnsembleMetrics, label_value
+from handlers.ensemble_metrics import COUNTERS, MISSING_REASONS, EnsembleMetrics, batch_counts, label_value, zero_series
 from tests.conftest import image_bytes, load_handler, serve
 from tests.fixture_reference import member_probabilities
 
@@ -61,6 +63,7 @@ ERROR_TYPES = (
     "UnsupportedMediaType",
     "PayloadTooLarge",
     "InvalidPolicy",
+    "QuorumNotMet",
     "EnsembleError",
 )
 
@@ -68,6 +71,7 @@ ERROR_TYPES = (
 def first_batch_zeros(*members: str, labels: tuple[str, ...]) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """Every labelled series at zero: what a worker's first batch declares besides its own counts."""
     zeros: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    zeros |= {("ensemble_partial_answers_total", ()): 0, ("ensemble_quorum_failures_total", ()): 0}
     zeros |= {("ensemble_requests_total", (("Policy", p),)): 0 for p in POLICIES}
     zeros |= {("ensemble_errors_total", (("ErrorType", e),)): 0 for e in ERROR_TYPES}
     for member in members:
@@ -80,6 +84,10 @@ def first_batch_zeros(*members: str, labels: tuple[str, ...]) -> dict[tuple[str,
             )
         }
         zeros |= {("ensemble_member_positive_total", (("Label", label), ("Member", member))): 0 for label in labels}
+        zeros |= {
+            ("ensemble_member_missing_total", (("Member", member), ("Reason", reason))): 0
+            for reason in ("deadline", "busy", "error", "non_finite")
+        }
     return zeros
 
 
@@ -234,3 +242,131 @@ def test_batches_are_summed_and_each_series_sent_once_per_flush(
 )
 def test_label_values_that_would_break_torchserves_metric_line_are_replaced(label: str, sent: str) -> None:
     assert label_value(label) == sent
+
+
+# --- batch_counts on hand-made replies: members missing, partial answers, quorum failures --------------------
+
+HAND_MEMBERS = ("a", "b", "c")
+HAND_LABELS = ("cat", "dog")
+HAND_SECONDS = {"a": 0.5, "b": 0.25, "c": 0.125}
+
+
+def one_hot(*labels: str | None) -> list[list[bool]]:
+    """[image, label] rows: each image's one label of HAND_LABELS, or none."""
+    return [[label == name for name in HAND_LABELS] for label in labels]
+
+
+def answered_partially() -> Reply:
+    """Three images; c past its deadline on the second (not run) and failing on the third (run, its vote dropped:
+    it says cat where a and b say dog, so counting it would add a disagreement). The second image abstains."""
+    return Reply(
+        status=200,
+        body={},
+        images=3,
+        policy="majority",
+        members=HAND_MEMBERS,
+        votes=torch.tensor([one_hot("cat", "cat", "dog"), one_hot("cat", "dog", "dog"), one_hot("cat", None, "cat")]),
+        chosen=torch.tensor(one_hot("cat", None, "dog")),
+        ran=torch.tensor([[True, True, True], [True, True, True], [True, False, True]]),
+        missing=({}, {"c": "deadline"}, {"c": "error: RuntimeError: boom"}),
+        partial=2,
+    )
+
+
+def quorum_not_met() -> Reply:
+    """Two images refused: b busy on both, c non-finite on the first and past its deadline on the second."""
+    return Reply(
+        status=503,
+        body={"code": 503, "type": "QuorumNotMet"},
+        error="QuorumNotMet",
+        missing=({"b": "busy", "c": "non_finite"}, {"b": "busy", "c": "deadline"}),
+    )
+
+
+def batch_totals(images: int) -> dict[tuple[str, tuple[str, ...]], float]:
+    """What every batch counts: itself, its images, and each member's forward seconds."""
+    return {
+        ("ensemble_batches_total", ()): 1,
+        ("ensemble_batch_images_total", ()): images,
+        ("ensemble_images_total", ()): images,
+        **{("ensemble_member_forward_seconds_total", (member,)): s for member, s in HAND_SECONDS.items()},
+    }
+
+
+ANSWERED_PARTIALLY = {
+    ("ensemble_requests_total", ("majority",)): 1,
+    ("ensemble_member_images_total", ("a",)): 3,
+    ("ensemble_member_images_total", ("b",)): 3,
+    ("ensemble_member_images_total", ("c",)): 1,  # Neither run nor skipped where missing: 1 + 2 missing = 3.
+    ("ensemble_member_positive_total", ("a", "cat")): 2,
+    ("ensemble_member_positive_total", ("a", "dog")): 1,
+    ("ensemble_member_positive_total", ("b", "cat")): 1,
+    ("ensemble_member_positive_total", ("b", "dog")): 2,
+    ("ensemble_member_positive_total", ("c", "cat")): 1,  # Not 2: its vote on the image it failed is dropped.
+    ("ensemble_member_missing_total", ("c", "deadline")): 1,
+    ("ensemble_member_missing_total", ("c", "error")): 1,  # The error's type and message are not a label.
+    ("ensemble_partial_answers_total", ()): 2,
+    ("ensemble_disagreements_total", ()): 1,
+    ("ensemble_abstentions_total", ()): 1,
+}
+ANSWERED_IN_FULL = {  # The same votes with every member answering every image: c's votes all count.
+    **ANSWERED_PARTIALLY,
+    ("ensemble_member_images_total", ("c",)): 3,
+    ("ensemble_member_positive_total", ("c", "cat")): 2,
+    ("ensemble_disagreements_total", ()): 2,
+}
+del ANSWERED_IN_FULL["ensemble_member_missing_total", ("c", "deadline")]
+del ANSWERED_IN_FULL["ensemble_member_missing_total", ("c", "error")]
+del ANSWERED_IN_FULL["ensemble_partial_answers_total", ()]
+QUORUM_NOT_MET = {
+    ("ensemble_errors_total", ("QuorumNotMet",)): 1,
+    ("ensemble_quorum_failures_total", ()): 1,
+    ("ensemble_member_missing_total", ("b", "busy")): 2,
+    ("ensemble_member_missing_total", ("c", "non_finite")): 1,
+    ("ensemble_member_missing_total", ("c", "deadline")): 1,
+}
+
+
+@pytest.mark.parametrize(
+    ("replies", "images", "expected"),
+    [
+        pytest.param([answered_partially()], 3, ANSWERED_PARTIALLY, id="answered-partially"),
+        pytest.param([quorum_not_met()], 0, QUORUM_NOT_MET, id="quorum-not-met"),
+        pytest.param(
+            [answered_partially(), quorum_not_met(), Reply(status=400, body={}, error="InvalidImage")],
+            3,
+            {
+                **ANSWERED_PARTIALLY,
+                **QUORUM_NOT_MET,
+                ("ensemble_member_missing_total", ("c", "deadline")): 2,
+                ("ensemble_errors_total", ("InvalidImage",)): 1,  # Another refusal: no quorum failure.
+            },
+            id="one-batch-of-both-and-another-refusal",
+        ),
+        pytest.param(
+            [replace(answered_partially(), ran=torch.ones(3, 3, dtype=torch.bool), missing=(), partial=0)],
+            3,
+            ANSWERED_IN_FULL,
+            id="answered-in-full",
+        ),
+    ],
+)
+def test_batch_counts_members_missing_partial_answers_and_quorum_failures(
+    replies: list[Reply], images: int, expected: dict[tuple[str, tuple[str, ...]], int]
+) -> None:
+    """Exact counts, every key: a member missing from an image counts under the reason's kind, neither run nor
+    skipped, its vote left out; a QuorumNotMet refusal counts its missing members, a quorum failure and an error."""
+    counts = batch_counts(
+        BatchAnswer(replies, dict(HAND_SECONDS)), members=HAND_MEMBERS, labels=HAND_LABELS, single_label=True
+    )
+    assert dict(counts) == batch_totals(images) | expected
+
+
+def test_first_series_include_every_member_missing_for_every_reason_and_the_rare_events() -> None:
+    zeros = zero_series(members=HAND_MEMBERS, labels=HAND_LABELS, policies=("majority",), error_types=("QuorumNotMet",))
+    assert MISSING_REASONS == ("deadline", "busy", "error", "non_finite")
+    assert {key for key in zeros if key[0] == "ensemble_member_missing_total"} == {
+        ("ensemble_member_missing_total", (member, reason)) for member in HAND_MEMBERS for reason in MISSING_REASONS
+    }
+    assert zeros["ensemble_partial_answers_total", ()] == zeros["ensemble_quorum_failures_total", ()] == 0
+    assert set(zeros.values()) == {0}

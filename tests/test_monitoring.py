@@ -32,13 +32,16 @@ DASHBOARD = MONITORING / "grafana-dashboard.json"
 ALERT_NAMES = [
     "TorchServeMetricsDown",
     "EnsembleErrorRateHigh",
+    "EnsembleQuorumFailures",
     "EnsembleAbstentionRateHigh",
     "EnsembleDisagreementRising",
     "EnsembleMemberCostDoubled",
     "EnsembleMemberDrift",
+    "EnsembleMemberMissing",
 ]
 RECORDED = [
     "ensemble:error_ratio:rate5m",
+    "ensemble:quorum_failure_ratio:rate5m",
     "ensemble:abstention_ratio:rate15m",
     "ensemble:disagreement_ratio:rate1h",
     "ensemble:disagreement_ratio:rate1d_offset1h",
@@ -48,6 +51,7 @@ RECORDED = [
     "ensemble_member:seconds_per_image:rate1d_offset1h",
     "ensemble_member:positive_share:rate1h",
     "ensemble_member:positive_share_vs_peers:rate1h",
+    "ensemble_member:missing_ratio:rate5m",
 ]
 PANEL_TITLES = [
     "Member cost per image (ms)",
@@ -60,6 +64,9 @@ PANEL_TITLES = [
     "Member positive share by label",
     "Member images skipped by early exit (share)",
     "Deferral rate",
+    "Members missing from answers",
+    "Partial answer rate",
+    "Quorum failure rate",
 ]
 WAIT_S = 30
 
@@ -94,7 +101,7 @@ def test_promtool_accepts_the_shipped_config() -> None:
         " SUCCESS: prometheus.yml is valid prometheus config file syntax",
         "",
         "Checking alerts.yml",
-        "  SUCCESS: 16 rules found",
+        "  SUCCESS: 20 rules found",
         "",
     ]
 
@@ -102,7 +109,7 @@ def test_promtool_accepts_the_shipped_config() -> None:
 def test_promtool_accepts_the_alert_rules() -> None:
     result = promtool("check", "rules", "alerts.yml")
     assert (result.returncode, result.stderr) == (0, "")
-    assert result.stdout.splitlines() == ["Checking alerts.yml", "  SUCCESS: 16 rules found", ""]
+    assert result.stdout.splitlines() == ["Checking alerts.yml", "  SUCCESS: 20 rules found", ""]
 
 
 def test_alert_rules_pass_their_unit_tests() -> None:

@@ -28,7 +28,18 @@ TRIO_OUTPUTS = [
     "pool_gray.label",
     "pool_gray.scores",
 ]
-ANSWER_OUTPUTS = ["skipped", "deferred", "entropy", "expected_entropy", "mutual_information", "vote_margin"]
+# What a v2 answer carries besides the labels and scores when a request names no outputs.
+DEFAULT_EXTRAS = ["missing", "partial"]
+ANSWER_OUTPUTS = [
+    "missing",
+    "partial",
+    "skipped",
+    "deferred",
+    "entropy",
+    "expected_entropy",
+    "mutual_information",
+    "vote_margin",
+]
 TRIO_OUTPUT_NAMES = [*TRIO_OUTPUTS[:2], "top_labels", "top_scores", *TRIO_OUTPUTS[2:], *ANSWER_OUTPUTS]
 
 
@@ -81,8 +92,12 @@ def test_v2_images_answer_with_the_same_labels_and_scores_as_json(
         "pool_gray.sha256",
     }
     outputs = outputs_by_name(body)
-    assert list(outputs) == TRIO_OUTPUTS
-    assert [(o["datatype"], o["shape"]) for o in body["outputs"]] == [("BYTES", [3]), ("FP64", [3, 3])] * 4
+    assert list(outputs) == [*TRIO_OUTPUTS, *DEFAULT_EXTRAS]
+    assert [(o["datatype"], o["shape"]) for o in body["outputs"]] == [("BYTES", [3]), ("FP64", [3, 3])] * 4 + [
+        ("BYTES", [3]),
+        ("BOOL", [3]),
+    ]
+    assert (outputs["missing"]["data"], outputs["partial"]["data"]) == (["{}"] * 3, [False] * 3)
     predictions = expected_answers(test_store, "trio", images)
     assert outputs["label"]["data"] == [p["label"] for p in predictions]
     for member in ("mobile", "pool_rgb", "pool_gray"):
@@ -193,7 +208,7 @@ BAD_V2 = [
         {},
         400,
         "unknown parameter(s) ['colour']; valid: policy, k, threshold, confidence, early_exit, members, top_k, "
-        "sequence, min_run, uncertainty",
+        "sequence, min_run, uncertainty, deadline_ms, min_members",
         id="unknown-parameter",
     ),
     pytest.param(
@@ -396,9 +411,11 @@ def test_describe_lists_the_v2_outputs(trio: tuple[EnsembleHandler, Context]) ->
                     {"name": "top_scores", "datatype": "FP64", "shape": [-1, -1]},
                     {"name": "a.label", "datatype": "BYTES", "shape": [-1]},
                     {"name": "a.scores", "datatype": "FP64", "shape": [-1, 3]},
+                    {"name": "missing", "datatype": "BYTES", "shape": [-1]},
+                    {"name": "partial", "datatype": "BOOL", "shape": [-1]},
                     {"name": "skipped", "datatype": "BYTES", "shape": [-1]},
                     {"name": "deferred", "datatype": "BOOL", "shape": [-1]},
-                    *({"name": measure, "datatype": "FP64", "shape": [-1]} for measure in ANSWER_OUTPUTS[2:]),
+                    *({"name": measure, "datatype": "FP64", "shape": [-1]} for measure in ANSWER_OUTPUTS[4:]),
                 ],
             },
             id="multiclass-images",
@@ -414,9 +431,11 @@ def test_describe_lists_the_v2_outputs(trio: tuple[EnsembleHandler, Context]) ->
                     {"name": "scores", "datatype": "FP64", "shape": [-1, 2]},
                     {"name": "m.labels", "datatype": "BOOL", "shape": [-1, 2]},
                     {"name": "m.scores", "datatype": "FP64", "shape": [-1, 2]},
+                    {"name": "missing", "datatype": "BYTES", "shape": [-1]},
+                    {"name": "partial", "datatype": "BOOL", "shape": [-1]},
                     {"name": "skipped", "datatype": "BYTES", "shape": [-1]},
                     {"name": "deferred", "datatype": "BOOL", "shape": [-1]},
-                    *({"name": measure, "datatype": "FP64", "shape": [-1, 2]} for measure in ANSWER_OUTPUTS[2:]),
+                    *({"name": measure, "datatype": "FP64", "shape": [-1, 2]} for measure in ANSWER_OUTPUTS[4:]),
                 ],
             },
             id="multilabel-tensors",

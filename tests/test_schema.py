@@ -102,7 +102,7 @@ def binary_without_positive_label(doc: dict[str, Any]) -> None:
 
 
 SHAPES_KEYS = (
-    "batching, consistency, defer, execution, input, labels, limits, members, policy, positive_label, "
+    "batching, consistency, deadline, defer, execution, input, labels, limits, members, policy, positive_label, "
     "task, top_k, version"
 )
 

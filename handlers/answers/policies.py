@@ -50,10 +50,13 @@ class Votes:
     policy: PolicySpec
     scoring: torch.Tensor | None = None
     stages: tuple[tuple[int, ...], ...] | None = None
+    absent: torch.Tensor | None = None
 
     def members_scoring(self, probs: torch.Tensor) -> torch.Tensor:
-        """n per label: the members of the request that score it (`scoring`), else those with a score in `probs`."""
-        return self.scoring if self.scoring is not None else (~probs.isnan()).sum(dim=0)
+        """n per label: the members of the request that score it (`scoring`), else those with a score in `probs`;
+        less, per image, those `absent` from it (members missing from an answer: `[image, label]` counts)."""
+        n = self.scoring if self.scoring is not None else (~probs.isnan()).sum(dim=0)
+        return n if self.absent is None else n - self.absent
 
     def in_stages(self, members: int) -> tuple[tuple[int, ...], ...]:
         """The order members run in when they run in stages: `stages`, else one member at a time as declared."""
@@ -127,6 +130,27 @@ def settled(probs: torch.Tensor, votes: Votes) -> torch.Tensor:
     return everyone | ((lead >= need) & (lead > second + left)) | (lead + left < need)
 
 
+def partial(probs: torch.Tensor, votes: Votes, absent: torch.Tensor) -> torch.Tensor:
+    """Per image, whether the members `absent` from it (`[member, image]`; their `probs` NaN) could have changed its
+    answer: the answer of the members that answered is not settled (`settled`, with `votes` counting every member).
+
+    Votes: exact, by `settled`. Cascade: the stages before the first one holding an absent member stopped it (a
+    confident running mean). `mean` and `max` depend on every member: an image with one absent is always partial.
+    """
+    some = absent.any(dim=0)
+    combines = POLICY_TABLE[votes.policy.name].combines
+    if combines == "vote":
+        return some & ~settled(probs, votes)
+    if combines == "cascade":
+        order = [m for stage in votes.in_stages(probs.shape[0]) for m in stage]
+        position = torch.empty(probs.shape[0], dtype=torch.long)
+        position[torch.tensor(order)] = torch.arange(len(order))
+        first = torch.where(absent, position[:, None], len(order)).min(dim=0).values
+        before = torch.where((position[:, None] < first[None, :])[..., None], probs, math.nan)
+        return some & ~_cascade(before, votes)[1]
+    return some
+
+
 def simulate_stages(probs: torch.Tensor, votes: Votes) -> torch.Tensor:
     """What running in `votes.stages` leaves of `probs` (every member's): NaN for each member an image stopped before.
 
@@ -145,7 +169,8 @@ def _k(votes: Votes, n: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
     """k per image and label for a vote over n members (`n` members score that label), shaped like `probs[0]`."""
     rule = POLICY_TABLE[votes.policy.name].k
     assert rule is not None, "only votes count against k"
-    k: torch.Tensor = rule(n, votes.policy.k) + torch.zeros_like(probs[0], dtype=torch.long)
+    # At least one vote: a label no member of the request scores is never chosen, even by `all`.
+    k: torch.Tensor = (rule(n, votes.policy.k) + torch.zeros_like(probs[0], dtype=torch.long)).clamp(min=1)
     return k
 
 

@@ -7,6 +7,7 @@ and the answering members' archived and source digests.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,7 +23,7 @@ from handlers.inputs.v2 import V2Form
 
 SCORE_DIGITS = 6
 # The answer format's version (docs/contract.md): the major number changes only with a change that can break a client.
-ANSWER_FORMAT = "2.1"
+ANSWER_FORMAT = "2.2"
 # Said in an answer no request parameter reached: TorchServe drops the query string of /predictions/<name> unseen.
 DEFAULTS_WARNING = (
     "no request parameter reached the ensemble, so its defaults answered ({policy}); TorchServe drops the query"
@@ -55,11 +56,15 @@ class Renderer:
                 self._add_top(member_views[name], Decision(own[m], probs[m]), top_k)
         ran = answer.ran.tolist()
         stops = answer.policy.stops_early
+        missing = answer.missing or [{} for _ in predictions]
+        partial = answer.partial or [False] * len(predictions)
         for i, entry in enumerate(predictions):
             entry["members"] = {name: views[i] for m, (name, views) in enumerate(member_views.items()) if ran[m][i]}
             if stops:
-                entry["skipped"] = [name for m, name in enumerate(names) if not ran[m][i]]
+                entry["skipped"] = [name for m, name in enumerate(names) if not ran[m][i] and name not in missing[i]]
                 entry["early_exit"] = True
+            entry["missing"] = missing[i]
+            entry["partial"] = partial[i]
         per_member = {
             name: [view[self.labels_key] if ran[m][i] else None for i, view in enumerate(views)]
             for m, (name, views) in enumerate(member_views.items())
@@ -103,8 +108,9 @@ class Renderer:
     def v2_body(self, answer: Answer, form: V2Form, top_k: int | None = None) -> dict[str, Any]:
         """The Open Inference Protocol v2 answer: the same decision as tensors, provenance as parameters.
 
-        Besides the labels and scores: `skipped` when the policy stops early, the uncertainty measures when
-        asked for, and `deferred` when the ensemble defers (a deferred image's label is "", no labels).
+        Besides the labels and scores: `missing` (per image, the JSON object of missing members and why) and
+        `partial`; `skipped` when the policy stops early, the uncertainty measures when asked for, and `deferred`
+        when the ensemble defers (a deferred image's label is "", no labels).
         """
         decision, names = answer.decision, answer.names
         parameters: dict[str, Any] = {
@@ -117,21 +123,29 @@ class Renderer:
         parameters.update({f"{name}.sha256": self._digests[name] for name in names})
         chosen = decision.chosen
         ran = answer.ran.tolist()
-        skipped = [",".join(name for m, name in enumerate(names) if not ran[m][i]) for i in range(chosen.shape[0])]
+        missing = answer.missing or [{} for _ in range(chosen.shape[0])]
+        skipped = [
+            ",".join(name for m, name in enumerate(names) if not ran[m][i] and name not in missing[i])
+            for i in range(chosen.shape[0])
+        ]
         deferred = [reason is not None for reason in answer.deferred or [None] * chosen.shape[0]]
         if any(deferred):
             chosen = chosen & ~torch.tensor(deferred)[:, None]
         extra: dict[str, tuple[str, torch.Tensor | list[Any]]] = {
+            "missing": ("BYTES", [json.dumps(row, sort_keys=True) for row in missing]),
+            "partial": ("BOOL", answer.partial or [False] * chosen.shape[0]),
             "skipped": ("BYTES", skipped),
             "deferred": ("BOOL", deferred),
         }
         if answer.uncertainty is not None:
             extra.update({name: ("FP64", values) for name, values in answer.uncertainty.measures().items()})
         default = [
+            "missing",
+            "partial",
             *(["skipped"] if answer.policy.stops_early else []),
             *(["deferred"] if answer.deferred is not None else []),
         ]
-        default += [name for name in extra if name not in ("skipped", "deferred")]
+        default += [name for name in extra if name not in ("missing", "partial", "skipped", "deferred")]
         return render_v2(
             name=self.spec.name,
             version=self.spec.version,

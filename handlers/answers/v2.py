@@ -17,8 +17,9 @@ from handlers.config.specs import TensorSpec
 from handlers.inputs.parameters import TOP_OUTPUTS
 from handlers.inputs.v2 import V2Form
 
-# Outputs about the answer as a whole: which members an early exit skipped, whether it was deferred, how sure it is.
-ANSWER_OUTPUTS = ("skipped", "deferred", *MEASURES)
+# Outputs about the answer as a whole: which members are missing and whether that could change it, which members an
+# early exit skipped, whether it was deferred, how sure it is.
+ANSWER_OUTPUTS = ("missing", "partial", "skipped", "deferred", *MEASURES)
 
 
 def render_v2(
@@ -106,6 +107,8 @@ def v2_metadata(
         "scores": ("FP64", [-1, labels]),
         "top_labels": ("BYTES", [-1, -1]),
         "top_scores": ("FP64", [-1, -1]),
+        "missing": ("BYTES", [-1]),
+        "partial": ("BOOL", [-1]),
         "skipped": ("BYTES", [-1]),
         "deferred": ("BOOL", [-1]),
         **{measure: ("FP64", [-1, labels] if multilabel else [-1]) for measure in MEASURES},

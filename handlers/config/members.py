@@ -22,7 +22,7 @@ from pydantic import (
 )
 
 from handlers.config.archs import HF_WEIGHTS, check_arch, check_package_member, hf_labels, requirement
-from handlers.config.fields import Strict, choice, fail, keyed, listed, mapping, number, regex, text, within
+from handlers.config.fields import Strict, boolean, choice, fail, keyed, listed, mapping, number, regex, text, within
 from handlers.config.sections import ExecutionConfig, InputConfig
 from handlers.config.specs import (
     OUTPUT_KINDS,
@@ -228,6 +228,12 @@ class MemberConfig(Strict):
         "`facenet-pytorch==2.6.0`, checked against the environment. Default: the installed distribution's version, "
         "which the archive pins.",
     )
+    required: Annotated[bool, *boolean()] = Field(
+        True,
+        description="`true`: a hard member, without which a request fails (503 naming it and why). `false`: a soft "
+        "member, left out of an answer when it raises, returns non-finite scores, overruns the deadline or is still "
+        "busy. Default: true.",
+    )
     _found: dict[str, Any] = PrivateAttr(default_factory=dict)
 
     @field_validator("arch")
@@ -281,6 +287,7 @@ class MemberConfig(Strict):
             output=default_output if self.output is None else self.output.to_output(default_output),
             labels=self.labels or self._found.get("labels"),
             requires=self._found["requires"],
+            required=self.required,
         )
 
 

@@ -22,6 +22,7 @@ from handlers.config.members import NAME, SHA256, MemberConfig, check_member_lab
 from handlers.config.policy import TASKS
 from handlers.config.sections import (
     BatchingConfig,
+    DeadlineConfig,
     DeferConfig,
     ExecutionConfig,
     InputConfig,
@@ -74,6 +75,11 @@ class EnsembleConfig(Strict):
         description="Thresholds on the answer's uncertainty (docs: policies, When the members disagree): "
         "an answer beyond any of them becomes `label: null` with `deferred: true` and the reason. "
         "Default: never defer.",
+    )
+    deadline: DeadlineConfig = Field(
+        DeadlineConfig(),
+        description="How long a request waits for its members and how many must answer (docs: Deadlines and "
+        "quorum). Default: no deadline, one member.",
     )
     consistency: Annotated[str, *choice(CONSISTENCY)] = Field(
         "fast",
@@ -181,6 +187,8 @@ class EnsembleConfig(Strict):
             if name in names[:i]:
                 fail(f"duplicate member name {name!r}", "members", i, "name")
         check_member_labels(self.task, self.labels, members)
+        batching = self.batching.to_batching()
+        deadline = within(("deadline",), lambda: self.deadline.to_deadline(len(members), batching.response_timeout_s))
         return {
             "version": self.version,
             "task": self.task,
@@ -190,11 +198,12 @@ class EnsembleConfig(Strict):
             "input": ensemble_input,
             "members": members,
             "limits": self.limits.to_limits(),
-            "batching": self.batching.to_batching(),
+            "batching": batching,
             "execution": execution,
             "top_k": (self.top_k or 1) if self.task == "multiclass" else None,
             "consistency": self.consistency,
             "defer": self.defer.to_thresholds(),
+            "deadline": deadline,
         }
 
     def to_spec(self, name: str, base_dir: Path) -> EnsembleSpec:

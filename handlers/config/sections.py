@@ -29,6 +29,7 @@ from handlers.config.specs import (
     RESIZE_MODES,
     TTA_VIEWS,
     Batching,
+    Deadline,
     Execution,
     InputSpec,
     Limits,
@@ -255,6 +256,44 @@ class BatchingConfig(Strict):
 
     def to_batching(self) -> Batching:
         return Batching(**{key: getattr(self, key) for key in type(self).model_fields})
+
+
+class DeadlineConfig(Strict):
+    """How long a request waits for its members and how many must answer; a request may set its own
+    `deadline_ms` and `min_members`."""
+
+    ms: Annotated[int | None, *integer(1, 3_600_000)] = Field(
+        None,
+        description="Milliseconds from when a worker takes up a request's batch until the request is answered with the "
+        "members that have answered; the others are left out (`missing`). At most the response timeout. "
+        "Default: none, every member is waited for.",
+    )
+    min_members: Annotated[int, *integer(1)] = Field(
+        Deadline().min_members,
+        description="The fewest members that must answer, 1 to the member count (to the requested members' count "
+        "when a request names fewer); with fewer the request gets 503 QuorumNotMet. Required members count as "
+        "needed regardless. Default: 1.",
+    )
+    stuck_after_s: Annotated[int | None, *integer(1, 3600)] = Field(
+        None,
+        description="Seconds a member call may run before its worker is replaced (answering what it can first), "
+        "above the deadline. Default: the response timeout.",
+    )
+
+    def to_deadline(self, members: int, response_timeout_s: int) -> Deadline:
+        """The deadline, checked against the member count and the response timeout."""
+        if self.min_members > members:
+            fail(f"expected at most the {members} member(s), got {self.min_members}", "min_members")
+        if self.ms is not None and self.ms > response_timeout_s * 1000:
+            fail(
+                f"{self.ms} ms is above batching.response_timeout_s ({response_timeout_s} s): TorchServe would time "
+                "the worker out first; lower it or raise the timeout",
+                "ms",
+            )
+        stuck = self.stuck_after_s or response_timeout_s
+        if self.ms is not None and stuck * 1000 <= self.ms:
+            fail(f"{stuck} s must be longer than the deadline ({self.ms} ms)", "stuck_after_s")
+        return Deadline(ms=self.ms, min_members=self.min_members, stuck_after_s=self.stuck_after_s)
 
 
 class DeferConfig(Strict):

@@ -119,6 +119,19 @@ class Batching:
 
 
 @dataclass(frozen=True)
+class Deadline:
+    """How long a request waits for its members, and how many must answer (docs: Deadlines and quorum).
+
+    `ms` None waits for every member, as an ensemble without a deadline always has. `stuck_after_s` None is the
+    response timeout: a member call running longer than it gets the worker replaced.
+    """
+
+    ms: int | None = None
+    min_members: int = 1
+    stuck_after_s: int | None = None
+
+
+@dataclass(frozen=True)
 class Execution:
     """How a member's forward call runs: `plan` is a fixed plan or `auto` (chosen at load by measurement).
 
@@ -214,6 +227,7 @@ class MemberSpec:
     output: OutputSpec = OutputSpec()
     labels: tuple[str, ...] | None = None
     requires: str | None = None
+    required: bool = True
 
     @property
     def arch_file(self) -> str | None:
@@ -244,6 +258,12 @@ class EnsembleSpec:
     top_k: int | None = None
     consistency: str = "fast"
     defer: Mapping[str, float] = field(default_factory=dict)
+    deadline: Deadline = Deadline()
+
+    @property
+    def stuck_after_s(self) -> int:
+        """Seconds a member call may run before the worker is replaced: the deadline's, else the response timeout."""
+        return self.deadline.stuck_after_s or self.batching.response_timeout_s
 
     @property
     def positive_index(self) -> int | None:
@@ -302,6 +322,7 @@ class EnsembleSpec:
         data["defer"] = dict(self.defer)
         if not data["defer"]:
             del data["defer"]
+        data["deadline"] = {key: value for key, value in data["deadline"].items() if value is not None}
         for execution in [data["execution"], *(member.get("execution") for member in data["members"])]:
             if execution is not None and execution["calibration"] is None:
                 del execution["calibration"]

@@ -4,18 +4,19 @@ All inputs of a batch are turned into one tensor per distinct input spec (an ima
 are rows of it), run through every member group in slices (on the CPU, side by side on the member
 threads), and averaged over each image's views. Under `consistency: batch_invariant` every slice is
 one row, so an image's scores never depend on what shares its batch.
+
+A member that raises or gives non-finite scores is missing from the inputs it failed on, with the reason; the
+others answer. A batch with a deadline runs each group on its own lane (`execution.lanes`) and waits for them
+only until then: a member still running is missing (`deadline`), one still running an earlier batch's call `busy`.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import os
-import threading
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
@@ -24,9 +25,12 @@ from torch import nn
 
 from handlers.config.specs import EnsembleSpec, InputSpec, MemberInput
 from handlers.execution.groups import Group, PlanContext, plan_groups
+from handlers.execution.lanes import Job, Lanes
+from handlers.execution.missing import DEADLINE, NON_FINITE, error_reason, mark
 from handlers.execution.outputs import fit_head
 from handlers.execution.plan_forwards import Exported
 from handlers.execution.schedule import settle
+from handlers.execution.threads import MemberThreads
 from handlers.inputs.images import batch_tensors
 
 T = TypeVar("T")
@@ -34,32 +38,13 @@ R = TypeVar("R")
 Inputs = Sequence[Image.Image] | torch.Tensor
 
 
-def usable_cores(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
-    """Cores this process may keep busy: its CPU affinity, capped by a cgroup CPU quota.
+@dataclass(frozen=True)
+class Scores:
+    """`probs[member, input, label]` as float64 on the CPU, NaN where a member did not run or is missing; and per
+    input, the members missing from it (positions) and why."""
 
-    In a container `os.cpu_count()` is the node's core count; a Kubernetes CPU limit is a CFS quota,
-    and threads beyond it are throttled. A quota of 1.5 cores counts as 1: a thread throttled in
-    every period costs more latency than the half core it would add.
-    """
-    cores = len(os.sched_getaffinity(0))
-    quota = _cpu_quota(cgroup)
-    return cores if quota is None else max(1, min(cores, int(quota)))
-
-
-def _cpu_quota(cgroup: Path) -> float | None:
-    """The CFS quota in cores from cgroup v2 `cpu.max` or v1 `cpu.cfs_quota_us`; None when unlimited or unknown."""
-    try:
-        quota, period = (cgroup / "cpu.max").read_text().split()[:2]
-    except (OSError, ValueError):
-        try:
-            quota = (cgroup / "cpu" / "cpu.cfs_quota_us").read_text().strip()
-            period = (cgroup / "cpu" / "cpu.cfs_period_us").read_text().strip()
-        except OSError:
-            return None
-    try:
-        return int(quota) / int(period) if int(quota) > 0 else None
-    except ValueError:
-        return None
+    probs: torch.Tensor
+    missing: list[dict[int, str]]
 
 
 class MemberRunner:
@@ -85,7 +70,12 @@ class MemberRunner:
         self.spec = spec
         self.device = device
         self.parallelism = parallelism
-        self._pool = ThreadPoolExecutor(parallelism - 1, thread_name_prefix="member") if parallelism > 1 else None
+        self._threads = MemberThreads(parallelism)
+        self._lanes = Lanes(spec)
+        # Which labels each member scores: a multilabel member's other labels are NaN by design, not a failure.
+        self._scored = torch.tensor(
+            [[label in (member.labels or spec.labels) for label in spec.labels] for member in spec.members]
+        )
         member_inputs = [spec.member_input(member) for member in spec.members]
         plans = PlanContext(
             executions=[spec.member_execution(member) for member in spec.members],
@@ -127,9 +117,8 @@ class MemberRunner:
                 probe = torch.randn(images * group.spec.views, *group.spec.instance_shape, generator=generator)
                 probes[key] = self._to_device(probe)
             jobs.append((group, None, probes[key]))
-        probs = torch.empty(len(self.spec.members), images, len(self.spec.labels), dtype=torch.float64)
         with torch.inference_mode():
-            self._run_groups(jobs, probs, None)
+            self._run_groups(jobs, Tally(self.spec, images, self._scored, None), capture=False)
 
     def describe(self) -> list[dict[str, Any]]:
         """Each group's members, plan and fusion, in run order."""
@@ -143,7 +132,23 @@ class MemberRunner:
         wanted: Sequence[Collection[int]] | None = None,
         settle: Callable[[torch.Tensor], Sequence[Collection[int]]] | None = None,
     ) -> torch.Tensor:
-        """probs[member, input, label] as float64 on the CPU; each image is transformed once per input spec.
+        """probs[member, input, label] (`run` says how), for callers that serve no deadline: a member that failed
+        raises here."""
+        scores = self.run(inputs, forward_seconds, wanted, settle)
+        for missing in scores.missing:
+            for member, reason in missing.items():
+                raise RuntimeError(f"member {self.spec.members[member].name}: {reason}")
+        return scores.probs
+
+    def run(
+        self,
+        inputs: Inputs,
+        forward_seconds: dict[str, float] | None = None,
+        wanted: Sequence[Collection[int]] | None = None,
+        settle: Callable[[torch.Tensor], Sequence[Collection[int]]] | None = None,
+        deadlines: Sequence[float | None] | None = None,
+    ) -> Scores:
+        """Every needed member's probabilities on `inputs`; each image is transformed once per input spec.
 
         `inputs` are decoded images, or for a tensor-input ensemble one tensor [N, *shape]. A member
         with test-time augmentation scores an image by the mean of its probabilities over the views.
@@ -155,19 +160,35 @@ class MemberRunner:
 
         With `settle`, the groups run one after another in `stages` order, and after each `settle(probs)`
         says what every input still needs: an input settled early is not even transformed for the later stages.
+
+        `deadlines[i]` (`time.monotonic()` seconds, None for none) is when input i's answer is due: given any,
+        the groups run on their lanes and a member that has not answered an input by its deadline is missing there.
         """
         count = len(inputs)
-        probs = torch.full((len(self.spec.members), count, len(self.spec.labels)), math.nan, dtype=torch.float64)
+        tally = Tally(self.spec, count, self._scored, forward_seconds)
+        probs, missing = tally.probs, tally.missing
+        timed = deadlines is not None and any(due is not None for due in deadlines)
+        due = list(deadlines) if timed and deadlines is not None else None
+
+        def execute(jobs: list[Job]) -> bool:
+            if due is not None:
+                return self._lanes.run(jobs, self._run, tally.store, missing, due)
+            self._run_groups(self._lanes.wait_for(jobs, missing), tally)
+            return True
+
         with torch.inference_mode():
             if settle is not None:
                 stages = self.stages
                 for position, group in enumerate(stages):
                     rows = _rows_needing(group.indices, wanted, count)
                     if rows is None or len(rows):
-                        self._run_groups([(group, rows, self._batch(inputs, group, rows))], probs, forward_seconds)
+                        if not execute([(group, rows, self._batch(inputs, group, rows))]):
+                            for later in stages[position + 1 :]:
+                                mark(missing, later.indices, _rows_needing(later.indices, wanted, count), DEADLINE)
+                            break
                         if position < len(stages) - 1:
                             wanted = settle(probs)
-                return probs
+                return Scores(probs, missing)
             on_device: dict[MemberInput, torch.Tensor]
             if isinstance(inputs, torch.Tensor):
                 on_device = {self.spec.input: self._to_device(inputs)}
@@ -181,8 +202,12 @@ class MemberRunner:
                 if rows is not None:
                     batch = torch.unflatten(batch, 0, (count, group.spec.views))[rows.to(batch.device)].flatten(0, 1)
                 jobs.append((group, rows, batch))
-            self._run_groups(jobs, probs, forward_seconds)
-            return probs
+            execute(jobs)
+            return Scores(probs, missing)
+
+    def stuck(self) -> list[str]:
+        """The members whose lane call has run longer than the ensemble's `stuck_after_s`."""
+        return self._lanes.stuck()
 
     @functools.cached_property
     def _staging(self) -> list[tuple[Group, float]]:
@@ -191,7 +216,7 @@ class MemberRunner:
         A member's cost is its plan's own timing for one input where `auto` measured it; other groups are
         timed here, once, when the first request that stops early arrives.
         """
-        costed = [(group, self._cost(group)) for group in self.groups]
+        costed = [(group, _cost(group, self.device)) for group in self.groups]
         return sorted(costed, key=lambda pair: (pair[1], pair[0].indices[0]))
 
     @property
@@ -207,26 +232,6 @@ class MemberRunner:
             for group, cost in self._staging
         ]
 
-    def _cost(self, group: Group) -> float:
-        """ms per call on one input's rows: the plan's timing when it has one, else the median of five calls here."""
-        size = group.spec.views
-        timed = group.choice.ms.get(group.choice.plan, {}) if group.choice is not None else {}
-        if size in timed:
-            return timed[size]
-        probe = torch.randn(size, *group.spec.instance_shape, generator=torch.Generator().manual_seed(0)).to(
-            self.device
-        )
-        spent = []
-        with torch.inference_mode():
-            group.run(probe)
-            for _ in range(5):
-                began = time.perf_counter()
-                group.run(probe)
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                spent.append((time.perf_counter() - began) * 1000)
-        return sorted(spent)[2]
-
     def _batch(self, inputs: Inputs, group: Group, rows: torch.Tensor | None) -> torch.Tensor:
         """The rows of `inputs` (all for None) transformed for `group`'s input spec, on the device."""
         if isinstance(inputs, torch.Tensor):
@@ -235,68 +240,24 @@ class MemberRunner:
         spec = _image_spec(group.spec)
         return self._to_device(batch_tensors(picked, [spec])[spec])
 
-    def _run_groups(
-        self,
-        jobs: Sequence[tuple[Group, torch.Tensor | None, torch.Tensor]],
-        probs: torch.Tensor,
-        forward_seconds: dict[str, float] | None,
-    ) -> None:
-        """Each (group, rows, batch of those rows) in slices on the member threads; scores go to `probs` at the rows."""
+    def _run_groups(self, jobs: Sequence[Job], tally: Tally, *, capture: bool = True) -> None:
+        """Each (group, rows, batch of those rows) in slices on the member threads; scores go to the `tally` at the
+        rows. A group that raised is missing from its rows (with `capture`; else the exception is raised here)."""
         tasks, calls = [], []
         for group, _, batch in jobs:
             chunks = torch.split(batch, self.spec.rows_per_call(len(batch), self.parallelism)) if len(batch) else ()
             calls.append(len(chunks))
             tasks += [(group, chunk) for chunk in chunks]
-        results = iter(self._map(self._run, tasks))
-        for (group, rows, _), count in zip(jobs, calls, strict=True):
+        results = iter(self._threads.map(self._run, tasks, capture=capture))
+        for job, count in zip(jobs, calls, strict=True):
             if not count:
                 continue
             done = [next(results) for _ in range(count)]
-            scores = torch.cat([part for part, _ in done], dim=1).to("cpu", torch.float64)
-            views = group.spec.views
-            if views > 1:
-                scores = torch.unflatten(scores, 1, (-1, views)).mean(dim=2)
-            members = torch.tensor(group.indices)
-            if rows is None:
-                probs[members] = scores
-            else:
-                probs[members[:, None], rows[None, :]] = scores
-            if forward_seconds is not None:
-                seconds = sum(spent for _, spent in done) / len(group.indices)
-                for member in group.indices:
-                    name = self.spec.members[member].name
-                    forward_seconds[name] = forward_seconds.get(name, 0.0) + seconds
-
-    def _map(self, work: Callable[[T], R], items: Sequence[T]) -> list[R]:
-        """`work` on every item, in order, on the member threads; the calling thread works too.
-
-        Helpers join only when there is more than one item, so a lone task never pays a hand-off.
-        The first item (by position) that raised re-raises here, as a loop would have.
-        """
-        results: list[Any] = [None] * len(items)
-        failures: dict[int, BaseException] = {}
-        pending = iter(range(len(items)))
-        lock = threading.Lock()
-
-        def drain() -> None:
-            while True:
-                with lock:
-                    index = next(pending, None)
-                if index is None:
-                    return
-                try:
-                    results[index] = work(items[index])
-                except Exception as e:  # Re-raised below in item order, on the calling thread.
-                    failures[index] = e
-
-        helpers = min(self.parallelism - 1, len(items) - 1)
-        joined = [self._pool.submit(drain) for _ in range(helpers)] if self._pool else []
-        drain()
-        for helper in joined:
-            helper.result()
-        if failures:
-            raise failures[min(failures)]
-        return results
+            failure = next((result for result in done if isinstance(result, Exception)), None)
+            if failure is not None:
+                mark(tally.missing, job[0].indices, job[1], error_reason(failure))
+                continue
+            tally.store(job, done)
 
     def _run(self, task: tuple[Group, torch.Tensor]) -> tuple[torch.Tensor, float]:
         """One group on one slice, and its seconds; inference mode is per thread, so each task enters it itself."""
@@ -326,3 +287,63 @@ def _image_spec(spec: MemberInput) -> InputSpec:
     """A member's input where the request carries images: every member of an image ensemble takes images."""
     assert isinstance(spec, InputSpec), "images go to the members of an image ensemble only"
     return spec
+
+
+class Tally:
+    """One batch's scores as they come in: `probs[member, input, label]` (NaN until a member answers an input), and
+    per input the members missing from it and why; each member's forward seconds are added to `forward_seconds`."""
+
+    def __init__(
+        self, spec: EnsembleSpec, count: int, scored: torch.Tensor, forward_seconds: dict[str, float] | None
+    ) -> None:
+        """`scored[member, label]`: the labels each member scores (a multilabel member's others are NaN by design)."""
+        self.names = [member.name for member in spec.members]
+        self.probs = torch.full((len(spec.members), count, len(spec.labels)), math.nan, dtype=torch.float64)
+        self.missing: list[dict[int, str]] = [{} for _ in range(count)]
+        self._scored = scored
+        self._forward_seconds = forward_seconds
+
+    def store(self, job: Job, done: Sequence[tuple[torch.Tensor, float]], late: torch.Tensor | None = None) -> None:
+        """A group's scores on its rows (averaged over views), except on the `late` inputs (past their deadline); a
+        member's non-finite scores on an input make it missing there (`non_finite`) instead."""
+        group, rows, _ = job
+        scores = torch.cat([part for part, _ in done], dim=1).to("cpu", torch.float64)
+        views = group.spec.views
+        if views > 1:
+            scores = torch.unflatten(scores, 1, (-1, views)).mean(dim=2)
+        members = torch.tensor(group.indices)
+        broken = ~(scores.isfinite() | ~self._scored[members][:, None, :]).all(dim=-1)
+        if broken.any():
+            scores[broken] = math.nan
+            for m, row in broken.nonzero().tolist():
+                self.missing[row if rows is None else int(rows[row])][group.indices[m]] = NON_FINITE
+        if rows is None:
+            self.probs[members] = scores
+        else:
+            self.probs[members[:, None], rows[None, :]] = scores
+        if late is not None:
+            self.probs[members[:, None], late[None, :]] = math.nan
+        if self._forward_seconds is not None:
+            seconds = sum(spent for _, spent in done) / len(group.indices)
+            for member in group.indices:
+                name = self.names[member]
+                self._forward_seconds[name] = self._forward_seconds.get(name, 0.0) + seconds
+
+
+def _cost(group: Group, device: torch.device) -> float:
+    """ms per call on one input's rows: the plan's timing when it has one, else the median of five calls here."""
+    size = group.spec.views
+    timed = group.choice.ms.get(group.choice.plan, {}) if group.choice is not None else {}
+    if size in timed:
+        return timed[size]
+    probe = torch.randn(size, *group.spec.instance_shape, generator=torch.Generator().manual_seed(0)).to(device)
+    spent = []
+    with torch.inference_mode():
+        group.run(probe)
+        for _ in range(5):
+            began = time.perf_counter()
+            group.run(probe)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            spent.append((time.perf_counter() - began) * 1000)
+    return sorted(spent)[2]

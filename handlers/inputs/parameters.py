@@ -175,12 +175,45 @@ def _describe_uncertainty(spec: EnsembleSpec) -> dict[str, dict[str, Any]]:
     return {"uncertainty": {"values": [True, False], "default": False}}
 
 
+def _read_deadline(sent: Mapping[str, Sent], context: ParameterContext) -> int | None:
+    """The request's deadline in milliseconds, 1 to the response timeout, else the ensemble's (None: no deadline)."""
+    raw = sent.get("deadline_ms")
+    if raw is None:
+        return context.spec.deadline.ms
+    timeout_ms = context.spec.batching.response_timeout_s * 1000
+    try:
+        return integer("deadline_ms", raw, timeout_ms)
+    except RequestError:
+        raise RequestError(
+            f"deadline_ms must be a whole number of milliseconds from 1 to {timeout_ms} (the response timeout), "
+            f"got {json.dumps(raw)}"
+        ) from None
+
+
+def _describe_deadline(spec: EnsembleSpec) -> dict[str, dict[str, Any]]:
+    return {"deadline_ms": {"range": [1, spec.batching.response_timeout_s * 1000], "default": spec.deadline.ms}}
+
+
+def _read_min_members(sent: Mapping[str, Sent], context: ParameterContext) -> int:
+    """How many of the requested members must answer: 1 to their count; by default the ensemble's, capped by it."""
+    requested = len(read_members(sent, context))
+    raw = sent.get("min_members")
+    if raw is None:
+        return min(context.spec.deadline.min_members, requested)
+    return integer("min_members", raw, requested)
+
+
+def _describe_min_members(spec: EnsembleSpec) -> dict[str, dict[str, Any]]:
+    return {"min_members": {"range": [1, len(spec.members)], "default": spec.deadline.min_members}}
+
+
 @dataclass(frozen=True)
 class RequestParameters:
     """Every parameter of one request, read from all its channels and resolved against the ensemble.
 
     `members` are the positions of the members it asked for (all by default), in declaration order;
-    `min_run` is set when the request is a `sequence`.
+    `min_run` is set when the request is a `sequence`; `deadline_ms` when its answer must not wait longer
+    (`min_members` of the requested members must have answered by then).
     """
 
     # parameter() is dataclasses.field(metadata=...) with no default: nothing is shared between instances.
@@ -189,6 +222,8 @@ class RequestParameters:
     top_k: int | None = parameter("top_k", read=_read_top_k, describe=_describe_top_k)
     min_run: int | None = parameter("sequence", "min_run", read=_read_min_run, describe=_describe_sequence)
     uncertainty: bool = parameter("uncertainty", read=_read_uncertainty, describe=_describe_uncertainty)
+    deadline_ms: int | None = parameter("deadline_ms", read=_read_deadline, describe=_describe_deadline)
+    min_members: int = parameter("min_members", read=_read_min_members, describe=_describe_min_members)
 
     @classmethod
     def resolve(cls, sent: Mapping[str, Sent], context: ParameterContext) -> RequestParameters:

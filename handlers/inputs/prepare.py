@@ -58,6 +58,14 @@ class PreparedRequest:
     def uncertainty(self) -> bool:
         return self.parameters.uncertainty
 
+    @property
+    def deadline_ms(self) -> int | None:
+        return self.parameters.deadline_ms
+
+    @property
+    def min_members(self) -> int:
+        return self.parameters.min_members
+
 
 class RequestPreparer:
     """Turns one request into a PreparedRequest for `spec`, or raises a RequestError naming what is wrong and how to
