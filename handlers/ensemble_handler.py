@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from handlers.ensemble_metrics import EnsembleMetrics
 from handlers.errors import EnsembleError, RequestError
 from handlers.execution.plans import prepare_cuda
 from handlers.inputs.prepare import PreparedRequest
+from handlers.worker_exit import reply_and_exit
 
 logger = logging.getLogger(__name__)
 
@@ -51,10 +53,11 @@ class EnsembleHandler(BaseHandler):  # type: ignore[misc]
         logger.info("ensemble %s %s ready on %s", self.ensemble.spec.name, self.ensemble.spec.version, device)
 
     def preprocess(self, data: list[dict[str, Any]]) -> list[PreparedRequest | EnsembleError]:
+        self._started = time.monotonic()  # Deadlines count from here: decoding is part of a request's wait.
         return [self._prepare(idx, row) for idx, row in enumerate(data)]
 
     def inference(self, data: list[PreparedRequest | EnsembleError], *args: Any, **kwargs: Any) -> BatchAnswer:
-        return self.ensemble.answer_batch(data)
+        return self.ensemble.answer_batch(data, self._started)
 
     def postprocess(self, data: BatchAnswer) -> list[str]:
         replies = data.replies
@@ -65,7 +68,10 @@ class EnsembleHandler(BaseHandler):  # type: ignore[misc]
             self.context.set_response_header(idx, "X-Ensemble-Batch-Requests", str(len(replies)))
             self.context.set_response_header(idx, "X-Ensemble-Batch-Images", str(images))
         self._count(data)
-        return [json.dumps(reply.body) for reply in replies]
+        bodies = [json.dumps(reply.body) for reply in replies]
+        if data.stuck:
+            reply_and_exit(self.context, bodies, data.stuck)
+        return bodies
 
     def explain_handle(self, data_preprocess: list[PreparedRequest | EnsembleError], raw_data: Any) -> list[str]:
         """TorchServe routes a whole batch here when its first request came to /explanations: answer it as

@@ -31,7 +31,7 @@ from handlers.ensemble import Ensemble
 from handlers.ensemble_handler import EnsembleHandler
 from handlers.inputs.images import decode_image
 from tests.checkpoint_layouts import write_chexnet_ensemble
-from tests.fixture_models import PoolNet, TinyMLP
+from tests.fixture_models import FaultyMLP, PoolNet, TinyMLP
 
 HERE = Path(__file__).parent
 NPY = {"Content-Type": "application/x-npy"}
@@ -115,6 +115,60 @@ def write_tensor_ensemble(folder: Path, name: str = "vectors") -> Path:
     path = folder / "ensembles.yaml"
     path.write_text(yaml.safe_dump({"ensembles": {name: ensemble}}, sort_keys=False))
     return path
+
+
+# The faults ensemble's members (tests/fixture_models.py): name -> (arch kwargs beyond the shape, required).
+# A member misbehaves only on instances whose first value is its mark.
+FAULTY_MEMBERS: dict[str, tuple[dict[str, Any], bool]] = {
+    "steady": ({"hidden": 8}, True),
+    "calm": ({"hidden": 24}, False),
+    "slow": ({"fault": "sleep", "mark": 1.0, "seconds": 0.6}, False),
+    "broken": ({"fault": "raise", "mark": 2.0}, False),
+    "nan": ({"fault": "nan", "mark": 3.0}, False),
+    "stiff": ({"fault": "sleep", "mark": 4.0, "seconds": 0.6}, True),
+    "hang": ({"fault": "sleep", "mark": 5.0, "seconds": 3600.0}, False),
+}
+
+
+def write_fault_ensemble(folder: Path, name: str = "faults", **overrides: Any) -> Path:
+    """Seven members over [3, 4] float instances, three labels, policy majority, each member on eager: two that
+    always answer and five that misbehave on marked instances (FAULTY_MEMBERS); return the ensembles.yaml path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(HERE / "fixture_models.py", folder / "fixture_models.py")
+    torch.manual_seed(23)
+    members = []
+    for member, (extra, required) in FAULTY_MEMBERS.items():
+        kwargs = {"in_features": 12, "num_classes": 3, **extra}
+        model = FaultyMLP(**kwargs) if "fault" in extra else TinyMLP(**kwargs)
+        torch.save(model.state_dict(), folder / f"{member}.pt")
+        arch = "fixture_models.py:FaultyMLP" if "fault" in extra else "fixture_models.py:TinyMLP"
+        members.append(
+            {"name": member, "arch": arch, "kwargs": kwargs, "weights": f"{member}.pt", "required": required}
+        )
+    ensemble = {
+        "version": "1.0",
+        "task": "multiclass",
+        "labels": LABELS["multiclass"],
+        "policy": {"name": "majority"},
+        "input": {"type": "tensor", "shape": [3, 4]},
+        "limits": {"max_images_per_request": 16},
+        "execution": {"plan": "eager"},
+        "batching": {"batch_size": 8, "max_batch_delay_ms": 2, "response_timeout_s": 10},
+        "deadline": {"stuck_after_s": 2},
+        "members": members,
+        **overrides,
+    }
+    path = folder / "ensembles.yaml"
+    path.write_text(yaml.safe_dump({"ensembles": {name: ensemble}}, sort_keys=False))
+    return path
+
+
+def marked(seed: int, count: int, marks: dict[int, float]) -> numpy.ndarray:
+    """`instances(seed, count)` with instance i's first value set to marks[i] (a member's fault mark)."""
+    values = instances(seed, count)
+    for i, mark in marks.items():
+        values[i, 0, 0] = mark
+    return values
 
 
 def npy_bytes(values: Any) -> bytes:

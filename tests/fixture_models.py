@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -132,3 +134,27 @@ class KnifeEdgeNet(nn.Module):
         features = self.conv(x).mean(dim=(2, 3))
         edge = 1000 * (features[:, 0] - features[:, 1])
         return torch.stack([edge, -edge], dim=1)
+
+
+class FaultyMLP(TinyMLP):
+    """TinyMLP that misbehaves on marked instances (first value equal to `mark`): `fault` is `sleep` (for `seconds`,
+    then answers), `raise` (a RuntimeError) or `nan` (NaN scores for those instances). Runs eager only: a traced plan
+    would bake the branch in."""
+
+    def __init__(
+        self, *, in_features: int, num_classes: int, fault: str, mark: float, seconds: float = 0.0, hidden: int = 16
+    ) -> None:
+        super().__init__(in_features=in_features, num_classes=num_classes, hidden=hidden)
+        self.fault, self.mark, self.seconds = fault, mark, seconds
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        marked = x.flatten(1)[:, 0] == self.mark
+        if not bool(marked.any()):
+            return out
+        if self.fault == "sleep":
+            time.sleep(self.seconds)
+            return out
+        if self.fault == "raise":
+            raise RuntimeError(f"injected fault on {int(marked.sum())} marked instance(s)")
+        return torch.where(marked[:, None], torch.full_like(out, math.nan), out)
