@@ -183,10 +183,13 @@ class Ensemble:
             deadlines = [
                 None if p.deadline_ms is None else started + p.deadline_ms / 1000 for p in good for _ in p.inputs
             ]
+        requests, start = [], 0
+        for p in good:
+            requests.append((start, start + len(p.inputs)))
+            start += len(p.inputs)
+        flat = _flatten(self.spec, [p.inputs for p in good]) if good else None
         scores = (
-            self.runner.run(_flatten(self.spec, [p.inputs for p in good]), forward_seconds, wanted, settle, deadlines)
-            if good
-            else None
+            self.runner.run(flat, forward_seconds, wanted, settle, deadlines, requests) if flat is not None else None
         )
         replies, offset = [], 0
         for item in prepared:
@@ -308,12 +311,14 @@ class Ensemble:
                     "execution": choices.get(m.name, {"plan": "eager", "fused": True}),
                     "outputs": label_mapping(m, self.spec.labels),
                     "requires": m.requires,
+                    "required": m.required,
                 }
                 for m, raw in zip(self.spec.members, spec["members"], strict=True)
             ],
             "input": spec["input"],
             "limits": spec["limits"],
             "batching": spec["batching"],
+            "deadline": {**spec["deadline"], "stuck_after_s": self.spec.stuck_after_s},
             "consistency": self.spec.consistency,
             "device": str(self.device),
             "member_threads": self.runner.parallelism,

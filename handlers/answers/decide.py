@@ -83,7 +83,8 @@ class Decider:
             absent = torch.tensor([[m in gone[i] for i in range(count)] for m in members], dtype=torch.bool)
             scores = self._scoring[list(members)]
             votes = replace(full, absent=(absent[:, :, None] & scores[:, None, :].bool()).sum(dim=0))
-            partial_images = partial(mine, full, absent).tolist()
+            partial_images = partial(mine, votes, absent).tolist()
+
         own = member_votes(mine, votes)
         measured = deferred = None
         if uncertainty or self.spec.defer:

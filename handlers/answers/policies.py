@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -132,15 +132,19 @@ def settled(probs: torch.Tensor, votes: Votes) -> torch.Tensor:
 
 def partial(probs: torch.Tensor, votes: Votes, absent: torch.Tensor) -> torch.Tensor:
     """Per image, whether the members `absent` from it (`[member, image]`; their `probs` NaN) could have changed its
-    answer: the answer of the members that answered is not settled (`settled`, with `votes` counting every member).
+    answer: the answer of the members that answered (k counting them: `votes.absent`) may differ from the full
+    ensemble's.
 
-    Votes: exact, by `settled`. Cascade: the stages before the first one holding an absent member stopped it (a
+    Votes: exact. The full ensemble's answer is settled by the members that answered (`settled`, k counting every
+    member) and is the answer given. Cascade: the stages before the first one holding an absent member stopped it (a
     confident running mean). `mean` and `max` depend on every member: an image with one absent is always partial.
     """
     some = absent.any(dim=0)
+    full = replace(votes, absent=None)
     combines = POLICY_TABLE[votes.policy.name].combines
     if combines == "vote":
-        return some & ~settled(probs, votes)
+        same = (_vote(probs, full).chosen == _vote(probs, votes).chosen).all(dim=-1)
+        return some & ~(settled(probs, full) & same)
     if combines == "cascade":
         order = [m for stage in votes.in_stages(probs.shape[0]) for m in stage]
         position = torch.empty(probs.shape[0], dtype=torch.long)
@@ -250,7 +254,7 @@ def most_confident(probs: torch.Tensor, votes: Votes) -> Decision:
         confidence = torch.maximum(probs, 1 - probs).nan_to_num(-1.0)
         best = confidence.argmax(dim=0, keepdim=True)
         return Decision(own.gather(0, best)[0], probs.gather(0, best)[0])
-    confidence = probs.max(dim=-1).values
+    confidence = probs.max(dim=-1).values.nan_to_num(-1.0)  # A member missing from an image has no say there.
     best = confidence.argmax(dim=0)
     images = torch.arange(probs.shape[1])
     return Decision(own[best, images], probs[best, images])

@@ -35,6 +35,7 @@ from handlers.config.specs import (
     Limits,
     MemberInput,
     TensorSpec,
+    default_stuck_after_s,
 )
 from handlers.errors import InvalidPolicy
 
@@ -277,7 +278,7 @@ class DeadlineConfig(Strict):
     stuck_after_s: Annotated[int | None, *integer(1, 3600)] = Field(
         None,
         description="Seconds a member call may run before its worker is replaced (answering what it can first), "
-        "above the deadline. Default: the response timeout.",
+        "above the deadline. Default: half the response timeout.",
     )
 
     def to_deadline(self, members: int, response_timeout_s: int) -> Deadline:
@@ -290,7 +291,7 @@ class DeadlineConfig(Strict):
                 "the worker out first; lower it or raise the timeout",
                 "ms",
             )
-        stuck = self.stuck_after_s or response_timeout_s
+        stuck = self.stuck_after_s or default_stuck_after_s(response_timeout_s)
         if self.ms is not None and stuck * 1000 <= self.ms:
             fail(f"{stuck} s must be longer than the deadline ({self.ms} ms)", "stuck_after_s")
         return Deadline(ms=self.ms, min_members=self.min_members, stuck_after_s=self.stuck_after_s)

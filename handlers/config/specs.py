@@ -118,11 +118,16 @@ class Batching:
         return max(1, cores // self.workers)
 
 
+def default_stuck_after_s(response_timeout_s: int) -> int:
+    """`stuck_after_s` when ensembles.yaml gives none: half the response timeout, at least 1."""
+    return max(1, response_timeout_s // 2)
+
+
 @dataclass(frozen=True)
 class Deadline:
     """How long a request waits for its members, and how many must answer (docs: Deadlines and quorum).
 
-    `ms` None waits for every member, as an ensemble without a deadline always has. `stuck_after_s` None is the
+    `ms` None waits for every member, as an ensemble without a deadline always has. `stuck_after_s` None is half the
     response timeout: a member call running longer than it gets the worker replaced.
     """
 
@@ -262,8 +267,9 @@ class EnsembleSpec:
 
     @property
     def stuck_after_s(self) -> int:
-        """Seconds a member call may run before the worker is replaced: the deadline's, else the response timeout."""
-        return self.deadline.stuck_after_s or self.batching.response_timeout_s
+        """Seconds a member call may run before the worker is replaced: the deadline's, else half the response timeout
+        (a request waiting on a stuck member is then answered before TorchServe times the worker out)."""
+        return self.deadline.stuck_after_s or default_stuck_after_s(self.batching.response_timeout_s)
 
     @property
     def positive_index(self) -> int | None:

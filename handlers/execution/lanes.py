@@ -9,6 +9,7 @@ is stuck: the worker says so, and the handler has TorchServe replace the worker 
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -110,6 +111,11 @@ class Lanes:
             for m in indices
         ]
 
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no lane has a call running or queued, for at most `timeout` seconds in all."""
+        end = time.monotonic() + timeout
+        return all(lane.wait_idle(max(0.0, end - time.monotonic())) for lane in list(self._lanes.values()))
+
     def wait_for(self, jobs: Sequence[Job], missing: list[dict[int, str]]) -> list[Job]:
         """The jobs to run without a deadline: a group still running an earlier batch's call is waited for until it
         counts as stuck, then it is `busy` for this batch. At most one call per member runs at a time."""
@@ -127,28 +133,28 @@ class Lanes:
     def run(
         self,
         jobs: Sequence[Job],
-        call: Callable[[tuple[Group, torch.Tensor]], Slice],
+        attempt: Callable[[Job], list[tuple[Job, list[Slice] | Exception]]],
         store: Callable[[Job, Sequence[Slice], torch.Tensor | None], None],
         missing: list[dict[int, str]],
         due: Sequence[float | None],
     ) -> bool:
-        """Each job on its group's lane, in slices, waited for until the last of the inputs' deadlines (`due`,
-        `time.monotonic()` seconds; without limit when an input has none); `store` takes a job's slices and the rows
-        that missed their deadline (they count for the others). False when a job had not finished.
+        """Each job on its group's lane (`attempt` runs it there: the slices of the job, or of its parts, or why they
+        failed), waited for until the last of the inputs' deadlines (`due`, `time.monotonic()` seconds; without limit
+        when an input has none); `store` takes a job's slices and the rows that missed their deadline (they count for
+        the others). False when a job had not finished.
 
         A soft group still busy with an earlier call is `busy` at once; a required one queues behind that call, and is
         `busy` if it has not started by the deadline.
         """
         end = None if any(when is None for when in due) else max(when for when in due if when is not None)
-        submitted: list[tuple[Job, Future[Outcome[list[Slice]]]]] = []
+        submitted: list[tuple[Job, Future[Outcome[list[tuple[Job, list[Slice] | Exception]]]]]] = []
         for job in jobs:
-            group, rows, batch = job
+            group, rows, _ = job
             lane = self._lane(group)
             if lane.busy() and not any(self.spec.members[m].required for m in group.indices):
                 mark(missing, group.indices, rows, BUSY)
                 continue
-            chunks = torch.split(batch, self.spec.rows_per_call(len(batch), 1)) if len(batch) else ()
-            submitted.append((job, lane.submit(_slices(call, group, chunks))))
+            submitted.append((job, lane.submit(functools.partial(attempt, job))))
         wait([future for _, future in submitted], timeout=None if end is None else max(0.0, end - time.monotonic()))
         finished = True
         for job, future in submitted:
@@ -161,12 +167,16 @@ class Lanes:
             if outcome.error is not None or outcome.value is None:
                 mark(missing, group.indices, rows, error_reason(outcome.error or RuntimeError("no result")))
                 continue
-            everyone = range(len(due)) if rows is None else rows.tolist()
-            late = [row for row in everyone if (when := due[row]) is not None and outcome.finished > when]
-            late_rows = torch.tensor(late, dtype=torch.long) if late else None
-            store(job, outcome.value, late_rows)
-            if late_rows is not None:
-                mark(missing, group.indices, late_rows, DEADLINE)
+            for part, result in outcome.value:
+                if isinstance(result, Exception):
+                    mark(missing, group.indices, part[1], error_reason(result))
+                    continue
+                everyone = range(len(due)) if part[1] is None else part[1].tolist()
+                late = [row for row in everyone if (when := due[row]) is not None and outcome.finished > when]
+                late_rows = torch.tensor(late, dtype=torch.long) if late else None
+                store(part, result, late_rows)
+                if late_rows is not None:
+                    mark(missing, group.indices, late_rows, DEADLINE)
         return finished
 
     def _lane(self, group: Group) -> Lane:
@@ -174,10 +184,3 @@ class Lanes:
         if lane is None:
             lane = self._lanes[group.indices] = Lane("+".join(self.spec.members[m].name for m in group.indices))
         return lane
-
-
-def _slices(
-    call: Callable[[tuple[Group, torch.Tensor]], Slice], group: Group, chunks: Sequence[torch.Tensor]
-) -> Callable[[], list[Slice]]:
-    """A lane call: the group on each slice, one after another."""
-    return lambda: [call((group, chunk)) for chunk in chunks]

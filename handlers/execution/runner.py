@@ -25,7 +25,7 @@ from torch import nn
 
 from handlers.config.specs import EnsembleSpec, InputSpec, MemberInput
 from handlers.execution.groups import Group, PlanContext, plan_groups
-from handlers.execution.lanes import Job, Lanes
+from handlers.execution.lanes import Job, Lanes, Slice
 from handlers.execution.missing import DEADLINE, NON_FINITE, error_reason, mark
 from handlers.execution.outputs import fit_head
 from handlers.execution.plan_forwards import Exported
@@ -147,6 +147,7 @@ class MemberRunner:
         wanted: Sequence[Collection[int]] | None = None,
         settle: Callable[[torch.Tensor], Sequence[Collection[int]]] | None = None,
         deadlines: Sequence[float | None] | None = None,
+        requests: Sequence[tuple[int, int]] = (),
     ) -> Scores:
         """Every needed member's probabilities on `inputs`; each image is transformed once per input spec.
 
@@ -163,6 +164,8 @@ class MemberRunner:
 
         `deadlines[i]` (`time.monotonic()` seconds, None for none) is when input i's answer is due: given any,
         the groups run on their lanes and a member that has not answered an input by its deadline is missing there.
+        `requests` are the inputs' requests as [start, end) ranges: a member that raises on a batch is tried again on
+        each request's inputs alone, so that one request's input costs only that request the member.
         """
         count = len(inputs)
         tally = Tally(self.spec, count, self._scored, forward_seconds)
@@ -172,8 +175,9 @@ class MemberRunner:
 
         def execute(jobs: list[Job]) -> bool:
             if due is not None:
-                return self._lanes.run(jobs, self._run, tally.store, missing, due)
-            self._run_groups(self._lanes.wait_for(jobs, missing), tally)
+                attempt = functools.partial(self._attempt, requests=requests)
+                return self._lanes.run(jobs, attempt, tally.store, missing, due)
+            self._run_groups(self._lanes.wait_for(jobs, missing), tally, requests=requests)
             return True
 
         with torch.inference_mode():
@@ -209,6 +213,10 @@ class MemberRunner:
         """The members whose lane call has run longer than the ensemble's `stuck_after_s`."""
         return self._lanes.stuck()
 
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no member call that overran a deadline is still running, for at most `timeout` seconds."""
+        return self._lanes.wait_idle(timeout)
+
     @functools.cached_property
     def _staging(self) -> list[tuple[Group, float]]:
         """The groups in early exit's order, with their ms per call for one input: cheapest first, ties as declared.
@@ -240,9 +248,12 @@ class MemberRunner:
         spec = _image_spec(group.spec)
         return self._to_device(batch_tensors(picked, [spec])[spec])
 
-    def _run_groups(self, jobs: Sequence[Job], tally: Tally, *, capture: bool = True) -> None:
+    def _run_groups(
+        self, jobs: Sequence[Job], tally: Tally, *, capture: bool = True, requests: Sequence[tuple[int, int]] = ()
+    ) -> None:
         """Each (group, rows, batch of those rows) in slices on the member threads; scores go to the `tally` at the
-        rows. A group that raised is missing from its rows (with `capture`; else the exception is raised here)."""
+        rows. A group that raised is tried again per request (`run`), and is missing from the rows it still fails
+        on (with `capture`; else the exception is raised here)."""
         tasks, calls = [], []
         for group, _, batch in jobs:
             chunks = torch.split(batch, self.spec.rows_per_call(len(batch), self.parallelism)) if len(batch) else ()
@@ -254,10 +265,27 @@ class MemberRunner:
                 continue
             done = [next(results) for _ in range(count)]
             failure = next((result for result in done if isinstance(result, Exception)), None)
-            if failure is not None:
-                mark(tally.missing, job[0].indices, job[1], error_reason(failure))
+            if failure is None:
+                tally.store(job, done)
                 continue
-            tally.store(job, done)
+            parts = _per_request(job, requests)
+            attempts = [self._attempt(part)[0] for part in parts] if len(parts) > 1 else [(job, failure)]
+            for part, result in attempts:
+                if isinstance(result, Exception):
+                    mark(tally.missing, part[0].indices, part[1], error_reason(result))
+                else:
+                    tally.store(part, result)
+
+    def _attempt(self, job: Job, requests: Sequence[tuple[int, int]] = ()) -> list[tuple[Job, list[Slice] | Exception]]:
+        """A group's job on this thread, slice after slice: its slices, or the exception it raised; when it raised and
+        the job holds several `requests`' inputs, each request's part again on its own."""
+        group, _, batch = job
+        try:
+            chunks = torch.split(batch, self.spec.rows_per_call(len(batch), 1)) if len(batch) else ()
+            return [(job, [self._run((group, chunk)) for chunk in chunks])]
+        except Exception as e:  # The member's failure is this job's outcome.
+            parts = _per_request(job, requests)
+            return [self._attempt(part)[0] for part in parts] if len(parts) > 1 else [(job, e)]
 
     def _run(self, task: tuple[Group, torch.Tensor]) -> tuple[torch.Tensor, float]:
         """One group on one slice, and its seconds; inference mode is per thread, so each task enters it itself."""
@@ -281,6 +309,20 @@ def _rows_needing(group: Sequence[int], wanted: Sequence[Collection[int]] | None
         return None
     rows = [i for i, members in enumerate(wanted) if not set(group).isdisjoint(members)]
     return None if len(rows) == count else torch.tensor(rows, dtype=torch.long)
+
+
+def _per_request(job: Job, requests: Sequence[tuple[int, int]]) -> list[Job]:
+    """A job cut into one job per request ([start, end) input ranges) whose inputs it holds."""
+    group, rows, batch = job
+    views = group.spec.views
+    inputs = list(range(len(batch) // views)) if rows is None else rows.tolist()
+    parts: list[Job] = []
+    for start, end in requests:
+        positions = [p for p, i in enumerate(inputs) if start <= i < end]
+        if positions:
+            take = torch.tensor([p * views + v for p in positions for v in range(views)])
+            parts.append((group, torch.tensor([inputs[p] for p in positions]), batch[take.to(batch.device)]))
+    return parts
 
 
 def _image_spec(spec: MemberInput) -> InputSpec:
