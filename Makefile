@@ -18,7 +18,7 @@ INSTALLED := $(VENV)/.installed-$(shell cat requirements.lock requirements-nodep
 TRAINED := artifacts/weights/.trained
 NAME ?= shapes
 
-.PHONY: setup demo build kserve gpu-check serve stop test test-fast lint lock lock-check docs schema register unregister rebuild evaluate inspect bench bench-quick bench-tune bench-eager bench-mlp bench-profile bench-batching bench-fused bench-options bench-early-exit bench-pinned-training bench-auto bench-engines bench-request-profile tune reliability reliability-full clean prometheus monitor monitor-stop monitor-traffic monitor-report
+.PHONY: setup demo build kserve gpu-check serve stop test test-fast lint lock lock-check docs schema register unregister rebuild evaluate inspect bench bench-quick bench-tune bench-eager bench-mlp bench-profile bench-batching bench-fused bench-options bench-early-exit bench-deadline bench-pinned-training bench-auto bench-engines bench-request-profile tune reliability reliability-full clean prometheus monitor monitor-stop monitor-traffic monitor-report
 
 $(INSTALLED): requirements.lock requirements-nodeps.lock
 	@command -v java >/dev/null 2>&1 || { echo "installing a Java runtime for TorchServe"; \
@@ -292,6 +292,11 @@ bench-options: demo
 # Exact early exit under any and all against running every member, and what uncertainty=true costs, on shapes.
 bench-early-exit: demo
 	$(PY) -m bench.early_exit
+
+# One member of shapes slowed by 200 ms on 10% of the images: p50/p99 at 1 and 8 clients with deadline_ms=50 against
+# no deadline, in alternating rounds, and the accuracy it costs; DEADLINE_ARGS=--quick for a short smoke run.
+bench-deadline: demo $(BENCH_INSTALLED)
+	$(PY) -m bench.deadline $(DEADLINE_ARGS)
 
 # The demos trained without and with the pinned kernels under two CPUs' kernel choices: digests and training time.
 bench-pinned-training: $(INSTALLED) $(EVAL_INSTALLED)

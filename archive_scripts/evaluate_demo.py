@@ -13,7 +13,8 @@ vote trade-off shows at a glance. `--tta` also scores `multishape` with each tes
 on every member (macro AUROC and F1 of each member and of the mean policy), to show what the views buy.
 Every demo also gets what its answers cost (the cascade against mean and the members, early exit against
 the full vote) and its risk–coverage table (archive_scripts/evaluate_cascade.py), drawn with `--cascade-plot`
-and `--risk-plot`. scikit-learn and matplotlib are evaluation-only dependencies
+and `--risk-plot`, and its answers with each member and each pair of members missing: quality, how often partial
+(archive_scripts/evaluate_missing.py). scikit-learn and matplotlib are evaluation-only dependencies
 (archive_scripts/requirements-eval.txt).
 """
 
@@ -42,6 +43,8 @@ from archive_scripts.evaluate_cascade import (
     risk_markdown,
     without_curves,
 )
+from archive_scripts.evaluate_missing import missing_tables
+from archive_scripts.evaluate_missing import report as missing_report
 from archive_scripts.faces_demo import CORRUPTIONS, corrupted
 from archive_scripts.faces_demo import crops as face_crops
 from handlers.answers.policies import Decision, Votes, combine, member_votes
@@ -249,6 +252,7 @@ def evaluate(specs: Sequence[EnsembleSpec], count: int) -> dict[str, Any]:
         results[spec.name]["images"] = len(truth)
         results[spec.name]["cost"] = cost_table(spec, ensemble, probs, truth)
         results[spec.name]["risk_coverage"] = risk_coverage(spec, probs, truth)
+        results[spec.name]["missing"] = missing_tables(spec, ensemble.decider, probs, truth, K_OF_N)
         if spec.name == "faces":
             # Clean crops leave nothing to rank: every answer is right. Blurred (radius 2) ones are where faces errs.
             results[spec.name]["risk_coverage_blurred"] = risk_coverage(
@@ -325,6 +329,7 @@ def main() -> None:
                 result["cost"], "what it costs (quality: accuracy, multilabel macro F1; ms: member-forward per image)"
             )
         )
+        print("\n" + missing_report(specs[name], result["missing"]))
     risks = {name: r["risk_coverage"] for name, r in results.items()}
     if "faces" in results:
         risks["faces, blurred (radius 2)"] = results["faces"]["risk_coverage_blurred"]

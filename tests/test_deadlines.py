@@ -360,3 +360,30 @@ def test_partial_by_hand(policy: PolicySpec, probs: list, absent: int, partial: 
     counted = replace(votes, absent=gone.sum(dim=0, keepdim=True).expand(1, 2))
     tensor = torch.tensor(probs, dtype=torch.float64)[:, None, :]
     assert partial_images(tensor, counted, gone).tolist() == [partial]
+
+
+def test_uncertainty_and_top_k_count_the_members_that_answered(faults: Ensemble, folder: Path) -> None:
+    values = marked(18, 2, {0: BROKEN_MARK})
+    [reply] = faults.answer_batch([ask(faults, values, uncertainty="true", top_k=2)]).replies
+    probs = clean_probabilities(folder, values)
+    answering = {m: probs[m][0] for m in MEMBERS if m != "broken"}
+    want_one = ref.predict(
+        TASK, answering, dict.fromkeys(answering, 1.0), ref.Policy("majority", top_k=2, uncertainty=True)
+    )
+    served = reply.body["predictions"][0]
+    assert list(served["members"]) == list(answering)
+    assert served["uncertainty"] == pytest.approx(want_one["uncertainty"], abs=1e-6)
+    assert [entry["label"] for entry in served["top"]] == [entry["label"] for entry in want_one["top"]]
+
+
+def test_early_exit_under_a_deadline_skips_what_is_settled_and_misses_what_is_late(
+    faults: Ensemble, folder: Path
+) -> None:
+    values = marked(19, 4, dict.fromkeys(range(4), SLOW))
+    [reply] = faults.answer_batch([ask(faults, values, early_exit="true", deadline_ms=200)]).replies
+    full = expected(folder, values, [set()] * 4)
+    for served, whole in zip(reply.body["predictions"], full, strict=True):
+        assert served["missing"] in ({}, {"slow": "deadline"})
+        assert set(served["skipped"]).isdisjoint(served["missing"])
+        if not served["partial"]:
+            assert served["label"] == whole["label"]

@@ -130,57 +130,87 @@ class Lanes:
             ready.append(job)
         return ready
 
-    def run(
+    def calls(
         self,
-        jobs: Sequence[Job],
         attempt: Callable[[Job], list[tuple[Job, list[Slice] | Exception]]],
         store: Callable[[Job, Sequence[Slice], torch.Tensor | None], None],
         missing: list[dict[int, str]],
         due: Sequence[float | None],
-    ) -> bool:
-        """Each job on its group's lane (`attempt` runs it there: the slices of the job, or of its parts, or why they
-        failed), waited for until the last of the inputs' deadlines (`due`, `time.monotonic()` seconds; without limit
-        when an input has none); `store` takes a job's slices and the rows that missed their deadline (they count for
-        the others). False when a job had not finished.
-
-        A soft group still busy with an earlier call is `busy` at once; a required one queues behind that call, and is
-        `busy` if it has not started by the deadline.
-        """
-        end = None if any(when is None for when in due) else max(when for when in due if when is not None)
-        submitted: list[tuple[Job, Future[Outcome[list[tuple[Job, list[Slice] | Exception]]]]]] = []
-        for job in jobs:
-            group, rows, _ = job
-            lane = self._lane(group)
-            if lane.busy() and not any(self.spec.members[m].required for m in group.indices):
-                mark(missing, group.indices, rows, BUSY)
-                continue
-            submitted.append((job, lane.submit(functools.partial(attempt, job))))
-        wait([future for _, future in submitted], timeout=None if end is None else max(0.0, end - time.monotonic()))
-        finished = True
-        for job, future in submitted:
-            group, rows, _ = job
-            if not future.done():
-                mark(missing, group.indices, rows, BUSY if future.cancel() else DEADLINE)
-                finished = False
-                continue
-            outcome = future.result()
-            if outcome.error is not None or outcome.value is None:
-                mark(missing, group.indices, rows, error_reason(outcome.error or RuntimeError("no result")))
-                continue
-            for part, result in outcome.value:
-                if isinstance(result, Exception):
-                    mark(missing, group.indices, part[1], error_reason(result))
-                    continue
-                everyone = range(len(due)) if part[1] is None else part[1].tolist()
-                late = [row for row in everyone if (when := due[row]) is not None and outcome.finished > when]
-                late_rows = torch.tensor(late, dtype=torch.long) if late else None
-                store(part, result, late_rows)
-                if late_rows is not None:
-                    mark(missing, group.indices, late_rows, DEADLINE)
-        return finished
+    ) -> LaneCalls:
+        """One batch's calls on these lanes (LaneCalls says how they run and count)."""
+        return LaneCalls(self, attempt, store, missing, due)
 
     def _lane(self, group: Group) -> Lane:
         lane = self._lanes.get(group.indices)
         if lane is None:
             lane = self._lanes[group.indices] = Lane("+".join(self.spec.members[m].name for m in group.indices))
         return lane
+
+
+Pending = tuple[Job, "Future[Outcome[list[tuple[Job, list[Slice] | Exception]]]]"]
+
+
+class LaneCalls:
+    """One batch's jobs on their groups' lanes, waited for until the inputs' deadlines.
+
+    `attempt` runs a job on its lane (the slices of the job, or of its parts, or why they failed); `store` takes a
+    job's slices and the rows that missed their deadline (`due[row]`, `time.monotonic()` seconds or None; the slices
+    count for the other rows). A soft group still busy with an earlier call is `busy` at once; a required one queues
+    behind that call, and is `busy` if it has not started when the waiting ends.
+    """
+
+    def __init__(
+        self,
+        lanes: Lanes,
+        attempt: Callable[[Job], list[tuple[Job, list[Slice] | Exception]]],
+        store: Callable[[Job, Sequence[Slice], torch.Tensor | None], None],
+        missing: list[dict[int, str]],
+        due: Sequence[float | None],
+    ) -> None:
+        self._lanes, self._attempt, self._store, self._missing, self._due = lanes, attempt, store, missing, due
+        # The last deadline; None (wait for everything) when an input has none.
+        self.end = None if any(when is None for when in due) else max(when for when in due if when is not None)
+        self._pending: list[Pending] = []
+
+    def submit(self, jobs: Sequence[Job]) -> None:
+        """Start each job on its group's lane (or mark it busy)."""
+        for job in jobs:
+            group, rows, _ = job
+            lane = self._lanes._lane(group)
+            if lane.busy() and not any(self._lanes.spec.members[m].required for m in group.indices):
+                mark(self._missing, group.indices, rows, BUSY)
+                continue
+            self._pending.append((job, lane.submit(functools.partial(self._attempt, job))))
+
+    def wait(self, until: float | None) -> bool:
+        """Wait for the submitted jobs until `until` or the last deadline, whichever is first; whether all are done."""
+        ends = [t for t in (until, self.end) if t is not None]
+        timeout = max(0.0, min(ends) - time.monotonic()) if ends else None
+        return not wait([future for _, future in self._pending], timeout=timeout).not_done
+
+    def collect(self) -> bool:
+        """Count every submitted job as it stands: its slices stored, or why it is missing. False when one is still
+        running (it keeps its lane; this batch goes on without it)."""
+        finished = True
+        for job, future in self._pending:
+            group, rows, _ = job
+            if not future.done():
+                mark(self._missing, group.indices, rows, BUSY if future.cancel() else DEADLINE)
+                finished = False
+                continue
+            outcome = future.result()
+            if outcome.error is not None or outcome.value is None:
+                mark(self._missing, group.indices, rows, error_reason(outcome.error or RuntimeError("no result")))
+                continue
+            for part, result in outcome.value:
+                if isinstance(result, Exception):
+                    mark(self._missing, group.indices, part[1], error_reason(result))
+                    continue
+                everyone = range(len(self._due)) if part[1] is None else part[1].tolist()
+                late = [row for row in everyone if (when := self._due[row]) is not None and outcome.finished > when]
+                late_rows = torch.tensor(late, dtype=torch.long) if late else None
+                self._store(part, result, late_rows)
+                if late_rows is not None:
+                    mark(self._missing, group.indices, late_rows, DEADLINE)
+        self._pending = []
+        return finished

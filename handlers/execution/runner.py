@@ -13,7 +13,6 @@ only until then: a member still running is missing (`deadline`), one still runni
 from __future__ import annotations
 
 import functools
-import math
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -24,12 +23,14 @@ from PIL import Image
 from torch import nn
 
 from handlers.config.specs import EnsembleSpec, InputSpec, MemberInput
+from handlers.execution.group_calls import GroupCalls
 from handlers.execution.groups import Group, PlanContext, plan_groups
-from handlers.execution.lanes import Job, Lanes, Slice
-from handlers.execution.missing import DEADLINE, NON_FINITE, error_reason, mark
+from handlers.execution.lanes import Job, Lanes
 from handlers.execution.outputs import fit_head
 from handlers.execution.plan_forwards import Exported
 from handlers.execution.schedule import settle
+from handlers.execution.staging import Staging
+from handlers.execution.tally import Tally
 from handlers.execution.threads import MemberThreads
 from handlers.inputs.images import batch_tensors
 
@@ -70,7 +71,7 @@ class MemberRunner:
         self.spec = spec
         self.device = device
         self.parallelism = parallelism
-        self._threads = MemberThreads(parallelism)
+        self._calls = GroupCalls(spec, device, MemberThreads(parallelism))
         self._lanes = Lanes(spec)
         # Which labels each member scores: a multilabel member's other labels are NaN by design, not a failure.
         self._scored = torch.tensor(
@@ -118,7 +119,7 @@ class MemberRunner:
                 probes[key] = self._to_device(probe)
             jobs.append((group, None, probes[key]))
         with torch.inference_mode():
-            self._run_groups(jobs, Tally(self.spec, images, self._scored, None), capture=False)
+            self._calls.run(jobs, Tally(self.spec, images, self._scored, None), capture=False)
 
     def describe(self) -> list[dict[str, Any]]:
         """Each group's members, plan and fusion, in run order."""
@@ -173,25 +174,43 @@ class MemberRunner:
         timed = deadlines is not None and any(due is not None for due in deadlines)
         due = list(deadlines) if timed and deadlines is not None else None
 
-        def execute(jobs: list[Job]) -> bool:
-            if due is not None:
-                attempt = functools.partial(self._attempt, requests=requests)
-                return self._lanes.run(jobs, attempt, tally.store, missing, due)
-            self._run_groups(self._lanes.wait_for(jobs, missing), tally, requests=requests)
-            return True
+        attempt = functools.partial(self._calls.attempt, requests=requests)
+        calls = None if due is None else self._lanes.calls(attempt, tally.store, missing, due)
+
+        def execute(jobs: list[Job]) -> None:
+            if calls is None:
+                self._calls.run(self._lanes.wait_for(jobs, missing), tally, requests=requests)
+                return
+            calls.submit(jobs)
+            calls.wait(None)
+            calls.collect()
 
         with torch.inference_mode():
             if settle is not None:
                 stages = self.stages
                 for position, group in enumerate(stages):
                     rows = _rows_needing(group.indices, wanted, count)
-                    if rows is None or len(rows):
-                        if not execute([(group, rows, self._batch(inputs, group, rows))]):
-                            for later in stages[position + 1 :]:
-                                mark(missing, later.indices, _rows_needing(later.indices, wanted, count), DEADLINE)
+                    if rows is not None and not len(rows):
+                        continue
+                    job = (group, rows, self._batch(inputs, group, rows))
+                    if calls is None:
+                        execute([job])
+                    else:
+                        calls.submit([job])
+                        inputs_needing = count if rows is None else len(rows)
+                        if not calls.wait(time.monotonic() + self.staging.hedge(group, inputs_needing)):
+                            # A straggler: the later stages start now, side by side, on the inputs still needing them.
+                            later = [
+                                (g, r, self._batch(inputs, g, r))
+                                for g, r in _needing(stages[position + 1 :], wanted, count)
+                            ]
+                            calls.submit(later)
+                            calls.wait(None)
+                            calls.collect()
                             break
-                        if position < len(stages) - 1:
-                            wanted = settle(probs)
+                        calls.collect()
+                    if position < len(stages) - 1:
+                        wanted = settle(probs)
                 return Scores(probs, missing)
             on_device: dict[MemberInput, torch.Tensor]
             if isinstance(inputs, torch.Tensor):
@@ -218,27 +237,19 @@ class MemberRunner:
         return self._lanes.wait_idle(timeout)
 
     @functools.cached_property
-    def _staging(self) -> list[tuple[Group, float]]:
-        """The groups in early exit's order, with their ms per call for one input: cheapest first, ties as declared.
-
-        A member's cost is its plan's own timing for one input where `auto` measured it; other groups are
-        timed here, once, when the first request that stops early arrives.
-        """
-        costed = [(group, _cost(group, self.device)) for group in self.groups]
-        return sorted(costed, key=lambda pair: (pair[1], pair[0].indices[0]))
+    def staging(self) -> Staging:
+        """Early exit's order of the groups (`execution.staging`), costed when the first request that stops early
+        arrives."""
+        return Staging(self.groups, self.device, [member.name for member in self.spec.members])
 
     @property
     def stages(self) -> list[Group]:
-        """The groups in early exit's order (`_staging`)."""
-        return [group for group, _ in self._staging]
+        """The groups in early exit's order: cheapest first."""
+        return self.staging.groups
 
     def stage_order(self) -> list[dict[str, Any]]:
         """The stages as describe shows them: their members and ms per call for one input."""
-        names = [member.name for member in self.spec.members]
-        return [
-            {"members": [names[i] for i in group.indices], "ms_per_input": round(cost, 3)}
-            for group, cost in self._staging
-        ]
+        return self.staging.describe()
 
     def _batch(self, inputs: Inputs, group: Group, rows: torch.Tensor | None) -> torch.Tensor:
         """The rows of `inputs` (all for None) transformed for `group`'s input spec, on the device."""
@@ -247,55 +258,6 @@ class MemberRunner:
         picked = inputs if rows is None else [inputs[i] for i in rows.tolist()]
         spec = _image_spec(group.spec)
         return self._to_device(batch_tensors(picked, [spec])[spec])
-
-    def _run_groups(
-        self, jobs: Sequence[Job], tally: Tally, *, capture: bool = True, requests: Sequence[tuple[int, int]] = ()
-    ) -> None:
-        """Each (group, rows, batch of those rows) in slices on the member threads; scores go to the `tally` at the
-        rows. A group that raised is tried again per request (`run`), and is missing from the rows it still fails
-        on (with `capture`; else the exception is raised here)."""
-        tasks, calls = [], []
-        for group, _, batch in jobs:
-            chunks = torch.split(batch, self.spec.rows_per_call(len(batch), self.parallelism)) if len(batch) else ()
-            calls.append(len(chunks))
-            tasks += [(group, chunk) for chunk in chunks]
-        results = iter(self._threads.map(self._run, tasks, capture=capture))
-        for job, count in zip(jobs, calls, strict=True):
-            if not count:
-                continue
-            done = [next(results) for _ in range(count)]
-            failure = next((result for result in done if isinstance(result, Exception)), None)
-            if failure is None:
-                tally.store(job, done)
-                continue
-            parts = _per_request(job, requests)
-            attempts = [self._attempt(part)[0] for part in parts] if len(parts) > 1 else [(job, failure)]
-            for part, result in attempts:
-                if isinstance(result, Exception):
-                    mark(tally.missing, part[0].indices, part[1], error_reason(result))
-                else:
-                    tally.store(part, result)
-
-    def _attempt(self, job: Job, requests: Sequence[tuple[int, int]] = ()) -> list[tuple[Job, list[Slice] | Exception]]:
-        """A group's job on this thread, slice after slice: its slices, or the exception it raised; when it raised and
-        the job holds several `requests`' inputs, each request's part again on its own."""
-        group, _, batch = job
-        try:
-            chunks = torch.split(batch, self.spec.rows_per_call(len(batch), 1)) if len(batch) else ()
-            return [(job, [self._run((group, chunk)) for chunk in chunks])]
-        except Exception as e:  # The member's failure is this job's outcome.
-            parts = _per_request(job, requests)
-            return [self._attempt(part)[0] for part in parts] if len(parts) > 1 else [(job, e)]
-
-    def _run(self, task: tuple[Group, torch.Tensor]) -> tuple[torch.Tensor, float]:
-        """One group on one slice, and its seconds; inference mode is per thread, so each task enters it itself."""
-        group, chunk = task
-        began = time.perf_counter()
-        with torch.inference_mode():
-            probs = group.run(chunk)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return probs, time.perf_counter() - began
 
     def _to_device(self, batch: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cuda":
@@ -311,81 +273,15 @@ def _rows_needing(group: Sequence[int], wanted: Sequence[Collection[int]] | None
     return None if len(rows) == count else torch.tensor(rows, dtype=torch.long)
 
 
-def _per_request(job: Job, requests: Sequence[tuple[int, int]]) -> list[Job]:
-    """A job cut into one job per request ([start, end) input ranges) whose inputs it holds."""
-    group, rows, batch = job
-    views = group.spec.views
-    inputs = list(range(len(batch) // views)) if rows is None else rows.tolist()
-    parts: list[Job] = []
-    for start, end in requests:
-        positions = [p for p, i in enumerate(inputs) if start <= i < end]
-        if positions:
-            take = torch.tensor([p * views + v for p in positions for v in range(views)])
-            parts.append((group, torch.tensor([inputs[p] for p in positions]), batch[take.to(batch.device)]))
-    return parts
+def _needing(
+    groups: Sequence[Group], wanted: Sequence[Collection[int]] | None, count: int
+) -> list[tuple[Group, torch.Tensor | None]]:
+    """The groups some input still needs, with those inputs (None: all)."""
+    needing = [(group, _rows_needing(group.indices, wanted, count)) for group in groups]
+    return [(group, rows) for group, rows in needing if rows is None or len(rows)]
 
 
 def _image_spec(spec: MemberInput) -> InputSpec:
     """A member's input where the request carries images: every member of an image ensemble takes images."""
     assert isinstance(spec, InputSpec), "images go to the members of an image ensemble only"
     return spec
-
-
-class Tally:
-    """One batch's scores as they come in: `probs[member, input, label]` (NaN until a member answers an input), and
-    per input the members missing from it and why; each member's forward seconds are added to `forward_seconds`."""
-
-    def __init__(
-        self, spec: EnsembleSpec, count: int, scored: torch.Tensor, forward_seconds: dict[str, float] | None
-    ) -> None:
-        """`scored[member, label]`: the labels each member scores (a multilabel member's others are NaN by design)."""
-        self.names = [member.name for member in spec.members]
-        self.probs = torch.full((len(spec.members), count, len(spec.labels)), math.nan, dtype=torch.float64)
-        self.missing: list[dict[int, str]] = [{} for _ in range(count)]
-        self._scored = scored
-        self._forward_seconds = forward_seconds
-
-    def store(self, job: Job, done: Sequence[tuple[torch.Tensor, float]], late: torch.Tensor | None = None) -> None:
-        """A group's scores on its rows (averaged over views), except on the `late` inputs (past their deadline); a
-        member's non-finite scores on an input make it missing there (`non_finite`) instead."""
-        group, rows, _ = job
-        scores = torch.cat([part for part, _ in done], dim=1).to("cpu", torch.float64)
-        views = group.spec.views
-        if views > 1:
-            scores = torch.unflatten(scores, 1, (-1, views)).mean(dim=2)
-        members = torch.tensor(group.indices)
-        broken = ~(scores.isfinite() | ~self._scored[members][:, None, :]).all(dim=-1)
-        if broken.any():
-            scores[broken] = math.nan
-            for m, row in broken.nonzero().tolist():
-                self.missing[row if rows is None else int(rows[row])][group.indices[m]] = NON_FINITE
-        if rows is None:
-            self.probs[members] = scores
-        else:
-            self.probs[members[:, None], rows[None, :]] = scores
-        if late is not None:
-            self.probs[members[:, None], late[None, :]] = math.nan
-        if self._forward_seconds is not None:
-            seconds = sum(spent for _, spent in done) / len(group.indices)
-            for member in group.indices:
-                name = self.names[member]
-                self._forward_seconds[name] = self._forward_seconds.get(name, 0.0) + seconds
-
-
-def _cost(group: Group, device: torch.device) -> float:
-    """ms per call on one input's rows: the plan's timing when it has one, else the median of five calls here."""
-    size = group.spec.views
-    timed = group.choice.ms.get(group.choice.plan, {}) if group.choice is not None else {}
-    if size in timed:
-        return timed[size]
-    probe = torch.randn(size, *group.spec.instance_shape, generator=torch.Generator().manual_seed(0)).to(device)
-    spent = []
-    with torch.inference_mode():
-        group.run(probe)
-        for _ in range(5):
-            began = time.perf_counter()
-            group.run(probe)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            spent.append((time.perf_counter() - began) * 1000)
-    return sorted(spent)[2]
