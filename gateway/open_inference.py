@@ -62,6 +62,7 @@ import json
 import logging
 import re
 import sys
+import time
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -233,6 +234,13 @@ def forwarded_headers(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[byte
     """A client's request headers as sent on to TorchServe: all but this connection's own and Host, Expect and
     Content-Length, which the gateway sets itself."""
     return [(name, value) for name, value in headers if name.decode("latin-1").lower() not in NOT_FORWARDED]
+
+
+def request_start(headers: Mapping[str, str], now: float) -> list[tuple[bytes, bytes]]:
+    """The `X-Request-Start` stamp of when the gateway received a request (`now`, epoch seconds), unless a proxy
+    before it stamped one: the handler counts a request's deadline from it, TorchServe's queue included.
+    `headers` are the request's, by lower-case name."""
+    return [] if "x-request-start" in headers else [(b"x-request-start", f"t={now:.6f}".encode())]
 
 
 def relayed_headers(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
@@ -425,6 +433,7 @@ class Gateway:
             except ParameterError as e:
                 return _json(400, {"code": 400, "type": "RequestError", "message": str(e)})
             headers += [(name.encode(), value.encode()) for name, value in added]
+        headers += request_start(request.headers, time.time())
         length = int(request.headers.get("content-length") or 0)
         if length or request.method in WITH_BODY:
             headers.append((b"content-length", str(length).encode()))

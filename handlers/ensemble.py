@@ -9,6 +9,7 @@ and the bench's Triton, Ray and Flask contenders run it in-process.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -166,9 +167,10 @@ class Ensemble:
     ) -> BatchAnswer:
         """One reply per request, in order; the good requests' inputs run together as one batch.
 
-        A request's `deadline_ms` counts from `started` (`time.monotonic()`, when the batch was taken up; default
-        now): the members that have not answered it by then are missing from its answer, and a request without its
-        quorum is refused (503 QuorumNotMet) while the others are answered.
+        A request's `deadline_ms` counts from when a proxy received it (`PreparedRequest.arrived`), else from
+        `started` (`time.monotonic()`, when the batch was taken up; default now): the members that have not
+        answered it by then are missing from its answer, and a request without its quorum is refused (503
+        QuorumNotMet) while the others are answered.
         """
         started = time.monotonic() if started is None else started
         good = [p for p in prepared if isinstance(p, PreparedRequest)]
@@ -178,15 +180,7 @@ class Ensemble:
             wanted = [set(p.members) for p in good for _ in range(len(p.inputs))]
         forward_seconds = {member.name: 0.0 for member in self.spec.members}
         settle = self._settler(good) if any(p.policy.stops_early for p in good) else None
-        deadlines = None
-        if any(p.deadline_ms is not None for p in good):
-            deadlines = [
-                None if p.deadline_ms is None else started + p.deadline_ms / 1000 for p in good for _ in p.inputs
-            ]
-        requests, start = [], 0
-        for p in good:
-            requests.append((start, start + len(p.inputs)))
-            start += len(p.inputs)
+        deadlines, requests = _deadlines(good, started), _ranges(good)
         flat = _flatten(self.spec, [p.inputs for p in good]) if good else None
         scores = (
             self.runner.run(flat, forward_seconds, wanted, settle, deadlines, requests) if flat is not None else None
@@ -327,6 +321,22 @@ class Ensemble:
             "early_exit_stages": self.runner.stage_order(),
             "build": self.build,
         }
+
+
+def _deadlines(good: Sequence[PreparedRequest], started: float) -> list[float | None] | None:
+    """Per input, when its answer is due (`time.monotonic()` seconds; None: no deadline), or None when no request
+    has one: `deadline_ms` after a proxy received the request, or after `started` (without a stamp, or an earlier
+    start)."""
+    if all(p.deadline_ms is None for p in good):
+        return None
+    due = [None if p.deadline_ms is None else min(started, p.arrived or started) + p.deadline_ms / 1000 for p in good]
+    return [when for when, p in zip(due, good, strict=True) for _ in p.inputs]
+
+
+def _ranges(good: Sequence[PreparedRequest]) -> list[tuple[int, int]]:
+    """Each request's inputs in the flattened batch, as [start, end)."""
+    ends = list(itertools.accumulate(len(p.inputs) for p in good))
+    return [(end - len(p.inputs), end) for end, p in zip(ends, good, strict=True)]
 
 
 def _flatten(spec: EnsembleSpec, inputs: Sequence[tuple[Image.Image, ...] | torch.Tensor]) -> Inputs:

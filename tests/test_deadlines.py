@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -26,7 +27,7 @@ from handlers.config.files import load_ensembles
 from handlers.config.policy import PolicySpec
 from handlers.ensemble import Ensemble, Reply
 from handlers.errors import ConfigError, RequestError
-from handlers.inputs.prepare import PreparedRequest
+from handlers.inputs.prepare import PreparedRequest, arrival
 from tests import policy_reference as ref
 from tests.conftest import FAULTY_MEMBERS, LABELS, NPY, marked, npy_bytes, write_fault_ensemble
 from tests.fixture_models import TinyMLP
@@ -387,3 +388,32 @@ def test_early_exit_under_a_deadline_skips_what_is_settled_and_misses_what_is_la
         assert set(served["skipped"]).isdisjoint(served["missing"])
         if not served["partial"]:
             assert served["label"] == whole["label"]
+
+
+@pytest.mark.parametrize(
+    ("stamp", "waited"),
+    [
+        pytest.param(lambda now: f"t={now - 2.5:.6f}", 2.5, id="seconds"),
+        pytest.param(lambda now: f"t={round((now - 2.5) * 1000)}", 2.5, id="milliseconds"),
+        pytest.param(lambda now: f"t={round((now - 2.5) * 1e6)}", 2.5, id="microseconds"),
+        pytest.param(lambda now: f"{now - 2.5:.3f}", 2.5, id="without-t"),
+        pytest.param(lambda now: f"t={now + 30:.3f}", 0.0, id="from-the-future-is-now"),
+    ],
+)
+def test_a_proxys_stamp_says_how_long_a_request_has_waited(stamp: Any, waited: float) -> None:
+    arrived = arrival(stamp(time.time()), 10)
+    assert arrived is not None
+    assert time.monotonic() - arrived == pytest.approx(waited, abs=0.05)
+
+
+@pytest.mark.parametrize("stamp", [None, "", "t=soon", "t=nan", f"t={time.time() - 60:.3f}"], ids=repr)
+def test_a_stamp_that_is_no_recent_time_is_ignored(stamp: str | None) -> None:
+    assert arrival(stamp, 10) is None
+
+
+def test_a_deadline_counts_from_the_proxys_stamp(faults: Ensemble) -> None:
+    """Stamped 3 s ago with 1 s to answer: the deadline has passed before any member runs."""
+    row = {"body": npy_bytes(marked(20, 1, {})), "deadline_ms": b"1000"}
+    headers = {"content-type": NPY["Content-Type"], "x-request-start": f"t={time.time() - 3:.6f}"}
+    [reply] = faults.answer_batch([faults.prepare(row, headers)]).replies
+    assert (reply.status, reply.body["missing"]) == (503, dict.fromkeys(MEMBERS, "deadline"))

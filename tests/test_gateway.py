@@ -39,13 +39,17 @@ from gateway.open_inference import (
     query_parameter_headers,
     read_settings,
     relayed_headers,
+    request_start,
     torchserve_message,
     unknown_model,
 )
 from tests.conftest import assert_same_predictions, image_bytes, reference
 from tests.protocol_clients import REFUSED, TORCHSERVE_REFUSED
 
-VALID = "valid: policy, k, threshold, confidence, early_exit, members, top_k, sequence, min_run, uncertainty, deadline_ms, min_members"
+VALID = (
+    "valid: policy, k, threshold, confidence, early_exit, members, top_k, sequence, min_run, uncertainty, deadline_ms, "
+    "min_members"
+)
 NOT_A_HEADER = "holds a character an HTTP header cannot carry (a control or non-ASCII character); send that parameter"
 TIMEOUT = 60
 
@@ -232,6 +236,17 @@ def test_forwarded_headers_drop_the_connections_own() -> None:
         (b"x-ensemble-policy", b"any"),
         (b"x-ensemble-policy", b"any"),
     ]
+
+
+@pytest.mark.parametrize(
+    ("headers", "added"),
+    [
+        pytest.param({}, [(b"x-request-start", b"t=1765100000.123456")], id="stamped-on-arrival"),
+        pytest.param({"x-request-start": "t=1765099999.5"}, [], id="a-proxy-before-it-stamped"),
+    ],
+)
+def test_the_gateway_stamps_when_it_received_a_request(headers: dict[str, str], added: list) -> None:
+    assert request_start(headers, 1765100000.123456) == added
 
 
 def test_relayed_headers_keep_the_length_of_the_relayed_body() -> None:

@@ -271,14 +271,16 @@ def test_unknown_policy_lists_valid_names(server: Server) -> None:
         pytest.param(
             {"files": [("a", image_bytes(62))]},
             "unknown parameter(s) ['polcy'] (closest valid: 'polcy' -> 'policy'); valid: policy, k, threshold, "
-            "confidence, early_exit, members, top_k, sequence, min_run, uncertainty, deadline_ms, min_members; an image part must hold an "
+            "confidence, early_exit, members, top_k, sequence, min_run, uncertainty, "
+            "deadline_ms, min_members; an image part must hold an "
             "image's bytes ('polcy' holds 3 bytes of text)",
             id="multipart",
         ),
         pytest.param(
             png(image_bytes(62)),
             "unknown parameter(s) ['polcy'] (closest valid: 'polcy' -> 'policy'); valid: policy, k, threshold, "
-            "confidence, early_exit, members, top_k, sequence, min_run, uncertainty, deadline_ms, min_members, and the body (over gRPC an "
+            "confidence, early_exit, members, top_k, sequence, min_run, uncertainty, "
+            "deadline_ms, min_members, and the body (over gRPC an "
             "input named body or data)",
             id="raw-body",
         ),

@@ -245,7 +245,8 @@ def test_grpc_from_8_clients(
                 "type": "RequestError",
                 "message": (
                     "unknown parameter(s) ['image']; valid: policy, k, threshold, confidence, "
-                    "early_exit, members, top_k, sequence, min_run, uncertainty, deadline_ms, min_members, and the body (over gRPC "
+                    "early_exit, members, top_k, sequence, min_run, uncertainty, "
+                    "deadline_ms, min_members, and the body (over gRPC "
                     "an input named body or data)"
                 ),
             },

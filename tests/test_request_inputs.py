@@ -179,7 +179,8 @@ def test_read_request(row: dict, headers: dict, expected: WireRequest) -> None:
             {},
             RequestError,
             "unknown parameter(s) ['polcy'] (closest valid: 'polcy' -> 'policy'); valid: policy, k, threshold, "
-            "confidence, early_exit, members, top_k, sequence, min_run, uncertainty, deadline_ms, min_members, and the body (over gRPC an "
+            "confidence, early_exit, members, top_k, sequence, min_run, uncertainty, "
+            "deadline_ms, min_members, and the body (over gRPC an "
             "input named body or data)",
             id="unknown-query",
         ),
@@ -188,7 +189,8 @@ def test_read_request(row: dict, headers: dict, expected: WireRequest) -> None:
             {"Content-Type": MULTIPART},
             RequestError,
             "unknown parameter(s) ['polcy'] (closest valid: 'polcy' -> 'policy'); valid: policy, k, threshold, "
-            "confidence, early_exit, members, top_k, sequence, min_run, uncertainty, deadline_ms, min_members; an image part must hold an "
+            "confidence, early_exit, members, top_k, sequence, min_run, uncertainty, "
+            "deadline_ms, min_members; an image part must hold an "
             "image's bytes ('polcy' holds 3 bytes of text)",
             id="multipart-misspelt-query-parameter",
         ),
@@ -197,7 +199,8 @@ def test_read_request(row: dict, headers: dict, expected: WireRequest) -> None:
             {"Content-Type": MULTIPART},
             RequestError,
             "unknown parameter(s) ['colour', 'treshold'] (closest valid: 'treshold' -> 'threshold'); valid: "
-            "policy, k, threshold, confidence, early_exit, members, top_k, sequence, min_run, uncertainty, deadline_ms, min_members; an "
+            "policy, k, threshold, confidence, early_exit, members, top_k, sequence, min_run, uncertainty, "
+            "deadline_ms, min_members; an "
             "image part must hold an image's bytes ('colour' holds 3 bytes of text, 'treshold' holds 3 bytes of "
             "text)",
             id="multipart-text-fields-as-str-and-bytes",

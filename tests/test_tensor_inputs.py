@@ -364,7 +364,8 @@ def test_bad_json_instances_are_refused(body: bytes, error: type[RequestError], 
             NPY,
             RequestError,
             "unknown parameter(s) ['colour']; valid: policy, k, threshold, confidence, early_exit, members, "
-            "top_k, sequence, min_run, uncertainty, deadline_ms, min_members, and the body (over gRPC an input named body or data)",
+            "top_k, sequence, min_run, uncertainty, "
+            "deadline_ms, min_members, and the body (over gRPC an input named body or data)",
             id="unknown-param",
         ),
     ],

@@ -147,7 +147,8 @@ class Lanes:
         return lane
 
 
-Pending = tuple[Job, "Future[Outcome[list[tuple[Job, list[Slice] | Exception]]]]"]
+# A submitted job, its call, and whether it was queued behind an earlier batch's call still running.
+Pending = tuple[Job, "Future[Outcome[list[tuple[Job, list[Slice] | Exception]]]]", bool]
 
 
 class LaneCalls:
@@ -177,25 +178,26 @@ class LaneCalls:
         for job in jobs:
             group, rows, _ = job
             lane = self._lanes._lane(group)
-            if lane.busy() and not any(self._lanes.spec.members[m].required for m in group.indices):
+            busy = lane.busy()
+            if busy and not any(self._lanes.spec.members[m].required for m in group.indices):
                 mark(self._missing, group.indices, rows, BUSY)
                 continue
-            self._pending.append((job, lane.submit(functools.partial(self._attempt, job))))
+            self._pending.append((job, lane.submit(functools.partial(self._attempt, job)), busy))
 
     def wait(self, until: float | None) -> bool:
         """Wait for the submitted jobs until `until` or the last deadline, whichever is first; whether all are done."""
         ends = [t for t in (until, self.end) if t is not None]
         timeout = max(0.0, min(ends) - time.monotonic()) if ends else None
-        return not wait([future for _, future in self._pending], timeout=timeout).not_done
+        return not wait([future for _, future, _ in self._pending], timeout=timeout).not_done
 
     def collect(self) -> bool:
         """Count every submitted job as it stands: its slices stored, or why it is missing. False when one is still
         running (it keeps its lane; this batch goes on without it)."""
         finished = True
-        for job, future in self._pending:
+        for job, future, behind in self._pending:
             group, rows, _ = job
             if not future.done():
-                mark(self._missing, group.indices, rows, BUSY if future.cancel() else DEADLINE)
+                mark(self._missing, group.indices, rows, BUSY if future.cancel() and behind else DEADLINE)
                 finished = False
                 continue
             outcome = future.result()

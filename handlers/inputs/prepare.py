@@ -8,6 +8,8 @@ or in a JSON body's `parameters`.
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -23,6 +25,9 @@ from handlers.inputs.parameters import ParameterContext, RequestParameters
 from handlers.inputs.requests import read_request, read_tensor_request
 from handlers.inputs.v2 import V2Form, v2_errors
 
+# The header a proxy in front stamps with when it received a request (our gateway does): deadlines count from it.
+ARRIVAL_HEADER = "x-request-start"
+
 
 @dataclass(frozen=True)
 class PreparedRequest:
@@ -30,12 +35,14 @@ class PreparedRequest:
 
     `v2` is set when the request was an Open Inference Protocol v2 body, and is answered as one; `defaults_only`
     when no parameter reached it on any channel (its answer says so: a query string TorchServe dropped is unseen).
+    `arrived` (`time.monotonic()` seconds) is when a proxy in front received it, from its `X-Request-Start` stamp.
     """
 
     inputs: tuple[Image.Image, ...] | torch.Tensor
     parameters: RequestParameters
     v2: V2Form | None = None
     defaults_only: bool = False
+    arrived: float | None = None
 
     @property
     def policy(self) -> PolicySpec:
@@ -88,11 +95,33 @@ class RequestPreparer:
             inputs = sent if isinstance(sent, torch.Tensor) else tuple(decode_image(data, limits) for data in sent)
             context = ParameterContext(self.spec, request.v2.outputs if request.v2 else None, request.v2 is not None)
             parameters = RequestParameters.resolve(request.parameters, context)
-            return PreparedRequest(inputs, parameters, request.v2, defaults_only=not request.parameters)
+            arrived = arrival(headers.get(ARRIVAL_HEADER), self.spec.batching.response_timeout_s)
+            return PreparedRequest(
+                inputs, parameters, request.v2, defaults_only=not request.parameters, arrived=arrived
+            )
 
     def parameters(self) -> dict[str, dict[str, Any]]:
         """Every request parameter this ensemble takes, with its values or range and its default (for describe)."""
         return RequestParameters.describe(self.spec)
+
+
+def arrival(stamp: str | None, limit_s: float) -> float | None:
+    """When a proxy received the request, as `time.monotonic()` seconds, from its `X-Request-Start` stamp: `t=` and
+    seconds, milliseconds or microseconds since the epoch (nginx's `${msec}`, Heroku's, New Relic's), told apart by
+    size. None without a stamp, or with one that does not read as a time within `limit_s` before now (a stamp from
+    the future is now): a deadline then counts from when the worker took the request up."""
+    if stamp is None:
+        return None
+    text = stamp.strip().removeprefix("t=")
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    seconds = value / 1e6 if value > 1e14 else value / 1e3 if value > 1e11 else value
+    waited = time.time() - seconds
+    if not math.isfinite(waited) or waited > limit_s:
+        return None
+    return time.monotonic() - max(0.0, waited)
 
 
 def _errors_as(v2: V2Form | None) -> AbstractContextManager[None]:
