@@ -7,8 +7,9 @@ sleeps 200 ms in its forward when the batch holds one of the bench's chosen imag
 the smallest digests of the member's input rows; the member computes the same digest from its input tensor). It runs
 eager (a traced plan would bake the branch in) and is soft (`required: false`); the other members are as shipped.
 One archive, one private TorchServe on 127.0.0.1 (token on) with the demo's shipped batching. Two configurations of
-the same requests: without a deadline, and with the header `X-Ensemble-Deadline-Ms: 50`. At 1 and at 8 closed-loop
-clients of single images (bench/loadgen.py), alternating rounds: each round sends every image once per
+the same requests: without a deadline, and with the header `X-Ensemble-Deadline-Ms: 50`; every request carries the
+`X-Request-Start` stamp a proxy in front would add, so the deadline counts from when it was sent. At 1 and at 8
+closed-loop clients of single images (bench/loadgen.py), alternating rounds: each round sends every image once per
 configuration, in the round's own shuffled order, the configurations' order rotated each round.
 
 Per (clients, configuration): requests sent, answered (200), refused with 503 QuorumNotMet, lost (no HTTP response,
@@ -207,7 +208,13 @@ def sender(url: str, headers: Mapping[str, str], images: Sequence[bytes], collec
             response = thread_session().post(
                 url,
                 data=images[image],
-                headers={**headers, "Content-Type": "application/octet-stream"},
+                # Stamped as a proxy in front stamps it (the gateway does; nginx: `t=${msec}`): the deadline counts
+                # TorchServe's queue too.
+                headers={
+                    **headers,
+                    "Content-Type": "application/octet-stream",
+                    "X-Request-Start": f"t={time.time():.6f}",
+                },
                 timeout=TIMEOUT_S,
             )
             elapsed = time.perf_counter() - began
