@@ -125,8 +125,13 @@ def drain(server: Server) -> None:
 def member_probs(store: Path, values: numpy.ndarray) -> dict[str, numpy.ndarray]:
     """Each member's softmax over the labels, from its own module and weights, by its fault-free forward."""
     rows = torch.from_numpy(values)
-    with torch.no_grad():
-        return {m: torch.softmax(TinyMLP.forward(module(store, NAME, m), rows), 1).double().numpy() for m in MEMBERS}
+    probs = {}
+    for member in MEMBERS:
+        built = module(store, NAME, member)
+        assert isinstance(built, TinyMLP), built  # FaultyMLP is a TinyMLP with faults added to its forward
+        with torch.no_grad():
+            probs[member] = torch.softmax(TinyMLP.forward(built, rows), dim=1).double().numpy()
+    return probs
 
 
 def could_change(answered: dict[str, numpy.ndarray], absent: int, policy: str, label: str | None) -> bool:
@@ -285,10 +290,8 @@ def test_every_channel_carries_the_deadline(
     elif channel == "invoke-query":
         body = send(server, values, invoke={"deadline_ms": "150"})[0].json()
     elif channel == "json-parameters":
-        body = post_json(
-            server, f"predictions/{NAME}", {"instances": values.tolist(), "parameters": {"deadline_ms": 150}}
-        )
-        body = body.json()
+        sent = {"instances": values.tolist(), "parameters": {"deadline_ms": 150}}
+        body = post_json(server, f"predictions/{NAME}", sent).json()
     elif channel == "v2-parameters":
         body = post_json(server, f"v2/models/{NAME}/infer", v2_tensor(values, deadline_ms=150)).json()
     else:
@@ -394,10 +397,13 @@ def test_a_soft_member_still_running_an_earlier_call_is_busy(server: Server, sto
 # ----- 7. metrics (before the hang: a worker that exits loses the counts of its last second)
 
 
-def scrape(server: Server) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+Counts = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape(server: Server) -> Counts:
     """The faults ensemble's issue-33 counters on TorchServe's metrics endpoint, by (name, our labels)."""
     text = requests.get(f"{server.setting('metrics_address')}/metrics", timeout=TIMEOUT).text
-    out = {}
+    out: Counts = {}
     for name, labels, value in re.findall(r"(?m)^(ensemble_\w+)\{(.*)\} (\S+)$", text):
         pairs = dict(re.findall(r'(\w+)="([^"]*)"', labels))
         wanted = ("ensemble_member_missing_total", "ensemble_partial_answers_total", "ensemble_quorum_failures_total")
@@ -407,14 +413,14 @@ def scrape(server: Server) -> dict[tuple[str, tuple[tuple[str, str], ...]], floa
     return out
 
 
-def steady_counts(server: Server) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+def steady_counts(server: Server) -> Counts:
     """The counters once two scrapes 1.5 s apart (more than the worker's 1 s flush) agree."""
 
-    def steady() -> dict[tuple[str, tuple[tuple[str, str], ...]], float] | None:
+    def steady() -> Counts:
         first = scrape(server)
         time.sleep(1.5)
         second = scrape(server)
-        return second if second and second == first else None
+        return second if second == first else {}
 
     return wait_for(steady, "the ensemble's counters steady", 30, every_s=0)
 
@@ -450,9 +456,9 @@ def test_metrics_count_missing_members_partial_answers_and_quorum_failures(serve
         ("ensemble_quorum_failures_total", ()): 1.0,
         ("ensemble_partial_answers_total", ()): float(partial),
     }
-    want = {key: before.get(key, 0.0) + increments.get(key, 0.0) for key in {*before, *increments}}
-    wait_for(lambda: scrape(server) == want, f"the counters at {increments}", 30)
-    assert steady_counts(server) == want
+    counted = {key: before.get(key, 0.0) + increments.get(key, 0.0) for key in {*before, *increments}}
+    wait_for(lambda: scrape(server) == counted, f"the counters at {increments}", 30)
+    assert steady_counts(server) == counted
     assert all(missing_series(m, r) in before for m in MEMBERS for r in ("deadline", "busy", "error", "non_finite"))
 
 
