@@ -31,7 +31,7 @@ from handlers.ensemble_metrics import EnsembleMetrics
 from handlers.errors import EnsembleError, RequestError
 from handlers.execution.plans import prepare_cuda
 from handlers.inputs.prepare import PreparedRequest
-from handlers.worker_exit import reply_and_exit
+from handlers.worker_exit import Retirement
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +49,14 @@ class EnsembleHandler(BaseHandler):  # type: ignore[misc]
             prepare_cuda()
         self.ensemble = Ensemble.from_model_dir(Path(properties["model_dir"]), device)
         self.metrics = EnsembleMetrics(context.metrics, context.model_name, self.ensemble.spec)
+        self.retirement = Retirement(context, self.metrics.flush)
         self.initialized = True
         logger.info("ensemble %s %s ready on %s", self.ensemble.spec.name, self.ensemble.spec.version, device)
+
+    def handle(self, data: list[dict[str, Any]], context: Context) -> Any:
+        """TorchServe's handling of a batch, during which the worker is never retired (`worker_exit`)."""
+        with self.retirement.serving():
+            return super().handle(data, context)
 
     def preprocess(self, data: list[dict[str, Any]]) -> list[PreparedRequest | EnsembleError]:
         self._started = time.monotonic()  # Deadlines count from here: decoding is part of a request's wait.
@@ -68,10 +74,9 @@ class EnsembleHandler(BaseHandler):  # type: ignore[misc]
             self.context.set_response_header(idx, "X-Ensemble-Batch-Requests", str(len(replies)))
             self.context.set_response_header(idx, "X-Ensemble-Batch-Images", str(images))
         self._count(data)
-        bodies = [json.dumps(reply.body) for reply in replies]
         if data.stuck:
-            reply_and_exit(self.context, bodies, data.stuck)
-        return bodies
+            self.retirement.request(data.stuck)
+        return [json.dumps(reply.body) for reply in replies]
 
     def explain_handle(self, data_preprocess: list[PreparedRequest | EnsembleError], raw_data: Any) -> list[str]:
         """TorchServe routes a whole batch here when its first request came to /explanations: answer it as

@@ -130,15 +130,20 @@ FAULTY_MEMBERS: dict[str, tuple[dict[str, Any], bool]] = {
 }
 
 
-def write_fault_ensemble(folder: Path, name: str = "faults", **overrides: Any) -> Path:
+def write_fault_ensemble(
+    folder: Path, name: str = "faults", *, seconds: dict[str, float] | None = None, **overrides: Any
+) -> Path:
     """Seven members over [3, 4] float instances, three labels, policy majority, each member on eager: two that
-    always answer and five that misbehave on marked instances (FAULTY_MEMBERS); return the ensembles.yaml path."""
+    always answer and five that misbehave on marked instances (FAULTY_MEMBERS; `seconds` changes how long a
+    sleeping member sleeps); return the ensembles.yaml path."""
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(HERE / "fixture_models.py", folder / "fixture_models.py")
     torch.manual_seed(23)
     members = []
     for member, (extra, required) in FAULTY_MEMBERS.items():
         kwargs = {"in_features": 12, "num_classes": 3, **extra}
+        if seconds and member in seconds:
+            kwargs["seconds"] = seconds[member]
         model = FaultyMLP(**kwargs) if "fault" in extra else TinyMLP(**kwargs)
         torch.save(model.state_dict(), folder / f"{member}.pt")
         arch = "fixture_models.py:FaultyMLP" if "fault" in extra else "fixture_models.py:TinyMLP"

@@ -417,3 +417,17 @@ def test_a_deadline_counts_from_the_proxys_stamp(faults: Ensemble) -> None:
     headers = {"content-type": NPY["Content-Type"], "x-request-start": f"t={time.time() - 3:.6f}"}
     [reply] = faults.answer_batch([faults.prepare(row, headers)]).replies
     assert (reply.status, reply.body["missing"]) == (503, dict.fromkeys(MEMBERS, "deadline"))
+
+
+def test_a_stuck_member_gets_a_new_thread_and_answers_again(tmp_path: Path, folder: Path) -> None:
+    path = write_fault_ensemble(tmp_path, seconds={"slow": 1.6}, deadline={"stuck_after_s": 1})
+    ensemble = Ensemble.from_spec(load_ensembles(path)["faults"], torch.device("cpu"))
+    first = ensemble.answer_batch([ask(ensemble, marked(22, 1, {0: SLOW}), deadline_ms=100)])
+    assert (answered(first.replies[0])[0]["missing"], first.stuck) == ({"slow": "deadline"}, ())
+    time.sleep(1.1)  # The slow call has now run past stuck_after_s.
+    values = marked(23, 1, {})
+    second = ensemble.answer_batch([ask(ensemble, values, deadline_ms=100)])
+    assert (answered(second.replies[0])[0]["missing"], second.stuck) == ({"slow": "busy"}, ("slow",))
+    third = ensemble.answer_batch([ask(ensemble, values, deadline_ms=1000)])
+    assert answered(third.replies[0]) == want(folder, values, [{}])
+    assert ensemble.runner.wait_idle(5)

@@ -24,6 +24,8 @@ from handlers.execution.groups import Group
 from handlers.execution.missing import BUSY, DEADLINE, error_reason, mark
 
 T = TypeVar("T")
+# Stuck lanes a group may leave behind (each holds a thread) before it stays busy until the worker is replaced.
+MAX_ABANDONED = 2
 # One group's work in a batch: the group, the inputs it runs on (None: all) and those inputs' rows.
 Job = tuple[Group, torch.Tensor | None, torch.Tensor]
 Slice = tuple[torch.Tensor, float]
@@ -100,16 +102,25 @@ class Lanes:
     def __init__(self, spec: EnsembleSpec) -> None:
         self.spec = spec
         self._lanes: dict[tuple[int, ...], Lane] = {}
+        self._abandoned: dict[tuple[int, ...], list[Lane]] = {}
 
     def stuck(self) -> list[str]:
-        """The members whose lane call has run longer than the ensemble's `stuck_after_s`."""
+        """The members whose lane call has run longer than the ensemble's `stuck_after_s`.
+
+        A stuck lane is abandoned to its call (a thread cannot be stopped) and the group gets a new lane at its next
+        call, so the member answers again; after MAX_ABANDONED stuck lanes it keeps the last one, and stays busy until
+        the worker is replaced (`handlers.worker_exit`).
+        """
         now = time.monotonic()
-        return [
-            self.spec.members[m].name
-            for indices, lane in self._lanes.items()
-            if lane.running_for(now) > self.spec.stuck_after_s
-            for m in indices
-        ]
+        stuck = []
+        for indices, lane in list(self._lanes.items()):
+            if lane.running_for(now) > self.spec.stuck_after_s:
+                stuck += [self.spec.members[m].name for m in indices]
+                abandoned = self._abandoned.setdefault(indices, [])
+                if lane not in abandoned and len(abandoned) < MAX_ABANDONED:
+                    abandoned.append(lane)
+                    del self._lanes[indices]
+        return stuck
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait until no lane has a call running or queued, for at most `timeout` seconds in all."""
