@@ -51,6 +51,8 @@ TRIO_OUTPUTS = [
     ("pool_rgb.scores", "FP64", [-1, 3]),
     ("pool_gray.label", "BYTES", [-1]),
     ("pool_gray.scores", "FP64", [-1, 3]),
+    ("missing", "BYTES", [-1]),
+    ("partial", "BOOL", [-1]),
     ("skipped", "BYTES", [-1]),
     ("deferred", "BOOL", [-1]),
     ("entropy", "FP64", [-1]),

@@ -225,7 +225,14 @@ def test_v2_answers_with_the_named_members_outputs(trio: tuple[EnsembleHandler, 
         [({"body": json.dumps(r).encode()}, {"Content-Type": "application/json"}) for r in (request, asking_left_out)],
     )
     assert status == 200
-    assert [o["name"] for o in body["outputs"]] == ["label", "scores", "pool_gray.label", "pool_gray.scores"]
+    assert [o["name"] for o in body["outputs"]] == [
+        "label",
+        "scores",
+        "pool_gray.label",
+        "pool_gray.scores",
+        "missing",
+        "partial",
+    ]
     assert body["parameters"]["members"] == "pool_gray"
     assert body["outputs"][0]["data"] == body["outputs"][2]["data"]
     assert (bad_status, bad) == (
