@@ -474,6 +474,13 @@ def test_metrics_count_missing_members_partial_answers_and_quorum_failures(serve
     assert all(missing_series(m, r) in before for m in MEMBERS for r in ("deadline", "busy", "error", "non_finite"))
 
 
+def test_a_deadline_counts_from_a_proxys_stamp(server: Server) -> None:
+    """Stamped 3 s ago by a proxy in front, with 1 s to answer: no member may answer, so every one is `deadline`."""
+    stamp = {"X-Request-Start": f"t={time.time() - 3:.6f}"}
+    response, _ = send(server, instances(30, 1), {**deadline(1000), **stamp})
+    assert (response.status_code, response.json()["missing"]) == (503, dict.fromkeys(MEMBERS, "deadline"))
+
+
 # ----- 6. a hung member, the worker replaced, nothing lost
 
 

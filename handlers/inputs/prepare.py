@@ -95,7 +95,8 @@ class RequestPreparer:
             inputs = sent if isinstance(sent, torch.Tensor) else tuple(decode_image(data, limits) for data in sent)
             context = ParameterContext(self.spec, request.v2.outputs if request.v2 else None, request.v2 is not None)
             parameters = RequestParameters.resolve(request.parameters, context)
-            arrived = arrival(headers.get(ARRIVAL_HEADER), self.spec.batching.response_timeout_s)
+            stamp = next((v for k, v in headers.items() if k.lower() == ARRIVAL_HEADER and isinstance(v, str)), None)
+            arrived = arrival(stamp, self.spec.batching.response_timeout_s)
             return PreparedRequest(
                 inputs, parameters, request.v2, defaults_only=not request.parameters, arrived=arrived
             )
