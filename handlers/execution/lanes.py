@@ -4,7 +4,8 @@ Under a deadline every member group runs on its lane, a thread of its own, and t
 only until its deadline. A call that overruns keeps its lane until it returns, so a slow or hung member holds
 one thread, never more: at most one call per lane runs, and a call is queued behind it only for a required
 member (and cancelled at the deadline if it has not started). A lane whose call has run for `stuck_after_s`
-is stuck: the worker says so, and the handler has TorchServe replace the worker (docs: Deadlines and quorum).
+is stuck: it is left to its call, the group gets a new lane, and the handler has TorchServe replace the worker
+once it is idle (`handlers.worker_exit`; docs: Deadlines and quorum).
 """
 
 from __future__ import annotations
