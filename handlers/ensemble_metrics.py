@@ -26,7 +26,8 @@ from ts.metrics.metric_type_enum import MetricTypes
 from handlers.config.policy import policy_names
 from handlers.config.specs import EnsembleSpec
 from handlers.ensemble import BatchAnswer
-from handlers.errors import ERROR_TYPES
+from handlers.errors import ERROR_TYPES, QuorumNotMet
+from handlers.execution.missing import REASONS, reason_kind
 
 COUNTERS: dict[str, tuple[str, ...]] = {
     "ensemble_requests_total": ("Policy",),
@@ -46,10 +47,10 @@ COUNTERS: dict[str, tuple[str, ...]] = {
     "ensemble_batches_total": (),
 }
 TORCHSERVE_DIMENSIONS = ("ModelName", "Level")
-# Why a member is missing from an answer: the part of a reply's reason before its first `:` (an error's type and
-# message stay in the answer, out of the labels, so the series stay few).
-MISSING_REASONS = ("deadline", "busy", "error", "non_finite")
-QUORUM_NOT_MET = "QuorumNotMet"
+# Why a member is missing from an answer, as a label: the reason's kind (an error's type and message stay in the
+# answer, out of the labels, so the series stay few).
+MISSING_REASONS = REASONS
+QUORUM_NOT_MET = QuorumNotMet.__name__
 FLUSH_INTERVAL_S = 1.0
 logger = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ def batch_counts(answer: BatchAnswer, *, members: Sequence[str], labels: Sequenc
     for reply in answer.replies:
         for missing in reply.missing:
             for member, reason in missing.items():
-                counts["ensemble_member_missing_total", (member, reason.split(":", 1)[0].strip())] += 1
+                counts["ensemble_member_missing_total", (member, reason_kind(reason))] += 1
         if reply.error is not None:
             counts["ensemble_errors_total", (reply.error,)] += 1
             if reply.error == QUORUM_NOT_MET:

@@ -19,7 +19,7 @@ ALLOWED = {
     "execution": {"config", "errors", "inputs"},
     "answers": {"config", "errors", "inputs"},
     "ensemble": {"config", "errors", "weights", "inputs", "execution", "answers"},
-    "ensemble_metrics": {"ensemble", "config", "errors"},
+    "ensemble_metrics": {"ensemble", "config", "errors", "execution"},
     "worker_exit": set(),
     "ensemble_handler": {"ensemble", "ensemble_metrics", "worker_exit", "config", "errors", "inputs", "execution"},
 }

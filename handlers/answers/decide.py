@@ -39,6 +39,14 @@ class Answer:
     missing: list[dict[str, str]] = field(default_factory=list)
     partial: list[bool] = field(default_factory=list)
 
+    def skipped(self) -> list[list[str]]:
+        """Per image, the members an early exit spared: they did not run, and are not missing."""
+        ran = self.ran.tolist()
+        return [
+            [name for m, name in enumerate(self.names) if not ran[m][i] and name not in self.missing[i]]
+            for i in range(self.ran.shape[1])
+        ]
+
 
 class Decider:
     """Decides answers for one ensemble's members, by each request's policy."""

@@ -55,16 +55,14 @@ class Renderer:
             for m, name in enumerate(names):
                 self._add_top(member_views[name], Decision(own[m], probs[m]), top_k)
         ran = answer.ran.tolist()
-        stops = answer.policy.stops_early
-        missing = answer.missing or [{} for _ in predictions]
-        partial = answer.partial or [False] * len(predictions)
+        skipped = answer.skipped() if answer.policy.stops_early else None
         for i, entry in enumerate(predictions):
             entry["members"] = {name: views[i] for m, (name, views) in enumerate(member_views.items()) if ran[m][i]}
-            if stops:
-                entry["skipped"] = [name for m, name in enumerate(names) if not ran[m][i] and name not in missing[i]]
+            if skipped is not None:
+                entry["skipped"] = skipped[i]
                 entry["early_exit"] = True
-            entry["missing"] = missing[i]
-            entry["partial"] = partial[i]
+            entry["missing"] = answer.missing[i]
+            entry["partial"] = answer.partial[i]
         per_member = {
             name: [view[self.labels_key] if ran[m][i] else None for i, view in enumerate(views)]
             for m, (name, views) in enumerate(member_views.items())
@@ -122,18 +120,13 @@ class Renderer:
         parameters["format"] = ANSWER_FORMAT
         parameters.update({f"{name}.sha256": self._digests[name] for name in names})
         chosen = decision.chosen
-        ran = answer.ran.tolist()
-        missing = answer.missing or [{} for _ in range(chosen.shape[0])]
-        skipped = [
-            ",".join(name for m, name in enumerate(names) if not ran[m][i] and name not in missing[i])
-            for i in range(chosen.shape[0])
-        ]
+        skipped = [",".join(spared) for spared in answer.skipped()]
         deferred = [reason is not None for reason in answer.deferred or [None] * chosen.shape[0]]
         if any(deferred):
             chosen = chosen & ~torch.tensor(deferred)[:, None]
         extra: dict[str, tuple[str, torch.Tensor | list[Any]]] = {
-            "missing": ("BYTES", [json.dumps(row, sort_keys=True) for row in missing]),
-            "partial": ("BOOL", answer.partial or [False] * chosen.shape[0]),
+            "missing": ("BYTES", [json.dumps(row, sort_keys=True) for row in answer.missing]),
+            "partial": ("BOOL", answer.partial),
             "skipped": ("BYTES", skipped),
             "deferred": ("BOOL", deferred),
         }

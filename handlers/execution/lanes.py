@@ -152,7 +152,8 @@ class Lanes:
         """One batch's calls on these lanes (LaneCalls says how they run and count)."""
         return LaneCalls(self, attempt, store, missing, due)
 
-    def _lane(self, group: Group) -> Lane:
+    def lane(self, group: Group) -> Lane:
+        """The group's lane, made at its first call."""
         lane = self._lanes.get(group.indices)
         if lane is None:
             lane = self._lanes[group.indices] = Lane("+".join(self.spec.members[m].name for m in group.indices))
@@ -189,7 +190,7 @@ class LaneCalls:
         """Start each job on its group's lane (or mark it busy)."""
         for job in jobs:
             group, rows, _ = job
-            lane = self._lanes._lane(group)
+            lane = self._lanes.lane(group)
             busy = lane.busy()
             if busy and not any(self._lanes.spec.members[m].required for m in group.indices):
                 mark(self._missing, group.indices, rows, BUSY)
